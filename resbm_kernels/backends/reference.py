@@ -1,0 +1,210 @@
+"""Pure-PyTorch reference backend: the oracle every fast backend is tested against.
+
+Runs on any device. Arithmetic is float32 (float64 when the inputs are
+float64, so ``gradcheck`` can check the formulas); quantization always works
+on float32 values, exactly as the kernels do, so codes match bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codec import Codec, empty_payload, payload_views, rng_key
+
+# ---- codec --------------------------------------------------------------------
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding uint32 values, without
+    overflowing int64 (split x into 16-bit halves)."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(n: int, k: int, seed: int, device) -> torch.Tensor:
+    """The counter-based uniforms in [0, 1) used by stochastic rounding."""
+    idx = torch.arange(n * k, dtype=torch.int64, device=device) & 0xFFFFFFFF
+    bits = _hash32(idx ^ rng_key(seed)) >> 8
+    return (bits.to(torch.float32) * 2.0**-24).view(n, k)
+
+
+def quantize(z: torch.Tensor, codec: Codec, seed: int = 0):
+    """z (N, k) float -> (codes int8 (N, k), scales (N, k/g) scale_dtype).
+
+    scale = round_to_scale_dtype(absmax / qmax); q = clamp(round(z * (1/scale))).
+    """
+    n, k = z.shape
+    g = codec.group(k)
+    zf = z.to(torch.float32).view(n, k // g, g)
+    absmax = zf.abs().amax(dim=-1)
+    scales = (absmax / codec.qmax).to(codec.scale_dtype)
+    s32 = scales.to(torch.float32)
+    if not torch.isfinite(s32).all():
+        raise ValueError(
+            f"quantize: activation absmax {absmax.max().item():.3g} overflows the {codec.scale_dtype} scale"
+            if torch.isfinite(absmax).all()
+            else "quantize: input contains non-finite values (inf or nan)"
+        )
+    inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
+    y = (zf * inv[..., None]).view(n, k)
+    if codec.stochastic:
+        q = torch.floor(y + uniform(n, k, seed, z.device))
+    else:
+        q = torch.round(y)
+    return q.clamp_(-codec.qmax, codec.qmax).to(torch.int8), scales
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, codec: Codec, dtype: torch.dtype) -> torch.Tensor:
+    """codes int8 (N, k), scales (N, k/g) -> float (N, k) of ``dtype``."""
+    n, k = codes.shape
+    g = codec.group(k)
+    vals = codes.to(torch.float32).view(n, k // g, g) * scales.to(torch.float32)[..., None]
+    return vals.view(n, k).to(dtype)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 codes (N, k) -> uint8 (N, k*bits/8); first value in the lowest bits."""
+    if bits == 8:
+        return codes.view(torch.uint8).clone()
+    n, k = codes.shape
+    per = 8 // bits
+    fields = (codes.to(torch.int32) & ((1 << bits) - 1)).view(n, k // per, per)
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
+    return (fields << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """uint8 (N, k*bits/8) -> sign-extended int8 codes (N, k)."""
+    if bits == 8:
+        return packed.view(torch.int8).clone()
+    n = packed.shape[0]
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+    fields = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    signed = fields - ((fields >> (bits - 1)) << bits)
+    return signed.view(n, k).to(torch.int8)
+
+
+def write_payload(z: torch.Tensor, codec: Codec, seed: int) -> torch.Tensor:
+    """Quantize + pack z (N, k) into a fresh payload (header, codes, scales)."""
+    n, k = z.shape
+    payload = empty_payload(codec, n, k, z.device)
+    codes, scales = payload_views(payload, codec, n, k)
+    if codec.quantized:
+        q, s = quantize(z, codec, seed)
+        codes.copy_(pack(q, codec.bits))
+        scales.copy_(s)
+    else:
+        if not torch.isfinite(z).all():
+            raise ValueError("quantize: input contains non-finite values (inf or nan)")
+        codes.copy_(z.to(torch.bfloat16).contiguous().view(torch.uint8).view(n, 2 * k))
+    return payload
+
+
+def read_payload(payload: torch.Tensor, codec: Codec, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Unpack + dequantize a payload into float (N, k) of ``dtype``."""
+    codes, scales = payload_views(payload, codec, n, k)
+    if not codec.quantized:
+        return codes.contiguous().view(torch.bfloat16).to(dtype)
+    return dequantize(unpack(codes, codec.bits, k), scales, codec, dtype)
+
+
+# ---- the four passes ------------------------------------------------------------
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def encode_project(x, w_e, norm_weight, eps):
+    """z = RMSNorm(x) W_e^T + x[:, :k] in the compute dtype (no wire)."""
+    ct = _compute_dtype(x)
+    xf, w = x.to(ct), w_e.to(ct)
+    u = xf * _rms(xf, eps) * norm_weight.to(ct) if norm_weight is not None else xf
+    return u @ w.T + xf[:, : w.shape[0]]
+
+
+def decode_project(zhat, w_d, residual, out_dtype):
+    """h = zhat W_d^T + pad_d(zhat) (+ residual)."""
+    ct = _compute_dtype(zhat)
+    z, w = zhat.to(ct), w_d.to(ct)
+    h = z @ w.T
+    h[:, : z.shape[1]] += z
+    if residual is not None:
+        h += residual.to(ct)
+    return h.to(out_dtype)
+
+
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int):
+    return write_payload(encode_project(x, w_e, norm_weight, eps), codec, seed)
+
+
+def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
+    k = w_d.shape[1]
+    zhat = read_payload(payload, codec, n, k, _compute_dtype(w_d))
+    return decode_project(zhat, w_d, residual, out_dtype)
+
+
+def decode_backward_dense(grad_h, zhat, w_d):
+    """Backward of decode_project: (dL/dzhat, dL/dW_d) in the compute dtype."""
+    ct = _compute_dtype(grad_h)
+    g = grad_h.to(ct)
+    g_z = g @ w_d.to(ct) + g[:, : w_d.shape[1]]
+    return g_z, g.T @ zhat.to(ct)
+
+
+def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int):
+    """grad_h (N, d) -> (gradient payload of dL/dzhat, grad_W_d)."""
+    n, k = grad_h.shape[0], w_d.shape[1]
+    zhat = read_payload(payload, codec, n, k, _compute_dtype(grad_h))
+    g_z, grad_w_d = decode_backward_dense(grad_h, zhat, w_d)
+    return write_payload(g_z, grad_codec, seed), grad_w_d.to(w_d.dtype)
+
+
+def encode_backward_dense(g_z, x, w_e, norm_weight, eps):
+    """Backward of encode_project given g_z = dL/dz (compute dtype)."""
+    ct = g_z.dtype
+    k = w_e.shape[0]
+    xf, w = x.to(ct), w_e.to(ct)
+    g_u = g_z @ w
+    if norm_weight is None:
+        grad_x, grad_w, grad_gamma = g_u, g_z.T @ xf, None
+    else:
+        gamma = norm_weight.to(ct)
+        r = _rms(xf, eps)
+        xhat = xf * r
+        grad_gamma = (g_u * xhat).sum(dim=0)
+        g_xhat = g_u * gamma
+        grad_x = r * g_xhat - xhat * (r * (g_xhat * xhat).mean(dim=-1, keepdim=True))
+        grad_w = g_z.T @ (xhat * gamma)
+    grad_x[:, :k] += g_z
+    return grad_x, grad_w, grad_gamma
+
+
+def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
+    """Gradient payload -> (grad_x, grad_W_e, grad_norm_weight or None)."""
+    n, k = x.shape[0], w_e.shape[0]
+    g_z = read_payload(grad_payload, grad_codec, n, k, _compute_dtype(x))
+    grad_x, grad_w, grad_gamma = encode_backward_dense(g_z, x, w_e, norm_weight, eps)
+    return (
+        grad_x.to(x.dtype),
+        grad_w.to(w_e.dtype),
+        None if grad_gamma is None else grad_gamma.to(norm_weight.dtype),
+    )
+
+
+def supports(device) -> bool:
+    """The reference runs wherever PyTorch does."""
+    return True

@@ -1,0 +1,85 @@
+"""Input validation shared by every op: each check raises an exception that
+names the argument and the problem, so bad input never reaches a kernel."""
+
+from __future__ import annotations
+
+import torch
+
+from .codec import HEADER_BYTES, Codec, check_header
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(name: str, t, *, ndim: int, dtypes=FLOAT_DTYPES, device=None) -> None:
+    """A tensor of the given rank and dtype, on ``device``, whose rows are
+    dense (last-dim stride 1) and which has no stride-0 (expanded) dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported (expected one of {list(dtypes)})")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: is on {t.device} but the other inputs are on {device}")
+    if t.numel() > 1 and (t.stride(-1) != 1 or any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape))):
+        raise ValueError(
+            f"{name}: needs contiguous rows without broadcast (stride-0) dims, got strides {t.stride()}; "
+            "call .contiguous() first"
+        )
+
+
+def same_dtype(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: dtype {t.dtype} differs from the activations' {dtype}")
+
+
+def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def bottleneck(d: int, k: int, codec: Codec) -> None:
+    """k must divide d (the identity path truncates/pads by whole channels),
+    and the codec must be able to pack k channels."""
+    if k <= 0 or d % k:
+        raise ValueError(f"bottleneck width k={k} must divide the model width d={d}")
+    codec.group(k)
+
+
+def encoder_inputs(x, w_e, norm_weight, codec: Codec) -> None:
+    tensor("x", x, ndim=2)
+    tensor("w_e", w_e, ndim=2, device=x.device)
+    same_dtype("w_e", w_e, x.dtype)
+    k, d = w_e.shape
+    if x.shape[1] != d:
+        raise ValueError(f"x: has {x.shape[1]} channels but w_e expects d={d} (w_e is k x d = {tuple(w_e.shape)})")
+    bottleneck(d, k, codec)
+    if norm_weight is not None:
+        tensor("norm_weight", norm_weight, ndim=1, device=x.device)
+        same_dtype("norm_weight", norm_weight, x.dtype)
+        shape("norm_weight", norm_weight, (d,))
+
+
+def decoder_weight(w_d, codec: Codec) -> None:
+    tensor("w_d", w_d, ndim=2)
+    d, k = w_d.shape
+    bottleneck(d, k, codec)
+
+
+def payload(p, codec: Codec, n: int, k: int, device, *, read_header: bool = True) -> None:
+    """A 1-D uint8 payload of exactly the size ``codec`` gives for n x k; on
+    the CPU its header is checked too (on a GPU that would cost a device
+    sync per call, so receivers of peer data check it once per message)."""
+    tensor("payload", p, ndim=1, dtypes=(torch.uint8,), device=device)
+    expected = codec.payload_bytes(n, k)
+    if p.numel() != expected:
+        what = "truncated" if p.numel() < expected else "too long"
+        raise ValueError(
+            f"payload: {p.numel()} bytes is {what}; codec {codec.spec} with {n} x {k} values needs {expected} bytes"
+        )
+    if read_header and p.device.type == "cpu" and not _is_fake(p):
+        check_header(bytes(p[:HEADER_BYTES].tolist()), codec, n, k)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return isinstance(t, torch._subclasses.fake_tensor.FakeTensor) or t.device.type == "meta"

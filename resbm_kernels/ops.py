@@ -1,0 +1,416 @@
+"""The public ResBM ops: ``torch.library`` custom ops under the ``resbm`` namespace.
+
+Schemas, fake (meta) kernels and autograd registration live here, in one
+place; the work is done by the backend :func:`resbm_kernels.backends.select`
+picks for the inputs' device (reference, Triton or CUDA). Codecs are passed
+to the ops as their string spec (``Codec.spec``); the Python wrappers at the
+bottom accept :class:`~resbm_kernels.codec.Codec` objects.
+
+Shapes: activations ``x`` are (N, d); ``w_e`` is the encoder weight (k, d)
+and ``w_d`` the decoder weight (d, k), as in ``nn.Linear``; payloads are 1-D
+uint8 in the wire format of :mod:`resbm_kernels.codec`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .backends import reference, select
+from .codec import Codec
+
+# ---- standalone codec ops (reference implementation on every device) -------------
+
+
+@torch.library.custom_op("resbm::quantize", mutates_args=())
+def _quantize(z: Tensor, codec: str, seed: int) -> tuple[Tensor, Tensor]:
+    c = _quantized_codec(codec)
+    checks.tensor("z", z, ndim=2)
+    return reference.quantize(z, c, seed)
+
+
+@_quantize.register_fake
+def _(z, codec, seed):
+    c = _quantized_codec(codec)
+    n, k = z.shape
+    return z.new_empty((n, k), dtype=torch.int8), z.new_empty((n, k // c.group(k)), dtype=c.scale_dtype)
+
+
+@torch.library.custom_op("resbm::dequantize", mutates_args=())
+def _dequantize(codes: Tensor, scales: Tensor, codec: str, dtype: torch.dtype) -> Tensor:
+    c = _quantized_codec(codec)
+    _check_codes(codes, scales, c)
+    return reference.dequantize(codes, scales, c, dtype)
+
+
+@_dequantize.register_fake
+def _(codes, scales, codec, dtype):
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+@torch.library.custom_op("resbm::pack", mutates_args=())
+def _pack(codes: Tensor, bits: int) -> Tensor:
+    _check_pack(codes, bits)
+    return reference.pack(codes, bits)
+
+
+@_pack.register_fake
+def _(codes, bits):
+    _check_pack(codes, bits)
+    return codes.new_empty((codes.shape[0], codes.shape[1] * bits // 8), dtype=torch.uint8)
+
+
+@torch.library.custom_op("resbm::unpack", mutates_args=())
+def _unpack(packed: Tensor, bits: int, k: int) -> Tensor:
+    _check_unpack(packed, bits, k)
+    return reference.unpack(packed, bits, k)
+
+
+@_unpack.register_fake
+def _(packed, bits, k):
+    _check_unpack(packed, bits, k)
+    return packed.new_empty((packed.shape[0], k), dtype=torch.int8)
+
+
+# ---- the four fused passes -------------------------------------------------------
+
+
+@torch.library.custom_op("resbm::encode_forward", mutates_args=())
+def _encode_forward(
+    x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int
+) -> Tensor:
+    c = Codec.parse(codec)
+    checks.encoder_inputs(x, w_e, norm_weight, c)
+    return select(x.device).encode_forward(x, w_e, norm_weight, eps, c, seed)
+
+
+@_encode_forward.register_fake
+def _(x, w_e, norm_weight, eps, codec, seed):
+    c = Codec.parse(codec)
+    checks.encoder_inputs(x, w_e, norm_weight, c)
+    return x.new_empty((c.payload_bytes(x.shape[0], w_e.shape[0]),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("resbm::decode_forward", mutates_args=())
+def _decode_forward(
+    payload: Tensor, w_d: Tensor, residual: Optional[Tensor], codec: str, n: int, out_dtype: torch.dtype
+) -> Tensor:
+    c = Codec.parse(codec)
+    _check_decode(payload, w_d, residual, c, n, out_dtype)
+    return select(w_d.device).decode_forward(payload, w_d, residual, c, n, out_dtype)
+
+
+@_decode_forward.register_fake
+def _(payload, w_d, residual, codec, n, out_dtype):
+    c = Codec.parse(codec)
+    _check_decode(payload, w_d, residual, c, n, out_dtype)
+    return w_d.new_empty((n, w_d.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("resbm::decode_backward", mutates_args=())
+def _decode_backward(
+    grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int
+) -> tuple[Tensor, Tensor]:
+    c, gc = Codec.parse(codec), Codec.parse(grad_codec)
+    _check_decode_backward(grad_h, payload, w_d, c, gc)
+    return select(w_d.device).decode_backward(grad_h, payload, w_d, c, gc, grad_seed)
+
+
+@_decode_backward.register_fake
+def _(grad_h, payload, w_d, codec, grad_codec, grad_seed):
+    c, gc = Codec.parse(codec), Codec.parse(grad_codec)
+    _check_decode_backward(grad_h, payload, w_d, c, gc)
+    n, k = grad_h.shape[0], w_d.shape[1]
+    return grad_h.new_empty((gc.payload_bytes(n, k),), dtype=torch.uint8), torch.empty_like(w_d)
+
+
+@torch.library.custom_op("resbm::encode_backward", mutates_args=())
+def _encode_backward(
+    grad_payload: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, grad_codec: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    gc = Codec.parse(grad_codec)
+    _check_encode_backward(grad_payload, x, w_e, norm_weight, gc)
+    grad_x, grad_w, grad_gamma = select(x.device).encode_backward(grad_payload, x, w_e, norm_weight, eps, gc)
+    return grad_x, grad_w, _or_empty(grad_gamma, x)
+
+
+@_encode_backward.register_fake
+def _(grad_payload, x, w_e, norm_weight, eps, grad_codec):
+    gc = Codec.parse(grad_codec)
+    _check_encode_backward(grad_payload, x, w_e, norm_weight, gc)
+    gamma = torch.empty_like(norm_weight) if norm_weight is not None else x.new_empty((0,))
+    return torch.empty_like(x), torch.empty_like(w_e), gamma
+
+
+# ---- differentiable ops ------------------------------------------------------------
+
+
+@torch.library.custom_op("resbm::boundary", mutates_args=())
+def _boundary(
+    x: Tensor,
+    w_e: Tensor,
+    norm_weight: Optional[Tensor],
+    w_d: Tensor,
+    residual: Optional[Tensor],
+    eps: float,
+    codec: str,
+    grad_codec: str,
+    seed: int,
+    grad_seed: int,
+) -> tuple[Tensor, Tensor]:
+    payload = _encode_forward(x, w_e, norm_weight, eps, codec, seed)
+    return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload
+
+
+@_boundary.register_fake
+def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed):
+    payload = _encode_forward(x, w_e, norm_weight, eps, codec, seed)
+    return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload
+
+
+def _boundary_setup(ctx, inputs, output):
+    x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed = inputs
+    ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1])
+    ctx.eps, ctx.codec, ctx.grad_codec, ctx.grad_seed = eps, codec, grad_codec, grad_seed
+    ctx.has_residual = residual is not None
+
+
+def _boundary_backward(ctx, grad_h, _grad_payload):
+    x, w_e, norm_weight, w_d, payload = ctx.saved_tensors
+    grad_h = grad_h.contiguous()  # a gradient of .sum() is stride-0
+    grad_payload, grad_w_d = _decode_backward(grad_h, payload, w_d, ctx.codec, ctx.grad_codec, ctx.grad_seed)
+    grad_x, grad_w_e, grad_gamma = _encode_backward(grad_payload, x, w_e, norm_weight, ctx.eps, ctx.grad_codec)
+    return (
+        grad_x,
+        grad_w_e,
+        grad_gamma if norm_weight is not None else None,
+        grad_w_d,
+        grad_h if ctx.has_residual else None,
+        None, None, None, None, None,
+    )
+
+
+_boundary.register_autograd(_boundary_backward, setup_context=_boundary_setup)
+
+
+@torch.library.custom_op("resbm::wire_roundtrip", mutates_args=())
+def _wire_roundtrip(z: Tensor, codec: str, grad_codec: str, seed: int, grad_seed: int) -> Tensor:
+    c = Codec.parse(codec)
+    checks.tensor("z", z, ndim=2)
+    c.group(z.shape[1])
+    n, k = z.shape
+    return reference.read_payload(reference.write_payload(z, c, seed), c, n, k, z.dtype)
+
+
+@_wire_roundtrip.register_fake
+def _(z, codec, grad_codec, seed, grad_seed):
+    checks.tensor("z", z, ndim=2)
+    Codec.parse(codec).group(z.shape[1])
+    return torch.empty_like(z)
+
+
+def _roundtrip_setup(ctx, inputs, output):
+    ctx.grad_codec, ctx.grad_seed = inputs[2], inputs[4]
+
+
+def _roundtrip_backward(ctx, grad):
+    # straight-through: the gradient crosses the wire with the gradient codec
+    return _wire_roundtrip(grad.contiguous(), ctx.grad_codec, ctx.grad_codec, ctx.grad_seed, 0), None, None, None, None
+
+
+_wire_roundtrip.register_autograd(_roundtrip_backward, setup_context=_roundtrip_setup)
+
+
+@torch.library.custom_op("resbm::encode_project", mutates_args=())
+def _encode_project(x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float) -> Tensor:
+    checks.encoder_inputs(x, w_e, norm_weight, Codec(bits=16))
+    return reference.encode_project(x, w_e, norm_weight, eps).to(x.dtype)
+
+
+@_encode_project.register_fake
+def _(x, w_e, norm_weight, eps):
+    return x.new_empty((x.shape[0], w_e.shape[0]))
+
+
+def _encode_project_setup(ctx, inputs, output):
+    x, w_e, norm_weight, eps = inputs
+    ctx.save_for_backward(x, w_e, norm_weight)
+    ctx.eps = eps
+
+
+def _encode_project_backward(ctx, grad_z):
+    x, w_e, norm_weight = ctx.saved_tensors
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_x, grad_w, grad_gamma = reference.encode_backward_dense(grad_z.to(ct), x, w_e, norm_weight, ctx.eps)
+    grad_gamma = None if grad_gamma is None else grad_gamma.to(norm_weight.dtype)
+    return grad_x.to(x.dtype), grad_w.to(w_e.dtype), grad_gamma, None
+
+
+_encode_project.register_autograd(_encode_project_backward, setup_context=_encode_project_setup)
+
+
+@torch.library.custom_op("resbm::decode_project", mutates_args=())
+def _decode_project(zhat: Tensor, w_d: Tensor, residual: Optional[Tensor]) -> Tensor:
+    checks.tensor("zhat", zhat, ndim=2)
+    checks.decoder_weight(w_d, Codec(bits=16))
+    return reference.decode_project(zhat, w_d, residual, zhat.dtype)
+
+
+@_decode_project.register_fake
+def _(zhat, w_d, residual):
+    return zhat.new_empty((zhat.shape[0], w_d.shape[0]))
+
+
+def _decode_project_setup(ctx, inputs, output):
+    zhat, w_d, residual = inputs
+    ctx.save_for_backward(zhat, w_d)
+    ctx.has_residual = residual is not None
+
+
+def _decode_project_backward(ctx, grad_h):
+    zhat, w_d = ctx.saved_tensors
+    grad_zhat, grad_w_d = reference.decode_backward_dense(grad_h, zhat, w_d)
+    return grad_zhat.to(zhat.dtype), grad_w_d.to(w_d.dtype), grad_h if ctx.has_residual else None
+
+
+_decode_project.register_autograd(_decode_project_backward, setup_context=_decode_project_setup)
+
+
+# ---- validation helpers ------------------------------------------------------------
+
+
+def _quantized_codec(spec: str) -> Codec:
+    c = Codec.parse(spec)
+    if not c.quantized:
+        raise ValueError(f"codec {c.spec} has no integer codes; quantize/dequantize need bits 8, 4 or 2")
+    return c
+
+
+def _check_codes(codes, scales, c: Codec):
+    checks.tensor("codes", codes, ndim=2, dtypes=(torch.int8,))
+    n, k = codes.shape
+    checks.tensor("scales", scales, ndim=2, dtypes=(c.scale_dtype,), device=codes.device)
+    checks.shape("scales", scales, (n, k // c.group(k)))
+
+
+def _check_pack(codes, bits):
+    Codec(bits=bits)
+    checks.tensor("codes", codes, ndim=2, dtypes=(torch.int8,))
+    if bits == 16 or (codes.shape[1] * bits) % 8:
+        raise ValueError(f"pack: cannot pack {codes.shape[1]} values of {bits} bits into whole bytes")
+
+
+def _check_unpack(packed, bits, k):
+    _check_pack(torch.empty((0, k), dtype=torch.int8), bits)
+    checks.tensor("packed", packed, ndim=2, dtypes=(torch.uint8,))
+    checks.shape("packed", packed, (packed.shape[0], k * bits // 8))
+
+
+def _check_decode(payload, w_d, residual, c: Codec, n, out_dtype):
+    checks.decoder_weight(w_d, c)
+    if out_dtype not in checks.FLOAT_DTYPES:
+        raise TypeError(f"out_dtype {out_dtype} is not a supported float dtype")
+    if n < 0:
+        raise ValueError(f"n={n} rows must be non-negative")
+    checks.payload(payload, c, n, w_d.shape[1], w_d.device)
+    if residual is not None:
+        checks.tensor("residual", residual, ndim=2, device=w_d.device)
+        checks.same_dtype("residual", residual, out_dtype)
+        checks.shape("residual", residual, (n, w_d.shape[0]))
+
+
+def _check_decode_backward(grad_h, payload, w_d, c: Codec, gc: Codec):
+    checks.decoder_weight(w_d, c)
+    gc.group(w_d.shape[1])
+    checks.tensor("grad_h", grad_h, ndim=2, device=w_d.device)
+    checks.shape("grad_h", grad_h, (grad_h.shape[0], w_d.shape[0]))
+    checks.payload(payload, c, grad_h.shape[0], w_d.shape[1], w_d.device)
+
+
+def _check_encode_backward(grad_payload, x, w_e, norm_weight, gc: Codec):
+    checks.encoder_inputs(x, w_e, norm_weight, gc)
+    checks.payload(grad_payload, gc, x.shape[0], w_e.shape[0], x.device)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    return t if t is not None else like.new_empty((0,))
+
+
+# ---- Python API (what training code calls) -------------------------------------------
+
+
+def quantize(z: Tensor, codec: Codec, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """z (N, k) -> (int8 codes (N, k), scales (N, k/group))."""
+    return _quantize(z, Codec.parse(codec).spec, seed)
+
+
+def dequantize(codes: Tensor, scales: Tensor, codec: Codec, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Inverse of :func:`quantize` (up to rounding)."""
+    return _dequantize(codes, scales, Codec.parse(codec).spec, dtype)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """int8 codes (N, k) in range for ``bits`` -> uint8 (N, k*bits/8)."""
+    return _pack(codes, bits)
+
+
+def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
+    """uint8 (N, k*bits/8) -> sign-extended int8 codes (N, k)."""
+    return _unpack(packed, bits, k)
+
+
+def encode(x: Tensor, w_e: Tensor, codec: Codec, *, norm_weight: Optional[Tensor] = None,
+           eps: float = 1e-6, seed: int = 0) -> Tensor:
+    """Encode forward: x (N, d) -> payload of z = RMSNorm(x) W_e^T + x[:, :k]."""
+    return _encode_forward(x, w_e, norm_weight, eps, Codec.parse(codec).spec, seed)
+
+
+def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Optional[Tensor] = None,
+           out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Decode forward: payload -> h = zhat W_d^T + pad_d(zhat) (+ residual), (n, d)."""
+    out_dtype = out_dtype or (residual.dtype if residual is not None else w_d.dtype)
+    return _decode_forward(payload, w_d, residual, Codec.parse(codec).spec, n, out_dtype)
+
+
+def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec, grad_codec: Codec,
+                    grad_seed: int = 0) -> tuple[Tensor, Tensor]:
+    """grad_h (N, d) -> (gradient payload of dL/dzhat, grad of w_d)."""
+    return _decode_backward(grad_h, payload, w_d, Codec.parse(codec).spec, Codec.parse(grad_codec).spec, grad_seed)
+
+
+def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Codec, *,
+                    norm_weight: Optional[Tensor] = None, eps: float = 1e-6):
+    """Gradient payload -> (grad_x, grad_w_e, grad_norm_weight or None)."""
+    gx, gw, gg = _encode_backward(grad_payload, x, w_e, norm_weight, eps, Codec.parse(grad_codec).spec)
+    return gx, gw, gg if norm_weight is not None else None
+
+
+def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec, grad_codec: Codec, *,
+             norm_weight: Optional[Tensor] = None, residual: Optional[Tensor] = None, eps: float = 1e-6,
+             seed: int = 0, grad_seed: int = 1) -> tuple[Tensor, Tensor]:
+    """Differentiable encode -> wire -> decode in one process: returns (h, payload).
+
+    The backward sends dL/dzhat through ``grad_codec`` (straight-through
+    estimator), exactly as the pipeline does across processes.
+    """
+    return _boundary(x, w_e, norm_weight, w_d, residual, eps, Codec.parse(codec).spec,
+                     Codec.parse(grad_codec).spec, seed, grad_seed)
+
+
+def wire_roundtrip(z: Tensor, codec: Codec, grad_codec: Codec, *, seed: int = 0, grad_seed: int = 1) -> Tensor:
+    """Differentiable quantize -> pack -> unpack -> dequantize of z (N, k) with
+    straight-through gradients (the gradient makes the trip with ``grad_codec``)."""
+    return _wire_roundtrip(z, Codec.parse(codec).spec, Codec.parse(grad_codec).spec, seed, grad_seed)
+
+
+def encode_project(x: Tensor, w_e: Tensor, *, norm_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """z = RMSNorm(x) W_e^T + x[:, :k] without the wire (for the MLP variant and tests)."""
+    return _encode_project(x, w_e, norm_weight, eps)
+
+
+def decode_project(zhat: Tensor, w_d: Tensor, *, residual: Optional[Tensor] = None) -> Tensor:
+    """h = zhat W_d^T + pad_d(zhat) (+ residual) without the wire."""
+    return _decode_project(zhat, w_d, residual)
