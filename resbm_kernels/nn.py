@@ -1,0 +1,184 @@
+"""ResBM modules: the encoder and decoder that sit at a pipeline-stage
+boundary, and a single-process boundary for training without a cluster.
+
+Activations may have any leading shape (..., d); they are flattened to
+(N, d) tokens for the ops. The linear encoder/decoder run through the fused
+passes of :mod:`resbm_kernels.ops`; the MLP variant computes its projection
+with PyTorch and sends it through :func:`~resbm_kernels.ops.wire_roundtrip`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops
+from .codec import BF16, GRAD_INT8, Codec
+
+
+def _cast(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Parameters follow the activations' dtype (autograd casts the gradient back)."""
+    return None if p is None else p.to(dtype)
+
+
+def _init_linear(weight: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class _SiLUMLP(nn.Module):
+    """in -> hidden -> out with SiLU, bias-free."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, dtype=None, device=None):
+        super().__init__()
+        self.up = nn.Linear(d_in, hidden, bias=False, dtype=dtype, device=device)
+        self.down = nn.Linear(hidden, d_out, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return self.down(nn.functional.silu(self.up(x)))
+
+
+class ResBMEncoder(nn.Module):
+    """Sender side: z = E(RMSNorm(x)) + x[..., :k].
+
+    Args:
+        d: model width; k: bottleneck width (must divide d).
+        mlp_hidden: None for the linear encoder (default, fused path) or the
+            hidden width of an MLP encoder d -> h -> k with SiLU.
+        norm: apply a learnable RMSNorm before E (folded into the GEMM).
+        eps: RMSNorm epsilon.
+    """
+
+    def __init__(self, d: int, k: int, *, mlp_hidden: int | None = None, norm: bool = True,
+                 eps: float = 1e-6, dtype=None, device=None):
+        super().__init__()
+        if k <= 0 or d % k:
+            raise ValueError(f"ResBMEncoder: k={k} must divide d={d}")
+        self.d, self.k, self.eps = d, k, eps
+        self.norm_weight = nn.Parameter(torch.ones(d, dtype=dtype, device=device)) if norm else None
+        if mlp_hidden is None:
+            self.weight = nn.Parameter(torch.empty(k, d, dtype=dtype, device=device))
+            _init_linear(self.weight)
+            self.mlp = None
+        else:
+            self.weight = None
+            self.mlp = _SiLUMLP(d, mlp_hidden, k, dtype=dtype, device=device)
+
+    def project(self, x2d: torch.Tensor) -> torch.Tensor:
+        """z for (N, d) tokens, without the wire (MLP variant or codec-free use)."""
+        gamma = _cast(self.norm_weight, x2d.dtype)
+        if self.mlp is None:
+            return ops.encode_project(x2d, _cast(self.weight, x2d.dtype), norm_weight=gamma, eps=self.eps)
+        u = x2d if gamma is None else nn.functional.rms_norm(x2d, (self.d,), gamma, self.eps)
+        return self.mlp(u) + x2d[:, : self.k]
+
+    def extra_repr(self) -> str:
+        kind = "linear" if self.mlp is None else f"mlp(hidden={self.mlp.up.out_features})"
+        return f"d={self.d}, k={self.k}, {kind}, norm={self.norm_weight is not None}"
+
+
+class ResBMDecoder(nn.Module):
+    """Receiver side: h = D(zhat) + pad_d(zhat) (+ residual).
+
+    Args:
+        d: model width; k: bottleneck width (must divide d).
+        mlp_hidden: None for the linear decoder (default, fused path) or the
+            hidden width of an MLP decoder k -> h -> d with SiLU.
+    """
+
+    def __init__(self, d: int, k: int, *, mlp_hidden: int | None = None, dtype=None, device=None):
+        super().__init__()
+        if k <= 0 or d % k:
+            raise ValueError(f"ResBMDecoder: k={k} must divide d={d}")
+        self.d, self.k = d, k
+        if mlp_hidden is None:
+            self.weight = nn.Parameter(torch.empty(d, k, dtype=dtype, device=device))
+            _init_linear(self.weight)
+            self.mlp = None
+        else:
+            self.weight = None
+            self.mlp = _SiLUMLP(k, mlp_hidden, d, dtype=dtype, device=device)
+
+    def project(self, zhat: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """h for (N, k) bottleneck values, without the wire."""
+        if self.mlp is None:
+            return ops.decode_project(zhat, _cast(self.weight, zhat.dtype), residual=residual)
+        h = self.mlp(zhat) + nn.functional.pad(zhat, (0, self.d - self.k))
+        return h if residual is None else h + residual
+
+    def extra_repr(self) -> str:
+        kind = "linear" if self.mlp is None else f"mlp(hidden={self.mlp.up.out_features})"
+        return f"d={self.d}, k={self.k}, {kind}"
+
+
+class ResBMBoundary(nn.Module):
+    """Encoder -> wire -> decoder in one process, with the pipeline's exact
+    numerics: forward values cross the wire with ``codec``, gradients come
+    back with ``grad_codec`` (straight-through estimator).
+
+    Parameters are cast to the activations' dtype (so fp32 master weights work
+    with bf16 activations). Stochastic rounding draws a fresh seed each call from ``seed`` and a step
+    counter, so runs are reproducible.
+
+    Example::
+
+        boundary = ResBMBoundary(d=512, k=4, codec=INT8)
+        h = boundary(x)                      # x: (batch, seq, 512)
+        print(boundary.compression_ratio(tokens=x.shape[0] * x.shape[1]))
+    """
+
+    def __init__(self, d: int, k: int, *, codec: Codec | str = BF16, grad_codec: Codec | str = GRAD_INT8,
+                 mlp_hidden: int | None = None, norm: bool = True, eps: float = 1e-6, seed: int = 0,
+                 dtype=None, device=None):
+        super().__init__()
+        self.encoder = ResBMEncoder(d, k, mlp_hidden=mlp_hidden, norm=norm, eps=eps, dtype=dtype, device=device)
+        self.decoder = ResBMDecoder(d, k, mlp_hidden=mlp_hidden, dtype=dtype, device=device)
+        self.codec, self.grad_codec = Codec.parse(codec), Codec.parse(grad_codec)
+        self.codec.group(k)
+        self.grad_codec.group(k)
+        self.seed = seed
+        self.calls = 0
+
+    @property
+    def d(self) -> int:
+        return self.encoder.d
+
+    @property
+    def k(self) -> int:
+        return self.encoder.k
+
+    def _seeds(self) -> tuple[int, int]:
+        self.calls += 1
+        base = (self.seed * 1_000_003 + self.calls) * 2
+        return base, base + 1
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[-1] != self.d:
+            raise ValueError(f"ResBMBoundary: input has {x.shape[-1]} channels, expected d={self.d}")
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.d).contiguous()
+        r2d = None if residual is None else residual.reshape(-1, self.d).contiguous()
+        seed, grad_seed = self._seeds()
+        if self.encoder.mlp is None and self.decoder.mlp is None:
+            h, _ = ops.boundary(
+                x2d, _cast(self.encoder.weight, x.dtype), _cast(self.decoder.weight, x.dtype),
+                self.codec, self.grad_codec, norm_weight=_cast(self.encoder.norm_weight, x.dtype), residual=r2d, eps=self.encoder.eps,
+                seed=seed, grad_seed=grad_seed,
+            )
+        else:
+            z = ops.wire_roundtrip(self.encoder.project(x2d), self.codec, self.grad_codec,
+                                   seed=seed, grad_seed=grad_seed)
+            h = self.decoder.project(z, r2d)
+        return h.reshape(*lead, self.d)
+
+    def wire_bytes(self, tokens: int) -> int:
+        """Bytes one forward message of ``tokens`` tokens puts on the wire."""
+        return self.codec.payload_bytes(tokens, self.k)
+
+    def compression_ratio(self, tokens: int) -> float:
+        """bf16 activations over the forward wire bytes (header included)."""
+        return self.codec.compression_ratio(self.d, self.k, tokens)
+
+    def extra_repr(self) -> str:
+        return f"codec={self.codec.spec}, grad_codec={self.grad_codec.spec}"

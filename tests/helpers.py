@@ -1,0 +1,72 @@
+"""Shared test helpers: tolerances derived from dtypes, fresh random inputs,
+and an independent NumPy implementation of the codec to check the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from resbm_kernels.codec import Codec, rng_key
+
+
+def tolerance(dtype: torch.dtype, reduction: int = 1) -> dict:
+    """atol/rtol for comparing a result computed in ``dtype`` against a float32
+    or float64 oracle: a few units of the dtype's epsilon, grown with the
+    square root of the reduction length."""
+    eps = torch.finfo(dtype).eps
+    scale = 4 * max(1.0, reduction ** 0.5)
+    return {"atol": eps * scale, "rtol": eps * scale}
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    """Random normal input (never zeros), optionally scaled per row so rows
+    span several orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float32) * scale
+    return x.to(dtype)
+
+
+# ---- independent NumPy codec (checks the reference, which checks the kernels) ----
+
+def np_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 round-to-nearest-even, returned as float32 values."""
+    bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def np_to_scale(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    if dtype == torch.bfloat16:
+        return np_to_bf16(x)
+    if dtype == torch.float16:
+        return x.astype(np.float16).astype(np.float32)
+    return x.astype(np.float32)
+
+
+def np_hash32(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x = (x.astype(np.uint64) * 0x7FEB352D).astype(np.uint32)
+    x ^= x >> np.uint32(15)
+    x = (x.astype(np.uint64) * 0x846CA68B).astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def np_quantize(z: np.ndarray, codec: Codec, seed: int = 0):
+    """The codec of DESIGN.md written out in NumPy float32."""
+    n, k = z.shape
+    g = codec.group(k)
+    zf = z.astype(np.float32).reshape(n, k // g, g)
+    absmax = np.abs(zf).max(axis=-1)
+    scale = np_to_scale(absmax / np.float32(codec.qmax), codec.scale_dtype)
+    with np.errstate(divide="ignore"):
+        inv = np.where(scale > 0, np.float32(1.0) / scale, np.float32(0)).astype(np.float32)
+    y = (zf * inv[..., None]).reshape(n, k).astype(np.float32)
+    if codec.stochastic:
+        idx = (np.arange(n * k, dtype=np.uint64) & 0xFFFFFFFF).astype(np.uint32)
+        u = (np_hash32(idx ^ np.uint32(rng_key(seed))) >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+        q = np.floor((y + u.reshape(n, k)).astype(np.float32))
+    else:
+        q = np.rint(y)
+    return np.clip(q, -codec.qmax, codec.qmax).astype(np.int8), scale

@@ -1,0 +1,179 @@
+"""Bad input gives a clear exception naming the problem."""
+
+import pytest
+import torch
+
+from helpers import randn
+from resbm_kernels import ResBMBoundary, ops
+from resbm_kernels.backends import reference, use_backend
+from resbm_kernels.codec import GRAD_INT8, INT4, INT8, Codec
+
+N, D, K = 8, 64, 32
+
+
+@pytest.fixture
+def tensors():
+    return randn(N, D, seed=1), randn(K, D, seed=2) * 0.1, randn(D, K, seed=3) * 0.1
+
+
+@pytest.fixture
+def payload(tensors):
+    return ops.encode(tensors[0], tensors[1], INT8)
+
+
+@pytest.mark.parametrize("make_x, message", [
+    (lambda x: x.to(torch.int32), "x: dtype torch.int32 is not supported"),
+    (lambda x: x[None], "x: expected a 2-D tensor"),
+    (lambda x: x.t().contiguous().t(), "x: needs contiguous rows"),
+    (lambda x: x[:1].expand(N, D), "x: needs contiguous rows without broadcast"),
+    (lambda x: x[:, :48].contiguous(), "x: has 48 channels but w_e expects d=64"),
+    (lambda x: x.to(torch.float16), "w_e: dtype torch.float32 differs"),
+    (lambda x: "not a tensor", "Expected a value of type 'Tensor' for argument 'x'"),
+])
+def test_encode_rejects_bad_activations(tensors, make_x, message):
+    x, w_e, _ = tensors
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=message):
+        ops.encode(make_x(x), w_e, INT8)
+
+
+def test_encode_rejects_other_device(tensors):
+    x, w_e, _ = tensors
+    with pytest.raises(ValueError, match="w_e: is on meta but the other inputs are on cpu"):
+        ops.encode(x, w_e.to("meta"), INT8)
+
+
+def test_k_must_divide_d():
+    x = randn(N, 60, seed=1)
+    with pytest.raises(ValueError, match="k=16 must divide the model width d=60"):
+        ops.encode(x, randn(16, 60), INT8)
+    with pytest.raises(ValueError, match="k=24 must divide d=64"):
+        ResBMBoundary(64, 24)
+
+
+def test_group_must_divide_k(tensors):
+    x, w_e, _ = tensors
+    with pytest.raises(ValueError, match="group_size=64 does not divide k=32"):
+        ops.encode(x, w_e, Codec(bits=4, group_size=64))
+
+
+def test_unsupported_bits():
+    with pytest.raises(ValueError, match="unsupported bits=3"):
+        ops.encode(randn(N, D), randn(K, D), Codec(bits=3))
+    with pytest.raises(ValueError, match="unsupported bits=5"):
+        ops.pack(torch.zeros(2, 8, dtype=torch.int8), 5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_activations(tensors, bad):
+    x, w_e, _ = tensors
+    x[3, 5] = bad
+    for codec in (INT8, Codec(bits=16)):
+        with pytest.raises(ValueError, match="non-finite"):
+            ops.encode(x, w_e, codec)
+
+
+def test_norm_weight_shape(tensors):
+    x, w_e, _ = tensors
+    with pytest.raises(ValueError, match=r"norm_weight: expected shape \(64,\)"):
+        ops.encode(x, w_e, INT8, norm_weight=torch.ones(32))
+
+
+def test_truncated_payload(tensors, payload):
+    _, _, w_d = tensors
+    with pytest.raises(ValueError, match="is truncated"):
+        ops.decode(payload[:-1], w_d, INT8, N)
+    with pytest.raises(ValueError, match="shorter than the 16-byte header|is truncated"):
+        ops.decode(payload[:5], w_d, INT8, N)
+
+
+def test_payload_with_wrong_row_count(tensors, payload):
+    with pytest.raises(ValueError, match="is too long"):
+        ops.decode(payload, tensors[2], INT8, N - 1)
+
+
+def test_corrupted_header(tensors, payload):
+    bad = payload.clone()
+    bad[0] = ord("X")
+    with pytest.raises(ValueError, match="bad magic"):
+        ops.decode(bad, tensors[2], INT8, N)
+    bad = payload.clone()
+    bad[3] = 7
+    with pytest.raises(ValueError, match="format version 7"):
+        ops.decode(bad, tensors[2], INT8, N)
+
+
+def test_payload_from_another_codec(tensors):
+    """Same byte count, different codec: the header catches it."""
+    x, w_e, w_d = tensors
+    p16 = ops.encode(x, w_e, Codec(bits=8, scale_dtype=torch.float16))
+    with pytest.raises(ValueError, match="scale_code=2 but the reader expects scale_code=3"):
+        ops.decode(p16, w_d, INT8, N)
+    p4 = ops.encode(x, w_e, Codec(bits=4, group_size=16))
+    with pytest.raises(ValueError, match="needs .* bytes|bits=4 but the reader expects bits=8"):
+        ops.decode(p4, w_d, INT8, N)
+
+
+def test_payload_dtype_and_rank(tensors, payload):
+    with pytest.raises(TypeError, match="payload: dtype torch.int8"):
+        ops.decode(payload.view(torch.int8), tensors[2], INT8, N)
+    with pytest.raises(ValueError, match="payload: expected a 1-D tensor"):
+        ops.decode(payload[None], tensors[2], INT8, N)
+
+
+def test_decode_residual_shape_and_dtype(tensors, payload):
+    _, _, w_d = tensors
+    with pytest.raises(ValueError, match=r"residual: expected shape \(8, 64\)"):
+        ops.decode(payload, w_d, INT8, N, residual=randn(N, 32))
+    with pytest.raises(TypeError, match="residual: dtype torch.float16 differs"):
+        ops.decode(payload, w_d, INT8, N, residual=randn(N, D).half(), out_dtype=torch.float32)
+
+
+def test_backward_ops_check_payloads(tensors, payload):
+    x, w_e, w_d = tensors
+    with pytest.raises(ValueError, match=r"grad_h: expected shape \(8, 64\)"):
+        ops.decode_backward(randn(N, 32), payload, w_d, INT8, GRAD_INT8)
+    with pytest.raises(ValueError, match="bits=8 but the reader expects bits=4|needs"):
+        ops.encode_backward(payload, x, w_e, Codec(bits=4, group_size=32))
+
+
+def test_unpack_shape_mismatch():
+    with pytest.raises(ValueError, match=r"packed: expected shape \(2, 4\)"):
+        ops.unpack(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
+
+
+def test_dequantize_scale_shape():
+    codes = torch.zeros(2, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"scales: expected shape \(2, 1\)"):
+        ops.dequantize(codes, torch.ones(2, 2, dtype=torch.bfloat16), INT8)
+    with pytest.raises(TypeError, match="scales: dtype torch.float32"):
+        ops.dequantize(codes, torch.ones(2, 1), INT8)
+
+
+def test_quantize_rejects_bf16_passthrough_codec():
+    with pytest.raises(ValueError, match="has no integer codes"):
+        ops.quantize(randn(2, 32), Codec(bits=16))
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        with use_backend("fast"):
+            pass
+
+
+def test_unavailable_backend_raises_clearly(monkeypatch, tensors):
+    monkeypatch.setenv("RESBM_BACKEND", "cuda")
+    x, w_e, _ = tensors
+    with pytest.raises(RuntimeError, match="resbm backend 'cuda'"):
+        ops.encode(x, w_e, INT8)
+
+
+def test_boundary_module_checks_width():
+    with pytest.raises(ValueError, match="input has 32 channels, expected d=64"):
+        ResBMBoundary(64, 16)(randn(2, 32))
+
+
+def test_large_activation_overflows_fp16_scale():
+    z = torch.full((2, 32), 1e9)
+    with pytest.raises(ValueError, match="overflows the torch.float16 scale"):
+        reference.write_payload(z, Codec(bits=4, group_size=32, scale_dtype=torch.float16), 0)
+    assert INT4.scale_dtype == torch.bfloat16  # the default has fp32's range

@@ -1,0 +1,224 @@
+"""The ops (reference backend) against explicit formulas, gradients, opcheck
+and torch.compile."""
+
+import pytest
+import torch
+
+from helpers import randn, tolerance
+from resbm_kernels import ops
+from resbm_kernels.backends import reference, use_backend
+from resbm_kernels.codec import BF16, GRAD_INT8, INT4, INT8, Codec
+
+N, D, K = 24, 128, 32
+EPS = 1e-6
+CODECS = [BF16, INT8, INT4, Codec(bits=2, group_size=8), Codec(bits=8, group_size=8, rounding="stochastic")]
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend():
+    with use_backend("reference"):
+        yield
+
+
+def make(dtype=torch.float64, seed=0, n=N, d=D, k=K):
+    x = randn(n, d, seed=seed, scale=torch.logspace(-1, 1, n)[:, None]).to(dtype)
+    w_e = (randn(k, d, seed=seed + 1) / d**0.5).to(dtype)
+    w_d = (randn(d, k, seed=seed + 2) / k**0.5).to(dtype)
+    gamma = (1 + 0.1 * randn(d, seed=seed + 3)).to(dtype)
+    residual = randn(n, d, seed=seed + 4).to(dtype)
+    return x, w_e, w_d, gamma, residual
+
+
+def explicit_z(x, w_e, gamma):
+    """DESIGN.md: z = RMSNorm(x) W_e^T + x[:, :k] (no norm when gamma is None)."""
+    x = x.double()
+    u = x
+    if gamma is not None:
+        u = x / torch.sqrt((x * x).mean(-1, keepdim=True) + EPS) * gamma.double()
+    return u @ w_e.double().T + x[:, : w_e.shape[0]]
+
+
+def pad(z, d):
+    return torch.nn.functional.pad(z, (0, d - z.shape[1]))
+
+
+def quant_bound(z, codec):
+    """Max |zhat - z| a codec allows: half a step (a whole step when stochastic)
+    plus the scale's own rounding, per group."""
+    if not codec.quantized:
+        return z.abs() * 2**-8 + 1e-30
+    n, k = z.shape
+    g = codec.group(k)
+    step = z.abs().view(n, k // g, g).amax(-1, keepdim=True) / codec.qmax
+    frac = 1.0 if codec.stochastic else 0.5
+    return (step * (frac + 2**-7 * codec.qmax) * 1.01).expand(n, k // g, g).reshape(n, k) + 1e-12
+
+
+def read(payload, codec, n, k):
+    return reference.read_payload(payload, codec, n, k, torch.float64)
+
+
+# ---- the four passes against the formulas ----------------------------------------
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_encode_forward(codec, norm):
+    x, w_e, _, gamma, _ = make()
+    gamma = gamma if norm else None
+    payload = ops.encode(x, w_e, codec, norm_weight=gamma, eps=EPS, seed=3)
+    z = explicit_z(x, w_e, gamma)
+    assert ((read(payload, codec, N, K) - z).abs() <= quant_bound(z, codec)).all()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_decode_forward(codec, with_residual):
+    _, _, w_d, _, residual = make()
+    payload = reference.write_payload(randn(N, K, seed=9), codec, seed=0)
+    zhat = read(payload, codec, N, K)
+    r = residual if with_residual else None
+    h = ops.decode(payload, w_d, codec, N, residual=r)
+    expected = zhat @ w_d.T + pad(zhat, D) + (residual if with_residual else 0)
+    torch.testing.assert_close(h, expected, **tolerance(torch.float64, K))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("grad_codec", [BF16, GRAD_INT8, Codec(bits=4, group_size=16, rounding="stochastic")])
+def test_decode_backward(codec, grad_codec):
+    _, _, w_d, _, _ = make()
+    grad_h = randn(N, D, seed=11).double()
+    payload = reference.write_payload(randn(N, K, seed=9), codec, seed=0)
+    grad_payload, grad_w_d = ops.decode_backward(grad_h, payload, w_d, codec, grad_codec, grad_seed=5)
+    g_z = grad_h @ w_d + grad_h[:, :K]
+    assert ((read(grad_payload, grad_codec, N, K) - g_z).abs() <= quant_bound(g_z, grad_codec)).all()
+    torch.testing.assert_close(grad_w_d, grad_h.T @ read(payload, codec, N, K), **tolerance(torch.float64, N))
+
+
+@pytest.mark.parametrize("grad_codec", [BF16, GRAD_INT8, INT4])
+@pytest.mark.parametrize("norm", [True, False])
+def test_encode_backward_matches_autograd_of_formula(grad_codec, norm):
+    x, w_e, _, gamma, _ = make()
+    gamma = gamma if norm else None
+    grad_payload = reference.write_payload(randn(N, K, seed=13), grad_codec, seed=2)
+    g_z = read(grad_payload, grad_codec, N, K)
+    leaves = [t.clone().requires_grad_() for t in (x, w_e) + ((gamma,) if norm else ())]
+    explicit_z(leaves[0], leaves[1], leaves[2] if norm else None).backward(g_z)
+    grad_x, grad_w, grad_gamma = ops.encode_backward(grad_payload, x, w_e, grad_codec, norm_weight=gamma, eps=EPS)
+    tol = tolerance(torch.float64, D)
+    torch.testing.assert_close(grad_x, leaves[0].grad, **tol)
+    torch.testing.assert_close(grad_w, leaves[1].grad, **tol)
+    if norm:
+        torch.testing.assert_close(grad_gamma, leaves[2].grad, **tol)
+    else:
+        assert grad_gamma is None
+
+
+# ---- identity path -----------------------------------------------------------------
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_identity_path_with_zero_projections(codec):
+    """With E and D zeroed the boundary passes x[:, :k] (up to the codec) in
+    the first k channels and exact zeros elsewhere."""
+    x, w_e, w_d, gamma, _ = make(torch.float32)
+    h, _ = ops.boundary(x, torch.zeros_like(w_e), torch.zeros_like(w_d), codec, GRAD_INT8, norm_weight=gamma)
+    assert torch.equal(h[:, K:], torch.zeros(N, D - K))
+    assert ((h[:, :K] - x[:, :K]).abs() <= quant_bound(x[:, :K], codec)).all()
+
+
+# ---- gradients -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_gradcheck_encode_project(norm):
+    x, w_e, _, gamma, _ = make(n=6, d=32, k=8)
+    inputs = (x.requires_grad_(), w_e.requires_grad_(), gamma.requires_grad_() if norm else None, EPS)
+    assert torch.autograd.gradcheck(lambda *a: ops.encode_project(a[0], a[1], norm_weight=a[2], eps=a[3]), inputs)
+
+
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_gradcheck_decode_project(with_residual):
+    _, _, w_d, _, residual = make(n=6, d=32, k=8)
+    zhat = randn(6, 8, seed=3).double().requires_grad_()
+    r = residual.requires_grad_() if with_residual else None
+    assert torch.autograd.gradcheck(lambda z, w, r: ops.decode_project(z, w, residual=r), (zhat, w_d.requires_grad_(), r))
+
+
+@pytest.mark.parametrize("codec, grad_codec", [(INT8, GRAD_INT8), (INT4, Codec(bits=4, group_size=16)), (BF16, BF16)])
+def test_fused_boundary_equals_composition(codec, grad_codec):
+    """boundary = decode_project(wire_roundtrip(encode_project(x))), forward and
+    backward: the fused op's autograd wires the four passes correctly."""
+    x, w_e, w_d, gamma, residual = (t.float() for t in make())
+    grad_h = randn(N, D, seed=21)
+
+    def run(fused):
+        leaves = [t.clone().requires_grad_() for t in (x, w_e, w_d, gamma, residual)]
+        xx, we, wd, g, r = leaves
+        if fused:
+            h, _ = ops.boundary(xx, we, wd, codec, grad_codec, norm_weight=g, residual=r, eps=EPS, seed=4, grad_seed=8)
+        else:
+            z = ops.encode_project(xx, we, norm_weight=g, eps=EPS)
+            h = ops.decode_project(ops.wire_roundtrip(z, codec, grad_codec, seed=4, grad_seed=8), wd, residual=r)
+        h.backward(grad_h)
+        return [h.detach()] + [t.grad for t in leaves]
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, **tolerance(torch.float32, D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_boundary_dtypes_track_float64(dtype):
+    x, w_e, w_d, gamma, _ = make()
+    outs = {}
+    for dt in (torch.float64, dtype):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, w_e, w_d, gamma)]
+        h, _ = ops.boundary(leaves[0], leaves[1], leaves[2], BF16, BF16, norm_weight=leaves[3])
+        h.float().square().mean().backward()
+        outs[dt] = [h.double()] + [t.grad.double() for t in leaves]
+        assert h.dtype == dt and all(t.grad.dtype == dt for t in leaves)
+    # bf16 on the wire bounds the agreement for every dtype
+    for a, b in zip(outs[torch.float64], outs[dtype]):
+        torch.testing.assert_close(b, a, atol=3e-2 * a.abs().max().item(), rtol=3e-2)
+
+
+# ---- opcheck and torch.compile ----------------------------------------------------------
+
+def _samples():
+    x, w_e, w_d, gamma, residual = (t.float() for t in make(n=8, d=32, k=8))
+    c, gc = INT8.spec, GRAD_INT8.spec
+    payload = ops.encode(x, w_e, INT8)
+    grad_payload = reference.write_payload(randn(8, 8, seed=1), GRAD_INT8, 0)
+    z = randn(8, 8, seed=2)
+    int4 = Codec(bits=4, group_size=4)
+    q, s = ops.quantize(z, int4)
+    return [
+        (torch.ops.resbm.quantize, (z, int4.spec, 1)),
+        (torch.ops.resbm.dequantize, (q, s, int4.spec, torch.float32)),
+        (torch.ops.resbm.pack, (q, 4)),
+        (torch.ops.resbm.unpack, (ops.pack(q, 4), 4, 8)),
+        (torch.ops.resbm.encode_forward, (x, w_e, gamma, EPS, c, 0)),
+        (torch.ops.resbm.decode_forward, (payload, w_d, residual, c, 8, torch.float32)),
+        (torch.ops.resbm.decode_backward, (randn(8, 32, seed=3), payload, w_d, c, gc, 0)),
+        (torch.ops.resbm.encode_backward, (grad_payload, x, w_e, gamma, EPS, gc)),
+        (torch.ops.resbm.boundary, (*(t.clone().requires_grad_() for t in (x, w_e, gamma, w_d)),
+                                    residual, EPS, c, gc, 0, 1)),
+        (torch.ops.resbm.wire_roundtrip, (z.clone().requires_grad_(), c, gc, 0, 1)),
+        (torch.ops.resbm.encode_project, (x, w_e, gamma, EPS)),
+        (torch.ops.resbm.decode_project, (z.clone().requires_grad_(), w_d, residual)),
+    ]
+
+
+@pytest.mark.parametrize("op, args", _samples(), ids=lambda v: str(v).split(".")[-1] if callable(v) else "")
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    from resbm_kernels import ResBMBoundary
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), ResBMBoundary(64, 16, codec=INT8), torch.nn.Linear(64, 8))
+    x = randn(4, 5, 32, seed=1)
+    eager = model(x)
+    model[1].calls = 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    model[1].calls = 0
+    torch.testing.assert_close(compiled(x), eager)
