@@ -45,7 +45,9 @@ def quantize(z: torch.Tensor, codec: Codec, seed: int = 0):
     g = codec.group(k)
     zf = z.to(torch.float32).view(n, k // g, g)
     absmax = zf.abs().amax(dim=-1)
-    scales = (absmax / codec.qmax).to(codec.scale_dtype)
+    # full-tensor divisions: CUDA turns division by a scalar into a
+    # multiplication by its reciprocal, which is not correctly rounded
+    scales = (absmax / torch.full_like(absmax, codec.qmax)).to(codec.scale_dtype)
     s32 = scales.to(torch.float32)
     if not torch.isfinite(s32).all():
         raise ValueError(
@@ -53,7 +55,7 @@ def quantize(z: torch.Tensor, codec: Codec, seed: int = 0):
             if torch.isfinite(absmax).all()
             else "quantize: input contains non-finite values (inf or nan)"
         )
-    inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
+    inv = torch.where(s32 > 0, torch.ones_like(s32) / s32, torch.zeros_like(s32))
     y = (zf * inv[..., None]).view(n, k)
     if codec.stochastic:
         q = torch.floor(y + uniform(n, k, seed, z.device))

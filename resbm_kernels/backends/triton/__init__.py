@@ -1,0 +1,211 @@
+"""Triton backend: the four fused passes as Triton kernels.
+
+Same signatures and return conventions as
+:mod:`resbm_kernels.backends.reference`. Runs on CUDA, and on the CPU under
+``TRITON_INTERPRET=1`` (for tests). Extra requirements over the reference:
+d and k multiples of 16, float32/float16/bfloat16 inputs, and a scale group
+that is a power of two or the whole row.
+
+Kernels (one family per module):
+
+- :mod:`.project_quantize`: encode forward and decode backward (read the
+  (N, d) input once, write codes + scales into the payload);
+- :mod:`.dequant_project`: decode forward and encode backward (read the
+  payload, write the (N, d) output once);
+- :mod:`.weight_grad`: the weight gradients, a separate pass over the (N, d)
+  input that reduces over rows (zhat / g_z dequantized in registers);
+- :mod:`.codec`: the per-element codec helpers all of them share;
+- :mod:`.tiles`, :mod:`.configs`: shared GEMM tile helpers, launch configs.
+
+Weight gradients are computed by :mod:`.weight_grad`, a second pass over the
+big input of the backward passes (grad_h, x); encode backward through RMSNorm
+also re-reads x once for the per-row statistics (see :mod:`.dequant_project`).
+
+Non-finite inputs are not detected here (no device sync): they produce inf /
+NaN scales or codes of 0, where the reference raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ...codec import Codec, empty_payload, payload_views, rng_key
+from .codec import KIND_BF16, KIND_F16, KIND_F32
+from .dequant_project import dequant_project_kernel
+from .project_quantize import project_quantize_kernel
+from .weight_grad import weight_grad_kernel
+
+_KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
+
+
+def supports(device) -> bool:
+    """CUDA devices; the CPU only under the Triton interpreter."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return True
+    return kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---- allocation (module-level so tests can poison fresh outputs) -----------------
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _new_payload(codec: Codec, n: int, k: int, device) -> torch.Tensor:
+    return empty_payload(codec, n, k, device)
+
+
+# ---- argument helpers ---------------------------------------------------------------
+
+
+def _check(what: str, d: int, k: int, *dtypes) -> None:
+    for dtype in dtypes:
+        if dtype is not None and dtype not in _KINDS:
+            raise TypeError(f"triton backend ({what}): dtype {dtype} is not supported; "
+                            "use float32/float16/bfloat16 or the reference backend")
+    if d % 16 or k % 16:
+        raise ValueError(f"triton backend ({what}): d={d} and k={k} must both be multiples of 16")
+
+
+def _group_reshape(codec: Codec, k: int) -> int:
+    """Group width the kernels reshape by: the group if a power of two, the
+    padded row when the group is the whole row."""
+    g = codec.group(k)
+    if not codec.quantized or g == k:
+        return _block_k(k)
+    if g & (g - 1):
+        raise ValueError(f"triton backend: scale group {g} must be a power of two or the whole row (k={k})")
+    return g
+
+
+def _block_k(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
+
+
+def _common(device) -> dict:
+    """Launch arguments that depend on where the kernel runs."""
+    cpu = torch.device(device).type == "cpu"
+    return dict(UPCAST=cpu, PRECISION="ieee" if cpu else "tf32x3", enable_fp_fusion=False)
+
+
+def _signed32(key: int) -> int:
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def _payload_args(payload, codec: Codec, n: int, k: int):
+    """(codes, scales) kernel views: bf16 codes for bits=16 (scales then unused)."""
+    codes, scales = payload_views(payload, codec, n, k)
+    if not codec.quantized:
+        codes = codes.view(torch.bfloat16)
+        return codes, codes
+    return codes, scales
+
+
+def _rows_grid(n):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+# ---- launchers ----------------------------------------------------------------------
+
+
+def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int):
+    """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d."""
+    n, d = a.shape
+    payload = _new_payload(codec, n, k, a.device)
+    if n == 0:
+        return payload
+    codes, scales = _payload_args(payload, codec, n, k)
+    project_quantize_kernel[_rows_grid(n)](
+        a, w, gamma if gamma is not None else a, codes, scales,
+        n, d, k, k // codec.group(k), a.stride(0), *w_strides, eps, _signed32(rng_key(seed)),
+        HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
+        SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic,
+        BLOCK_K=_block_k(k), **_common(a.device),
+    )
+    return payload
+
+
+def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool):
+    """fp32 sum over rows of (rscale * zhat)^T a: (k, d), or (d, k) if transpose."""
+    n, d = a.shape
+    cpu = a.device.type == "cpu"
+    splits = 1 if cpu else max(1, min(8, triton.cdiv(n, 1024)))
+    shape = (splits, d, k) if transpose else (splits, k, d)
+    partial = _empty(shape, torch.float32, a.device)
+    if n == 0:
+        return partial.zero_().sum(0)
+    codes, scales = _payload_args(payload, codec, n, k)
+    stride_ok, stride_od = (1, k) if transpose else (d, 1)
+    weight_grad_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
+        a, codes, scales, rscale if rscale is not None else a, partial,
+        n, d, k, codec.group(k), a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od,
+        BITS=codec.bits, HAS_RSCALE=rscale is not None, BLOCK_K=_block_k(k), **_common(a.device),
+    )
+    return partial.sum(0)
+
+
+def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype,
+                     residual=None, x=None, gamma=None, eps=0.0):
+    """out (n, d) = zhat @ W + pad_d(zhat) (+ residual), or the encode backward
+    through RMSNorm when ``gamma`` is given; returns (out, r or None)."""
+    out = _empty((n, d), out_dtype, w.device)
+    rscale = _empty((n,), torch.float32, w.device) if gamma is not None else None
+    if n == 0:
+        return out, rscale
+    codes, scales = _payload_args(payload, codec, n, k)
+    dummy = out
+    dequant_project_kernel[_rows_grid(n)](
+        codes, scales, w, x if x is not None else dummy, gamma if gamma is not None else dummy,
+        residual if residual is not None else dummy, out, rscale if rscale is not None else dummy,
+        n, d, k, codec.group(k), *w_strides,
+        x.stride(0) if x is not None else 0, residual.stride(0) if residual is not None else 0, out.stride(0), eps,
+        BITS=codec.bits, HAS_NORM=gamma is not None, HAS_RES=residual is not None,
+        OUT_KIND=_KINDS[out_dtype], BLOCK_K=_block_k(k), **_common(w.device),
+    )
+    return out, rscale
+
+
+# ---- the four passes (reference signatures) --------------------------------------------
+
+
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int):
+    k, d = w_e.shape
+    _check("encode_forward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
+    return _project_quantize(x, w_e, (w_e.stride(0), w_e.stride(1)), norm_weight, eps, codec, seed, k)
+
+
+def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
+    d, k = w_d.shape
+    _check("decode_forward", d, k, w_d.dtype, out_dtype)
+    _group_reshape(codec, k)
+    h, _ = _dequant_project(payload, codec, n, d, k, w_d, (w_d.stride(1), w_d.stride(0)), out_dtype, residual=residual)
+    return h
+
+
+def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int):
+    d, k = w_d.shape
+    _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
+    _group_reshape(codec, k)
+    grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k)
+    grad_w_d = _weight_grad(grad_h, payload, codec, None, k, transpose=True)
+    return grad_payload, grad_w_d.to(w_d.dtype)
+
+
+def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
+    n, d = x.shape
+    k = w_e.shape[0]
+    _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
+    _group_reshape(grad_codec, k)
+    grad_x, r = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
+                                 x=x, gamma=norm_weight, eps=eps)
+    m = _weight_grad(x, grad_payload, grad_codec, r, k, transpose=False)
+    if norm_weight is None:
+        return grad_x, m.to(w_e.dtype), None
+    gamma = norm_weight.to(torch.float32)
+    grad_gamma = (w_e.to(torch.float32) * m).sum(0)
+    return grad_x, (m * gamma).to(w_e.dtype), grad_gamma.to(norm_weight.dtype)

@@ -1,0 +1,138 @@
+"""Per-element codec helpers shared by every Triton kernel.
+
+Everything that decides a bit of the wire format lives here, written once:
+rounding to the scale / output dtype, the reciprocal of the scale, the
+stochastic-rounding hash, round-half-even, and the payload tile load/store.
+Rounding is done with integer bit operations instead of dtype casts because
+the interpreter's fp32->bf16 cast truncates; doing it by hand everywhere keeps
+GPU and CPU results identical to :mod:`resbm_kernels.backends.reference`.
+Kernels must be launched with ``enable_fp_fusion=False`` so that ``z * inv``
+followed by an add is never contracted into one FMA (which would round once
+instead of twice, unlike the reference).
+"""
+
+import triton
+import triton.language as tl
+
+# dtype kinds used as constexprs for rounding (scales and outputs)
+KIND_F32 = tl.constexpr(0)
+KIND_F16 = tl.constexpr(1)
+KIND_BF16 = tl.constexpr(2)
+
+
+@triton.jit
+def round_half_even(y):
+    """Round fp32 to the nearest integer, ties to even (valid for |y| < 2**22)."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def round_to_kind(x, KIND: tl.constexpr):
+    """fp32 -> the nearest (ties to even) value representable in the dtype of
+    ``KIND``, still as fp32 (so a later cast is exact). Overflow gives inf."""
+    if KIND == KIND_BF16:
+        b = x.to(tl.uint32, bitcast=True)
+        b = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    elif KIND == KIND_F16:
+        b = x.to(tl.uint32, bitcast=True)
+        sign = b & 0x80000000
+        a = tl.abs(x)
+        ab = a.to(tl.uint32, bitcast=True)
+        # normal fp16 range: keep 10 mantissa bits (round at bit 13)
+        normal = ((ab + (0xFFF + ((ab >> 13) & 1))) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        # subnormal fp16 range: multiples of 2**-24
+        sub = round_half_even(a * 16777216.0) * 5.9604644775390625e-08
+        r = tl.where(a < 6.103515625e-05, sub, normal)
+        r = tl.where(r > 65504.0, float("inf"), r)
+        return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    else:
+        return x
+
+
+@triton.jit
+def hash32(x):
+    """The 'lowbias32' integer hash (Wellons) on uint32 (wrapping multiply)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def stochastic_uniform(rows, cols, k, key):
+    """u in [0, 1) for elements (rows, cols): (hash32((row*k+col) ^ key) >> 8) * 2**-24."""
+    idx = rows.to(tl.uint32)[:, None] * k.to(tl.uint32) + cols.to(tl.uint32)[None, :]
+    h = hash32(idx ^ key.to(tl.uint32))
+    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+
+@triton.jit
+def store_payload(z, rows, n, k, n_groups, codes_ptr, scales_ptr, key,
+                  BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr, SCALE_KIND: tl.constexpr,
+                  STOCHASTIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Quantize + pack a (BLOCK_N, BLOCK_K) fp32 tile of z (rows ``rows``,
+    columns 0..k-1; padding columns must hold 0) straight into the payload
+    (``n_groups`` = k / group scales per row).
+
+    bits=16: ``codes_ptr`` points to bf16, values rounded to nearest even.
+    Otherwise one symmetric absmax scale per group: groups are formed by
+    reshaping the tile to (BLOCK_N, BLOCK_K // GROUP_RESHAPE, GROUP_RESHAPE),
+    where GROUP_RESHAPE is the group size (a power of two) or BLOCK_K when the
+    group is the whole row (zero padding does not change an absmax).
+    """
+    cols = tl.arange(0, BLOCK_K)
+    row_ok = rows < n
+    if BITS == 16:
+        mask = row_ok[:, None] & (cols < k)[None, :]
+        zb = round_to_kind(z, KIND_BF16).to(codes_ptr.dtype.element_ty)
+        tl.store(codes_ptr + rows[:, None].to(tl.int64) * k + cols[None, :], zb, mask=mask)
+    else:
+        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+        NG: tl.constexpr = BLOCK_K // GROUP_RESHAPE
+        zg = tl.reshape(z, (BLOCK_N, NG, GROUP_RESHAPE))
+        absmax = tl.max(tl.abs(zg), axis=2)
+        scale = round_to_kind(tl.math.div_rn(absmax, tl.full(absmax.shape, QMAX, tl.float32)), SCALE_KIND)
+        inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.where(scale > 0, scale, 1.0)), 0.0)
+        y = tl.reshape(zg * inv[:, :, None], (BLOCK_N, BLOCK_K))
+        # |y| <= qmax+1 changes no result and keeps the rounding trick valid
+        y = tl.minimum(tl.maximum(y, -QMAX - 1.0), QMAX + 1.0)
+        if STOCHASTIC:
+            q = tl.floor(y + stochastic_uniform(rows, cols, k, key))
+        else:
+            q = round_half_even(y)
+        q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0).to(tl.int32)
+
+        gcols = tl.arange(0, NG)
+        smask = row_ok[:, None] & (gcols < n_groups)[None, :]
+        tl.store(scales_ptr + rows[:, None].to(tl.int64) * n_groups + gcols[None, :],
+                 scale.to(scales_ptr.dtype.element_ty), mask=smask)
+
+        PER: tl.constexpr = 8 // BITS
+        fields = q & ((1 << BITS) - 1)
+        if PER > 1:
+            shifts = tl.arange(0, PER) * BITS
+            fields = tl.sum(tl.reshape(fields, (BLOCK_N, BLOCK_K // PER, PER)) << shifts[None, None, :], axis=2)
+        row_bytes = k // PER
+        bcols = tl.arange(0, BLOCK_K // PER)
+        bmask = row_ok[:, None] & (bcols < row_bytes)[None, :]
+        tl.store(codes_ptr + rows[:, None].to(tl.int64) * row_bytes + bcols[None, :],
+                 fields.to(tl.uint8), mask=bmask)
+
+
+@triton.jit
+def load_payload(codes_ptr, scales_ptr, rows, cols, n, k, group, BITS: tl.constexpr):
+    """Unpack + dequantize the payload values at rows (R, 1) x cols (1, C) into
+    an fp32 (R, C) tile, 0 outside rows < n, cols < k. Any group dividing k."""
+    mask = (rows < n) & (cols < k)
+    rows64 = rows.to(tl.int64)
+    if BITS == 16:
+        return tl.load(codes_ptr + rows64 * k + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        PER: tl.constexpr = 8 // BITS
+        byte = tl.load(codes_ptr + rows64 * (k // PER) + cols // PER, mask=mask, other=0)
+        field = (byte.to(tl.int32) >> ((cols % PER) * BITS)) & ((1 << BITS) - 1)
+        q = field - ((field >> (BITS - 1)) << BITS)
+        s = tl.load(scales_ptr + rows64 * (k // group) + cols // group, mask=mask, other=0.0)
+        return q.to(tl.float32) * s.to(tl.float32)

@@ -1,0 +1,93 @@
+"""Per-stage checkpoints, written atomically, resumed from the last step
+that every stage completed.
+
+Layout: ``<dir>/step-<N>/stage-<s>.pt``. A file is written to a temporary
+name, flushed to disk and renamed, so a stage killed mid-write leaves no
+partial file. Each stage keeps its newest ``keep`` checkpoints; on resume the
+stages agree (by all-reduce) on the newest step all of them have.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+_STEP = re.compile(r"step-(\d+)$")
+
+
+def _stage_file(directory, step: int, stage: int) -> pathlib.Path:
+    return pathlib.Path(directory) / f"step-{step:08d}" / f"stage-{stage}.pt"
+
+
+def _local_steps(directory, stage: int) -> list[int]:
+    root = pathlib.Path(directory)
+    if not root.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in root.iterdir() if (m := _STEP.match(p.name))]
+    return sorted(s for s in steps if _stage_file(directory, s, stage).is_file())
+
+
+def save(directory, pipeline_stage, optimizer, *, extra: dict | None = None, keep: int = 2) -> pathlib.Path:
+    """Write this stage's model, optimizer, step counter, RNG state and
+    ``extra`` (e.g. a data sampler's state) for the steps done so far."""
+    step, stage = pipeline_stage.steps_done, pipeline_stage.stage
+    path = _stage_file(directory, step, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "model": pipeline_stage.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "extra": extra or {},
+    }
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in _local_steps(directory, stage)[:-keep]:
+        _stage_file(directory, old, stage).unlink(missing_ok=True)
+        try:
+            _stage_file(directory, old, stage).parent.rmdir()
+        except OSError:
+            pass  # other stages' files are still there
+    return path
+
+
+def load_latest(directory, pipeline_stage, optimizer, group=None) -> dict | None:
+    """Restore the newest step that every stage of the group has; returns its
+    ``extra`` dict, or None (and changes nothing) when there is none."""
+    steps = _local_steps(directory, pipeline_stage.stage)
+    device = pipeline_stage.device
+    while True:
+        newest = torch.tensor([steps[-1] if steps else -1], device=device)
+        dist.all_reduce(newest, op=dist.ReduceOp.MIN, group=group)
+        candidate = int(newest.item())
+        if candidate < 0:
+            return None
+        have = torch.tensor([int(candidate in steps)], device=device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN, group=group)
+        if have.item():
+            break
+        steps = [s for s in steps if s < candidate]
+    state = torch.load(_stage_file(directory, candidate, pipeline_stage.stage), map_location=device,
+                       weights_only=True)
+    pipeline_stage.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    pipeline_stage.steps_done = state["step"]
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["extra"]
+
+
+def clear(directory) -> None:
+    """Remove a checkpoint directory (e.g. to start a study over)."""
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,131 @@
+"""Point-to-point messages between adjacent stages over ``torch.distributed``.
+
+Every message is posted asynchronously (``isend``/``irecv``) and waited on
+with a deadline, so a dead or stalled peer becomes a :class:`PipelineError`
+naming the stage, peer, direction and micro-batch instead of a hang. On CUDA
+the messages are issued from a dedicated communication stream ordered with
+the compute stream by events, so compute of the next micro-batch runs while
+this one is on the wire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+FORWARD, BACKWARD = "forward activations", "backward gradients"
+_TAGS = {FORWARD: 0, BACKWARD: 1}
+
+
+class PipelineError(RuntimeError):
+    """A pipeline peer failed, stalled or sent something invalid."""
+
+
+@dataclasses.dataclass
+class CommStats:
+    """Per-step communication accounting of one stage.
+
+    ``overlap`` is the fraction of the receives' time in flight that was
+    hidden behind compute: 1 - blocked / in_flight (1.0 when nothing was received).
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    blocked_s: float = 0.0
+    in_flight_s: float = 0.0
+
+    @property
+    def overlap(self) -> float:
+        return 1.0 - self.blocked_s / self.in_flight_s if self.in_flight_s > 0 else 1.0
+
+
+class _Pending:
+    def __init__(self, work, tensor, what: str, posted: float):
+        self.work, self.tensor, self.what, self.posted = work, tensor, what, posted
+
+
+class Peers:
+    """Messages to and from the previous and next stage of ``stage``."""
+
+    def __init__(self, stage: int, ranks: list[int], timeout_s: float, device: torch.device, group=None):
+        self.stage, self.ranks, self.timeout_s, self.group = stage, ranks, timeout_s, group
+        self.stats = CommStats()
+        self._sends: list[_Pending] = []
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _peer(self, direction: str, outgoing: bool) -> int:
+        toward_next = (direction == FORWARD) == outgoing
+        return self.stage + 1 if toward_next else self.stage - 1
+
+    def _describe(self, verb: str, direction: str, micro_batch: int, peer: int) -> str:
+        prep = "to" if verb == "send" else "from"
+        return (f"stage {self.stage}: {verb} of {direction} for micro-batch {micro_batch} "
+                f"{prep} stage {peer} (rank {self.ranks[peer]})")
+
+    def _issue(self, op, tensor: torch.Tensor, peer: int, direction: str):
+        if self._stream is None:
+            return op(tensor, self.ranks[peer], group=self.group, tag=_TAGS[direction])
+        self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(self._stream):
+            tensor.record_stream(self._stream)
+            return op(tensor, self.ranks[peer], group=self.group, tag=_TAGS[direction])
+
+    def send(self, tensor: torch.Tensor, direction: str, micro_batch: int) -> None:
+        """Post a send; it completes in the background (see :meth:`flush`)."""
+        peer = self._peer(direction, outgoing=True)
+        what = self._describe("send", direction, micro_batch, peer)
+        try:
+            work = self._issue(dist.isend, tensor, peer, direction)
+        except Exception as e:  # a broken connection can fail at post time
+            raise PipelineError(f"{what} failed: {e}") from e
+        self._sends.append(_Pending(work, tensor, what, time.perf_counter()))
+        self.stats.bytes_sent += tensor.numel() * tensor.element_size()
+
+    def recv(self, buffer: torch.Tensor, direction: str, micro_batch: int) -> _Pending:
+        """Post a receive into ``buffer``; :meth:`wait` it before use."""
+        peer = self._peer(direction, outgoing=False)
+        what = self._describe("receive", direction, micro_batch, peer)
+        try:
+            work = self._issue(dist.irecv, buffer, peer, direction)
+        except Exception as e:
+            raise PipelineError(f"{what} failed: {e}") from e
+        return _Pending(work, buffer, what, time.perf_counter())
+
+    def wait(self, pending: _Pending) -> torch.Tensor:
+        """Block until a receive lands (bounded by the timeout); returns its buffer."""
+        start = time.perf_counter()
+        self._complete(pending, start)
+        end = time.perf_counter()
+        self.stats.blocked_s += end - start
+        self.stats.in_flight_s += end - pending.posted
+        self.stats.bytes_received += pending.tensor.numel() * pending.tensor.element_size()
+        return pending.tensor
+
+    def flush(self) -> None:
+        """Wait for every posted send (end of step, before buffers are reused)."""
+        start = time.perf_counter()
+        for pending in self._sends:
+            self._complete(pending, start)
+        self._sends.clear()
+        self.stats.blocked_s += time.perf_counter() - start
+
+    def take_stats(self) -> CommStats:
+        stats, self.stats = self.stats, CommStats()
+        return stats
+
+    def _complete(self, pending: _Pending, start: float) -> None:
+        remaining = max(self.timeout_s - (time.perf_counter() - start), 1e-3)
+        try:
+            # wait(timeout) blocks the host up to the deadline on gloo and NCCL
+            # alike (polling is_completed() does not work for gloo p2p)
+            if pending.work.wait(timeout=datetime.timedelta(seconds=remaining)) is False:
+                raise TimeoutError("wait returned False")
+        except Exception as e:
+            timed_out = time.perf_counter() - start >= self.timeout_s * 0.99 or "imeout" in str(e)
+            reason = (f"timed out after {self.timeout_s:.1f} s (the peer died or stalled)" if timed_out
+                      else "failed (the peer died or broke the connection)")
+            raise PipelineError(f"{pending.what} {reason}: {e}") from e

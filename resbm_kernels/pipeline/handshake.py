@@ -1,0 +1,51 @@
+"""Start-up handshake: adjacent stages exchange a fixed-size int64
+descriptor of everything the wire depends on and refuse to train on a
+mismatch. Only integers cross; nothing received is unpickled or executed."""
+
+from __future__ import annotations
+
+import torch
+
+from ..codec import SCALE_DTYPES, WIRE_VERSION, Codec
+from .config import PipelineConfig
+
+MAGIC = 0x5245_5342_4D50_4950  # "RESBMPIP"
+MAX_DIMS = 4
+FIELDS = (
+    "magic", "wire_version", "num_stages", "d", "k",
+    "codec_bits", "codec_group", "codec_scale_dtype",
+    "grad_codec_bits", "grad_codec_group", "grad_codec_scale_dtype",
+    "micro_batches", "micro_batch_ndim",
+) + tuple(f"micro_batch_dim{i}" for i in range(MAX_DIMS))
+
+
+def _codec_fields(codec: Codec, k: int) -> list[int]:
+    return [codec.bits, codec.group(k) if codec.quantized else 0, SCALE_DTYPES[codec.scale_dtype] if codec.quantized else 0]
+
+
+def descriptor(config: PipelineConfig, num_stages: int, micro_batch_shape: tuple[int, ...]) -> torch.Tensor:
+    """This stage's descriptor as an int64 tensor of ``len(FIELDS)`` values."""
+    if not 1 <= len(micro_batch_shape) <= MAX_DIMS:
+        raise ValueError(f"micro_batch_shape {micro_batch_shape} must have 1..{MAX_DIMS} leading dims")
+    dims = list(micro_batch_shape) + [0] * (MAX_DIMS - len(micro_batch_shape))
+    values = (
+        [MAGIC, WIRE_VERSION, num_stages, config.d, config.k]
+        + _codec_fields(config.codec, config.k)
+        + _codec_fields(config.grad_codec, config.k)
+        + [config.micro_batches, len(micro_batch_shape)]
+        + dims
+    )
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def compare(mine: torch.Tensor, theirs: torch.Tensor, *, stage: int, peer: int) -> None:
+    """Raise ``ValueError`` naming the first field where the peer differs."""
+    if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+        raise ValueError(f"handshake: stage {stage} got a malformed descriptor from stage {peer}")
+    for name, a, b in zip(FIELDS, mine.tolist(), theirs.tolist()):
+        if a != b:
+            what = "is not a resbm pipeline peer (bad magic)" if name == "magic" else f"has {name}={b}"
+            raise ValueError(
+                f"handshake: stage {peer} {what}, but stage {stage} has {name}={a}; "
+                "all stages must be started with the same pipeline configuration"
+            )

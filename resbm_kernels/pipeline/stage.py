@@ -1,0 +1,245 @@
+"""One pipeline stage and the executor of its schedule.
+
+Stage s runs ``[decoder] -> module -> [encoder]``: the first stage has no
+decoder, the last no encoder (it applies ``loss_fn`` instead). Forward
+payloads go to stage s+1, activation-gradient payloads come back from it;
+both are packed with the configured codecs by the fused ops, so only
+compressed bytes cross the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .. import ops
+from ..codec import HEADER_BYTES, header_bytes
+from ..nn import ResBMDecoder, ResBMEncoder
+from . import handshake, schedule
+from .comm import BACKWARD, FORWARD, CommStats, Peers, PipelineError
+from .config import PipelineConfig
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What :meth:`PipelineStage.step` returns: the mean micro-batch loss on
+    the last stage (None elsewhere) and this stage's communication stats."""
+
+    loss: float | None
+    comm: CommStats
+
+
+class PipelineStage(nn.Module):
+    """Wraps a user's stage module with the ResBM boundary pieces and runs
+    one optimizer step's worth of micro-batches per :meth:`step`.
+
+    Args:
+        module: the stage's own layers. The first stage's module takes the
+            raw inputs (e.g. token ids); the others take (*micro_batch_shape, d)
+            activations. All but the last return (*micro_batch_shape, d).
+        config: the pipeline configuration (identical on every stage).
+        micro_batch_shape: leading dims of one micro-batch's activations,
+            e.g. (batch_per_micro_batch, seq_len).
+        loss_fn: last stage only: ``loss_fn(output, targets) -> scalar``.
+        group: process group (default: the world); stage s is the s-th rank
+            of the group.
+        device: where activations and parameters live (default: CPU for
+            gloo, the current CUDA device for NCCL).
+        dtype: activation dtype at the boundaries.
+
+    Construction performs the handshake with the neighbouring stages (a
+    collective step: construct every stage at the same time).
+    """
+
+    def __init__(self, module: nn.Module, config: PipelineConfig, *, micro_batch_shape: tuple[int, ...],
+                 loss_fn: Callable | None = None, group=None, device=None, dtype=torch.float32):
+        super().__init__()
+        if not dist.is_initialized():
+            raise RuntimeError("PipelineStage needs torch.distributed initialised (e.g. launch with torchrun)")
+        self.config = config
+        self.group = group
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        self.stage, self.num_stages = ranks.index(dist.get_rank()), len(ranks)
+        if self.num_stages < 2:
+            raise ValueError("a pipeline needs at least 2 stages (world size >= 2)")
+        self.is_first, self.is_last = self.stage == 0, self.stage == self.num_stages - 1
+        if self.is_last and loss_fn is None:
+            raise ValueError("the last stage needs a loss_fn")
+        self.loss_fn = loss_fn
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.dtype = dtype
+        self.micro_batch_shape = tuple(micro_batch_shape)
+        self.tokens = math.prod(self.micro_batch_shape)
+        d, k = config.d, config.k
+
+        self.module = module.to(self.device)
+        self.decoder = None if self.is_first else ResBMDecoder(d, k, device=self.device)
+        self.encoder = None if self.is_last else ResBMEncoder(d, k, norm=config.norm, eps=config.eps, device=self.device)
+        self.plan = schedule.build(config.schedule, self.num_stages, config.micro_batches)[self.stage]
+        self.peers = Peers(self.stage, ranks, config.timeout_s, self.device, group)
+        self.steps_done = 0
+
+        m = config.micro_batches
+        self._fwd_buffers = [] if self.is_first else [self._payload_buffer(config.codec) for _ in range(m)]
+        self._bwd_buffers = [] if self.is_last else [self._payload_buffer(config.grad_codec) for _ in range(m)]
+        self._expected_headers = {
+            FORWARD: self._header(config.codec), BACKWARD: self._header(config.grad_codec)}
+        self._header_checks: list = []
+        self._handshake()
+
+    # ---- set-up ---------------------------------------------------------------
+
+    def _payload_buffer(self, codec) -> torch.Tensor:
+        return torch.empty(codec.payload_bytes(self.tokens, self.config.k), dtype=torch.uint8, device=self.device)
+
+    def _header(self, codec) -> torch.Tensor:
+        raw = bytearray(header_bytes(codec, self.tokens, self.config.k))
+        return torch.frombuffer(raw, dtype=torch.uint8).to(self.device)
+
+    def _handshake(self) -> None:
+        mine = handshake.descriptor(self.config, self.num_stages, self.micro_batch_shape).to(self.device)
+        neighbours = [s for s in (self.stage - 1, self.stage + 1) if 0 <= s < self.num_stages]
+        theirs = {s: torch.empty_like(mine) for s in neighbours}
+        ranks = self.peers.ranks
+        ops_ = [dist.P2POp(dist.isend, mine, ranks[s], self.group) for s in neighbours]
+        ops_ += [dist.P2POp(dist.irecv, theirs[s], ranks[s], self.group) for s in neighbours]
+        for work in dist.batch_isend_irecv(ops_):
+            work.wait()
+        for s in neighbours:
+            handshake.compare(mine.cpu(), theirs[s].cpu(), stage=self.stage, peer=s)
+
+    # ---- one optimizer step --------------------------------------------------
+
+    def step(self, inputs=None, targets=None) -> StepResult:
+        """Run forward and backward of every micro-batch; gradients accumulate
+        into ``.grad`` (call your optimizer afterwards). The first stage needs
+        ``inputs``, the last ``targets``, each a tensor whose first dim splits
+        evenly into ``config.micro_batches``."""
+        m = self.config.micro_batches
+        in_chunks = self._split("inputs", inputs, self.is_first)
+        tgt_chunks = self._split("targets", targets, self.is_last)
+        fwd_pending = [self.peers.recv(b, FORWARD, i) for i, b in enumerate(self._fwd_buffers)]
+        bwd_pending = [self.peers.recv(b, BACKWARD, i) for i, b in enumerate(self._bwd_buffers)]
+        saved: dict[int, dict] = {}
+        losses = []
+        for action in self.plan:
+            i = action.micro_batch
+            if action.kind == "F":
+                saved[i] = self._forward(i, in_chunks[i] if self.is_first else None,
+                                         None if self.is_first else fwd_pending[i],
+                                         tgt_chunks[i] if self.is_last else None)
+                if self.is_last:
+                    losses.append(saved[i]["loss"].detach())
+            else:
+                self._backward(i, saved.pop(i), None if self.is_last else bwd_pending[i])
+        self.peers.flush()
+        self._check_headers()
+        self.steps_done += 1
+        loss = torch.stack(losses).sum().item() if self.is_last else None  # each is already / m
+        return StepResult(loss=loss, comm=self.peers.take_stats())
+
+    def _split(self, name, tensor, needed):
+        if not needed:
+            return None
+        if tensor is None:
+            raise ValueError(f"stage {self.stage}: step() needs {name}")
+        m = self.config.micro_batches
+        if tensor.shape[0] % m:
+            raise ValueError(f"stage {self.stage}: {name} batch {tensor.shape[0]} does not split into {m} micro-batches")
+        return tensor.to(self.device).chunk(m)
+
+    def _seed(self, micro_batch: int, backward: bool) -> int:
+        c = self.config
+        mixed = ((c.seed * 1_000_003 + self.stage) * 1_000_003 + self.steps_done) * 1_000_003 + micro_batch
+        return (mixed * 2 + int(backward)) % 2**62
+
+    def _received(self, pending, direction, micro_batch) -> torch.Tensor:
+        """Wait for a payload and check its header. On CUDA the check is
+        deferred to the end of the step (one sync per step instead of one per
+        message); a bad payload decodes to wrong numbers, never out of bounds."""
+        payload = self.peers.wait(pending)
+        bad = payload[:HEADER_BYTES] != self._expected_headers[direction]
+        self._header_checks.append((direction, micro_batch, payload, bad.any()))
+        if payload.device.type == "cpu":
+            self._check_headers()
+        return payload
+
+    def _check_headers(self) -> None:
+        checks, self._header_checks = self._header_checks, []
+        for direction, micro_batch, payload, bad in checks:
+            if bad.item():
+                expected = self._expected_headers[direction]
+                raise PipelineError(
+                    f"stage {self.stage}: {direction} payload for micro-batch {micro_batch} has an unexpected "
+                    f"header {payload[:HEADER_BYTES].tolist()} (expected {expected.tolist()}): corrupted or "
+                    "produced with another codec")
+
+    def _forward(self, i, inputs, pending, targets) -> dict:
+        c, state = self.config, {}
+        if self.is_first:
+            x = inputs
+        else:
+            payload = self._received(pending, FORWARD, i)
+            h = ops.decode(payload, self.decoder.weight.detach().to(self.dtype), c.codec, self.tokens,
+                           out_dtype=self.dtype)
+            x = h.view(*self.micro_batch_shape, c.d).requires_grad_()
+            state.update(payload=payload, h=x)
+        out = self.module(x)
+        if self.is_last:
+            state["loss"] = self.loss_fn(out, targets) / c.micro_batches
+            return state
+        if tuple(out.shape) != self.micro_batch_shape + (c.d,):
+            raise ValueError(f"stage {self.stage}: module returned shape {tuple(out.shape)}, "
+                             f"expected {self.micro_batch_shape + (c.d,)}")
+        x2d = out.reshape(self.tokens, c.d)
+        enc = self.encoder
+        gamma = None if enc.norm_weight is None else enc.norm_weight.detach().to(self.dtype)
+        payload = ops.encode(x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.codec,
+                             norm_weight=gamma, eps=c.eps, seed=self._seed(i, backward=False))
+        self.peers.send(payload, FORWARD, i)
+        state.update(x2d=x2d, gamma=gamma)
+        return state
+
+    def _backward(self, i, state, pending) -> None:
+        c = self.config
+        if self.is_last:
+            state["loss"].backward()
+        else:
+            grad_payload = self._received(pending, BACKWARD, i)
+            enc, x2d = self.encoder, state["x2d"]
+            grad_x, grad_w, grad_gamma = ops.encode_backward(
+                grad_payload, x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.grad_codec,
+                norm_weight=state["gamma"], eps=c.eps)
+            _accumulate(enc.weight, grad_w)
+            if grad_gamma is not None:
+                _accumulate(enc.norm_weight, grad_gamma)
+            if x2d.requires_grad:
+                x2d.backward(grad_x)
+        if not self.is_first:
+            h = state["h"]
+            grad_h = h.grad if h.grad is not None else torch.zeros_like(h)
+            grad_payload, grad_w_d = ops.decode_backward(
+                grad_h.reshape(self.tokens, c.d).contiguous(), state["payload"],
+                self.decoder.weight.detach().to(self.dtype), c.codec, c.grad_codec,
+                grad_seed=self._seed(i, backward=True))
+            _accumulate(self.decoder.weight, grad_w_d)
+            self.peers.send(grad_payload, BACKWARD, i)
+
+
+def _accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.add_(grad)
+
+
+def _default_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

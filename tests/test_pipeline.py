@@ -1,0 +1,242 @@
+"""The pipeline runtime: schedules, equivalence with the single-process
+boundary, handshake, faults and checkpoint/resume (gloo on CPU, spawned
+processes)."""
+
+import time
+
+import pytest
+import torch
+
+from helpers import tolerance
+from pipeline_harness import batch, loss_fn, spawn, stage_module
+from resbm_kernels import BF16, GRAD_INT8, INT4, INT8, Codec, ResBMBoundary
+from resbm_kernels.pipeline import PipelineConfig, PipelineStage, checkpoint, schedule
+
+D, K, SEQ, BATCH, MB = 32, 8, 16, 8, 4
+
+
+# ---- schedules as data ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages, micro", [(2, 4), (4, 4), (4, 7), (3, 1)])
+def test_schedules_are_complete_and_deadlock_free(name, stages, micro):
+    plan = schedule.build(name, stages, micro)
+    for actions in plan:
+        assert sorted(map(str, actions)) == sorted([f"F{m}" for m in range(micro)] + [f"B{m}" for m in range(micro)])
+        assert all(actions.index(schedule.Action("F", m)) < actions.index(schedule.Action("B", m)) for m in range(micro))
+    timeline = schedule.simulate(plan)
+    assert len(timeline) >= 2 * (micro + stages - 1)
+    assert schedule.grid(plan).splitlines()[0].startswith("step r0")
+
+
+def test_1f1b_bounds_micro_batches_in_flight():
+    for s, actions in enumerate(schedule.one_f_one_b(4, 8)):
+        live = peak = 0
+        for a in actions:
+            live += 1 if a.kind == "F" else -1
+            peak = max(peak, live)
+        assert peak == 4 - s
+
+
+def test_simulate_detects_deadlock():
+    bad = [[schedule.Action("F", 0), schedule.Action("B", 0)], [schedule.Action("B", 0), schedule.Action("F", 0)]]
+    with pytest.raises(RuntimeError, match="deadlocks"):
+        schedule.simulate(bad)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="k=5 must divide d=32"):
+        PipelineConfig(d=32, k=5)
+    with pytest.raises(ValueError, match="schedule='zb'"):
+        PipelineConfig(d=32, k=8, schedule="zb")
+    with pytest.raises(ValueError, match="group_size=32 does not divide k=8"):
+        PipelineConfig(d=32, k=8, codec=INT4)
+
+
+# ---- workers (run in spawned processes) ------------------------------------------
+
+def _make_stage(rank, world, config, seed=0):
+    torch.manual_seed(10_000 + rank)  # encoder/decoder init
+    return PipelineStage(stage_module(rank, world, D, seed), config, micro_batch_shape=(BATCH // MB, SEQ),
+                         loss_fn=loss_fn if rank == world - 1 else None)
+
+
+def _train_worker(rank, world, codec, grad_codec, schedules, steps):
+    """For each schedule: init weights, `steps` optimizer steps; returns the
+    initial state, losses, final grads and comm stats."""
+    out = {}
+    for name in schedules:
+        config = PipelineConfig(d=D, k=K, codec=codec, grad_codec=grad_codec, micro_batches=MB, schedule=name)
+        stage = _make_stage(rank, world, config)
+        init = {k: v.clone() for k, v in stage.state_dict().items()}
+        opt = torch.optim.SGD(stage.parameters(), lr=0.05)
+        losses, stats = [], []
+        for step in range(steps):
+            inputs, targets = batch(step, BATCH, SEQ)
+            opt.zero_grad()
+            result = stage.step(inputs if rank == 0 else None, targets if rank == world - 1 else None)
+            grads = {n: p.grad.clone() for n, p in stage.named_parameters()}
+            opt.step()
+            losses.append(result.loss)
+            stats.append(result.comm)
+        out[name] = dict(init=init, losses=losses, grads=grads, stats=stats)
+    return out
+
+
+def _single_process(inits, world, codec, grad_codec, steps):
+    """The same model in one process with ResBMBoundary at each cut."""
+    modules, boundaries = [], []
+    for s in range(world):
+        m = stage_module(s, world, D)
+        m.load_state_dict({k[len("module."):]: v for k, v in inits[s].items() if k.startswith("module.")})
+        modules.append(m)
+    for s in range(world - 1):
+        b = ResBMBoundary(D, K, codec=codec, grad_codec=grad_codec)
+        b.encoder.weight.data.copy_(inits[s]["encoder.weight"])
+        b.encoder.norm_weight.data.copy_(inits[s]["encoder.norm_weight"])
+        b.decoder.weight.data.copy_(inits[s + 1]["decoder.weight"])
+        boundaries.append(b)
+    params = [p for m in modules + boundaries for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=0.05)
+    losses = []
+    for step in range(steps):
+        inputs, targets = batch(step, BATCH, SEQ)
+        opt.zero_grad()
+        total = 0.0
+        for x, t in zip(inputs.chunk(MB), targets.chunk(MB)):
+            h = modules[0](x)
+            for s in range(1, world):
+                h = modules[s](boundaries[s - 1](h))
+            loss = loss_fn(h, t) / MB
+            loss.backward()
+            total += loss.item()
+        grads = [{f"module.{n}": p.grad.clone() for n, p in m.named_parameters()} for m in modules]
+        for s, b in enumerate(boundaries):
+            grads[s]["encoder.weight"] = b.encoder.weight.grad.clone()
+            grads[s]["encoder.norm_weight"] = b.encoder.norm_weight.grad.clone()
+            grads[s + 1]["decoder.weight"] = b.decoder.weight.grad.clone()
+        opt.step()
+        losses.append(total)
+    return losses, grads
+
+
+def _ok(results):
+    for r, res in enumerate(results):
+        assert "ok" in res, f"rank {r}: {res.get('error') or res}\n{res.get('trace', '')}"
+    return [res["ok"] for res in results]
+
+
+# ---- equivalence --------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bf16_pipeline_equals_single_process(world, tmp_path):
+    steps = 2
+    outs = _ok(spawn(_train_worker, world, BF16, BF16, ("gpipe", "1f1b"), steps, out_dir=str(tmp_path)))
+    for name in ("gpipe", "1f1b"):
+        inits = [o[name]["init"] for o in outs]
+        ref_losses, ref_grads = _single_process(inits, world, BF16, BF16, steps)
+        torch.testing.assert_close(outs[-1][name]["losses"], ref_losses, rtol=1e-5, atol=1e-6)
+        for s in range(world):
+            got = outs[s][name]["grads"]
+            assert set(got) == set(ref_grads[s])
+            for n in got:
+                torch.testing.assert_close(got[n], ref_grads[s][n], **tolerance(torch.float32, 64), msg=f"{name} stage {s} {n}")
+
+
+def test_quantized_pipeline_tracks_single_process(tmp_path):
+    steps, world = 6, 2
+    outs = _ok(spawn(_train_worker, world, INT8, GRAD_INT8, ("1f1b",), steps, out_dir=str(tmp_path)))
+    ref_losses, _ = _single_process([o["1f1b"]["init"] for o in outs], world, INT8, GRAD_INT8, steps)
+    losses = outs[-1]["1f1b"]["losses"]
+    assert losses[-1] < losses[0]
+    for a, b in zip(losses, ref_losses):
+        assert abs(a - b) < 0.02 * b
+
+
+def test_comm_stats_count_payload_bytes(tmp_path):
+    outs = _ok(spawn(_train_worker, 2, INT8, GRAD_INT8, ("1f1b",), 1, out_dir=str(tmp_path)))
+    tokens = (BATCH // MB) * SEQ
+    fwd, bwd = INT8.payload_bytes(tokens, K), GRAD_INT8.payload_bytes(tokens, K)
+    first, last = outs[0]["1f1b"]["stats"][0], outs[1]["1f1b"]["stats"][0]
+    assert (first.bytes_sent, first.bytes_received) == (MB * fwd, MB * bwd)
+    assert (last.bytes_sent, last.bytes_received) == (MB * bwd, MB * fwd)
+    assert 0.0 <= first.overlap <= 1.0 and first.blocked_s >= 0.0
+
+
+# ---- handshake ----------------------------------------------------------------------
+
+def _mismatch_worker(rank, world):
+    codec = INT8 if rank == 0 else Codec(bits=4, group_size=8)
+    return _make_stage(rank, world, PipelineConfig(d=D, k=K, codec=codec, micro_batches=MB)) and None
+
+
+def test_handshake_mismatch_fails_on_both_sides(tmp_path):
+    results = spawn(_mismatch_worker, 2, out_dir=str(tmp_path), timeout=60)
+    for res in results:
+        assert "error" in res, res
+        assert "codec_bits" in res["error"] and "same pipeline configuration" in res["error"]
+    assert "stage 1 has codec_bits=4, but stage 0 has codec_bits=8" in results[0]["error"]
+    assert "stage 0 has codec_bits=8, but stage 1 has codec_bits=4" in results[1]["error"]
+
+
+# ---- faults and checkpoint/resume ------------------------------------------------------
+
+def _resumable_worker(rank, world, ckpt_dir, steps, die_at, timeout_s):
+    """Train ``steps`` steps with a checkpoint after each; rank ``die_at[0]``
+    exits abruptly in the middle of step ``die_at[1]``."""
+    config = PipelineConfig(d=D, k=K, codec=INT8, grad_codec=GRAD_INT8, micro_batches=MB, timeout_s=timeout_s)
+    stage = _make_stage(rank, world, config)
+    opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
+    checkpoint.load_latest(ckpt_dir, stage, opt)
+    resumed_from = stage.steps_done
+    losses = {}
+    while stage.steps_done < steps:
+        step = stage.steps_done
+        if die_at is not None and (rank, step) == die_at:
+            original = stage.module.forward
+
+            def dying_forward(*a):  # die after the first micro-batch's forward
+                out = original(*a)
+                stage.module.forward = lambda *b: __import__("os")._exit(1)
+                return out
+
+            stage.module.forward = dying_forward
+        inputs, targets = batch(step, BATCH, SEQ)
+        opt.zero_grad()
+        started = time.perf_counter()
+        try:
+            result = stage.step(inputs if rank == 0 else None, targets if rank == world - 1 else None)
+        except Exception as e:
+            raise type(e)(f"{e} [after {time.perf_counter() - started:.1f} s]") from e
+        opt.step()
+        losses[step] = result.loss
+        checkpoint.save(ckpt_dir, stage, opt)
+    return dict(resumed_from=resumed_from, losses=losses, params=[p.detach().clone() for p in stage.parameters()])
+
+
+@pytest.mark.parametrize("world, victim", [(2, 1), (4, 2)])
+def test_killed_stage_errors_everywhere_then_resume_matches(world, victim, tmp_path):
+    steps, timeout_s = 4, 20.0
+    crashed = spawn(_resumable_worker, world, str(tmp_path / "ckpt"), steps, (victim, 2), timeout_s,
+                    out_dir=str(tmp_path / "crash"), timeout=120)
+    assert crashed[victim] == {"died": 1}
+    for r, res in enumerate(crashed):
+        if r == victim:
+            continue
+        assert "error" in res, f"rank {r} should have failed: {res}"
+        msg = res["error"]
+        assert msg.startswith("PipelineError") and f"stage {r}:" in msg and "micro-batch" in msg, msg
+        assert "forward activations" in msg or "backward gradients" in msg
+        assert float(msg.rsplit("[after ", 1)[1].split(" s]")[0]) < timeout_s + 5
+        if abs(r - victim) == 1:
+            assert f"stage {victim} (rank {victim})" in msg
+
+    resumed = _ok(spawn(_resumable_worker, world, str(tmp_path / "ckpt"), steps, None, timeout_s,
+                        out_dir=str(tmp_path / "resume")))
+    assert all(res["resumed_from"] == 2 for res in resumed)
+    clean = _ok(spawn(_resumable_worker, world, str(tmp_path / "ckpt-clean"), steps, None, timeout_s,
+                      out_dir=str(tmp_path / "clean")))
+    assert resumed[-1]["losses"][3] == pytest.approx(clean[-1]["losses"][3], rel=1e-6)
+    for a, b in zip(resumed, clean):
+        for p, q in zip(a["params"], b["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,339 @@
+"""The Triton backend against the reference, on the CPU under TRITON_INTERPRET=1.
+
+Every pass goes through the public ops with ``use_backend("triton")``. Inputs
+are fresh random values (never zeros). Two kinds of comparison:
+
+- exact inputs (small integers times powers of two: every product and sum is
+  exact in fp32 in any order), so z is identical and the payload must match
+  the reference byte for byte, stochastic rounding included;
+- random-normal inputs, compared after dequantization (codes may differ by at
+  most one step) or within tolerances derived from the output dtype.
+
+Fresh outputs are poisoned (NaN, 0xFF) before the kernels run, so unwritten
+elements show.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from resbm_kernels import ops  # noqa: E402
+from resbm_kernels.backends import reference as ref  # noqa: E402
+from resbm_kernels.backends import use_backend  # noqa: E402
+from resbm_kernels.codec import HEADER_BYTES, Codec, empty_payload, payload_views  # noqa: E402
+
+tb = pytest.importorskip("resbm_kernels.backends.triton")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CODECS = (
+    Codec(bits=16),
+    Codec(bits=8),
+    Codec(bits=8, group_size=16, scale_dtype=torch.float32),
+    Codec(bits=4, group_size=16, scale_dtype=torch.float16),
+    Codec(bits=4),
+    Codec(bits=2, group_size=16),
+    Codec(bits=8, rounding="stochastic"),
+    Codec(bits=2, group_size=16, rounding="stochastic", scale_dtype=torch.float16),
+)
+# (N, d, k): one block with a masked tail, several row blocks and two d tiles,
+# and a k that is not a power of two (padded BLOCK_K, masked groups and bytes)
+SHAPES = ((37, 128, 32), (150, 256, 16), (20, 96, 48))
+GRAD_CODEC = Codec(bits=8, rounding="stochastic")
+
+
+def _ids(v):
+    return v.spec if isinstance(v, Codec) else str(v).replace("torch.", "")
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Fresh kernel outputs start as NaN / 0xFF instead of whatever was in memory."""
+
+    def empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-1)
+
+    def new_payload(codec, n, k, device):
+        p = empty_payload(codec, n, k, device)
+        p[HEADER_BYTES : HEADER_BYTES + n * k * codec.bits // 8] = 0xFF
+        p[HEADER_BYTES + codec.code_bytes(n, k) :] = 0xFF
+        return p
+
+    monkeypatch.setattr(tb, "_empty", empty)
+    monkeypatch.setattr(tb, "_new_payload", new_payload)
+
+
+def exact(*shape, dtype, scale=0.25, gen):
+    """Random non-zero small integers times a power of two (exact in every dtype)."""
+    v = torch.randint(1, 8, shape, generator=gen) * (torch.randint(0, 2, shape, generator=gen) * 2 - 1)
+    return (v * scale).to(dtype)
+
+
+def normal(*shape, dtype, scale=1.0, gen):
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def tol(dtype):
+    """Relative tolerance of a result rounded to ``dtype`` once (a few ulps)."""
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def triton_call(fn, *args, **kwargs):
+    with use_backend("triton"):
+        return fn(*args, **kwargs)
+
+
+def assert_close_payload(p, q, codec, n, k):
+    """Same header; codes within one step and scales within a rounding step."""
+    assert torch.equal(p[:HEADER_BYTES], q[:HEADER_BYTES])
+    if not codec.quantized:
+        a = ref.read_payload(p, codec, n, k, torch.float32)
+        b = ref.read_payload(q, codec, n, k, torch.float32)
+        assert rel_err(a, b) < 1e-2
+        return
+    (ca, sa), (cb, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
+    qa, qb = ref.unpack(ca, codec.bits, k).int(), ref.unpack(cb, codec.bits, k).int()
+    assert (qa - qb).abs().max() <= 1
+    assert torch.isfinite(sa.float()).all()
+    torch.testing.assert_close(sa.float(), sb.float(), rtol=1e-2, atol=0)
+
+
+# ---- encode forward -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_encode_forward_bit_exact(shape, dtype, codec):
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(n * d + k)
+    x = exact(n, d, dtype=dtype, gen=gen)
+    w_e = exact(k, d, dtype=dtype, scale=1 / 16, gen=gen)
+    got = triton_call(ops.encode, x, w_e, codec, seed=1234)
+    want = ops.encode(x, w_e, codec, seed=1234)
+    assert torch.equal(got, want), f"{(got != want).sum().item()} of {got.numel()} payload bytes differ"
+
+
+@pytest.mark.parametrize("codec", CODECS[:4] + CODECS[6:7], ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("norm", (False, True), ids=("plain", "norm"))
+def test_encode_forward_random(norm, dtype, codec):
+    n, d, k = 150, 256, 32
+    gen = torch.Generator().manual_seed(7)
+    x = normal(n, d, dtype=dtype, gen=gen)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
+    gamma = normal(d, dtype=dtype, gen=gen).add_(1.0) if norm else None
+    got = triton_call(ops.encode, x, w_e, codec, norm_weight=gamma, seed=3)
+    want = ops.encode(x, w_e, codec, norm_weight=gamma, seed=3)
+    assert_close_payload(got, want, codec, n, k)
+
+
+def test_encode_forward_strided_rows():
+    """Row stride larger than d (a column slice of a wider tensor)."""
+    gen = torch.Generator().manual_seed(1)
+    x = exact(40, 160, dtype=torch.float32, gen=gen)[:, :128]
+    w_e = exact(32, 128, dtype=torch.float32, scale=1 / 16, gen=gen)
+    assert torch.equal(triton_call(ops.encode, x, w_e, Codec()), ops.encode(x, w_e, Codec()))
+
+
+def test_stochastic_seed_reproducible_and_distinct():
+    gen = torch.Generator().manual_seed(2)
+    x = exact(37, 128, dtype=torch.bfloat16, gen=gen)
+    w_e = exact(32, 128, dtype=torch.bfloat16, scale=1 / 16, gen=gen)
+    c = Codec(bits=4, group_size=16, rounding="stochastic")
+    a = triton_call(ops.encode, x, w_e, c, seed=2**40 + 5)
+    assert torch.equal(a, triton_call(ops.encode, x, w_e, c, seed=2**40 + 5))
+    assert torch.equal(a, ops.encode(x, w_e, c, seed=2**40 + 5))
+    assert not torch.equal(a, triton_call(ops.encode, x, w_e, c, seed=6))
+
+
+# ---- decode forward -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", CODECS[:6], ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_decode_forward(shape, dtype, codec):
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(n + d + k)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen)
+    for residual in (None, normal(n, d, dtype=dtype, gen=gen)):
+        got = triton_call(ops.decode, payload, w_d, codec, n, residual=residual, out_dtype=dtype)
+        want = ops.decode(payload, w_d, codec, n, residual=residual, out_dtype=dtype)
+        assert got.dtype == dtype and got.shape == (n, d)
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want) <= tol(dtype)
+
+
+def test_decode_forward_out_dtype_differs():
+    """fp32 weights, bf16 output (rounded to nearest even by hand)."""
+    gen = torch.Generator().manual_seed(3)
+    codec = Codec(bits=8)
+    payload = ref.write_payload(normal(37, 32, gen=gen, dtype=torch.float32), codec, 0)
+    w_d = normal(128, 32, dtype=torch.float32, gen=gen)
+    got = triton_call(ops.decode, payload, w_d, codec, 37, out_dtype=torch.bfloat16)
+    want = ops.decode(payload, w_d, codec, 37, out_dtype=torch.bfloat16)
+    assert rel_err(got, want) <= tol(torch.bfloat16)
+
+
+# ---- decode backward ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=4, group_size=16, rounding="stochastic"),
+                                        Codec(bits=8), Codec(bits=16)), ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=_ids)
+def test_decode_backward(shape, dtype, grad_codec):
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(11)
+    codec = Codec(bits=4, group_size=16)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    grad_h = exact(n, d, dtype=dtype, gen=gen)
+    w_d = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen)
+    gp, gw = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, grad_codec, grad_seed=99)
+    gp_ref, gw_ref = ops.decode_backward(grad_h, payload, w_d, codec, grad_codec, grad_seed=99)
+    assert torch.equal(gp, gp_ref), "gradient payload differs"
+    assert gw.dtype == dtype and rel_err(gw, gw_ref) <= tol(dtype)
+
+
+# ---- encode backward ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=2, group_size=16), Codec(bits=16)), ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("norm", (False, True), ids=("plain", "norm"))
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_encode_backward(shape, norm, dtype, grad_codec):
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(5)
+    grad_payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), grad_codec, 4)
+    x = normal(n, d, dtype=dtype, gen=gen)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0) if norm else None
+    got = triton_call(ops.encode_backward, grad_payload, x, w_e, grad_codec, norm_weight=gamma, eps=1e-5)
+    want = ops.encode_backward(grad_payload, x, w_e, grad_codec, norm_weight=gamma, eps=1e-5)
+    names = ("grad_x", "grad_w_e", "grad_gamma")
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape
+        # the norm's backward subtracts nearly equal terms: allow 4 output ulps
+        assert rel_err(a, b) <= tol(dtype) * (4 if norm else 1), name
+
+
+# ---- the differentiable boundary --------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("norm", (False, True), ids=("plain", "norm"))
+def test_boundary_gradients(norm, dtype):
+    n, d, k = 37, 128, 32
+    gen = torch.Generator().manual_seed(21)
+    leaves = dict(
+        x=exact(n, d, dtype=dtype, gen=gen),
+        w_e=exact(k, d, dtype=dtype, scale=1 / 16, gen=gen),
+        w_d=normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen),
+        residual=normal(n, d, dtype=dtype, gen=gen),
+    )
+    if norm:
+        leaves["norm_weight"] = normal(d, dtype=dtype, scale=0.1, gen=gen).add_(1.0)
+    upstream = exact(n, d, dtype=dtype, gen=gen)
+
+    def run(backend):
+        ts = {name: t.clone().requires_grad_() for name, t in leaves.items()}
+        with use_backend(backend):
+            h, payload = ops.boundary(ts["x"], ts["w_e"], ts["w_d"], Codec(bits=8), GRAD_CODEC,
+                                      norm_weight=ts.get("norm_weight"), residual=ts["residual"], seed=1, grad_seed=2)
+            (h.float() * upstream.float()).sum().backward()
+        return h.detach(), payload, {name: t.grad for name, t in ts.items()}
+
+    h, payload, grads = run("triton")
+    h_ref, payload_ref, grads_ref = run("reference")
+    if norm:
+        assert_close_payload(payload, payload_ref, Codec(bits=8), n, k)
+    else:
+        assert torch.equal(payload, payload_ref)
+        assert rel_err(h, h_ref) <= tol(dtype)
+    for name, g in grads.items():
+        assert g is not None and g.dtype == dtype, name
+        limit = tol(dtype) if not norm else max(4 * tol(dtype), 5e-2)  # codes may differ by a step
+        assert rel_err(g, grads_ref[name]) <= limit, name
+
+
+def test_torch_compile_matches_eager():
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(8)
+
+    class Boundary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w_e = torch.nn.Parameter(normal(32, 128, dtype=torch.float32, scale=0.1, gen=gen))
+            self.w_d = torch.nn.Parameter(normal(128, 32, dtype=torch.float32, scale=0.1, gen=gen))
+            self.gamma = torch.nn.Parameter(normal(128, dtype=torch.float32, scale=0.1, gen=gen).add_(1.0))
+
+        def forward(self, x):
+            h, _ = ops.boundary(x, self.w_e, self.w_d, Codec(bits=8), GRAD_CODEC, norm_weight=self.gamma)
+            return torch.tanh(h).sum()
+
+    model = Boundary()
+    x = normal(37, 128, dtype=torch.float32, gen=gen)
+    compiled = torch.compile(model, fullgraph=True)
+    with use_backend("triton"):
+        loss = model(x)
+        loss.backward()
+        eager_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        loss_c = compiled(x)
+        loss_c.backward()
+    torch.testing.assert_close(loss_c, loss)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g)
+
+
+# ---- support and errors ---------------------------------------------------------------
+
+
+def test_supports(monkeypatch):
+    assert tb.supports("cuda") and tb.supports(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not tb.supports("cpu")
+    assert not tb.supports("meta")
+
+
+def test_k_not_multiple_of_16():
+    x, w_e = torch.randn(8, 96), torch.randn(24, 96)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        triton_call(ops.encode, x, w_e, Codec())
+    with pytest.raises(ValueError, match="multiples of 16"):
+        triton_call(ops.decode, ref.write_payload(torch.randn(8, 24), Codec(), 0), torch.randn(96, 24), Codec(), 8)
+
+
+def test_float64_rejected():
+    x, w_e = torch.randn(8, 64, dtype=torch.float64), torch.randn(16, 64, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        triton_call(ops.encode, x, w_e, Codec())
+
+
+def test_group_not_power_of_two():
+    x, w_e = torch.randn(8, 96), torch.randn(48, 96)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_call(ops.encode, x, w_e, Codec(bits=8, group_size=24))
+
+
+def test_zero_rows():
+    w_e, codec = torch.randn(16, 64), Codec()
+    p = triton_call(ops.encode, torch.randn(0, 64), w_e, codec)
+    assert torch.equal(p, ops.encode(torch.randn(0, 64), w_e, codec))
+    assert triton_call(ops.decode, p, torch.randn(64, 16), codec, 0).shape == (0, 64)

@@ -1,0 +1,162 @@
+"""Static GPU check of the Triton kernels, without a GPU.
+
+Every kernel is compiled ahead of time for sm_90 and sm_80 (each GPU autotune
+config that survives pruning for the case's k) and the cubin is inspected with
+Triton's bundled ``cuobjdump -res-usage`` and ``nvdisasm``: the GEMMs must run on
+tensor cores (HGMMA / wgmma on sm_90, HMMA on sm_80) and nothing may spill.
+The table (visible with ``pytest -s``) is also written to
+``$RESBM_STATIC_REPORT`` or ``<tmp>/triton_static.txt``.
+
+The compilation runs in a subprocess with TRITON_INTERPRET unset, because
+the rest of the suite sets it in this process.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+pytest.importorskip("triton")
+
+ARCHS = (90, 80)
+
+# pointer dtypes by role: A = activations, S = scales, F = fp32, U = codes (u8)
+# "ones": integer args equal to 1 at run time (Triton specialises them to constants)
+# "div16": integer args the launcher guarantees divisible by 16 (specialised too)
+CASES = [
+    dict(kernel="project_quantize", what="encode fwd bf16 int8/row norm k=128",
+         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="U", scales_ptr="S"),
+         ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"], k=128,
+         constexprs=dict(HAS_NORM=True, BITS=8, GROUP_RESHAPE=128, SCALE_KIND=2, STOCHASTIC=False)),
+    dict(kernel="project_quantize", what="decode bwd fp16 int4/g32 stochastic k=64",
+         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="U", scales_ptr="S"), act="fp16",
+         ones=["stride_wk"], div16=["d", "k", "stride_a", "stride_wd"], k=64,
+         constexprs=dict(HAS_NORM=False, BITS=4, GROUP_RESHAPE=32, SCALE_KIND=2, STOCHASTIC=True)),
+    dict(kernel="project_quantize", what="encode fwd bf16 passthrough k=32",
+         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="B", scales_ptr="B"),
+         ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"], k=32,
+         constexprs=dict(HAS_NORM=False, BITS=16, GROUP_RESHAPE=32, SCALE_KIND=2, STOCHASTIC=False)),
+    dict(kernel="dequant_project", what="decode fwd bf16 int8/row +residual k=128",
+         ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A", out_ptr="A",
+                   rscale_ptr="F"),
+         ones=["stride_wk"], div16=["d", "k", "stride_wd", "stride_x", "stride_res", "stride_out"], k=128,
+         constexprs=dict(BITS=8, HAS_NORM=False, HAS_RES=True, OUT_KIND=2)),
+    dict(kernel="dequant_project", what="encode bwd bf16 int8/row norm k=128",
+         ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A", out_ptr="A",
+                   rscale_ptr="F"),
+         ones=["stride_wd"], div16=["d", "k", "stride_wk", "stride_x", "stride_res", "stride_out"], k=128,
+         constexprs=dict(BITS=8, HAS_NORM=True, HAS_RES=False, OUT_KIND=2)),
+    dict(kernel="weight_grad", what="grad W_e bf16 int8/row rscale k=128",
+         ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"),
+         ones=["stride_od"], div16=["d", "k", "stride_a", "stride_os", "stride_ok"], k=128,
+         constexprs=dict(BITS=8, HAS_RSCALE=True)),
+]
+
+
+def _worker():
+    """Compile every case for every arch and config; print one JSON row each."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from resbm_kernels.backends.triton import configs
+    from resbm_kernels.backends.triton.dequant_project import dequant_project_kernel
+    from resbm_kernels.backends.triton.project_quantize import project_quantize_kernel
+    from resbm_kernels.backends.triton.weight_grad import weight_grad_kernel
+
+    kernels = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
+                   weight_grad=weight_grad_kernel)
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for case in CASES:
+        autotuner = kernels[case["kernel"]]
+        fn = autotuner.fn
+        act = "*" + case.get("act", "bf16")
+        types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16")
+        wgrad = case["kernel"] == "weight_grad"
+        block_k = case["k"]
+        for cfg in autotuner.configs:
+            if configs.acc_regs(cfg, block_k, wgrad) > configs.MAX_ACC_REGS:
+                continue
+            constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
+            constexprs.update({name: 1 for name in case["ones"]})
+            signature = {}
+            for name in fn.arg_names:
+                if name in constexprs:
+                    signature[name] = "constexpr"
+                elif name in case["ptrs"]:
+                    signature[name] = types[case["ptrs"][name]]
+                else:
+                    signature[name] = "fp32" if name == "eps" else "i32"
+            aligned = list(case["ptrs"]) + case["div16"]
+            attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+            for arch in ARCHS:
+                compiled = triton.compile(
+                    ASTSource(fn, signature, constexprs, attrs),
+                    target=GPUTarget("cuda", arch, 32),
+                    options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
+                )
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(compiled.asm["cubin"])
+                    f.flush()
+                    usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                                           capture_output=True, text=True, check=True).stdout
+                    sass = subprocess.run([os.path.join(bindir, "nvdisasm"), f.name],
+                                          capture_output=True, text=True, check=True).stdout
+                regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+                print(json.dumps(dict(
+                    kernel=case["kernel"], what=case["what"], arch=arch,
+                    config=f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
+                           f"w{cfg.num_warps} s{cfg.num_stages}",
+                    regs=regs, stack=stack, smem=compiled.metadata.shared,
+                    spill_ops=len(re.findall(r"\b(?:STL|LDL)\b", sass)),
+                    hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)),
+                )), flush=True)
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    header = f"{'kernel':17} {'case':42} {'sm':>3} {'config':22} {'regs':>4} {'stack':>5} {'smem':>6} " \
+             f"{'spill':>5} {'HGMMA':>5} {'HMMA':>5}"
+    lines = [header] + [
+        f"{r['kernel']:17} {r['what']:42} {r['arch']:>3} {r['config']:22} {r['regs']:>4} {r['stack']:>5} "
+        f"{r['smem']:>6} {r['spill_ops']:>5} {r['hgmma']:>5} {r['hmma']:>5}" for r in rows
+    ]
+    table = "\n".join(lines)
+    path = os.environ.get("RESBM_STATIC_REPORT") or os.path.join(tempfile.gettempdir(), "triton_static.txt")
+    with open(path, "w") as f:
+        f.write(table + "\n")
+    print(f"\n{table}\n(written to {path})")
+    return rows
+
+
+def test_every_case_compiled(report):
+    compiled = {(r["what"], r["arch"]) for r in report}
+    assert compiled == {(c["what"], a) for c in CASES for a in ARCHS}
+
+
+def test_tensor_cores(report):
+    for r in report:
+        if r["arch"] == 90:
+            assert r["hgmma"] > 0, f"no HGMMA (wgmma) in {r}"
+        else:
+            assert r["hmma"] > 0, f"no HMMA in {r}"
+
+
+def test_no_spills(report):
+    for r in report:
+        assert r["stack"] == 0 and r["spill_ops"] == 0, f"spills in {r}"
+
+
+if __name__ == "__main__":
+    _worker()
