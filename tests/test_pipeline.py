@@ -240,3 +240,24 @@ def test_killed_stage_errors_everywhere_then_resume_matches(world, victim, tmp_p
     for a, b in zip(resumed, clean):
         for p, q in zip(a["params"], b["params"]):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---- the example, as users launch it ---------------------------------------------------
+
+def test_train_gpt_example_under_torchrun(tmp_path):
+    """examples/train_gpt.py trains over 2 stages with torchrun, checkpoints,
+    and resumes from the checkpoint when started again."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "train_gpt.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           "--width", "64", "--layers", "2", "--heads", "2", "--seq", "32", "--batch", "8",
+           "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "2"]
+    first = subprocess.run(cmd + ["--steps", "4"], capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 stages on cpu, 4 steps" in first.stdout and "compression ratio" in first.stdout
+    again = subprocess.run(cmd + ["--steps", "6"], capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 stages on cpu, 2 steps" in again.stdout  # resumed at step 4

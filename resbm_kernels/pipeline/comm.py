@@ -2,7 +2,13 @@
 
 Every message is posted asynchronously (``isend``/``irecv``) and waited on
 with a deadline, so a dead or stalled peer becomes a :class:`PipelineError`
-naming the stage, peer, direction and micro-batch instead of a hang. On CUDA
+naming the stage, peer, direction and micro-batch instead of a hang.
+
+Forward and backward messages travel in two separate process groups. NCCL
+runs the point-to-point operations of one communicator in order on one
+stream, so a receive posted early for the backward direction would otherwise
+block the forward sends queued behind it; with one group per direction each
+group carries traffic one way only and receives can be posted ahead. On CUDA
 the messages are issued from a dedicated communication stream ordered with
 the compute stream by events, so compute of the next micro-batch runs while
 this one is on the wire.
@@ -51,8 +57,10 @@ class _Pending:
 class Peers:
     """Messages to and from the previous and next stage of ``stage``."""
 
-    def __init__(self, stage: int, ranks: list[int], timeout_s: float, device: torch.device, group=None):
-        self.stage, self.ranks, self.timeout_s, self.group = stage, ranks, timeout_s, group
+    def __init__(self, stage: int, ranks: list[int], timeout_s: float, device: torch.device):
+        self.stage, self.ranks, self.timeout_s = stage, ranks, timeout_s
+        # collective: every rank of the pipeline creates both groups, in this order
+        self.groups = {FORWARD: dist.new_group(ranks), BACKWARD: dist.new_group(ranks)}
         self.stats = CommStats()
         self._sends: list[_Pending] = []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -67,12 +75,13 @@ class Peers:
                 f"{prep} stage {peer} (rank {self.ranks[peer]})")
 
     def _issue(self, op, tensor: torch.Tensor, peer: int, direction: str):
+        group = self.groups[direction]
         if self._stream is None:
-            return op(tensor, self.ranks[peer], group=self.group, tag=_TAGS[direction])
+            return op(tensor, self.ranks[peer], group=group, tag=_TAGS[direction])
         self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(self._stream):
             tensor.record_stream(self._stream)
-            return op(tensor, self.ranks[peer], group=self.group, tag=_TAGS[direction])
+            return op(tensor, self.ranks[peer], group=group, tag=_TAGS[direction])
 
     def send(self, tensor: torch.Tensor, direction: str, micro_batch: int) -> None:
         """Post a send; it completes in the background (see :meth:`flush`)."""

@@ -81,7 +81,7 @@ class PipelineStage(nn.Module):
         self.decoder = None if self.is_first else ResBMDecoder(d, k, device=self.device)
         self.encoder = None if self.is_last else ResBMEncoder(d, k, norm=config.norm, eps=config.eps, device=self.device)
         self.plan = schedule.build(config.schedule, self.num_stages, config.micro_batches)[self.stage]
-        self.peers = Peers(self.stage, ranks, config.timeout_s, self.device, group)
+        self.peers = Peers(self.stage, ranks, config.timeout_s, self.device)
         self.steps_done = 0
 
         m = config.micro_batches
