@@ -1,0 +1,85 @@
+"""The nn modules: encoder, decoder, single-process boundary."""
+
+import pytest
+import torch
+
+from helpers import randn
+from resbm_kernels import BF16, GRAD_INT8, INT4, INT8, Codec, ResBMBoundary, ResBMDecoder, ResBMEncoder, ops
+
+D, K = 64, 16
+
+
+@pytest.mark.parametrize("mlp_hidden", [None, 32])
+@pytest.mark.parametrize("norm", [True, False])
+def test_boundary_matches_explicit_encode_decode(mlp_hidden, norm):
+    """Forward equals encoder.project -> quantize/dequantize -> decoder.project."""
+    torch.manual_seed(0)
+    b = ResBMBoundary(D, K, codec=INT8, grad_codec=GRAD_INT8, mlp_hidden=mlp_hidden, norm=norm)
+    x = randn(3, 5, D, seed=1)
+    h = b(x)
+    z = b.encoder.project(x.reshape(-1, D))
+    q, s = ops.quantize(z.detach(), INT8)
+    expected = b.decoder.project(ops.dequantize(q, s, INT8)).reshape(3, 5, D)
+    torch.testing.assert_close(h, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mlp_hidden", [None, 32])
+def test_gradients_reach_every_parameter(mlp_hidden):
+    b = ResBMBoundary(D, K, codec=Codec(bits=4, group_size=8), grad_codec=GRAD_INT8, mlp_hidden=mlp_hidden)
+    x = randn(4, D, seed=2).requires_grad_()
+    b(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in b.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_identity_path_of_the_mlp_variant():
+    """With the MLPs' output layers zeroed, the boundary passes x[:, :k]
+    (up to the bf16 wire) and zeros elsewhere."""
+    b = ResBMBoundary(D, K, codec=BF16, grad_codec=BF16, mlp_hidden=32)
+    torch.nn.init.zeros_(b.encoder.mlp.down.weight)
+    torch.nn.init.zeros_(b.decoder.mlp.down.weight)
+    x = randn(6, D, seed=3)
+    h = b(x)
+    assert torch.equal(h[:, K:], torch.zeros(6, D - K))
+    assert torch.equal(h[:, :K], x[:, :K].bfloat16().float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_activations_with_fp32_parameters(dtype):
+    b = ResBMBoundary(D, K, codec=INT8)
+    x = randn(8, D, seed=4, dtype=dtype).requires_grad_()
+    h = b(x)
+    assert h.dtype == dtype
+    h.float().sum().backward()
+    assert x.grad.dtype == dtype and b.encoder.weight.grad.dtype == torch.float32
+    ref = b(x.detach().float())
+    torch.testing.assert_close(h.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_stochastic_rounding_draws_new_seeds_reproducibly():
+    codec = Codec(bits=4, group_size=16, rounding="stochastic")
+    torch.manual_seed(0)
+    a = ResBMBoundary(D, K, codec=codec, seed=5)
+    torch.manual_seed(0)
+    b = ResBMBoundary(D, K, codec=codec, seed=5)
+    x = randn(16, D, seed=6)
+    first, second = a(x), a(x)
+    assert not torch.equal(first, second)  # a fresh seed each call
+    assert torch.equal(first, b(x)) and torch.equal(second, b(x))
+
+
+def test_wire_accounting():
+    b = ResBMBoundary(4096, 32, codec=INT8)
+    assert b.wire_bytes(1024) == INT8.payload_bytes(1024, 32) == 16 + 1024 * (32 + 2)
+    assert b.compression_ratio(1024) == pytest.approx(2 * 4096 * 1024 / b.wire_bytes(1024))
+    assert "int8/row/bf16/nearest" in repr(b)
+
+
+def test_module_construction_errors():
+    with pytest.raises(ValueError, match="k=24 must divide d=64"):
+        ResBMEncoder(64, 24)
+    with pytest.raises(ValueError, match="k=0 must divide d=64"):
+        ResBMDecoder(64, 0)
+    with pytest.raises(ValueError, match="group_size=32 does not divide k=16"):
+        ResBMBoundary(64, 16, codec=INT4)
