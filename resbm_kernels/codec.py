@@ -247,6 +247,12 @@ def check_header(raw: bytes, codec: Codec, n: int | None, k: int) -> int:
 def empty_payload(codec: Codec, n: int, k: int, device) -> torch.Tensor:
     """A uint8 payload buffer with its header written and the padding zeroed."""
     payload = torch.empty(codec.payload_bytes(n, k), dtype=torch.uint8, device=device)
+    return write_header(payload, codec, n, k)
+
+
+def write_header(payload: torch.Tensor, codec: Codec, n: int, k: int) -> torch.Tensor:
+    """Write the header and zero the codes padding of an existing payload
+    buffer of the right size (e.g. a reused send buffer); returns it."""
     header = torch.frombuffer(bytearray(header_bytes(codec, n, k)), dtype=torch.uint8)
     payload[:HEADER_BYTES].copy_(header)
     raw = n * k * codec.bits // 8

@@ -47,6 +47,27 @@ def _declare(lib: ctypes.CDLL, which: str) -> None:
     dequantize = getattr(lib, f"resbm_{which}_unpack_dequantize")
     dequantize.restype = i32
     dequantize.argtypes = [p, p, i64, i64, i32, i32, i32, i32, p] + stream
+    if which == "cuda":  # the four fused passes and the weight-gradient reduction (passes.cu)
+        f32 = ctypes.c_float
+        for name, args in _CUDA_PASSES.items():
+            fn = getattr(lib, name)
+            fn.restype = i32
+            fn.argtypes = [{"p": p, "i": i32, "l": i64, "u": u32, "f": f32}[c] for c in args]
+
+
+# argument kinds of the CUDA pass entry points (p pointer, i int, l int64, u uint32, f float)
+_CUDA_PASSES = {
+    # x, dtype, n, d, k, w_e, norm_weight, eps, bits, group, scale_dtype, stochastic, key, codes, scales, stream
+    "resbm_cuda_encode_forward": "pilllppfiiiiuppp",
+    # codes, scales, n, d, k, bits, group, scale_dtype, w_d, w_dtype, residual, out, out_dtype, stream
+    "resbm_cuda_decode_forward": "ppllliiipippip",
+    # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, stream
+    "resbm_cuda_decode_backward": "pilllpiiiiuppp",
+    # codes, scales, n, d, k, bits, group, scale_dtype, x, dtype, w_e, norm_weight, eps, grad_x, rscale, stream
+    "resbm_cuda_encode_backward": "ppllliiipippfppp",
+    # a, dtype, n, d, k, codes, scales, bits, group, scale_dtype, rscale, splits, transpose, partial, stream
+    "resbm_cuda_weight_grad": "pilllppiiipiipp",
+}
 
 
 def _load(which: str) -> ctypes.CDLL | None:

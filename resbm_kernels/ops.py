@@ -145,6 +145,45 @@ def _(grad_payload, x, w_e, norm_weight, eps, grad_codec):
     return torch.empty_like(x), torch.empty_like(w_e), gamma
 
 
+# ---- the same passes writing into caller-owned payload buffers ---------------------------
+# (a pipeline reuses its send buffers every step instead of allocating new ones)
+
+
+@torch.library.custom_op("resbm::encode_forward_out", mutates_args=("out",))
+def _encode_forward_out(
+    out: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int
+) -> None:
+    c = Codec.parse(codec)
+    checks.encoder_inputs(x, w_e, norm_weight, c)
+    checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
+    select(x.device).encode_forward(x, w_e, norm_weight, eps, c, seed, out=out)
+
+
+@_encode_forward_out.register_fake
+def _(out, x, w_e, norm_weight, eps, codec, seed):
+    c = Codec.parse(codec)
+    checks.encoder_inputs(x, w_e, norm_weight, c)
+    checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
+
+
+@torch.library.custom_op("resbm::decode_backward_out", mutates_args=("out",))
+def _decode_backward_out(
+    out: Tensor, grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int
+) -> Tensor:
+    c, gc = Codec.parse(codec), Codec.parse(grad_codec)
+    _check_decode_backward(grad_h, payload, w_d, c, gc)
+    checks.payload(out, gc, grad_h.shape[0], w_d.shape[1], w_d.device, read_header=False)
+    return select(w_d.device).decode_backward(grad_h, payload, w_d, c, gc, grad_seed, out=out)[1]
+
+
+@_decode_backward_out.register_fake
+def _(out, grad_h, payload, w_d, codec, grad_codec, grad_seed):
+    c, gc = Codec.parse(codec), Codec.parse(grad_codec)
+    _check_decode_backward(grad_h, payload, w_d, c, gc)
+    checks.payload(out, gc, grad_h.shape[0], w_d.shape[1], w_d.device, read_header=False)
+    return torch.empty_like(w_d)
+
+
 # ---- differentiable ops ------------------------------------------------------------
 
 
@@ -363,9 +402,15 @@ def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
 
 
 def encode(x: Tensor, w_e: Tensor, codec: Codec, *, norm_weight: Optional[Tensor] = None,
-           eps: float = 1e-6, seed: int = 0) -> Tensor:
-    """Encode forward: x (N, d) -> payload of z = RMSNorm(x) W_e^T + x[:, :k]."""
-    return _encode_forward(x, w_e, norm_weight, eps, Codec.parse(codec).spec, seed)
+           eps: float = 1e-6, seed: int = 0, out: Optional[Tensor] = None) -> Tensor:
+    """Encode forward: x (N, d) -> payload of z = RMSNorm(x) W_e^T + x[:, :k].
+
+    ``out``: a uint8 buffer of ``codec.payload_bytes(N, k)`` bytes to write
+    into (and return) instead of allocating a new payload."""
+    if out is None:
+        return _encode_forward(x, w_e, norm_weight, eps, Codec.parse(codec).spec, seed)
+    _encode_forward_out(out, x, w_e, norm_weight, eps, Codec.parse(codec).spec, seed)
+    return out
 
 
 def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Optional[Tensor] = None,
@@ -376,9 +421,13 @@ def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Opti
 
 
 def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec, grad_codec: Codec,
-                    grad_seed: int = 0) -> tuple[Tensor, Tensor]:
-    """grad_h (N, d) -> (gradient payload of dL/dzhat, grad of w_d)."""
-    return _decode_backward(grad_h, payload, w_d, Codec.parse(codec).spec, Codec.parse(grad_codec).spec, grad_seed)
+                    grad_seed: int = 0, *, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """grad_h (N, d) -> (gradient payload of dL/dzhat, grad of w_d); ``out``
+    as in :func:`encode`, for the gradient payload."""
+    specs = Codec.parse(codec).spec, Codec.parse(grad_codec).spec
+    if out is None:
+        return _decode_backward(grad_h, payload, w_d, *specs, grad_seed)
+    return out, _decode_backward_out(out, grad_h, payload, w_d, *specs, grad_seed)
 
 
 def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Codec, *,

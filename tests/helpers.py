@@ -70,3 +70,23 @@ def np_quantize(z: np.ndarray, codec: Codec, seed: int = 0):
     else:
         q = np.rint(y)
     return np.clip(q, -codec.qmax, codec.qmax).astype(np.int8), scale
+
+
+def poison_fast_outputs(monkeypatch) -> None:
+    """Make the compiled backends' fresh outputs start as NaN / 0xFF instead of
+    whatever was in memory, so elements a kernel never writes show up."""
+    from resbm_kernels.backends import fast
+    from resbm_kernels.codec import HEADER_BYTES, empty_payload, write_header
+
+    def empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-1)
+
+    def new_payload(codec, n, k, device, out=None):
+        p = empty_payload(codec, n, k, device) if out is None else write_header(out, codec, n, k)
+        p[HEADER_BYTES : HEADER_BYTES + n * k * codec.bits // 8] = 0xFF
+        p[HEADER_BYTES + codec.code_bytes(n, k) :] = 0xFF
+        return p
+
+    monkeypatch.setattr(fast, "empty", empty)
+    monkeypatch.setattr(fast, "new_payload", new_payload)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from resbm_kernels import native
 from resbm_kernels.backends import reference as ref
-from resbm_kernels.codec import Codec, empty_payload, payload_views, rng_key
+from resbm_kernels.codec import Codec, empty_payload, payload_views
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)

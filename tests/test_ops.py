@@ -1,6 +1,8 @@
 """The ops (reference backend) against explicit formulas, gradients, opcheck
 and torch.compile."""
 
+import os
+
 import pytest
 import torch
 
@@ -198,6 +200,9 @@ def _samples():
         (torch.ops.resbm.decode_forward, (payload, w_d, residual, c, 8, torch.float32)),
         (torch.ops.resbm.decode_backward, (randn(8, 32, seed=3), payload, w_d, c, gc, 0)),
         (torch.ops.resbm.encode_backward, (grad_payload, x, w_e, gamma, EPS, gc)),
+        (torch.ops.resbm.encode_forward_out, (torch.full_like(payload, 0xAB), x, w_e, gamma, EPS, c, 0)),
+        (torch.ops.resbm.decode_backward_out, (torch.full_like(grad_payload, 0xAB), randn(8, 32, seed=3), payload,
+                                               w_d, c, gc, 0)),
         (torch.ops.resbm.boundary, (*(t.clone().requires_grad_() for t in (x, w_e, gamma, w_d)),
                                     residual, EPS, c, gc, 0, 1)),
         (torch.ops.resbm.wire_roundtrip, (z.clone().requires_grad_(), c, gc, 0, 1)),
@@ -222,3 +227,30 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     model[1].calls = 0
     torch.testing.assert_close(compiled(x), eager)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_out_buffers_give_the_same_payloads(backend):
+    """encode/decode_backward into a reused (poisoned) buffer == a fresh payload."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the Triton backend runs on the CPU only under TRITON_INTERPRET=1 (set by the test command)")
+    x, w_e, w_d, gamma, _ = (t.float() for t in make(n=20, d=64, k=16))
+    codec, grad_codec = Codec(bits=4, group_size=16), Codec(bits=8, rounding="stochastic")
+    grad_h = randn(20, 64, seed=5)
+    with use_backend(backend):
+        fresh = ops.encode(x, w_e, codec, norm_weight=gamma, seed=3)
+        buf = torch.full_like(fresh, 0xAB)
+        assert ops.encode(x, w_e, codec, norm_weight=gamma, seed=3, out=buf) is buf
+        assert torch.equal(buf, fresh)
+        fresh_g, fresh_w = ops.decode_backward(grad_h, fresh, w_d, codec, grad_codec, grad_seed=9)
+        gbuf = torch.full_like(fresh_g, 0xAB)
+        out, grad_w = ops.decode_backward(grad_h, fresh, w_d, codec, grad_codec, grad_seed=9, out=gbuf)
+        assert out is gbuf and torch.equal(gbuf, fresh_g) and torch.equal(grad_w, fresh_w)
+
+
+def test_out_buffer_of_the_wrong_size_is_rejected():
+    x, w_e, _, _, _ = (t.float() for t in make(n=4, d=64, k=16))
+    with pytest.raises(ValueError, match="payload: .* bytes is truncated"):
+        ops.encode(x, w_e, INT8, out=torch.empty(10, dtype=torch.uint8))

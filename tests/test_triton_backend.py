@@ -25,7 +25,8 @@ pytest.importorskip("triton")
 from resbm_kernels import ops  # noqa: E402
 from resbm_kernels.backends import reference as ref  # noqa: E402
 from resbm_kernels.backends import use_backend  # noqa: E402
-from resbm_kernels.codec import HEADER_BYTES, Codec, empty_payload, payload_views  # noqa: E402
+from helpers import poison_fast_outputs  # noqa: E402
+from resbm_kernels.codec import HEADER_BYTES, Codec, payload_views  # noqa: E402
 
 tb = pytest.importorskip("resbm_kernels.backends.triton")
 
@@ -53,19 +54,7 @@ def _ids(v):
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Fresh kernel outputs start as NaN / 0xFF instead of whatever was in memory."""
-
-    def empty(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        return t.fill_(float("nan")) if dtype.is_floating_point else t.fill_(-1)
-
-    def new_payload(codec, n, k, device):
-        p = empty_payload(codec, n, k, device)
-        p[HEADER_BYTES : HEADER_BYTES + n * k * codec.bits // 8] = 0xFF
-        p[HEADER_BYTES + codec.code_bytes(n, k) :] = 0xFF
-        return p
-
-    monkeypatch.setattr(tb, "_empty", empty)
-    monkeypatch.setattr(tb, "_new_payload", new_payload)
+    poison_fast_outputs(monkeypatch)
 
 
 def exact(*shape, dtype, scale=0.25, gen):

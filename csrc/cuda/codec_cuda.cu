@@ -7,9 +7,14 @@
 #include "resbm/c_api.h"
 #include "resbm/codec.h"
 
+// The error buffer behind resbm_last_error(), shared with passes.cu.
+namespace resbm_cuda_detail {
+thread_local char g_error[512] = "";
+}  // namespace resbm_cuda_detail
+
 namespace {
 
-thread_local char g_error[512] = "";
+using resbm_cuda_detail::g_error;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;  // grid-stride loops cover the rest

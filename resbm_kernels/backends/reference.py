@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..codec import Codec, empty_payload, payload_views, rng_key
+from ..codec import Codec, empty_payload, payload_views, rng_key, write_header
 
 # ---- codec --------------------------------------------------------------------
 
@@ -95,10 +95,11 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return signed.view(n, k).to(torch.int8)
 
 
-def write_payload(z: torch.Tensor, codec: Codec, seed: int) -> torch.Tensor:
-    """Quantize + pack z (N, k) into a fresh payload (header, codes, scales)."""
+def write_payload(z: torch.Tensor, codec: Codec, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize + pack z (N, k) into a payload (header, codes, scales): ``out``
+    if given, else a fresh one."""
     n, k = z.shape
-    payload = empty_payload(codec, n, k, z.device)
+    payload = empty_payload(codec, n, k, z.device) if out is None else write_header(out, codec, n, k)
     codes, scales = payload_views(payload, codec, n, k)
     if codec.quantized:
         q, s = quantize(z, codec, seed)
@@ -149,8 +150,8 @@ def decode_project(zhat, w_d, residual, out_dtype):
     return h.to(out_dtype)
 
 
-def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int):
-    return write_payload(encode_project(x, w_e, norm_weight, eps), codec, seed)
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None):
+    return write_payload(encode_project(x, w_e, norm_weight, eps), codec, seed, out)
 
 
 def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
@@ -167,12 +168,12 @@ def decode_backward_dense(grad_h, zhat, w_d):
     return g_z, g.T @ zhat.to(ct)
 
 
-def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int):
+def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None):
     """grad_h (N, d) -> (gradient payload of dL/dzhat, grad_W_d)."""
     n, k = grad_h.shape[0], w_d.shape[1]
     zhat = read_payload(payload, codec, n, k, _compute_dtype(grad_h))
     g_z, grad_w_d = decode_backward_dense(grad_h, zhat, w_d)
-    return write_payload(g_z, grad_codec, seed), grad_w_d.to(w_d.dtype)
+    return write_payload(g_z, grad_codec, seed, out), grad_w_d.to(w_d.dtype)
 
 
 def encode_backward_dense(g_z, x, w_e, norm_weight, eps):

@@ -85,8 +85,11 @@ class PipelineStage(nn.Module):
         self.steps_done = 0
 
         m = config.micro_batches
+        # one receive and one send buffer per micro-batch and direction, reused every step
         self._fwd_buffers = [] if self.is_first else [self._payload_buffer(config.codec) for _ in range(m)]
         self._bwd_buffers = [] if self.is_last else [self._payload_buffer(config.grad_codec) for _ in range(m)]
+        self._fwd_send = [] if self.is_last else [self._payload_buffer(config.codec) for _ in range(m)]
+        self._bwd_send = [] if self.is_first else [self._payload_buffer(config.grad_codec) for _ in range(m)]
         self._expected_headers = {
             FORWARD: self._header(config.codec), BACKWARD: self._header(config.grad_codec)}
         self._header_checks: list = []
@@ -120,7 +123,6 @@ class PipelineStage(nn.Module):
         into ``.grad`` (call your optimizer afterwards). The first stage needs
         ``inputs``, the last ``targets``, each a tensor whose first dim splits
         evenly into ``config.micro_batches``."""
-        m = self.config.micro_batches
         in_chunks = self._split("inputs", inputs, self.is_first)
         tgt_chunks = self._split("targets", targets, self.is_last)
         fwd_pending = [self.peers.recv(b, FORWARD, i) for i, b in enumerate(self._fwd_buffers)]
@@ -200,7 +202,8 @@ class PipelineStage(nn.Module):
         enc = self.encoder
         gamma = None if enc.norm_weight is None else enc.norm_weight.detach().to(self.dtype)
         payload = ops.encode(x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.codec,
-                             norm_weight=gamma, eps=c.eps, seed=self._seed(i, backward=False))
+                             norm_weight=gamma, eps=c.eps, seed=self._seed(i, backward=False),
+                             out=self._fwd_send[i])
         self.peers.send(payload, FORWARD, i)
         state.update(x2d=x2d, gamma=gamma)
         return state
@@ -226,7 +229,7 @@ class PipelineStage(nn.Module):
             grad_payload, grad_w_d = ops.decode_backward(
                 grad_h.reshape(self.tokens, c.d).contiguous(), state["payload"],
                 self.decoder.weight.detach().to(self.dtype), c.codec, c.grad_codec,
-                grad_seed=self._seed(i, backward=True))
+                grad_seed=self._seed(i, backward=True), out=self._bwd_send[i])
             _accumulate(self.decoder.weight, grad_w_d)
             self.peers.send(grad_payload, BACKWARD, i)
 

@@ -50,6 +50,51 @@ RESBM_API int resbm_cuda_unpack_dequantize(const uint8_t* codes, const void* sca
                                            int64_t k, int bits, int group, int scale_dtype,
                                            int out_dtype, void* out, void* stream);
 
+/* ---- CUDA: the four fused passes (csrc/cuda/passes.cu) -----------------------------
+ *
+ * Device pointers, launched asynchronously on `stream` (a cudaStream_t; NULL
+ * is the default stream); nothing synchronises. Activations (x, grad_h, out,
+ * grad_x, residual) are row-major (n, d) with rows of exactly d elements and
+ * 16-byte aligned; w_e is (k, d) and w_d is (d, k), row-major; norm_weight is
+ * (d,) or NULL (no RMSNorm). `dtype` is that of x / grad_h and of the weights
+ * and norm weight. The payload arguments (codes, scales, bits, group,
+ * scale_dtype, stochastic, key) are those of resbm_cuda_quantize_pack. d and
+ * k must be multiples of 16, k <= 256 and k <= d. Errors: RESBM_ERR_ARG for
+ * bad arguments (found before any CUDA call), RESBM_ERR_CUDA naming the
+ * kernel when a launch fails; non-finite values are not reported. */
+
+/* payload of z = RMSNorm(x) w_e^T + x[:, :k] (no norm when norm_weight is NULL) */
+RESBM_API int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
+                                        const void* w_e, const void* norm_weight, float eps,
+                                        int bits, int group, int scale_dtype, int stochastic,
+                                        uint32_t key, uint8_t* codes, void* scales, void* stream);
+/* out (n, d) of out_dtype = zhat w_d^T + pad_d(zhat) (+ residual, of out_dtype, or NULL) */
+RESBM_API int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t n,
+                                        int64_t d, int64_t k, int bits, int group,
+                                        int scale_dtype, const void* w_d, int w_dtype,
+                                        const void* residual, void* out, int out_dtype,
+                                        void* stream);
+/* gradient payload of g_z = grad_h w_d + grad_h[:, :k] (grad_w_d: resbm_cuda_weight_grad) */
+RESBM_API int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t d,
+                                         int64_t k, const void* w_d, int bits, int group,
+                                         int scale_dtype, int stochastic, uint32_t key,
+                                         uint8_t* codes, void* scales, void* stream);
+/* grad_x (n, d) of dtype from the gradient payload g_z: g_z w_e + pad_d(g_z), through the
+ * RMSNorm backward when norm_weight is set (then x is read and, if rscale is not NULL,
+ * r = 1/rms(x) is written to rscale (n,) float32 for the weight gradient) */
+RESBM_API int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t n,
+                                         int64_t d, int64_t k, int bits, int group,
+                                         int scale_dtype, const void* x, int dtype,
+                                         const void* w_e, const void* norm_weight, float eps,
+                                         void* grad_x, float* rscale, void* stream);
+/* partial[s] = sum over the rows of split s of (rscale[r] * zhat[r])^T a[r]: float32
+ * (splits, k, d), or (splits, d, k) when transpose; rscale may be NULL (1). The caller
+ * sums the splits (deterministic). zhat is read from the payload codes/scales. */
+RESBM_API int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64_t k,
+                                     const uint8_t* codes, const void* scales, int bits,
+                                     int group, int scale_dtype, const float* rscale,
+                                     int splits, int transpose, float* partial, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -32,7 +32,8 @@ import os
 import torch
 import triton
 
-from ...codec import Codec, empty_payload, payload_views, rng_key
+from ...codec import Codec, payload_views, rng_key
+from .. import fast
 from .codec import KIND_BF16, KIND_F16, KIND_F32
 from .dequant_project import dequant_project_kernel
 from .project_quantize import project_quantize_kernel
@@ -49,27 +50,11 @@ def supports(device) -> bool:
     return kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# ---- allocation (module-level so tests can poison fresh outputs) -----------------
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _new_payload(codec: Codec, n: int, k: int, device) -> torch.Tensor:
-    return empty_payload(codec, n, k, device)
-
-
 # ---- argument helpers ---------------------------------------------------------------
 
 
 def _check(what: str, d: int, k: int, *dtypes) -> None:
-    for dtype in dtypes:
-        if dtype is not None and dtype not in _KINDS:
-            raise TypeError(f"triton backend ({what}): dtype {dtype} is not supported; "
-                            "use float32/float16/bfloat16 or the reference backend")
-    if d % 16 or k % 16:
-        raise ValueError(f"triton backend ({what}): d={d} and k={k} must both be multiples of 16")
+    fast.check("triton", what, d, k, *dtypes)
 
 
 def _group_reshape(codec: Codec, k: int) -> int:
@@ -113,10 +98,10 @@ def _rows_grid(n):
 # ---- launchers ----------------------------------------------------------------------
 
 
-def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int):
+def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out):
     """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d."""
     n, d = a.shape
-    payload = _new_payload(codec, n, k, a.device)
+    payload = fast.new_payload(codec, n, k, a.device, out)
     if n == 0:
         return payload
     codes, scales = _payload_args(payload, codec, n, k)
@@ -136,7 +121,7 @@ def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool):
     cpu = a.device.type == "cpu"
     splits = 1 if cpu else max(1, min(8, triton.cdiv(n, 1024)))
     shape = (splits, d, k) if transpose else (splits, k, d)
-    partial = _empty(shape, torch.float32, a.device)
+    partial = fast.empty(shape, torch.float32, a.device)
     if n == 0:
         return partial.zero_().sum(0)
     codes, scales = _payload_args(payload, codec, n, k)
@@ -153,8 +138,8 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
                      residual=None, x=None, gamma=None, eps=0.0):
     """out (n, d) = zhat @ W + pad_d(zhat) (+ residual), or the encode backward
     through RMSNorm when ``gamma`` is given; returns (out, r or None)."""
-    out = _empty((n, d), out_dtype, w.device)
-    rscale = _empty((n,), torch.float32, w.device) if gamma is not None else None
+    out = fast.empty((n, d), out_dtype, w.device)
+    rscale = fast.empty((n,), torch.float32, w.device) if gamma is not None else None
     if n == 0:
         return out, rscale
     codes, scales = _payload_args(payload, codec, n, k)
@@ -173,10 +158,10 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
 # ---- the four passes (reference signatures) --------------------------------------------
 
 
-def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int):
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None):
     k, d = w_e.shape
     _check("encode_forward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
-    return _project_quantize(x, w_e, (w_e.stride(0), w_e.stride(1)), norm_weight, eps, codec, seed, k)
+    return _project_quantize(x, w_e, (w_e.stride(0), w_e.stride(1)), norm_weight, eps, codec, seed, k, out)
 
 
 def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
@@ -187,11 +172,12 @@ def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
     return h
 
 
-def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int):
+def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None):
     d, k = w_d.shape
     _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
     _group_reshape(codec, k)
-    grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k)
+    grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k,
+                                     out)
     grad_w_d = _weight_grad(grad_h, payload, codec, None, k, transpose=True)
     return grad_payload, grad_w_d.to(w_d.dtype)
 
@@ -204,8 +190,4 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
     grad_x, r = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
                                  x=x, gamma=norm_weight, eps=eps)
     m = _weight_grad(x, grad_payload, grad_codec, r, k, transpose=False)
-    if norm_weight is None:
-        return grad_x, m.to(w_e.dtype), None
-    gamma = norm_weight.to(torch.float32)
-    grad_gamma = (w_e.to(torch.float32) * m).sum(0)
-    return grad_x, (m * gamma).to(w_e.dtype), grad_gamma.to(norm_weight.dtype)
+    return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))

@@ -1,0 +1,332 @@
+// Tensor-core building blocks of the pass kernels (passes.cu): operand types,
+// hi/lo operand splitting, mma.sync wrappers, fragment loads from shared memory
+// and cp.async. sm_80+ only (mma.sync m16n8k16 bf16/f16 and m16n8k8 tf32).
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16 / m16n8k8"),
+// with g = lane / 4 (groupID) and t = lane % 4 (threadID_in_group):
+//   m16n8k16 (16-bit): A reg i = rows g + 8*(i%2), cols 2t + 8*(i/2) + {0,1}
+//                      B reg i = rows (k) 2t + 8*i + {0,1}, col (n) g
+//   m16n8k8  (tf32):   A reg i = row g + 8*(i%2), col t + 4*(i/2)
+//                      B reg i = row (k) t + 4*i, col (n) g
+//   C/D (both):        reg i = row g + 8*(i/2), col 2t + (i%2)
+// A "raw" operand is stored row-major [m][k]; B operands are stored [n][k]
+// (k contiguous) unless the loader says otherwise. The lower 16 bits of a
+// packed 16-bit pair hold the element with the smaller k index.
+//
+// Precision: bf16/fp16 inputs run on bf16/fp16 tensor cores with fp32
+// accumulation; an operand that is not exactly representable in the input
+// dtype (dequantized zhat, gamma-folded weights) is split as hi + lo, both in
+// the operand dtype, and multiplied twice (hi*B + lo*B), which keeps ~16
+// mantissa bits. fp32 inputs use 3xTF32 (a_hi*b_hi + a_hi*b_lo + a_lo*b_hi),
+// ~fp32 accuracy: results match the float32 reference within fp32 tolerances.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "resbm/codec.h"
+
+namespace resbm {
+namespace cuda {
+
+// ---- operand traits ---------------------------------------------------------------
+
+template <int DT>
+struct Operand;
+
+template <>
+struct Operand<kFloat32> {
+  using T = float;        // storage type of the inputs
+  using E = uint32_t;     // one tf32 operand element
+  static constexpr int KS = 8;  // mma k per instruction (m16n8k8)
+  static const char* name() { return "fp32"; }
+};
+
+template <>
+struct Operand<kFloat16> {
+  using T = uint16_t;
+  using E = uint16_t;
+  static constexpr int KS = 16;  // m16n8k16
+  static const char* name() { return "fp16"; }
+};
+
+template <>
+struct Operand<kBFloat16> {
+  using T = uint16_t;
+  using E = uint16_t;
+  static constexpr int KS = 16;
+  static const char* name() { return "bf16"; }
+};
+
+// ---- conversions and splits ---------------------------------------------------------
+
+__device__ __forceinline__ uint32_t to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+
+// fp32 value of a 16-bit operand element.
+template <int DT>
+__device__ __forceinline__ float e16_to_float(uint16_t h) {
+  return DT == kFloat16 ? __half2float(__ushort_as_half(h))
+                        : __bfloat162float(__ushort_as_bfloat16(h));
+}
+
+template <int DT>
+__device__ __forceinline__ uint16_t float_to_e16(float v) {
+  return DT == kFloat16 ? __half_as_ushort(__float2half_rn(v))
+                        : __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+// v = hi + lo (approximately) in the operand type of DT.
+template <int DT>
+__device__ __forceinline__ void split1(float v, typename Operand<DT>::E& hi,
+                                       typename Operand<DT>::E& lo) {
+  if constexpr (DT == kFloat32) {
+    hi = to_tf32(v);
+    lo = to_tf32(v - __uint_as_float(hi));
+  } else {
+    hi = float_to_e16<DT>(v);
+    lo = float_to_e16<DT>(v - e16_to_float<DT>(hi));
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ typename Operand<DT>::E to_operand(float v) {
+  if constexpr (DT == kFloat32) {
+    return to_tf32(v);
+  } else {
+    return float_to_e16<DT>(v);
+  }
+}
+
+// Two 16-bit values (v0 at the lower k index) split into packed hi and lo pairs.
+template <int DT>
+__device__ __forceinline__ void split2(float v0, float v1, uint32_t& hi, uint32_t& lo) {
+  uint16_t h0 = float_to_e16<DT>(v0), h1 = float_to_e16<DT>(v1);
+  uint16_t l0 = float_to_e16<DT>(v0 - e16_to_float<DT>(h0));
+  uint16_t l1 = float_to_e16<DT>(v1 - e16_to_float<DT>(h1));
+  hi = uint32_t(h0) | (uint32_t(h1) << 16);
+  lo = uint32_t(l0) | (uint32_t(l1) << 16);
+}
+
+__device__ __forceinline__ uint32_t pack16(uint16_t lo_k, uint16_t hi_k) {
+  return uint32_t(lo_k) | (uint32_t(hi_k) << 16);
+}
+
+// ---- mma ------------------------------------------------------------------------------
+
+template <int DT>
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (DT == kFloat32) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else if constexpr (DT == kFloat16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+}
+
+struct FragA {
+  uint32_t hi[4], lo[4];
+};
+struct FragB {
+  uint32_t hi[2], lo[2];
+};
+
+// acc += A*B with the split terms the operands need (A_SPLIT/B_SPLIT: lo parts valid).
+template <int DT, bool A_SPLIT>
+__device__ __forceinline__ void mma_acc(float (&c)[4], const FragA& a, const FragB& b,
+                                        bool b_split) {
+  mma<DT>(c, a.hi, b.hi);
+  if (b_split) mma<DT>(c, a.hi, b.lo);
+  if (A_SPLIT) mma<DT>(c, a.lo, b.hi);
+}
+
+// ---- fragment loads -------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t lds32(const void* p) {
+  return *static_cast<const uint32_t*>(p);
+}
+
+// A from a raw 16-bit tile S[m][k] (leading dimension ld elements), exact (no lo).
+__device__ __forceinline__ void load_a_raw16(FragA& f, const uint16_t* s, int ld, int m0, int k0,
+                                             int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const uint16_t* p = s + (m0 + g) * ld + k0 + 2 * t;
+  f.hi[0] = lds32(p);
+  f.hi[1] = lds32(p + 8 * ld);
+  f.hi[2] = lds32(p + 8);
+  f.hi[3] = lds32(p + 8 * ld + 8);
+}
+
+// A from an fp32 tile S[m][k], split into hi + lo of the operand type. With
+// want_sq (fp32 inputs only) the squares of the loaded values are added to
+// sq[0] (row g) and sq[1] (row g + 8): the RMS statistic of the same elements.
+template <int DT>
+__device__ __forceinline__ void load_a_f32(FragA& f, const float* s, int ld, int m0, int k0,
+                                           int lane, bool want_sq, float (&sq)[2]) {
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (DT == kFloat32) {
+    const float* p = s + (m0 + g) * ld + k0 + t;
+    const float v[4] = {p[0], p[8 * ld], p[4], p[8 * ld + 4]};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split1<DT>(v[i], f.hi[i], f.lo[i]);
+    if (want_sq) {
+      sq[0] += v[0] * v[0] + v[2] * v[2];
+      sq[1] += v[1] * v[1] + v[3] * v[3];
+    }
+  } else {
+    const float* p = s + (m0 + g) * ld + k0 + 2 * t;
+    const float2 v0 = *reinterpret_cast<const float2*>(p);
+    const float2 v1 = *reinterpret_cast<const float2*>(p + 8 * ld);
+    const float2 v2 = *reinterpret_cast<const float2*>(p + 8);
+    const float2 v3 = *reinterpret_cast<const float2*>(p + 8 * ld + 8);
+    split2<DT>(v0.x, v0.y, f.hi[0], f.lo[0]);
+    split2<DT>(v1.x, v1.y, f.hi[1], f.lo[1]);
+    split2<DT>(v2.x, v2.y, f.hi[2], f.lo[2]);
+    split2<DT>(v3.x, v3.y, f.hi[3], f.lo[3]);
+  }
+}
+
+// A from operand-typed hi/lo tiles Z[m][k].
+template <int DT>
+__device__ __forceinline__ void load_a_op(FragA& f, const typename Operand<DT>::E* hi,
+                                          const typename Operand<DT>::E* lo, int ld, int m0,
+                                          int k0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (DT == kFloat32) {
+    const int o = (m0 + g) * ld + k0 + t;
+    const int off[4] = {o, o + 8 * ld, o + 4, o + 8 * ld + 4};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f.hi[i] = hi[off[i]];
+      f.lo[i] = lo[off[i]];
+    }
+  } else {
+    const int o = (m0 + g) * ld + k0 + 2 * t;
+    const int off[4] = {o, o + 8 * ld, o + 8, o + 8 * ld + 8};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f.hi[i] = lds32(hi + off[i]);
+      f.lo[i] = lds32(lo + off[i]);
+    }
+  }
+}
+
+// B from operand-typed tiles W[n][k] (k contiguous); lo is read only if `split`.
+template <int DT>
+__device__ __forceinline__ void load_b_op(FragB& f, const typename Operand<DT>::E* hi,
+                                          const typename Operand<DT>::E* lo, int ld, int n0,
+                                          int k0, int lane, bool split) {
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (DT == kFloat32) {
+    const int o = (n0 + g) * ld + k0 + t;
+    f.hi[0] = hi[o];
+    f.hi[1] = hi[o + 4];
+    if (split) {
+      f.lo[0] = lo[o];
+      f.lo[1] = lo[o + 4];
+    }
+  } else {
+    const int o = (n0 + g) * ld + k0 + 2 * t;
+    f.hi[0] = lds32(hi + o);
+    f.hi[1] = lds32(hi + o + 8);
+    if (split) {
+      f.lo[0] = lds32(lo + o);
+      f.lo[1] = lds32(lo + o + 8);
+    }
+  }
+}
+
+// B from a raw input tile S[k][n] (n contiguous: the row-major activations of
+// the weight-gradient kernel); fp32 is split into tf32 hi + lo.
+template <int DT>
+__device__ __forceinline__ void load_b_raw_kn(FragB& f, const typename Operand<DT>::T* s, int ld,
+                                              int n0, int k0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (DT == kFloat32) {
+    const float* p = s + (k0 + t) * ld + n0 + g;
+    split1<DT>(p[0], f.hi[0], f.lo[0]);
+    split1<DT>(p[4 * ld], f.hi[1], f.lo[1]);
+  } else {
+    const uint16_t* p = s + (k0 + 2 * t) * ld + n0 + g;
+    f.hi[0] = pack16(p[0], p[ld]);
+    f.hi[1] = pack16(p[8 * ld], p[9 * ld]);
+  }
+}
+
+// ---- cp.async -------------------------------------------------------------------------
+
+// 16-byte global -> shared copy; src_bytes = 0 zero-fills the destination.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---- vector loads/stores of 8 consecutive elements (16-byte aligned) ---------------------
+
+// Loads elements [i, i+8) of a row-major array of `dtype` as fp32.
+__device__ __forceinline__ void load8(const void* p, int64_t i, int dtype, float (&v)[8]) {
+  if (dtype == kFloat32) {
+    const float4* q = reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+    const float4 a = q[0], b = q[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else {
+    const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + i);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t lo = uint16_t(w[j] & 0xFFFFu), hi = uint16_t(w[j] >> 16);
+      v[2 * j] = dtype == kFloat16 ? fp16_to_float(lo) : bf16_to_float(lo);
+      v[2 * j + 1] = dtype == kFloat16 ? fp16_to_float(hi) : bf16_to_float(hi);
+    }
+  }
+}
+
+// Stores v as elements [i, i+8) of `dtype`, rounded to nearest even (shared codec rounding).
+__device__ __forceinline__ void store8(void* p, int64_t i, int dtype, const float (&v)[8]) {
+  if (dtype == kFloat32) {
+    float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + i);
+    q[0] = make_float4(v[0], v[1], v[2], v[3]);
+    q[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint16_t lo = dtype == kFloat16 ? float_to_fp16(v[2 * j]) : float_to_bf16(v[2 * j]);
+      const uint16_t hi =
+          dtype == kFloat16 ? float_to_fp16(v[2 * j + 1]) : float_to_bf16(v[2 * j + 1]);
+      w[j] = pack16(lo, hi);
+    }
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + i) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+}  // namespace cuda
+}  // namespace resbm

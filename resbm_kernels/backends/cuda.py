@@ -1,0 +1,160 @@
+"""CUDA backend: the four fused passes as hand-written CUDA kernels (csrc/cuda/passes.cu).
+
+Same signatures and return conventions as
+:mod:`resbm_kernels.backends.reference`. The kernels live in the
+framework-agnostic ``libresbm_cuda`` (C ABI, loaded with ctypes by
+:mod:`resbm_kernels.native`); this module allocates the outputs with torch on
+the inputs' device and launches on the current torch stream
+(``torch.cuda.current_stream().cuda_stream``). Nothing here synchronises the
+device.
+
+Requirements (as the Triton backend): CUDA tensors, float32/float16/bfloat16,
+d and k multiples of 16, k <= 256. Any scale group that divides k works.
+
+Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation (the
+operands that are not exact in the input dtype, dequantized zhat and the
+RMSNorm-folded encoder weight, are split as hi + lo); fp32 inputs use 3xTF32,
+so results match the float32 reference within fp32 tolerances.
+
+Weight gradients are a separate reduction kernel over the (N, d) input (like
+the Triton backend): per-split fp32 partials summed here (deterministic).
+
+Non-finite inputs are not detected (no device sync): they produce inf / NaN
+scales or codes, where the reference raises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .. import native
+from . import fast
+from ..codec import SCALE_DTYPES, Codec, payload_views, rng_key
+
+_DTYPE_CODES = SCALE_DTYPES  # 1 fp32, 2 fp16, 3 bf16 (the C ABI's codes)
+MAX_K = 256
+
+
+def supports(device) -> bool:
+    """CUDA devices, when libresbm_cuda loads and a GPU is present."""
+    if torch.device(device).type != "cuda":
+        return False
+    return torch.cuda.is_available() and native.available("cuda")
+
+
+# ---- helpers ----------------------------------------------------------------------
+
+
+def _check(what: str, d: int, k: int, *dtypes) -> None:
+    fast.check("cuda", what, d, k, *dtypes, max_k=MAX_K)
+
+
+def _dense(t):
+    """Contiguous and 16-byte aligned (the kernels use 16-byte vector accesses)."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _ptr(t) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _codec_args(payload, codec: Codec, n: int, k: int):
+    """(codes ptr, scales ptr, bits, group, scale dtype code) of a payload."""
+    codes, scales = payload_views(payload, codec, n, k)
+    if not codec.quantized:
+        return codes.data_ptr(), None, 16, 0, 0
+    return codes.data_ptr(), scales.data_ptr(), codec.bits, codec.group(k), _DTYPE_CODES[codec.scale_dtype]
+
+
+def _call(name: str, device: torch.device, *args) -> None:
+    """Launch ``name`` on the current stream of ``device``; raise naming the kernel on error."""
+    lib = native.library("cuda")
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        rc = getattr(lib, name)(*args, ctypes.c_void_p(stream))
+    if rc != 0:
+        raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
+
+
+def _splits(n: int) -> int:
+    return max(1, min(8, -(-n // 1024)))
+
+
+def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> torch.Tensor:
+    """fp32 sum over rows of (rscale * zhat)^T a: (k, d), or (d, k) if transpose."""
+    n, d = a.shape
+    splits = _splits(n)
+    partial = fast.empty((splits, d, k) if transpose else (splits, k, d), torch.float32, a.device)
+    if n == 0:
+        return partial.zero_().sum(0)
+    codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
+    _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), _DTYPE_CODES[a.dtype], n, d, k, codes, scales,
+          bits, group, sdt, _ptr(rscale), splits, int(transpose), partial.data_ptr())
+    return partial.sum(0)
+
+
+# ---- the four passes (reference signatures) --------------------------------------------
+
+
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None):
+    k, d = w_e.shape
+    _check("encode_forward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
+    n = x.shape[0]
+    payload = fast.new_payload(codec, n, k, x.device, out)
+    if n == 0:
+        return payload
+    x, w_e, gamma = _dense(x), _dense(w_e), _dense(norm_weight)
+    codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
+    _call("resbm_cuda_encode_forward", x.device, x.data_ptr(), _DTYPE_CODES[x.dtype], n, d, k, w_e.data_ptr(),
+          _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales)
+    return payload
+
+
+def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
+    d, k = w_d.shape
+    _check("decode_forward", d, k, w_d.dtype, out_dtype)
+    codec.group(k)
+    out = fast.empty((n, d), out_dtype, w_d.device)
+    if n == 0:
+        return out
+    w_d, residual = _dense(w_d), _dense(residual)
+    codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
+    _call("resbm_cuda_decode_forward", w_d.device, codes, scales, n, d, k, bits, group, sdt, w_d.data_ptr(),
+          _DTYPE_CODES[w_d.dtype], _ptr(residual), out.data_ptr(), _DTYPE_CODES[out_dtype])
+    return out
+
+
+def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None):
+    d, k = w_d.shape
+    _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
+    codec.group(k)
+    n = grad_h.shape[0]
+    grad_payload = fast.new_payload(grad_codec, n, k, grad_h.device, out)
+    grad_h, w_d = _dense(grad_h), _dense(w_d)
+    if n > 0:
+        codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
+        _call("resbm_cuda_decode_backward", grad_h.device, grad_h.data_ptr(), _DTYPE_CODES[grad_h.dtype], n, d, k,
+              w_d.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales)
+    grad_w_d = _weight_grad(grad_h, payload, codec, None, k, transpose=True)
+    return grad_payload, grad_w_d.to(w_d.dtype)
+
+
+def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
+    n, d = x.shape
+    k = w_e.shape[0]
+    _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
+    grad_codec.group(k)
+    x, w_e, gamma = _dense(x), _dense(w_e), _dense(norm_weight)
+    grad_x = fast.empty((n, d), x.dtype, x.device)
+    rscale = fast.empty((n,), torch.float32, x.device) if gamma is not None else None
+    if n > 0:
+        codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
+        _call("resbm_cuda_encode_backward", x.device, codes, scales, n, d, k, bits, group, sdt, x.data_ptr(),
+              _DTYPE_CODES[x.dtype], w_e.data_ptr(), _ptr(gamma), float(eps), grad_x.data_ptr(), _ptr(rscale))
+    m = _weight_grad(x, grad_payload, grad_codec, rscale, k, transpose=False)
+    return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))

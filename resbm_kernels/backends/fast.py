@@ -1,0 +1,46 @@
+"""Pieces shared by the compiled backends (Triton and CUDA): input limits,
+output allocation and the finishing step of the encoder's weight gradients.
+
+Outputs are allocated through :func:`empty` and :func:`new_payload` (looked
+up on this module at call time) so tests can poison fresh outputs and catch
+elements a kernel never writes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codec import Codec, empty_payload, write_header
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check(backend: str, what: str, d: int, k: int, *dtypes, max_k: int | None = None) -> None:
+    """The compiled kernels' limits: float32/16/bf16, d and k multiples of 16."""
+    for dtype in dtypes:
+        if dtype is not None and dtype not in DTYPES:
+            raise TypeError(f"{backend} backend ({what}): dtype {dtype} is not supported; "
+                            "use float32/float16/bfloat16 or the reference backend")
+    if d % 16 or k % 16:
+        raise ValueError(f"{backend} backend ({what}): d={d} and k={k} must both be multiples of 16")
+    if max_k is not None and k > max_k:
+        raise ValueError(f"{backend} backend ({what}): k={k} is larger than {max_k}")
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_payload(codec: Codec, n: int, k: int, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A payload for n x k values: ``out`` (already validated by the ops) with
+    its header written, or a fresh buffer."""
+    return empty_payload(codec, n, k, device) if out is None else write_header(out, codec, n, k)
+
+
+def encoder_weight_grads(m: torch.Tensor, w_e: torch.Tensor, norm_weight: torch.Tensor | None):
+    """(grad_w_e, grad_norm_weight) from M = sum_rows r * g_z^T x (fp32, k x d):
+    grad_w_e = M * gamma and grad_gamma = sum_c W_e * M (or M, None without norm)."""
+    if norm_weight is None:
+        return m.to(w_e.dtype), None
+    grad_gamma = (w_e.to(torch.float32) * m).sum(0)
+    return (m * norm_weight.to(torch.float32)).to(w_e.dtype), grad_gamma.to(norm_weight.dtype)

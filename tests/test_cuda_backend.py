@@ -1,0 +1,459 @@
+"""The CUDA backend (csrc/cuda/passes.cu through resbm_kernels.backends.cuda).
+
+Two groups:
+
+- CPU-runnable: the kernels compile for sm_80 and sm_90 with zero register
+  spills (ptxas -v), the C ABI rejects bad arguments with messages naming the
+  problem before touching CUDA, launch failures name the kernel, and the
+  backend refuses CPU tensors cleanly.
+- GPU (skipped without a CUDA GPU and libresbm_cuda): every pass against the
+  reference for random inputs, dtypes fp32/fp16/bf16, N with masked tails;
+  fresh outputs are poisoned (NaN / 0xFF) so unwritten elements show; and one
+  run of each kernel under ``compute-sanitizer --tool memcheck``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from resbm_kernels import native, ops
+from resbm_kernels.backends import reference as ref
+from resbm_kernels.backends import use_backend
+from helpers import poison_fast_outputs
+from resbm_kernels.codec import HEADER_BYTES, Codec, payload_views
+
+cb = pytest.importorskip("resbm_kernels.backends.cuda")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KPADS = (16, 32, 64, 128, 256)
+KERNELS = ("project_quantize", "dequant_project", "weight_grad")
+
+HAS_GPU = torch.cuda.is_available() and native.available("cuda")
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresbm_cuda (build it with cmake/pip)")
+needs_lib = pytest.mark.skipif(not native.available("cuda"), reason="libresbm_cuda is not built")
+no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointers are only safe without a GPU")
+
+
+def _ids(v):
+    return v.spec if isinstance(v, Codec) else str(v).replace("torch.", "")
+
+
+# ---- CPU-runnable: compilation ----------------------------------------------------------
+
+
+def _find_nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME")
+    for cand in ([pathlib.Path(home) / "bin" / "nvcc"] if home else []) + [pathlib.Path("/usr/local/cuda/bin/nvcc")]:
+        if cand.is_file():
+            return str(cand)
+    return shutil.which("nvcc")
+
+
+def parse_ptxas(log: str) -> list[tuple[str, str, int, int, int]]:
+    """(arch, function, registers, spill store bytes, spill load bytes) per
+    compiled entry function of a ``-Xptxas -v`` log."""
+    out, cur, spills = [], None, (0, 0)
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
+        if m:
+            cur, spills = (m.group(2), m.group(1)), (0, 0)
+            continue
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            spills = (int(m.group(1)), int(m.group(2)))
+            continue
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur:
+            out.append((*cur, int(m.group(1)), *spills))
+            cur = None
+    return out
+
+
+def test_pass_kernels_compile_without_spills(tmp_path):
+    """Every pass kernel instantiation compiles for sm_80 and sm_90 with zero spills."""
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda/bin, PATH)")
+    archs = ("80", "90")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-I{ROOT / 'csrc' / 'include'}", *gencode,
+           "-Xptxas=-v,--warn-on-spills", str(ROOT / "csrc" / "cuda" / "passes.cu"), "-o", str(tmp_path / "p.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log
+    report = parse_ptxas(log)
+    for arch in archs:
+        funcs = [r for r in report if r[0] == f"sm_{arch}"]
+        for kernel in KERNELS:
+            # 3 dtypes x 5 padded k per kernel family and arch
+            assert sum(kernel in r[1] for r in funcs) == 3 * len(KPADS), (kernel, arch, log)
+    spilling = [r for r in report if r[3] or r[4]]
+    assert not spilling, "kernels spill registers:\n" + "\n".join(map(str, spilling))
+    assert "spilled" not in log, log
+
+
+# ---- CPU-runnable: the C ABI rejects bad arguments ----------------------------------------
+
+
+def _buf(n=4096):
+    b = ctypes.create_string_buffer(n + 16)
+    addr = ctypes.addressof(b)
+    return b, addr + (-addr % 16)  # a 16-byte aligned address inside b
+
+
+@pytest.fixture
+def lib():
+    if not native.available("cuda"):
+        pytest.skip("libresbm_cuda is not built")
+    return native.library("cuda")
+
+
+def _encode_fwd(lib, **kw):
+    keep, p = _buf()
+    a = dict(x=p, dtype=3, n=4, d=64, k=16, w_e=p, norm=None, eps=1e-6, bits=8, group=16, sdt=3, stoch=0,
+             key=0, codes=p, scales=p, stream=None)
+    a.update(kw)
+    rc = lib.resbm_cuda_encode_forward(*a.values())
+    return rc, lib.resbm_last_error().decode()
+
+
+@needs_lib
+@pytest.mark.parametrize("kwargs, message", [
+    ({"d": 0}, "bad shape"),
+    ({"n": -1}, "bad shape"),
+    ({"k": 0}, "bad shape"),
+    ({"d": 72}, "multiples of 16"),
+    ({"k": 24, "group": 24}, "multiples of 16"),
+    ({"k": 272, "d": 544, "group": 16}, "too large (at most 256)"),
+    ({"k": 128, "d": 64, "group": 16}, "exceeds d=64"),
+    ({"n": 2**40}, "too large"),
+    ({"dtype": 9}, "bad dtype=9"),
+    ({"bits": 3}, "bad bits=3"),
+    ({"group": 24}, "group=24 does not divide k=16"),
+    ({"sdt": 0}, "bad scale_dtype=0"),
+    ({"x": None}, "null pointer x"),
+    ({"w_e": None}, "null pointer w_e"),
+    ({"codes": None}, "null pointer codes"),
+    ({"scales": None}, "null pointer scales"),
+])
+def test_c_encode_forward_rejects(lib, kwargs, message):
+    rc, err = _encode_fwd(lib, **kwargs)
+    assert rc == 1, err
+    assert err.startswith("resbm_cuda_encode_forward: ") and message in err, err
+
+
+@needs_lib
+def test_c_misaligned_and_zero_rows(lib):
+    keep, p = _buf()
+    rc, err = _encode_fwd(lib, x=p + 2)
+    assert rc == 1 and "x is not 16-byte aligned" in err
+    rc, err = _encode_fwd(lib, n=0, x=None, codes=None, scales=None)
+    assert rc == 0  # nothing to do: no CUDA call at all
+
+
+@needs_lib
+def test_c_other_passes_reject(lib):
+    keep, p = _buf()
+    err = lambda: lib.resbm_last_error().decode()  # noqa: E731
+    # decode forward: codes, scales, n, d, k, bits, group, sdt, w_d, w_dtype, residual, out, out_dtype, stream
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, None, None, 3, None) == 1
+    assert err() == "resbm_cuda_decode_forward: null pointer out"
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 5, None, p, 3, None) == 1
+    assert "bad w_dtype=5" in err()
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p + 4, p, 3, None) == 1
+    assert "residual is not 16-byte aligned" in err()
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, None, p, 7, None) == 1
+    assert "bad out_dtype=7" in err()
+    # decode backward: grad_h, dtype, n, d, k, w_d, bits, group, sdt, stochastic, key, codes, scales, stream
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, None, 8, 16, 3, 1, 0, p, p, None) == 1
+    assert err() == "resbm_cuda_decode_backward: null pointer w_d"
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 4, 3, 3, 1, 0, p, p, None) == 1
+    assert "does not divide" in err()
+    # encode backward: codes, scales, n, d, k, bits, group, sdt, x, dtype, w_e, gamma, eps, grad_x, rscale, stream
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, None, 3, p, p, 1e-6, p, p, None) == 1
+    assert err() == "resbm_cuda_encode_backward: null pointer x"
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, p + 2, 1e-6, p, p, None) == 1
+    assert "norm_weight is not 16-byte aligned" in err()
+    # weight grad: a, dtype, n, d, k, codes, scales, bits, group, sdt, rscale, splits, transpose, partial, stream
+    assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 0, 0, p, None) == 1
+    assert "bad splits=0" in err()
+    assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 1, 0, None, None) == 1
+    assert err() == "resbm_cuda_weight_grad: null pointer partial"
+
+
+@needs_lib
+@no_gpu_only
+@pytest.mark.parametrize("k, kernel", [(64, "project_quantize_kernel<bf16,64>"),
+                                       (256, "project_quantize_kernel<bf16,256>")])
+def test_c_launch_failure_names_kernel(lib, k, kernel):
+    """Without a GPU valid arguments reach the launch (or the shared-memory
+    opt-in, for large tiles), which fails with a message naming the kernel."""
+    rc, err = _encode_fwd(lib, k=k, d=2 * k, group=16)
+    assert rc == 3, err
+    assert err.startswith(f"resbm_cuda_encode_forward: {kernel}"), err
+
+
+# ---- CPU-runnable: the Python backend ----------------------------------------------------
+
+
+def test_supports_only_cuda():
+    assert not cb.supports("cpu") and not cb.supports(torch.device("meta"))
+    assert cb.supports("cuda") == HAS_GPU
+
+
+def test_named_backend_on_cpu_raises():
+    x, w_e = torch.randn(8, 64), torch.randn(16, 64)
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="does not support device cpu"):
+        ops.encode(x, w_e, Codec())
+
+
+def test_shape_and_dtype_checks():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cb._check("encode_forward", 96, 24, torch.float32)
+    with pytest.raises(ValueError, match="larger than 256"):
+        cb._check("encode_forward", 1024, 512, torch.float32)
+    with pytest.raises(TypeError, match="float64"):
+        cb._check("encode_forward", 64, 16, torch.float64)
+
+
+# ---- GPU: every pass against the reference -----------------------------------------------
+
+CODECS = (
+    Codec(bits=16),
+    Codec(bits=8),
+    Codec(bits=8, group_size=16, scale_dtype=torch.float32),
+    Codec(bits=4, group_size=16, scale_dtype=torch.float16),
+    Codec(bits=4),
+    Codec(bits=2, group_size=16),
+    Codec(bits=8, group_size=48),  # a group that is neither a power of two nor the row (k=96)
+    Codec(bits=8, rounding="stochastic"),
+    Codec(bits=2, group_size=16, rounding="stochastic", scale_dtype=torch.float16),
+)
+# (N, d, k): masked row tail in one block, several blocks with a d tail tile,
+# k not a power of two (padded), k = 256 (two column warps), k = d
+SHAPES = ((37, 128, 32), (150, 256, 16), (20, 192, 96), (70, 512, 256), (33, 64, 64), (200, 1024, 128))
+GRAD_CODEC = Codec(bits=8, rounding="stochastic")
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Fresh kernel outputs start as NaN / 0xFF instead of whatever was in memory."""
+    poison_fast_outputs(monkeypatch)
+
+
+def exact(*shape, dtype, scale=0.25, gen):
+    """Random non-zero small integers times a power of two (exact in every dtype)."""
+    v = torch.randint(1, 8, shape, generator=gen) * (torch.randint(0, 2, shape, generator=gen) * 2 - 1)
+    return (v * scale).to(dtype).cuda()
+
+
+def normal(*shape, dtype, scale=1.0, gen):
+    return (torch.randn(shape, generator=gen) * scale).to(dtype).cuda()
+
+
+def rel_err(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def tol(dtype):
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def cuda_call(fn, *args, **kwargs):
+    with use_backend("cuda"):
+        out = fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    return out
+
+
+def _fits(codec, k):
+    return codec.group_size is None or k % codec.group_size == 0
+
+
+def assert_close_payload(p, q, codec, n, k):
+    """Same header; codes within one step and scales within a rounding step."""
+    p, q = p.cpu(), q.cpu()
+    assert torch.equal(p[:HEADER_BYTES], q[:HEADER_BYTES])
+    if not codec.quantized:
+        a = ref.read_payload(p, codec, n, k, torch.float32)
+        b = ref.read_payload(q, codec, n, k, torch.float32)
+        assert rel_err(a, b) < 1e-2
+        return
+    (ca, sa), (cb_, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
+    qa, qb = ref.unpack(ca, codec.bits, k).int(), ref.unpack(cb_, codec.bits, k).int()
+    assert (qa - qb).abs().max() <= 1
+    assert torch.isfinite(sa.float()).all()
+    torch.testing.assert_close(sa.float(), sb.float(), rtol=1e-2, atol=0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("codec", CODECS, ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_encode_forward_bit_exact(shape, dtype, codec):
+    """Exact inputs: z is exact in any summation order, so the payload matches byte for byte."""
+    n, d, k = shape
+    if not _fits(codec, k):
+        pytest.skip("group does not divide k")
+    gen = torch.Generator().manual_seed(n * d + k)
+    x = exact(n, d, dtype=dtype, gen=gen)
+    w_e = exact(k, d, dtype=dtype, scale=1 / 64, gen=gen)
+    got = cuda_call(ops.encode, x, w_e, codec, seed=7)
+    want = ref.encode_forward(x.cpu(), w_e.cpu(), None, 1e-6, codec, 7)
+    assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+@pytest.mark.parametrize("codec", CODECS[:4], ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_encode_forward_norm(shape, dtype, codec):
+    n, d, k = shape
+    if not _fits(codec, k):
+        pytest.skip("group does not divide k")
+    gen = torch.Generator().manual_seed(3 * n + d)
+    x = normal(n, d, dtype=dtype, gen=gen)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0)
+    got = cuda_call(ops.encode, x, w_e, codec, norm_weight=gamma, eps=1e-5, seed=3)
+    want = ref.encode_forward(x.cpu(), w_e.cpu(), gamma.cpu(), 1e-5, codec, 3)
+    assert_close_payload(got, want, codec, n, k)
+
+
+@needs_gpu
+@pytest.mark.parametrize("codec", CODECS, ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_decode_forward(shape, dtype, codec):
+    n, d, k = shape
+    if not _fits(codec, k):
+        pytest.skip("group does not divide k")
+    gen = torch.Generator().manual_seed(n + d + k)
+    payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
+    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen)
+    for residual in (None, normal(n, d, dtype=dtype, gen=gen)):
+        got = cuda_call(ops.decode, payload.cuda(), w_d, codec, n, residual=residual, out_dtype=dtype)
+        want = ref.decode_forward(payload, w_d.cpu(), None if residual is None else residual.cpu(), codec, n, dtype)
+        assert got.dtype == dtype and got.shape == (n, d)
+        assert torch.isfinite(got).all(), "unwritten (poisoned) elements"
+        assert rel_err(got, want) <= tol(dtype)
+
+
+@needs_gpu
+def test_decode_forward_out_dtype_differs():
+    gen = torch.Generator().manual_seed(3)
+    codec = Codec(bits=8)
+    payload = ref.write_payload(torch.randn(37, 32, generator=gen), codec, 0)
+    w_d = normal(128, 32, dtype=torch.float32, gen=gen)
+    got = cuda_call(ops.decode, payload.cuda(), w_d, codec, 37, out_dtype=torch.bfloat16)
+    want = ref.decode_forward(payload, w_d.cpu(), None, codec, 37, torch.bfloat16)
+    assert rel_err(got, want) <= tol(torch.bfloat16)
+
+
+@needs_gpu
+@pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=4, group_size=16, rounding="stochastic"),
+                                        Codec(bits=8), Codec(bits=16)), ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_decode_backward(shape, dtype, grad_codec):
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(11)
+    codec = Codec(bits=4, group_size=16)
+    payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
+    grad_h = exact(n, d, dtype=dtype, gen=gen)
+    w_d = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen)
+    gp, gw = cuda_call(ops.decode_backward, grad_h, payload.cuda(), w_d, codec, grad_codec, grad_seed=99)
+    gp_ref, gw_ref = ref.decode_backward(grad_h.cpu(), payload, w_d.cpu(), codec, grad_codec, 99)
+    assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
+    assert gw.dtype == dtype and gw.shape == (d, k)
+    assert rel_err(gw, gw_ref) <= tol(dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=2, group_size=16), Codec(bits=16)), ids=_ids)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("norm", (False, True), ids=("plain", "norm"))
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_encode_backward(shape, norm, dtype, grad_codec):
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(5)
+    grad_payload = ref.write_payload(torch.randn(n, k, generator=gen), grad_codec, 4)
+    x = normal(n, d, dtype=dtype, gen=gen)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0) if norm else None
+    got = cuda_call(ops.encode_backward, grad_payload.cuda(), x, w_e, grad_codec, norm_weight=gamma, eps=1e-5)
+    want = ref.encode_backward(grad_payload, x.cpu(), w_e.cpu(), None if gamma is None else gamma.cpu(), 1e-5,
+                               grad_codec)
+    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
+        if b is None:
+            assert a is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name}: unwritten (poisoned) elements"
+        assert rel_err(a, b) <= tol(dtype) * (4 if norm else 1), name
+
+
+@needs_gpu
+def test_zero_rows_and_stream():
+    """n = 0 launches nothing; kernels run on the caller's (non-default) stream."""
+    w_e, codec = torch.randn(16, 64, device="cuda"), Codec()
+    p = cuda_call(ops.encode, torch.randn(0, 64, device="cuda"), w_e, codec)
+    assert p.numel() == codec.payload_bytes(0, 16)
+    x = torch.randn(300, 64, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s), use_backend("cuda"):
+        got = ops.encode(x, w_e, codec)
+    s.synchronize()
+    assert_close_payload(got, ref.encode_forward(x.cpu(), w_e.cpu(), None, 1e-6, codec, 0), codec, 300, 16)
+
+
+# ---- GPU: compute-sanitizer ----------------------------------------------------------------
+
+# One run of each kernel family (and each pass), small shapes with row and d tails.
+SANITIZE = {
+    "project_quantize (encode forward)": "ops.encode(x, w_e, Codec(bits=4, group_size=16), norm_weight=g)",
+    "project_quantize (decode backward) + weight_grad": "ops.decode_backward(x, p, w_d, Codec(bits=8), Codec(bits=8, rounding='stochastic'))",
+    "dequant_project (decode forward)": "ops.decode(p, w_d, Codec(bits=8), 37, residual=x)",
+    "dequant_project (encode backward) + weight_grad": "ops.encode_backward(p, x, w_e, Codec(bits=8), norm_weight=g)",
+}
+SANITIZE_SETUP = """\
+import torch
+from resbm_kernels import ops
+from resbm_kernels.codec import Codec
+from resbm_kernels.backends import use_backend
+torch.manual_seed(0)
+x = torch.randn(37, 96, device='cuda', dtype=torch.bfloat16)
+w_e = torch.randn(32, 96, device='cuda', dtype=torch.bfloat16) / 10
+w_d = torch.randn(96, 32, device='cuda', dtype=torch.bfloat16) / 10
+g = torch.ones(96, device='cuda', dtype=torch.bfloat16)
+with use_backend('reference'):
+    p = ops.encode(x, w_e, Codec(bits=8))
+"""
+
+
+def sanitize_command(call: str) -> list[str]:
+    code = SANITIZE_SETUP + f"with use_backend('cuda'):\n    {call}\ntorch.cuda.synchronize()\n"
+    return ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", sys.executable, "-c", code]
+
+
+@needs_gpu
+@pytest.mark.parametrize("what", list(SANITIZE))
+def test_compute_sanitizer_memcheck(what):
+    if shutil.which("compute-sanitizer") is None:
+        pytest.skip("compute-sanitizer not on PATH")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run(sanitize_command(SANITIZE[what]), capture_output=True, text=True, timeout=600, env=env)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log
+    assert "ERROR SUMMARY: 0 errors" in log, log
