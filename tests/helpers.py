@@ -90,3 +90,51 @@ def poison_fast_outputs(monkeypatch) -> None:
 
     monkeypatch.setattr(fast, "empty", empty)
     monkeypatch.setattr(fast, "new_payload", new_payload)
+
+
+# ---- shared by the compiled-backend tests (Triton, CUDA) ---------------------------
+
+def ids(v):
+    """Readable pytest ids for codecs and dtypes."""
+    return v.spec if isinstance(v, Codec) else str(v).replace("torch.", "")
+
+
+def exact(*shape, dtype, scale=0.25, gen, device="cpu"):
+    """Random non-zero small integers times a power of two: every product and
+    sum of these is exact in fp32 in any order, so fused GEMMs give the
+    reference's z bit for bit."""
+    v = torch.randint(1, 8, shape, generator=gen) * (torch.randint(0, 2, shape, generator=gen) * 2 - 1)
+    return (v * scale).to(dtype).to(device)
+
+
+def normal(*shape, dtype, scale=1.0, gen, device="cpu"):
+    return (torch.randn(shape, generator=gen) * scale).to(dtype).to(device)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def rel_tol(dtype) -> float:
+    """Relative tolerance of a result rounded to ``dtype`` once (a few ulps)."""
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def assert_close_payload(p, q, codec: Codec, n: int, k: int) -> None:
+    """Same header; codes within one step and scales within a rounding step."""
+    from resbm_kernels.backends import reference as ref
+    from resbm_kernels.codec import HEADER_BYTES, payload_views
+
+    p, q = p.cpu(), q.cpu()
+    assert torch.equal(p[:HEADER_BYTES], q[:HEADER_BYTES])
+    if not codec.quantized:
+        a = ref.read_payload(p, codec, n, k, torch.float32)
+        b = ref.read_payload(q, codec, n, k, torch.float32)
+        assert rel_err(a, b) < 1e-2
+        return
+    (ca, sa), (cb, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
+    qa, qb = ref.unpack(ca, codec.bits, k).int(), ref.unpack(cb, codec.bits, k).int()
+    assert (qa - qb).abs().max() <= 1
+    assert torch.isfinite(sa.float()).all()
+    torch.testing.assert_close(sa.float(), sb.float(), rtol=1e-2, atol=0)

@@ -28,8 +28,10 @@ import torch
 from resbm_kernels import native, ops
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
-from helpers import poison_fast_outputs
-from resbm_kernels.codec import HEADER_BYTES, Codec, payload_views
+from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
+from helpers import ids as _ids
+from helpers import rel_tol as tol
+from resbm_kernels.codec import Codec
 
 cb = pytest.importorskip("resbm_kernels.backends.cuda")
 
@@ -42,10 +44,6 @@ HAS_GPU = torch.cuda.is_available() and native.available("cuda")
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresbm_cuda (build it with cmake/pip)")
 needs_lib = pytest.mark.skipif(not native.available("cuda"), reason="libresbm_cuda is not built")
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointers are only safe without a GPU")
-
-
-def _ids(v):
-    return v.spec if isinstance(v, Codec) else str(v).replace("torch.", "")
 
 
 # ---- CPU-runnable: compilation ----------------------------------------------------------
@@ -251,25 +249,6 @@ def poisoned(monkeypatch):
     poison_fast_outputs(monkeypatch)
 
 
-def exact(*shape, dtype, scale=0.25, gen):
-    """Random non-zero small integers times a power of two (exact in every dtype)."""
-    v = torch.randint(1, 8, shape, generator=gen) * (torch.randint(0, 2, shape, generator=gen) * 2 - 1)
-    return (v * scale).to(dtype).cuda()
-
-
-def normal(*shape, dtype, scale=1.0, gen):
-    return (torch.randn(shape, generator=gen) * scale).to(dtype).cuda()
-
-
-def rel_err(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def tol(dtype):
-    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-
-
 def cuda_call(fn, *args, **kwargs):
     with use_backend("cuda"):
         out = fn(*args, **kwargs)
@@ -279,22 +258,6 @@ def cuda_call(fn, *args, **kwargs):
 
 def _fits(codec, k):
     return codec.group_size is None or k % codec.group_size == 0
-
-
-def assert_close_payload(p, q, codec, n, k):
-    """Same header; codes within one step and scales within a rounding step."""
-    p, q = p.cpu(), q.cpu()
-    assert torch.equal(p[:HEADER_BYTES], q[:HEADER_BYTES])
-    if not codec.quantized:
-        a = ref.read_payload(p, codec, n, k, torch.float32)
-        b = ref.read_payload(q, codec, n, k, torch.float32)
-        assert rel_err(a, b) < 1e-2
-        return
-    (ca, sa), (cb_, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
-    qa, qb = ref.unpack(ca, codec.bits, k).int(), ref.unpack(cb_, codec.bits, k).int()
-    assert (qa - qb).abs().max() <= 1
-    assert torch.isfinite(sa.float()).all()
-    torch.testing.assert_close(sa.float(), sb.float(), rtol=1e-2, atol=0)
 
 
 @needs_gpu
@@ -307,8 +270,8 @@ def test_encode_forward_bit_exact(shape, dtype, codec):
     if not _fits(codec, k):
         pytest.skip("group does not divide k")
     gen = torch.Generator().manual_seed(n * d + k)
-    x = exact(n, d, dtype=dtype, gen=gen)
-    w_e = exact(k, d, dtype=dtype, scale=1 / 64, gen=gen)
+    x = exact(n, d, dtype=dtype, gen=gen, device="cuda")
+    w_e = exact(k, d, dtype=dtype, scale=1 / 64, gen=gen, device="cuda")
     got = cuda_call(ops.encode, x, w_e, codec, seed=7)
     want = ref.encode_forward(x.cpu(), w_e.cpu(), None, 1e-6, codec, 7)
     assert torch.equal(got.cpu(), want)
@@ -323,9 +286,9 @@ def test_encode_forward_norm(shape, dtype, codec):
     if not _fits(codec, k):
         pytest.skip("group does not divide k")
     gen = torch.Generator().manual_seed(3 * n + d)
-    x = normal(n, d, dtype=dtype, gen=gen)
-    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
-    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0)
+    x = normal(n, d, dtype=dtype, gen=gen, device="cuda")
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device="cuda")
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device="cuda").add_(1.0)
     got = cuda_call(ops.encode, x, w_e, codec, norm_weight=gamma, eps=1e-5, seed=3)
     want = ref.encode_forward(x.cpu(), w_e.cpu(), gamma.cpu(), 1e-5, codec, 3)
     assert_close_payload(got, want, codec, n, k)
@@ -341,8 +304,8 @@ def test_decode_forward(shape, dtype, codec):
         pytest.skip("group does not divide k")
     gen = torch.Generator().manual_seed(n + d + k)
     payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
-    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen)
-    for residual in (None, normal(n, d, dtype=dtype, gen=gen)):
+    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen, device="cuda")
+    for residual in (None, normal(n, d, dtype=dtype, gen=gen, device="cuda")):
         got = cuda_call(ops.decode, payload.cuda(), w_d, codec, n, residual=residual, out_dtype=dtype)
         want = ref.decode_forward(payload, w_d.cpu(), None if residual is None else residual.cpu(), codec, n, dtype)
         assert got.dtype == dtype and got.shape == (n, d)
@@ -355,7 +318,7 @@ def test_decode_forward_out_dtype_differs():
     gen = torch.Generator().manual_seed(3)
     codec = Codec(bits=8)
     payload = ref.write_payload(torch.randn(37, 32, generator=gen), codec, 0)
-    w_d = normal(128, 32, dtype=torch.float32, gen=gen)
+    w_d = normal(128, 32, dtype=torch.float32, gen=gen, device="cuda")
     got = cuda_call(ops.decode, payload.cuda(), w_d, codec, 37, out_dtype=torch.bfloat16)
     want = ref.decode_forward(payload, w_d.cpu(), None, codec, 37, torch.bfloat16)
     assert rel_err(got, want) <= tol(torch.bfloat16)
@@ -371,8 +334,8 @@ def test_decode_backward(shape, dtype, grad_codec):
     gen = torch.Generator().manual_seed(11)
     codec = Codec(bits=4, group_size=16)
     payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
-    grad_h = exact(n, d, dtype=dtype, gen=gen)
-    w_d = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen)
+    grad_h = exact(n, d, dtype=dtype, gen=gen, device="cuda")
+    w_d = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen, device="cuda")
     gp, gw = cuda_call(ops.decode_backward, grad_h, payload.cuda(), w_d, codec, grad_codec, grad_seed=99)
     gp_ref, gw_ref = ref.decode_backward(grad_h.cpu(), payload, w_d.cpu(), codec, grad_codec, 99)
     assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
@@ -389,9 +352,9 @@ def test_encode_backward(shape, norm, dtype, grad_codec):
     n, d, k = shape
     gen = torch.Generator().manual_seed(5)
     grad_payload = ref.write_payload(torch.randn(n, k, generator=gen), grad_codec, 4)
-    x = normal(n, d, dtype=dtype, gen=gen)
-    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
-    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0) if norm else None
+    x = normal(n, d, dtype=dtype, gen=gen, device="cuda")
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device="cuda")
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device="cuda").add_(1.0) if norm else None
     got = cuda_call(ops.encode_backward, grad_payload.cuda(), x, w_e, grad_codec, norm_weight=gamma, eps=1e-5)
     want = ref.encode_backward(grad_payload, x.cpu(), w_e.cpu(), None if gamma is None else gamma.cpu(), 1e-5,
                                grad_codec)

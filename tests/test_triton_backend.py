@@ -25,8 +25,10 @@ pytest.importorskip("triton")
 from resbm_kernels import ops  # noqa: E402
 from resbm_kernels.backends import reference as ref  # noqa: E402
 from resbm_kernels.backends import use_backend  # noqa: E402
-from helpers import poison_fast_outputs  # noqa: E402
-from resbm_kernels.codec import HEADER_BYTES, Codec, payload_views  # noqa: E402
+from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
+from helpers import ids as _ids  # noqa: E402
+from helpers import rel_tol as tol  # noqa: E402
+from resbm_kernels.codec import Codec  # noqa: E402
 
 tb = pytest.importorskip("resbm_kernels.backends.triton")
 
@@ -47,54 +49,15 @@ SHAPES = ((37, 128, 32), (150, 256, 16), (20, 96, 48))
 GRAD_CODEC = Codec(bits=8, rounding="stochastic")
 
 
-def _ids(v):
-    return v.spec if isinstance(v, Codec) else str(v).replace("torch.", "")
-
-
 @pytest.fixture(autouse=True)
 def poisoned(monkeypatch):
     """Fresh kernel outputs start as NaN / 0xFF instead of whatever was in memory."""
     poison_fast_outputs(monkeypatch)
 
 
-def exact(*shape, dtype, scale=0.25, gen):
-    """Random non-zero small integers times a power of two (exact in every dtype)."""
-    v = torch.randint(1, 8, shape, generator=gen) * (torch.randint(0, 2, shape, generator=gen) * 2 - 1)
-    return (v * scale).to(dtype)
-
-
-def normal(*shape, dtype, scale=1.0, gen):
-    return (torch.randn(shape, generator=gen) * scale).to(dtype)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def tol(dtype):
-    """Relative tolerance of a result rounded to ``dtype`` once (a few ulps)."""
-    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-
-
 def triton_call(fn, *args, **kwargs):
     with use_backend("triton"):
         return fn(*args, **kwargs)
-
-
-def assert_close_payload(p, q, codec, n, k):
-    """Same header; codes within one step and scales within a rounding step."""
-    assert torch.equal(p[:HEADER_BYTES], q[:HEADER_BYTES])
-    if not codec.quantized:
-        a = ref.read_payload(p, codec, n, k, torch.float32)
-        b = ref.read_payload(q, codec, n, k, torch.float32)
-        assert rel_err(a, b) < 1e-2
-        return
-    (ca, sa), (cb, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
-    qa, qb = ref.unpack(ca, codec.bits, k).int(), ref.unpack(cb, codec.bits, k).int()
-    assert (qa - qb).abs().max() <= 1
-    assert torch.isfinite(sa.float()).all()
-    torch.testing.assert_close(sa.float(), sb.float(), rtol=1e-2, atol=0)
 
 
 # ---- encode forward -------------------------------------------------------------------
