@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# One-call GPU verification of resbm_kernels on a lent GPU machine (no network).
+#
+#   bash bench/gpu_session.sh            # from the repository root; writes under $OUT
+#
+# Phases, each under its own `timeout`, each logged; a failing phase is
+# recorded and the next one still runs; the whole session stays under
+# $RESBM_SESSION_S seconds (default 530, for a 10-minute device call):
+#
+#   info      nvidia-smi, toolchain and Python package versions      -> session.log
+#   install   pip install --no-build-isolation --no-deps .  (CUDA_HOME=/usr/local/cuda;
+#             RESBM_CUDA=1 first, so a failing CUDA build shows; then without)  -> install.log
+#   tests     pytest tests -x -q with the GPU visible (RESBM_BACKEND=auto)      -> tests.log
+#   sanitize  compute-sanitizer memcheck/racecheck/synccheck/initcheck on
+#             bench/sanitize_cuda.py (every CUDA kernel once)                   -> sanitizer.log
+#   bench     the kernel (and wire) benchmarks, --benchmark-json=$OUT/kernels.json,
+#             with an internal time budget so the JSON is always written        -> bench.log
+#
+# At most 8 files come back from a device call: this writes session.log,
+# install.log, tests.log, sanitizer.log, bench.log and kernels.json.
+# Environment: OUT (default /tmp/resbm-gpu-session), PYTHON (default python3),
+# RESBM_SESSION_S, RESBM_BENCH_MIN_S (default 150: kept for the benchmarks by the earlier
+# phases), RESBM_PHASES (default "info install tests sanitize bench"),
+# RESBM_BENCH_ARGS (extra pytest arguments for the bench phase, e.g. "-k encode_forward").
+#
+# Afterwards, on the development machine: copy kernels.json to
+# bench/results/<card>-<date>.json, run `python bench/render.py`, commit both
+# with the logs' verdicts (see bench/README.md).
+
+set -u
+
+cd "$(dirname "$0")/.." || exit 2
+REPO="$PWD"
+OUT="${OUT:-/tmp/resbm-gpu-session}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+TOTAL_S="${RESBM_SESSION_S:-530}"
+PHASES="${RESBM_PHASES:-info install tests sanitize bench}"
+RESERVE_S=15 # kept back for the final summary
+BENCH_MIN_S="${RESBM_BENCH_MIN_S:-150}" # earlier phases leave at least this much for the benchmarks
+START_S=$(date +%s)
+LOG="$OUT/session.log"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$CUDA_HOME/bin:$PATH"
+export PYTHONUNBUFFERED=1
+export PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+unset TRITON_INTERPRET
+SUMMARY=()
+FAILED=0
+
+say() { echo "[$(date -u +%H:%M:%S) +$(($(date +%s) - START_S))s] $*" | tee -a "$LOG"; }
+left_s() { echo $((TOTAL_S - ($(date +%s) - START_S))); }
+wanted() { case " $PHASES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# run_phase NAME CAP_S LOGFILE CMD...: run CMD under timeout min(CAP_S, time left), log, record
+run_phase() {
+    local name=$1 cap=$2 log=$3
+    shift 3
+    local avail=$(($(left_s) - RESERVE_S))
+    if [[ $name != bench ]] && wanted bench; then avail=$((avail - BENCH_MIN_S)); fi
+    local t=$((cap < avail ? cap : avail))
+    if ((t < 5)); then
+        SUMMARY+=("$name: NOT RUN (session time used up)")
+        say "$name: not run, no time left"
+        FAILED=1
+        return 1
+    fi
+    say "$name: start (timeout ${t}s): $*"
+    echo "### $name: $* (timeout ${t}s)" >>"$log"
+    local t0 rc status
+    t0=$(date +%s)
+    timeout -k 10 "$t" "$@" >>"$log" 2>&1
+    rc=$?
+    case $rc in
+        0) status="ok" ;;
+        124 | 137) status="TIMEOUT after ${t}s" ;;
+        *) status="FAILED (exit $rc)" ;;
+    esac
+    [[ $rc -ne 0 ]] && FAILED=1
+    SUMMARY+=("$name: $status ($(($(date +%s) - t0))s, log $(basename "$log"))")
+    say "$name: $status"
+    return $rc
+}
+
+# Python flag that keeps the source tree off sys.path, so the installed package is tested (3.11+)
+PYP=("$PY")
+if "$PY" -P -c pass 2>/dev/null; then PYP=("$PY" -P); fi
+
+say "resbm_kernels GPU session: repo $REPO, OUT $OUT, budget ${TOTAL_S}s, phases: $PHASES"
+
+# ---- info ------------------------------------------------------------------------------
+if wanted info; then
+    {
+        echo "### date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        echo "### git: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo 'no git') $(git -C "$REPO" status --porcelain 2>/dev/null | wc -l) changed files"
+        echo "### nvidia-smi"
+        timeout 20 nvidia-smi || echo "nvidia-smi failed"
+        timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,persistence_mode,compute_mode --format=csv || true
+        echo "### toolchain"
+        "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -2 || echo "no nvcc at $CUDA_HOME"
+        command -v compute-sanitizer && compute-sanitizer --version 2>&1 | head -3
+        cmake --version 2>&1 | head -1
+        ninja --version 2>&1
+        "$PY" --version
+        timeout 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(0)); print('triton', triton.__version__)" 2>&1
+        timeout 30 "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|triton|pytest|pytest-benchmark|nvidia-ml-py|numpy|hypothesis|setuptools|matplotlib) ' || true
+    } >>"$LOG" 2>&1
+    SUMMARY+=("info: ok (session.log)")
+fi
+
+# ---- install ----------------------------------------------------------------------------
+if wanted install; then
+    if ! run_phase install 180 "$OUT/install.log" env RESBM_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps "$REPO"; then
+        say "install with RESBM_CUDA=1 failed: retrying without requiring the CUDA library"
+        run_phase install-retry 120 "$OUT/install.log" env RESBM_CUDA=auto "$PY" -m pip install -v --no-build-isolation --no-deps "$REPO"
+    fi
+    (cd /tmp && timeout 60 "$PY" -c "
+import resbm_kernels, resbm_kernels.native as n
+print('installed resbm_kernels at', resbm_kernels.__file__)
+print('native cpu library:', n.available('cpu'), '| native cuda library:', n.available('cuda'))
+from resbm_kernels.backends import _load
+for b in ('triton', 'cuda'):
+    m, why = _load(b)
+    print('backend', b, 'imports' if m else 'unavailable: ' + why)
+") >>"$LOG" 2>&1
+fi
+
+# ---- tests ------------------------------------------------------------------------------
+if wanted tests; then
+    run_phase tests 200 "$OUT/tests.log" env RESBM_BACKEND=auto "${PYP[@]}" -m pytest tests -x -q -rs -p no:cacheprovider
+    grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/    tests: /' | tee -a "$LOG"
+fi
+
+# ---- compute-sanitizer ------------------------------------------------------------------
+if wanted sanitize; then
+    if command -v compute-sanitizer >/dev/null; then
+        for tool in memcheck racecheck synccheck initcheck; do
+            backends="native,cuda" cap=45
+            [[ $tool == memcheck ]] && backends="native,cuda,triton" cap=90
+            run_phase "sanitize-$tool" $cap "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+                compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+                "${PYP[@]}" bench/sanitize_cuda.py --backends "$backends"
+            grep -E "^summary:|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tail -2 | sed "s/^/    $tool: /" | tee -a "$LOG"
+        done
+    else
+        SUMMARY+=("sanitize: NOT RUN (compute-sanitizer not found)")
+        FAILED=1
+    fi
+fi
+
+# ---- kernel benchmarks --------------------------------------------------------------------
+if wanted bench; then
+    # the suite stops starting new items after its budget, leaving time to write the JSON
+    budget=$(($(left_s) - RESERVE_S - 60))
+    if ((budget > 30)); then
+        # shellcheck disable=SC2086
+        run_phase bench $(($(left_s) - RESERVE_S)) "$OUT/bench.log" \
+            "${PYP[@]}" -m pytest bench/test_bench_wire.py bench/test_bench_kernels.py --benchmark-only -q -rs \
+            -p no:cacheprovider --benchmark-json="$OUT/kernels.json" --resbm-budget-s="$budget" ${RESBM_BENCH_ARGS:-}
+        [[ -s "$OUT/kernels.json" ]] || say "bench: no kernels.json written"
+        grep -E "passed|failed|error" "$OUT/bench.log" | tail -1 | sed 's/^/    bench: /' | tee -a "$LOG"
+    else
+        SUMMARY+=("bench: NOT RUN (only ${budget}s left)")
+        FAILED=1
+    fi
+fi
+
+# ---- summary --------------------------------------------------------------------------------
+{
+    echo "### nvidia-smi at the end"
+    timeout 10 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv 2>&1 || true
+} >>"$LOG" 2>&1
+say "summary ($(($(date +%s) - START_S))s of ${TOTAL_S}s):"
+for line in "${SUMMARY[@]}"; do say "  $line"; done
+exit $FAILED

@@ -1,0 +1,292 @@
+"""Kernel benchmarks: the four fused passes on every backend that is present.
+
+Backends: ``eager`` (the reference, through the public ops), ``compile``
+(``torch.compile`` of the reference math, see compiled.py), ``triton`` and
+``cuda`` (through the public ops with ``use_backend``). A backend is timed
+when ``resbm_kernels.backends._load(name)`` imports it and
+``supports(device)`` is true; otherwise the item is skipped with the reason.
+The Triton interpreter is never benchmarked.
+
+Shapes, bf16 activations and weights, RMSNorm on, no residual:
+
+- GPU (``--resbm-grid full``): N in {4096, 16384, 65536}, d in {2048, 4096,
+  8192}, k in {d/128, d/32}, bits in {16, 8, 4}; torch.compile at N=16384
+  only unless ``--resbm-compile all`` (every shape compiles for seconds).
+- CPU (``--resbm-grid cpu``, ids tagged ``cpu``): N=2048, d=2048, k in {16,
+  64}, bits in {16, 8, 4}; eager and torch.compile only.
+
+Codecs: forward ``Codec(bits)`` (one bf16 scale per token, round to nearest
+even); gradient ``Codec(bits, rounding="stochastic")``; bits=16 is bf16
+passthrough. decode_backward decodes a forward payload of the same bits.
+
+Per item (extra_info): median time, the bytes the pass must move at least
+(each input read once, each output written once -- the roofline), achieved
+GB/s, fraction of the device-to-device copy bandwidth measured in the same
+session, TFLOP/s, the error against the eager reference, and on a GPU the
+NVML telemetry read just after timing. Speedups over eager and torch.compile
+are filled in by conftest.py once all items have run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import zlib
+
+import pytest
+import torch
+
+import benchlib
+from benchlib import REPLAY
+from resbm_kernels import ops
+from resbm_kernels.backends import _load, use_backend
+from resbm_kernels.backends import reference as R
+from resbm_kernels.codec import Codec
+
+PASSES = ("encode_forward", "decode_forward", "decode_backward", "encode_backward")
+BACKENDS = ("eager", "compile", "triton", "cuda")
+GRIDS = {
+    "full": dict(N=(4096, 16384, 65536), d=(2048, 4096, 8192), ratio=(128, 32), bits=(16, 8, 4)),
+    "cpu": dict(N=(2048,), d=(2048,), ratio=(128, 32), bits=(16, 8, 4)),
+}
+COMPILE_SLICE_N = 16384
+EPS = 1e-6
+DTYPE = torch.bfloat16
+# relative L2 error allowed vs the eager reference: a different summation order
+# may flip codes by one quantization step (or a bf16 scale by one ulp), so the
+# bound is about one step per value relative to the values' RMS
+TOLERANCE = {16: 1e-2, 8: 3e-2, 4: 2.5e-1}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+    pass_: str
+    backend: str
+    N: int
+    d: int
+    k: int
+    bits: int
+    grid: str
+
+    @property
+    def id(self) -> str:
+        tag = "-cpu" if self.grid == "cpu" else ""
+        return f"{self.pass_}-{self.backend}-N{self.N}-d{self.d}-k{self.k}-bits{self.bits}{tag}"
+
+    @property
+    def priority(self):
+        """Most informative shapes first: d=4096 (the paper's width), the
+        128x ratio, int8, N=16384; all backends of one shape together."""
+        order = lambda value, seq: seq.index(value) if value in seq else len(seq)  # noqa: E731
+        return (order(self.d, (4096, 8192, 2048)), order(self.d // self.k, (128, 32)),
+                order(self.bits, (8, 16, 4)), order(self.N, (16384, 65536, 4096)),
+                PASSES.index(self.pass_), BACKENDS.index(self.backend))
+
+
+def _grid_name(config) -> str:
+    name = config.getoption("--resbm-grid")
+    if name == "auto":
+        return "full" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def pytest_generate_tests(metafunc):
+    if "kcase" not in metafunc.fixturenames:
+        return
+    grid = _grid_name(metafunc.config)
+    g = GRIDS[grid]
+    cases = [KernelCase(p, b, n, d, d // r, bits, grid)
+             for p in PASSES for b in BACKENDS for n in g["N"] for d in g["d"] for r in g["ratio"] for bits in g["bits"]]
+    metafunc.parametrize("kcase", cases, ids=[c.id for c in cases])
+
+
+# ---- backends -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def compiled_reference():
+    from compiled import CompiledReference
+
+    return CompiledReference()
+
+
+def _skip_reason(case: KernelCase, dev, config) -> str | None:
+    if case.backend == "compile":
+        mode = config.getoption("--resbm-compile")
+        if mode == "none":
+            return "torch.compile baseline disabled (--resbm-compile none)"
+        if mode == "slice" and benchlib.is_gpu(dev) and case.N != COMPILE_SLICE_N:
+            return (f"torch.compile baseline is timed at N={COMPILE_SLICE_N} only on the GPU (every shape "
+                    "compiles for seconds); --resbm-compile all times every N")
+        return None
+    if case.backend == "eager":
+        return None
+    if case.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1: the Triton interpreter is not benchmarked"
+    module, why = _load(case.backend)
+    if module is None:
+        return f"backend {case.backend!r} is not available: {why}"
+    if not module.supports(dev):
+        return (f"backend {case.backend!r} does not support {dev} (no CUDA device here; "
+                "GPU backends are benchmarked on a GPU only)")
+    return None
+
+
+# ---- inputs, roofline bytes, checks ---------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _codecs(bits: int):
+    """(forward codec, gradient codec); cached so compiled code sees the same objects."""
+    return Codec(bits=bits), Codec(bits=bits, rounding="stochastic")
+
+
+def _inputs(case: KernelCase, dev, sets: int, gen: torch.Generator):
+    n, d, k = case.N, case.d, case.k
+    codec, grad_codec = _codecs(case.bits)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32) * scale).to(DTYPE)
+
+    w = dict(w_e=randn(k, d, scale=d ** -0.5), w_d=randn(d, k, scale=k ** -0.5),
+             gamma=(1.0 + 0.1 * torch.randn(d, generator=gen, device=dev)).to(DTYPE))
+    per_set = []
+    for _ in range(sets):
+        s = {}
+        if case.pass_ in ("encode_forward", "encode_backward"):
+            s["x"] = randn(n, d)
+        if case.pass_ in ("decode_forward", "decode_backward"):
+            s["payload"] = R.write_payload(torch.randn(n, k, generator=gen, device=dev), codec, 0)
+        if case.pass_ == "decode_backward":
+            s["grad_h"] = randn(n, d, scale=1e-2)
+        if case.pass_ == "encode_backward":
+            s["grad_payload"] = R.write_payload(torch.randn(n, k, generator=gen, device=dev) * 1e-2, grad_codec, 0)
+        per_set.append(s)
+    return w, per_set
+
+
+def _set_bytes(case: KernelCase) -> int:
+    """Bytes of one rotating input set (what must not stay in cache)."""
+    n, d, k = case.N, case.d, case.k
+    codec, grad_codec = _codecs(case.bits)
+    big = n * d * 2
+    return {"encode_forward": big, "decode_forward": codec.payload_bytes(n, k),
+            "decode_backward": big + codec.payload_bytes(n, k),
+            "encode_backward": big + grad_codec.payload_bytes(n, k)}[case.pass_]
+
+
+def roofline(case: KernelCase) -> tuple[int, int]:
+    """(bytes, flops): every input read once and every output written once;
+    2*N*d*k FLOP per projection (backward passes also form a weight gradient)."""
+    n, d, k = case.N, case.d, case.k
+    codec, grad_codec = _codecs(case.bits)
+    big, wts, vec = n * d * 2, d * k * 2, d * 2
+    p, gp = codec.payload_bytes(n, k), grad_codec.payload_bytes(n, k)
+    proj = 2 * n * d * k
+    return {
+        "encode_forward": (big + wts + vec + p, proj),                       # x, W_e, gamma -> payload
+        "decode_forward": (p + wts + big, proj),                             # payload, W_d -> h
+        "decode_backward": (big + p + wts + gp + wts, 2 * proj),              # grad_h, payload, W_d -> g-payload, dW_d
+        "encode_backward": (gp + big + wts + vec + big + wts + vec, 2 * proj),  # g-payload, x, W_e, gamma -> dx, dW_e, dgamma
+    }[case.pass_]
+
+
+def _call(case: KernelCase, compiled, w, s):
+    codec, grad_codec = _codecs(case.bits)
+    n = case.N
+    if compiled is not None:
+        if case.pass_ == "encode_forward":
+            return compiled.encode_forward(s["x"], w["w_e"], w["gamma"], EPS, codec, 0)
+        if case.pass_ == "decode_forward":
+            return compiled.decode_forward(s["payload"], w["w_d"], None, codec, n, DTYPE)
+        if case.pass_ == "decode_backward":
+            return compiled.decode_backward(s["grad_h"], s["payload"], w["w_d"], codec, grad_codec, 1)
+        return compiled.encode_backward(s["grad_payload"], s["x"], w["w_e"], w["gamma"], EPS, grad_codec)
+    if case.pass_ == "encode_forward":
+        return ops.encode(s["x"], w["w_e"], codec, norm_weight=w["gamma"], eps=EPS, seed=0)
+    if case.pass_ == "decode_forward":
+        return ops.decode(s["payload"], w["w_d"], codec, n, out_dtype=DTYPE)
+    if case.pass_ == "decode_backward":
+        return ops.decode_backward(s["grad_h"], s["payload"], w["w_d"], codec, grad_codec, grad_seed=1)
+    return ops.encode_backward(s["grad_payload"], s["x"], w["w_e"], grad_codec, norm_weight=w["gamma"], eps=EPS)
+
+
+def _comparable(case: KernelCase, out):
+    """Float tensors that stand for a pass's result (payloads decoded)."""
+    codec, grad_codec = _codecs(case.bits)
+    n, k = case.N, case.k
+    if case.pass_ == "encode_forward":
+        return [R.read_payload(out, codec, n, k, torch.float32)]
+    if case.pass_ == "decode_forward":
+        return [out]
+    if case.pass_ == "decode_backward":
+        return [R.read_payload(out[0], grad_codec, n, k, torch.float32), out[1]]
+    return [t for t in out if t is not None]
+
+
+def _rel_err(got, ref) -> float:
+    errs = []
+    for a, b in zip(got, ref):
+        a, b = a.float(), b.float()
+        if not torch.isfinite(a).all():
+            return float("nan")
+        errs.append(((a - b).norm() / b.norm().clamp_min(1e-30)).item())
+    return max(errs)
+
+
+# ---- the benchmark -----------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(timer=REPLAY)
+def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
+    dev = bench_device
+    reason = _skip_reason(kcase, dev, request.config)
+    if reason:
+        pytest.skip(reason)
+    compiled = request.getfixturevalue("compiled_reference") if kcase.backend == "compile" else None
+    # the public ops on the named backend; torch.compile calls its compiled passes directly
+    backend_name = {"eager": "reference", "compile": None}.get(kcase.backend, kcase.backend)
+    benchmark.group = f"kernels {kcase.pass_} d={kcase.d} k={kcase.k} bits={kcase.bits}"
+
+    gpu = benchlib.is_gpu(dev)
+    sets = benchlib.rotation(_set_bytes(kcase), dev)
+    seed = zlib.crc32(f"{kcase.pass_}{kcase.N}{kcase.d}{kcase.k}{kcase.bits}".encode())
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    w, per_set = _inputs(kcase, dev, sets, gen)
+
+    warmup = 3 if gpu else 1
+    with use_backend(backend_name) if backend_name else contextlib.nullcontext():
+        call = lambda i: _call(kcase, compiled, w, per_set[i % sets])  # noqa: E731
+        # correctness first: the backend's result against the eager reference
+        got = _comparable(kcase, call(0))
+        if kcase.backend == "eager":
+            err = 0.0
+        else:
+            with use_backend("reference"):
+                ref = _comparable(kcase, _call(kcase, None, w, per_set[0]))
+            err = _rel_err(got, ref)
+            del ref
+        del got
+        assert err == err and err <= TOLERANCE[kcase.bits], (
+            f"{kcase.id}: relative error {err:.3g} vs the eager reference")
+        reps, est = benchlib.adaptive_reps(call, dev, target_s=0.25 if gpu else 0.5,
+                                           lo=10 if gpu else 3, hi=100 if gpu else 10, warmup=warmup)
+        times = benchlib.time_calls(call, dev, warmup=0, reps=reps)
+
+    stats = benchlib.summary(times)
+    nbytes, flops = roofline(kcase)
+    gbps = nbytes / stats["median_s"] / 1e9
+    codec, grad_codec = _codecs(kcase.bits)
+    benchmark.extra_info.update(
+        suite="kernels", grid=kcase.grid, device=str(dev), timer="cuda-events" if gpu else "perf_counter",
+        **{"pass": kcase.pass_}, backend=kcase.backend, N=kcase.N, d=kcase.d, k=kcase.k, bits=kcase.bits,
+        dtype="bfloat16", codec=codec.spec, grad_codec=grad_codec.spec,
+        rotation_sets=sets, untimed_calls=warmup + 2, **stats,
+        bytes_moved=nbytes, flops=flops, GBps=gbps, tflops=flops / stats["median_s"] / 1e12,
+        copy_GBps=copy_bw["copy_GBps"], frac_copy_bw=gbps / copy_bw["copy_GBps"],
+        max_rel_err_vs_eager=err,
+        **benchlib.telemetry(dev),
+    )
+    benchlib.record(benchmark, times)
