@@ -1,4 +1,5 @@
-"""The Triton backend against the reference, on the CPU under TRITON_INTERPRET=1.
+"""The Triton backend against the reference: on a CUDA GPU when one is present,
+otherwise on the CPU under TRITON_INTERPRET=1.
 
 Every pass goes through the public ops with ``use_backend("triton")``. Inputs
 are fresh random values (never zeros). Two kinds of comparison:
@@ -15,10 +16,12 @@ elements show.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 pytest.importorskip("triton")
 
@@ -55,9 +58,19 @@ def poisoned(monkeypatch):
     poison_fast_outputs(monkeypatch)
 
 
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj
+
+
 def triton_call(fn, *args, **kwargs):
+    """Run an op on the Triton backend on DEVICE; tensors come back on the CPU."""
     with use_backend("triton"):
-        return fn(*args, **kwargs)
+        out = fn(*_to(args, DEVICE), **{k: _to(v, DEVICE) for k, v in kwargs.items()})
+    return _to(out, "cpu")
 
 
 # ---- encode forward -------------------------------------------------------------------
@@ -204,12 +217,13 @@ def test_boundary_gradients(norm, dtype):
     upstream = exact(n, d, dtype=dtype, gen=gen)
 
     def run(backend):
-        ts = {name: t.clone().requires_grad_() for name, t in leaves.items()}
+        device = DEVICE if backend == "triton" else "cpu"
+        ts = {name: t.detach().to(device).clone().requires_grad_() for name, t in leaves.items()}
         with use_backend(backend):
             h, payload = ops.boundary(ts["x"], ts["w_e"], ts["w_d"], Codec(bits=8), GRAD_CODEC,
                                       norm_weight=ts.get("norm_weight"), residual=ts["residual"], seed=1, grad_seed=2)
-            (h.float() * upstream.float()).sum().backward()
-        return h.detach(), payload, {name: t.grad for name, t in ts.items()}
+            (h.float() * upstream.to(device).float()).sum().backward()
+        return h.detach().cpu(), payload.cpu(), {name: t.grad.cpu() for name, t in ts.items()}
 
     h, payload, grads = run("triton")
     h_ref, payload_ref, grads_ref = run("reference")
@@ -239,8 +253,8 @@ def test_torch_compile_matches_eager():
             h, _ = ops.boundary(x, self.w_e, self.w_d, Codec(bits=8), GRAD_CODEC, norm_weight=self.gamma)
             return torch.tanh(h).sum()
 
-    model = Boundary()
-    x = normal(37, 128, dtype=torch.float32, gen=gen)
+    model = Boundary().to(DEVICE)
+    x = normal(37, 128, dtype=torch.float32, gen=gen, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True)
     with use_backend("triton"):
         loss = model(x)
@@ -258,7 +272,9 @@ def test_torch_compile_matches_eager():
 
 
 def test_supports(monkeypatch):
-    assert tb.supports("cuda") and tb.supports(torch.device("cpu"))
+    assert tb.supports("cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tb.supports(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not tb.supports("cpu")
     assert not tb.supports("meta")
