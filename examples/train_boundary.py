@@ -6,7 +6,7 @@ decoder, with the numerics a two-stage pipeline has: activations cross with
 standard library's own source (:mod:`resbm_kernels.data`). Prints the loss
 going down, the bytes that would cross the wire and the compression ratio.
 
-    python examples/train_boundary.py --steps 200
+    python examples/train_boundary.py --steps 400
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from resbm_kernels.models.gpt import GPTConfig, ResBMGPT
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--width", type=int, default=128, help="model width d")
     p.add_argument("--bottleneck", type=int, default=8, help="bottleneck width k (divides d)")
     p.add_argument("--layers", type=int, default=2)

@@ -83,3 +83,16 @@ def test_module_construction_errors():
         ResBMDecoder(64, 0)
     with pytest.raises(ValueError, match="group_size=32 does not divide k=16"):
         ResBMBoundary(64, 16, codec=INT4)
+
+
+def test_demo_example_runs():
+    """The README's main job (examples/train_boundary.py), a few steps."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "train_boundary.py"
+    res = subprocess.run([sys.executable, str(script), "--steps", "3", "--width", "64", "--layers", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "validation loss:" in res.stdout and "compression ratio: forward" in res.stdout
