@@ -138,3 +138,55 @@ def assert_close_payload(p, q, codec: Codec, n: int, k: int) -> None:
     assert (qa - qb).abs().max() <= 1
     assert torch.isfinite(sa.float()).all()
     torch.testing.assert_close(sa.float(), sb.float(), rtol=1e-2, atol=0)
+
+
+# ---- compiling CUDA sources without a GPU (ptxas resource usage) ----------------------
+
+CUDA_ARCHS = ("80", "90")
+
+
+def find_nvcc() -> str | None:
+    """$CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc, or nvcc on PATH."""
+    import os
+    import pathlib
+    import shutil
+
+    home = os.environ.get("CUDA_HOME")
+    for cand in ([pathlib.Path(home) / "bin" / "nvcc"] if home else []) + [pathlib.Path("/usr/local/cuda/bin/nvcc")]:
+        if cand.is_file():
+            return str(cand)
+    return shutil.which("nvcc")
+
+
+def ptxas_report(source, include_dir, out_dir) -> list[tuple[str, str, int, int, int]]:
+    """Compile ``source`` for sm_80 and sm_90 with ``-Xptxas -v`` (skips the
+    test when nvcc is missing, fails it when compilation fails); returns
+    (arch, function, registers, spill store bytes, spill load bytes) per
+    kernel and prints them as a table (shown with ``pytest -s``)."""
+    import re
+    import subprocess
+
+    import pytest
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda/bin, PATH)")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+    cmd = [nvcc, "-c", "-std=c++17", "-O3", f"-I{include_dir}", *gencode, "-Xptxas=-v,--warn-on-spills",
+           str(source), "-o", str(out_dir / "kernels.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log
+    report, cur, spills = [], None, (0, 0)
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line):
+            cur, spills = (m.group(2), m.group(1)), (0, 0)
+        elif (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)) and cur:
+            spills = (int(m.group(1)), int(m.group(2)))
+        elif (m := re.search(r"Used (\d+) registers", line)) and cur:
+            report.append((*cur, int(m.group(1)), *spills))
+            cur = None
+    print(f"\n{'arch':6} {'regs':>4} {'spill st':>8} {'spill ld':>8}  kernel")
+    for arch, fn, regs, st, ld in report:
+        print(f"{arch:6} {regs:>4} {st:>8} {ld:>8}  {fn}")
+    return report
