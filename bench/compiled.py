@@ -38,52 +38,29 @@ def _configure() -> None:
 # ---- the compiled math (pure functions of tensors; codecs are Python constants) ----
 
 
-def _quant_pack(z, codec: Codec, seed: int):
-    if not codec.quantized:
-        return z.to(torch.bfloat16), None
-    q, s = R.quantize(z, codec, seed)
-    return R.pack(q, codec.bits), s
-
-
-def _read(codes, scales, codec: Codec, k: int, dtype):
-    if not codec.quantized:
-        return codes.view(torch.bfloat16).to(dtype)
-    return R.dequantize(R.unpack(codes, codec.bits, k), scales, codec, dtype)
-
-
 def _encode_math(x, w_e, gamma, eps, codec, seed):
-    return _quant_pack(R.encode_project(x, w_e, gamma, eps), codec, seed)
+    return R.quantize_pack(R.encode_project(x, w_e, gamma, eps), codec, seed)
 
 
-def _decode_math(codes, scales, w_d, codec, out_dtype):
-    k = w_d.shape[1]
-    return R.decode_project(_read(codes, scales, codec, k, torch.float32), w_d, None, out_dtype)
+def _decode_math(codes, scales, w_d, residual, codec, out_dtype):
+    zhat = R.unpack_dequantize(codes, scales, codec, w_d.shape[1], torch.float32)
+    return R.decode_project(zhat, w_d, residual, out_dtype)
 
 
 def _decode_backward_math(grad_h, codes, scales, w_d, codec, grad_codec, seed):
-    k = w_d.shape[1]
-    zhat = _read(codes, scales, codec, k, torch.float32)
+    zhat = R.unpack_dequantize(codes, scales, codec, w_d.shape[1], torch.float32)
     g_z, grad_w_d = R.decode_backward_dense(grad_h, zhat, w_d)
-    packed, s = _quant_pack(g_z, grad_codec, seed)
+    packed, s = R.quantize_pack(g_z, grad_codec, seed)
     return packed, s, grad_w_d.to(w_d.dtype)
 
 
 def _encode_backward_math(codes, scales, x, w_e, gamma, eps, grad_codec):
-    k = w_e.shape[0]
-    g_z = _read(codes, scales, grad_codec, k, torch.float32)
+    g_z = R.unpack_dequantize(codes, scales, grad_codec, w_e.shape[0], torch.float32)
     grad_x, grad_w, grad_gamma = R.encode_backward_dense(g_z, x, w_e, gamma, eps)
-    return grad_x.to(x.dtype), grad_w.to(w_e.dtype), grad_gamma.to(gamma.dtype)
+    return grad_x.to(x.dtype), grad_w.to(w_e.dtype), None if gamma is None else grad_gamma.to(gamma.dtype)
 
 
 # ---- eager payload assembly around the compiled math ------------------------------
-
-
-def _write(payload_codes, payload_scales, packed, scales, codec: Codec, n: int, k: int):
-    if codec.quantized:
-        payload_codes.copy_(packed)
-        payload_scales.copy_(scales)
-    else:
-        payload_codes.copy_(packed.contiguous().view(torch.uint8).view(n, 2 * k))
 
 
 def _views(payload, codec: Codec, n: int, k: int):
@@ -106,26 +83,18 @@ class CompiledReference:
     def encode_forward(self, x, w_e, norm_weight, eps, codec: Codec, seed: int):
         n, k = x.shape[0], w_e.shape[0]
         packed, scales = self._enc(x, w_e, norm_weight, eps, codec, seed)
-        payload = empty_payload(codec, n, k, x.device)
-        _write(*payload_views(payload, codec, n, k), packed, scales, codec, n, k)
-        return payload
+        return R.fill_payload(empty_payload(codec, n, k, x.device), codec, n, k, packed, scales)
 
     def decode_forward(self, payload, w_d, residual, codec: Codec, n: int, out_dtype):
-        if residual is not None:
-            raise NotImplementedError("the benchmark decodes without a residual")
         codes, scales = _views(payload, codec, n, w_d.shape[1])
-        return self._dec(codes, scales, w_d, codec, out_dtype)
+        return self._dec(codes, scales, w_d, residual, codec, out_dtype)
 
     def decode_backward(self, grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int):
         n, k = grad_h.shape[0], w_d.shape[1]
         codes, scales = _views(payload, codec, n, k)
         packed, s, grad_w_d = self._dec_bwd(grad_h, codes, scales, w_d, codec, grad_codec, seed)
-        out = empty_payload(grad_codec, n, k, grad_h.device)
-        _write(*payload_views(out, grad_codec, n, k), packed, s, grad_codec, n, k)
-        return out, grad_w_d
+        return R.fill_payload(empty_payload(grad_codec, n, k, grad_h.device), grad_codec, n, k, packed, s), grad_w_d
 
     def encode_backward(self, grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
-        if norm_weight is None:
-            raise NotImplementedError("the benchmark encodes with the RMSNorm on")
         codes, scales = _views(grad_payload, grad_codec, x.shape[0], w_e.shape[0])
         return self._enc_bwd(codes, scales, x, w_e, norm_weight, eps, grad_codec)

@@ -27,6 +27,7 @@ Rounding is not part of the format: a payload decodes the same either way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import torch
@@ -147,23 +148,27 @@ class Codec:
     @classmethod
     def parse(cls, spec: str | Codec) -> Codec:
         """Inverse of :attr:`spec`; also accepts a Codec (returned as is)."""
-        if isinstance(spec, Codec):
-            return spec
-        if spec == "bf16":
-            return cls(bits=16)
-        m = re.fullmatch(r"int(\d+)/(row|g\d+)/(fp32|fp16|bf16)/(nearest|stochastic)", spec)
-        if not m:
-            raise ValueError(f"Codec: cannot parse spec {spec!r} (expected e.g. 'int8/row/bf16/nearest' or 'bf16')")
-        bits, g, sd, rnd = m.groups()
-        return cls(
-            bits=int(bits),
-            group_size=None if g == "row" else int(g[1:]),
-            scale_dtype=_NAME_TO_SCALE[sd],
-            rounding=rnd,
-        )
+        return spec if isinstance(spec, Codec) else _parse_spec(spec)
 
     def __str__(self) -> str:
         return self.spec
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_spec(spec: str) -> Codec:
+    """Cached, since every op call parses its codec strings."""
+    if spec == "bf16":
+        return Codec(bits=16)
+    m = re.fullmatch(r"int(\d+)/(row|g\d+)/(fp32|fp16|bf16)/(nearest|stochastic)", spec)
+    if not m:
+        raise ValueError(f"Codec: cannot parse spec {spec!r} (expected e.g. 'int8/row/bf16/nearest' or 'bf16')")
+    bits, g, sd, rnd = m.groups()
+    return Codec(
+        bits=int(bits),
+        group_size=None if g == "row" else int(g[1:]),
+        scale_dtype=_NAME_TO_SCALE[sd],
+        rounding=rnd,
+    )
 
 
 # Sensible presets: activations forward with nearest rounding, gradients back

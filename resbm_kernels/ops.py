@@ -335,15 +335,19 @@ def _check_codes(codes, scales, c: Codec):
     checks.shape("scales", scales, (n, k // c.group(k)))
 
 
-def _check_pack(codes, bits):
+def _check_bits(bits, k):
     Codec(bits=bits)
+    if bits == 16 or (k * bits) % 8:
+        raise ValueError(f"pack: cannot pack {k} values of {bits} bits into whole bytes")
+
+
+def _check_pack(codes, bits):
     checks.tensor("codes", codes, ndim=2, dtypes=(torch.int8,))
-    if bits == 16 or (codes.shape[1] * bits) % 8:
-        raise ValueError(f"pack: cannot pack {codes.shape[1]} values of {bits} bits into whole bytes")
+    _check_bits(bits, codes.shape[1])
 
 
 def _check_unpack(packed, bits, k):
-    _check_pack(torch.empty((0, k), dtype=torch.int8), bits)
+    _check_bits(bits, k)
     checks.tensor("packed", packed, ndim=2, dtypes=(torch.uint8,))
     checks.shape("packed", packed, (packed.shape[0], k * bits // 8))
 

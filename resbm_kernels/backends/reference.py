@@ -95,29 +95,44 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return signed.view(n, k).to(torch.int8)
 
 
+def quantize_pack(z: torch.Tensor, codec: Codec, seed: int = 0):
+    """z (N, k) -> the contents of a payload's two regions: (packed codes
+    uint8 (N, k*bits/8), scales) -- for bits=16 the bf16 bytes and no scales."""
+    if codec.quantized:
+        q, s = quantize(z, codec, seed)
+        return pack(q, codec.bits), s
+    if not torch.isfinite(z).all():
+        raise ValueError("quantize: input contains non-finite values (inf or nan)")
+    return z.to(torch.bfloat16).contiguous().view(torch.uint8), None
+
+
+def unpack_dequantize(codes: torch.Tensor, scales, codec: Codec, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of :func:`quantize_pack` (up to rounding): float (N, k) of ``dtype``."""
+    if not codec.quantized:
+        return codes.contiguous().view(torch.bfloat16).to(dtype)
+    return dequantize(unpack(codes, codec.bits, k), scales, codec, dtype)
+
+
+def fill_payload(payload: torch.Tensor, codec: Codec, n: int, k: int, codes: torch.Tensor, scales) -> torch.Tensor:
+    """Copy packed codes and scales into a payload whose header is written."""
+    codes_view, scales_view = payload_views(payload, codec, n, k)
+    codes_view.copy_(codes)
+    if scales is not None:
+        scales_view.copy_(scales)
+    return payload
+
+
 def write_payload(z: torch.Tensor, codec: Codec, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize + pack z (N, k) into a payload (header, codes, scales): ``out``
     if given, else a fresh one."""
     n, k = z.shape
     payload = empty_payload(codec, n, k, z.device) if out is None else write_header(out, codec, n, k)
-    codes, scales = payload_views(payload, codec, n, k)
-    if codec.quantized:
-        q, s = quantize(z, codec, seed)
-        codes.copy_(pack(q, codec.bits))
-        scales.copy_(s)
-    else:
-        if not torch.isfinite(z).all():
-            raise ValueError("quantize: input contains non-finite values (inf or nan)")
-        codes.copy_(z.to(torch.bfloat16).contiguous().view(torch.uint8).view(n, 2 * k))
-    return payload
+    return fill_payload(payload, codec, n, k, *quantize_pack(z, codec, seed))
 
 
 def read_payload(payload: torch.Tensor, codec: Codec, n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """Unpack + dequantize a payload into float (N, k) of ``dtype``."""
-    codes, scales = payload_views(payload, codec, n, k)
-    if not codec.quantized:
-        return codes.contiguous().view(torch.bfloat16).to(dtype)
-    return dequantize(unpack(codes, codec.bits, k), scales, codec, dtype)
+    return unpack_dequantize(*payload_views(payload, codec, n, k), codec, k, dtype)
 
 
 # ---- the four passes ------------------------------------------------------------

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 FORWARD, BACKWARD = "forward activations", "backward gradients"
-_TAGS = {FORWARD: 0, BACKWARD: 1}
 
 
 class PipelineError(RuntimeError):
@@ -77,11 +76,11 @@ class Peers:
     def _issue(self, op, tensor: torch.Tensor, peer: int, direction: str):
         group = self.groups[direction]
         if self._stream is None:
-            return op(tensor, self.ranks[peer], group=group, tag=_TAGS[direction])
+            return op(tensor, self.ranks[peer], group=group)
         self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(self._stream):
             tensor.record_stream(self._stream)
-            return op(tensor, self.ranks[peer], group=group, tag=_TAGS[direction])
+            return op(tensor, self.ranks[peer], group=group)
 
     def send(self, tensor: torch.Tensor, direction: str, micro_batch: int) -> None:
         """Post a send; it completes in the background (see :meth:`flush`)."""
