@@ -24,8 +24,9 @@
 # RESBM_BENCH_ARGS (extra pytest arguments for the bench phase, e.g. "-k encode_forward").
 #
 # Afterwards, on the development machine: copy kernels.json to
-# bench/results/<card>-<date>.json, run `python bench/render.py`, commit both
-# with the logs' verdicts (see bench/README.md).
+# bench/results/<card>-<date>.json, run `python bench/render.py` and
+# `python bench/rank_backends.py bench/results/<card>-<date>.json` (the ranking
+# `auto` follows), commit them with the logs' verdicts (see bench/README.md).
 
 set -u
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .backends import reference, select
+from .backends import Case, reference, select
 from .codec import Codec
 
 # ---- standalone codec ops (reference implementation on every device) -------------
@@ -78,13 +78,23 @@ def _(packed, bits, k):
 # ---- the four fused passes -------------------------------------------------------
 
 
+def _encode_case(op, x, w_e, norm_weight, codec) -> Case:
+    dtypes = (x.dtype, w_e.dtype) + ((norm_weight.dtype,) if norm_weight is not None else ())
+    return Case(op, w_e.shape[1], w_e.shape[0], dtypes, (codec,))
+
+
+def _decode_backward_case(grad_h, w_d, codec, grad_codec) -> Case:
+    return Case("decode_backward", *w_d.shape, (grad_h.dtype, w_d.dtype), (codec, grad_codec))
+
+
 @torch.library.custom_op("resbm::encode_forward", mutates_args=())
 def _encode_forward(
     x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int
 ) -> Tensor:
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c)
-    return select(x.device).encode_forward(x, w_e, norm_weight, eps, c, seed)
+    return select(x.device, _encode_case("encode_forward", x, w_e, norm_weight, c)).encode_forward(
+        x, w_e, norm_weight, eps, c, seed)
 
 
 @_encode_forward.register_fake
@@ -100,7 +110,8 @@ def _decode_forward(
 ) -> Tensor:
     c = Codec.parse(codec)
     _check_decode(payload, w_d, residual, c, n, out_dtype)
-    return select(w_d.device).decode_forward(payload, w_d, residual, c, n, out_dtype)
+    case = Case("decode_forward", *w_d.shape, (w_d.dtype, out_dtype), (c,))
+    return select(w_d.device, case).decode_forward(payload, w_d, residual, c, n, out_dtype)
 
 
 @_decode_forward.register_fake
@@ -116,7 +127,8 @@ def _decode_backward(
 ) -> tuple[Tensor, Tensor]:
     c, gc = Codec.parse(codec), Codec.parse(grad_codec)
     _check_decode_backward(grad_h, payload, w_d, c, gc)
-    return select(w_d.device).decode_backward(grad_h, payload, w_d, c, gc, grad_seed)
+    return select(w_d.device, _decode_backward_case(grad_h, w_d, c, gc)).decode_backward(
+        grad_h, payload, w_d, c, gc, grad_seed)
 
 
 @_decode_backward.register_fake
@@ -133,7 +145,8 @@ def _encode_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     gc = Codec.parse(grad_codec)
     _check_encode_backward(grad_payload, x, w_e, norm_weight, gc)
-    grad_x, grad_w, grad_gamma = select(x.device).encode_backward(grad_payload, x, w_e, norm_weight, eps, gc)
+    case = _encode_case("encode_backward", x, w_e, norm_weight, gc)
+    grad_x, grad_w, grad_gamma = select(x.device, case).encode_backward(grad_payload, x, w_e, norm_weight, eps, gc)
     return grad_x, grad_w, _or_empty(grad_gamma, x)
 
 
@@ -156,7 +169,8 @@ def _encode_forward_out(
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c)
     checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
-    select(x.device).encode_forward(x, w_e, norm_weight, eps, c, seed, out=out)
+    case = _encode_case("encode_forward", x, w_e, norm_weight, c)
+    select(x.device, case).encode_forward(x, w_e, norm_weight, eps, c, seed, out=out)
 
 
 @_encode_forward_out.register_fake
@@ -173,7 +187,8 @@ def _decode_backward_out(
     c, gc = Codec.parse(codec), Codec.parse(grad_codec)
     _check_decode_backward(grad_h, payload, w_d, c, gc)
     checks.payload(out, gc, grad_h.shape[0], w_d.shape[1], w_d.device, read_header=False)
-    return select(w_d.device).decode_backward(grad_h, payload, w_d, c, gc, grad_seed, out=out)[1]
+    case = _decode_backward_case(grad_h, w_d, c, gc)
+    return select(w_d.device, case).decode_backward(grad_h, payload, w_d, c, gc, grad_seed, out=out)[1]
 
 
 @_decode_backward_out.register_fake

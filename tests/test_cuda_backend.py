@@ -116,6 +116,14 @@ def test_c_misaligned_and_zero_rows(lib):
     keep, p = _buf()
     rc, err = _encode_fwd(lib, x=p + 2)
     assert rc == 1 and "x is not 16-byte aligned" in err
+    rc, err = _encode_fwd(lib, x=p + 1)
+    assert rc == 1 and "x is not 2-byte aligned" in err
+    rc, err = _encode_fwd(lib, scales=p + 1)
+    assert rc == 1 and "scales is not 2-byte aligned" in err
+    rc, err = _encode_fwd(lib, sdt=1, scales=p + 2)
+    assert rc == 1 and "scales is not 4-byte aligned" in err
+    rc, err = _encode_fwd(lib, bits=16, codes=p + 1, scales=None)
+    assert rc == 1 and "codes is not 2-byte aligned (bits=16)" in err
     rc, err = _encode_fwd(lib, n=0, x=None, codes=None, scales=None)
     assert rc == 0  # nothing to do: no CUDA call at all
 
@@ -296,6 +304,23 @@ def test_decode_backward(shape, dtype, grad_codec):
     assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
     assert gw.dtype == dtype and gw.shape == (d, k)
     assert rel_err(gw, gw_ref) <= tol(dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtypes", ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)), ids=str)
+def test_decode_backward_mixed_dtypes(dtypes):
+    """grad_h and w_d of different dtypes (the ops accept them): w_d is read in grad_h's dtype."""
+    grad_dtype, w_dtype = dtypes
+    n, d, k = 37, 128, 32
+    gen = torch.Generator().manual_seed(12)
+    codec = Codec(bits=8)
+    payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
+    grad_h = exact(n, d, dtype=grad_dtype, gen=gen, device="cuda")
+    w_d = exact(d, k, dtype=w_dtype, scale=1 / 16, gen=gen, device="cuda")
+    gp, gw = cuda_call(ops.decode_backward, grad_h, payload.cuda(), w_d, codec, GRAD_CODEC, grad_seed=9)
+    gp_ref, gw_ref = ref.decode_backward(grad_h.cpu(), payload, w_d.cpu(), codec, GRAD_CODEC, 9)
+    assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
+    assert gw.dtype == w_dtype and rel_err(gw, gw_ref) <= tol(torch.bfloat16)
 
 
 @needs_gpu

@@ -237,6 +237,25 @@ def test_c_argument_errors(kwargs, message):
 
 
 @needs_cpu_lib
+def test_c_misaligned_pointers():
+    """Values, 16-bit codes and scales are accessed whole: a misaligned pointer is an error."""
+    lib = native.library("cpu")
+    buf = ctypes.create_string_buffer(1024)
+    base = ctypes.addressof(buf) + (-ctypes.addressof(buf) % 16)
+    err = lambda: lib.resbm_last_error().decode()  # noqa: E731
+    # quantize_pack: z, z_dtype, n, k, bits, group, scale_dtype, stochastic, key, codes, scales
+    assert lib.resbm_cpu_quantize_pack(base + 2, 1, 2, 64, 8, 16, 3, 0, 0, base, base) != 0
+    assert "z is not 4-byte aligned" in err()
+    assert lib.resbm_cpu_quantize_pack(base, 1, 2, 64, 8, 16, 3, 0, 0, base, base + 1) != 0
+    assert "scales is not 2-byte aligned" in err()
+    assert lib.resbm_cpu_quantize_pack(base, 1, 2, 64, 16, 0, 0, 0, 0, base + 1, None) != 0
+    assert "codes is not 2-byte aligned (bits=16)" in err()
+    # unpack_dequantize: codes, scales, n, k, bits, group, scale_dtype, out_dtype, out
+    assert lib.resbm_cpu_unpack_dequantize(base, base, 2, 64, 8, 16, 1, 3, base + 1) != 0
+    assert "out is not 2-byte aligned" in err()
+
+
+@needs_cpu_lib
 def test_c_dequantize_errors_and_empty():
     lib = native.library("cpu")
     buf = ctypes.create_string_buffer(64)

@@ -172,6 +172,22 @@ def test_decode_backward(shape, dtype, grad_codec):
     assert gw.dtype == dtype and rel_err(gw, gw_ref) <= tol(dtype)
 
 
+@pytest.mark.parametrize("dtypes", ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)), ids=str)
+def test_decode_backward_mixed_dtypes(dtypes):
+    """grad_h and w_d of different dtypes (the ops accept them)."""
+    grad_dtype, w_dtype = dtypes
+    n, d, k = 37, 128, 32
+    gen = torch.Generator().manual_seed(12)
+    codec = Codec(bits=8)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    grad_h = exact(n, d, dtype=grad_dtype, gen=gen)
+    w_d = exact(d, k, dtype=w_dtype, scale=1 / 16, gen=gen)
+    gp, gw = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=9)
+    gp_ref, gw_ref = ops.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=9)
+    assert torch.equal(gp, gp_ref), "gradient payload differs"
+    assert gw.dtype == w_dtype and rel_err(gw, gw_ref) <= tol(torch.bfloat16)
+
+
 # ---- encode backward ------------------------------------------------------------------
 
 
@@ -305,3 +321,47 @@ def test_zero_rows():
     p = triton_call(ops.encode, torch.randn(0, 64), w_e, codec)
     assert torch.equal(p, ops.encode(torch.randn(0, 64), w_e, codec))
     assert triton_call(ops.decode, p, torch.randn(64, 16), codec, 0).shape == (0, 64)
+
+
+# ---- every GPU launch config ---------------------------------------------------------------
+
+
+def _block_sizes(table):
+    return sorted({(bn, bd) for bn, bd, _, _ in table})
+
+
+@pytest.mark.parametrize("blocks", _block_sizes(tb.configs.GPU_ROWS + tb.configs.GPU_WGRAD), ids=str)
+def test_every_gpu_block_size(monkeypatch, blocks):
+    """Each (BLOCK_N, BLOCK_D) of the GPU autotune sets, forced on every kernel,
+    gives the reference result on a shape with a tail in every dimension (the
+    interpreter otherwise only runs its one fixed config; on a GPU the autotuner
+    would pick just one)."""
+    from resbm_kernels.backends.triton import dequant_project, project_quantize, weight_grad
+
+    rows = [c for c in tb.configs.gpu_configs(tb.configs.GPU_ROWS + tb.configs.GPU_WGRAD)
+            if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) == blocks][:1]
+    for kernel in (project_quantize.project_quantize_kernel, dequant_project.dequant_project_kernel,
+                   weight_grad.weight_grad_kernel):
+        monkeypatch.setattr(kernel, "configs", rows)
+    n, d, k = 150, 240, 48  # no multiple of 64 or 128 anywhere
+    gen = torch.Generator().manual_seed(sum(blocks))
+    codec, grad_codec = Codec(bits=4, group_size=16), Codec(bits=8, rounding="stochastic")
+    bf16 = torch.bfloat16
+    x = exact(n, d, dtype=bf16, gen=gen)
+    w_e = exact(k, d, dtype=bf16, scale=1 / 16, gen=gen)
+    w_d = exact(d, k, dtype=bf16, scale=1 / 16, gen=gen)
+    grad_h = exact(n, d, dtype=bf16, gen=gen)
+    gamma = normal(d, dtype=bf16, scale=0.1, gen=gen).add_(1.0)
+
+    payload = triton_call(ops.encode, x, w_e, codec, seed=5)
+    assert torch.equal(payload, ops.encode(x, w_e, codec, seed=5)), "encode_forward payload"
+    h = triton_call(ops.decode, payload, w_d, codec, n, residual=x)
+    assert rel_err(h, ops.decode(payload, w_d, codec, n, residual=x)) <= tol(bf16), "decode_forward"
+    gp, gw_d = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, grad_codec, grad_seed=6)
+    gp_ref, gw_d_ref = ops.decode_backward(grad_h, payload, w_d, codec, grad_codec, grad_seed=6)
+    assert torch.equal(gp, gp_ref), "decode_backward gradient payload"
+    assert rel_err(gw_d, gw_d_ref) <= tol(bf16), "decode_backward weight gradient"
+    got = triton_call(ops.encode_backward, gp_ref, x, w_e, grad_codec, norm_weight=gamma)
+    want = ops.encode_backward(gp_ref, x, w_e, grad_codec, norm_weight=gamma)
+    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
+        assert rel_err(a, b) <= 4 * tol(bf16), f"encode_backward {name}"

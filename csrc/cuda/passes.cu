@@ -768,7 +768,6 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   RESBM_TRY(check_ptr(fn, "x", x, 16, true));
   RESBM_TRY(check_ptr(fn, "w_e", w_e, dtype_bytes(dtype), true));
   RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, dtype_bytes(dtype), false));
-  RESBM_TRY(check_ptr(fn, "codes", codes, bits == 16 ? 2 : 1, true));
   PQArgs p{x, w_e, norm_weight, n, d, k, /*w_sc=*/d, /*w_sd=*/1, eps, bits, group,
            scale_dtype, stochastic, key, codes, scales};
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, static_cast<cudaStream_t>(stream));
@@ -786,7 +785,6 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   if (n == 0) return RESBM_OK;
   RESBM_TRY(check_ptr(fn, "grad_h", grad_h, 16, true));
   RESBM_TRY(check_ptr(fn, "w_d", w_d, dtype_bytes(dtype), true));
-  RESBM_TRY(check_ptr(fn, "codes", codes, bits == 16 ? 2 : 1, true));
   // g_z = grad_h @ w_d (+ identity): B(dd, c) = w_d[dd * k + c]
   PQArgs p{grad_h, w_d, nullptr, n, d, k, /*w_sc=*/1, /*w_sd=*/k, 0.0f, bits, group,
            scale_dtype, stochastic, key, codes, scales};
@@ -806,7 +804,6 @@ int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t 
   RESBM_TRY(check_ptr(fn, "out", out, 16, true));
   RESBM_TRY(check_ptr(fn, "residual", residual, 16, false));
   RESBM_TRY(check_ptr(fn, "w_d", w_d, dtype_bytes(w_dtype), true));
-  RESBM_TRY(check_ptr(fn, "codes", codes, bits == 16 ? 2 : 1, true));
   // h = zhat @ w_d^T: B(dd, c) = w_d[dd * k + c]
   DQArgs p{codes, scales, bits, group, scale_dtype, w_d, /*w_sn=*/k, /*w_sc=*/1,
            nullptr, nullptr, 0.0f, residual, out, out_dtype, nullptr, n, d, k};
@@ -824,7 +821,6 @@ int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t
   if (n == 0) return RESBM_OK;
   RESBM_TRY(check_ptr(fn, "grad_x", grad_x, 16, true));
   RESBM_TRY(check_ptr(fn, "w_e", w_e, dtype_bytes(dtype), true));
-  RESBM_TRY(check_ptr(fn, "codes", codes, bits == 16 ? 2 : 1, true));
   if (norm_weight != nullptr) {
     RESBM_TRY(check_ptr(fn, "x", x, 16, true));
     RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, 16, true));
@@ -851,7 +847,6 @@ int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64
   RESBM_TRY(check_ptr(fn, "partial", partial, 4, true));
   RESBM_TRY(check_ptr(fn, "a", a, 16, n > 0));
   RESBM_TRY(check_ptr(fn, "rscale", rscale, 4, false));
-  if (n > 0) RESBM_TRY(check_ptr(fn, "codes", codes, bits == 16 ? 2 : 1, true));
   // every split writes its whole (k, d) partial, zeros when it has no rows
   const int64_t rows_per_split = (n + splits - 1) / splits;
   WGArgs p{a, codes, scales, bits, group, scale_dtype, rscale, partial, d * k,

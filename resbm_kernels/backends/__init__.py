@@ -2,30 +2,57 @@
 
 A backend is a module exposing the four passes with the signatures of
 :mod:`resbm_kernels.backends.reference` (``encode_forward``, ``decode_forward``,
-``decode_backward``, ``encode_backward``) and a ``supports(device) -> bool``
-function. The public ops in :mod:`resbm_kernels.ops` call :func:`select` for the
-device of their inputs.
+``decode_backward``, ``encode_backward``), ``supports(device) -> bool`` and
+``unsupported(case) -> str | None`` (why it cannot run a :class:`Case`, or
+None). The public ops in :mod:`resbm_kernels.ops` call :func:`select` with the
+device of their inputs and the case at hand.
 
 Choice, in order: the innermost :func:`use_backend` context, else the
-``RESBM_BACKEND`` environment variable, else ``auto``. ``auto`` takes, for CUDA
-tensors, the first available backend in ``AUTO_ORDER`` that supports the
-device, and otherwise the reference (CPU tensors reach the Triton backend only
-when it is named, under ``TRITON_INTERPRET=1``). Naming a backend that is
-unavailable raises.
+``RESBM_BACKEND`` environment variable, else ``auto``. A named backend that is
+unavailable, does not support the device or cannot run the case raises,
+saying why (its own argument checks name the limits it cannot meet).
+``auto`` runs CPU tensors on the reference; for CUDA tensors it tries the backends in the order measured fastest for this GPU and pass (the
+``measured.json`` shipped with the package, written by
+``bench/rank_backends.py`` from a benchmark run on that card), or
+:data:`DEFAULT_ORDER` on a GPU nobody has measured, and takes the first one
+that is available and can run the case; the reference is the last resort, so
+``auto`` never fails for want of a kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import importlib
+import json
 import os
+import pathlib
 import threading
 
 NAMES = ("auto", "reference", "triton", "cuda")
-AUTO_ORDER = ("triton",)  # fastest measured first; cuda joins once it is measured
+RANKED = ("reference", "triton", "cuda")  # what a measured ranking may list
+DEFAULT_ORDER = ("triton",)  # unmeasured GPUs: the CUDA backend joins only where it measured faster
+MEASURED = pathlib.Path(__file__).with_name("measured.json")
 
 _MODULES = {"reference": ".reference", "triton": ".triton", "cuda": ".cuda"}
 _local = threading.local()
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """What one pass is asked to do: enough for a backend to say whether it can.
+
+    ``op`` is the pass name, ``d``/``k`` the bottleneck widths, ``dtypes`` the
+    floating dtypes involved (inputs, weights, output), ``codecs`` the codecs
+    of the payloads read or written.
+    """
+
+    op: str
+    d: int
+    k: int
+    dtypes: tuple = ()
+    codecs: tuple = ()
 
 
 def _load(name: str):
@@ -58,22 +85,61 @@ def use_backend(name: str):
         stack.pop()
 
 
-def select(device):
-    """The backend module that runs ops for tensors on ``device``."""
+def _available(name: str, device):
+    """(module, None) if backend ``name`` imports and supports ``device``, else (None, reason)."""
+    module, why = _load(name)
+    if module is None:
+        return None, f"is not available: {why}"
+    if not module.supports(device):
+        return None, f"does not support device {device}"
+    return module, None
+
+
+def select(device, case: Case | None = None):
+    """The backend module that runs ``case`` for tensors on ``device``.
+
+    A named backend that cannot run the case raises from its own argument
+    checks (TypeError / ValueError naming the limit); ``auto`` skips it.
+    """
     name = requested()
-    if name == "reference":
-        return _load("reference")[0]
-    if name != "auto":
-        module, why = _load(name)
-        if module is None:
-            raise RuntimeError(f"resbm backend {name!r} is not available: {why}")
-        if not module.supports(device):
-            raise RuntimeError(f"resbm backend {name!r} does not support device {device}")
-        return module
-    if getattr(device, "type", device) != "cuda":
-        return _load("reference")[0]
-    for candidate in AUTO_ORDER:
-        module, _ = _load(candidate)
-        if module is not None and module.supports(device):
-            return module
-    return _load("reference")[0]
+    if name == "auto":
+        if getattr(device, "type", device) == "cuda":
+            for candidate in auto_order(device_name(device), case.op if case else None):
+                module, _ = _available(candidate, device)
+                if module is not None and (case is None or module.unsupported(case) is None):
+                    return module
+        name = "reference"
+    module, why = _available(name, device)
+    if module is None:
+        raise RuntimeError(f"resbm backend {name!r} {why}")
+    return module
+
+
+# ---- measured ranking -----------------------------------------------------------------------
+
+
+def device_name(device) -> str:
+    """The CUDA device's name, the key of the measured ranking."""
+    import torch
+
+    return torch.cuda.get_device_name(device)
+
+
+@functools.lru_cache(maxsize=None)
+def measured(path: pathlib.Path = MEASURED) -> dict:
+    """{device name: {pass: [backends, fastest first]}} from ``measured.json``;
+    an unreadable file is an error (it ships with the package)."""
+    data = json.loads(pathlib.Path(path).read_text())
+    if data.get("format") != 1:
+        raise ValueError(f"{path}: unknown format {data.get('format')!r} (expected 1)")
+    table = {}
+    for device, entry in data["devices"].items():
+        table[device] = {op: [b for b in order if b in RANKED] for op, order in entry["passes"].items()}
+    return table
+
+
+def auto_order(device_name: str, op: str | None) -> tuple:
+    """Backends ``auto`` tries, in order, for pass ``op`` on GPU ``device_name``
+    (a measured ranking may put the reference first where it was fastest)."""
+    ranking = measured().get(device_name, {})
+    return tuple(ranking.get(op, ())) or DEFAULT_ORDER

@@ -47,6 +47,12 @@ def supports(device) -> bool:
 # ---- helpers ----------------------------------------------------------------------
 
 
+def unsupported(case) -> str | None:
+    """Why these kernels cannot run ``case`` (a :class:`~resbm_kernels.backends.Case`), or None."""
+    found = fast.problem(case.d, case.k, case.dtypes, max_k=MAX_K)
+    return found[1] if found else None
+
+
 def _check(what: str, d: int, k: int, *dtypes) -> None:
     fast.check("cuda", what, d, k, *dtypes, max_k=MAX_K)
 
@@ -135,11 +141,12 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     codec.group(k)
     n = grad_h.shape[0]
     grad_payload = fast.new_payload(grad_codec, n, k, grad_h.device, out)
-    grad_h, w_d = _dense(grad_h), _dense(w_d)
+    grad_h = _dense(grad_h)
     if n > 0:
+        w = _dense(w_d.to(grad_h.dtype))  # the kernel reads both in grad_h's dtype
         codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
         _call("resbm_cuda_decode_backward", grad_h.device, grad_h.data_ptr(), _DTYPE_CODES[grad_h.dtype], n, d, k,
-              w_d.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales)
+              w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales)
     grad_w_d = _weight_grad(grad_h, payload, codec, None, k, transpose=True)
     return grad_payload, grad_w_d.to(w_d.dtype)
 

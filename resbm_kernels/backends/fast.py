@@ -15,16 +15,25 @@ from ..codec import Codec, empty_payload, write_header
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check(backend: str, what: str, d: int, k: int, *dtypes, max_k: int | None = None) -> None:
-    """The compiled kernels' limits: float32/16/bf16, d and k multiples of 16."""
+def problem(d: int, k: int, dtypes=(), max_k: int | None = None):
+    """The compiled kernels' limits (float32/16/bf16, d and k multiples of 16,
+    k <= max_k): None if met, else (exception type, reason)."""
     for dtype in dtypes:
         if dtype is not None and dtype not in DTYPES:
-            raise TypeError(f"{backend} backend ({what}): dtype {dtype} is not supported; "
-                            "use float32/float16/bfloat16 or the reference backend")
+            return TypeError, f"dtype {dtype} is not supported; use float32/float16/bfloat16 or the reference backend"
     if d % 16 or k % 16:
-        raise ValueError(f"{backend} backend ({what}): d={d} and k={k} must both be multiples of 16")
+        return ValueError, f"d={d} and k={k} must both be multiples of 16"
     if max_k is not None and k > max_k:
-        raise ValueError(f"{backend} backend ({what}): k={k} is larger than {max_k}")
+        return ValueError, f"k={k} is larger than {max_k}"
+    return None
+
+
+def check(backend: str, what: str, d: int, k: int, *dtypes, max_k: int | None = None) -> None:
+    """Raise if :func:`problem` finds one."""
+    found = problem(d, k, dtypes, max_k)
+    if found:
+        error, reason = found
+        raise error(f"{backend} backend ({what}): {reason}")
 
 
 def empty(shape, dtype, device) -> torch.Tensor:

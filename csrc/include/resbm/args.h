@@ -56,6 +56,15 @@ inline int check_args(const char* fn, const char* data_name, const void* data, i
   if (n > 0 && codes == nullptr) return format_error(err, len, A, fn, "null pointer codes");
   if (n > 0 && bits != 16 && scales == nullptr)
     return format_error(err, len, A, fn, "null pointer scales");
+  // element alignment: the kernels access values, codes (uint16 when bits == 16) and scales whole
+  const int scale_bytes = bits == 16 ? 1 : dtype_bytes(scale_dtype);
+  if (n > 0 && reinterpret_cast<uintptr_t>(data) % dtype_bytes(data_dtype))
+    return format_error(err, len, A, fn, "%s is not %d-byte aligned", data_name,
+                        dtype_bytes(data_dtype));
+  if (n > 0 && reinterpret_cast<uintptr_t>(codes) % (bits == 16 ? 2 : 1))
+    return format_error(err, len, A, fn, "codes is not 2-byte aligned (bits=16)");
+  if (n > 0 && reinterpret_cast<uintptr_t>(scales) % scale_bytes)
+    return format_error(err, len, A, fn, "scales is not %d-byte aligned", scale_bytes);
   return RESBM_OK;
 }
 

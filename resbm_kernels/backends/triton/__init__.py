@@ -53,19 +53,33 @@ def supports(device) -> bool:
 # ---- argument helpers ---------------------------------------------------------------
 
 
+def unsupported(case) -> str | None:
+    """Why these kernels cannot run ``case`` (a :class:`~resbm_kernels.backends.Case`), or None."""
+    found = fast.problem(case.d, case.k, case.dtypes)
+    if found:
+        return found[1]
+    return next(filter(None, (_group_problem(c, case.k) for c in case.codecs)), None)
+
+
 def _check(what: str, d: int, k: int, *dtypes) -> None:
     fast.check("triton", what, d, k, *dtypes)
+
+
+def _group_problem(codec: Codec, k: int) -> str | None:
+    g = codec.group(k)
+    if codec.quantized and g != k and g & (g - 1):
+        return f"scale group {g} must be a power of two or the whole row (k={k})"
+    return None
 
 
 def _group_reshape(codec: Codec, k: int) -> int:
     """Group width the kernels reshape by: the group if a power of two, the
     padded row when the group is the whole row."""
+    why = _group_problem(codec, k)
+    if why:
+        raise ValueError(f"triton backend: {why}")
     g = codec.group(k)
-    if not codec.quantized or g == k:
-        return _block_k(k)
-    if g & (g - 1):
-        raise ValueError(f"triton backend: scale group {g} must be a power of two or the whole row (k={k})")
-    return g
+    return g if codec.quantized and g != k else _block_k(k)
 
 
 def _block_k(k: int) -> int:

@@ -18,7 +18,12 @@ MAX_ACC_REGS = 32
 def _configs(gpu, interp):
     if INTERPRET:
         return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_D"), interp)), num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bn, bd, w, s in gpu]
+    return gpu_configs(gpu)
+
+
+def gpu_configs(table):
+    """triton.Config objects for (BLOCK_N, BLOCK_D, num_warps, num_stages) rows."""
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bn, bd, w, s in table]
 
 
 def acc_regs(config, block_k, wgrad=False):
@@ -37,14 +42,10 @@ def _pruner(wgrad):
 
 # (BLOCK_N, BLOCK_D, num_warps, num_stages); BLOCK_K is the padded k, not tuned.
 # The last config of each list is the fallback for large k (no spills at k=128).
-ROW_CONFIGS = _configs(
-    gpu=[(64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3)],
-    interp=(64, 128),
-)
-WGRAD_CONFIGS = _configs(
-    gpu=[(128, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 4)],
-    interp=(64, 128),
-)
+GPU_ROWS = ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3))
+GPU_WGRAD = ((128, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 4))
+ROW_CONFIGS = _configs(GPU_ROWS, interp=(64, 128))
+WGRAD_CONFIGS = _configs(GPU_WGRAD, interp=(64, 128))
 
 _KEY = ["d", "k", "BITS"]
 autotune_rows = triton.autotune(configs=ROW_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(False)})
