@@ -54,6 +54,16 @@ CASES = [
          ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"),
          ones=["stride_od"], div16=["d", "k", "stride_a", "stride_os", "stride_ok"], k=128,
          constexprs=dict(BITS=8, HAS_RSCALE=True)),
+    # fp16: the GEMMs with dequantized operands run on fp32 operands (tf32x3)
+    dict(kernel="dequant_project", what="encode bwd fp16 int8/row norm k=128",
+         ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A", out_ptr="A",
+                   rscale_ptr="F"), act="fp16",
+         ones=["stride_wd"], div16=["d", "k", "stride_wk", "stride_x", "stride_res", "stride_out"], k=128,
+         constexprs=dict(BITS=8, HAS_NORM=True, HAS_RES=False, OUT_KIND=1)),
+    dict(kernel="weight_grad", what="grad W_e fp16 int8/row rscale k=128",
+         ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"), act="fp16",
+         ones=["stride_od"], div16=["d", "k", "stride_a", "stride_os", "stride_ok"], k=128,
+         constexprs=dict(BITS=8, HAS_RSCALE=True)),
 ]
 
 

@@ -21,6 +21,13 @@ Weight gradients are computed by :mod:`.weight_grad`, a second pass over the
 big input of the backward passes (grad_h, x); encode backward through RMSNorm
 also re-reads x once for the per-row statistics (see :mod:`.dequant_project`).
 
+Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
+fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs
+whose operand is a dequantized payload (decode forward, encode backward,
+weight gradients), which run on TF32 (fp16's precision, fp32's range: the
+gradients of unscaled fp16 training are often fp16 subnormals). Under the
+interpreter the operands are rounded the same way (see :mod:`.tiles`).
+
 Non-finite inputs are not detected here (no device sync): they produce inf /
 NaN scales or codes of 0, where the reference raises.
 """

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .codec import load_payload, round_to_kind
 from .configs import autotune_rows
-from .tiles import inv_rms, load_rows, load_w, mma, project_rows
+from .tiles import dequant_mma, inv_rms, load_rows, load_w, project_rows
 
 
 @autotune_rows
@@ -47,7 +47,7 @@ def dequant_project_kernel(
     for d0 in range(0, d, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd)
-        h = mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), w.dtype, UPCAST, PRECISION)
+        h = dequant_mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
         if HAS_NORM:
             g = tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)
             xt = load_rows(x_ptr, stride_x, rows, dcols, n, d).to(tl.float32)

@@ -7,13 +7,43 @@ import triton.language as tl
 
 @triton.jit
 def mma(a, b, acc, op_dtype: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. On the GPU both operands are cast to
-    ``op_dtype`` (bf16/fp16 run on tensor cores); under the interpreter
-    (UPCAST) they are cast to fp32, because its bf16 ``tl.dot`` is wrong."""
+    """acc + a @ b with fp32 accumulation, both operands rounded to ``op_dtype``
+    (bf16/fp16 run on tensor cores). Under the interpreter (UPCAST) the rounded
+    operands are multiplied in fp32, because its bf16 ``tl.dot`` is wrong: the
+    products of 16-bit values are exact in fp32, so this is the GPU's arithmetic
+    up to the order of the fp32 sums."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        return tl.dot(a.to(op_dtype).to(tl.float32), b.to(op_dtype).to(tl.float32), acc, input_precision=PRECISION)
     else:
         return tl.dot(a.to(op_dtype), b.to(op_dtype), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def dequant_mma(zhat, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + zhat @ b where zhat holds dequantized payload values (fp32).
+
+    bf16 b: on bf16 tensor cores (bf16 has fp32's range). fp16 b: on TF32
+    tensor cores, fp16's precision with fp32's range -- fp16 operands would
+    turn gradients below 6e-5 into subnormals (and overflow above 65504) where
+    the reference works in fp32; the interpreter truncates the operands to
+    TF32's 10 mantissa bits (the worst case of the GPU's conversion). fp32 b:
+    PRECISION (tf32x3 on the GPU).
+    """
+    if b.dtype == tl.bfloat16:
+        return mma(zhat, b, acc, tl.bfloat16, UPCAST, PRECISION)
+    elif b.dtype == tl.float16:
+        if UPCAST:
+            return tl.dot(tf32_truncate(zhat), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(zhat, b.to(tl.float32), acc, input_precision="tf32")
+    else:
+        return mma(zhat, b, acc, tl.float32, UPCAST, PRECISION)
+
+
+@triton.jit
+def tf32_truncate(x):
+    """fp32 -> fp32 with the low 13 mantissa bits cleared (TF32 by truncation)."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .codec import load_payload
 from .configs import autotune_wgrad
-from .tiles import load_rows, mma
+from .tiles import dequant_mma, load_rows
 
 
 @autotune_wgrad
@@ -38,6 +38,6 @@ def weight_grad_kernel(
         b = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], end, k, group, BITS)
         if HAS_RSCALE:
             b = b * tl.load(rscale_ptr + rows, mask=rows < end, other=0.0)[:, None]
-        acc = mma(tl.trans(b), a, acc, a.dtype, UPCAST, PRECISION)
+        acc = dequant_mma(tl.trans(b), a, acc, UPCAST, PRECISION)
     mask = (kcols < k)[:, None] & (dcols < d)[None, :]
     tl.store(out_ptr + pid_s * stride_os + kcols[:, None] * stride_ok + dcols[None, :] * stride_od, acc, mask=mask)
