@@ -388,3 +388,24 @@ def test_every_gpu_block_size(monkeypatch, blocks):
     want = ops.encode_backward(gp_ref, x, w_e, grad_codec, norm_weight=gamma)
     for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
         assert rel_err(a, b) <= 4 * tol(bf16), f"encode_backward {name}"
+
+
+@pytest.mark.parametrize("autotune", (True, False), ids=("autotune", "RESBM_TRITON_AUTOTUNE=0"))
+def test_config_pruning(monkeypatch, autotune):
+    """GPU configs whose fp32 accumulator needs more than MAX_ACC_REGS registers
+    per thread are pruned, the last config being the fallback; without
+    autotuning only the first surviving config is kept."""
+    cfg = tb.configs
+    monkeypatch.setattr(cfg, "AUTOTUNE", autotune)
+    for table, wgrad in ((cfg.GPU_ROWS, False), (cfg.GPU_WGRAD, True)):
+        configs = cfg.gpu_configs(table)
+        prune = cfg._pruner(wgrad)
+        small, huge = prune(configs, {}, BLOCK_K=16), prune(configs, {}, BLOCK_K=1024)
+        assert small == (configs if autotune else configs[:1])  # every config fits a 16-wide accumulator
+        assert huge == configs[-1:]  # none fits: the fallback
+        for block_k in (32, 64, 128):
+            kept = prune(configs, {}, BLOCK_K=block_k)
+            assert 1 <= len(kept) <= (len(configs) if autotune else 1)
+            for c in kept:
+                rows = c.kwargs["BLOCK_D" if wgrad else "BLOCK_N"]
+                assert c is configs[-1] or rows * block_k <= cfg.MAX_ACC_REGS * 32 * c.num_warps
