@@ -190,3 +190,23 @@ def ptxas_report(source, include_dir, out_dir) -> list[tuple[str, str, int, int,
     for arch, fn, regs, st, ld in report:
         print(f"{arch:6} {regs:>4} {st:>8} {ld:>8}  {fn}")
     return report
+
+
+def check_decode_backward_mixed_dtypes(backend: str, device: str, grad_dtype, w_dtype) -> None:
+    """A fast backend's decode backward with grad_h and w_d of different dtypes
+    (the ops accept them) against the reference: payload bit-exact on exact inputs."""
+    from resbm_kernels import ops
+    from resbm_kernels.backends import reference, use_backend
+
+    n, d, k = 37, 128, 32
+    gen = torch.Generator().manual_seed(12)
+    codec, grad_codec = Codec(bits=8), Codec(bits=8, rounding="stochastic")
+    payload = reference.write_payload(torch.randn(n, k, generator=gen), codec, 0)
+    grad_h = exact(n, d, dtype=grad_dtype, gen=gen)
+    w_d = exact(d, k, dtype=w_dtype, scale=1 / 16, gen=gen)
+    with use_backend(backend):
+        gp, gw = ops.decode_backward(grad_h.to(device), payload.to(device), w_d.to(device), codec, grad_codec,
+                                     grad_seed=9)
+    gp_ref, gw_ref = reference.decode_backward(grad_h, payload, w_d, codec, grad_codec, 9)
+    assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
+    assert gw.dtype == w_dtype and rel_err(gw, gw_ref) <= rel_tol(torch.bfloat16)

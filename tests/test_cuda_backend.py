@@ -29,6 +29,7 @@ from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
 from helpers import CUDA_ARCHS, ptxas_report
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
+from helpers import check_decode_backward_mixed_dtypes
 from helpers import ids as _ids
 from helpers import rel_tol as tol
 from resbm_kernels.codec import Codec
@@ -309,18 +310,7 @@ def test_decode_backward(shape, dtype, grad_codec):
 @needs_gpu
 @pytest.mark.parametrize("dtypes", ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)), ids=str)
 def test_decode_backward_mixed_dtypes(dtypes):
-    """grad_h and w_d of different dtypes (the ops accept them): w_d is read in grad_h's dtype."""
-    grad_dtype, w_dtype = dtypes
-    n, d, k = 37, 128, 32
-    gen = torch.Generator().manual_seed(12)
-    codec = Codec(bits=8)
-    payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
-    grad_h = exact(n, d, dtype=grad_dtype, gen=gen, device="cuda")
-    w_d = exact(d, k, dtype=w_dtype, scale=1 / 16, gen=gen, device="cuda")
-    gp, gw = cuda_call(ops.decode_backward, grad_h, payload.cuda(), w_d, codec, GRAD_CODEC, grad_seed=9)
-    gp_ref, gw_ref = ref.decode_backward(grad_h.cpu(), payload, w_d.cpu(), codec, GRAD_CODEC, 9)
-    assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
-    assert gw.dtype == w_dtype and rel_err(gw, gw_ref) <= tol(torch.bfloat16)
+    check_decode_backward_mixed_dtypes("cuda", "cuda", *dtypes)
 
 
 @needs_gpu

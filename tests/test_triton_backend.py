@@ -29,6 +29,7 @@ from resbm_kernels import ops  # noqa: E402
 from resbm_kernels.backends import reference as ref  # noqa: E402
 from resbm_kernels.backends import use_backend  # noqa: E402
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
+from helpers import check_decode_backward_mixed_dtypes  # noqa: E402
 from helpers import ids as _ids  # noqa: E402
 from helpers import rel_tol as tol  # noqa: E402
 from resbm_kernels.codec import Codec  # noqa: E402
@@ -174,18 +175,7 @@ def test_decode_backward(shape, dtype, grad_codec):
 
 @pytest.mark.parametrize("dtypes", ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)), ids=str)
 def test_decode_backward_mixed_dtypes(dtypes):
-    """grad_h and w_d of different dtypes (the ops accept them)."""
-    grad_dtype, w_dtype = dtypes
-    n, d, k = 37, 128, 32
-    gen = torch.Generator().manual_seed(12)
-    codec = Codec(bits=8)
-    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
-    grad_h = exact(n, d, dtype=grad_dtype, gen=gen)
-    w_d = exact(d, k, dtype=w_dtype, scale=1 / 16, gen=gen)
-    gp, gw = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=9)
-    gp_ref, gw_ref = ops.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=9)
-    assert torch.equal(gp, gp_ref), "gradient payload differs"
-    assert gw.dtype == w_dtype and rel_err(gw, gw_ref) <= tol(torch.bfloat16)
+    check_decode_backward_mixed_dtypes("triton", DEVICE, *dtypes)
 
 
 # ---- encode backward ------------------------------------------------------------------
