@@ -258,11 +258,18 @@ def empty_payload(codec: Codec, n: int, k: int, device) -> torch.Tensor:
 def write_header(payload: torch.Tensor, codec: Codec, n: int, k: int) -> torch.Tensor:
     """Write the header and zero the codes padding of an existing payload
     buffer of the right size (e.g. a reused send buffer); returns it."""
-    header = torch.frombuffer(bytearray(header_bytes(codec, n, k)), dtype=torch.uint8)
-    payload[:HEADER_BYTES].copy_(header)
+    payload[:HEADER_BYTES].copy_(_header_on(header_bytes(codec, n, k), payload.device))
     raw = n * k * codec.bits // 8
     payload[HEADER_BYTES + raw : HEADER_BYTES + codec.code_bytes(n, k)].zero_()
     return payload
+
+
+@functools.lru_cache(maxsize=256)
+def _header_on(raw: bytes, device: torch.device) -> torch.Tensor:
+    """A header as a tensor on ``device``, copied there once: a copy from
+    pageable host memory on every call would make each op wait for the GPU."""
+    with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
 
 
 def payload_views(payload: torch.Tensor, codec: Codec, n: int, k: int):

@@ -210,3 +210,35 @@ def check_decode_backward_mixed_dtypes(backend: str, device: str, grad_dtype, w_
     gp_ref, gw_ref = reference.decode_backward(grad_h, payload, w_d, codec, grad_codec, 9)
     assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
     assert gw.dtype == w_dtype and rel_err(gw, gw_ref) <= rel_tol(torch.bfloat16)
+
+
+def check_passes_do_not_synchronise(backend: str) -> None:
+    """The four passes of a fast backend on CUDA tensors, called again after a
+    warm-up (compilation, autotuning, cached headers), never wait for the GPU:
+    ``torch.cuda.set_sync_debug_mode("error")`` turns any synchronising call
+    into an error."""
+    from resbm_kernels import ops
+    from resbm_kernels.backends import use_backend
+
+    gen = torch.Generator().manual_seed(14)
+    n, d, k = 300, 256, 32
+    codec, grad_codec = Codec(bits=8), Codec(bits=8, rounding="stochastic")
+    x, grad_h = (torch.randn(n, d, generator=gen).cuda() for _ in range(2))
+    w_e, w_d = torch.randn(k, d, generator=gen).cuda() * 0.1, torch.randn(d, k, generator=gen).cuda() * 0.1
+    gamma = torch.rand(d, generator=gen).cuda() + 0.5
+
+    def passes():
+        p = ops.encode(x, w_e, codec, norm_weight=gamma, seed=1)
+        h = ops.decode(p, w_d, codec, n)
+        gp, _ = ops.decode_backward(grad_h, p, w_d, codec, grad_codec, grad_seed=2)
+        return h, ops.encode_backward(gp, x, w_e, grad_codec, norm_weight=gamma)
+
+    with use_backend(backend):
+        passes()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            passes()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

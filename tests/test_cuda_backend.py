@@ -29,7 +29,7 @@ from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
 from helpers import CUDA_ARCHS, ptxas_report
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
-from helpers import check_decode_backward_mixed_dtypes
+from helpers import check_decode_backward_mixed_dtypes, check_passes_do_not_synchronise
 from helpers import ids as _ids
 from helpers import rel_tol as tol
 from resbm_kernels.codec import Codec
@@ -335,6 +335,11 @@ def test_encode_backward(shape, norm, dtype, grad_codec):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), f"{name}: unwritten (poisoned) elements"
         assert rel_err(a, b) <= tol(dtype) * (4 if norm else 1), name
+
+
+@needs_gpu
+def test_passes_do_not_synchronise():
+    check_passes_do_not_synchronise("cuda")
 
 
 @needs_gpu

@@ -29,7 +29,7 @@ from resbm_kernels import ops  # noqa: E402
 from resbm_kernels.backends import reference as ref  # noqa: E402
 from resbm_kernels.backends import use_backend  # noqa: E402
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
-from helpers import check_decode_backward_mixed_dtypes  # noqa: E402
+from helpers import check_decode_backward_mixed_dtypes, check_passes_do_not_synchronise  # noqa: E402
 from helpers import ids as _ids  # noqa: E402
 from helpers import rel_tol as tol  # noqa: E402
 from resbm_kernels.codec import Codec  # noqa: E402
@@ -267,6 +267,11 @@ def test_boundary_gradients(norm, dtype):
         assert rel_err(g, grads_ref[name]) <= limit, name
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (host synchronisation)")
+def test_passes_do_not_synchronise():
+    check_passes_do_not_synchronise("triton")
+
+
 def test_torch_compile_matches_eager():
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(8)
@@ -382,20 +387,25 @@ def test_every_gpu_block_size(monkeypatch, blocks):
 
 @pytest.mark.parametrize("autotune", (True, False), ids=("autotune", "RESBM_TRITON_AUTOTUNE=0"))
 def test_config_pruning(monkeypatch, autotune):
-    """GPU configs whose fp32 accumulator needs more than MAX_ACC_REGS registers
-    per thread are pruned, the last config being the fallback; without
-    autotuning only the first surviving config is kept."""
+    """GPU configs whose largest fp32 tile needs more than MAX_TILE_REGS registers
+    per thread, or whose tiles overflow shared memory, are pruned, the last
+    config being the fallback; without autotuning only the first one is kept."""
     cfg = tb.configs
     monkeypatch.setattr(cfg, "AUTOTUNE", autotune)
+    bf16 = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "w_ptr": torch.empty(1, dtype=torch.bfloat16)}
     for table, wgrad in ((cfg.GPU_ROWS, False), (cfg.GPU_WGRAD, True)):
         configs = cfg.gpu_configs(table)
-        prune = cfg._pruner(wgrad)
-        small, huge = prune(configs, {}, BLOCK_K=16), prune(configs, {}, BLOCK_K=1024)
-        assert small == (configs if autotune else configs[:1])  # every config fits a 16-wide accumulator
-        assert huge == configs[-1:]  # none fits: the fallback
-        for block_k in (32, 64, 128):
-            kept = prune(configs, {}, BLOCK_K=block_k)
-            assert 1 <= len(kept) <= (len(configs) if autotune else 1)
-            for c in kept:
-                rows = c.kwargs["BLOCK_D" if wgrad else "BLOCK_N"]
-                assert c is configs[-1] or rows * block_k <= cfg.MAX_ACC_REGS * 32 * c.num_warps
+        prune = cfg._pruner(wgrad, dequant=wgrad, operand="a_ptr")
+        assert cfg.launchable(configs, 16, 2, 232448, wgrad) == configs  # every config fits k=16 on an H100
+        fits = cfg.launchable(configs, 16, 2, cfg.SMEM_FALLBACK, wgrad)  # CPU tensors: the fallback limit
+        assert prune(configs, bf16, BLOCK_K=16) == (fits if autotune else fits[:1])
+        assert prune(configs, bf16, BLOCK_K=1024) == configs[-1:]  # none fits: the fallback
+        for block_k in (32, 64, 128, 256):
+            for limit in (48 * 1024, 232448):
+                kept = cfg.launchable(configs, block_k, 2, limit, wgrad)
+                assert kept
+                for c in kept:
+                    bn, bd = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
+                    tiles = bn * (bd + block_k) if wgrad else (bn + block_k) * bd
+                    regs = (max(bn, bd) if wgrad else bn) * block_k / (32 * c.num_warps)
+                    assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS and c.num_stages * tiles * 2 <= limit)

@@ -2,13 +2,19 @@
 config under TRITON_INTERPRET=1 (the interpreter's cost grows with the number
 of block operations, and multi-config autotuning fails there).
 
-GPU configs whose fp32 accumulator would need more than 32 registers per
-thread are pruned for the k at hand: at 64 the epilogues spill on sm_80 and
-sm_90 (measured with tests/test_triton_static.py).
+On the GPU a config is launchable for a k when its largest fp32 register tile
+(the accumulator; for the weight gradient also the dequantized payload tile)
+needs at most 32 registers per thread (more spills on sm_80 and sm_90) and
+its tiles fit the device's shared memory (an upper estimate, see
+:func:`smem_bytes`). The last config of each
+list is small enough for every k up to 256 and is the fallback. Checked
+ahead of time by tests/test_triton_static.py (same rule, real cubins): no
+spills for bf16/fp16; fp32 activations (3xTF32, for exactness rather than
+speed) still spill on sm_80.
 
 ``RESBM_TRITON_AUTOTUNE=0`` skips the timing: each kernel then uses the first
-config that survives pruning (no autotuning delay on the first call of each
-shape; the GPU test run uses it, and tests every config explicitly).
+launchable config (no autotuning delay on the first call of each shape; the
+GPU test run uses it, and tests every config explicitly).
 """
 
 import os
@@ -17,7 +23,8 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0"
-MAX_ACC_REGS = 32
+MAX_TILE_REGS = 32
+SMEM_FALLBACK = 99 * 1024  # when the device does not say: the smallest opt-in limit since sm_80
 
 
 def _configs(gpu, interp):
@@ -31,27 +38,77 @@ def gpu_configs(table):
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bn, bd, w, s in table]
 
 
-def acc_regs(config, block_k, wgrad=False):
-    """fp32 accumulator registers per thread of a config."""
-    rows = config.kwargs["BLOCK_D"] if wgrad else config.kwargs["BLOCK_N"]
+def tile_regs(config, block_k, wgrad=False):
+    """Registers per thread of a config's largest fp32 tile: the (BLOCK_N, k)
+    accumulator of the rows kernels; the (k, BLOCK_D) accumulator or the
+    (BLOCK_N, k) dequantized payload tile of the weight gradient."""
+    bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
+    rows = max(bn, bd) if wgrad else bn
     return rows * block_k // (32 * config.num_warps)
 
 
-def _pruner(wgrad):
+def smem_bytes(config, block_k, elem_bytes, wgrad=False):
+    """Upper estimate of a config's shared memory: ``num_stages`` copies of the
+    (BLOCK_N + BLOCK_K) x BLOCK_D tiles (rows kernels: input and weight) or
+    BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and payload),
+    plus a quarter for layout scratch, plus one (BLOCK_N, k) fp32 tile staged
+    through shared memory (a register operand of wgmma, the epilogue's layout
+    change). tests/test_triton_static.py checks it bounds the compiled kernels."""
+    bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
+    tiles = bn * (bd + block_k) if wgrad else (bn + block_k) * bd
+    return config.num_stages * tiles * elem_bytes * 5 // 4 + bn * block_k * 4
+
+
+def launchable(configs, block_k, elem_bytes, smem_limit, wgrad=False):
+    """The configs that fit (registers and shared memory), else the last one."""
+    fit = [c for c in configs
+           if tile_regs(c, block_k, wgrad) <= MAX_TILE_REGS and smem_bytes(c, block_k, elem_bytes, wgrad) <= smem_limit]
+    return fit or configs[-1:]
+
+
+def smem_limit(device) -> int:
+    """Opt-in shared memory per block of a CUDA device."""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", SMEM_FALLBACK)
+
+
+def operand_bytes(dtype, dequant: bool) -> int:
+    """Bytes per element of the GEMM operand tiles: 4 for fp32, and for fp16
+    in the kernels whose dot runs on TF32 (a dequantized operand), else 2."""
+    import torch
+
+    return 4 if dtype == torch.float32 or (dequant and dtype == torch.float16) else 2
+
+
+def _pruner(wgrad, dequant, operand):
+    """Early config pruning for a kernel whose GEMM operand dtype is that of argument ``operand``."""
     def prune(configs, named_args, **kwargs):
         block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
-        kept = [c for c in configs if acc_regs(c, block_k, wgrad) <= MAX_ACC_REGS] or configs[-1:]
+        t = named_args[operand]
+        limit = smem_limit(t.device) if t.is_cuda else SMEM_FALLBACK
+        elem = operand_bytes(t.dtype, dequant)
+        kept = launchable(configs, block_k, elem, limit, wgrad)
         return kept if AUTOTUNE else kept[:1]
     return prune
 
 
 # (BLOCK_N, BLOCK_D, num_warps, num_stages); BLOCK_K is the padded k, not tuned.
-# The last config of each list is the fallback for large k (no spills at k=128).
-GPU_ROWS = ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3))
-GPU_WGRAD = ((128, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 4))
+GPU_ROWS = ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (64, 32, 16, 3))
+GPU_WGRAD = ((128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3))
 ROW_CONFIGS = _configs(GPU_ROWS, interp=(64, 128))
 WGRAD_CONFIGS = _configs(GPU_WGRAD, interp=(64, 128))
 
-_KEY = ["d", "k", "BITS"]
-autotune_rows = triton.autotune(configs=ROW_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(False)})
-autotune_wgrad = triton.autotune(configs=WGRAD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner(True)})
+# the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are ignored)
+_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "HAS_RSCALE", "STOCHASTIC"]
+
+
+def _autotune(configs, wgrad, dequant, operand):
+    return triton.autotune(configs=configs, key=_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(wgrad, dequant, operand)})
+
+
+autotune_project = _autotune(ROW_CONFIGS, wgrad=False, dequant=False, operand="a_ptr")
+autotune_dequant = _autotune(ROW_CONFIGS, wgrad=False, dequant=True, operand="w_ptr")
+autotune_wgrad = _autotune(WGRAD_CONFIGS, wgrad=True, dequant=True, operand="a_ptr")

@@ -16,11 +16,11 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, round_to_kind
-from .configs import autotune_rows
+from .configs import autotune_dequant
 from .tiles import dequant_mma, inv_rms, load_rows, load_w, project_rows
 
 
-@autotune_rows
+@autotune_dequant
 @triton.jit
 def dequant_project_kernel(
     codes_ptr, scales_ptr, w_ptr, x_ptr, gamma_ptr, res_ptr, out_ptr, rscale_ptr,
@@ -42,7 +42,7 @@ def dequant_project_kernel(
         s, sumsq = project_rows(x_ptr, stride_x, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
                                 True, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         r = inv_rms(sumsq, d, eps)
-        alpha = r * r * r * tl.sum(zhat * s, axis=1) / d
+        alpha = tl.math.div_rn(r * r * r * tl.sum(zhat * s, axis=1), tl.full(r.shape, d, tl.float32))
         tl.store(rscale_ptr + rows, r, mask=rows < n)
     for d0 in range(0, d, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)

@@ -11,12 +11,12 @@ import triton
 import triton.language as tl
 
 from .codec import store_payload
-from .configs import autotune_rows
+from .configs import autotune_project
 from .tiles import inv_rms, load_rows, project_rows
 
 
-@autotune_rows
-@triton.jit
+@autotune_project
+@triton.jit(do_not_specialize=["key"])  # an int argument equal to 1 would become a constant
 def project_quantize_kernel(
     a_ptr, w_ptr, gamma_ptr, codes_ptr, scales_ptr,
     n, d, k, n_groups, stride_a, stride_wk, stride_wd, eps, key,
