@@ -164,9 +164,14 @@ def test_triton_limits():
 def test_cuda_limits():
     from resbm_kernels.backends import cuda as cb
 
-    assert cb.unsupported(Case("decode_forward", 1024, 256, (torch.float16,), (Codec(bits=8, group_size=64),))) is None
+    assert cb.unsupported(Case("decode_forward", 1024, 256, (torch.bfloat16,), (Codec(bits=8, group_size=64),))) is None
     assert "larger than 256" in cb.unsupported(Case("decode_forward", 1024, 512))
     assert "multiples of 16" in cb.unsupported(Case("decode_forward", 72, 16))
+    # fp16 dequantized operands are split into fp16 hi + lo: auto leaves those passes to Triton
+    assert cb.unsupported(Case("encode_forward", 1024, 64, (torch.float16,))) is None
+    for op in ("decode_forward", "decode_backward", "encode_backward"):
+        assert "precision" in cb.unsupported(Case(op, 1024, 64, (torch.float16, torch.float16)))
+        assert cb.unsupported(Case(op, 1024, 64, (torch.bfloat16, torch.bfloat16))) is None
 
 
 # ---- the shipped ranking and the script that writes it ------------------------------------------

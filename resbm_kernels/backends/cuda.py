@@ -17,7 +17,8 @@ RMSNorm-folded encoder weight, are split as hi + lo); fp32 inputs use 3xTF32,
 so results match the float32 reference within fp32 tolerances. Known limit:
 with fp16 inputs the hi + lo split of dequantized values is in fp16, so
 values below fp16's normal range (6e-5: unscaled fp16 gradients) lose
-precision, and values above 65504 overflow (the Triton backend uses TF32 there).
+precision, and values above 65504 overflow (the Triton backend uses TF32 there),
+so ``auto`` does not pick these kernels for fp16 in those passes.
 
 Weight gradients are a separate reduction kernel over the (N, d) input (like
 the Triton backend): per-split fp32 partials summed here (deterministic).
@@ -38,6 +39,7 @@ from ..codec import SCALE_DTYPES, Codec, payload_views, rng_key
 
 _DTYPE_CODES = SCALE_DTYPES  # 1 fp32, 2 fp16, 3 bf16 (the C ABI's codes)
 MAX_K = 256
+FP16_SPLIT_PASSES = ("decode_forward", "decode_backward", "encode_backward")
 
 
 def supports(device) -> bool:
@@ -51,9 +53,15 @@ def supports(device) -> bool:
 
 
 def unsupported(case) -> str | None:
-    """Why these kernels cannot run ``case`` (a :class:`~resbm_kernels.backends.Case`), or None."""
+    """Why ``auto`` should not run ``case`` (a :class:`~resbm_kernels.backends.Case`)
+    on these kernels, or None: the kernels' limits, and fp16 in the passes that
+    split dequantized values into fp16 (see Precision above)."""
     found = fast.problem(case.d, case.k, case.dtypes, max_k=MAX_K)
-    return found[1] if found else None
+    if found:
+        return found[1]
+    if torch.float16 in case.dtypes and case.op in FP16_SPLIT_PASSES:
+        return f"{case.op} with float16 splits dequantized values into fp16 (precision lost below 6e-5)"
+    return None
 
 
 def _check(what: str, d: int, k: int, *dtypes) -> None:
