@@ -80,7 +80,8 @@ def rotation(bytes_per_set: int, dev, *, at_least: int = 2, at_most: int = 16) -
 # ---- timing ---------------------------------------------------------------------------
 
 
-SLEEP_CYCLES = 400_000  # ~0.2 ms at 2 GHz: the host enqueues the next call meanwhile
+SLEEP_CYCLES = 2_000_000  # ~1 ms at 2 GHz: the host enqueues the whole next call (op dispatch, checks,
+# several launches: 0.1-0.3 ms) meanwhile, so no launch gap falls inside the timed window
 
 
 def time_calls(call, dev, *, warmup: int, reps: int) -> list[float]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -50,7 +51,13 @@ def pytest_addoption(parser):
                     help="comma-separated tc tbf rates for the pipeline benchmarks")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config):
+    # a `timeout` (SIGTERM) ends the session like Ctrl-C, so pytest-benchmark still writes its JSON
+    signal.signal(signal.SIGTERM, _interrupt)
     # On a shared CPU an intra-op thread pool turns every parallel op into a wait
     # for a descheduled thread (a 4096 x 16 payload write: 100 ms with 2 threads on
     # this 2-core machine under load, 0.2 ms with 1), so CPU timings use one thread.
@@ -123,6 +130,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
             info["speedup_vs_uncompressed"] = info["tokens_per_s"] / unc if unc else None
     output_json["resbm"] = dict(
         session_s=round(elapsed_s(), 1),
+        triton_autotune=os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0",
         argv=sys.argv[1:],
         budget_s=config.getoption("--resbm-budget-s"),
         grid=config.getoption("--resbm-grid"),

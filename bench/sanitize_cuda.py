@@ -49,14 +49,19 @@ class Report:
         self.lines, self.failed = [], False
 
     def ok(self, what, err=None):
-        self.lines.append(f"ok       {what}" + ("" if err is None else f"  rel_err={err:.2e}"))
+        self._add(f"ok       {what}" + ("" if err is None else f"  rel_err={err:.2e}"))
 
     def fail(self, what, why):
         self.failed = True
-        self.lines.append(f"FAILED   {what}: {why}")
+        self._add(f"FAILED   {what}: {why}")
 
     def note(self, what):
-        self.lines.append(f"note     {what}")
+        self._add(f"note     {what}")
+
+    def _add(self, line):
+        """Printed at once, so a run cut short by a timeout still shows each case."""
+        self.lines.append(line)
+        print(line, flush=True)
 
 
 def sync(dev) -> None:
@@ -151,8 +156,8 @@ def main(argv=None) -> int:
                    help="cuda; or cpu for a dry run of this script (CPU codec library, Triton under TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: nothing to sanitize")
-        return 0
+        print("no CUDA device: nothing was sanitized", flush=True)
+        return 2
     dev = torch.device(a.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
@@ -166,8 +171,6 @@ def main(argv=None) -> int:
             check_backend(rep, which, dev, which in quick)
         else:
             rep.fail(which, "unknown backend name")
-    for line in rep.lines:
-        print(line)
     count = {tag: sum(line.startswith(tag) for line in rep.lines) for tag in ("ok", "FAILED", "note")}
     print(f"summary: {count['ok']} cases ran clean, {count['FAILED']} failed, {count['note']} notes")
     return 1 if rep.failed else 0

@@ -84,24 +84,26 @@ class _Both:
             o.load_state_dict(state[str(i)])
 
 
-class _Autocast(nn.Module):
-    """Runs a stage module under bf16 autocast on CUDA (fp32 master weights,
-    bf16 activations at the boundaries)."""
+def _bf16_autocast(module: nn.Module) -> nn.Module:
+    """Run a stage module under bf16 autocast on CUDA (fp32 master weights,
+    bf16 activations at the boundaries). Wraps ``forward`` instead of adding a
+    wrapper module, so parameter names (and checkpoints) match the CPU run."""
+    forward = module.forward
 
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x):
+    def autocast_forward(x):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = self.module(x)
-        return out.to(torch.bfloat16)
+            return forward(x).to(torch.bfloat16)
+
+    module.forward = autocast_forward
+    return module
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # on a peer failure, abort the communicators but let the PipelineError reach the user
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
@@ -115,7 +117,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--batch {args.batch} must be a multiple of --micro-batches {args.micro_batches}")
     module = stage_modules(gpt, world, seed=args.seed)[rank]
     if args.device == "cuda":
-        module = _Autocast(module)
+        module = _bf16_autocast(module)
     torch.manual_seed(args.seed + 1 + rank)  # encoder/decoder init
     stage = PipelineStage(
         module, config, micro_batch_shape=(args.batch // args.micro_batches, args.seq),

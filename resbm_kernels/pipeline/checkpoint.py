@@ -77,7 +77,8 @@ def load_latest(directory, pipeline_stage, optimizer, group=None) -> dict | None
         if have.item():
             break
         steps = [s for s in steps if s < candidate]
-    state = torch.load(_stage_file(directory, candidate, pipeline_stage.stage), map_location=device,
+    # on the CPU: RNG states must stay CPU byte tensors; load_state_dict moves the rest
+    state = torch.load(_stage_file(directory, candidate, pipeline_stage.stage), map_location="cpu",
                        weights_only=True)
     pipeline_stage.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

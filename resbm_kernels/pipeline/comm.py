@@ -4,14 +4,21 @@ Every message is posted asynchronously (``isend``/``irecv``) and waited on
 with a deadline, so a dead or stalled peer becomes a :class:`PipelineError`
 naming the stage, peer, direction and micro-batch instead of a hang.
 
-Forward and backward messages travel in two separate process groups. NCCL
-runs the point-to-point operations of one communicator in order on one
-stream, so a receive posted early for the backward direction would otherwise
-block the forward sends queued behind it; with one group per direction each
-group carries traffic one way only and receives can be posted ahead. On CUDA
+Every link (boundary between stage b and b+1) and direction has its own
+two-rank process group. NCCL runs the point-to-point operations of one
+communicator in order on one stream, so a receive posted early in one
+direction would otherwise block sends queued behind it in the other (and,
+on a middle stage, sends to the next stage behind receives from the
+previous one); with one group per link and direction each group carries
+traffic one way between two ranks and receives can be posted ahead. On CUDA
 the messages are issued from a dedicated communication stream ordered with
-the compute stream by events, so compute of the next micro-batch runs while
-this one is on the wire.
+the compute stream, so compute of the next micro-batch runs while this one
+is on the wire.
+
+NCCL creates a communicator (and its connections) lazily, at the first
+message, and both ranks must take part; :meth:`Peers.exchange` sends one
+message per group in its direction, link by link in ascending order, before
+any receive is posted ahead (the start-up handshake uses it).
 """
 
 from __future__ import annotations
@@ -34,18 +41,21 @@ class PipelineError(RuntimeError):
 class CommStats:
     """Per-step communication accounting of one stage.
 
-    ``overlap`` is the fraction of the receives' time in flight that was
-    hidden behind compute: 1 - blocked / in_flight (1.0 when nothing was received).
+    ``blocked_s`` is the host time spent waiting for messages (receives and
+    the end-of-step wait for sends); ``overlap`` is the fraction of the
+    receives' time in flight that was hidden behind compute:
+    1 - recv_blocked / in_flight (1.0 when nothing was received).
     """
 
     bytes_sent: int = 0
     bytes_received: int = 0
     blocked_s: float = 0.0
+    recv_blocked_s: float = 0.0
     in_flight_s: float = 0.0
 
     @property
     def overlap(self) -> float:
-        return 1.0 - self.blocked_s / self.in_flight_s if self.in_flight_s > 0 else 1.0
+        return 1.0 - self.recv_blocked_s / self.in_flight_s if self.in_flight_s > 0 else 1.0
 
 
 class _Pending:
@@ -58,11 +68,13 @@ class Peers:
 
     def __init__(self, stage: int, ranks: list[int], timeout_s: float, device: torch.device):
         self.stage, self.ranks, self.timeout_s = stage, ranks, timeout_s
-        # collective: every rank of the pipeline creates both groups, in this order
-        self.groups = {FORWARD: dist.new_group(ranks), BACKWARD: dist.new_group(ranks)}
+        # collective: every rank creates every group, links in order, forward then backward
+        self.groups = {(link, direction): dist.new_group([ranks[link], ranks[link + 1]])
+                       for link in range(len(ranks) - 1) for direction in (FORWARD, BACKWARD)}
         self.stats = CommStats()
         self._sends: list[_Pending] = []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._poll = dist.get_backend() == "nccl"  # see _complete
 
     def _peer(self, direction: str, outgoing: bool) -> int:
         toward_next = (direction == FORWARD) == outgoing
@@ -70,11 +82,29 @@ class Peers:
 
     def _describe(self, verb: str, direction: str, micro_batch: int, peer: int) -> str:
         prep = "to" if verb == "send" else "from"
-        return (f"stage {self.stage}: {verb} of {direction} for micro-batch {micro_batch} "
+        what = f"{direction} for micro-batch {micro_batch}" if micro_batch >= 0 else "the start-up handshake"
+        return (f"stage {self.stage}: {verb} of {what} "
                 f"{prep} stage {peer} (rank {self.ranks[peer]})")
 
+    def exchange(self, mine: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Send ``mine`` to both neighbours and receive theirs (same shape and
+        dtype), one message per link and direction, in the groups' directions,
+        links in ascending order; returns {neighbour stage: its tensor}."""
+        theirs = {}
+        for peer in sorted(p for p in (self.stage - 1, self.stage + 1) if 0 <= p < len(self.ranks)):
+            for direction in (FORWARD, BACKWARD):
+                if peer == self._peer(direction, outgoing=True):
+                    self._sends.append(_Pending(self._issue(dist.isend, mine, peer, direction), mine,
+                                                self._describe("send", direction, -1, peer), time.perf_counter()))
+                    self.flush()
+                else:
+                    theirs[peer] = torch.empty_like(mine)
+                    self._complete(self.recv(theirs[peer], direction, -1), time.perf_counter())
+        self.stats = CommStats()
+        return theirs
+
     def _issue(self, op, tensor: torch.Tensor, peer: int, direction: str):
-        group = self.groups[direction]
+        group = self.groups[(min(self.stage, peer), direction)]
         if self._stream is None:
             return op(tensor, self.ranks[peer], group=group)
         self._stream.wait_stream(torch.cuda.current_stream(tensor.device))
@@ -109,6 +139,7 @@ class Peers:
         self._complete(pending, start)
         end = time.perf_counter()
         self.stats.blocked_s += end - start
+        self.stats.recv_blocked_s += end - start
         self.stats.in_flight_s += end - pending.posted
         self.stats.bytes_received += pending.tensor.numel() * pending.tensor.element_size()
         return pending.tensor
@@ -128,9 +159,17 @@ class Peers:
     def _complete(self, pending: _Pending, start: float) -> None:
         remaining = max(self.timeout_s - (time.perf_counter() - start), 1e-3)
         try:
-            # wait(timeout) blocks the host up to the deadline on gloo and NCCL
-            # alike (polling is_completed() does not work for gloo p2p)
-            if pending.work.wait(timeout=datetime.timedelta(seconds=remaining)) is False:
+            if self._poll:
+                # NCCL: a wait's timeout counts from when the operation was posted, so
+                # poll against our own deadline, then wait (orders the current stream)
+                while not pending.work.is_completed():
+                    if time.perf_counter() - start >= self.timeout_s:
+                        raise TimeoutError(f"not completed after {self.timeout_s:.1f} s")
+                    time.sleep(1e-4)
+                pending.work.wait()
+            # gloo: wait(timeout) blocks the host up to the deadline (is_completed()
+            # never turns true for gloo p2p before wait)
+            elif pending.work.wait(timeout=datetime.timedelta(seconds=remaining)) is False:
                 raise TimeoutError("wait returned False")
         except Exception as e:
             timed_out = time.perf_counter() - start >= self.timeout_s * 0.99 or "imeout" in str(e)

@@ -72,6 +72,8 @@ class PipelineStage(nn.Module):
             raise ValueError("the last stage needs a loss_fn")
         self.loss_fn = loss_fn
         self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Triton launches and NCCL use the current device
         self.dtype = dtype
         self.micro_batch_shape = tuple(micro_batch_shape)
         self.tokens = math.prod(self.micro_batch_shape)
@@ -93,6 +95,7 @@ class PipelineStage(nn.Module):
         self._expected_headers = {
             FORWARD: self._header(config.codec), BACKWARD: self._header(config.grad_codec)}
         self._header_checks: list = []
+        self._warm = False  # see step()
         self._handshake()
 
     # ---- set-up ---------------------------------------------------------------
@@ -105,16 +108,11 @@ class PipelineStage(nn.Module):
         return torch.frombuffer(raw, dtype=torch.uint8).to(self.device)
 
     def _handshake(self) -> None:
+        """Exchange descriptors with the neighbours (this also opens every
+        link's groups, see :meth:`Peers.exchange`)."""
         mine = handshake.descriptor(self.config, self.num_stages, self.micro_batch_shape).to(self.device)
-        neighbours = [s for s in (self.stage - 1, self.stage + 1) if 0 <= s < self.num_stages]
-        theirs = {s: torch.empty_like(mine) for s in neighbours}
-        ranks = self.peers.ranks
-        ops_ = [dist.P2POp(dist.isend, mine, ranks[s], self.group) for s in neighbours]
-        ops_ += [dist.P2POp(dist.irecv, theirs[s], ranks[s], self.group) for s in neighbours]
-        for work in dist.batch_isend_irecv(ops_):
-            work.wait()
-        for s in neighbours:
-            handshake.compare(mine.cpu(), theirs[s].cpu(), stage=self.stage, peer=s)
+        for peer, theirs in self.peers.exchange(mine).items():
+            handshake.compare(mine.cpu(), theirs.cpu(), stage=self.stage, peer=peer)
 
     # ---- one optimizer step --------------------------------------------------
 
@@ -125,22 +123,32 @@ class PipelineStage(nn.Module):
         evenly into ``config.micro_batches``."""
         in_chunks = self._split("inputs", inputs, self.is_first)
         tgt_chunks = self._split("targets", targets, self.is_last)
-        fwd_pending = [self.peers.recv(b, FORWARD, i) for i, b in enumerate(self._fwd_buffers)]
-        bwd_pending = [self.peers.recv(b, BACKWARD, i) for i, b in enumerate(self._bwd_buffers)]
+        # Receives are posted at step start so they overlap compute -- except in this
+        # process's first step: on a GPU, first calls may synchronise the device
+        # (Triton autotuning, lazy module loading), which would wait forever for a
+        # posted receive whose sender waits for us. Then each is posted when needed.
+        ahead = self._warm
+        fwd_pending = [self._post(b, FORWARD, i, ahead) for i, b in enumerate(self._fwd_buffers)]
+        bwd_pending = [self._post(b, BACKWARD, i, ahead) for i, b in enumerate(self._bwd_buffers)]
         saved: dict[int, dict] = {}
         losses = []
-        for action in self.plan:
-            i = action.micro_batch
-            if action.kind == "F":
-                saved[i] = self._forward(i, in_chunks[i] if self.is_first else None,
-                                         None if self.is_first else fwd_pending[i],
-                                         tgt_chunks[i] if self.is_last else None)
-                if self.is_last:
-                    losses.append(saved[i]["loss"].detach())
-            else:
-                self._backward(i, saved.pop(i), None if self.is_last else bwd_pending[i])
-        self.peers.flush()
+        try:
+            for action in self.plan:
+                i = action.micro_batch
+                if action.kind == "F":
+                    saved[i] = self._forward(i, in_chunks[i] if self.is_first else None,
+                                             None if self.is_first else fwd_pending[i],
+                                             tgt_chunks[i] if self.is_last else None)
+                    if self.is_last:
+                        losses.append(saved[i]["loss"].detach())
+                else:
+                    self._backward(i, saved.pop(i), None if self.is_last else bwd_pending[i])
+            self.peers.flush()
+        except Exception:
+            self._check_headers()  # a corrupt payload is the better explanation of a failure
+            raise
         self._check_headers()
+        self._warm = True
         self.steps_done += 1
         loss = torch.stack(losses).sum().item() if self.is_last else None  # each is already / m
         return StepResult(loss=loss, comm=self.peers.take_stats())
@@ -160,10 +168,16 @@ class PipelineStage(nn.Module):
         mixed = ((c.seed * 1_000_003 + self.stage) * 1_000_003 + self.steps_done) * 1_000_003 + micro_batch
         return (mixed * 2 + int(backward)) % 2**62
 
+    def _post(self, buffer, direction, micro_batch, now: bool):
+        """A posted receive, or (``now`` false) the arguments to post it with later."""
+        return self.peers.recv(buffer, direction, micro_batch) if now else (buffer, direction, micro_batch)
+
     def _received(self, pending, direction, micro_batch) -> torch.Tensor:
         """Wait for a payload and check its header. On CUDA the check is
         deferred to the end of the step (one sync per step instead of one per
         message); a bad payload decodes to wrong numbers, never out of bounds."""
+        if isinstance(pending, tuple):
+            pending = self.peers.recv(*pending)
         payload = self.peers.wait(pending)
         bad = payload[:HEADER_BYTES] != self._expected_headers[direction]
         self._header_checks.append((direction, micro_batch, payload, bad.any()))
@@ -173,6 +187,8 @@ class PipelineStage(nn.Module):
 
     def _check_headers(self) -> None:
         checks, self._header_checks = self._header_checks, []
+        if not checks or not torch.stack([bad for *_, bad in checks]).any().item():  # one sync
+            return
         for direction, micro_batch, payload, bad in checks:
             if bad.item():
                 expected = self._expected_headers[direction]
@@ -198,7 +214,7 @@ class PipelineStage(nn.Module):
         if tuple(out.shape) != self.micro_batch_shape + (c.d,):
             raise ValueError(f"stage {self.stage}: module returned shape {tuple(out.shape)}, "
                              f"expected {self.micro_batch_shape + (c.d,)}")
-        x2d = out.reshape(self.tokens, c.d)
+        x2d = out.reshape(self.tokens, c.d).to(self.dtype)
         enc = self.encoder
         gamma = None if enc.norm_weight is None else enc.norm_weight.detach().to(self.dtype)
         payload = ops.encode(x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.codec,
