@@ -219,19 +219,23 @@ def telemetry(dev) -> dict:
             gpu_name=name.decode() if isinstance(name, bytes) else name,
             sm_clock_mhz=nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM),
             mem_clock_mhz=nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM),
-            power_w=nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
-            temperature_c=nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
         )
-        try:
-            out["max_sm_clock_mhz"] = nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)
-            out["power_limit_w"] = nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0
-            driver = nv.nvmlSystemGetDriverVersion()
-            out["driver"] = driver.decode() if isinstance(driver, bytes) else driver
-        except Exception:
-            pass
-        return out
     except Exception as e:  # no library, no permission: say so, never fail a benchmark
         return dict(nvml_error=f"{type(e).__name__}: {e}")
+    optional = dict(  # each may be unsupported (e.g. in a VM): keep the rest
+        power_w=lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0,
+        temperature_c=lambda: nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU),
+        max_sm_clock_mhz=lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM),
+        power_limit_w=lambda: nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0,
+        driver=lambda: nv.nvmlSystemGetDriverVersion(),
+    )
+    for key, read in optional.items():
+        try:
+            value = read()
+            out[key] = value.decode() if isinstance(value, bytes) else value
+        except Exception as e:
+            out[f"{key}_error"] = type(e).__name__
+    return out
 
 
 def cpu_model() -> str:

@@ -79,6 +79,10 @@ def main(argv=None) -> int:
         ratios = entry["time_vs_fastest_geomean"][op]
         print(f"  {op:16s} " + " > ".join(f"{b} ({ratios[b]:.2f}x)" for b in order)
               + f"  [{entry['shapes'][op]} shapes]")
+        missing = sorted(set(BACKEND_OF.values()) - set(order))
+        if missing:  # auto never tries these for this pass on this card
+            print(f"  warning: {op}: no passing results for {', '.join(missing)} (failed, skipped or cut by the "
+                  "time budget): auto will not use them on this card", file=sys.stderr)
     return 0
 
 
