@@ -3,7 +3,10 @@
 One process per stage; launch with torchrun (gloo on CPU, NCCL on GPU)::
 
     torchrun --standalone --nproc-per-node 2 examples/train_gpt.py --steps 100
-    torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --device cuda --optimizer muon
+    torchrun --standalone --nproc-per-node 4 examples/train_gpt.py --device cuda --optimizer muon --bottleneck 16
+
+(one GPU per stage: NCCL refuses two ranks on one GPU). On CUDA the fused
+kernels need d and k multiples of 16; other widths run on the reference ops.
 
 Multi-node: use torchrun's rendezvous flags (``--nnodes``, ``--rdzv-endpoint``)
 instead of ``--standalone``. Text is the Python standard library's own source
