@@ -122,7 +122,11 @@ def rel_tol(dtype) -> float:
 
 
 def assert_close_payload(p, q, codec: Codec, n: int, k: int) -> None:
-    """Same header; codes within one step and scales within a rounding step."""
+    """Same header; scales within a rounding step; dequantized values within 1.5
+    quantization steps: each is within a step of its own z (half a step when
+    rounding to nearest), and the two z may differ by rounding of the inputs.
+    (Codes themselves may move by more than one near qmax when a scale rounded
+    to the neighbouring value, while the values they stand for stay close.)"""
     from resbm_kernels.backends import reference as ref
     from resbm_kernels.codec import HEADER_BYTES, payload_views
 
@@ -134,10 +138,14 @@ def assert_close_payload(p, q, codec: Codec, n: int, k: int) -> None:
         assert rel_err(a, b) < 1e-2
         return
     (ca, sa), (cb, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
-    qa, qb = ref.unpack(ca, codec.bits, k).int(), ref.unpack(cb, codec.bits, k).int()
-    assert (qa - qb).abs().max() <= 1
     assert torch.isfinite(sa.float()).all()
     torch.testing.assert_close(sa.float(), sb.float(), rtol=1e-2, atol=0)
+    a = ref.read_payload(p, codec, n, k, torch.float32)
+    b = ref.read_payload(q, codec, n, k, torch.float32)
+    g = codec.group(k)
+    step = torch.maximum(sa.float(), sb.float()).repeat_interleave(g, dim=1)  # one step per value
+    worst = ((a - b).abs() / step).max().item()
+    assert worst <= 1.5, f"dequantized values differ by {worst:.2f} quantization steps"
 
 
 # ---- compiling CUDA sources without a GPU (ptxas resource usage) ----------------------

@@ -250,3 +250,19 @@ def test_rank_script_updates_one_card_and_keeps_the_others(tmp_path, capsys):
     assert table == {"Other GPU": {"encode_forward": ["cuda"]}, CARD: {"encode_forward": ["triton", "reference"]}}
     assert json.loads(out.read_text())["devices"][CARD]["source"] == results.name
     assert rank_backends.main([str(tmp_path / "missing.json"), "--out", str(out)]) == 2
+
+
+def test_use_backend_is_seen_by_other_threads():
+    """The autograd engine runs CUDA backward passes on its own threads: the
+    use_backend choice must reach them (it is process-wide)."""
+    import threading
+
+    seen = []
+    with use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(backends.requested()))
+        t.start()
+        t.join()
+        with use_backend("triton"):
+            assert backends.requested() == "triton"
+        assert backends.requested() == "reference"
+    assert seen == ["reference"]

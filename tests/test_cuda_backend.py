@@ -350,6 +350,7 @@ def test_zero_rows_and_stream():
     assert p.numel() == codec.payload_bytes(0, 16)
     x = torch.randn(300, 64, device="cuda")
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # x is written on the default stream
     with torch.cuda.stream(s), use_backend("cuda"):
         got = ops.encode(x, w_e, codec)
     s.synchronize()

@@ -229,16 +229,20 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled(x), eager)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])
 def test_out_buffers_give_the_same_payloads(backend):
-    """encode/decode_backward into a reused (poisoned) buffer == a fresh payload."""
+    """encode/decode_backward into a reused (poisoned) buffer == a fresh payload
+    (the fast backends on a GPU when there is one)."""
+    device = "cuda" if backend != "reference" and torch.cuda.is_available() else "cpu"
     if backend == "triton":
         pytest.importorskip("triton")
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("the Triton backend runs on the CPU only under TRITON_INTERPRET=1 (set by the test command)")
-    x, w_e, w_d, gamma, _ = (t.float() for t in make(n=20, d=64, k=16))
+    if backend == "cuda" and device == "cpu":
+        pytest.skip("needs a CUDA GPU")
+    x, w_e, w_d, gamma, _ = (t.float().to(device) for t in make(n=20, d=64, k=16))
     codec, grad_codec = Codec(bits=4, group_size=16), Codec(bits=8, rounding="stochastic")
-    grad_h = randn(20, 64, seed=5)
+    grad_h = randn(20, 64, seed=5).to(device)
     with use_backend(backend):
         fresh = ops.encode(x, w_e, codec, norm_weight=gamma, seed=3)
         buf = torch.full_like(fresh, 0xAB)

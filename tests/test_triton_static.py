@@ -22,6 +22,9 @@ import pytest
 
 pytest.importorskip("triton")
 
+# one xdist worker compiles the kernels once for all four tests (pytest -n N --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("triton_static")
+
 ARCHS = (90, 80)
 SMEM_LIMIT = {90: 232448, 80: 166912}  # opt-in shared memory per block: H100, A100
 

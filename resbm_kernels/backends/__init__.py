@@ -8,7 +8,9 @@ None). The public ops in :mod:`resbm_kernels.ops` call :func:`select` with the
 device of their inputs and the case at hand.
 
 Choice, in order: the innermost :func:`use_backend` context, else the
-``RESBM_BACKEND`` environment variable, else ``auto``. A named backend that is
+``RESBM_BACKEND`` environment variable, else ``auto``. The context is
+process-wide, not per thread: the autograd engine runs the backward of CUDA
+tensors on its own threads, and those must see it too. A named backend that is
 unavailable, does not support the device or cannot run the case raises,
 saying why (its own argument checks name the limits it cannot meet).
 ``auto`` runs CPU tensors on the reference; for CUDA tensors it tries the backends in the order measured fastest for this GPU and pass (the
@@ -28,7 +30,6 @@ import importlib
 import json
 import os
 import pathlib
-import threading
 
 NAMES = ("auto", "reference", "triton", "cuda")
 RANKED = ("reference", "triton", "cuda")  # what a measured ranking may list
@@ -36,7 +37,7 @@ DEFAULT_ORDER = ("triton",)  # unmeasured GPUs: the CUDA backend joins only wher
 MEASURED = pathlib.Path(__file__).with_name("measured.json")
 
 _MODULES = {"reference": ".reference", "triton": ".triton", "cuda": ".cuda"}
-_local = threading.local()
+_stack: list[tuple[object, str]] = []  # (token, name) of the open use_backend contexts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,8 @@ def _load(name: str):
 
 def requested() -> str:
     """The backend name currently requested (context > environment > 'auto')."""
-    stack = getattr(_local, "stack", None)
-    name = stack[-1] if stack else os.environ.get("RESBM_BACKEND", "auto").strip().lower() or "auto"
+    stack = list(_stack)
+    name = stack[-1][1] if stack else os.environ.get("RESBM_BACKEND", "auto").strip().lower() or "auto"
     if name not in NAMES:
         raise ValueError(f"RESBM_BACKEND={name!r} is not one of {NAMES}")
     return name
@@ -77,12 +78,12 @@ def use_backend(name: str):
     """Run the enclosed ops on backend ``name`` (one of :data:`NAMES`)."""
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {NAMES}")
-    stack = _local.__dict__.setdefault("stack", [])
-    stack.append(name)
+    token = (object(), name)
+    _stack.append(token)
     try:
         yield
     finally:
-        stack.pop()
+        _stack.remove(token)
 
 
 def _available(name: str, device):
