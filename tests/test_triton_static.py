@@ -28,82 +28,62 @@ pytestmark = pytest.mark.xdist_group("triton_static")
 ARCHS = (90, 80)
 SMEM_LIMIT = {90: 232448, 80: 166912}  # opt-in shared memory per block: H100, A100
 
-# pointer dtypes by role: A = activations, S = scales, F = fp32, U = codes (u8)
+# pointer dtypes by role: A = activations, S = scales, F = fp32, U = codes (u8), B = bf16 codes
 # "ones": integer args equal to 1 at run time (Triton specialises them to constants)
 # "div16": integer args the launcher guarantees divisible by 16 (specialised too)
+# W is read as k x d: w_e directly (stride_wd == 1), w_d transposed (stride_wk == 1)
+
+
+def project(what, k, bits, *, encoder, norm=False, stochastic=False, group=None, act="bf16"):
+    """A project_quantize case: encode forward (encoder) or decode backward."""
+    codes = "B" if bits == 16 else "U"
+    unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
+    return dict(kernel="project_quantize", what=what, k=k, act=act,
+                ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr=codes, scales_ptr="B" if bits == 16 else "S"),
+                ones=[unit], div16=["d", "k", "stride_a", strided],
+                constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
+                                STOCHASTIC=stochastic))
+
+
+def dequant(what, k, *, encoder, norm=False, residual=False, act="bf16"):
+    """A dequant_project case: encode backward (encoder) or decode forward."""
+    unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
+    return dict(kernel="dequant_project", what=what, k=k, act=act,
+                ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A",
+                          out_ptr="A", rscale_ptr="F"),
+                ones=[unit], div16=["d", "k", strided, "stride_x", "stride_res", "stride_out"],
+                constexprs=dict(BITS=8, HAS_NORM=norm, HAS_RES=residual, OUT_KIND={"bf16": 2, "fp16": 1}[act]))
+
+
+def wgrad(what, k, *, encoder, act="bf16"):
+    """A weight_grad case: grad W_e (encoder: (k, d) partials, RMSNorm rscale) or grad W_d ((d, k))."""
+    unit, strided = ("stride_od", "stride_ok") if encoder else ("stride_ok", "stride_od")
+    return dict(kernel="weight_grad", what=what, k=k, act=act,
+                ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"),
+                ones=[unit], div16=["d", "k", "stride_a", "stride_os", strided],
+                constexprs=dict(BITS=8, HAS_RSCALE=encoder))
+
+
 CASES = [
-    dict(kernel="project_quantize", what="encode fwd bf16 int8/row norm k=128",
-         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="U", scales_ptr="S"),
-         ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"], k=128,
-         constexprs=dict(HAS_NORM=True, BITS=8, GROUP_RESHAPE=128, SCALE_KIND=2, STOCHASTIC=False)),
-    dict(kernel="project_quantize", what="decode bwd fp16 int4/g32 stochastic k=64",
-         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="U", scales_ptr="S"), act="fp16",
-         ones=["stride_wk"], div16=["d", "k", "stride_a", "stride_wd"], k=64,
-         constexprs=dict(HAS_NORM=False, BITS=4, GROUP_RESHAPE=32, SCALE_KIND=2, STOCHASTIC=True)),
-    dict(kernel="project_quantize", what="encode fwd bf16 passthrough k=32",
-         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="B", scales_ptr="B"),
-         ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"], k=32,
-         constexprs=dict(HAS_NORM=False, BITS=16, GROUP_RESHAPE=32, SCALE_KIND=2, STOCHASTIC=False)),
-    dict(kernel="dequant_project", what="decode fwd bf16 int8/row +residual k=128",
-         ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A", out_ptr="A",
-                   rscale_ptr="F"),
-         ones=["stride_wk"], div16=["d", "k", "stride_wd", "stride_x", "stride_res", "stride_out"], k=128,
-         constexprs=dict(BITS=8, HAS_NORM=False, HAS_RES=True, OUT_KIND=2)),
-    dict(kernel="dequant_project", what="encode bwd bf16 int8/row norm k=128",
-         ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A", out_ptr="A",
-                   rscale_ptr="F"),
-         ones=["stride_wd"], div16=["d", "k", "stride_wk", "stride_x", "stride_res", "stride_out"], k=128,
-         constexprs=dict(BITS=8, HAS_NORM=True, HAS_RES=False, OUT_KIND=2)),
-    dict(kernel="weight_grad", what="grad W_e bf16 int8/row rscale k=128",
-         ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"),
-         ones=["stride_od"], div16=["d", "k", "stride_a", "stride_os", "stride_ok"], k=128,
-         constexprs=dict(BITS=8, HAS_RSCALE=True)),
+    project("encode fwd bf16 int8/row norm k=128", 128, 8, encoder=True, norm=True),
+    project("decode bwd fp16 int4/g32 stochastic k=64", 64, 4, encoder=False, stochastic=True, group=32, act="fp16"),
+    project("encode fwd bf16 passthrough k=32", 32, 16, encoder=True),
+    dequant("decode fwd bf16 int8/row +residual k=128", 128, encoder=False, residual=True),
+    dequant("encode bwd bf16 int8/row norm k=128", 128, encoder=True, norm=True),
+    wgrad("grad W_e bf16 int8/row rscale k=128", 128, encoder=True),
     # k=256 (d/32 at d=8192): only the fallback configs fit
-    dict(kernel="project_quantize", what="encode fwd bf16 int8/row norm k=256",
-         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="U", scales_ptr="S"),
-         ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"], k=256,
-         constexprs=dict(HAS_NORM=True, BITS=8, GROUP_RESHAPE=256, SCALE_KIND=2, STOCHASTIC=False)),
-    dict(kernel="project_quantize", what="decode bwd bf16 int4/row stochastic k=256",
-         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="U", scales_ptr="S"),
-         ones=["stride_wk"], div16=["d", "k", "stride_a", "stride_wd"], k=256,
-         constexprs=dict(HAS_NORM=False, BITS=4, GROUP_RESHAPE=256, SCALE_KIND=2, STOCHASTIC=True)),
-    dict(kernel="dequant_project", what="decode fwd bf16 int8/row k=256",
-         ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A", out_ptr="A",
-                   rscale_ptr="F"),
-         ones=["stride_wk"], div16=["d", "k", "stride_wd", "stride_x", "stride_res", "stride_out"], k=256,
-         constexprs=dict(BITS=8, HAS_NORM=False, HAS_RES=False, OUT_KIND=2)),
-    dict(kernel="dequant_project", what="encode bwd bf16 int8/row norm k=256",
-         ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A", out_ptr="A",
-                   rscale_ptr="F"),
-         ones=["stride_wd"], div16=["d", "k", "stride_wk", "stride_x", "stride_res", "stride_out"], k=256,
-         constexprs=dict(BITS=8, HAS_NORM=True, HAS_RES=False, OUT_KIND=2)),
-    dict(kernel="weight_grad", what="grad W_d bf16 int8/row k=256",
-         ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"),
-         ones=["stride_ok"], div16=["d", "k", "stride_a", "stride_os", "stride_od"], k=256,
-         constexprs=dict(BITS=8, HAS_RSCALE=False)),
-    dict(kernel="weight_grad", what="grad W_d bf16 int8/row k=64",
-         ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"),
-         ones=["stride_ok"], div16=["d", "k", "stride_a", "stride_os", "stride_od"], k=64,
-         constexprs=dict(BITS=8, HAS_RSCALE=False)),
-    dict(kernel="weight_grad", what="grad W_d bf16 int8/row k=32",
-         ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"),
-         ones=["stride_ok"], div16=["d", "k", "stride_a", "stride_os", "stride_od"], k=32,
-         constexprs=dict(BITS=8, HAS_RSCALE=False)),
+    project("encode fwd bf16 int8/row norm k=256", 256, 8, encoder=True, norm=True),
+    project("decode bwd bf16 int4/row stochastic k=256", 256, 4, encoder=False, stochastic=True),
+    dequant("decode fwd bf16 int8/row k=256", 256, encoder=False),
+    dequant("encode bwd bf16 int8/row norm k=256", 256, encoder=True, norm=True),
+    wgrad("grad W_d bf16 int8/row k=256", 256, encoder=False),
+    wgrad("grad W_d bf16 int8/row k=64", 64, encoder=False),
+    wgrad("grad W_d bf16 int8/row k=32", 32, encoder=False),
     # fp32 activations (3xTF32)
-    dict(kernel="project_quantize", what="encode fwd fp32 int8/row norm k=64",
-         ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr="U", scales_ptr="S"), act="fp32",
-         ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"], k=64,
-         constexprs=dict(HAS_NORM=True, BITS=8, GROUP_RESHAPE=64, SCALE_KIND=2, STOCHASTIC=False)),
+    project("encode fwd fp32 int8/row norm k=64", 64, 8, encoder=True, norm=True, act="fp32"),
     # fp16: the GEMMs with dequantized operands run on TF32
-    dict(kernel="dequant_project", what="encode bwd fp16 int8/row norm k=128",
-         ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A", out_ptr="A",
-                   rscale_ptr="F"), act="fp16",
-         ones=["stride_wd"], div16=["d", "k", "stride_wk", "stride_x", "stride_res", "stride_out"], k=128,
-         constexprs=dict(BITS=8, HAS_NORM=True, HAS_RES=False, OUT_KIND=1)),
-    dict(kernel="weight_grad", what="grad W_e fp16 int8/row rscale k=128",
-         ptrs=dict(a_ptr="A", codes_ptr="U", scales_ptr="S", rscale_ptr="F", out_ptr="F"), act="fp16",
-         ones=["stride_od"], div16=["d", "k", "stride_a", "stride_os", "stride_ok"], k=128,
-         constexprs=dict(BITS=8, HAS_RSCALE=True)),
+    dequant("encode bwd fp16 int8/row norm k=128", 128, encoder=True, norm=True, act="fp16"),
+    wgrad("grad W_e fp16 int8/row rscale k=128", 128, encoder=True, act="fp16"),
 ]
 
 
@@ -124,11 +104,11 @@ def _worker():
     for case in CASES:
         autotuner = kernels[case["kernel"]]
         fn = autotuner.fn
-        act = "*" + case.get("act", "bf16")
+        act = "*" + case["act"]
         types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16")
         wgrad = case["kernel"] == "weight_grad"
         block_k = case["k"]
-        elem = {"fp32": 4, "fp16": 4 if case["kernel"] != "project_quantize" else 2}.get(case.get("act"), 2)
+        elem = {"fp32": 4, "fp16": 4 if case["kernel"] != "project_quantize" else 2}.get(case["act"], 2)
         for arch, cfg in ((arch, cfg) for arch in ARCHS
                           for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], wgrad)):
             constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
@@ -157,7 +137,7 @@ def _worker():
                                       capture_output=True, text=True, check=True).stdout
             regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
             print(json.dumps(dict(
-                kernel=case["kernel"], what=case["what"], arch=arch, act=case.get("act", "bf16"),
+                kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"],
                 smem_estimate=configs.smem_bytes(cfg, block_k, elem, wgrad),
                 config=f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
                        f"w{cfg.num_warps} s{cfg.num_stages}",
