@@ -56,6 +56,7 @@ def rank(results: dict) -> tuple[str, dict]:
         shapes[op] = len(common)
     info = results.get("machine_info", {})
     entry = dict(measured=results.get("datetime"), torch=info.get("torch"), triton=info.get("triton"),
+                 triton_autotune=results.get("resbm", {}).get("triton_autotune"),
                  passes=passes, time_vs_fastest_geomean=ratios, shapes=shapes)
     return card, entry
 
