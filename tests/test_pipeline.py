@@ -179,6 +179,26 @@ def test_handshake_mismatch_fails_on_both_sides(tmp_path):
     assert "stage 0 has codec_bits=8, but stage 1 has codec_bits=4" in results[1]["error"]
 
 
+def _absent_worker(rank, world):
+    """Rank 1 never builds its stage (e.g. crashed during start-up)."""
+    if rank == 1:
+        return None
+    config = PipelineConfig(d=D, k=K, codec=INT8, micro_batches=MB, timeout_s=5.0)
+    start = time.monotonic()
+    try:
+        _make_stage(rank, world, config)
+    except Exception as e:
+        return f"{type(e).__name__}: {e} [after {time.monotonic() - start:.1f} s]"
+    return "no error"
+
+
+def test_absent_stage_fails_start_up_within_timeout(tmp_path):
+    results = spawn(_absent_worker, 2, out_dir=str(tmp_path), timeout=60)
+    msg = results[0]["ok"]
+    assert msg.startswith("PipelineError: stage 0: creating the pipeline's process groups failed"), msg
+    assert float(msg.rsplit("[after ", 1)[1].split(" s]")[0]) < 5.0 + 5
+
+
 # ---- faults and checkpoint/resume ------------------------------------------------------
 
 def _resumable_worker(rank, world, ckpt_dir, steps, die_at, timeout_s):

@@ -68,13 +68,20 @@ class Peers:
 
     def __init__(self, stage: int, ranks: list[int], timeout_s: float, device: torch.device):
         self.stage, self.ranks, self.timeout_s = stage, ranks, timeout_s
-        # collective: every rank creates every group, links in order, forward then backward
-        self.groups = {(link, direction): dist.new_group([ranks[link], ranks[link + 1]])
-                       for link in range(len(ranks) - 1) for direction in (FORWARD, BACKWARD)}
+        self._poll = dist.get_backend() == "nccl"  # see _complete
+        # gloo: a stage that never arrives fails group creation after timeout_s; NCCL keeps
+        # its default, which also bounds every operation from its posting (see _complete)
+        limit = {} if self._poll else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        try:
+            # collective: every rank creates every group, links in order, forward then backward
+            self.groups = {(link, direction): dist.new_group([ranks[link], ranks[link + 1]], **limit)
+                           for link in range(len(ranks) - 1) for direction in (FORWARD, BACKWARD)}
+        except Exception as e:
+            raise PipelineError(f"stage {stage}: creating the pipeline's process groups failed (did every stage "
+                                f"start?): {e}") from e
         self.stats = CommStats()
         self._sends: list[_Pending] = []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._poll = dist.get_backend() == "nccl"  # see _complete
 
     def _peer(self, direction: str, outgoing: bool) -> int:
         toward_next = (direction == FORWARD) == outgoing
