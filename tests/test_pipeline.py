@@ -179,6 +179,49 @@ def test_handshake_mismatch_fails_on_both_sides(tmp_path):
     assert "stage 0 has codec_bits=8, but stage 1 has codec_bits=4" in results[1]["error"]
 
 
+def _corrupt_worker(rank, world):
+    """As on CUDA: the ops do not read headers (that would sync the device) and
+    the stage checks them at the end of the step; stage 0 corrupts the header
+    of its forward payload for micro-batch 1 in step 1."""
+    from resbm_kernels import checks
+
+    checks._is_fake = lambda t: True  # the ops' CPU-only header check, off as for CUDA tensors
+    stage = _make_stage(rank, world, PipelineConfig(d=D, k=K, codec=INT8, micro_batches=MB, timeout_s=20.0))
+    stage._defer_checks = True
+    if rank == 0:
+        send = stage.peers.send
+
+        def corrupting_send(tensor, direction, micro_batch):
+            if stage.steps_done == 1 and direction == "forward activations" and micro_batch == 1:
+                tensor = tensor.clone()
+                tensor[5] ^= 0x01  # a header byte
+            send(tensor, direction, micro_batch)
+
+        stage.peers.send = corrupting_send
+    opt = torch.optim.SGD(stage.parameters(), lr=0.05)
+    for step in range(3):
+        inputs, targets = batch(step, BATCH, SEQ)
+        try:
+            stage.step(inputs if rank == 0 else None, targets if rank == world - 1 else None)
+        except Exception as e:
+            return step, f"{type(e).__name__}: {e}"
+        opt.step()
+    return 3, "no error"
+
+
+def test_corrupt_payload_fails_every_stage_in_the_same_step(tmp_path):
+    """A corrupt header found at the end of a step (CUDA defers the check)
+    taints every payload computed from it, so all stages fail that step, each
+    naming the header, and none steps its optimizer on the corrupted data."""
+    results = _ok(spawn(_corrupt_worker, 3, out_dir=str(tmp_path), timeout=120))
+    for rank, (step, msg) in enumerate(results):
+        assert step == 1 and msg.startswith("PipelineError") and "unexpected header" in msg, (rank, msg)
+    assert "stage 1: forward activations payload for micro-batch 1" in results[1][1]
+    zeros = "[" + ", ".join(["0"] * 16) + "]"
+    assert f"stage 2: forward activations payload for micro-batch 1 has an unexpected header {zeros}" in results[2][1]
+    assert f"stage 0: backward gradients payload for micro-batch 1 has an unexpected header {zeros}" in results[0][1]
+
+
 def _absent_worker(rank, world):
     """Rank 1 never builds its stage (e.g. crashed during start-up)."""
     if rank == 1:

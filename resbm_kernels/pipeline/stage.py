@@ -95,6 +95,8 @@ class PipelineStage(nn.Module):
         self._expected_headers = {
             FORWARD: self._header(config.codec), BACKWARD: self._header(config.grad_codec)}
         self._header_checks: list = []
+        self._bad: dict = {}  # (direction, micro-batch) -> device bool: that received header was wrong
+        self._defer_checks = self.device.type != "cpu"  # see _received
         self._warm = False  # see step()
         self._handshake()
 
@@ -145,9 +147,11 @@ class PipelineStage(nn.Module):
                     self._backward(i, saved.pop(i), None if self.is_last else bwd_pending[i])
             self.peers.flush()
         except Exception:
+            self._bad.clear()
             self._check_headers()  # a corrupt payload is the better explanation of a failure
             raise
         self._check_headers()
+        self._bad.clear()
         self._warm = True
         self.steps_done += 1
         loss = torch.stack(losses).sum().item() if self.is_last else None  # each is already / m
@@ -175,15 +179,27 @@ class PipelineStage(nn.Module):
     def _received(self, pending, direction, micro_batch) -> torch.Tensor:
         """Wait for a payload and check its header. On CUDA the check is
         deferred to the end of the step (one sync per step instead of one per
-        message); a bad payload decodes to wrong numbers, never out of bounds."""
+        message): a bad payload decodes to wrong numbers, never out of bounds,
+        and every payload sent on from it gets a zeroed header (see
+        :meth:`_send`), so the neighbours fail the same step too and no stage
+        steps its optimizer on corrupted data."""
         if isinstance(pending, tuple):
             pending = self.peers.recv(*pending)
         payload = self.peers.wait(pending)
-        bad = payload[:HEADER_BYTES] != self._expected_headers[direction]
-        self._header_checks.append((direction, micro_batch, payload, bad.any()))
-        if payload.device.type == "cpu":
+        bad = (payload[:HEADER_BYTES] != self._expected_headers[direction]).any()
+        self._bad[(direction, micro_batch)] = bad
+        self._header_checks.append((direction, micro_batch, payload, bad))
+        if not self._defer_checks:
             self._check_headers()
         return payload
+
+    def _send(self, payload, direction, micro_batch, *tainted) -> None:
+        """Send ``payload``, its header zeroed if any received payload it was
+        computed from (``tainted``: (direction, micro-batch) keys) was bad."""
+        flags = [self._bad[key] for key in tainted if key in self._bad]
+        if flags:
+            payload[:HEADER_BYTES].masked_fill_(torch.stack(flags).any(), 0)  # no host sync
+        self.peers.send(payload, direction, micro_batch)
 
     def _check_headers(self) -> None:
         checks, self._header_checks = self._header_checks, []
@@ -194,8 +210,8 @@ class PipelineStage(nn.Module):
                 expected = self._expected_headers[direction]
                 raise PipelineError(
                     f"stage {self.stage}: {direction} payload for micro-batch {micro_batch} has an unexpected "
-                    f"header {payload[:HEADER_BYTES].tolist()} (expected {expected.tolist()}): corrupted or "
-                    "produced with another codec")
+                    f"header {payload[:HEADER_BYTES].tolist()} (expected {expected.tolist()}): corrupted, "
+                    "produced with another codec, or (all zero) computed from a corrupt payload upstream")
 
     def _forward(self, i, inputs, pending, targets) -> dict:
         c, state = self.config, {}
@@ -220,7 +236,7 @@ class PipelineStage(nn.Module):
         payload = ops.encode(x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.codec,
                              norm_weight=gamma, eps=c.eps, seed=self._seed(i, backward=False),
                              out=self._fwd_send[i])
-        self.peers.send(payload, FORWARD, i)
+        self._send(payload, FORWARD, i, (FORWARD, i))
         state.update(x2d=x2d, gamma=gamma)
         return state
 
@@ -247,7 +263,7 @@ class PipelineStage(nn.Module):
                 self.decoder.weight.detach().to(self.dtype), c.codec, c.grad_codec,
                 grad_seed=self._seed(i, backward=True), out=self._bwd_send[i])
             _accumulate(self.decoder.weight, grad_w_d)
-            self.peers.send(grad_payload, BACKWARD, i)
+            self._send(grad_payload, BACKWARD, i, (FORWARD, i), (BACKWARD, i))
 
 
 def _accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
