@@ -1,20 +1,38 @@
 // libresbm_cuda: the standalone codec kernels, from the same headers as the CPU library.
 #include <cuda_runtime.h>
 
+#include <cstdarg>
 #include <cstdint>
 
+#include "errors.cuh"
 #include "resbm/args.h"
 #include "resbm/c_api.h"
 #include "resbm/codec.h"
 
-// The error buffer behind resbm_last_error(), shared with passes.cu.
 namespace resbm_cuda_detail {
+
 thread_local char g_error[512] = "";
+
+int fail(int code, const char* fn, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  resbm::vformat_error(g_error, sizeof g_error, code, fn, fmt, ap);
+  va_end(ap);
+  return code;
+}
+
+int launch_status(const char* fn, const char* kernel) {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return RESBM_OK;
+  return fail(RESBM_ERR_CUDA, fn, "%s launch failed: %s", kernel, cudaGetErrorString(e));
+}
+
 }  // namespace resbm_cuda_detail
 
 namespace {
 
 using resbm_cuda_detail::g_error;
+using resbm_cuda_detail::launch_status;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;  // grid-stride loops cover the rest
@@ -85,13 +103,6 @@ __global__ void unpack_dequantize_kernel(const uint8_t* codes, const void* scale
     }
     resbm::store_float(out, i, out_dtype, v);
   }
-}
-
-int launch_status(const char* fn, const char* kernel) {
-  cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) return RESBM_OK;
-  return resbm::format_error(g_error, sizeof g_error, RESBM_ERR_CUDA, fn, "%s launch failed: %s",
-                             kernel, cudaGetErrorString(e));
 }
 
 }  // namespace

@@ -32,24 +32,22 @@
 // Every launch goes on the caller's stream; nothing here synchronises.
 #include <cuda_runtime.h>
 
-#include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 
+#include "errors.cuh"
 #include "mma.cuh"
 #include "resbm/args.h"
 #include "resbm/c_api.h"
 #include "resbm/codec.h"
 
-namespace resbm_cuda_detail {
-extern thread_local char g_error[512];  // defined in codec_cuda.cu (resbm_last_error)
-}
-
 namespace resbm {
 namespace cuda {
 namespace {
 
+using resbm_cuda_detail::fail;
 using resbm_cuda_detail::g_error;
+using resbm_cuda_detail::launch_status;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
@@ -613,17 +611,6 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
 
 // ---- launch helpers ------------------------------------------------------------------------
 
-int fail(int code, const char* fn, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-int fail(int code, const char* fn, const char* fmt, ...) {
-  int used = std::snprintf(g_error, sizeof g_error, "%s: ", fn);
-  if (used < 0 || size_t(used) >= sizeof g_error) return code;
-  va_list ap;
-  va_start(ap, fmt);
-  std::vsnprintf(g_error + used, sizeof g_error - size_t(used), fmt, ap);
-  va_end(ap);
-  return code;
-}
-
 // Opt into more than 48 KiB of dynamic shared memory when a kernel needs it.
 int prepare(const char* fn, const char* kernel, const void* func, size_t smem) {
   if (smem <= kDefaultSmem) return RESBM_OK;
@@ -632,12 +619,6 @@ int prepare(const char* fn, const char* kernel, const void* func, size_t smem) {
     return fail(RESBM_ERR_CUDA, fn, "%s: cannot use %zu bytes of shared memory: %s", kernel, smem,
                 cudaGetErrorString(e));
   return RESBM_OK;
-}
-
-int launch_status(const char* fn, const char* kernel) {
-  cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) return RESBM_OK;
-  return fail(RESBM_ERR_CUDA, fn, "%s launch failed: %s", kernel, cudaGetErrorString(e));
 }
 
 template <int DT, int KPAD>

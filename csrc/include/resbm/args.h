@@ -12,12 +12,17 @@
 namespace resbm {
 
 // Writes "<fn>: <printf-formatted message>" to err and returns `code`.
-inline int format_error(char* err, size_t len, int code, const char* fn, const char* fmt, ...) {
+inline int vformat_error(char* err, size_t len, int code, const char* fn, const char* fmt, va_list ap) {
   int used = std::snprintf(err, len, "%s: ", fn);
   if (used < 0 || size_t(used) >= len) return code;
+  std::vsnprintf(err + used, len - size_t(used), fmt, ap);
+  return code;
+}
+
+inline int format_error(char* err, size_t len, int code, const char* fn, const char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
-  std::vsnprintf(err + used, len - size_t(used), fmt, ap);
+  vformat_error(err, len, code, fn, fmt, ap);
   va_end(ap);
   return code;
 }
