@@ -197,15 +197,30 @@ def pipeline_section(data: dict, png: str | None) -> list[str]:
 # ---- plots ---------------------------------------------------------------------------------
 
 
-def plot_pipeline(data: dict, path: pathlib.Path) -> bool:
-    ps = rows(data, "pipeline")
-    if not ps:
-        return False
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, data: dict, title: str, path: pathlib.Path) -> None:
+    """Title the figure with the machine and date of the run, write it, close it."""
+    m = data.get("machine_info", {})
+    fig.suptitle(f"{title} — {m.get('resbm_label', '')}, {data.get('datetime', '')[:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pipeline(data: dict, path: pathlib.Path) -> bool:
+    ps = rows(data, "pipeline")
+    if not ps:
+        return False
+    plt = _pyplot()
     stages = sorted({p["stages"] for p in ps})
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.2), squeeze=False)
     for ax, s in zip(axes[0], stages):
@@ -222,12 +237,7 @@ def plot_pipeline(data: dict, path: pathlib.Path) -> bool:
         ax.set_title(f"{s} stages")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    m = data.get("machine_info", {})
-    fig.suptitle(f"Pipeline throughput vs bandwidth — {m.get('resbm_label', '')}, {data.get('datetime', '')[:10]}",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, data, "Pipeline throughput vs bandwidth", path)
     return True
 
 
@@ -235,11 +245,7 @@ def plot_kernels(data: dict, path: pathlib.Path) -> bool:
     ks = rows(data, "kernels")
     if not ks:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(PASSES), figsize=(4.2 * len(PASSES), 4), squeeze=False, sharey=True)
     for ax, p in zip(axes[0], PASSES):
         sub = [k for k in ks if k["pass"] == p]
@@ -263,12 +269,7 @@ def plot_kernels(data: dict, path: pathlib.Path) -> bool:
             handles.setdefault(label, h)
     if handles:
         axes[0][-1].legend(list(handles.values()), list(handles), fontsize=8)
-    m = data.get("machine_info", {})
-    fig.suptitle(f"Kernel passes: achieved bandwidth as % of the copy bandwidth — {m.get('resbm_label', '')}, "
-                 f"{data.get('datetime', '')[:10]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, data, "Kernel passes: achieved bandwidth as % of the copy bandwidth", path)
     return True
 
 

@@ -9,6 +9,21 @@ import torch
 from resbm_kernels.codec import Codec, rng_key
 
 
+# codecs every fast-backend test file runs each pass with: one scale per row and
+# groups, every bits, fp32/fp16/bf16 scales, nearest and stochastic rounding
+FAST_CODECS = (
+    Codec(bits=16),
+    Codec(bits=8),
+    Codec(bits=8, group_size=16, scale_dtype=torch.float32),
+    Codec(bits=4, group_size=16, scale_dtype=torch.float16),
+    Codec(bits=4),
+    Codec(bits=2, group_size=16),
+    Codec(bits=8, rounding="stochastic"),
+    Codec(bits=2, group_size=16, rounding="stochastic", scale_dtype=torch.float16),
+)
+GRAD_CODEC = Codec(bits=8, rounding="stochastic")
+
+
 def tolerance(dtype: torch.dtype, reduction: int = 1) -> dict:
     """atol/rtol for comparing a result computed in ``dtype`` against a float32
     or float64 oracle: a few units of the dtype's epsilon, grown with the
@@ -208,7 +223,7 @@ def check_decode_backward_mixed_dtypes(backend: str, device: str, grad_dtype, w_
 
     n, d, k = 37, 128, 32
     gen = torch.Generator().manual_seed(12)
-    codec, grad_codec = Codec(bits=8), Codec(bits=8, rounding="stochastic")
+    codec, grad_codec = Codec(bits=8), GRAD_CODEC
     payload = reference.write_payload(torch.randn(n, k, generator=gen), codec, 0)
     grad_h = exact(n, d, dtype=grad_dtype, gen=gen)
     w_d = exact(d, k, dtype=w_dtype, scale=1 / 16, gen=gen)
@@ -230,7 +245,7 @@ def check_passes_do_not_synchronise(backend: str) -> None:
 
     gen = torch.Generator().manual_seed(14)
     n, d, k = 300, 256, 32
-    codec, grad_codec = Codec(bits=8), Codec(bits=8, rounding="stochastic")
+    codec, grad_codec = Codec(bits=8), GRAD_CODEC
     x, grad_h = (torch.randn(n, d, generator=gen).cuda() for _ in range(2))
     w_e, w_d = torch.randn(k, d, generator=gen).cuda() * 0.1, torch.randn(d, k, generator=gen).cuda() * 0.1
     gamma = torch.rand(d, generator=gen).cuda() + 0.5

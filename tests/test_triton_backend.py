@@ -26,6 +26,7 @@ from resbm_kernels.backends import reference as ref  # noqa: E402
 from resbm_kernels.backends import use_backend  # noqa: E402
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
 from helpers import check_decode_backward_mixed_dtypes, check_passes_do_not_synchronise  # noqa: E402
+from helpers import FAST_CODECS, GRAD_CODEC  # noqa: E402
 from helpers import ids as _ids  # noqa: E402
 from helpers import rel_tol as tol  # noqa: E402
 from resbm_kernels.codec import Codec  # noqa: E402
@@ -33,20 +34,10 @@ from resbm_kernels.codec import Codec  # noqa: E402
 tb = pytest.importorskip("resbm_kernels.backends.triton")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-CODECS = (
-    Codec(bits=16),
-    Codec(bits=8),
-    Codec(bits=8, group_size=16, scale_dtype=torch.float32),
-    Codec(bits=4, group_size=16, scale_dtype=torch.float16),
-    Codec(bits=4),
-    Codec(bits=2, group_size=16),
-    Codec(bits=8, rounding="stochastic"),
-    Codec(bits=2, group_size=16, rounding="stochastic", scale_dtype=torch.float16),
-)
+CODECS = FAST_CODECS
 # (N, d, k): one block with a masked tail, several row blocks and two d tiles,
 # and a k that is not a power of two (padded BLOCK_K, masked groups and bytes)
 SHAPES = ((37, 128, 32), (150, 256, 16), (20, 96, 48))
-GRAD_CODEC = Codec(bits=8, rounding="stochastic")
 
 
 @pytest.fixture(autouse=True)

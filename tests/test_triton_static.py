@@ -89,6 +89,7 @@ CASES = [
 
 def _worker():
     """Compile every case for every arch and config; print one JSON row each."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -108,7 +109,8 @@ def _worker():
         types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16")
         wgrad = case["kernel"] == "weight_grad"
         block_k = case["k"]
-        elem = {"fp32": 4, "fp16": 4 if case["kernel"] != "project_quantize" else 2}.get(case["act"], 2)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["act"]]
+        elem = configs.operand_bytes(dtype, dequant=case["kernel"] != "project_quantize")
         for arch, cfg in ((arch, cfg) for arch in ARCHS
                           for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], wgrad)):
             constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)

@@ -119,8 +119,10 @@ def select(device, case: Case | None = None):
 # ---- measured ranking -----------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def device_name(device) -> str:
-    """The CUDA device's name, the key of the measured ranking."""
+    """The CUDA device's name, the key of the measured ranking (asked once per
+    device: select() runs on every op call)."""
     import torch
 
     return torch.cuda.get_device_name(device)

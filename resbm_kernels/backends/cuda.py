@@ -98,15 +98,11 @@ def _call(name: str, device: torch.device, *args) -> None:
         raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
 
 
-def _splits(n: int) -> int:
-    return max(1, min(8, -(-n // 1024)))
-
-
 def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> torch.Tensor:
     """fp32 sum over rows of (rscale * zhat)^T a: (k, d), or (d, k) if transpose."""
     n, d = a.shape
-    splits = _splits(n)
-    partial = fast.empty((splits, d, k) if transpose else (splits, k, d), torch.float32, a.device)
+    partial = fast.weight_grad_partials(n, d, k, transpose, a.device)
+    splits = partial.shape[0]
     if n == 0:
         return partial.zero_().sum(0)
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)

@@ -40,6 +40,14 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def weight_grad_partials(n: int, d: int, k: int, transpose: bool, device, max_splits: int = 8) -> torch.Tensor:
+    """The fp32 buffer a weight-gradient kernel fills, one (k, d) -- or (d, k)
+    if ``transpose`` -- partial per row split (about one split per 1024 rows, at
+    most ``max_splits``); the caller sums them, so the result is deterministic."""
+    splits = max(1, min(max_splits, -(-n // 1024)))
+    return empty((splits, d, k) if transpose else (splits, k, d), torch.float32, device)
+
+
 def new_payload(codec: Codec, n: int, k: int, device, out: torch.Tensor | None = None) -> torch.Tensor:
     """A payload for n x k values: ``out`` (already validated by the ops) with
     its header written, or a fresh buffer."""

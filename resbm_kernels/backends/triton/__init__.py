@@ -139,10 +139,9 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
 def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool):
     """fp32 sum over rows of (rscale * zhat)^T a: (k, d), or (d, k) if transpose."""
     n, d = a.shape
-    cpu = a.device.type == "cpu"
-    splits = 1 if cpu else max(1, min(8, triton.cdiv(n, 1024)))
-    shape = (splits, d, k) if transpose else (splits, k, d)
-    partial = fast.empty(shape, torch.float32, a.device)
+    # one split under the interpreter (its cost grows with the number of programs)
+    partial = fast.weight_grad_partials(n, d, k, transpose, a.device, max_splits=1 if a.device.type == "cpu" else 8)
+    splits = partial.shape[0]
     if n == 0:
         return partial.zero_().sum(0)
     codes, scales = _payload_args(payload, codec, n, k)
