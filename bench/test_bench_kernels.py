@@ -208,12 +208,16 @@ def design_bytes(case: KernelCase) -> int | None:
     backends): the roofline, plus a second read of the big input by the
     backward passes' weight-gradient kernel, plus (encode backward through
     RMSNorm, as benchmarked here) a read of x for the row statistics before
-    grad_x can be written. So the backward passes reach at most about half the
-    roofline fraction of the forward ones."""
+    grad_x can be written; Triton's weight-gradient operand (N x k bf16) is
+    also written and read once. So the backward passes reach at most about
+    half the roofline fraction of the forward ones."""
     if case.backend not in ("triton", "cuda"):
         return None
     big = case.N * case.d * 2
-    return roofline(case)[0] + {"decode_backward": big, "encode_backward": 2 * big}.get(case.pass_, 0)
+    extra = {"decode_backward": big, "encode_backward": 2 * big}.get(case.pass_, 0)
+    if case.backend == "triton" and case.pass_ in ("decode_backward", "encode_backward"):
+        extra += 2 * case.N * case.k * 2
+    return roofline(case)[0] + extra
 
 
 def _call(case: KernelCase, compiled, w, s):

@@ -13,7 +13,8 @@ Kernels (one family per module):
 - :mod:`.dequant_project`: decode forward and encode backward (read the
   payload, write the (N, d) output once);
 - :mod:`.weight_grad`: the weight gradients, a separate pass over the (N, d)
-  input that reduces over rows (zhat / g_z dequantized in registers);
+  input that reduces over rows (its (N, k) operand Z, the dequantized
+  payload scaled per row, is written by the backward pass's main kernel);
 - :mod:`.codec`: the per-element codec helpers all of them share;
 - :mod:`.tiles`, :mod:`.configs`: shared GEMM tile helpers, launch configs.
 
@@ -119,60 +120,72 @@ def _rows_grid(n):
 # ---- launchers ----------------------------------------------------------------------
 
 
-def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out):
-    """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d."""
+def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out, z=None):
+    """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d;
+    ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer."""
     n, d = a.shape
     payload = fast.new_payload(codec, n, k, a.device, out)
     if n == 0:
         return payload
     codes, scales = _payload_args(payload, codec, n, k)
+    if z is None:
+        z_ptrs, z_group, z_bits = (a, a, a), 1, 0  # unused
+    else:
+        buffer, z_payload, z_codec = z
+        z_ptrs, z_group, z_bits = (*_payload_args(z_payload, z_codec, n, k), buffer), z_codec.group(k), z_codec.bits
     project_quantize_kernel[_rows_grid(n)](
-        a, w, gamma if gamma is not None else a, codes, scales,
-        n, d, k, k // codec.group(k), a.stride(0), *w_strides, eps, _signed32(rng_key(seed)),
+        a, w, gamma if gamma is not None else a, codes, scales, *z_ptrs,
+        n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, eps, _signed32(rng_key(seed)),
         HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
-        SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic,
+        SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, ZBITS=z_bits,
         BLOCK_K=_block_k(k), **_common(a.device),
     )
     return payload
 
 
-def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool):
-    """fp32 sum over rows of (rscale * zhat)^T a: (k, d), or (d, k) if transpose."""
+def _weight_operand(n: int, k: int, dtype, device):
+    """The (n, k) Z buffer the main kernel of a backward pass fills for the
+    weight gradient: bf16 for bf16 activations (bf16 tensor cores), else fp32
+    (the TF32 / 3xTF32 GEMMs of fp16 / fp32)."""
+    return fast.empty((n, k), torch.bfloat16 if dtype == torch.bfloat16 else torch.float32, device)
+
+
+def _weight_grad(a, z, transpose: bool):
+    """fp32 sum over rows of z^T a: (k, d), or (d, k) if transpose."""
     n, d = a.shape
+    k = z.shape[1]
     # one split under the interpreter (its cost grows with the number of programs)
     partial = fast.weight_grad_partials(n, d, k, transpose, a.device, max_splits=1 if a.device.type == "cpu" else 8)
     splits = partial.shape[0]
     if n == 0:
         return partial.zero_().sum(0)
-    codes, scales = _payload_args(payload, codec, n, k)
     stride_ok, stride_od = (1, k) if transpose else (d, 1)
     weight_grad_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
-        a, codes, scales, rscale if rscale is not None else a, partial,
-        n, d, k, codec.group(k), a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od,
-        BITS=codec.bits, HAS_RSCALE=rscale is not None, BLOCK_K=_block_k(k), **_common(a.device),
+        a, z, partial, n, d, k, a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od,
+        BLOCK_K=_block_k(k), **_common(a.device),
     )
     return partial.sum(0)
 
 
 def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype,
-                     residual=None, x=None, gamma=None, eps=0.0):
+                     residual=None, x=None, gamma=None, eps=0.0, z=None):
     """out (n, d) = zhat @ W + pad_d(zhat) (+ residual), or the encode backward
-    through RMSNorm when ``gamma`` is given; returns (out, r or None)."""
+    through RMSNorm when ``gamma`` is given; with a ``z`` buffer (encode
+    backward) also z = r * zhat, r = 1/rms(x) (1 without the norm)."""
     out = fast.empty((n, d), out_dtype, w.device)
-    rscale = fast.empty((n,), torch.float32, w.device) if gamma is not None else None
     if n == 0:
-        return out, rscale
+        return out
     codes, scales = _payload_args(payload, codec, n, k)
     dummy = out
     dequant_project_kernel[_rows_grid(n)](
         codes, scales, w, x if x is not None else dummy, gamma if gamma is not None else dummy,
-        residual if residual is not None else dummy, out, rscale if rscale is not None else dummy,
+        residual if residual is not None else dummy, out, z if z is not None else dummy,
         n, d, k, codec.group(k), *w_strides,
         x.stride(0) if x is not None else 0, residual.stride(0) if residual is not None else 0, out.stride(0), eps,
         BITS=codec.bits, HAS_NORM=gamma is not None, HAS_RES=residual is not None,
-        OUT_KIND=_KINDS[out_dtype], BLOCK_K=_block_k(k), **_common(w.device),
+        OUT_KIND=_KINDS[out_dtype], WRITE_Z=z is not None, BLOCK_K=_block_k(k), **_common(w.device),
     )
-    return out, rscale
+    return out
 
 
 # ---- the four passes (reference signatures) --------------------------------------------
@@ -188,17 +201,17 @@ def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
     d, k = w_d.shape
     _check("decode_forward", d, k, w_d.dtype, out_dtype)
     _group_reshape(codec, k)
-    h, _ = _dequant_project(payload, codec, n, d, k, w_d, (w_d.stride(1), w_d.stride(0)), out_dtype, residual=residual)
-    return h
+    return _dequant_project(payload, codec, n, d, k, w_d, (w_d.stride(1), w_d.stride(0)), out_dtype, residual=residual)
 
 
 def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None):
     d, k = w_d.shape
     _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
     _group_reshape(codec, k)
+    z = _weight_operand(grad_h.shape[0], k, grad_h.dtype, grad_h.device)
     grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k,
-                                     out)
-    grad_w_d = _weight_grad(grad_h, payload, codec, None, k, transpose=True)
+                                     out, z=(z, payload, codec))
+    grad_w_d = _weight_grad(grad_h, z, transpose=True)
     return grad_payload, grad_w_d.to(w_d.dtype)
 
 
@@ -207,7 +220,8 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
     k = w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     _group_reshape(grad_codec, k)
-    grad_x, r = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
-                                 x=x, gamma=norm_weight, eps=eps)
-    m = _weight_grad(x, grad_payload, grad_codec, r, k, transpose=False)
+    z = _weight_operand(n, k, x.dtype, x.device)
+    grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
+                              x=x, gamma=norm_weight, eps=eps, z=z)
+    m = _weight_grad(x, z, transpose=False)
     return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))

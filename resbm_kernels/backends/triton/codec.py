@@ -3,16 +3,21 @@
 Everything that decides a bit of the wire format lives here, written once:
 rounding to the scale / output dtype, the reciprocal of the scale, the
 stochastic-rounding hash, round-half-even, and the payload tile load/store.
-Rounding is done with integer bit operations instead of dtype casts because
-the interpreter's fp32->bf16 cast truncates; doing it by hand everywhere keeps
-GPU and CPU results identical to :mod:`resbm_kernels.backends.reference`.
+Rounding to bf16 / fp16 is the GPU's cast (cvt.rn: round to nearest even, one
+instruction); under the interpreter, whose fp32->bf16 cast truncates, it is
+done with integer bit operations that give the same result, so GPU and CPU
+match :mod:`resbm_kernels.backends.reference` bit for bit.
 Kernels must be launched with ``enable_fp_fusion=False`` so that ``z * inv``
 followed by an add is never contracted into one FMA (which would round once
 instead of twice, unlike the reference).
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 # dtype kinds used as constexprs for rounding (scales and outputs)
 KIND_F32 = tl.constexpr(0)
@@ -30,7 +35,11 @@ def round_half_even(y):
 def round_to_kind(x, KIND: tl.constexpr):
     """fp32 -> the nearest (ties to even) value representable in the dtype of
     ``KIND``, still as fp32 (so a later cast is exact). Overflow gives inf."""
-    if KIND == KIND_BF16:
+    if KIND == KIND_F32:
+        return x
+    elif not INTERPRETED:
+        return x.to(tl.bfloat16 if KIND == KIND_BF16 else tl.float16).to(tl.float32)
+    elif KIND == KIND_BF16:
         b = x.to(tl.uint32, bitcast=True)
         b = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
         return b.to(tl.float32, bitcast=True)
@@ -46,8 +55,6 @@ def round_to_kind(x, KIND: tl.constexpr):
         r = tl.where(a < 6.103515625e-05, sub, normal)
         r = tl.where(r > 65504.0, float("inf"), r)
         return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    else:
-        return x
 
 
 @triton.jit

@@ -2,15 +2,14 @@
 config under TRITON_INTERPRET=1 (the interpreter's cost grows with the number
 of block operations, and multi-config autotuning fails there).
 
-On the GPU a config is launchable for a k when its largest fp32 register tile
-(the accumulator; for the weight gradient also the dequantized payload tile)
-needs at most 32 registers per thread (more spills on sm_80 and sm_90) and
-its tiles fit the device's shared memory (an upper estimate, see
-:func:`smem_bytes`). The last config of each
+On the GPU a config is launchable for a k when its fp32 accumulator needs at
+most 32 registers per thread in the rows kernels (which hold more tiles in
+registers; more spills on sm_80 and sm_90) or 64 in the weight gradient
+(whose operands both stay in shared memory), and its tiles fit the device's
+shared memory (an upper estimate, see :func:`smem_bytes`). The last config of each
 list is small enough for every k up to 256 and is the fallback. Checked
 ahead of time by tests/test_triton_static.py (same rule, real cubins): no
-spills for bf16/fp16; fp32 activations (3xTF32, for exactness rather than
-speed) still spill on sm_80.
+spills, for every input dtype.
 
 ``RESBM_TRITON_AUTOTUNE=0`` skips the timing: each kernel then uses the first
 launchable config (no autotuning delay on the first call of each shape; the
@@ -23,7 +22,7 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0"
-MAX_TILE_REGS = 32
+MAX_TILE_REGS = {False: 32, True: 64}  # by wgrad
 SMEM_FALLBACK = 99 * 1024  # when the device does not say: the smallest opt-in limit since sm_80
 
 
@@ -39,30 +38,31 @@ def gpu_configs(table):
 
 
 def tile_regs(config, block_k, wgrad=False):
-    """Registers per thread of a config's largest fp32 tile: the (BLOCK_N, k)
-    accumulator of the rows kernels; the (k, BLOCK_D) accumulator or the
-    (BLOCK_N, k) dequantized payload tile of the weight gradient."""
-    bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-    rows = max(bn, bd) if wgrad else bn
+    """Registers per thread of a config's fp32 accumulator: (BLOCK_N, k) in
+    the rows kernels, (k, BLOCK_D) in the weight gradient."""
+    rows = config.kwargs["BLOCK_D" if wgrad else "BLOCK_N"]
     return rows * block_k // (32 * config.num_warps)
 
 
 def smem_bytes(config, block_k, elem_bytes, wgrad=False):
     """Upper estimate of a config's shared memory: ``num_stages`` copies of the
     (BLOCK_N + BLOCK_K) x BLOCK_D tiles (rows kernels: input and weight) or
-    BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and payload),
-    plus a quarter for layout scratch, plus one (BLOCK_N, k) fp32 tile staged
-    through shared memory (a register operand of wgmma, the epilogue's layout
-    change). tests/test_triton_static.py checks it bounds the compiled kernels."""
+    BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and Z),
+    plus a quarter for layout scratch, plus for the rows kernels one
+    (BLOCK_N, k) fp32 tile staged through shared memory (a register operand of
+    wgmma, the epilogue's layout change). tests/test_triton_static.py checks
+    it bounds the compiled kernels."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-    tiles = bn * (bd + block_k) if wgrad else (bn + block_k) * bd
-    return config.num_stages * tiles * elem_bytes * 5 // 4 + bn * block_k * 4
+    if wgrad:
+        return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4
+    return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + bn * block_k * 4
 
 
 def launchable(configs, block_k, elem_bytes, smem_limit, wgrad=False):
     """The configs that fit (registers and shared memory), else the last one."""
     fit = [c for c in configs
-           if tile_regs(c, block_k, wgrad) <= MAX_TILE_REGS and smem_bytes(c, block_k, elem_bytes, wgrad) <= smem_limit]
+           if tile_regs(c, block_k, wgrad) <= MAX_TILE_REGS[wgrad]
+           and smem_bytes(c, block_k, elem_bytes, wgrad) <= smem_limit]
     return fit or configs[-1:]
 
 
@@ -95,13 +95,13 @@ def _pruner(wgrad, dequant, operand):
 
 
 # (BLOCK_N, BLOCK_D, num_warps, num_stages); BLOCK_K is the padded k, not tuned.
-GPU_ROWS = ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (64, 32, 16, 3))
+GPU_ROWS = ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (64, 32, 8, 3))
 GPU_WGRAD = ((128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3))
 ROW_CONFIGS = _configs(GPU_ROWS, interp=(64, 128))
 WGRAD_CONFIGS = _configs(GPU_WGRAD, interp=(64, 128))
 
 # the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are ignored)
-_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "HAS_RSCALE", "STOCHASTIC"]
+_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "WRITE_Z"]
 
 
 def _autotune(configs, wgrad, dequant, operand):

@@ -10,6 +10,8 @@ element can be written: r = 1/rms(x) and mean(g_xhat * xhat), which reduces to
 k-dim quantities: sum_j g_xhat_j xhat_j = r * sum_c g_z_c s_c with
 s = x @ (gamma * W_e)^T. A first d loop (the encode forward's projection)
 recomputes r and s, so x is read twice in that case (once without the norm).
+Encode backward also writes the operand of the weight-gradient pass,
+Z = r * g_z (N x k, in that GEMM's dtype).
 """
 
 import triton
@@ -17,33 +19,37 @@ import triton.language as tl
 
 from .codec import load_payload, round_to_kind
 from .configs import autotune_dequant
-from .tiles import dequant_mma, inv_rms, load_rows, load_w, project_rows
+from .tiles import dequant_mma, inv_rms, load_rows, load_w, project_rows, store_operand
 
 
 @autotune_dequant
 @triton.jit
 def dequant_project_kernel(
-    codes_ptr, scales_ptr, w_ptr, x_ptr, gamma_ptr, res_ptr, out_ptr, rscale_ptr,
+    codes_ptr, scales_ptr, w_ptr, x_ptr, gamma_ptr, res_ptr, out_ptr, z_ptr,
     n, d, k, group, stride_wk, stride_wd, stride_x, stride_res, stride_out, eps,
     BITS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr,
+    WRITE_Z: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix.
 
     With HAS_NORM (encode backward through RMSNorm, zhat = g_z, W = w_e):
-    out = r * gamma * (g_z @ W) - x * r^3 * (g_z . s) / d + pad_d(g_z), and r
-    is stored to ``rscale_ptr`` for the weight-gradient kernel.
+    out = r * gamma * (g_z @ W) - x * r^3 * (g_z . s) / d + pad_d(g_z).
+    With WRITE_Z (encode backward): Z[rows] = r * g_z (r = 1 without the norm).
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     zhat = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
+    if WRITE_Z and not HAS_NORM:
+        store_operand(z_ptr, rows, kcols, n, k, zhat)
     if HAS_NORM:
         s, sumsq = project_rows(x_ptr, stride_x, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
                                 True, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         r = inv_rms(sumsq, d, eps)
         alpha = tl.math.div_rn(r * r * r * tl.sum(zhat * s, axis=1), tl.full(r.shape, d, tl.float32))
-        tl.store(rscale_ptr + rows, r, mask=rows < n)
+        if WRITE_Z:
+            store_operand(z_ptr, rows, kcols, n, k, zhat * r[:, None])
     for d0 in range(0, d, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd)

@@ -5,31 +5,42 @@ packed result straight into the payload (no N x k intermediate in memory).
 Grid: one program per BLOCK_N rows. Each program keeps its (BLOCK_N, k) fp32
 accumulator in registers while it walks d in BLOCK_D tiles, so the input is
 read exactly once; W (k x d, small) is re-read from L2 by every program.
+
+Decode backward also writes the operand of the weight-gradient pass: the
+forward payload dequantized, Z = zhat (N x k, in that GEMM's dtype), so the
+second pass over grad_h streams both operands without per-element work.
 """
 
 import triton
 import triton.language as tl
 
-from .codec import store_payload
+from .codec import load_payload, store_payload
 from .configs import autotune_project
-from .tiles import inv_rms, load_rows, project_rows
+from .tiles import inv_rms, load_rows, project_rows, store_operand
 
 
 @autotune_project
 @triton.jit(do_not_specialize=["key"])  # an int argument equal to 1 would become a constant
 def project_quantize_kernel(
-    a_ptr, w_ptr, gamma_ptr, codes_ptr, scales_ptr,
-    n, d, k, n_groups, stride_a, stride_wk, stride_wd, eps, key,
+    a_ptr, w_ptr, gamma_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr,
+    n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, eps, key,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """payload rows = quantize(r * (A @ (gamma * W)^T) + A[:, :k]); r = 1/rms(A)
     with the norm, else 1. The identity tile is loaded with the first d tile
-    (same cache lines), the RMS is gathered during the same d loop."""
+    (same cache lines), the RMS is gathered during the same d loop.
+
+    ZBITS > 0 (decode backward): also Z[rows] = dequantize(zcodes, zscales),
+    the forward payload of ZBITS bits with scale group ``zgroup``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ident = load_rows(a_ptr, stride_a, rows, tl.arange(0, BLOCK_K), n, k)
+    kcols = tl.arange(0, BLOCK_K)
+    if ZBITS != 0:
+        zhat = load_payload(zcodes_ptr, zscales_ptr, rows[:, None], kcols[None, :], n, k, zgroup, ZBITS)
+        store_operand(z_ptr, rows, kcols, n, k, zhat)
+    ident = load_rows(a_ptr, stride_a, rows, kcols, n, k)
     acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
                               HAS_NORM, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if HAS_NORM:

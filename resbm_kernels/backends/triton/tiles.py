@@ -1,8 +1,10 @@
 """Tile helpers shared by the GEMM kernels: the tensor-core dot, weight tile
-loads, the d-streaming projection loop and the RMS statistic."""
+loads, operand stores, the d-streaming projection loop and the RMS statistic."""
 
 import triton
 import triton.language as tl
+
+from .codec import KIND_BF16, round_to_kind
 
 
 @triton.jit
@@ -59,6 +61,17 @@ def load_rows(ptr, stride, rows, cols, n, ncols):
     """Tile ptr[rows, cols] of a row-major matrix, 0 outside n x ncols."""
     mask = (rows < n)[:, None] & (cols < ncols)[None, :]
     return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def store_operand(ptr, rows, cols, n, ncols, v):
+    """Store fp32 tile ``v`` as ptr[rows, cols] of a row-major (n, ncols)
+    GEMM operand matrix, rounded to nearest even when it is bf16 (as the
+    GPU's operand conversion; the interpreter's cast would truncate)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        v = round_to_kind(v, KIND_BF16)
+    mask = (rows < n)[:, None] & (cols < ncols)[None, :]
+    tl.store(ptr + rows[:, None].to(tl.int64) * ncols + cols[None, :], v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
