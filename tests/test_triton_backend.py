@@ -141,6 +141,27 @@ def test_decode_forward_out_dtype_differs():
     assert rel_err(got, want) <= tol(torch.bfloat16)
 
 
+def test_dot_operands_round_to_nearest_even():
+    """bf16 tensor-core operands are rounded to nearest even (the GPU's
+    conversion), under the interpreter too, whose own fp32 -> bf16 cast
+    truncates. W_d is 0/1 with one 1 per row, so every output is one exact
+    product plus the identity path: equality, not a tolerance."""
+    n, d, k = 8, 32, 16
+    gen = torch.Generator().manual_seed(5)
+    codec = Codec(bits=8)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    zhat = ref.read_payload(payload, codec, n, k, torch.float32)
+    cols = torch.arange(d) % k
+    w_d = torch.zeros(d, k, dtype=torch.bfloat16)
+    w_d[torch.arange(d), cols] = 1
+    got = triton_call(ops.decode, payload, w_d, codec, n, out_dtype=torch.float32)
+    nearest = zhat.to(torch.bfloat16).float()
+    truncated = (zhat.view(torch.int32) & -65536).view(torch.float32)
+    assert (nearest != truncated).any()  # the data tells the two apart
+    want = nearest[:, cols] + torch.nn.functional.pad(zhat, (0, d - k))
+    assert torch.equal(got, want)
+
+
 # ---- decode backward ------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ loads, operand stores, the d-streaming projection loop and the RMS statistic."""
 import triton
 import triton.language as tl
 
-from .codec import KIND_BF16, round_to_kind
+from .codec import KIND_BF16, KIND_F16, round_to_kind
 
 
 @triton.jit
@@ -15,9 +15,21 @@ def mma(a, b, acc, op_dtype: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.c
     products of 16-bit values are exact in fp32, so this is the GPU's arithmetic
     up to the order of the fp32 sums."""
     if UPCAST:
-        return tl.dot(a.to(op_dtype).to(tl.float32), b.to(op_dtype).to(tl.float32), acc, input_precision=PRECISION)
+        return tl.dot(rounded(a, op_dtype), rounded(b, op_dtype), acc, input_precision=PRECISION)
     else:
         return tl.dot(a.to(op_dtype), b.to(op_dtype), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def rounded(x, op_dtype: tl.constexpr):
+    """x rounded to nearest even in ``op_dtype``, as fp32 (the interpreter's
+    own fp32 -> bf16 cast truncates, unlike the GPU's operand conversion)."""
+    if op_dtype == tl.bfloat16:
+        return round_to_kind(x.to(tl.float32), KIND_BF16)
+    elif op_dtype == tl.float16:
+        return round_to_kind(x.to(tl.float32), KIND_F16)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
