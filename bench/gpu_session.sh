@@ -16,12 +16,17 @@
 #   sanitize  compute-sanitizer memcheck (native, CUDA and Triton kernels), then racecheck,
 #             synccheck and initcheck (native, CUDA) on bench/sanitize_cuda.py, as time allows
 #             (it works on the Firecracker H100 machines, not on gVisor: name the kind) -> sanitizer.log
+#   profile   (only when named in RESBM_PHASES, e.g. a second call "profile" on the warm
+#             machine) Nsight Compute (ncu, --clock-control none) on one call of each pass
+#             and backend at N=16384, d=4096, k=128, int8 (bench/profile_kernels.py):
+#             throughput vs peak, memory, occupancy, warp stalls    -> profile.log, profile.csv
 #   bench     the kernel (and wire) benchmarks, --benchmark-json=$OUT/kernels.json, with an
 #             internal time budget (and SIGTERM handled) so the JSON is always written;
 #             Triton untuned unless RESBM_BENCH_AUTOTUNE=1 (all target shapes then fit)  -> bench.log
 #
 # At most 8 files come back from a device call: this writes session.log,
-# install.log, tests.log, sanitizer.log, bench.log and kernels.json.
+# install.log, tests.log, sanitizer.log, bench.log and kernels.json (and with
+# the profile phase profile.log and profile.csv).
 # Environment: OUT (default /tmp/resbm-gpu-session), PYTHON (default python3),
 # RESBM_SESSION_S, RESBM_BENCH_MIN_S (default 150: kept for the benchmarks by the earlier
 # phases), RESBM_PHASES (default "info install tests sanitize bench"),
@@ -168,6 +173,20 @@ if wanted sanitize; then
         done
     else
         SUMMARY+=("sanitize: NOT RUN (compute-sanitizer not found)")
+        FAILED=1
+    fi
+fi
+
+# ---- Nsight Compute profile (opt-in) -------------------------------------------------------
+if wanted profile; then
+    NCU="$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu "$CUDA_HOME"/bin/ncu 2>/dev/null | tail -1)"
+    if [[ -n $NCU ]]; then
+        run_phase profile 120 "$OUT/profile.log" env RESBM_TRITON_AUTOTUNE="${RESBM_BENCH_AUTOTUNE:-0}" "$NCU" \
+            --clock-control none --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
+            --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
+            --log-file "$OUT/profile.csv" "${PYP[@]}" bench/profile_kernels.py
+    else
+        SUMMARY+=("profile: NOT RUN (ncu not found)")
         FAILED=1
     fi
 fi
