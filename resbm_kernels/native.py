@@ -18,7 +18,7 @@ import torch
 
 from .codec import SCALE_DTYPES, Codec, rng_key
 
-ABI_VERSION = 1
+ABI_VERSION = 2  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
 _NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so"}
 _PKG_DIR = pathlib.Path(__file__).resolve().parent
 _DTYPE_CODES = SCALE_DTYPES  # z, scales and out share the wire-format codes
@@ -57,14 +57,18 @@ def _declare(lib: ctypes.CDLL, which: str) -> None:
 
 # argument kinds of the CUDA pass entry points (p pointer, i int, l int64, u uint32, f float)
 _CUDA_PASSES = {
-    # x, dtype, n, d, k, w_e, norm_weight, eps, bits, group, scale_dtype, stochastic, key, codes, scales, stream
-    "resbm_cuda_encode_forward": "pilllppfiiiiuppp",
-    # codes, scales, n, d, k, bits, group, scale_dtype, w_d, w_dtype, residual, out, out_dtype, stream
-    "resbm_cuda_decode_forward": "ppllliiipippip",
-    # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, stream
-    "resbm_cuda_decode_backward": "pilllpiiiiuppp",
-    # codes, scales, n, d, k, bits, group, scale_dtype, x, dtype, w_e, norm_weight, eps, grad_x, rscale, stream
-    "resbm_cuda_encode_backward": "ppllliiipippfppp",
+    # pass, dtype, d, k, norm, bytes (int64*)
+    "resbm_cuda_workspace_bytes": "iillip",
+    # x, dtype, n, d, k, w_e, norm_weight, eps, bits, group, scale_dtype, stochastic, key, codes, scales,
+    # workspace, stream
+    "resbm_cuda_encode_forward": "pilllppfiiiiupppp",
+    # codes, scales, n, d, k, bits, group, scale_dtype, w_d, w_dtype, residual, out, out_dtype, workspace, stream
+    "resbm_cuda_decode_forward": "ppllliiipippipp",
+    # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, workspace, stream
+    "resbm_cuda_decode_backward": "pilllpiiiiupppp",
+    # codes, scales, n, d, k, bits, group, scale_dtype, x, dtype, w_e, norm_weight, eps, grad_x, rscale,
+    # workspace, stream
+    "resbm_cuda_encode_backward": "ppllliiipippfpppp",
     # a, dtype, n, d, k, codes, scales, bits, group, scale_dtype, rscale, splits, transpose, partial, stream
     "resbm_cuda_weight_grad": "pilllppiiipiipp",
 }

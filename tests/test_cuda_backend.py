@@ -40,7 +40,7 @@ cb = pytest.importorskip("resbm_kernels.backends.cuda")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KPADS = (16, 32, 64, 128, 256)
-KERNELS = ("project_quantize", "dequant_project", "weight_grad")
+KERNELS = ("project_quantize", "dequant_project", "weight_grad")  # + prepare_operand per dtype
 
 HAS_GPU = torch.cuda.is_available() and native.available("cuda")
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresbm_cuda (build it with cmake/pip)")
@@ -59,6 +59,7 @@ def test_pass_kernels_compile_without_spills(tmp_path):
         for kernel in KERNELS:
             # 3 dtypes x 5 padded k per kernel family and arch
             assert sum(kernel in r[1] for r in funcs) == 3 * len(KPADS), (kernel, arch, report)
+        assert sum("prepare_operand_kernel" in r[1] for r in funcs) == 3, (arch, report)
     spilling = [r for r in report if r[3] or r[4]]
     assert not spilling, "kernels spill registers:\n" + "\n".join(map(str, spilling))
 
@@ -82,7 +83,7 @@ def lib():
 def _encode_fwd(lib, **kw):
     keep, p = _buf()
     a = dict(x=p, dtype=3, n=4, d=64, k=16, w_e=p, norm=None, eps=1e-6, bits=8, group=16, sdt=3, stoch=0,
-             key=0, codes=p, scales=p, stream=None)
+             key=0, codes=p, scales=p, workspace=p, stream=None)
     a.update(kw)
     rc = lib.resbm_cuda_encode_forward(*a.values())
     return rc, lib.resbm_last_error().decode()
@@ -106,6 +107,7 @@ def _encode_fwd(lib, **kw):
     ({"w_e": None}, "null pointer w_e"),
     ({"codes": None}, "null pointer codes"),
     ({"scales": None}, "null pointer scales"),
+    ({"workspace": None}, "null pointer workspace"),
 ])
 def test_c_encode_forward_rejects(lib, kwargs, message):
     rc, err = _encode_fwd(lib, **kwargs)
@@ -126,6 +128,8 @@ def test_c_misaligned_and_zero_rows(lib):
     assert rc == 1 and "scales is not 4-byte aligned" in err
     rc, err = _encode_fwd(lib, bits=16, codes=p + 1, scales=None)
     assert rc == 1 and "codes is not 2-byte aligned (bits=16)" in err
+    rc, err = _encode_fwd(lib, workspace=p + 8)
+    assert rc == 1 and "workspace is not 16-byte aligned" in err
     rc, err = _encode_fwd(lib, n=0, x=None, codes=None, scales=None)
     assert rc == 0  # nothing to do: no CUDA call at all
 
@@ -134,25 +138,37 @@ def test_c_misaligned_and_zero_rows(lib):
 def test_c_other_passes_reject(lib):
     keep, p = _buf()
     err = lambda: lib.resbm_last_error().decode()  # noqa: E731
-    # decode forward: codes, scales, n, d, k, bits, group, sdt, w_d, w_dtype, residual, out, out_dtype, stream
-    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, None, None, 3, None) == 1
+    # decode forward: codes, scales, n, d, k, bits, group, sdt, w_d, w_dtype, residual, out, out_dtype,
+    # workspace, stream
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, None, None, 3, None, None) == 1
     assert err() == "resbm_cuda_decode_forward: null pointer out"
-    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 5, None, p, 3, None) == 1
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 5, None, p, 3, None, None) == 1
     assert "bad w_dtype=5" in err()
-    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p + 4, p, 3, None) == 1
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p + 4, p, 3, None, None) == 1
     assert "residual is not 16-byte aligned" in err()
-    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, None, p, 7, None) == 1
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 3, None, p, 7, None, None) == 1
     assert "bad out_dtype=7" in err()
-    # decode backward: grad_h, dtype, n, d, k, w_d, bits, group, sdt, stochastic, key, codes, scales, stream
-    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, None, 8, 16, 3, 1, 0, p, p, None) == 1
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p + 2, 3, None, p, 3, None, None) == 1
+    assert "w_d is not 16-byte aligned" in err()  # its rows stream with 16-byte copies
+    assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 1, None, p, 1, None, None) == 1
+    assert err() == "resbm_cuda_decode_forward: null pointer workspace"  # fp32 weights are prepared
+    # decode backward: grad_h, dtype, n, d, k, w_d, bits, group, sdt, stochastic, key, codes, scales,
+    # workspace, stream
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, None, 8, 16, 3, 1, 0, p, p, p, None) == 1
     assert err() == "resbm_cuda_decode_backward: null pointer w_d"
-    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 4, 3, 3, 1, 0, p, p, None) == 1
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 4, 3, 3, 1, 0, p, p, p, None) == 1
     assert "does not divide" in err()
-    # encode backward: codes, scales, n, d, k, bits, group, sdt, x, dtype, w_e, gamma, eps, grad_x, rscale, stream
-    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, None, 3, p, p, 1e-6, p, p, None) == 1
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 8, 16, 3, 1, 0, p, p, None, None) == 1
+    assert err() == "resbm_cuda_decode_backward: null pointer workspace"
+    # encode backward: codes, scales, n, d, k, bits, group, sdt, x, dtype, w_e, gamma, eps, grad_x, rscale,
+    # workspace, stream
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, None, 3, p, p, 1e-6, p, p, p, None) == 1
     assert err() == "resbm_cuda_encode_backward: null pointer x"
-    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, p + 2, 1e-6, p, p, None) == 1
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, p + 2, 1e-6, p, p, p, None) == 1
     assert "norm_weight is not 16-byte aligned" in err()
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, None, 1e-6, p, None, None,
+                                          None) == 1
+    assert err() == "resbm_cuda_encode_backward: null pointer workspace"
     # weight grad: a, dtype, n, d, k, codes, scales, bits, group, sdt, rscale, splits, transpose, partial, stream
     assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 0, 0, p, None) == 1
     assert "bad splits=0" in err()
@@ -161,15 +177,57 @@ def test_c_other_passes_reject(lib):
 
 
 @needs_lib
+@pytest.mark.parametrize("pass_, dtype, d, k, norm, parts", [
+    # (KPAD x d) operand parts for the projection + (d x KPAD) parts for the output projection
+    (0, 3, 64, 16, 1, 2),    # encode forward with RMSNorm: gamma-folded hi + lo
+    (0, 3, 64, 16, 0, 1),    # encode forward: bf16 weights are exact, hi only
+    (0, 1, 64, 16, 0, 2),    # fp32: tf32 hi + lo
+    (1, 3, 64, 16, 0, 0),    # decode forward, 16-bit: w_d streams as it is
+    (1, 1, 64, 16, 0, 2),    # decode forward, fp32
+    (2, 2, 64, 16, 0, 1),    # decode backward (transposed w_d)
+    (3, 3, 64, 16, 1, 3),    # encode backward with RMSNorm: pre-pass hi + lo, transposed w_e
+    (3, 3, 64, 16, 0, 1),
+    (3, 3, 96, 48, 0, 1),    # k=48 pads to 64
+])
+def test_c_workspace_bytes(lib, pass_, dtype, d, k, norm, parts):
+    """Workspace = parts x KPAD x d operand elements (2 bytes, 4 for fp32's tf32)."""
+    out = ctypes.c_int64(-1)
+    assert lib.resbm_cuda_workspace_bytes(pass_, dtype, d, k, norm, ctypes.byref(out)) == 0
+    kpad = 16 if k <= 16 else 32 if k <= 32 else 64 if k <= 64 else 128 if k <= 128 else 256
+    assert out.value == parts * kpad * d * (4 if dtype == 1 else 2)
+
+
+@needs_lib
+def test_c_workspace_bytes_rejects(lib):
+    out = ctypes.c_int64()
+    assert lib.resbm_cuda_workspace_bytes(4, 3, 64, 16, 0, ctypes.byref(out)) == 1
+    assert "bad pass=4" in lib.resbm_last_error().decode()
+    assert lib.resbm_cuda_workspace_bytes(0, 3, 64, 24, 0, ctypes.byref(out)) == 1
+    assert "multiples of 16" in lib.resbm_last_error().decode()
+    assert lib.resbm_cuda_workspace_bytes(0, 3, 64, 16, 0, None) == 1
+    assert "null pointer bytes" in lib.resbm_last_error().decode()
+
+
+@needs_lib
 @no_gpu_only
-@pytest.mark.parametrize("k, kernel", [(64, "project_quantize_kernel<bf16,64>"),
-                                       (256, "project_quantize_kernel<bf16,256>")])
-def test_c_launch_failure_names_kernel(lib, k, kernel):
-    """Without a GPU valid arguments reach the launch (or the shared-memory
+@pytest.mark.parametrize("call, kernel", [
+    ("encode", "resbm_cuda_encode_forward: prepare_operand_kernel<bf16>"),  # weights first
+    ("decode64", "resbm_cuda_decode_forward: dequant_project_kernel<bf16,64>"),
+    ("decode256", "resbm_cuda_decode_forward: dequant_project_kernel<bf16,256>"),  # shared-memory opt-in
+])
+def test_c_launch_failure_names_kernel(lib, call, kernel):
+    """Without a GPU valid arguments reach the first launch (or the shared-memory
     opt-in, for large tiles), which fails with a message naming the kernel."""
-    rc, err = _encode_fwd(lib, k=k, d=2 * k, group=16)
+    keep, p = _buf(1 << 16)
+    if call == "encode":
+        rc, err = _encode_fwd(lib, k=64, d=128, group=16)
+    else:
+        k = int(call[6:])
+        # codes, scales, n, d, k, bits, group, sdt, w_d, w_dtype, residual, out, out_dtype, workspace, stream
+        rc = lib.resbm_cuda_decode_forward(p, p, 4, 2 * k, k, 8, 16, 3, p, 3, None, p, 3, None, None)
+        err = lib.resbm_last_error().decode()
     assert rc == 3, err
-    assert err.startswith(f"resbm_cuda_encode_forward: {kernel}"), err
+    assert err.startswith(kernel), err
 
 
 # ---- CPU-runnable: the Python backend ----------------------------------------------------

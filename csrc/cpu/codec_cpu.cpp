@@ -33,7 +33,7 @@ int pack_bf16(const void* z, int z_dtype, int64_t count, uint8_t* codes) {
 
 extern "C" {
 
-int resbm_abi_version(void) { return 1; }
+int resbm_abi_version(void) { return RESBM_ABI_VERSION; }
 
 const char* resbm_last_error(void) { return g_error; }
 

@@ -109,7 +109,7 @@ __global__ void unpack_dequantize_kernel(const uint8_t* codes, const void* scale
 
 extern "C" {
 
-int resbm_abi_version(void) { return 1; }
+int resbm_abi_version(void) { return RESBM_ABI_VERSION; }
 
 const char* resbm_last_error(void) { return g_error; }
 

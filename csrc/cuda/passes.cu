@@ -2,13 +2,17 @@
 // (same math as resbm_kernels/backends/reference.py and the Triton backend).
 //
 // Three kernel families, each a template over the input dtype DT and the
-// padded bottleneck width KPAD (16, 32, 64, 128 or 256 >= k):
+// padded bottleneck width KPAD (16, 32, 64, 128 or 256 >= k), and
+// prepare_operand_kernel, which first writes a pass's weights in the tensor
+// cores' operand types (RMSNorm weight folded in, hi + lo where not exact,
+// zero-padded to KPAD) to the caller's workspace, once per call, so that no
+// block converts weights: they stream in with cp.async like the activations.
 //
 //  project_quantize_kernel  (encode forward, decode backward)
 //      One CTA of 128 threads per BN rows (BN = 64, or 32 when KPAD = 256).
-//      Streams the (BN, d) input through shared memory in 128-byte-wide d
-//      tiles (16-byte cp.async, double buffered), multiplies each tile with the
-//      matching (KPAD, tile) weight tile on tensor cores (mma.sync; fp32
+//      Streams the (BN, d) input and the prepared (KPAD, d) weights through
+//      shared memory in 128-byte-wide d tiles (64 when KPAD = 256; 16-byte
+//      cp.async, double buffered), multiplies them on tensor cores (mma.sync; fp32
 //      accumulators for all k columns stay in registers), gathers the row sums
 //      of squares of the folded RMSNorm from the same A fragments, then scales,
 //      adds the identity path x[:, :k], and quantizes + packs through the shared
@@ -16,8 +20,10 @@
 //  dequant_project_kernel   (decode forward, encode backward)
 //      One CTA per BN rows: dequantizes its (BN, k) payload rows into shared
 //      memory once (shared codec functions), then walks d in BD2-column tiles:
-//      tensor-core product with the (BD2, KPAD) weight tile, identity pad,
-//      residual, and the RMSNorm backward terms, written with 16-byte stores.
+//      tensor-core product with the (BD2, KPAD) weight tile (w_d's rows as
+//      they are for 16-bit decode forward, else prepared; the next tile loads
+//      during this one's epilogue), identity pad, residual, and the RMSNorm
+//      backward terms, written with 16-byte stores.
 //      Encode backward through RMSNorm first re-runs the projection loop of
 //      the encoder over x for r = 1/rms(x) and s = x (gamma W)^T (as Triton).
 //  weight_grad_kernel       (grad W_d, grad W_e)
@@ -52,6 +58,7 @@ using resbm_cuda_detail::launch_status;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr size_t kMaxSmemSm80 = 163 * 1024;  // opt-in shared memory per block on sm_80 (less than sm_90)
 
 template <typename A, typename B>
 constexpr A cmax(A a, B b) {
@@ -72,13 +79,16 @@ struct RowCfg {
   static constexpr int BN = 16 * WM;             // rows per CTA
   static constexpr int WC = KPAD / WN;           // k columns per warp (<= 128)
   static constexpr int NT = WC / 8;              // n tiles per warp: acc = 4*NT <= 64 regs
-  // projection (d streamed in tiles of 128 bytes per row)
-  static constexpr int BD = 128 / int(sizeof(T));
+  // projection: d streamed in tiles of 128 bytes per row (64 for KPAD = 256, so the
+  // double-buffered weight tiles fit sm_80's shared memory)
+  static constexpr int BD = (KPAD > 128 ? 64 : 128) / int(sizeof(T));
   static constexpr int XLD = BD + 16 / int(sizeof(T));  // +16 bytes: conflict-free fragments
   static constexpr int WLD = BD + 16 / int(sizeof(E));
+  static constexpr int WVEC = 16 / int(sizeof(E));  // operand elements per 16-byte chunk
   static constexpr size_t X_BYTES = size_t(2) * BN * XLD * sizeof(T);
-  static constexpr size_t W_BYTES = size_t(KPAD) * WLD * sizeof(E);  // one of hi / lo
-  static constexpr size_t PROJ_BYTES = X_BYTES + 2 * W_BYTES;
+  static constexpr size_t W_BYTES = size_t(KPAD) * WLD * sizeof(E);  // one buffer of hi or lo
+  // x and the weight tile (hi, and lo when split) double buffered
+  static constexpr size_t proj_bytes(bool split) { return X_BYTES + (split ? 4 : 2) * W_BYTES; }
   // fp32 (BN, KPAD) tile of z (project_quantize epilogue) or zhat (dequant_project)
   static constexpr int ZLD = KPAD + 4;
   static constexpr size_t Z_BYTES = size_t(BN) * ZLD * 4;
@@ -92,16 +102,21 @@ struct RowCfg {
   static constexpr int HLD = BD2 + 4;
   static constexpr size_t H_BYTES = size_t(BN) * HLD * 4;
   static constexpr size_t SCALARS_BYTES = size_t(2 + WN) * BN * 4;
-  static constexpr size_t DQ_REGION = cmax(PROJ_BYTES, W2_PARTS * W2_BYTES + H_BYTES);
 
-  static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, Z_BYTES);
-  static constexpr size_t DQ_SMEM = Z_BYTES + SCALARS_BYTES + DQ_REGION;
+  static constexpr size_t pq_smem(bool split) { return cmax(proj_bytes(split), Z_BYTES); }
+  // the region after zhat holds the RMSNorm pre-pass's tiles (norm), then the main loop's
+  static constexpr size_t dq_smem(bool norm) {
+    return Z_BYTES + SCALARS_BYTES +
+           cmax(norm ? proj_bytes(true) : 0, W2_PARTS * W2_BYTES + H_BYTES);
+  }
 
   static_assert(NT >= 1 && NT <= 16 && NT2 >= 1, "bad tile configuration");
-  static_assert(BD % KS == 0 && KPAD % KS == 0, "bad k step");
+  static_assert(BD % KS == 0 && KPAD % KS == 0 && BD % WVEC == 0, "bad k step");
   static_assert(X_BYTES % 16 == 0 && W_BYTES % 16 == 0 && Z_BYTES % 16 == 0 &&
                     SCALARS_BYTES % 16 == 0 && W2_BYTES % 16 == 0,
                 "shared-memory regions must stay 16-byte aligned");
+  static_assert(pq_smem(true) <= kMaxSmemSm80 && dq_smem(true) <= kMaxSmemSm80,
+                "more shared memory than an sm_80 block can have");
 };
 
 // Weight-gradient kernel: output tile (KPAD, BDW) per CTA, rows reduced in chunks of BR.
@@ -191,34 +206,68 @@ __device__ void quantize_rows(const float* zs, int ld, int rows, int64_t row0, i
   }
 }
 
+// Operand-typed weights, built once per call by prepare_operand_kernel so that the pass
+// kernels stream them into shared memory with cp.async instead of converting every weight
+// tile in every CTA: hi / lo (rows, cols) row-major, element (r, c) = split(w[r * s_r +
+// c * s_c] (* gamma[c])) for r < rows_valid and c < cols_valid, else 0.
+struct PrepArgs {
+  const void* w;
+  int64_t s_r, s_c;
+  const void* gamma;  // (cols,) or null
+  int64_t rows, cols, rows_valid, cols_valid;
+  void* hi;
+  void* lo;  // null: hi only (the operand is exact in the input dtype)
+};
+
+template <int DT>
+__global__ void prepare_operand_kernel(const PrepArgs p) {
+  using E = typename Operand<DT>::E;
+  const int64_t total = p.rows * p.cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / p.cols, c = i % p.cols;
+    float v = 0.0f;
+    if (r < p.rows_valid && c < p.cols_valid) {
+      v = load_float(p.w, r * p.s_r + c * p.s_c, DT);
+      if (p.gamma != nullptr) v = v * load_float(p.gamma, c, DT);
+    }
+    E hi, lo;
+    split1<DT>(v, hi, lo);
+    static_cast<E*>(p.hi)[i] = hi;
+    if (p.lo != nullptr) static_cast<E*>(p.lo)[i] = lo;
+  }
+}
+
 // The projection loop shared by project_quantize and the RMSNorm pre-pass of
-// dequant_project: acc (BN, KPAD) += a[rows] @ B where B(d index dd, c) =
-// w[c*w_sc + dd*w_sd] (* gamma[dd]); optionally the rows' sums of squares.
-// Uses PROJ_BYTES of `smem` and ends with a barrier (smem free again).
+// dequant_project: acc (BN, KPAD) += a[rows] @ B, B(dd, c) = whi[c][dd] (+ wlo[c][dd]),
+// the prepared operand (KPAD, d); optionally the rows' sums of squares. The a tile and
+// the weight tile stream in together, double buffered (16-byte cp.async).
+// Uses proj_bytes(wlo != null) of `smem` and ends with a barrier (smem free again).
 template <int DT, int KPAD>
 __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __restrict__ a,
-                                             int64_t n, int64_t d, int64_t k, int64_t row0,
-                                             const typename Operand<DT>::T* __restrict__ w,
-                                             int64_t w_sc, int64_t w_sd,
-                                             const typename Operand<DT>::T* __restrict__ gamma,
+                                             int64_t n, int64_t d, int64_t row0,
+                                             const typename Operand<DT>::E* __restrict__ whi_g,
+                                             const typename Operand<DT>::E* __restrict__ wlo_g,
                                              bool want_sumsq, unsigned char* smem,
                                              float (&acc)[RowCfg<DT, KPAD>::NT][4],
                                              float (&sumsq)[2]) {
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
   using E = typename C::E;
-  T* xs = reinterpret_cast<T*>(smem);  // [2][BN][XLD]
-  E* whi = reinterpret_cast<E*>(smem + C::X_BYTES);  // [KPAD][WLD]
-  E* wlo = reinterpret_cast<E*>(smem + C::X_BYTES + C::W_BYTES);
+  T* xs = reinterpret_cast<T*>(smem);                          // [2][BN][XLD]
+  E* whi = reinterpret_cast<E*>(smem + C::X_BYTES);            // [2][KPAD][WLD]
+  E* wlo = reinterpret_cast<E*>(smem + C::X_BYTES + 2 * C::W_BYTES);  // [2][KPAD][WLD]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % C::WM, wn = warp / C::WM;
-  const bool b_split = DT == kFloat32 || gamma != nullptr;
+  const bool b_split = wlo_g != nullptr;
   constexpr int VEC = 16 / int(sizeof(T));  // elements per 16-byte chunk
   constexpr int CHUNKS = C::BD / VEC;       // chunks per tile row
+  constexpr int WCHUNKS = C::BD / C::WVEC;
   const int64_t tiles = (d + C::BD - 1) / C::BD;
 
   auto issue = [&](int64_t tile) {
-    T* dst = xs + (tile & 1) * (C::BN * C::XLD);
+    const int buf = int(tile & 1);
+    T* dst = xs + buf * (C::BN * C::XLD);
     const int64_t d0 = tile * C::BD;
     for (int i = tid; i < C::BN * CHUNKS; i += kThreads) {
       const int r = i / CHUNKS, ch = i % CHUNKS;
@@ -226,41 +275,31 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
       const bool ok = grow < n && col < d;  // d % 16 == 0: chunks are all in or all out
       cp_async16(dst + r * C::XLD + ch * VEC, ok ? a + grow * d + col : a, ok ? 16 : 0);
     }
+    for (int i = tid; i < KPAD * WCHUNKS; i += kThreads) {
+      const int c = i / WCHUNKS, ch = i % WCHUNKS;
+      const int64_t col = d0 + ch * C::WVEC;
+      const bool ok = col < d;
+      const int64_t src = ok ? c * d + col : 0;
+      const int dst_w = buf * (KPAD * C::WLD) + c * C::WLD + ch * C::WVEC;
+      cp_async16(whi + dst_w, whi_g + src, ok ? 16 : 0);
+      if (b_split) cp_async16(wlo + dst_w, wlo_g + src, ok ? 16 : 0);
+    }
     cp_async_commit();
   };
 
   issue(0);
   for (int64_t tile = 0; tile < tiles; ++tile) {
     if (tile + 1 < tiles) issue(tile + 1);
-    const int64_t d0 = tile * C::BD;
-    // weight tile, operand-typed: whi/wlo[c][dd] = split(w(c, d0+dd) * gamma)
-    for (int i = tid; i < KPAD * C::BD; i += kThreads) {
-      int c, dd;
-      if (w_sd == 1) {
-        c = i / C::BD;
-        dd = i % C::BD;
-      } else {
-        c = i % KPAD;
-        dd = i / KPAD;
-      }
-      const int64_t gd = d0 + dd;
-      float v = 0.0f;
-      if (c < k && gd < d) {
-        v = load_float(w, c * w_sc + gd * w_sd, DT);
-        if (gamma != nullptr) v = v * load_float(gamma, gd, DT);
-      }
-      E hi, lo;
-      split1<DT>(v, hi, lo);
-      whi[c * C::WLD + dd] = hi;
-      if (b_split) wlo[c * C::WLD + dd] = lo;
-    }
     if (tile + 1 < tiles) {
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    const T* xt = xs + (tile & 1) * (C::BN * C::XLD);
+    const int buf = int(tile & 1);
+    const T* xt = xs + buf * (C::BN * C::XLD);
+    const E* wht = whi + buf * (KPAD * C::WLD);
+    const E* wlt = wlo + buf * (KPAD * C::WLD);
 #pragma unroll
     for (int ks = 0; ks < C::BD; ks += C::KS) {
       FragA fa;
@@ -280,7 +319,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
 #pragma unroll
       for (int j = 0; j < C::NT; ++j) {
         FragB fb;
-        load_b_op<DT>(fb, whi, wlo, C::WLD, wn * C::WC + j * 8, ks, lane, b_split);
+        load_b_op<DT>(fb, wht, wlt, C::WLD, wn * C::WC + j * 8, ks, lane, b_split);
         mma_acc<DT, DT == kFloat32>(acc[j], fa, fb, b_split);
       }
     }
@@ -291,10 +330,11 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
 // ---- kernels ------------------------------------------------------------------------------
 
 struct PQArgs {
-  const void* a;      // (n, d) activations (x or grad_h), row-major, 16-byte aligned
-  const void* w;      // B(dd, c) = w[c * w_sc + dd * w_sd]
-  const void* gamma;  // (d,) RMSNorm weight or null
-  int64_t n, d, k, w_sc, w_sd;
+  const void* a;    // (n, d) activations (x or grad_h), row-major, 16-byte aligned
+  const void* whi;  // prepared operand (KPAD, d): B(dd, c) = whi[c][dd] (+ wlo[c][dd])
+  const void* wlo;  // null when the weights are exact in the input dtype
+  int norm;         // RMSNorm folded into the weights: scale rows by 1/rms(a)
+  int64_t n, d, k;
   float eps;
   int bits, group, scale_dtype, stochastic;
   uint32_t key;
@@ -310,15 +350,16 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp % C::WM, wn = warp / C::WM, g = lane >> 2, t = lane & 3;
   const int64_t row0 = int64_t(blockIdx.x) * C::BN;
+  using E = typename C::E;
   const T* a = static_cast<const T*>(p.a);
-  const bool norm = p.gamma != nullptr;
+  const bool norm = p.norm != 0;
 
   float acc[C::NT][4];
 #pragma unroll
   for (int j = 0; j < C::NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   float sumsq[2] = {0.0f, 0.0f};
-  project_loop<DT, KPAD>(a, p.n, p.d, p.k, row0, static_cast<const T*>(p.w), p.w_sc, p.w_sd,
-                         static_cast<const T*>(p.gamma), norm, smem, acc, sumsq);
+  project_loop<DT, KPAD>(a, p.n, p.d, row0, static_cast<const E*>(p.whi),
+                         static_cast<const E*>(p.wlo), norm, smem, acc, sumsq);
 
   float rr[2] = {1.0f, 1.0f};
   if (norm) {
@@ -354,8 +395,11 @@ struct DQArgs {
   const uint8_t* codes;
   const void* scales;
   int bits, group, scale_dtype;
-  const void* w;  // B(dd, c) = w[dd * w_sn + c * w_sc]
-  int64_t w_sn, w_sc;
+  const void* w2hi;  // the (d, k) projection, rows of w2_ld: B(dd, c) = w2hi[dd][c] (+ w2lo[dd][c])
+  const void* w2lo;  // null when the weights are exact in the input dtype
+  int64_t w2_ld, w2_cols;  // columns w2_cols.. are zeros (up to KPAD)
+  const void* phi;   // RMSNorm pre-pass: the encoder's prepared operand (KPAD, d), hi and lo
+  const void* plo;
   const void* x;      // encode backward through RMSNorm: x (n, d), gamma (d,) (else null)
   const void* gamma;
   float eps;
@@ -381,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   float* row_r = zf + C::BN * C::ZLD;          // [BN]
   float* row_alpha = row_r + C::BN;            // [BN]
   float* dotp = row_alpha + C::BN;             // [WN][BN]
-  unsigned char* region = smem + C::Z_BYTES + C::SCALARS_BYTES;
+  unsigned char* region = smem + C::Z_BYTES + C::SCALARS_BYTES;  // pre-pass, then main loop
   E* w2hi = reinterpret_cast<E*>(region);  // [BD2][W2LD]
   E* w2lo = reinterpret_cast<E*>(region + C::W2_BYTES);
   float* hs = reinterpret_cast<float*>(region + C::W2_PARTS * C::W2_BYTES);  // [BN][HLD]
@@ -404,8 +448,8 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
 #pragma unroll
     for (int j = 0; j < C::NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     float sumsq[2] = {0.0f, 0.0f};
-    project_loop<DT, KPAD>(x, n, d, k, row0, static_cast<const T*>(p.w), p.w_sc, p.w_sn, gamma,
-                           true, region, acc, sumsq);
+    project_loop<DT, KPAD>(x, n, d, row0, static_cast<const E*>(p.phi),
+                           static_cast<const E*>(p.plo), true, region, acc, sumsq);
     float dot[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < C::NT; ++j) {
@@ -438,30 +482,25 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
 
   constexpr bool kWSplit = DT == kFloat32;
   constexpr int CH = C::BD2 / 8;  // 8-column chunks per output tile row
-  const T* w = static_cast<const T*>(p.w);
-  for (int64_t d0 = 0; d0 < d; d0 += C::BD2) {
-    // weight tile, operand-typed: w2[dd][c] = w(d0 + dd, c)
-    for (int i = tid; i < C::BD2 * KPAD; i += kThreads) {
-      int dd, c;
-      if (p.w_sc == 1) {
-        dd = i / KPAD;
-        c = i % KPAD;
-      } else {
-        c = i / C::BD2;
-        dd = i % C::BD2;
-      }
-      const int64_t gd = d0 + dd;
-      const float v = (c < k && gd < d) ? load_float(w, gd * p.w_sn + c * p.w_sc, DT) : 0.0f;
-      if constexpr (kWSplit) {
-        E hi, lo;
-        split1<DT>(v, hi, lo);
-        w2hi[dd * C::W2LD + c] = hi;
-        w2lo[dd * C::W2LD + c] = lo;
-      } else {
-        w2hi[dd * C::W2LD + c] = to_operand<DT>(v);  // exact: w is already in this dtype
-      }
+  constexpr int W2CH = KPAD / C::WVEC;  // 16-byte chunks per weight tile row
+  const E* w2hi_g = static_cast<const E*>(p.w2hi);
+  const E* w2lo_g = static_cast<const E*>(p.w2lo);
+  // weight tile w2[dd][c] for output columns d0.. (zeros beyond d and w2_cols)
+  auto issue_w2 = [&](int64_t d0) {
+    for (int i = tid; i < C::BD2 * W2CH; i += kThreads) {
+      const int dd = i / W2CH, ch = i % W2CH;
+      const int64_t gd = d0 + dd, c0 = int64_t(ch) * C::WVEC;
+      const bool ok = gd < d && c0 < p.w2_cols;  // w2_cols % WVEC == 0
+      const int64_t src = ok ? gd * p.w2_ld + c0 : 0;
+      cp_async16(w2hi + dd * C::W2LD + ch * C::WVEC, w2hi_g + src, ok ? 16 : 0);
+      if constexpr (kWSplit) cp_async16(w2lo + dd * C::W2LD + ch * C::WVEC, w2lo_g + src, ok ? 16 : 0);
     }
-    __syncthreads();
+    cp_async_commit();
+  };
+  issue_w2(0);
+  for (int64_t d0 = 0; d0 < d; d0 += C::BD2) {
+    cp_async_wait<0>();
+    __syncthreads();  // this tile's weights are in; the last epilogue is done with hs
     float acc[C::NT2][4];
 #pragma unroll
     for (int j = 0; j < C::NT2; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -486,7 +525,8 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
             make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
       }
     }
-    __syncthreads();
+    __syncthreads();  // hs is complete and the weight tile is no longer read:
+    if (d0 + C::BD2 < d) issue_w2(d0 + C::BD2);  // the next one loads during the epilogue
     for (int i = tid; i < C::BN * CH; i += kThreads) {
       const int r = i / CH, cc = (i % CH) * 8;
       const int64_t grow = row0 + r, gcol = d0 + cc;
@@ -514,7 +554,6 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
       }
       store8(p.out, grow * d + gcol, p.out_dtype, v);
     }
-    __syncthreads();
   }
 }
 
@@ -611,6 +650,12 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
 
 // ---- launch helpers ------------------------------------------------------------------------
 
+#define RESBM_TRY(expr)               \
+  do {                                \
+    const int rc_ = (expr);           \
+    if (rc_ != RESBM_OK) return rc_;  \
+  } while (0)
+
 // Opt into more than 48 KiB of dynamic shared memory when a kernel needs it.
 int prepare(const char* fn, const char* kernel, const void* func, size_t smem) {
   if (smem <= kDefaultSmem) return RESBM_OK;
@@ -621,29 +666,43 @@ int prepare(const char* fn, const char* kernel, const void* func, size_t smem) {
   return RESBM_OK;
 }
 
-template <int DT, int KPAD>
-int launch_pq(const char* fn, const PQArgs& p, cudaStream_t stream) {
-  using C = RowCfg<DT, KPAD>;
+template <int DT>
+int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
   char name[80];
-  std::snprintf(name, sizeof name, "project_quantize_kernel<%s,%d>", Operand<DT>::name(), KPAD);
-  const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD>);
-  int rc = prepare(fn, name, func, C::PQ_SMEM);
-  if (rc != RESBM_OK) return rc;
-  const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  project_quantize_kernel<DT, KPAD><<<unsigned(blocks), kThreads, C::PQ_SMEM, stream>>>(p);
+  std::snprintf(name, sizeof name, "prepare_operand_kernel<%s>", Operand<DT>::name());
+  const int64_t total = p.rows * p.cols;
+  const int64_t blocks = (total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096;
+  prepare_operand_kernel<DT><<<unsigned(blocks), 256, 0, stream>>>(p);
   return launch_status(fn, name);
 }
 
 template <int DT, int KPAD>
-int launch_dq(const char* fn, const DQArgs& p, cudaStream_t stream) {
+int launch_pq(const char* fn, const PQArgs& p, const PrepArgs& prep, cudaStream_t stream) {
   using C = RowCfg<DT, KPAD>;
+  RESBM_TRY(launch_prep<DT>(fn, prep, stream));
+  char name[80];
+  std::snprintf(name, sizeof name, "project_quantize_kernel<%s,%d>", Operand<DT>::name(), KPAD);
+  const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD>);
+  const size_t smem = C::pq_smem(p.wlo != nullptr);
+  RESBM_TRY(prepare(fn, name, func, smem));
+  const int64_t blocks = (p.n + C::BN - 1) / C::BN;
+  project_quantize_kernel<DT, KPAD><<<unsigned(blocks), kThreads, smem, stream>>>(p);
+  return launch_status(fn, name);
+}
+
+// preps: the operands to build first (n_preps of them: 0, 1 or 2)
+template <int DT, int KPAD>
+int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_preps,
+              cudaStream_t stream) {
+  using C = RowCfg<DT, KPAD>;
+  for (int i = 0; i < n_preps; ++i) RESBM_TRY(launch_prep<DT>(fn, preps[i], stream));
   char name[80];
   std::snprintf(name, sizeof name, "dequant_project_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&dequant_project_kernel<DT, KPAD>);
-  int rc = prepare(fn, name, func, C::DQ_SMEM);
-  if (rc != RESBM_OK) return rc;
+  const size_t smem = C::dq_smem(p.gamma != nullptr);
+  RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  dequant_project_kernel<DT, KPAD><<<unsigned(blocks), kThreads, C::DQ_SMEM, stream>>>(p);
+  dequant_project_kernel<DT, KPAD><<<unsigned(blocks), kThreads, smem, stream>>>(p);
   return launch_status(fn, name);
 }
 
@@ -653,8 +712,7 @@ int launch_wg(const char* fn, const WGArgs& p, int splits, cudaStream_t stream) 
   char name[80];
   std::snprintf(name, sizeof name, "weight_grad_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&weight_grad_kernel<DT, KPAD>);
-  int rc = prepare(fn, name, func, C::SMEM);
-  if (rc != RESBM_OK) return rc;
+  RESBM_TRY(prepare(fn, name, func, C::SMEM));
   const dim3 grid(unsigned((p.d + C::BDW - 1) / C::BDW), unsigned(splits));
   weight_grad_kernel<DT, KPAD><<<grid, kThreads, C::SMEM, stream>>>(p);
   return launch_status(fn, name);
@@ -718,11 +776,37 @@ int check_ptr(const char* fn, const char* name, const void* ptr, size_t align, b
   return RESBM_OK;
 }
 
-#define RESBM_TRY(expr)               \
-  do {                                \
-    const int rc_ = (expr);           \
-    if (rc_ != RESBM_OK) return rc_;  \
-  } while (0)
+// ---- workspace: the prepared weight operands of one call ------------------------------------
+
+// The caller's workspace holds, in this order, the projection operand (KPAD, d): hi [, lo]
+// (encode forward, decode backward, the RMSNorm pre-pass of encode backward), then the
+// output projection's operand (d, KPAD): hi [, lo] (encode backward, and decode forward in
+// fp32; 16-bit w_d streams as it is). One layout for the size query and the launches.
+struct Workspace {
+  int proj_parts = 0, w2_parts = 0;  // 0 (absent), 1 (hi) or 2 (hi, lo)
+  size_t part = 0;                   // bytes of one part: KPAD x d operand elements
+
+  size_t bytes() const { return size_t(proj_parts + w2_parts) * part; }
+  void* part_at(void* base, int index) const {
+    return static_cast<unsigned char*>(base) + size_t(index) * part;
+  }
+  void* proj(void* base, int lo) const { return lo < proj_parts ? part_at(base, lo) : nullptr; }
+  void* w2(void* base, int lo) const {
+    return lo < w2_parts ? part_at(base, proj_parts + lo) : nullptr;
+  }
+};
+
+Workspace workspace_for(int pass, int dtype, int64_t d, int64_t k, bool norm) {
+  const bool fp32 = dtype == kFloat32;
+  Workspace w;
+  w.part = size_t(kpad_of(k)) * size_t(d) * (fp32 ? 4 : 2);
+  if (pass == RESBM_PASS_ENCODE_FORWARD || pass == RESBM_PASS_DECODE_BACKWARD ||
+      (pass == RESBM_PASS_ENCODE_BACKWARD && norm))
+    w.proj_parts = fp32 || norm ? 2 : 1;  // gamma-folded weights are not exact: hi + lo
+  if (pass == RESBM_PASS_ENCODE_BACKWARD || (pass == RESBM_PASS_DECODE_FORWARD && fp32))
+    w.w2_parts = fp32 ? 2 : 1;
+  return w;
+}
 
 }  // namespace
 }  // namespace cuda
@@ -736,10 +820,23 @@ using resbm::kFloat32;
 
 extern "C" {
 
+int resbm_cuda_workspace_bytes(int pass, int dtype, int64_t d, int64_t k, int norm,
+                               int64_t* bytes) {
+  const char* fn = "resbm_cuda_workspace_bytes";
+  if (pass < RESBM_PASS_ENCODE_FORWARD || pass > RESBM_PASS_ENCODE_BACKWARD)
+    return fail(RESBM_ERR_ARG, fn, "bad pass=%d (0 encode forward, 1 decode forward, "
+                "2 decode backward, 3 encode backward)", pass);
+  RESBM_TRY(check_dims(fn, 0, d, k));
+  RESBM_TRY(check_dtype(fn, "dtype", dtype));
+  RESBM_TRY(check_ptr(fn, "bytes", bytes, alignof(int64_t), true));
+  *bytes = int64_t(workspace_for(pass, dtype, d, k, norm != 0).bytes());
+  return RESBM_OK;
+}
+
 int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                               const void* w_e, const void* norm_weight, float eps, int bits,
                               int group, int scale_dtype, int stochastic, uint32_t key,
-                              uint8_t* codes, void* scales, void* stream) {
+                              uint8_t* codes, void* scales, void* workspace, void* stream) {
   const char* fn = "resbm_cuda_encode_forward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -749,15 +846,21 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   RESBM_TRY(check_ptr(fn, "x", x, 16, true));
   RESBM_TRY(check_ptr(fn, "w_e", w_e, dtype_bytes(dtype), true));
   RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, dtype_bytes(dtype), false));
-  PQArgs p{x, w_e, norm_weight, n, d, k, /*w_sc=*/d, /*w_sd=*/1, eps, bits, group,
-           scale_dtype, stochastic, key, codes, scales};
-  RESBM_DISPATCH(launch_pq, dtype, k, fn, p, static_cast<cudaStream_t>(stream));
+  RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
+  const bool norm = norm_weight != nullptr;
+  const Workspace ws = workspace_for(RESBM_PASS_ENCODE_FORWARD, dtype, d, k, norm);
+  // operand (KPAD, d): B(dd, c) = w_e[c * d + dd] * gamma[dd]
+  const PrepArgs prep{w_e, /*s_r=*/d, /*s_c=*/1, norm_weight, kpad_of(k), d, k, d,
+                      ws.proj(workspace, 0), ws.proj(workspace, 1)};
+  const PQArgs p{x, prep.hi, prep.lo, norm, n, d, k, eps, bits, group, scale_dtype, stochastic,
+                 key, codes, scales};
+  RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
 int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t d, int64_t k,
                                const void* w_d, int bits, int group, int scale_dtype,
                                int stochastic, uint32_t key, uint8_t* codes, void* scales,
-                               void* stream) {
+                               void* workspace, void* stream) {
   const char* fn = "resbm_cuda_decode_backward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -766,35 +869,48 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   if (n == 0) return RESBM_OK;
   RESBM_TRY(check_ptr(fn, "grad_h", grad_h, 16, true));
   RESBM_TRY(check_ptr(fn, "w_d", w_d, dtype_bytes(dtype), true));
-  // g_z = grad_h @ w_d (+ identity): B(dd, c) = w_d[dd * k + c]
-  PQArgs p{grad_h, w_d, nullptr, n, d, k, /*w_sc=*/1, /*w_sd=*/k, 0.0f, bits, group,
-           scale_dtype, stochastic, key, codes, scales};
-  RESBM_DISPATCH(launch_pq, dtype, k, fn, p, static_cast<cudaStream_t>(stream));
+  RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
+  const Workspace ws = workspace_for(RESBM_PASS_DECODE_BACKWARD, dtype, d, k, false);
+  // g_z = grad_h @ w_d (+ identity): operand (KPAD, d), B(dd, c) = w_d[dd * k + c]
+  const PrepArgs prep{w_d, /*s_r=*/1, /*s_c=*/k, nullptr, kpad_of(k), d, k, d,
+                      ws.proj(workspace, 0), ws.proj(workspace, 1)};
+  const PQArgs p{grad_h, prep.hi, prep.lo, 0, n, d, k, 0.0f, bits, group, scale_dtype,
+                 stochastic, key, codes, scales};
+  RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
 int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t n, int64_t d,
                               int64_t k, int bits, int group, int scale_dtype, const void* w_d,
                               int w_dtype, const void* residual, void* out, int out_dtype,
-                              void* stream) {
+                              void* workspace, void* stream) {
   const char* fn = "resbm_cuda_decode_forward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "w_dtype", w_dtype));
   RESBM_TRY(resbm::check_args(fn, "out", out, out_dtype, n, k, bits, group, scale_dtype, codes,
                               scales, g_error, sizeof g_error));
   if (n == 0) return RESBM_OK;
+  const Workspace ws = workspace_for(RESBM_PASS_DECODE_FORWARD, w_dtype, d, k, false);
   RESBM_TRY(check_ptr(fn, "out", out, 16, true));
   RESBM_TRY(check_ptr(fn, "residual", residual, 16, false));
-  RESBM_TRY(check_ptr(fn, "w_d", w_d, dtype_bytes(w_dtype), true));
-  // h = zhat @ w_d^T: B(dd, c) = w_d[dd * k + c]
-  DQArgs p{codes, scales, bits, group, scale_dtype, w_d, /*w_sn=*/k, /*w_sc=*/1,
-           nullptr, nullptr, 0.0f, residual, out, out_dtype, nullptr, n, d, k};
-  RESBM_DISPATCH(launch_dq, w_dtype, k, fn, p, static_cast<cudaStream_t>(stream));
+  RESBM_TRY(check_ptr(fn, "w_d", w_d, 16, true));
+  RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, ws.bytes() > 0));
+  // h = zhat @ w_d^T: B(dd, c) = w_d[dd * k + c], (d, k) rows streamed as they are (16-bit
+  // weights are exact operands), or prepared as (d, KPAD) hi + lo (fp32)
+  const PrepArgs prep{w_d, /*s_r=*/k, /*s_c=*/1, nullptr, d, kpad_of(k), d, k,
+                      ws.w2(workspace, 0), ws.w2(workspace, 1)};
+  const bool prepared = ws.w2_parts > 0;
+  const DQArgs p{codes, scales, bits, group, scale_dtype,
+                 prepared ? prep.hi : w_d, prep.lo, prepared ? kpad_of(k) : k,
+                 prepared ? kpad_of(k) : k, nullptr, nullptr, nullptr, nullptr, 0.0f, residual,
+                 out, out_dtype, nullptr, n, d, k};
+  RESBM_DISPATCH(launch_dq, w_dtype, k, fn, p, &prep, prepared ? 1 : 0,
+                 static_cast<cudaStream_t>(stream));
 }
 
 int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t n, int64_t d,
                                int64_t k, int bits, int group, int scale_dtype, const void* x,
                                int dtype, const void* w_e, const void* norm_weight, float eps,
-                               void* grad_x, float* rscale, void* stream) {
+                               void* grad_x, float* rscale, void* workspace, void* stream) {
   const char* fn = "resbm_cuda_encode_backward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(resbm::check_args(fn, "grad_x", grad_x, dtype, n, k, bits, group, scale_dtype, codes,
@@ -802,16 +918,26 @@ int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t
   if (n == 0) return RESBM_OK;
   RESBM_TRY(check_ptr(fn, "grad_x", grad_x, 16, true));
   RESBM_TRY(check_ptr(fn, "w_e", w_e, dtype_bytes(dtype), true));
-  if (norm_weight != nullptr) {
+  const bool norm = norm_weight != nullptr;
+  if (norm) {
     RESBM_TRY(check_ptr(fn, "x", x, 16, true));
     RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, 16, true));
     RESBM_TRY(check_ptr(fn, "rscale", rscale, 4, false));
   }
-  // grad_x = g_z @ w_e (+ identity, + RMSNorm backward): B(dd, c) = w_e[c * d + dd]
-  DQArgs p{codes, scales, bits, group, scale_dtype, w_e, /*w_sn=*/1, /*w_sc=*/d,
-           norm_weight ? x : nullptr, norm_weight, eps, nullptr, grad_x, dtype,
-           norm_weight ? rscale : nullptr, n, d, k};
-  RESBM_DISPATCH(launch_dq, dtype, k, fn, p, static_cast<cudaStream_t>(stream));
+  RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
+  const Workspace ws = workspace_for(RESBM_PASS_ENCODE_BACKWARD, dtype, d, k, norm);
+  // grad_x = g_z @ w_e (+ identity, + RMSNorm backward): operand (d, KPAD),
+  // B(dd, c) = w_e[c * d + dd]; the pre-pass's (KPAD, d) as in encode forward
+  const PrepArgs preps[2] = {
+      {w_e, /*s_r=*/1, /*s_c=*/d, nullptr, d, kpad_of(k), d, k, ws.w2(workspace, 0),
+       ws.w2(workspace, 1)},
+      {w_e, /*s_r=*/d, /*s_c=*/1, norm_weight, kpad_of(k), d, k, d, ws.proj(workspace, 0),
+       ws.proj(workspace, 1)}};
+  const DQArgs p{codes, scales, bits, group, scale_dtype, preps[0].hi, preps[0].lo,
+                 kpad_of(k), kpad_of(k), preps[1].hi, preps[1].lo, norm ? x : nullptr,
+                 norm_weight, eps, nullptr, grad_x, dtype, norm ? rscale : nullptr, n, d, k};
+  RESBM_DISPATCH(launch_dq, dtype, k, fn, p, preps, norm ? 2 : 1,
+                 static_cast<cudaStream_t>(stream));
 }
 
 int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64_t k,

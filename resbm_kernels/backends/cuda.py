@@ -20,8 +20,11 @@ values below fp16's normal range (6e-5: unscaled fp16 gradients) lose
 precision, and values above 65504 overflow (the Triton backend uses TF32 there),
 so ``auto`` does not pick these kernels for fp16 in those passes.
 
-Weight gradients are a separate reduction kernel over the (N, d) input (like
-the Triton backend): per-split fp32 partials summed here (deterministic).
+Each pass first converts its weights to the tensor cores' operand types once
+(into a workspace allocated here, sized by ``resbm_cuda_workspace_bytes``), so
+no block of the main kernel converts weights. Weight gradients are a separate
+reduction kernel over the (N, d) input (like the Triton backend): per-split
+fp32 partials summed here (deterministic).
 
 Non-finite inputs are not detected (no device sync): they produce inf / NaN
 scales or codes, where the reference raises.
@@ -98,6 +101,20 @@ def _call(name: str, device: torch.device, *args) -> None:
         raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
 
 
+_PASS_IDS = {"encode_forward": 0, "decode_forward": 1, "decode_backward": 2, "encode_backward": 3}
+
+
+def _workspace(pass_: str, dtype, d: int, k: int, norm: bool, device) -> torch.Tensor | None:
+    """The device workspace a pass needs (its weights converted to the tensor
+    cores' operand types once per call), or None. Keep it referenced until the
+    pass is launched; after that the caching allocator reuses it in stream order."""
+    lib = native.library("cuda")
+    nbytes = ctypes.c_int64()
+    if lib.resbm_cuda_workspace_bytes(_PASS_IDS[pass_], _DTYPE_CODES[dtype], d, k, int(norm), ctypes.byref(nbytes)):
+        raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
+    return fast.empty((nbytes.value,), torch.uint8, device) if nbytes.value else None
+
+
 def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> torch.Tensor:
     """fp32 sum over rows of (rscale * zhat)^T a: (k, d), or (d, k) if transpose."""
     n, d = a.shape
@@ -123,8 +140,9 @@ def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None):
         return payload
     x, w_e, gamma = _dense(x), _dense(w_e), _dense(norm_weight)
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
+    ws = _workspace("encode_forward", x.dtype, d, k, gamma is not None, x.device)
     _call("resbm_cuda_encode_forward", x.device, x.data_ptr(), _DTYPE_CODES[x.dtype], n, d, k, w_e.data_ptr(),
-          _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales)
+          _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales, _ptr(ws))
     return payload
 
 
@@ -137,8 +155,9 @@ def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
         return out
     w_d, residual = _dense(w_d), _dense(residual)
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
+    ws = _workspace("decode_forward", w_d.dtype, d, k, False, w_d.device)
     _call("resbm_cuda_decode_forward", w_d.device, codes, scales, n, d, k, bits, group, sdt, w_d.data_ptr(),
-          _DTYPE_CODES[w_d.dtype], _ptr(residual), out.data_ptr(), _DTYPE_CODES[out_dtype])
+          _DTYPE_CODES[w_d.dtype], _ptr(residual), out.data_ptr(), _DTYPE_CODES[out_dtype], _ptr(ws))
     return out
 
 
@@ -152,8 +171,9 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     if n > 0:
         w = _dense(w_d.to(grad_h.dtype))  # the kernel reads both in grad_h's dtype
         codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
+        ws = _workspace("decode_backward", grad_h.dtype, d, k, False, grad_h.device)
         _call("resbm_cuda_decode_backward", grad_h.device, grad_h.data_ptr(), _DTYPE_CODES[grad_h.dtype], n, d, k,
-              w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales)
+              w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales, _ptr(ws))
     grad_w_d = _weight_grad(grad_h, payload, codec, None, k, transpose=True)
     return grad_payload, grad_w_d.to(w_d.dtype)
 
@@ -168,7 +188,9 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
     rscale = fast.empty((n,), torch.float32, x.device) if gamma is not None else None
     if n > 0:
         codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
+        ws = _workspace("encode_backward", x.dtype, d, k, gamma is not None, x.device)
         _call("resbm_cuda_encode_backward", x.device, codes, scales, n, d, k, bits, group, sdt, x.data_ptr(),
-              _DTYPE_CODES[x.dtype], w_e.data_ptr(), _ptr(gamma), float(eps), grad_x.data_ptr(), _ptr(rscale))
+              _DTYPE_CODES[x.dtype], w_e.data_ptr(), _ptr(gamma), float(eps), grad_x.data_ptr(), _ptr(rscale),
+              _ptr(ws))
     m = _weight_grad(x, grad_payload, grad_codec, rscale, k, transpose=False)
     return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))

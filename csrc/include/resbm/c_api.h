@@ -27,6 +27,9 @@ extern "C" {
 
 enum { RESBM_OK = 0, RESBM_ERR_ARG = 1, RESBM_ERR_NONFINITE = 2, RESBM_ERR_CUDA = 3 };
 
+/* returned by resbm_abi_version() of both libraries; raised on any signature change */
+#define RESBM_ABI_VERSION 2
+
 RESBM_API int resbm_abi_version(void);
 RESBM_API const char* resbm_last_error(void);
 
@@ -61,24 +64,43 @@ RESBM_API int resbm_cuda_unpack_dequantize(const uint8_t* codes, const void* sca
  * scale_dtype, stochastic, key) are those of resbm_cuda_quantize_pack. d and
  * k must be multiples of 16, k <= 256 and k <= d. Errors: RESBM_ERR_ARG for
  * bad arguments (found before any CUDA call), RESBM_ERR_CUDA naming the
- * kernel when a launch fails; non-finite values are not reported. */
+ * kernel when a launch fails; non-finite values are not reported.
+ *
+ * `workspace`: device memory, 16-byte aligned, of at least the size
+ * resbm_cuda_workspace_bytes gives for the pass (NULL allowed when that is 0),
+ * not used by anything else until the pass has run on `stream`: each call first
+ * writes its weights there in the tensor cores' operand types (RMSNorm folded
+ * in, split into hi + lo where not exact), once, instead of in every block. */
+
+enum {
+  RESBM_PASS_ENCODE_FORWARD = 0,
+  RESBM_PASS_DECODE_FORWARD = 1,
+  RESBM_PASS_DECODE_BACKWARD = 2,
+  RESBM_PASS_ENCODE_BACKWARD = 3
+};
+
+/* *bytes = the workspace a pass needs for (dtype, d, k, norm: norm_weight given) */
+RESBM_API int resbm_cuda_workspace_bytes(int pass, int dtype, int64_t d, int64_t k, int norm,
+                                         int64_t* bytes);
 
 /* payload of z = RMSNorm(x) w_e^T + x[:, :k] (no norm when norm_weight is NULL) */
 RESBM_API int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                                         const void* w_e, const void* norm_weight, float eps,
                                         int bits, int group, int scale_dtype, int stochastic,
-                                        uint32_t key, uint8_t* codes, void* scales, void* stream);
+                                        uint32_t key, uint8_t* codes, void* scales,
+                                        void* workspace, void* stream);
 /* out (n, d) of out_dtype = zhat w_d^T + pad_d(zhat) (+ residual, of out_dtype, or NULL) */
 RESBM_API int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t n,
                                         int64_t d, int64_t k, int bits, int group,
                                         int scale_dtype, const void* w_d, int w_dtype,
                                         const void* residual, void* out, int out_dtype,
-                                        void* stream);
+                                        void* workspace, void* stream);
 /* gradient payload of g_z = grad_h w_d + grad_h[:, :k] (grad_w_d: resbm_cuda_weight_grad) */
 RESBM_API int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t d,
                                          int64_t k, const void* w_d, int bits, int group,
                                          int scale_dtype, int stochastic, uint32_t key,
-                                         uint8_t* codes, void* scales, void* stream);
+                                         uint8_t* codes, void* scales, void* workspace,
+                                         void* stream);
 /* grad_x (n, d) of dtype from the gradient payload g_z: g_z w_e + pad_d(g_z), through the
  * RMSNorm backward when norm_weight is set (then x is read and, if rscale is not NULL,
  * r = 1/rms(x) is written to rscale (n,) float32 for the weight gradient) */
@@ -86,7 +108,8 @@ RESBM_API int resbm_cuda_encode_backward(const uint8_t* codes, const void* scale
                                          int64_t d, int64_t k, int bits, int group,
                                          int scale_dtype, const void* x, int dtype,
                                          const void* w_e, const void* norm_weight, float eps,
-                                         void* grad_x, float* rscale, void* stream);
+                                         void* grad_x, float* rscale, void* workspace,
+                                         void* stream);
 /* partial[s] = sum over the rows of split s of (rscale[r] * zhat[r])^T a[r]: float32
  * (splits, k, d), or (splits, d, k) when transpose; rscale may be NULL (1). The caller
  * sums the splits (deterministic). zhat is read from the payload codes/scales. */
