@@ -265,24 +265,31 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
   constexpr int WCHUNKS = C::BD / C::WVEC;
   const int64_t tiles = (d + C::BD - 1) / C::BD;
 
+  // each thread copies the same 16-byte column chunk of every XROWS-th row of the a tile
+  // and of every WROWS-th row of the weight tile, for every tile (only d0 moves)
+  constexpr int XROWS = kThreads / CHUNKS, WROWS = kThreads / WCHUNKS;
+  static_assert(kThreads % CHUNKS == 0 && kThreads % WCHUNKS == 0 && C::BN % XROWS == 0 &&
+                    KPAD % WROWS == 0, "tile rows must split evenly over the threads");
+  const int xr = tid / CHUNKS, xc = (tid % CHUNKS) * VEC;
+  const int wr = tid / WCHUNKS, wc = (tid % WCHUNKS) * C::WVEC;
   auto issue = [&](int64_t tile) {
     const int buf = int(tile & 1);
-    T* dst = xs + buf * (C::BN * C::XLD);
-    const int64_t d0 = tile * C::BD;
-    for (int i = tid; i < C::BN * CHUNKS; i += kThreads) {
-      const int r = i / CHUNKS, ch = i % CHUNKS;
-      const int64_t grow = row0 + r, col = d0 + ch * VEC;
-      const bool ok = grow < n && col < d;  // d % 16 == 0: chunks are all in or all out
-      cp_async16(dst + r * C::XLD + ch * VEC, ok ? a + grow * d + col : a, ok ? 16 : 0);
+    const int64_t col = tile * C::BD + xc;  // d % 16 == 0: chunks are all in or all out
+    T* xdst = xs + buf * (C::BN * C::XLD) + xr * C::XLD + xc;
+#pragma unroll
+    for (int j = 0; j < C::BN / XROWS; ++j) {
+      const int64_t grow = row0 + xr + j * XROWS;
+      const bool ok = grow < n && col < d;
+      cp_async16(xdst + j * XROWS * C::XLD, ok ? a + grow * d + col : a, ok ? 16 : 0);
     }
-    for (int i = tid; i < KPAD * WCHUNKS; i += kThreads) {
-      const int c = i / WCHUNKS, ch = i % WCHUNKS;
-      const int64_t col = d0 + ch * C::WVEC;
-      const bool ok = col < d;
-      const int64_t src = ok ? c * d + col : 0;
-      const int dst_w = buf * (KPAD * C::WLD) + c * C::WLD + ch * C::WVEC;
-      cp_async16(whi + dst_w, whi_g + src, ok ? 16 : 0);
-      if (b_split) cp_async16(wlo + dst_w, wlo_g + src, ok ? 16 : 0);
+    const int64_t wcol = tile * C::BD + wc;
+    const bool wok = wcol < d;
+    const int wdst = buf * (KPAD * C::WLD) + wr * C::WLD + wc;
+#pragma unroll
+    for (int j = 0; j < KPAD / WROWS; ++j) {
+      const int64_t src = wok ? int64_t(wr + j * WROWS) * d + wcol : 0;
+      cp_async16(whi + wdst + j * WROWS * C::WLD, whi_g + src, wok ? 16 : 0);
+      if (b_split) cp_async16(wlo + wdst + j * WROWS * C::WLD, wlo_g + src, wok ? 16 : 0);
     }
     cp_async_commit();
   };
