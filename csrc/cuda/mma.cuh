@@ -230,28 +230,40 @@ __device__ __forceinline__ void load_a_op(FragA& f, const typename Operand<DT>::
   }
 }
 
-// B from operand-typed tiles W[n][k] (k contiguous); lo is read only if `split`.
+// Four 8x8 matrices of 16-bit elements from shared memory (ldmatrix .x4): lane l gives
+// the address of row l % 8 of matrix l / 8 (16-byte aligned); r[i] holds row lane / 4,
+// elements 2 * (lane % 4) and + 1 (low half) of matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// B fragments of the n tiles n0 (f0) and n0 + 8 (f1) from operand-typed tiles W[n][k]
+// (k contiguous, rows 16-byte aligned), one ldmatrix per part; lo is read only if
+// `split`. Matrix m of the ldmatrix is n rows n0 + 8 * (m / 2).., k columns k0 + (m % 2)
+// * 16 bytes..: its 16-bit pairs (tf32: 32-bit elements) are exactly B regs 0 and 1.
 template <int DT>
-__device__ __forceinline__ void load_b_op(FragB& f, const typename Operand<DT>::E* hi,
-                                          const typename Operand<DT>::E* lo, int ld, int n0,
-                                          int k0, int lane, bool split) {
-  const int g = lane >> 2, t = lane & 3;
-  if constexpr (DT == kFloat32) {
-    const int o = (n0 + g) * ld + k0 + t;
-    f.hi[0] = hi[o];
-    f.hi[1] = hi[o + 4];
-    if (split) {
-      f.lo[0] = lo[o];
-      f.lo[1] = lo[o + 4];
-    }
-  } else {
-    const int o = (n0 + g) * ld + k0 + 2 * t;
-    f.hi[0] = lds32(hi + o);
-    f.hi[1] = lds32(hi + o + 8);
-    if (split) {
-      f.lo[0] = lds32(lo + o);
-      f.lo[1] = lds32(lo + o + 8);
-    }
+__device__ __forceinline__ void load_b_op_x2(FragB& f0, FragB& f1,
+                                             const typename Operand<DT>::E* hi,
+                                             const typename Operand<DT>::E* lo, int ld, int n0,
+                                             int k0, int lane, bool split) {
+  constexpr int KH = 16 / int(sizeof(typename Operand<DT>::E));  // elements per 16 bytes
+  const int m = lane >> 3;
+  const int o = (n0 + 8 * (m >> 1) + (lane & 7)) * ld + k0 + (m & 1) * KH;
+  uint32_t v[4];
+  ldsm_x4(v, hi + o);
+  f0.hi[0] = v[0];
+  f0.hi[1] = v[1];
+  f1.hi[0] = v[2];
+  f1.hi[1] = v[3];
+  if (split) {
+    ldsm_x4(v, lo + o);
+    f0.lo[0] = v[0];
+    f0.lo[1] = v[1];
+    f1.lo[0] = v[2];
+    f1.lo[1] = v[3];
   }
 }
 

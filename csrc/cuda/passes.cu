@@ -110,7 +110,8 @@ struct RowCfg {
            cmax(norm ? proj_bytes(true) : 0, W2_PARTS * W2_BYTES + H_BYTES);
   }
 
-  static_assert(NT >= 1 && NT <= 16 && NT2 >= 1, "bad tile configuration");
+  static_assert(NT >= 2 && NT <= 16 && NT2 >= 2 && NT % 2 == 0 && NT2 % 2 == 0,
+                "bad tile configuration (B fragments load two n tiles at a time)");
   static_assert(BD % KS == 0 && KPAD % KS == 0 && BD % WVEC == 0, "bad k step");
   static_assert(X_BYTES % 16 == 0 && W_BYTES % 16 == 0 && Z_BYTES % 16 == 0 &&
                     SCALARS_BYTES % 16 == 0 && W2_BYTES % 16 == 0,
@@ -324,10 +325,11 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
         }
       }
 #pragma unroll
-      for (int j = 0; j < C::NT; ++j) {
-        FragB fb;
-        load_b_op<DT>(fb, wht, wlt, C::WLD, wn * C::WC + j * 8, ks, lane, b_split);
-        mma_acc<DT, DT == kFloat32>(acc[j], fa, fb, b_split);
+      for (int j = 0; j < C::NT; j += 2) {
+        FragB fb0, fb1;
+        load_b_op_x2<DT>(fb0, fb1, wht, wlt, C::WLD, wn * C::WC + j * 8, ks, lane, b_split);
+        mma_acc<DT, DT == kFloat32>(acc[j], fa, fb0, b_split);
+        mma_acc<DT, DT == kFloat32>(acc[j + 1], fa, fb1, b_split);
       }
     }
     __syncthreads();
@@ -517,10 +519,11 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
       FragA fa;
       load_a_f32<DT>(fa, zf, C::ZLD, wm * 16, ks, lane, false, no_sq);
 #pragma unroll
-      for (int j = 0; j < C::NT2; ++j) {
-        FragB fb;
-        load_b_op<DT>(fb, w2hi, w2lo, C::W2LD, wn * C::NC2 + j * 8, ks, lane, kWSplit);
-        mma_acc<DT, true>(acc[j], fa, fb, kWSplit);
+      for (int j = 0; j < C::NT2; j += 2) {
+        FragB fb0, fb1;
+        load_b_op_x2<DT>(fb0, fb1, w2hi, w2lo, C::W2LD, wn * C::NC2 + j * 8, ks, lane, kWSplit);
+        mma_acc<DT, true>(acc[j], fa, fb0, kWSplit);
+        mma_acc<DT, true>(acc[j + 1], fa, fb1, kWSplit);
       }
     }
 #pragma unroll
