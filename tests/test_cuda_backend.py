@@ -179,13 +179,14 @@ def test_c_other_passes_reject(lib):
 @needs_lib
 @pytest.mark.parametrize("pass_, dtype, d, k, norm, parts", [
     # (KPAD x d) operand parts for the projection + (d x KPAD) parts for the output projection
-    (0, 3, 64, 16, 1, 2),    # encode forward with RMSNorm: gamma-folded hi + lo
-    (0, 3, 64, 16, 0, 1),    # encode forward: bf16 weights are exact, hi only
+    (0, 3, 64, 16, 1, 1),    # encode forward with RMSNorm: gamma-folded, rounded to bf16
+    (0, 3, 64, 16, 0, 1),    # encode forward: bf16 weights as they are
     (0, 1, 64, 16, 0, 2),    # fp32: tf32 hi + lo
     (1, 3, 64, 16, 0, 0),    # decode forward, 16-bit: w_d streams as it is
     (1, 1, 64, 16, 0, 2),    # decode forward, fp32
     (2, 2, 64, 16, 0, 1),    # decode backward (transposed w_d)
-    (3, 3, 64, 16, 1, 3),    # encode backward with RMSNorm: pre-pass hi + lo, transposed w_e
+    (3, 3, 64, 16, 1, 2),    # encode backward with RMSNorm: the pre-pass's operand, transposed w_e
+    (3, 1, 64, 16, 1, 4),    # the same in fp32: tf32 hi + lo of each
     (3, 3, 64, 16, 0, 1),
     (3, 3, 96, 48, 0, 1),    # k=48 pads to 64
 ])

@@ -14,11 +14,14 @@
 // packed 16-bit pair hold the element with the smaller k index.
 //
 // Precision: bf16/fp16 inputs run on bf16/fp16 tensor cores with fp32
-// accumulation; an operand that is not exactly representable in the input
-// dtype (dequantized zhat, gamma-folded weights) is split as hi + lo, both in
-// the operand dtype, and multiplied twice (hi*B + lo*B), which keeps ~16
-// mantissa bits. fp32 inputs use 3xTF32 (a_hi*b_hi + a_hi*b_lo + a_lo*b_hi),
-// ~fp32 accuracy: results match the float32 reference within fp32 tolerances.
+// accumulation; dequantized zhat, which is not exactly representable in the
+// input dtype, is split as hi + lo, both in the operand dtype, and multiplied
+// twice (hi*B + lo*B), which keeps ~16 mantissa bits; gamma-folded encoder
+// weights are rounded once to the input dtype (as a 16-bit model rounds its
+// normalised activations, and as the Triton kernels do), so the projection
+// stays one product. fp32 inputs use 3xTF32 (a_hi*b_hi + a_hi*b_lo +
+// a_lo*b_hi), ~fp32 accuracy: results match the float32 reference within fp32
+// tolerances.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -4,7 +4,7 @@
 // Three kernel families, each a template over the input dtype DT and the
 // padded bottleneck width KPAD (16, 32, 64, 128 or 256 >= k), and
 // prepare_operand_kernel, which first writes a pass's weights in the tensor
-// cores' operand types (RMSNorm weight folded in, hi + lo where not exact,
+// cores' operand types (RMSNorm weight folded in, tf32 hi + lo for fp32,
 // zero-padded to KPAD) to the caller's workspace, once per call, so that no
 // block converts weights: they stream in with cp.async like the activations.
 //
@@ -32,8 +32,8 @@
 //      per-split fp32 partials summed by the caller (no atomics).
 //
 // Precision (see mma.cuh): bf16/fp16 on 16-bit tensor cores with fp32
-// accumulation and hi/lo splitting of the operands that are not exact in the
-// input dtype; fp32 inputs use 3xTF32. Requirements checked by the C API:
+// accumulation, dequantized zhat split hi + lo, gamma-folded weights rounded
+// once to the input dtype; fp32 inputs use 3xTF32. Requirements checked by the C API:
 // d and k multiples of 16, k <= 256, k <= d, 16-byte aligned activations.
 // Every launch goes on the caller's stream; nothing here synchronises.
 #include <cuda_runtime.h>
@@ -87,8 +87,9 @@ struct RowCfg {
   static constexpr int WVEC = 16 / int(sizeof(E));  // operand elements per 16-byte chunk
   static constexpr size_t X_BYTES = size_t(2) * BN * XLD * sizeof(T);
   static constexpr size_t W_BYTES = size_t(KPAD) * WLD * sizeof(E);  // one buffer of hi or lo
-  // x and the weight tile (hi, and lo when split) double buffered
-  static constexpr size_t proj_bytes(bool split) { return X_BYTES + (split ? 4 : 2) * W_BYTES; }
+  static constexpr bool W_SPLIT = DT == kFloat32;  // tf32 hi + lo; 16-bit weights: one part
+  // x and the weight tile (hi, and lo for fp32) double buffered
+  static constexpr size_t PROJ_BYTES = X_BYTES + (W_SPLIT ? 4 : 2) * W_BYTES;
   // fp32 (BN, KPAD) tile of z (project_quantize epilogue) or zhat (dequant_project)
   static constexpr int ZLD = KPAD + 4;
   static constexpr size_t Z_BYTES = size_t(BN) * ZLD * 4;
@@ -103,11 +104,11 @@ struct RowCfg {
   static constexpr size_t H_BYTES = size_t(BN) * HLD * 4;
   static constexpr size_t SCALARS_BYTES = size_t(2 + WN) * BN * 4;
 
-  static constexpr size_t pq_smem(bool split) { return cmax(proj_bytes(split), Z_BYTES); }
+  static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, Z_BYTES);
   // the region after zhat holds the RMSNorm pre-pass's tiles (norm), then the main loop's
   static constexpr size_t dq_smem(bool norm) {
     return Z_BYTES + SCALARS_BYTES +
-           cmax(norm ? proj_bytes(true) : 0, W2_PARTS * W2_BYTES + H_BYTES);
+           cmax(norm ? PROJ_BYTES : 0, W2_PARTS * W2_BYTES + H_BYTES);
   }
 
   static_assert(NT >= 2 && NT <= 16 && NT2 >= 2 && NT % 2 == 0 && NT2 % 2 == 0,
@@ -116,7 +117,7 @@ struct RowCfg {
   static_assert(X_BYTES % 16 == 0 && W_BYTES % 16 == 0 && Z_BYTES % 16 == 0 &&
                     SCALARS_BYTES % 16 == 0 && W2_BYTES % 16 == 0,
                 "shared-memory regions must stay 16-byte aligned");
-  static_assert(pq_smem(true) <= kMaxSmemSm80 && dq_smem(true) <= kMaxSmemSm80,
+  static_assert(PQ_SMEM <= kMaxSmemSm80 && dq_smem(true) <= kMaxSmemSm80,
                 "more shared memory than an sm_80 block can have");
 };
 
@@ -210,7 +211,8 @@ __device__ void quantize_rows(const float* zs, int ld, int rows, int64_t row0, i
 // Operand-typed weights, built once per call by prepare_operand_kernel so that the pass
 // kernels stream them into shared memory with cp.async instead of converting every weight
 // tile in every CTA: hi / lo (rows, cols) row-major, element (r, c) = split(w[r * s_r +
-// c * s_c] (* gamma[c])) for r < rows_valid and c < cols_valid, else 0.
+// c * s_c] (* gamma[c])) for r < rows_valid and c < cols_valid, else 0 (hi alone: the
+// value rounded to the operand type).
 struct PrepArgs {
   const void* w;
   int64_t s_r, s_c;
@@ -240,10 +242,10 @@ __global__ void prepare_operand_kernel(const PrepArgs p) {
 }
 
 // The projection loop shared by project_quantize and the RMSNorm pre-pass of
-// dequant_project: acc (BN, KPAD) += a[rows] @ B, B(dd, c) = whi[c][dd] (+ wlo[c][dd]),
-// the prepared operand (KPAD, d); optionally the rows' sums of squares. The a tile and
-// the weight tile stream in together, double buffered (16-byte cp.async).
-// Uses proj_bytes(wlo != null) of `smem` and ends with a barrier (smem free again).
+// dequant_project: acc (BN, KPAD) += a[rows] @ B, B(dd, c) = whi[c][dd] (+ wlo[c][dd]
+// for fp32), the prepared operand (KPAD, d); optionally the rows' sums of squares. The a
+// tile and the weight tile stream in together, double buffered (16-byte cp.async).
+// Uses PROJ_BYTES of `smem` and ends with a barrier (smem free again).
 template <int DT, int KPAD>
 __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __restrict__ a,
                                              int64_t n, int64_t d, int64_t row0,
@@ -260,7 +262,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
   E* wlo = reinterpret_cast<E*>(smem + C::X_BYTES + 2 * C::W_BYTES);  // [2][KPAD][WLD]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % C::WM, wn = warp / C::WM;
-  const bool b_split = wlo_g != nullptr;
+  constexpr bool b_split = C::W_SPLIT;
   constexpr int VEC = 16 / int(sizeof(T));  // elements per 16-byte chunk
   constexpr int CHUNKS = C::BD / VEC;       // chunks per tile row
   constexpr int WCHUNKS = C::BD / C::WVEC;
@@ -290,7 +292,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
     for (int j = 0; j < KPAD / WROWS; ++j) {
       const int64_t src = wok ? int64_t(wr + j * WROWS) * d + wcol : 0;
       cp_async16(whi + wdst + j * WROWS * C::WLD, whi_g + src, wok ? 16 : 0);
-      if (b_split) cp_async16(wlo + wdst + j * WROWS * C::WLD, wlo_g + src, wok ? 16 : 0);
+      if constexpr (b_split) cp_async16(wlo + wdst + j * WROWS * C::WLD, wlo_g + src, wok ? 16 : 0);
     }
     cp_async_commit();
   };
@@ -341,7 +343,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
 struct PQArgs {
   const void* a;    // (n, d) activations (x or grad_h), row-major, 16-byte aligned
   const void* whi;  // prepared operand (KPAD, d): B(dd, c) = whi[c][dd] (+ wlo[c][dd])
-  const void* wlo;  // null when the weights are exact in the input dtype
+  const void* wlo;  // fp32 only (tf32 lo part), else null
   int norm;         // RMSNorm folded into the weights: scale rows by 1/rms(a)
   int64_t n, d, k;
   float eps;
@@ -407,7 +409,7 @@ struct DQArgs {
   const void* w2hi;  // the (d, k) projection, rows of w2_ld: B(dd, c) = w2hi[dd][c] (+ w2lo[dd][c])
   const void* w2lo;  // null when the weights are exact in the input dtype
   int64_t w2_ld, w2_cols;  // columns w2_cols.. are zeros (up to KPAD)
-  const void* phi;   // RMSNorm pre-pass: the encoder's prepared operand (KPAD, d), hi and lo
+  const void* phi;   // RMSNorm pre-pass: the encoder's prepared operand (KPAD, d), hi (, lo)
   const void* plo;
   const void* x;      // encode backward through RMSNorm: x (n, d), gamma (d,) (else null)
   const void* gamma;
@@ -693,10 +695,9 @@ int launch_pq(const char* fn, const PQArgs& p, const PrepArgs& prep, cudaStream_
   char name[80];
   std::snprintf(name, sizeof name, "project_quantize_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD>);
-  const size_t smem = C::pq_smem(p.wlo != nullptr);
-  RESBM_TRY(prepare(fn, name, func, smem));
+  RESBM_TRY(prepare(fn, name, func, C::PQ_SMEM));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  project_quantize_kernel<DT, KPAD><<<unsigned(blocks), kThreads, smem, stream>>>(p);
+  project_quantize_kernel<DT, KPAD><<<unsigned(blocks), kThreads, C::PQ_SMEM, stream>>>(p);
   return launch_status(fn, name);
 }
 
@@ -812,7 +813,7 @@ Workspace workspace_for(int pass, int dtype, int64_t d, int64_t k, bool norm) {
   w.part = size_t(kpad_of(k)) * size_t(d) * (fp32 ? 4 : 2);
   if (pass == RESBM_PASS_ENCODE_FORWARD || pass == RESBM_PASS_DECODE_BACKWARD ||
       (pass == RESBM_PASS_ENCODE_BACKWARD && norm))
-    w.proj_parts = fp32 || norm ? 2 : 1;  // gamma-folded weights are not exact: hi + lo
+    w.proj_parts = fp32 ? 2 : 1;  // tf32 hi + lo; 16-bit (gamma-folded or not): one part
   if (pass == RESBM_PASS_ENCODE_BACKWARD || (pass == RESBM_PASS_DECODE_FORWARD && fp32))
     w.w2_parts = fp32 ? 2 : 1;
   return w;

@@ -11,10 +11,10 @@ device.
 Requirements (as the Triton backend): CUDA tensors, float32/float16/bfloat16,
 d and k multiples of 16, k <= 256. Any scale group that divides k works.
 
-Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation (the
-operands that are not exact in the input dtype, dequantized zhat and the
-RMSNorm-folded encoder weight, are split as hi + lo); fp32 inputs use 3xTF32,
-so results match the float32 reference within fp32 tolerances. Known limit:
+Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation
+(dequantized zhat is split as hi + lo; the RMSNorm-folded encoder weight is
+rounded once to the input dtype, as the Triton kernels do); fp32 inputs use
+3xTF32, so results match the float32 reference within fp32 tolerances. Known limit:
 with fp16 inputs the hi + lo split of dequantized values is in fp16, so
 values below fp16's normal range (6e-5: unscaled fp16 gradients) lose
 precision, and values above 65504 overflow (the Triton backend uses TF32 there),

@@ -70,7 +70,7 @@ RESBM_API int resbm_cuda_unpack_dequantize(const uint8_t* codes, const void* sca
  * resbm_cuda_workspace_bytes gives for the pass (NULL allowed when that is 0),
  * not used by anything else until the pass has run on `stream`: each call first
  * writes its weights there in the tensor cores' operand types (RMSNorm folded
- * in, split into hi + lo where not exact), once, instead of in every block. */
+ * in, tf32 hi + lo for float32), once, instead of in every block. */
 
 enum {
   RESBM_PASS_ENCODE_FORWARD = 0,
