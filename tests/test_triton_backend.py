@@ -182,6 +182,22 @@ def test_decode_backward(shape, dtype, grad_codec):
     assert gw.dtype == dtype and rel_err(gw, gw_ref) <= tol(dtype)
 
 
+@pytest.mark.parametrize("codec", (Codec(bits=16), Codec(bits=8), Codec(bits=2, group_size=16),
+                                   Codec(bits=8, group_size=32, scale_dtype=torch.float32)), ids=_ids)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=_ids)
+def test_decode_backward_forward_codecs(codec, dtype):
+    """The weight gradient reads zhat from the forward payload (dequantized by the
+    main kernel into its operand buffer) for every forward codec."""
+    n, d, k = 70, 128, 64
+    gen = torch.Generator().manual_seed(13)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    grad_h = normal(n, d, dtype=dtype, gen=gen)
+    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen)
+    _, gw = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=5)
+    _, gw_ref = ops.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=5)
+    assert gw.dtype == dtype and rel_err(gw, gw_ref) <= tol(dtype)
+
+
 @pytest.mark.parametrize("dtypes", ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)), ids=str)
 def test_decode_backward_mixed_dtypes(dtypes):
     check_decode_backward_mixed_dtypes("triton", DEVICE, *dtypes)
