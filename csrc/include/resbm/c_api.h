@@ -58,7 +58,8 @@ RESBM_API int resbm_cuda_unpack_dequantize(const uint8_t* codes, const void* sca
  * Device pointers, launched asynchronously on `stream` (a cudaStream_t; NULL
  * is the default stream); nothing synchronises. Activations (x, grad_h, out,
  * grad_x, residual) are row-major (n, d) with rows of exactly d elements and
- * 16-byte aligned; w_e is (k, d) and w_d is (d, k), row-major; norm_weight is
+ * 16-byte aligned; w_e is (k, d) and w_d is (d, k), row-major (w_d 16-byte
+ * aligned in decode forward, whose 16-bit rows stream as they are); norm_weight is
  * (d,) or NULL (no RMSNorm). `dtype` is that of x / grad_h and of the weights
  * and norm weight. The payload arguments (codes, scales, bits, group,
  * scale_dtype, stochastic, key) are those of resbm_cuda_quantize_pack. d and
