@@ -215,6 +215,54 @@ def ptxas_report(source, include_dir, out_dir) -> list[tuple[str, str, int, int,
     return report
 
 
+# ---- reading compiled kernels (SASS) --------------------------------------------------
+
+
+def sass_tool(name: str) -> str | None:
+    """Path of a CUDA binary utility (cuobjdump, nvdisasm) as bundled with Triton, or None."""
+    import os
+
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.path.isfile(path) else None
+
+
+def sass_functions(sass: str) -> dict[str, str]:
+    """nvdisasm output split by kernel: {mangled name: its SASS}."""
+    import re
+
+    parts = re.split(r"^//-+ \.text\.(\S+) -+$", sass, flags=re.M)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def main_loops(sass: str) -> list[int]:
+    """Static instruction counts of the loops of one kernel's SASS (nvdisasm
+    output: a backward branch to an earlier label) that hold tensor-core
+    instructions, innermost first."""
+    import re
+
+    labels, body = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(body)
+            continue
+        ins = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if ins:
+            body.append(ins.group(1))
+    loops = []
+    for i, ins in enumerate(body):
+        branch = re.search(r"\bBRA\b.*?(\.L_x_\d+)", ins)
+        if branch and labels.get(branch.group(1), i + 1) <= i:
+            loop = body[labels[branch.group(1)]:i + 1]
+            if any(re.search(r"\bH(?:G)?MMA\.", x) for x in loop):
+                loops.append(len(loop))
+    return loops
+
+
 def check_decode_backward_mixed_dtypes(backend: str, device: str, grad_dtype, w_dtype) -> None:
     """A fast backend's decode backward with grad_h and w_d of different dtypes
     (the ops accept them) against the reference: payload bit-exact on exact inputs."""

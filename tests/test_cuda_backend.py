@@ -3,9 +3,10 @@
 Two groups:
 
 - CPU-runnable: the kernels compile for sm_80 and sm_90 with zero register
-  spills (ptxas -v), the C ABI rejects bad arguments with messages naming the
-  problem before touching CUDA, launch failures name the kernel, and the
-  backend refuses CPU tensors cleanly.
+  spills (ptxas -v) and a tensor-core main loop whose size is reported, the
+  C ABI rejects bad arguments with messages naming the problem before
+  touching CUDA, launch failures name the kernel, and the backend refuses
+  CPU tensors cleanly.
 - GPU (skipped without a CUDA GPU and libresbm_cuda): every pass against the
   reference for random inputs, dtypes fp32/fp16/bf16, N with masked tails;
   fresh outputs are poisoned (NaN / 0xFF) so unwritten elements show; and one
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +29,7 @@ import torch
 from resbm_kernels import native, ops
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
-from helpers import CUDA_ARCHS, ptxas_report
+from helpers import CUDA_ARCHS, main_loops, ptxas_report, sass_functions, sass_tool
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_passes_do_not_synchronise
 from helpers import FAST_CODECS, GRAD_CODEC
@@ -51,9 +53,16 @@ no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointe
 # ---- CPU-runnable: compilation ----------------------------------------------------------
 
 
-def test_pass_kernels_compile_without_spills(tmp_path):
+@pytest.fixture(scope="module")
+def passes_object(tmp_path_factory):
+    """passes.cu compiled once for sm_80 and sm_90: (ptxas report, object file)."""
+    out = tmp_path_factory.mktemp("passes")
+    return ptxas_report(ROOT / "csrc" / "cuda" / "passes.cu", ROOT / "csrc" / "include", out), out / "kernels.o"
+
+
+def test_pass_kernels_compile_without_spills(passes_object):
     """Every pass kernel instantiation compiles for sm_80 and sm_90 with zero spills."""
-    report = ptxas_report(ROOT / "csrc" / "cuda" / "passes.cu", ROOT / "csrc" / "include", tmp_path)
+    report, _ = passes_object
     for arch in CUDA_ARCHS:
         funcs = [r for r in report if r[0] == f"sm_{arch}"]
         for kernel in KERNELS:
@@ -62,6 +71,34 @@ def test_pass_kernels_compile_without_spills(tmp_path):
         assert sum("prepare_operand_kernel" in r[1] for r in funcs) == 3, (arch, report)
     spilling = [r for r in report if r[3] or r[4]]
     assert not spilling, "kernels spill registers:\n" + "\n".join(map(str, spilling))
+
+
+def test_pass_kernels_main_loops(passes_object, tmp_path):
+    """Static instruction counts of each sm_90 pass kernel's tensor-core loops
+    (per thread, per trip, an inner loop without tensor-core instructions
+    counted once; innermost first), printed as a table with ``pytest -s``, as
+    tests/test_triton_static.py does for Triton: a loop that grows is a kernel
+    doing more work per byte. Every kernel has one."""
+    _, obj = passes_object
+    cuobjdump, nvdisasm = sass_tool("cuobjdump"), sass_tool("nvdisasm")
+    if not (cuobjdump and nvdisasm):
+        pytest.skip("cuobjdump / nvdisasm (bundled with Triton) not found")
+    subprocess.run([cuobjdump, "-xelf", "all", str(obj)], cwd=tmp_path, check=True, capture_output=True)
+    (cubin,) = tmp_path.glob("*sm_90.cubin")
+    sass = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
+    names = {1: "fp32", 2: "fp16", 3: "bf16"}
+    rows = []
+    for name, body in sass_functions(sass).items():
+        m = re.search(r"(\w+?)_kernelILi(\d)ELi(\d+)E", name)
+        if m and m.group(1).endswith(KERNELS):
+            kernel = next(k for k in KERNELS if m.group(1).endswith(k))
+            rows.append((kernel, names[int(m.group(2))], int(m.group(3)), main_loops(body)))
+    rows.sort()
+    print(f"\n{'kernel':17} {'dtype':5} {'KPAD':>4}  tensor-core loops (sm_90 instructions per trip)")
+    for kernel, dtype, kpad, loops in rows:
+        print(f"{kernel:17} {dtype:5} {kpad:>4}  {loops}")
+    assert len(rows) == len(KERNELS) * 3 * len(KPADS), rows
+    assert all(loops for *_, loops in rows), [r for r in rows if not r[3]]
 
 
 # ---- CPU-runnable: the C ABI rejects bad arguments ----------------------------------------

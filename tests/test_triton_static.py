@@ -106,6 +106,7 @@ def _worker():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from helpers import main_loops, sass_tool
     from resbm_kernels.backends.triton import configs
     from resbm_kernels.backends.triton.dequant_project import dequant_project_kernel
     from resbm_kernels.backends.triton.project_quantize import project_quantize_kernel
@@ -113,7 +114,6 @@ def _worker():
 
     kernels = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
                    weight_grad=weight_grad_kernel)
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     for case in CASES:
         autotuner = kernels[case["kernel"]]
         fn = autotuner.fn
@@ -145,10 +145,10 @@ def _worker():
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(compiled.asm["cubin"])
                 f.flush()
-                usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "-res-usage", f.name],
+                usage = subprocess.run([sass_tool("cuobjdump"), "-res-usage", f.name],
                                        capture_output=True, text=True, check=True).stdout
-                sass = subprocess.run([os.path.join(bindir, "nvdisasm"), f.name],
-                                      capture_output=True, text=True, check=True).stdout
+                sass = subprocess.run([sass_tool("nvdisasm"), f.name], capture_output=True, text=True,
+                                      check=True).stdout
             regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
             tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
             print(json.dumps(dict(
@@ -161,28 +161,6 @@ def _worker():
                 hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)),
                 loop_per_kib=round(sum(main_loops(sass)) * cfg.num_warps / tile_kib),
             )), flush=True)
-
-
-def main_loops(sass):
-    """Instruction counts of the loops (a backward branch to an earlier label)
-    that hold tensor-core instructions, innermost first."""
-    labels, body = {}, []
-    for line in sass.splitlines():
-        label = re.match(r"^\s*(\.L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = len(body)
-            continue
-        ins = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
-        if ins:
-            body.append(ins.group(1))
-    loops = []
-    for i, ins in enumerate(body):
-        branch = re.search(r"\bBRA\b.*?(\.L_x_\d+)", ins)
-        if branch and labels.get(branch.group(1), i + 1) <= i:
-            loop = body[labels[branch.group(1)]:i + 1]
-            if any(re.search(r"\bH(?:G)?MMA\.", x) for x in loop):
-                loops.append(len(loop))
-    return loops
 
 
 @pytest.fixture(scope="module")
