@@ -33,6 +33,7 @@ scales or codes, where the reference raises.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
 
@@ -91,28 +92,39 @@ def _codec_args(payload, codec: Codec, n: int, k: int):
     return codes.data_ptr(), scales.data_ptr(), codec.bits, codec.group(k), _DTYPE_CODES[codec.scale_dtype]
 
 
+def _checked(lib, rc: int) -> None:
+    """Raise the library's last error (it names the function and kernel) if ``rc`` is one."""
+    if rc != 0:
+        raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
+
+
 def _call(name: str, device: torch.device, *args) -> None:
     """Launch ``name`` on the current stream of ``device``; raise naming the kernel on error."""
     lib = native.library("cuda")
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
-        rc = getattr(lib, name)(*args, ctypes.c_void_p(stream))
-    if rc != 0:
-        raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
+        _checked(lib, getattr(lib, name)(*args, ctypes.c_void_p(stream)))
 
 
 _PASS_IDS = {"encode_forward": 0, "decode_forward": 1, "decode_backward": 2, "encode_backward": 3}
+
+
+@functools.lru_cache(maxsize=None)
+def _workspace_bytes(pass_: str, dtype, d: int, k: int, norm: bool) -> int:
+    """The library's answer, asked once per shape (not on every op call)."""
+    lib = native.library("cuda")
+    nbytes = ctypes.c_int64()
+    _checked(lib, lib.resbm_cuda_workspace_bytes(_PASS_IDS[pass_], _DTYPE_CODES[dtype], d, k, int(norm),
+                                                  ctypes.byref(nbytes)))
+    return nbytes.value
 
 
 def _workspace(pass_: str, dtype, d: int, k: int, norm: bool, device) -> torch.Tensor | None:
     """The device workspace a pass needs (its weights converted to the tensor
     cores' operand types once per call), or None. Keep it referenced until the
     pass is launched; after that the caching allocator reuses it in stream order."""
-    lib = native.library("cuda")
-    nbytes = ctypes.c_int64()
-    if lib.resbm_cuda_workspace_bytes(_PASS_IDS[pass_], _DTYPE_CODES[dtype], d, k, int(norm), ctypes.byref(nbytes)):
-        raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
-    return fast.empty((nbytes.value,), torch.uint8, device) if nbytes.value else None
+    nbytes = _workspace_bytes(pass_, dtype, d, k, norm)
+    return fast.empty((nbytes,), torch.uint8, device) if nbytes else None
 
 
 def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> torch.Tensor:

@@ -41,15 +41,13 @@ def dequant_project_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     zhat = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
-    if WRITE_Z and not HAS_NORM:
-        store_operand(z_ptr, rows, kcols, n, k, zhat)
     if HAS_NORM:
         s, sumsq = project_rows(x_ptr, stride_x, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
                                 True, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         r = inv_rms(sumsq, d, eps)
         alpha = tl.math.div_rn(r * r * r * tl.sum(zhat * s, axis=1), tl.full(r.shape, d, tl.float32))
-        if WRITE_Z:
-            store_operand(z_ptr, rows, kcols, n, k, zhat * r[:, None])
+    if WRITE_Z:  # before the loop: stored later, zhat stays live and the k=256 fallback spills
+        store_operand(z_ptr, rows, kcols, n, k, zhat * r[:, None] if HAS_NORM else zhat)
     for d0 in range(0, d, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd)
