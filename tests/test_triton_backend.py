@@ -380,12 +380,12 @@ def test_every_gpu_block_size(monkeypatch, blocks):
     gives the reference result on a shape with a tail in every dimension (the
     interpreter otherwise only runs its one fixed config; on a GPU the autotuner
     would pick just one)."""
-    from resbm_kernels.backends.triton import dequant_project, project_quantize, weight_grad
+    from resbm_kernels.backends.triton import dequant_project, grad_operand, project_quantize, weight_grad
 
     rows = [c for c in tb.configs.gpu_configs(tb.configs.GPU_ROWS + tb.configs.GPU_WGRAD)
             if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) == blocks][:1]
     for kernel in (project_quantize.project_quantize_kernel, dequant_project.dequant_project_kernel,
-                   weight_grad.weight_grad_kernel):
+                   grad_operand.grad_operand_kernel, weight_grad.weight_grad_kernel):
         monkeypatch.setattr(kernel, "configs", rows)
     n, d, k = 150, 240, 48  # no multiple of 64 or 128 anywhere
     gen = torch.Generator().manual_seed(sum(blocks))
@@ -419,19 +419,25 @@ def test_config_pruning(monkeypatch, autotune):
     cfg = tb.configs
     monkeypatch.setattr(cfg, "AUTOTUNE", autotune)
     bf16 = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "w_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    for table, wgrad in ((cfg.GPU_ROWS, False), (cfg.GPU_WGRAD, True)):
+    cases = ((cfg.GPU_ROWS, False, False), (cfg.GPU_WGRAD, True, False), (cfg.GPU_WGRAD, True, True))
+    for table, wgrad, grad_x in cases:  # grad_x: the weight gradient that also writes encode backward's grad_x
         configs = cfg.gpu_configs(table)
         prune = cfg._pruner(wgrad, dequant=wgrad, operand="a_ptr")
-        assert cfg.launchable(configs, 16, 2, 232448, wgrad) == configs  # every config fits k=16 on an H100
-        fits = cfg.launchable(configs, 16, 2, cfg.SMEM_FALLBACK, wgrad)  # CPU tensors: the fallback limit
-        assert prune(configs, bf16, BLOCK_K=16) == (fits if autotune else fits[:1])
-        assert prune(configs, bf16, BLOCK_K=1024) == configs[-1:]  # none fits: the fallback
+        assert cfg.launchable(configs, 16, 2, 232448, wgrad, grad_x) == configs  # every config fits k=16 on an H100
+        fits = cfg.launchable(configs, 16, 2, cfg.SMEM_FALLBACK, wgrad, grad_x)  # CPU tensors: the fallback limit
+        assert prune(configs, bf16, BLOCK_K=16, GRAD_X=grad_x) == (fits if autotune else fits[:1])
+        assert prune(configs, bf16, BLOCK_K=1024, GRAD_X=grad_x) == configs[-1:]  # none fits: the fallback
         for block_k in (32, 64, 128, 256):
             for limit in (48 * 1024, 232448):
-                kept = cfg.launchable(configs, block_k, 2, limit, wgrad)
+                kept = cfg.launchable(configs, block_k, 2, limit, wgrad, grad_x)
                 assert kept
                 for c in kept:
                     bn, bd = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
                     tiles = bn * (bd + block_k) if wgrad else (bn + block_k) * bd
-                    regs = (bd if wgrad else bn) * block_k / (32 * c.num_warps)
+                    accumulators = (bd * block_k + (bn * bd if grad_x else 0)) if wgrad else bn * block_k
+                    regs = accumulators / (32 * c.num_warps)
                     assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[wgrad] and c.num_stages * tiles * 2 <= limit)
+    # writing grad_x too leaves fewer configs at k=128: the widest d tile needs 96 registers of accumulators
+    wide = cfg.gpu_configs(cfg.GPU_WGRAD)[0]
+    assert wide in cfg.launchable([wide], 128, 2, 232448, True) and \
+        wide not in cfg.launchable(cfg.gpu_configs(cfg.GPU_WGRAD), 128, 2, 232448, True, True)

@@ -56,45 +56,58 @@ def project(what, k, bits, *, encoder, norm=False, stochastic=False, group=None,
                                 STOCHASTIC=stochastic, ZBITS=0 if encoder else 8))
 
 
-def dequant(what, k, *, encoder, norm=False, residual=False, act="bf16"):
-    """A dequant_project case: encode backward (encoder) or decode forward."""
-    unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
+def dequant(what, k, *, residual=False, act="bf16"):
+    """A dequant_project case (decode forward)."""
     return dict(kernel="dequant_project", what=what, k=k, act=act,
-                ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", x_ptr="A", gamma_ptr="A", res_ptr="A",
-                          out_ptr="A", z_ptr="Z"),
-                ones=[unit], div16=["d", "k", strided, "stride_x", "stride_res", "stride_out"],
-                constexprs=dict(BITS=8, HAS_NORM=norm, HAS_RES=residual, OUT_KIND={"bf16": 2, "fp16": 1}[act],
-                                WRITE_Z=encoder))
+                ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", res_ptr="A", out_ptr="A"),
+                ones=["stride_wk"], div16=["d", "k", "stride_wd", "stride_res", "stride_out"],
+                constexprs=dict(BITS=8, HAS_RES=residual, OUT_KIND={"bf16": 2, "fp16": 1}[act]))
 
 
-def wgrad(what, k, *, encoder, act="bf16"):
-    """A weight_grad case: grad W_e (encoder: (k, d) partials) or grad W_d ((d, k))."""
+def operand(what, k, *, act="bf16"):
+    """A grad_operand case (encode backward through RMSNorm: Z and alpha; without
+    the norm the kernel only dequantizes, no GEMM)."""
+    return dict(kernel="grad_operand", what=what, k=k, act=act,
+                ptrs=dict(codes_ptr="U", scales_ptr="S", a_ptr="A", w_ptr="A", gamma_ptr="A", z_ptr="Z",
+                          alpha_ptr="F"),
+                ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"],
+                constexprs=dict(BITS=8, HAS_NORM=True))
+
+
+def wgrad(what, k, *, encoder, grad_x=False, norm=False, act="bf16"):
+    """A weight_grad case: grad W_e (encoder: (k, d) partials, with grad_x:
+    encode backward's main pass) or grad W_d ((d, k))."""
     unit, strided = ("stride_od", "stride_ok") if encoder else ("stride_ok", "stride_od")
     return dict(kernel="weight_grad", what=what, k=k, act=act,
-                ptrs=dict(a_ptr="A", z_ptr="Z", out_ptr="F"),
-                ones=[unit], div16=["d", "k", "stride_a", "stride_os", strided],
-                constexprs=dict())
+                ptrs=dict(a_ptr="A", z_ptr="Z", out_ptr="F", w_ptr="A", gamma_ptr="A", alpha_ptr="F",
+                          codes_ptr="U", scales_ptr="S", gx_ptr="A"),
+                ones=[unit, "stride_wd"], div16=["d", "k", "stride_a", "stride_os", strided, "stride_wk", "stride_gx"],
+                constexprs=dict(GRAD_X=grad_x, HAS_NORM=norm, BITS=8, OUT_KIND={"bf16": 2, "fp16": 1}[act]))
 
 
 CASES = [
     project("encode fwd bf16 int8/row norm k=128", 128, 8, encoder=True, norm=True),
     project("decode bwd fp16 int4/g32 stochastic k=64", 64, 4, encoder=False, stochastic=True, group=32, act="fp16"),
     project("encode fwd bf16 passthrough k=32", 32, 16, encoder=True),
-    dequant("decode fwd bf16 int8/row +residual k=128", 128, encoder=False, residual=True),
-    dequant("encode bwd bf16 int8/row norm k=128", 128, encoder=True, norm=True),
+    dequant("decode fwd bf16 int8/row +residual k=128", 128, residual=True),
+    operand("encode bwd Z, alpha bf16 int8/row k=128", 128),
+    wgrad("encode bwd bf16 int8/row norm k=128", 128, encoder=True, grad_x=True, norm=True),
+    wgrad("encode bwd bf16 int8/row k=32", 32, encoder=True, grad_x=True),
     wgrad("grad W_e bf16 k=128", 128, encoder=True),
     # k=256 (d/32 at d=8192): only the fallback configs fit
     project("encode fwd bf16 int8/row norm k=256", 256, 8, encoder=True, norm=True),
     project("decode bwd bf16 int4/row stochastic k=256", 256, 4, encoder=False, stochastic=True),
-    dequant("decode fwd bf16 int8/row k=256", 256, encoder=False),
-    dequant("encode bwd bf16 int8/row norm k=256", 256, encoder=True, norm=True),
+    dequant("decode fwd bf16 int8/row k=256", 256),
+    operand("encode bwd Z, alpha bf16 int8/row k=256", 256),
+    wgrad("encode bwd bf16 int8/row norm k=256", 256, encoder=True, grad_x=True, norm=True),
     wgrad("grad W_d bf16 k=256", 256, encoder=False),
     wgrad("grad W_d bf16 k=64", 64, encoder=False),
     wgrad("grad W_d bf16 k=32", 32, encoder=False),
     # fp32 activations (3xTF32)
     project("encode fwd fp32 int8/row norm k=64", 64, 8, encoder=True, norm=True, act="fp32"),
     # fp16: the GEMMs with dequantized operands run on TF32
-    dequant("encode bwd fp16 int8/row norm k=128", 128, encoder=True, norm=True, act="fp16"),
+    operand("encode bwd Z, alpha fp16 int8/row k=128", 128, act="fp16"),
+    wgrad("encode bwd fp16 int8/row norm k=128", 128, encoder=True, grad_x=True, norm=True, act="fp16"),
     wgrad("grad W_e fp16 k=128", 128, encoder=True, act="fp16"),
 ]
 
@@ -109,22 +122,24 @@ def _worker():
     from helpers import main_loops, sass_tool
     from resbm_kernels.backends.triton import configs
     from resbm_kernels.backends.triton.dequant_project import dequant_project_kernel
+    from resbm_kernels.backends.triton.grad_operand import grad_operand_kernel
     from resbm_kernels.backends.triton.project_quantize import project_quantize_kernel
     from resbm_kernels.backends.triton.weight_grad import weight_grad_kernel
 
     kernels = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
-                   weight_grad=weight_grad_kernel)
+                   grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel)
     for case in CASES:
         autotuner = kernels[case["kernel"]]
         fn = autotuner.fn
         act = "*" + case["act"]
         types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16", Z="*bf16" if case["act"] == "bf16" else "*fp32")
         wgrad = case["kernel"] == "weight_grad"
+        grad_x = case["constexprs"].get("GRAD_X", False)
         block_k = case["k"]
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["act"]]
-        elem = configs.operand_bytes(dtype, dequant=case["kernel"] != "project_quantize")
+        elem = configs.operand_bytes(dtype, dequant=case["kernel"] in ("dequant_project", "weight_grad"))
         for arch, cfg in ((arch, cfg) for arch in ARCHS
-                          for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], wgrad)):
+                          for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], wgrad, grad_x)):
             constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
             constexprs.update({name: 1 for name in case["ones"]})
             signature = {}
@@ -153,7 +168,7 @@ def _worker():
             tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
             print(json.dumps(dict(
                 kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"],
-                smem_estimate=configs.smem_bytes(cfg, block_k, elem, wgrad),
+                smem_estimate=configs.smem_bytes(cfg, block_k, elem, wgrad, grad_x),
                 config=f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
                        f"w{cfg.num_warps} s{cfg.num_stages}",
                 regs=regs, stack=stack, smem=compiled.metadata.shared,

@@ -10,17 +10,22 @@ Kernels (one family per module):
 
 - :mod:`.project_quantize`: encode forward and decode backward (read the
   (N, d) input once, write codes + scales into the payload);
-- :mod:`.dequant_project`: decode forward and encode backward (read the
-  payload, write the (N, d) output once);
-- :mod:`.weight_grad`: the weight gradients, a separate pass over the (N, d)
-  input that reduces over rows (its (N, k) operand Z, the dequantized
-  payload scaled per row, is written by the backward pass's main kernel);
+- :mod:`.dequant_project`: decode forward (read the payload, write the (N, d)
+  output once);
+- :mod:`.weight_grad`: the weight gradients, a d-tile-major pass over the
+  (N, d) input that reduces over rows, its (N, k) operand Z being the
+  dequantized payload scaled per row; for encode backward the same pass also
+  writes grad_x;
+- :mod:`.grad_operand`: encode backward's Z and per-row RMSNorm term, from
+  the gradient payload (and with the norm, one read of x);
 - :mod:`.codec`: the per-element codec helpers all of them share;
 - :mod:`.tiles`, :mod:`.configs`: shared GEMM tile helpers, launch configs.
 
-Weight gradients are computed by :mod:`.weight_grad`, a second pass over the
-big input of the backward passes (grad_h, x); encode backward through RMSNorm
-also re-reads x once for the per-row statistics (see :mod:`.dequant_project`).
+Reads of the big (N, d) tensor: encode forward and decode forward once;
+decode backward twice (its main kernel needs whole rows of g_z to quantize,
+the weight gradient is a second pass); encode backward once without the norm
+and twice through RMSNorm (the row statistics r and x @ (gamma * W_e)^T come
+first).
 
 Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
 fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs
@@ -44,6 +49,7 @@ from ...codec import Codec, payload_views, rng_key
 from .. import fast
 from .codec import KIND_BF16, KIND_F16, KIND_F32
 from .dequant_project import dequant_project_kernel
+from .grad_operand import grad_operand_kernel
 from .project_quantize import project_quantize_kernel
 from .weight_grad import weight_grad_kernel
 
@@ -150,8 +156,10 @@ def _weight_operand(n: int, k: int, dtype, device):
     return fast.empty((n, k), torch.bfloat16 if dtype == torch.bfloat16 else torch.float32, device)
 
 
-def _weight_grad(a, z, transpose: bool):
-    """fp32 sum over rows of z^T a: (k, d), or (d, k) if transpose."""
+def _weight_grad(a, z, transpose: bool, encoder=None):
+    """fp32 sum over rows of z^T a: (k, d), or (d, k) if transpose. For encode
+    backward ``encoder = (grad_x, w_e, gamma, alpha, payload, grad_codec)``:
+    the same pass also fills grad_x (see :mod:`.weight_grad`)."""
     n, d = a.shape
     k = z.shape[1]
     # one split under the interpreter (its cost grows with the number of programs)
@@ -160,32 +168,55 @@ def _weight_grad(a, z, transpose: bool):
     if n == 0:
         return partial.zero_().sum(0)
     stride_ok, stride_od = (1, k) if transpose else (d, 1)
+    if encoder is None:
+        gx, w, gamma, alpha, codes, scales, group, bits = a, a, a, a, a, a, 1, 16  # unused
+        w_strides, flags = (0, 0), dict(GRAD_X=False, HAS_NORM=False, OUT_KIND=0)
+    else:
+        gx, w, gamma, alpha, payload, codec = encoder
+        codes, scales = _payload_args(payload, codec, n, k)
+        group, bits = codec.group(k), codec.bits
+        w_strides = (w.stride(0), w.stride(1))
+        flags = dict(GRAD_X=True, HAS_NORM=gamma is not None, OUT_KIND=_KINDS[gx.dtype])
+        gamma, alpha = (gamma, alpha) if gamma is not None else (a, a)
     weight_grad_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
-        a, z, partial, n, d, k, a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od,
-        BLOCK_K=_block_k(k), **_common(a.device),
+        a, z, partial, w, gamma, alpha, codes, scales, gx,
+        n, d, k, group, a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od, *w_strides, gx.stride(0),
+        BITS=bits, BLOCK_K=_block_k(k), **flags, **_common(a.device),
     )
     return partial.sum(0)
 
 
-def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype,
-                     residual=None, x=None, gamma=None, eps=0.0, z=None):
-    """out (n, d) = zhat @ W + pad_d(zhat) (+ residual), or the encode backward
-    through RMSNorm when ``gamma`` is given; with a ``z`` buffer (encode
-    backward) also z = r * zhat, r = 1/rms(x) (1 without the norm)."""
+def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype, residual=None):
+    """out (n, d) = zhat @ W + pad_d(zhat) (+ residual)."""
     out = fast.empty((n, d), out_dtype, w.device)
     if n == 0:
         return out
     codes, scales = _payload_args(payload, codec, n, k)
-    dummy = out
     dequant_project_kernel[_rows_grid(n)](
-        codes, scales, w, x if x is not None else dummy, gamma if gamma is not None else dummy,
-        residual if residual is not None else dummy, out, z if z is not None else dummy,
-        n, d, k, codec.group(k), *w_strides,
-        x.stride(0) if x is not None else 0, residual.stride(0) if residual is not None else 0, out.stride(0), eps,
-        BITS=codec.bits, HAS_NORM=gamma is not None, HAS_RES=residual is not None,
-        OUT_KIND=_KINDS[out_dtype], WRITE_Z=z is not None, BLOCK_K=_block_k(k), **_common(w.device),
+        codes, scales, w, residual if residual is not None else out, out,
+        n, d, k, codec.group(k), *w_strides, residual.stride(0) if residual is not None else 0, out.stride(0),
+        BITS=codec.bits, HAS_RES=residual is not None, OUT_KIND=_KINDS[out_dtype], BLOCK_K=_block_k(k),
+        **_common(w.device),
     )
     return out
+
+
+def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps):
+    """Encode backward's (Z, alpha): Z = r * g_z (n, k) and, through RMSNorm,
+    alpha (n,) fp32 (None without it); see :mod:`.grad_operand`."""
+    n, d = x.shape
+    k = w_e.shape[0]
+    z = _weight_operand(n, k, x.dtype, x.device)
+    alpha = fast.empty((n,), torch.float32, x.device) if gamma is not None else None
+    if n == 0:
+        return z, alpha
+    codes, scales = _payload_args(grad_payload, codec, n, k)
+    grad_operand_kernel[_rows_grid(n)](
+        codes, scales, x, w_e, gamma if gamma is not None else x, z, alpha if alpha is not None else z,
+        n, d, k, codec.group(k), x.stride(0), w_e.stride(0), w_e.stride(1), eps,
+        BITS=codec.bits, HAS_NORM=gamma is not None, BLOCK_K=_block_k(k), **_common(x.device),
+    )
+    return z, alpha
 
 
 # ---- the four passes (reference signatures) --------------------------------------------
@@ -220,8 +251,7 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
     k = w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     _group_reshape(grad_codec, k)
-    z = _weight_operand(n, k, x.dtype, x.device)
-    grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
-                              x=x, gamma=norm_weight, eps=eps, z=z)
-    m = _weight_grad(x, z, transpose=False)
+    z, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps)
+    grad_x = fast.empty((n, d), x.dtype, x.device)
+    m = _weight_grad(x, z, transpose=False, encoder=(grad_x, w_e, norm_weight, alpha, grad_payload, grad_codec))
     return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))

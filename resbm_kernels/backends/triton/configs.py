@@ -37,32 +37,36 @@ def gpu_configs(table):
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bn, bd, w, s in table]
 
 
-def tile_regs(config, block_k, wgrad=False):
-    """Registers per thread of a config's fp32 accumulator: (BLOCK_N, k) in
-    the rows kernels, (k, BLOCK_D) in the weight gradient."""
-    rows = config.kwargs["BLOCK_D" if wgrad else "BLOCK_N"]
-    return rows * block_k // (32 * config.num_warps)
+def tile_regs(config, block_k, wgrad=False, grad_x=False):
+    """Registers per thread of a config's fp32 accumulators: (BLOCK_N, k) in
+    the rows kernels, (k, BLOCK_D) in the weight gradient, plus the
+    (BLOCK_N, BLOCK_D) grad_x tile when it also writes grad_x."""
+    bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
+    elems = (bd * block_k + (bn * bd if grad_x else 0)) if wgrad else bn * block_k
+    return elems // (32 * config.num_warps)
 
 
-def smem_bytes(config, block_k, elem_bytes, wgrad=False):
+def smem_bytes(config, block_k, elem_bytes, wgrad=False, grad_x=False):
     """Upper estimate of a config's shared memory: ``num_stages`` copies of the
     (BLOCK_N + BLOCK_K) x BLOCK_D tiles (rows kernels: input and weight) or
     BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and Z),
     plus a quarter for layout scratch, plus for the rows kernels one
     (BLOCK_N, k) fp32 tile staged through shared memory (a register operand of
-    wgmma, the epilogue's layout change). tests/test_triton_static.py checks
-    it bounds the compiled kernels."""
+    wgmma, the epilogue's layout change), for the weight gradient writing
+    grad_x its weight tile and one fp32 (BLOCK_N, BLOCK_D) tile.
+    tests/test_triton_static.py checks it bounds the compiled kernels."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
     if wgrad:
-        return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4
+        extra = block_k * bd * elem_bytes + bn * bd * 4 if grad_x else 0
+        return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4 + extra
     return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + bn * block_k * 4
 
 
-def launchable(configs, block_k, elem_bytes, smem_limit, wgrad=False):
+def launchable(configs, block_k, elem_bytes, smem_limit, wgrad=False, grad_x=False):
     """The configs that fit (registers and shared memory), else the last one."""
     fit = [c for c in configs
-           if tile_regs(c, block_k, wgrad) <= MAX_TILE_REGS[wgrad]
-           and smem_bytes(c, block_k, elem_bytes, wgrad) <= smem_limit]
+           if tile_regs(c, block_k, wgrad, grad_x) <= MAX_TILE_REGS[wgrad]
+           and smem_bytes(c, block_k, elem_bytes, wgrad, grad_x) <= smem_limit]
     return fit or configs[-1:]
 
 
@@ -89,7 +93,8 @@ def _pruner(wgrad, dequant, operand):
         t = named_args[operand]
         limit = smem_limit(t.device) if t.is_cuda else SMEM_FALLBACK
         elem = operand_bytes(t.dtype, dequant)
-        kept = launchable(configs, block_k, elem, limit, wgrad)
+        grad_x = bool(kwargs.get("GRAD_X", named_args.get("GRAD_X", False)))
+        kept = launchable(configs, block_k, elem, limit, wgrad, grad_x)
         return kept if AUTOTUNE else kept[:1]
     return prune
 
@@ -103,7 +108,7 @@ ROW_CONFIGS = _configs(GPU_ROWS, interp=(64, 128))
 WGRAD_CONFIGS = _configs(GPU_WGRAD, interp=(64, 128))
 
 # the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are ignored)
-_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "WRITE_Z"]
+_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X"]
 
 
 def _autotune(configs, wgrad, dequant, operand):

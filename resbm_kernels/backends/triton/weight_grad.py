@@ -1,32 +1,45 @@
 """Weight gradients: M = Z^T @ A summed over rows, where Z (N x k, small) is
-the dequantized payload already scaled per row (written by the main kernel of
-the same backward pass, see :mod:`.project_quantize` and :mod:`.dequant_project`).
+the dequantized payload already scaled per row (written by decode backward's
+main kernel, see :mod:`.project_quantize`, or by :mod:`.grad_operand` for
+encode backward).
 
-This is a separate pass over A (grad_h for decode backward, x for encode
-backward): a d x k reduction over N cannot share the row-blocked main kernels
-without per-program d x k partials or atomics. Both operands stream through
-shared memory straight into the tensor cores, so the loop does no per-element
-work. Grid: (d tiles, row splits); each program walks its rows and writes one
-fp32 partial; the host sums the few splits (deterministic, no atomics, safe
-to autotune).
+A d x k reduction over N cannot share a row-blocked kernel without per-program
+d x k partials or atomics, so this pass is d-tile major. Both operands stream
+through shared memory straight into the tensor cores, so the loop does no
+per-element work. Grid: (d tiles, row splits); each program walks its rows
+and writes one fp32 partial; the host sums the few splits (deterministic, no
+atomics, safe to autotune).
+
+Decode backward runs it as a second pass over grad_h (its row-blocked main
+kernel needs whole rows of g_z before it can quantize). Encode backward
+(GRAD_X) writes grad_x from the same tiles, since each grad_x tile needs only
+its x tile, Z, W_e's tile and the per-row alpha (see :mod:`.grad_operand`):
+x is read once and grad_x written once in this pass.
 """
 
 import triton
 import triton.language as tl
 
+from .codec import load_payload, round_to_kind
 from .configs import autotune_wgrad
-from .tiles import dequant_mma, load_rows
+from .tiles import dequant_mma, load_rows, load_w
 
 
 @autotune_wgrad
 @triton.jit
 def weight_grad_kernel(
-    a_ptr, z_ptr, out_ptr,
-    n, d, k, stride_a, rows_per_split, stride_os, stride_ok, stride_od,
+    a_ptr, z_ptr, out_ptr, w_ptr, gamma_ptr, alpha_ptr, codes_ptr, scales_ptr, gx_ptr,
+    n, d, k, group, stride_a, rows_per_split, stride_os, stride_ok, stride_od, stride_wk, stride_wd, stride_gx,
+    GRAD_X: tl.constexpr, HAS_NORM: tl.constexpr, BITS: tl.constexpr, OUT_KIND: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[split, c, j] = sum_{rows of split} Z[r, c] * A[r, j]."""
+    """out[split, c, j] = sum_{rows of split} Z[r, c] * A[r, j].
+
+    With GRAD_X (encode backward, A = x, W = w_e): also the grad_x tile
+    gamma * (Z @ W) - alpha * x + pad_d(g_z) (without HAS_NORM: Z @ W + pad_d(g_z)),
+    g_z re-read from the gradient payload (codes, scales, BITS) for the d tiles
+    below k."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -34,10 +47,24 @@ def weight_grad_kernel(
     start = pid_s * rows_per_split
     end = tl.minimum(start + rows_per_split, n)
     acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
+    if GRAD_X:
+        w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd)
+        if HAS_NORM:
+            g = tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         a = load_rows(a_ptr, stride_a, rows, dcols, end, d)
         z = load_rows(z_ptr, k, rows, kcols, end, k)
         acc = dequant_mma(tl.trans(z), a, acc, UPCAST, PRECISION)
+        if GRAD_X:
+            h = dequant_mma(z, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
+            if HAS_NORM:
+                alpha = tl.load(alpha_ptr + rows, mask=rows < end, other=0.0)
+                h = h * g[None, :] - a.to(tl.float32) * alpha[:, None]
+            if pid_d * BLOCK_D < k:  # identity path
+                h += load_payload(codes_ptr, scales_ptr, rows[:, None], dcols[None, :], end, k, group, BITS)
+            mask = (rows < end)[:, None] & (dcols < d)[None, :]
+            out = round_to_kind(h, OUT_KIND).to(gx_ptr.dtype.element_ty)
+            tl.store(gx_ptr + rows[:, None].to(tl.int64) * stride_gx + dcols[None, :], out, mask=mask)
     mask = (kcols < k)[:, None] & (dcols < d)[None, :]
     tl.store(out_ptr + pid_s * stride_os + kcols[:, None] * stride_ok + dcols[None, :] * stride_od, acc, mask=mask)
