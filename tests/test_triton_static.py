@@ -82,7 +82,7 @@ def wgrad(what, k, *, encoder, grad_x=False, norm=False, act="bf16"):
                 ptrs=dict(a_ptr="A", z_ptr="Z", out_ptr="F", w_ptr="A", gamma_ptr="A", alpha_ptr="F",
                           codes_ptr="U", scales_ptr="S", gx_ptr="A"),
                 ones=[unit, "stride_wd"], div16=["d", "k", "stride_a", "stride_os", strided, "stride_wk", "stride_gx"],
-                constexprs=dict(GRAD_X=grad_x, HAS_NORM=norm, BITS=8, OUT_KIND={"bf16": 2, "fp16": 1}[act]))
+                constexprs=dict(GRAD_X=grad_x, HAS_NORM=norm, BITS=8, OUT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[act]))
 
 
 CASES = [
@@ -105,6 +105,8 @@ CASES = [
     wgrad("grad W_d bf16 k=32", 32, encoder=False),
     # fp32 activations (3xTF32)
     project("encode fwd fp32 int8/row norm k=64", 64, 8, encoder=True, norm=True, act="fp32"),
+    operand("encode bwd Z, alpha fp32 int8/row k=64", 64, act="fp32"),
+    wgrad("encode bwd fp32 int8/row norm k=64", 64, encoder=True, grad_x=True, norm=True, act="fp32"),
     # fp16: the GEMMs with dequantized operands run on TF32
     operand("encode bwd Z, alpha fp16 int8/row k=128", 128, act="fp16"),
     wgrad("encode bwd fp16 int8/row norm k=128", 128, encoder=True, grad_x=True, norm=True, act="fp16"),
@@ -227,9 +229,23 @@ def test_shared_memory_fits(report):
         assert r["smem"] <= r["smem_estimate"], f"configs.smem_bytes underestimates: {r}"
 
 
+# fp32 activations run both GEMMs of encode backward's main pass as 3xTF32, which splits the
+# operands in registers: it spills in every config on sm_80 (and in some on sm_90). Correct
+# (tested against the reference), slower; bf16 and fp16 are the fast paths.
+SPILLS_ALLOWED = {"encode bwd fp32 int8/row norm k=64"}
+
+
 def test_no_spills(report):
     for r in report:
+        if r["what"] in SPILLS_ALLOWED:
+            continue
         assert r["stack"] == 0 and r["spill_ops"] == 0, f"spills in {r}"
+
+
+def test_allowed_spills_still_needed(report):
+    """The exception above is no wider than the compiler makes it: drop it once it compiles clean."""
+    for what in SPILLS_ALLOWED:
+        assert any(r["spill_ops"] for r in report if r["what"] == what), f"{what} no longer spills"
 
 
 def test_main_loop_found(report):

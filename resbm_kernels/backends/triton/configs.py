@@ -2,10 +2,11 @@
 config under TRITON_INTERPRET=1 (the interpreter's cost grows with the number
 of block operations, and multi-config autotuning fails there).
 
-On the GPU a config is launchable for a k when its fp32 accumulator needs at
+On the GPU a config is launchable for a k when its fp32 accumulators need at
 most 32 registers per thread in the rows kernels (which hold more tiles in
-registers; more spills on sm_80 and sm_90) or 64 in the weight gradient
-(whose operands both stay in shared memory), and its tiles fit the device's
+registers; more spills on sm_80 and sm_90) or 96 in the weight gradient
+(whose operands both stay in shared memory; its (k, BLOCK_D) tile, plus in
+encode backward the (BLOCK_N, BLOCK_D) grad_x tile), and its tiles fit the device's
 shared memory (an upper estimate, see :func:`smem_bytes`). The last config of each
 list is small enough for every k up to 256 and is the fallback. Checked
 ahead of time by tests/test_triton_static.py (same rule, real cubins): no
@@ -22,7 +23,7 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0"
-MAX_TILE_REGS = {False: 32, True: 64}  # by wgrad
+MAX_TILE_REGS = {False: 32, True: 96}  # by wgrad
 SMEM_FALLBACK = 99 * 1024  # when the device does not say: the smallest opt-in limit since sm_80
 
 
