@@ -238,10 +238,12 @@ def sass_functions(sass: str) -> dict[str, str]:
     return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
 
-def main_loops(sass: str) -> list[int]:
+def main_loops(sass: str, *, steady: bool = False) -> list[int]:
     """Static instruction counts of the loops of one kernel's SASS (nvdisasm
     output: a backward branch to an earlier label) that hold tensor-core
-    instructions, innermost first."""
+    instructions, innermost first. ``steady``: without the code a forward
+    branch inside the loop can jump over (a path some iterations or programs
+    skip, such as the identity path only the first d tiles take)."""
     import re
 
     labels, body = {}, []
@@ -253,13 +255,21 @@ def main_loops(sass: str) -> list[int]:
         ins = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
         if ins:
             body.append(ins.group(1))
+    targets = [labels.get(m.group(1)) if m else None
+               for m in (re.search(r"\bBRA\b.*?(\.L_x_\d+)", ins) for ins in body)]
     loops = []
-    for i, ins in enumerate(body):
-        branch = re.search(r"\bBRA\b.*?(\.L_x_\d+)", ins)
-        if branch and labels.get(branch.group(1), i + 1) <= i:
-            loop = body[labels[branch.group(1)]:i + 1]
-            if any(re.search(r"\bH(?:G)?MMA\.", x) for x in loop):
-                loops.append(len(loop))
+    for end, target in enumerate(targets):
+        if target is None or target > end:
+            continue
+        start = target
+        if not any(re.search(r"\bH(?:G)?MMA\.", x) for x in body[start:end + 1]):
+            continue
+        skipped = set()
+        if steady:
+            for i in range(start, end):
+                if targets[i] is not None and i < targets[i] <= end:
+                    skipped.update(range(i + 1, targets[i]))
+        loops.append(end + 1 - start - len(skipped))
     return loops
 
 
