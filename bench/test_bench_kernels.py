@@ -7,7 +7,10 @@ when ``resbm_kernels.backends._load(name)`` imports it and
 ``supports(device)`` is true; otherwise the item is skipped with the reason.
 The Triton interpreter is never benchmarked.
 
-Shapes, bf16 activations and weights, RMSNorm on, no residual:
+Shapes, bf16 activations and weights, RMSNorm on, no residual; as in
+training, encode forward returns the row statistics (``return_row_stats``)
+and encode backward is given them (the torch.compile baseline neither
+returns nor uses them):
 
 - GPU (``--resbm-grid full``): N in {4096, 16384, 65536}, d in {2048, 4096,
   8192}, k in {d/128, d/64, d/32}, bits in {16, 8, 4}; torch.compile at N=16384
@@ -173,6 +176,8 @@ def _inputs(case: KernelCase, dev, sets: int, gen: torch.Generator):
             s["grad_h"] = randn(n, d, scale=1e-2)
         if case.pass_ == "encode_backward":
             s["grad_payload"] = R.write_payload(torch.randn(n, k, generator=gen, device=dev) * 1e-2, grad_codec, 0)
+            s["row_stats"] = torch.empty(n, k + 1, device=dev)
+            R.encode_forward(s["x"], w["w_e"], w["gamma"], EPS, codec, 0, row_stats=s["row_stats"])
         per_set.append(s)
     return w, per_set
 
@@ -184,7 +189,12 @@ def _set_bytes(case: KernelCase) -> int:
     big = n * d * 2
     return {"encode_forward": big, "decode_forward": codec.payload_bytes(n, k),
             "decode_backward": big + codec.payload_bytes(n, k),
-            "encode_backward": big + grad_codec.payload_bytes(n, k)}[case.pass_]
+            "encode_backward": big + grad_codec.payload_bytes(n, k) + _stats_bytes(case)}[case.pass_]
+
+
+def _stats_bytes(case: KernelCase) -> int:
+    """The RMSNorm row statistics: (N, k+1) float32."""
+    return case.N * (case.k + 1) * 4
 
 
 def roofline(case: KernelCase) -> tuple[int, int]:
@@ -193,28 +203,30 @@ def roofline(case: KernelCase) -> tuple[int, int]:
     n, d, k = case.N, case.d, case.k
     codec, grad_codec = _codecs(case.bits)
     big, wts, vec = n * d * 2, d * k * 2, d * 2
-    p, gp = codec.payload_bytes(n, k), grad_codec.payload_bytes(n, k)
+    p, gp, st = codec.payload_bytes(n, k), grad_codec.payload_bytes(n, k), _stats_bytes(case)
     proj = 2 * n * d * k
     return {
-        "encode_forward": (big + wts + vec + p, proj),                       # x, W_e, gamma -> payload
+        "encode_forward": (big + wts + vec + p + st, proj),                  # x, W_e, gamma -> payload, row stats
         "decode_forward": (p + wts + big, proj),                             # payload, W_d -> h
         "decode_backward": (big + p + wts + gp + wts, 2 * proj),              # grad_h, payload, W_d -> g-payload, dW_d
-        "encode_backward": (gp + big + wts + vec + big + wts + vec, 2 * proj),  # g-payload, x, W_e, gamma -> dx, dW_e, dgamma
+        # g-payload, x, W_e, gamma, row stats -> dx, dW_e, dgamma
+        "encode_backward": (gp + big + wts + vec + st + big + wts + vec, 2 * proj),
     }[case.pass_]
 
 
 def design_bytes(case: KernelCase) -> int | None:
     """Bytes the Triton and CUDA kernels move by design (None for the other
     backends): the roofline, plus decode backward's second read of grad_h
-    (its weight-gradient pass), plus for encode backward through RMSNorm (as
-    benchmarked here) a read of x for the row statistics before grad_x can be
-    written and, in the CUDA backend, one more for the weight gradient (Triton
-    forms it from the x tiles that give grad_x). Triton's (N, k) GEMM operand
-    Z (bf16) is also written and read once by both backward passes."""
+    (its weight-gradient pass), plus for the CUDA encode backward through
+    RMSNorm two more reads of x (its pre-pass recomputes the row statistics,
+    its weight gradient is a separate pass; the Triton one is given the
+    statistics and forms the weight gradient from the x tiles that give
+    grad_x). Triton's (N, k) GEMM operand Z (bf16) is also written and read
+    once by both backward passes."""
     if case.backend not in ("triton", "cuda"):
         return None
     big = case.N * case.d * 2
-    extra = {"decode_backward": big, "encode_backward": big if case.backend == "triton" else 2 * big}.get(case.pass_, 0)
+    extra = {"decode_backward": big, "encode_backward": 0 if case.backend == "triton" else 2 * big}.get(case.pass_, 0)
     if case.backend == "triton" and case.pass_ in ("decode_backward", "encode_backward"):
         extra += 2 * case.N * case.k * 2
     return roofline(case)[0] + extra
@@ -232,20 +244,23 @@ def _call(case: KernelCase, compiled, w, s):
             return compiled.decode_backward(s["grad_h"], s["payload"], w["w_d"], codec, grad_codec, 1)
         return compiled.encode_backward(s["grad_payload"], s["x"], w["w_e"], w["gamma"], EPS, grad_codec)
     if case.pass_ == "encode_forward":
-        return ops.encode(s["x"], w["w_e"], codec, norm_weight=w["gamma"], eps=EPS, seed=0)
+        return ops.encode(s["x"], w["w_e"], codec, norm_weight=w["gamma"], eps=EPS, seed=0, return_row_stats=True)
     if case.pass_ == "decode_forward":
         return ops.decode(s["payload"], w["w_d"], codec, n, out_dtype=DTYPE)
     if case.pass_ == "decode_backward":
         return ops.decode_backward(s["grad_h"], s["payload"], w["w_d"], codec, grad_codec, grad_seed=1)
-    return ops.encode_backward(s["grad_payload"], s["x"], w["w_e"], grad_codec, norm_weight=w["gamma"], eps=EPS)
+    return ops.encode_backward(s["grad_payload"], s["x"], w["w_e"], grad_codec, norm_weight=w["gamma"], eps=EPS,
+                               row_stats=s["row_stats"])
 
 
 def _comparable(case: KernelCase, out):
-    """Float tensors that stand for a pass's result (payloads decoded)."""
+    """Float tensors that stand for a pass's result (payloads decoded; encode
+    forward's row statistics where it returned them: not the compiled baseline)."""
     codec, grad_codec = _codecs(case.bits)
     n, k = case.N, case.k
     if case.pass_ == "encode_forward":
-        return [R.read_payload(out, codec, n, k, torch.float32)]
+        payload, *stats = out if isinstance(out, tuple) else (out,)
+        return [R.read_payload(payload, codec, n, k, torch.float32), *stats]
     if case.pass_ == "decode_forward":
         return [out]
     if case.pass_ == "decode_backward":

@@ -60,6 +60,15 @@ def encoder_inputs(x, w_e, norm_weight, codec: Codec) -> None:
         shape("norm_weight", norm_weight, (d,))
 
 
+def row_stats(t, x, w_e, norm_weight) -> None:
+    """encode_backward's ``row_stats``: what encode forward returned for the
+    same x through RMSNorm, (N, k+1) float32."""
+    if norm_weight is None:
+        raise ValueError("row_stats: are RMSNorm statistics; without norm_weight there are none to pass")
+    tensor("row_stats", t, ndim=2, dtypes=(torch.float32,), device=x.device)
+    shape("row_stats", t, (x.shape[0], w_e.shape[0] + 1))
+
+
 def decoder_weight(w_d, codec: Codec) -> None:
     tensor("w_d", w_d, ndim=2)
     d, k = w_d.shape

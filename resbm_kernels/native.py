@@ -18,7 +18,7 @@ import torch
 
 from .codec import SCALE_DTYPES, Codec, rng_key
 
-ABI_VERSION = 2  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
+ABI_VERSION = 3  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
 _NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so"}
 _PKG_DIR = pathlib.Path(__file__).resolve().parent
 _DTYPE_CODES = SCALE_DTYPES  # z, scales and out share the wire-format codes
@@ -60,8 +60,8 @@ _CUDA_PASSES = {
     # pass, dtype, d, k, norm, bytes (int64*)
     "resbm_cuda_workspace_bytes": "iillip",
     # x, dtype, n, d, k, w_e, norm_weight, eps, bits, group, scale_dtype, stochastic, key, codes, scales,
-    # workspace, stream
-    "resbm_cuda_encode_forward": "pilllppfiiiiupppp",
+    # row_stats, workspace, stream
+    "resbm_cuda_encode_forward": "pilllppfiiiiuppppp",
     # codes, scales, n, d, k, bits, group, scale_dtype, w_d, w_dtype, residual, out, out_dtype, workspace, stream
     "resbm_cuda_decode_forward": "ppllliiipippipp",
     # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, workspace, stream

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .backends import Case, reference, select
+from .backends import Case, fast, reference, select
 from .codec import Codec
 
 # ---- standalone codec ops (reference implementation on every device) -------------
@@ -87,21 +87,36 @@ def _decode_backward_case(grad_h, w_d, codec, grad_codec) -> Case:
     return Case("decode_backward", *w_d.shape, (grad_h.dtype, w_d.dtype), (codec, grad_codec))
 
 
+def _row_stats_buffer(x, w_e, norm_weight, wanted: bool, fake: bool = False) -> Optional[Tensor]:
+    """The (N, k+1) fp32 buffer encode forward fills with the RMSNorm row
+    statistics when ``wanted`` (for encode backward: one pass less over x)."""
+    if not wanted:
+        return None
+    if norm_weight is None:
+        raise ValueError("row_stats: only the encoder with RMSNorm (norm_weight) has row statistics")
+    shape = (x.shape[0], w_e.shape[0] + 1)
+    return x.new_empty(shape, dtype=torch.float32) if fake else fast.empty(shape, torch.float32, x.device)
+
+
 @torch.library.custom_op("resbm::encode_forward", mutates_args=())
 def _encode_forward(
-    x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int
-) -> Tensor:
+    x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int,
+    row_stats: bool = False,
+) -> tuple[Tensor, Tensor]:
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c)
-    return select(x.device, _encode_case("encode_forward", x, w_e, norm_weight, c)).encode_forward(
-        x, w_e, norm_weight, eps, c, seed)
+    stats = _row_stats_buffer(x, w_e, norm_weight, row_stats)
+    payload = select(x.device, _encode_case("encode_forward", x, w_e, norm_weight, c)).encode_forward(
+        x, w_e, norm_weight, eps, c, seed, row_stats=stats)
+    return payload, _or_empty(stats, x)
 
 
 @_encode_forward.register_fake
-def _(x, w_e, norm_weight, eps, codec, seed):
+def _(x, w_e, norm_weight, eps, codec, seed, row_stats=False):
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c)
-    return x.new_empty((c.payload_bytes(x.shape[0], w_e.shape[0]),), dtype=torch.uint8)
+    stats = _row_stats_buffer(x, w_e, norm_weight, row_stats, fake=True)
+    return x.new_empty((c.payload_bytes(x.shape[0], w_e.shape[0]),), dtype=torch.uint8), _or_empty(stats, x)
 
 
 @torch.library.custom_op("resbm::decode_forward", mutates_args=())
@@ -141,19 +156,21 @@ def _(grad_h, payload, w_d, codec, grad_codec, grad_seed):
 
 @torch.library.custom_op("resbm::encode_backward", mutates_args=())
 def _encode_backward(
-    grad_payload: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, grad_codec: str
+    grad_payload: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, grad_codec: str,
+    row_stats: Optional[Tensor] = None,  # a default: traced graphs drop a trailing None argument
 ) -> tuple[Tensor, Tensor, Tensor]:
     gc = Codec.parse(grad_codec)
-    _check_encode_backward(grad_payload, x, w_e, norm_weight, gc)
+    _check_encode_backward(grad_payload, x, w_e, norm_weight, gc, row_stats)
     case = _encode_case("encode_backward", x, w_e, norm_weight, gc)
-    grad_x, grad_w, grad_gamma = select(x.device, case).encode_backward(grad_payload, x, w_e, norm_weight, eps, gc)
+    grad_x, grad_w, grad_gamma = select(x.device, case).encode_backward(
+        grad_payload, x, w_e, norm_weight, eps, gc, row_stats=row_stats)
     return grad_x, grad_w, _or_empty(grad_gamma, x)
 
 
 @_encode_backward.register_fake
-def _(grad_payload, x, w_e, norm_weight, eps, grad_codec):
+def _(grad_payload, x, w_e, norm_weight, eps, grad_codec, row_stats=None):
     gc = Codec.parse(grad_codec)
-    _check_encode_backward(grad_payload, x, w_e, norm_weight, gc)
+    _check_encode_backward(grad_payload, x, w_e, norm_weight, gc, row_stats)
     gamma = torch.empty_like(norm_weight) if norm_weight is not None else x.new_empty((0,))
     return torch.empty_like(x), torch.empty_like(w_e), gamma
 
@@ -164,20 +181,24 @@ def _(grad_payload, x, w_e, norm_weight, eps, grad_codec):
 
 @torch.library.custom_op("resbm::encode_forward_out", mutates_args=("out",))
 def _encode_forward_out(
-    out: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int
-) -> None:
+    out: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int,
+    row_stats: bool = False,
+) -> Tensor:
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c)
     checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
+    stats = _row_stats_buffer(x, w_e, norm_weight, row_stats)
     case = _encode_case("encode_forward", x, w_e, norm_weight, c)
-    select(x.device, case).encode_forward(x, w_e, norm_weight, eps, c, seed, out=out)
+    select(x.device, case).encode_forward(x, w_e, norm_weight, eps, c, seed, out=out, row_stats=stats)
+    return _or_empty(stats, x)
 
 
 @_encode_forward_out.register_fake
-def _(out, x, w_e, norm_weight, eps, codec, seed):
+def _(out, x, w_e, norm_weight, eps, codec, seed, row_stats=False):
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c)
     checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
+    return _or_empty(_row_stats_buffer(x, w_e, norm_weight, row_stats, fake=True), x)
 
 
 @torch.library.custom_op("resbm::decode_backward_out", mutates_args=("out",))
@@ -214,29 +235,31 @@ def _boundary(
     grad_codec: str,
     seed: int,
     grad_seed: int,
-) -> tuple[Tensor, Tensor]:
-    payload = _encode_forward(x, w_e, norm_weight, eps, codec, seed)
-    return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(h, payload, RMSNorm row statistics or an empty tensor); the last is for the backward."""
+    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, norm_weight is not None)
+    return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
 
 
 @_boundary.register_fake
 def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed):
-    payload = _encode_forward(x, w_e, norm_weight, eps, codec, seed)
-    return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload
+    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, norm_weight is not None)
+    return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
 
 
 def _boundary_setup(ctx, inputs, output):
     x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed = inputs
-    ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1])
+    ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1], output[2] if norm_weight is not None else None)
     ctx.eps, ctx.codec, ctx.grad_codec, ctx.grad_seed = eps, codec, grad_codec, grad_seed
     ctx.has_residual = residual is not None
 
 
-def _boundary_backward(ctx, grad_h, _grad_payload):
-    x, w_e, norm_weight, w_d, payload = ctx.saved_tensors
+def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
+    x, w_e, norm_weight, w_d, payload, stats = ctx.saved_tensors
     grad_h = grad_h.contiguous()  # a gradient of .sum() is stride-0
     grad_payload, grad_w_d = _decode_backward(grad_h, payload, w_d, ctx.codec, ctx.grad_codec, ctx.grad_seed)
-    grad_x, grad_w_e, grad_gamma = _encode_backward(grad_payload, x, w_e, norm_weight, ctx.eps, ctx.grad_codec)
+    grad_x, grad_w_e, grad_gamma = _encode_backward(grad_payload, x, w_e, norm_weight, ctx.eps, ctx.grad_codec,
+                                                    stats)
     return (
         grad_x,
         grad_w_e,
@@ -388,9 +411,11 @@ def _check_decode_backward(grad_h, payload, w_d, c: Codec, gc: Codec):
     checks.payload(payload, c, grad_h.shape[0], w_d.shape[1], w_d.device)
 
 
-def _check_encode_backward(grad_payload, x, w_e, norm_weight, gc: Codec):
+def _check_encode_backward(grad_payload, x, w_e, norm_weight, gc: Codec, row_stats):
     checks.encoder_inputs(x, w_e, norm_weight, gc)
     checks.payload(grad_payload, gc, x.shape[0], w_e.shape[0], x.device)
+    if row_stats is not None:
+        checks.row_stats(row_stats, x, w_e, norm_weight)
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -421,15 +446,21 @@ def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
 
 
 def encode(x: Tensor, w_e: Tensor, codec: Codec, *, norm_weight: Optional[Tensor] = None,
-           eps: float = 1e-6, seed: int = 0, out: Optional[Tensor] = None) -> Tensor:
+           eps: float = 1e-6, seed: int = 0, out: Optional[Tensor] = None, return_row_stats: bool = False):
     """Encode forward: x (N, d) -> payload of z = RMSNorm(x) W_e^T + x[:, :k].
 
     ``out``: a uint8 buffer of ``codec.payload_bytes(N, k)`` bytes to write
-    into (and return) instead of allocating a new payload."""
+    into (and return) instead of allocating a new payload.
+    ``return_row_stats`` (RMSNorm only): return ``(payload, row_stats)``, the
+    (N, k+1) float32 row statistics [RMSNorm(x) W_e^T | 1/rms(x)] the pass
+    computes anyway; handing them to :func:`encode_backward` for the same x
+    saves its pass over x for them (they cost N(k+1) fp32 of memory until then)."""
+    spec = Codec.parse(codec).spec
     if out is None:
-        return _encode_forward(x, w_e, norm_weight, eps, Codec.parse(codec).spec, seed)
-    _encode_forward_out(out, x, w_e, norm_weight, eps, Codec.parse(codec).spec, seed)
-    return out
+        payload, stats = _encode_forward(x, w_e, norm_weight, eps, spec, seed, return_row_stats)
+    else:
+        payload, stats = out, _encode_forward_out(out, x, w_e, norm_weight, eps, spec, seed, return_row_stats)
+    return (payload, stats) if return_row_stats else payload
 
 
 def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Optional[Tensor] = None,
@@ -450,9 +481,14 @@ def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec, 
 
 
 def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Codec, *,
-                    norm_weight: Optional[Tensor] = None, eps: float = 1e-6):
-    """Gradient payload -> (grad_x, grad_w_e, grad_norm_weight or None)."""
-    gx, gw, gg = _encode_backward(grad_payload, x, w_e, norm_weight, eps, Codec.parse(grad_codec).spec)
+                    norm_weight: Optional[Tensor] = None, eps: float = 1e-6, row_stats: Optional[Tensor] = None):
+    """Gradient payload -> (grad_x, grad_w_e, grad_norm_weight or None).
+
+    ``row_stats``: what :func:`encode` returned with ``return_row_stats=True``
+    for this x, w_e, norm_weight and eps (not checkable here: stale statistics
+    give wrong gradients). The Triton kernels then read x once instead of
+    twice; the reference and the CUDA kernels recompute them."""
+    gx, gw, gg = _encode_backward(grad_payload, x, w_e, norm_weight, eps, Codec.parse(grad_codec).spec, row_stats)
     return gx, gw, gg if norm_weight is not None else None
 
 
@@ -464,8 +500,9 @@ def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec, grad_codec: Code
     The backward sends dL/dzhat through ``grad_codec`` (straight-through
     estimator), exactly as the pipeline does across processes.
     """
-    return _boundary(x, w_e, norm_weight, w_d, residual, eps, Codec.parse(codec).spec,
-                     Codec.parse(grad_codec).spec, seed, grad_seed)
+    h, payload, _ = _boundary(x, w_e, norm_weight, w_d, residual, eps, Codec.parse(codec).spec,
+                              Codec.parse(grad_codec).spec, seed, grad_seed)
+    return h, payload
 
 
 def wire_roundtrip(z: Tensor, codec: Codec, grad_codec: Codec, *, seed: int = 0, grad_seed: int = 1) -> Tensor:

@@ -293,6 +293,32 @@ def check_decode_backward_mixed_dtypes(backend: str, device: str, grad_dtype, w_
     assert gw.dtype == w_dtype and rel_err(gw, gw_ref) <= rel_tol(torch.bfloat16)
 
 
+def check_encode_row_stats(backend: str, device: str, shape, dtype) -> None:
+    """A fast backend's encode forward with ``return_row_stats``: the payload is
+    the one it writes without them, and the statistics are the reference's
+    [RMSNorm(x) W_e^T | 1/rms(x)] (the projection within a rounding of the
+    gamma-folded weights to the input dtype, 1/rms within fp32 summation order)."""
+    from resbm_kernels import ops
+    from resbm_kernels.backends import use_backend
+
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(n + k)
+    x = normal(n, d, dtype=dtype, gen=gen)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0)
+    codec = Codec(bits=8)
+    with use_backend(backend):
+        args = (x.to(device), w_e.to(device), codec)
+        payload, stats = ops.encode(*args, norm_weight=gamma.to(device), seed=3, return_row_stats=True)
+        plain = ops.encode(*args, norm_weight=gamma.to(device), seed=3)
+    assert torch.equal(payload.cpu(), plain.cpu())
+    with use_backend("reference"):
+        want = ops.encode(x, w_e, codec, norm_weight=gamma, seed=3, return_row_stats=True)[1]
+    assert stats.dtype == torch.float32 and stats.shape == (n, k + 1)
+    assert rel_err(stats[:, :k], want[:, :k]) <= rel_tol(dtype), "projection"
+    assert rel_err(stats[:, k], want[:, k]) <= rel_tol(torch.float32), "1/rms"
+
+
 def check_passes_do_not_synchronise(backend: str) -> None:
     """The four passes of a fast backend on CUDA tensors, called again after a
     warm-up (compilation, autotuning, cached headers), never wait for the GPU:

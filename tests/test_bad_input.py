@@ -36,6 +36,31 @@ def test_encode_rejects_bad_activations(tensors, make_x, message):
         ops.encode(make_x(x), w_e, INT8)
 
 
+def test_row_stats_need_the_norm(tensors):
+    x, w_e, _ = tensors
+    with pytest.raises(ValueError, match="only the encoder with RMSNorm"):
+        ops.encode(x, w_e, INT8, return_row_stats=True)
+    grad_payload = reference.write_payload(randn(N, K, seed=4), GRAD_INT8, 0)
+    with pytest.raises(ValueError, match="without norm_weight there are none"):
+        ops.encode_backward(grad_payload, x, w_e, GRAD_INT8, row_stats=torch.zeros(N, K + 1))
+
+
+@pytest.mark.parametrize("make_stats, message", [
+    (lambda s: s[:, :K], rf"row_stats: expected shape \({N}, {K + 1}\)"),
+    (lambda s: s[:-1], rf"row_stats: expected shape \({N}, {K + 1}\)"),
+    (lambda s: s.double(), "row_stats: dtype torch.float64 is not supported"),
+    (lambda s: s.t().contiguous().t(), "row_stats: needs contiguous rows"),
+    (lambda s: s[0], "row_stats: expected a 2-D tensor"),
+])
+def test_encode_backward_rejects_bad_row_stats(tensors, make_stats, message):
+    x, w_e, _ = tensors
+    gamma = torch.ones(D)
+    _, stats = ops.encode(x, w_e, INT8, norm_weight=gamma, return_row_stats=True)
+    grad_payload = reference.write_payload(randn(N, K, seed=4), GRAD_INT8, 0)
+    with pytest.raises((TypeError, ValueError), match=message):
+        ops.encode_backward(grad_payload, x, w_e, GRAD_INT8, norm_weight=gamma, row_stats=make_stats(stats))
+
+
 def test_encode_rejects_other_device(tensors):
     x, w_e, _ = tensors
     with pytest.raises(ValueError, match="w_e: is on meta but the other inputs are on cpu"):

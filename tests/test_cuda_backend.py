@@ -31,7 +31,7 @@ from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
 from helpers import CUDA_ARCHS, main_loops, ptxas_report, sass_functions, sass_tool
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
-from helpers import check_decode_backward_mixed_dtypes, check_passes_do_not_synchronise
+from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
 from helpers import FAST_CODECS, GRAD_CODEC
 from helpers import ids as _ids
 from helpers import rel_tol as tol
@@ -120,8 +120,9 @@ def lib():
 def _encode_fwd(lib, **kw):
     keep, p = _buf()
     a = dict(x=p, dtype=3, n=4, d=64, k=16, w_e=p, norm=None, eps=1e-6, bits=8, group=16, sdt=3, stoch=0,
-             key=0, codes=p, scales=p, workspace=p, stream=None)
-    a.update(kw)
+             key=0, codes=p, scales=p, row_stats=None, workspace=p, stream=None)
+    # "p" / "p+2": the aligned buffer's address (plus an offset), known only here
+    a.update({name: p + int(v[2:] or 0) if isinstance(v, str) else v for name, v in kw.items()})
     rc = lib.resbm_cuda_encode_forward(*a.values())
     return rc, lib.resbm_last_error().decode()
 
@@ -145,6 +146,8 @@ def _encode_fwd(lib, **kw):
     ({"codes": None}, "null pointer codes"),
     ({"scales": None}, "null pointer scales"),
     ({"workspace": None}, "null pointer workspace"),
+    ({"row_stats": "p"}, "row_stats are RMSNorm statistics: they need norm_weight"),
+    ({"row_stats": "p+2", "norm": "p"}, "row_stats is not 4-byte aligned"),
 ])
 def test_c_encode_forward_rejects(lib, kwargs, message):
     rc, err = _encode_fwd(lib, **kwargs)
@@ -346,6 +349,13 @@ def test_encode_forward_norm(shape, dtype, codec):
     got = cuda_call(ops.encode, x, w_e, codec, norm_weight=gamma, eps=1e-5, seed=3)
     want = ref.encode_forward(x.cpu(), w_e.cpu(), gamma.cpu(), 1e-5, codec, 3)
     assert_close_payload(got, want, codec, n, k)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_encode_forward_row_stats(shape, dtype):
+    check_encode_row_stats("cuda", "cuda", shape, dtype)
 
 
 @needs_gpu

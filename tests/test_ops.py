@@ -72,6 +72,25 @@ def test_encode_forward(codec, norm):
     assert ((read(payload, codec, N, K) - z).abs() <= quant_bound(z, codec)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_encode_forward_row_stats(dtype):
+    """return_row_stats: [RMSNorm(x) W_e^T | 1/rms(x)] as float32 from the
+    formula (the same payload as without), also into an out buffer."""
+    x, w_e, _, gamma, _ = make(dtype)
+    payload, stats = ops.encode(x, w_e, INT8, norm_weight=gamma, eps=EPS, seed=3, return_row_stats=True)
+    assert torch.equal(payload, ops.encode(x, w_e, INT8, norm_weight=gamma, eps=EPS, seed=3))
+    xd = x.double()
+    r = 1 / torch.sqrt((xd * xd).mean(-1) + EPS)
+    assert stats.dtype == torch.float32 and stats.shape == (N, K + 1)
+    torch.testing.assert_close(stats[:, K].double(), r, rtol=1e-6, atol=0)
+    proj = explicit_z(x, w_e, gamma) - xd[:, :K]
+    torch.testing.assert_close(stats[:, :K].double(), proj, rtol=1e-5, atol=1e-5 * proj.abs().max().item())
+    out = torch.full_like(payload, 0xAB)
+    payload_out, stats_out = ops.encode(x, w_e, INT8, norm_weight=gamma, eps=EPS, seed=3, out=out,
+                                        return_row_stats=True)
+    assert payload_out is out and torch.equal(out, payload) and torch.equal(stats_out, stats)
+
+
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_decode_forward(codec, with_residual):
@@ -187,6 +206,7 @@ def _samples():
     x, w_e, w_d, gamma, residual = (t.float() for t in make(n=8, d=32, k=8))
     c, gc = INT8.spec, GRAD_INT8.spec
     payload = ops.encode(x, w_e, INT8)
+    stats = ops.encode(x, w_e, INT8, norm_weight=gamma, eps=EPS, return_row_stats=True)[1]
     grad_payload = reference.write_payload(randn(8, 8, seed=1), GRAD_INT8, 0)
     z = randn(8, 8, seed=2)
     int4 = Codec(bits=4, group_size=4)
@@ -197,10 +217,13 @@ def _samples():
         (torch.ops.resbm.pack, (q, 4)),
         (torch.ops.resbm.unpack, (ops.pack(q, 4), 4, 8)),
         (torch.ops.resbm.encode_forward, (x, w_e, gamma, EPS, c, 0)),
+        (torch.ops.resbm.encode_forward, (x, w_e, gamma, EPS, c, 0, True)),
         (torch.ops.resbm.decode_forward, (payload, w_d, residual, c, 8, torch.float32)),
         (torch.ops.resbm.decode_backward, (randn(8, 32, seed=3), payload, w_d, c, gc, 0)),
         (torch.ops.resbm.encode_backward, (grad_payload, x, w_e, gamma, EPS, gc)),
+        (torch.ops.resbm.encode_backward, (grad_payload, x, w_e, gamma, EPS, gc, stats)),
         (torch.ops.resbm.encode_forward_out, (torch.full_like(payload, 0xAB), x, w_e, gamma, EPS, c, 0)),
+        (torch.ops.resbm.encode_forward_out, (torch.full_like(payload, 0xAB), x, w_e, gamma, EPS, c, 0, True)),
         (torch.ops.resbm.decode_backward_out, (torch.full_like(grad_payload, 0xAB), randn(8, 32, seed=3), payload,
                                                w_d, c, gc, 0)),
         (torch.ops.resbm.boundary, (*(t.clone().requires_grad_() for t in (x, w_e, gamma, w_d)),

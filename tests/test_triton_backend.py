@@ -25,7 +25,8 @@ from resbm_kernels import ops  # noqa: E402
 from resbm_kernels.backends import reference as ref  # noqa: E402
 from resbm_kernels.backends import use_backend  # noqa: E402
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
-from helpers import check_decode_backward_mixed_dtypes, check_passes_do_not_synchronise  # noqa: E402
+from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats  # noqa: E402
+from helpers import check_passes_do_not_synchronise  # noqa: E402
 from helpers import FAST_CODECS, GRAD_CODEC  # noqa: E402
 from helpers import ids as _ids  # noqa: E402
 from helpers import rel_tol as tol  # noqa: E402
@@ -89,6 +90,12 @@ def test_encode_forward_random(norm, dtype, codec):
     got = triton_call(ops.encode, x, w_e, codec, norm_weight=gamma, seed=3)
     want = ops.encode(x, w_e, codec, norm_weight=gamma, seed=3)
     assert_close_payload(got, want, codec, n, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_encode_forward_row_stats(shape, dtype):
+    check_encode_row_stats("triton", DEVICE, shape, dtype)
 
 
 def test_encode_forward_strided_rows():
@@ -208,16 +215,21 @@ def test_decode_backward_mixed_dtypes(dtypes):
 
 @pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=2, group_size=16), Codec(bits=16)), ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-@pytest.mark.parametrize("norm", (False, True), ids=("plain", "norm"))
+@pytest.mark.parametrize("norm", (False, True, "row_stats"), ids=("plain", "norm", "norm-row-stats"))
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_encode_backward(shape, norm, dtype, grad_codec):
+    """norm-row-stats: with the row statistics of the Triton encode forward (no pass over x for them)."""
     n, d, k = shape
     gen = torch.Generator().manual_seed(5)
     grad_payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), grad_codec, 4)
     x = normal(n, d, dtype=dtype, gen=gen)
     w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
     gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0) if norm else None
-    got = triton_call(ops.encode_backward, grad_payload, x, w_e, grad_codec, norm_weight=gamma, eps=1e-5)
+    stats = None
+    if norm == "row_stats":
+        stats = triton_call(ops.encode, x, w_e, Codec(bits=8), norm_weight=gamma, eps=1e-5, return_row_stats=True)[1]
+    got = triton_call(ops.encode_backward, grad_payload, x, w_e, grad_codec, norm_weight=gamma, eps=1e-5,
+                      row_stats=stats)
     want = ops.encode_backward(grad_payload, x, w_e, grad_codec, norm_weight=gamma, eps=1e-5)
     names = ("grad_x", "grad_w_e", "grad_gamma")
     for name, a, b in zip(names, got, want):

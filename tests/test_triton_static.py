@@ -45,17 +45,18 @@ H100_ISSUE_PER_S = 132 * 4 * 1.755e9  # warp instructions per second, all SMs
 # W is read as k x d: w_e directly (stride_wd == 1), w_d transposed (stride_wk == 1)
 
 
-def project(what, k, bits, *, encoder, norm=False, stochastic=False, group=None, act="bf16"):
-    """A project_quantize case: encode forward (encoder) or decode backward
-    (which also dequantizes an int8/row forward payload into Z)."""
+def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False, group=None, act="bf16"):
+    """A project_quantize case: encode forward (encoder; ``stats``: also writing
+    the RMSNorm row statistics, as in training) or decode backward (which also
+    dequantizes an int8/row forward payload into Z)."""
     codes = "B" if bits == 16 else "U"
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="project_quantize", what=what, k=k, act=act,
                 ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr=codes, scales_ptr="B" if bits == 16 else "S",
-                          zcodes_ptr="U", zscales_ptr="S", z_ptr="Z"),
+                          zcodes_ptr="U", zscales_ptr="S", z_ptr="Z", stats_ptr="F"),
                 ones=[unit], div16=["d", "k", "stride_a", strided],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
-                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8))
+                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, WRITE_STATS=stats))
 
 
 def dequant(what, k, *, residual=False, act="bf16"):
@@ -67,13 +68,14 @@ def dequant(what, k, *, residual=False, act="bf16"):
 
 
 def operand(what, k, *, act="bf16"):
-    """A grad_operand case (encode backward through RMSNorm: Z and alpha; without
-    the norm the kernel only dequantizes, no GEMM)."""
+    """A grad_operand case (encode backward through RMSNorm without the forward's
+    row statistics: Z and alpha from a pass over x; given them, or without the
+    norm, the kernel does no GEMM and is not listed)."""
     return dict(kernel="grad_operand", what=what, k=k, act=act,
-                ptrs=dict(codes_ptr="U", scales_ptr="S", a_ptr="A", w_ptr="A", gamma_ptr="A", z_ptr="Z",
-                          alpha_ptr="F"),
+                ptrs=dict(codes_ptr="U", scales_ptr="S", a_ptr="A", w_ptr="A", gamma_ptr="A", stats_ptr="F",
+                          z_ptr="Z", alpha_ptr="F"),
                 ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"],
-                constexprs=dict(BITS=8, HAS_NORM=True))
+                constexprs=dict(BITS=8, HAS_NORM=True, HAS_STATS=False))
 
 
 def wgrad(what, k, *, encoder, grad_x=False, norm=False, act="bf16"):
@@ -88,7 +90,7 @@ def wgrad(what, k, *, encoder, grad_x=False, norm=False, act="bf16"):
 
 
 CASES = [
-    project("encode fwd bf16 int8/row norm k=128", 128, 8, encoder=True, norm=True),
+    project("encode fwd bf16 int8/row norm+stats k=128", 128, 8, encoder=True, norm=True, stats=True),
     project("decode bwd fp16 int4/g32 stochastic k=64", 64, 4, encoder=False, stochastic=True, group=32, act="fp16"),
     project("encode fwd bf16 passthrough k=32", 32, 16, encoder=True),
     dequant("decode fwd bf16 int8/row +residual k=128", 128, residual=True),
@@ -97,7 +99,7 @@ CASES = [
     wgrad("encode bwd bf16 int8/row k=32", 32, encoder=True, grad_x=True),
     wgrad("grad W_e bf16 k=128", 128, encoder=True),
     # k=256 (d/32 at d=8192): only the fallback configs fit
-    project("encode fwd bf16 int8/row norm k=256", 256, 8, encoder=True, norm=True),
+    project("encode fwd bf16 int8/row norm+stats k=256", 256, 8, encoder=True, norm=True, stats=True),
     project("decode bwd bf16 int4/row stochastic k=256", 256, 4, encoder=False, stochastic=True),
     dequant("decode fwd bf16 int8/row k=256", 256),
     operand("encode bwd Z, alpha bf16 int8/row k=256", 256),

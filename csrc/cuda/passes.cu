@@ -351,6 +351,7 @@ struct PQArgs {
   uint32_t key;
   uint8_t* codes;
   void* scales;
+  float* stats;  // (n, k+1) RMSNorm row statistics [r * acc | r], or null (needs norm)
 };
 
 template <int DT, int KPAD>
@@ -391,6 +392,12 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
         z1 = z1 * rr[h];
       }
       if (grow < p.n && col < p.k) {  // k even: col + 1 < k too
+        if (p.stats != nullptr) {
+          float* srow = p.stats + grow * (p.k + 1);
+          srow[col] = z0;
+          srow[col + 1] = z1;
+          if (wn == 0 && j == 0 && t == 0) srow[p.k] = rr[h];  // one thread per row
+        }
         z0 = z0 + load_float(a, grow * p.d + col, DT);
         z1 = z1 + load_float(a, grow * p.d + col + 1, DT);
       }
@@ -847,7 +854,8 @@ int resbm_cuda_workspace_bytes(int pass, int dtype, int64_t d, int64_t k, int no
 int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                               const void* w_e, const void* norm_weight, float eps, int bits,
                               int group, int scale_dtype, int stochastic, uint32_t key,
-                              uint8_t* codes, void* scales, void* workspace, void* stream) {
+                              uint8_t* codes, void* scales, float* row_stats, void* workspace,
+                              void* stream) {
   const char* fn = "resbm_cuda_encode_forward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -857,14 +865,17 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   RESBM_TRY(check_ptr(fn, "x", x, 16, true));
   RESBM_TRY(check_ptr(fn, "w_e", w_e, dtype_bytes(dtype), true));
   RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, dtype_bytes(dtype), false));
+  RESBM_TRY(check_ptr(fn, "row_stats", row_stats, sizeof(float), false));
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
   const bool norm = norm_weight != nullptr;
+  if (row_stats != nullptr && !norm)
+    return fail(RESBM_ERR_ARG, fn, "row_stats are RMSNorm statistics: they need norm_weight");
   const Workspace ws = workspace_for(RESBM_PASS_ENCODE_FORWARD, dtype, d, k, norm);
   // operand (KPAD, d): B(dd, c) = w_e[c * d + dd] * gamma[dd]
   const PrepArgs prep{w_e, /*s_r=*/d, /*s_c=*/1, norm_weight, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
   const PQArgs p{x, prep.hi, prep.lo, norm, n, d, k, eps, bits, group, scale_dtype, stochastic,
-                 key, codes, scales};
+                 key, codes, scales, row_stats};
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
@@ -886,7 +897,7 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   const PrepArgs prep{w_d, /*s_r=*/1, /*s_c=*/k, nullptr, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
   const PQArgs p{grad_h, prep.hi, prep.lo, 0, n, d, k, 0.0f, bits, group, scale_dtype,
-                 stochastic, key, codes, scales};
+                 stochastic, key, codes, scales, nullptr};
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 

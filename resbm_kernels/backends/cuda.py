@@ -143,7 +143,7 @@ def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> t
 # ---- the four passes (reference signatures) --------------------------------------------
 
 
-def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None):
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None):
     k, d = w_e.shape
     _check("encode_forward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     n = x.shape[0]
@@ -154,7 +154,8 @@ def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None):
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
     ws = _workspace("encode_forward", x.dtype, d, k, gamma is not None, x.device)
     _call("resbm_cuda_encode_forward", x.device, x.data_ptr(), _DTYPE_CODES[x.dtype], n, d, k, w_e.data_ptr(),
-          _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales, _ptr(ws))
+          _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales,
+          _ptr(row_stats), _ptr(ws))
     return payload
 
 
@@ -190,7 +191,8 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     return grad_payload, grad_w_d.to(w_d.dtype)
 
 
-def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
+def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
+    """``row_stats`` is unused: the kernel's RMSNorm pre-pass recomputes them from x."""
     n, d = x.shape
     k = w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)

@@ -146,12 +146,29 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
-def encode_project(x, w_e, norm_weight, eps):
-    """z = RMSNorm(x) W_e^T + x[:, :k] in the compute dtype (no wire)."""
+def _projection(x, w_e, norm_weight, eps):
+    """(RMSNorm(x) W_e^T, 1/rms(x) as (N, 1) or None without the norm), compute dtype."""
     ct = _compute_dtype(x)
     xf, w = x.to(ct), w_e.to(ct)
-    u = xf * _rms(xf, eps) * norm_weight.to(ct) if norm_weight is not None else xf
-    return u @ w.T + xf[:, : w.shape[0]]
+    if norm_weight is None:
+        return xf @ w.T, None
+    r = _rms(xf, eps)
+    return (xf * r * norm_weight.to(ct)) @ w.T, r
+
+
+def encode_project(x, w_e, norm_weight, eps):
+    """z = RMSNorm(x) W_e^T + x[:, :k] in the compute dtype (no wire)."""
+    proj, _ = _projection(x, w_e, norm_weight, eps)
+    return proj + x[:, : w_e.shape[0]].to(proj.dtype)
+
+
+def fill_row_stats(row_stats, proj, r):
+    """The RMSNorm row statistics encode forward leaves for encode backward:
+    row_stats (N, k+1) fp32 = [RMSNorm(x) W_e^T | 1/rms(x)]."""
+    k = proj.shape[1]
+    row_stats[:, :k] = proj
+    row_stats[:, k:] = r
+    return row_stats
 
 
 def decode_project(zhat, w_d, residual, out_dtype):
@@ -165,8 +182,13 @@ def decode_project(zhat, w_d, residual, out_dtype):
     return h.to(out_dtype)
 
 
-def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None):
-    return write_payload(encode_project(x, w_e, norm_weight, eps), codec, seed, out)
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None):
+    """Payload of z; with a ``row_stats`` buffer (N, k+1) fp32 (RMSNorm only)
+    also fills it (see :func:`fill_row_stats`)."""
+    proj, r = _projection(x, w_e, norm_weight, eps)
+    if row_stats is not None:
+        fill_row_stats(row_stats, proj, r)
+    return write_payload(proj + x[:, : w_e.shape[0]].to(proj.dtype), codec, seed, out)
 
 
 def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
@@ -211,8 +233,9 @@ def encode_backward_dense(g_z, x, w_e, norm_weight, eps):
     return grad_x, grad_w, grad_gamma
 
 
-def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
-    """Gradient payload -> (grad_x, grad_W_e, grad_norm_weight or None)."""
+def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
+    """Gradient payload -> (grad_x, grad_W_e, grad_norm_weight or None). The
+    oracle recomputes everything from x: ``row_stats`` is accepted and unused."""
     n, k = x.shape[0], w_e.shape[0]
     g_z = read_payload(grad_payload, grad_codec, n, k, _compute_dtype(x))
     grad_x, grad_w, grad_gamma = encode_backward_dense(g_z, x, w_e, norm_weight, eps)

@@ -233,11 +233,13 @@ class PipelineStage(nn.Module):
         x2d = out.reshape(self.tokens, c.d).to(self.dtype)
         enc = self.encoder
         gamma = None if enc.norm_weight is None else enc.norm_weight.detach().to(self.dtype)
-        payload = ops.encode(x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.codec,
+        # with RMSNorm the encoder keeps its row statistics: the backward then reads x once less
+        encoded = ops.encode(x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.codec,
                              norm_weight=gamma, eps=c.eps, seed=self._seed(i, backward=False),
-                             out=self._fwd_send[i])
+                             out=self._fwd_send[i], return_row_stats=gamma is not None)
+        payload, row_stats = encoded if gamma is not None else (encoded, None)
         self._send(payload, FORWARD, i, (FORWARD, i))
-        state.update(x2d=x2d, gamma=gamma)
+        state.update(x2d=x2d, gamma=gamma, row_stats=row_stats)
         return state
 
     def _backward(self, i, state, pending) -> None:
@@ -249,7 +251,7 @@ class PipelineStage(nn.Module):
             enc, x2d = self.encoder, state["x2d"]
             grad_x, grad_w, grad_gamma = ops.encode_backward(
                 grad_payload, x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.grad_codec,
-                norm_weight=state["gamma"], eps=c.eps)
+                norm_weight=state["gamma"], eps=c.eps, row_stats=state["row_stats"])
             _accumulate(enc.weight, grad_w)
             if grad_gamma is not None:
                 _accumulate(enc.norm_weight, grad_gamma)

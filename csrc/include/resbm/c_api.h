@@ -28,7 +28,7 @@ extern "C" {
 enum { RESBM_OK = 0, RESBM_ERR_ARG = 1, RESBM_ERR_NONFINITE = 2, RESBM_ERR_CUDA = 3 };
 
 /* returned by resbm_abi_version() of both libraries; raised on any signature change */
-#define RESBM_ABI_VERSION 2
+#define RESBM_ABI_VERSION 3
 
 RESBM_API int resbm_abi_version(void);
 RESBM_API const char* resbm_last_error(void);
@@ -84,12 +84,13 @@ enum {
 RESBM_API int resbm_cuda_workspace_bytes(int pass, int dtype, int64_t d, int64_t k, int norm,
                                          int64_t* bytes);
 
-/* payload of z = RMSNorm(x) w_e^T + x[:, :k] (no norm when norm_weight is NULL) */
+/* payload of z = RMSNorm(x) w_e^T + x[:, :k] (no norm when norm_weight is NULL);
+ * row_stats (float32 (n, k+1), or NULL; needs norm_weight) receives [RMSNorm(x) w_e^T | 1/rms(x)] */
 RESBM_API int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                                         const void* w_e, const void* norm_weight, float eps,
                                         int bits, int group, int scale_dtype, int stochastic,
                                         uint32_t key, uint8_t* codes, void* scales,
-                                        void* workspace, void* stream);
+                                        float* row_stats, void* workspace, void* stream);
 /* out (n, d) of out_dtype = zhat w_d^T + pad_d(zhat) (+ residual, of out_dtype, or NULL) */
 RESBM_API int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t n,
                                         int64_t d, int64_t k, int bits, int group,

@@ -23,9 +23,9 @@ Kernels (one family per module):
 
 Reads of the big (N, d) tensor: encode forward and decode forward once;
 decode backward twice (its main kernel needs whole rows of g_z to quantize,
-the weight gradient is a second pass); encode backward once without the norm
-and twice through RMSNorm (the row statistics r and x @ (gamma * W_e)^T come
-first).
+the weight gradient is a second pass); encode backward once, except through
+RMSNorm without the row statistics encode forward can return (``row_stats``:
+then a first pass over x recomputes them).
 
 Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
 fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs
@@ -126,9 +126,10 @@ def _rows_grid(n):
 # ---- launchers ----------------------------------------------------------------------
 
 
-def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out, z=None):
+def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out, z=None, stats=None):
     """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d;
-    ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer."""
+    ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer;
+    ``stats`` (with gamma) is filled with the RMSNorm row statistics."""
     n, d = a.shape
     payload = fast.new_payload(codec, n, k, a.device, out)
     if n == 0:
@@ -140,10 +141,11 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
         buffer, z_payload, z_codec = z
         z_ptrs, z_group, z_bits = (*_payload_args(z_payload, z_codec, n, k), buffer), z_codec.group(k), z_codec.bits
     project_quantize_kernel[_rows_grid(n)](
-        a, w, gamma if gamma is not None else a, codes, scales, *z_ptrs,
-        n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, eps, _signed32(rng_key(seed)),
+        a, w, gamma if gamma is not None else a, codes, scales, *z_ptrs, stats if stats is not None else a,
+        n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, stats.stride(0) if stats is not None else 0,
+        eps, _signed32(rng_key(seed)),
         HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
-        SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, ZBITS=z_bits,
+        SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, ZBITS=z_bits, WRITE_STATS=stats is not None,
         BLOCK_K=_block_k(k), **_common(a.device),
     )
     return payload
@@ -201,9 +203,10 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     return out
 
 
-def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps):
+def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps, stats):
     """Encode backward's (Z, alpha): Z = r * g_z (n, k) and, through RMSNorm,
-    alpha (n,) fp32 (None without it); see :mod:`.grad_operand`."""
+    alpha (n,) fp32 (None without it), from encode forward's row ``stats``
+    when given, else from a pass over x; see :mod:`.grad_operand`."""
     n, d = x.shape
     k = w_e.shape[0]
     z = _weight_operand(n, k, x.dtype, x.device)
@@ -211,10 +214,12 @@ def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps):
     if n == 0:
         return z, alpha
     codes, scales = _payload_args(grad_payload, codec, n, k)
+    has_stats = gamma is not None and stats is not None
     grad_operand_kernel[_rows_grid(n)](
-        codes, scales, x, w_e, gamma if gamma is not None else x, z, alpha if alpha is not None else z,
-        n, d, k, codec.group(k), x.stride(0), w_e.stride(0), w_e.stride(1), eps,
-        BITS=codec.bits, HAS_NORM=gamma is not None, BLOCK_K=_block_k(k), **_common(x.device),
+        codes, scales, x, w_e, gamma if gamma is not None else x, stats if has_stats else z, z,
+        alpha if alpha is not None else z,
+        n, d, k, codec.group(k), x.stride(0), w_e.stride(0), w_e.stride(1), stats.stride(0) if has_stats else 0, eps,
+        BITS=codec.bits, HAS_NORM=gamma is not None, HAS_STATS=has_stats, BLOCK_K=_block_k(k), **_common(x.device),
     )
     return z, alpha
 
@@ -222,10 +227,11 @@ def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps):
 # ---- the four passes (reference signatures) --------------------------------------------
 
 
-def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None):
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None):
     k, d = w_e.shape
     _check("encode_forward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
-    return _project_quantize(x, w_e, (w_e.stride(0), w_e.stride(1)), norm_weight, eps, codec, seed, k, out)
+    return _project_quantize(x, w_e, (w_e.stride(0), w_e.stride(1)), norm_weight, eps, codec, seed, k, out,
+                             stats=row_stats)
 
 
 def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
@@ -246,12 +252,12 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     return grad_payload, grad_w_d.to(w_d.dtype)
 
 
-def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec):
+def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
     n, d = x.shape
     k = w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     _group_reshape(grad_codec, k)
-    z, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps)
+    z, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
     grad_x = fast.empty((n, d), x.dtype, x.device)
     m = _weight_grad(x, z, transpose=False, encoder=(grad_x, w_e, norm_weight, alpha, grad_payload, grad_codec))
     return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))

@@ -109,7 +109,7 @@ ROW_CONFIGS = _configs(GPU_ROWS, interp=(64, 128))
 WGRAD_CONFIGS = _configs(GPU_WGRAD, interp=(64, 128))
 
 # the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are ignored)
-_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X"]
+_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X", "WRITE_STATS", "HAS_STATS"]
 
 
 def _autotune(configs, wgrad, dequant, operand):

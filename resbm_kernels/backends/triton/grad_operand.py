@@ -5,13 +5,14 @@ Through RMSNorm (xhat = r * x, r = 1/rms(x), u = gamma * xhat, z = u @ W_e^T
 + x[:, :k]) the input gradient is
 
     grad_x = gamma * (Z @ W_e) - alpha * x + pad_d(g_z),
-    Z = r * g_z,  alpha = r^3 * (g_z . s) / d,  s = x @ (gamma * W_e)^T,
+    Z = r * g_z,  alpha = r^2 * (g_z . p) / d,  p = r * x @ (gamma * W_e)^T,
 
 so every grad_x tile needs only its own x tile, the (N, k) operand Z and
 the per-row alpha. This kernel computes Z and alpha: one program per
-BLOCK_N rows reads the gradient payload and, with the norm, streams x once
-through the encode forward's projection loop (r and s). Without the norm Z is
-the dequantized g_z and x is not read. The main pass (see
+BLOCK_N rows reads the gradient payload and, with the norm, either the row
+statistics (p, r) encode forward left (HAS_STATS) or streams x once through
+the encode forward's projection loop to recompute them. Without the norm Z
+is the dequantized g_z and x is not read. The main pass (see
 :mod:`.weight_grad`) then walks x in d tiles, writing grad_x and reducing the
 weight gradient Z^T @ x from the same tiles.
 """
@@ -21,15 +22,15 @@ import triton.language as tl
 
 from .codec import load_payload
 from .configs import autotune_project
-from .tiles import inv_rms, project_rows, store_operand
+from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 
 
 @autotune_project
 @triton.jit
 def grad_operand_kernel(
-    codes_ptr, scales_ptr, a_ptr, w_ptr, gamma_ptr, z_ptr, alpha_ptr,
-    n, d, k, group, stride_a, stride_wk, stride_wd, eps,
-    BITS: tl.constexpr, HAS_NORM: tl.constexpr,
+    codes_ptr, scales_ptr, a_ptr, w_ptr, gamma_ptr, stats_ptr, z_ptr, alpha_ptr,
+    n, d, k, group, stride_a, stride_wk, stride_wd, stride_stats, eps,
+    BITS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -38,10 +39,14 @@ def grad_operand_kernel(
     kcols = tl.arange(0, BLOCK_K)
     g_z = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
     if HAS_NORM:
-        s, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
-                                True, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
-        r = inv_rms(sumsq, d, eps)
-        alpha = tl.math.div_rn(r * r * r * tl.sum(g_z * s, axis=1), tl.full(r.shape, d, tl.float32))
+        if HAS_STATS:
+            p, r = load_row_stats(stats_ptr, stride_stats, rows, kcols, n, k)
+        else:
+            s, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
+                                    True, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+            r = inv_rms(sumsq, d, eps)
+            p = s * r[:, None]
+        alpha = tl.math.div_rn(r * r * tl.sum(g_z * p, axis=1), tl.full(r.shape, d, tl.float32))
         tl.store(alpha_ptr + rows, alpha, mask=rows < n)
         g_z = g_z * r[:, None]
     store_operand(z_ptr, rows, kcols, n, k, g_z)

@@ -9,6 +9,8 @@ read exactly once; W (k x d, small) is re-read from L2 by every program.
 Decode backward also writes the operand of the weight-gradient pass: the
 forward payload dequantized, Z = zhat (N x k, in that GEMM's dtype), so the
 second pass over grad_h streams both operands without per-element work.
+Encode forward through RMSNorm can also write the row statistics encode
+backward needs (see :mod:`.grad_operand`), so that pass need not re-read x.
 """
 
 import triton
@@ -16,16 +18,16 @@ import triton.language as tl
 
 from .codec import load_payload, store_payload
 from .configs import autotune_project
-from .tiles import inv_rms, load_rows, project_rows, store_operand
+from .tiles import inv_rms, load_rows, project_rows, store_operand, store_row_stats
 
 
 @autotune_project
 @triton.jit(do_not_specialize=["key"])  # an int argument equal to 1 would become a constant
 def project_quantize_kernel(
-    a_ptr, w_ptr, gamma_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr,
-    n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, eps, key,
+    a_ptr, w_ptr, gamma_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
+    n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -34,7 +36,8 @@ def project_quantize_kernel(
     (same cache lines), the RMS is gathered during the same d loop.
 
     ZBITS > 0 (decode backward): also Z[rows] = dequantize(zcodes, zscales),
-    the forward payload of ZBITS bits with scale group ``zgroup``."""
+    the forward payload of ZBITS bits with scale group ``zgroup``.
+    WRITE_STATS (with the norm): also stats[rows] = [r * (A @ (gamma * W)^T) | r]."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0:
@@ -44,7 +47,10 @@ def project_quantize_kernel(
     acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
                               HAS_NORM, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if HAS_NORM:
-        acc = acc * inv_rms(sumsq, d, eps)[:, None]
+        r = inv_rms(sumsq, d, eps)
+        acc = acc * r[:, None]
+        if WRITE_STATS:
+            store_row_stats(stats_ptr, stride_stats, rows, kcols, n, k, acc, r)
     z = acc + ident.to(tl.float32)
     store_payload(z, rows, n, k, n_groups, codes_ptr, scales_ptr, key,
                   BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, BLOCK_N, BLOCK_K)

@@ -109,6 +109,23 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, 
 
 
 @triton.jit
+def store_row_stats(ptr, stride, rows, kcols, n, k, proj, r):
+    """RMSNorm row statistics [proj | r] (fp32, row stride ``stride``): the
+    normalised projection (BLOCK_N, BLOCK_K) and 1/rms (BLOCK_N,)."""
+    base = ptr + rows.to(tl.int64) * stride
+    tl.store(base[:, None] + kcols[None, :], proj, mask=(rows < n)[:, None] & (kcols < k)[None, :])
+    tl.store(base + k, r, mask=rows < n)
+
+
+@triton.jit
+def load_row_stats(ptr, stride, rows, kcols, n, k):
+    """(proj, r) as stored by :func:`store_row_stats`, 0 outside the rows."""
+    base = ptr + rows.to(tl.int64) * stride
+    proj = tl.load(base[:, None] + kcols[None, :], mask=(rows < n)[:, None] & (kcols < k)[None, :], other=0.0)
+    return proj, tl.load(base + k, mask=rows < n, other=0.0)
+
+
+@triton.jit
 def inv_rms(sumsq, d, eps):
     """1 / sqrt(sumsq / d + eps), correctly rounded steps (as the reference)."""
     ms = tl.math.div_rn(sumsq, tl.full(sumsq.shape, d, tl.float32)) + eps
