@@ -226,7 +226,9 @@ def design_bytes(case: KernelCase) -> int | None:
     if case.backend not in ("triton", "cuda"):
         return None
     big = case.N * case.d * 2
-    extra = {"decode_backward": big, "encode_backward": 0 if case.backend == "triton" else 2 * big}.get(case.pass_, 0)
+    # (the CUDA encode backward reads x twice more instead of the row statistics)
+    cuda_enc = 2 * big - _stats_bytes(case)
+    extra = {"decode_backward": big, "encode_backward": 0 if case.backend == "triton" else cuda_enc}.get(case.pass_, 0)
     if case.backend == "triton" and case.pass_ in ("decode_backward", "encode_backward"):
         extra += 2 * case.N * case.k * 2
     return roofline(case)[0] + extra

@@ -235,21 +235,23 @@ def _boundary(
     grad_codec: str,
     seed: int,
     grad_seed: int,
+    row_stats: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(h, payload, RMSNorm row statistics or an empty tensor); the last is for the backward."""
-    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, norm_weight is not None)
+    """(h, payload, RMSNorm row statistics for the backward when ``row_stats``, else an empty tensor)."""
+    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
     return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
 
 
 @_boundary.register_fake
-def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed):
-    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, norm_weight is not None)
+def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True):
+    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
     return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
 
 
 def _boundary_setup(ctx, inputs, output):
-    x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed = inputs
-    ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1], output[2] if norm_weight is not None else None)
+    x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats = inputs
+    stats = output[2] if row_stats and norm_weight is not None else None
+    ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1], stats)
     ctx.eps, ctx.codec, ctx.grad_codec, ctx.grad_seed = eps, codec, grad_codec, grad_seed
     ctx.has_residual = residual is not None
 
@@ -266,7 +268,7 @@ def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
         grad_gamma if norm_weight is not None else None,
         grad_w_d,
         grad_h if ctx.has_residual else None,
-        None, None, None, None, None,
+        None, None, None, None, None, None,
     )
 
 
@@ -460,7 +462,7 @@ def encode(x: Tensor, w_e: Tensor, codec: Codec, *, norm_weight: Optional[Tensor
         payload, stats = _encode_forward(x, w_e, norm_weight, eps, spec, seed, return_row_stats)
     else:
         payload, stats = out, _encode_forward_out(out, x, w_e, norm_weight, eps, spec, seed, return_row_stats)
-    return (payload, stats) if return_row_stats else payload
+    return (payload, stats.detach()) if return_row_stats else payload  # statistics, not differentiable
 
 
 def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Optional[Tensor] = None,
@@ -500,8 +502,11 @@ def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec, grad_codec: Code
     The backward sends dL/dzhat through ``grad_codec`` (straight-through
     estimator), exactly as the pipeline does across processes.
     """
+    # the row statistics only when a backward can follow (they cost N(k+1) fp32 of writes)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, w_e, norm_weight, w_d, residual))
     h, payload, _ = _boundary(x, w_e, norm_weight, w_d, residual, eps, Codec.parse(codec).spec,
-                              Codec.parse(grad_codec).spec, seed, grad_seed)
+                              Codec.parse(grad_codec).spec, seed, grad_seed, grad)
     return h, payload
 
 

@@ -359,6 +359,26 @@ def test_encode_forward_row_stats(shape, dtype):
 
 
 @needs_gpu
+def test_row_stats_from_cuda_feed_the_triton_backward():
+    """``auto`` may run encode forward on one backend and encode backward on
+    another: the CUDA forward's statistics give the Triton backward the
+    reference gradients."""
+    pytest.importorskip("triton")
+    n, d, k = 150, 256, 32
+    gen = torch.Generator().manual_seed(31)
+    x = normal(n, d, dtype=torch.bfloat16, gen=gen, device="cuda")
+    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen, device="cuda")
+    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen, device="cuda").add_(1.0)
+    grad_payload = ref.write_payload(torch.randn(n, k, generator=gen), GRAD_CODEC, 4)
+    stats = cuda_call(ops.encode, x, w_e, Codec(bits=8), norm_weight=gamma, return_row_stats=True)[1]
+    with use_backend("triton"):
+        got = ops.encode_backward(grad_payload.cuda(), x, w_e, GRAD_CODEC, norm_weight=gamma, row_stats=stats)
+    want = ref.encode_backward(grad_payload, x.cpu(), w_e.cpu(), gamma.cpu(), 1e-6, GRAD_CODEC)
+    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
+        assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS))
 def test_decode_forward(shape, dtype, codec):

@@ -91,6 +91,26 @@ def test_encode_forward_row_stats(dtype):
     assert payload_out is out and torch.equal(out, payload) and torch.equal(stats_out, stats)
 
 
+def test_boundary_keeps_row_stats_only_for_a_backward(monkeypatch):
+    """ops.boundary asks encode forward for the row statistics only when a
+    backward can follow (grad mode on and an input that requires grad)."""
+    asked = []
+    real = reference.encode_forward
+
+    def spy(*args, row_stats=None, **kwargs):
+        asked.append(row_stats is not None)
+        return real(*args, row_stats=row_stats, **kwargs)
+
+    monkeypatch.setattr(reference, "encode_forward", spy)
+    x, w_e, w_d, gamma, _ = (t.float() for t in make())
+    with torch.no_grad():
+        ops.boundary(x.clone().requires_grad_(), w_e, w_d, INT8, GRAD_INT8, norm_weight=gamma)
+    ops.boundary(x, w_e, w_d, INT8, GRAD_INT8, norm_weight=gamma)
+    h, _ = ops.boundary(x.clone().requires_grad_(), w_e, w_d, INT8, GRAD_INT8, norm_weight=gamma)
+    h.sum().backward()
+    assert asked == [False, False, True]
+
+
 @pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_decode_forward(codec, with_residual):

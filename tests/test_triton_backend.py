@@ -264,6 +264,53 @@ def test_encode_backward_fp16_small_gradients(norm, n, grad_scale, x_scale):
             assert rel_err(a, b) <= tol(torch.float16), name
 
 
+def test_encode_backward_uses_row_stats():
+    """Given the statistics, the kernels use them instead of x's: doubled
+    statistics change every gradient (a path that still recomputed them from
+    x would not notice)."""
+    n, d, k = 37, 128, 32
+    gen = torch.Generator().manual_seed(21)
+    grad_payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), GRAD_CODEC, 4)
+    x = normal(n, d, dtype=torch.float32, gen=gen)
+    w_e = normal(k, d, dtype=torch.float32, scale=d**-0.5, gen=gen)
+    gamma = normal(d, dtype=torch.float32, scale=0.2, gen=gen).add_(1.0)
+    stats = triton_call(ops.encode, x, w_e, Codec(bits=8), norm_weight=gamma, return_row_stats=True)[1]
+    good = triton_call(ops.encode_backward, grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma, row_stats=stats)
+    bad = triton_call(ops.encode_backward, grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma, row_stats=stats * 2)
+    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), bad, good):
+        assert rel_err(a, b) > 0.1, name
+
+
+@pytest.mark.parametrize("n, splits", ((150, 3), (4, 3), (150, 2)), ids=("150-rows-3-splits", "4-rows-3-splits",
+                                                                         "150-rows-2-splits"))
+def test_backward_row_splits(monkeypatch, n, splits):
+    """The weight-gradient pass with several row splits (the GPU's layout for
+    N >= 2048; the interpreter otherwise runs one), including an empty split:
+    every split's partial and its rows of grad_x are written."""
+    from resbm_kernels.backends import fast
+
+    monkeypatch.setattr(fast, "weight_grad_partials", lambda n, d, k, transpose, device, max_splits=8: fast.empty(
+        (splits, d, k) if transpose else (splits, k, d), torch.float32, device))
+    d, k = 96, 32
+    gen = torch.Generator().manual_seed(n + splits)
+    codec = Codec(bits=8)
+    x = normal(n, d, dtype=torch.bfloat16, gen=gen)
+    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen)
+    w_d = normal(d, k, dtype=torch.bfloat16, scale=k**-0.5, gen=gen)
+    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen).add_(1.0)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    grad_payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), GRAD_CODEC, 4)
+    grad_h = normal(n, d, dtype=torch.bfloat16, gen=gen)
+    got = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=2)[1]
+    assert rel_err(got, ops.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=2)[1]) <= \
+        tol(torch.bfloat16), "grad_w_d"
+    stats = triton_call(ops.encode, x, w_e, codec, norm_weight=gamma, return_row_stats=True)[1]
+    want = ops.encode_backward(grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma)
+    got = triton_call(ops.encode_backward, grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma, row_stats=stats)
+    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
+        assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
+
+
 # ---- the differentiable boundary --------------------------------------------------------
 
 
@@ -417,10 +464,12 @@ def test_every_gpu_block_size(monkeypatch, blocks):
     gp_ref, gw_d_ref = ops.decode_backward(grad_h, payload, w_d, codec, grad_codec, grad_seed=6)
     assert torch.equal(gp, gp_ref), "decode_backward gradient payload"
     assert rel_err(gw_d, gw_d_ref) <= tol(bf16), "decode_backward weight gradient"
-    got = triton_call(ops.encode_backward, gp_ref, x, w_e, grad_codec, norm_weight=gamma)
     want = ops.encode_backward(gp_ref, x, w_e, grad_codec, norm_weight=gamma)
-    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
-        assert rel_err(a, b) <= 4 * tol(bf16), f"encode_backward {name}"
+    stats = triton_call(ops.encode, x, w_e, codec, norm_weight=gamma, return_row_stats=True)[1]
+    for row_stats in (None, stats):  # the statistics recomputed from x, or from the forward
+        got = triton_call(ops.encode_backward, gp_ref, x, w_e, grad_codec, norm_weight=gamma, row_stats=row_stats)
+        for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
+            assert rel_err(a, b) <= 4 * tol(bf16), f"encode_backward {name}, row_stats={row_stats is not None}"
 
 
 @pytest.mark.parametrize("autotune", (True, False), ids=("autotune", "RESBM_TRITON_AUTOTUNE=0"))
@@ -448,7 +497,9 @@ def test_config_pruning(monkeypatch, autotune):
                     tiles = bn * (bd + block_k) if wgrad else (bn + block_k) * bd
                     accumulators = (bd * block_k + (bn * bd if grad_x else 0)) if wgrad else bn * block_k
                     regs = accumulators / (32 * c.num_warps)
-                    assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[wgrad] and c.num_stages * tiles * 2 <= limit)
+                    # grad_x: also the weight tile (bf16) and an fp32 (BLOCK_N, BLOCK_D) tile
+                    smem = c.num_stages * tiles * 2 + (block_k * bd * 2 + bn * bd * 4 if grad_x else 0)
+                    assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[wgrad] and smem <= limit)
     # writing grad_x too needs more registers and shared memory: fewer configs at k=128 and k=256
     wgrad = cfg.gpu_configs(cfg.GPU_WGRAD)
     for block_k in (128, 256):

@@ -104,7 +104,8 @@ def _pruner(wgrad, dequant, operand):
 GPU_ROWS = ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (64, 32, 8, 3))
 # the weight gradient's first (untuned) choice is BLOCK_D=128: each d-tile program re-reads the
 # (N, k) operand Z, so wider tiles halve that L2 traffic (and its loop issues fewest instructions)
-GPU_WGRAD = ((64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3))
+# the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
+GPU_WGRAD = ((64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3), (64, 32, 8, 2))
 ROW_CONFIGS = _configs(GPU_ROWS, interp=(64, 128))
 WGRAD_CONFIGS = _configs(GPU_WGRAD, interp=(64, 128))
 
