@@ -217,18 +217,14 @@ def roofline(case: KernelCase) -> tuple[int, int]:
 def design_bytes(case: KernelCase) -> int | None:
     """Bytes the Triton and CUDA kernels move by design (None for the other
     backends): the roofline, plus decode backward's second read of grad_h
-    (its weight-gradient pass), plus for the CUDA encode backward through
-    RMSNorm two more reads of x (its pre-pass recomputes the row statistics,
-    its weight gradient is a separate pass; the Triton one is given the
-    statistics and forms the weight gradient from the x tiles that give
-    grad_x). Triton's (N, k) GEMM operand Z (bf16) is also written and read
-    once by both backward passes."""
+    (its weight-gradient pass), plus for the CUDA encode backward a second
+    read of x (its weight gradient is a separate pass; the Triton one forms it
+    from the x tiles that give grad_x). Triton's (N, k) GEMM operand Z (bf16)
+    is also written and read once by both backward passes."""
     if case.backend not in ("triton", "cuda"):
         return None
     big = case.N * case.d * 2
-    # (the CUDA encode backward reads x twice more instead of the row statistics)
-    cuda_enc = 2 * big - _stats_bytes(case)
-    extra = {"decode_backward": big, "encode_backward": 0 if case.backend == "triton" else cuda_enc}.get(case.pass_, 0)
+    extra = {"decode_backward": big, "encode_backward": 0 if case.backend == "triton" else big}.get(case.pass_, 0)
     if case.backend == "triton" and case.pass_ in ("decode_backward", "encode_backward"):
         extra += 2 * case.N * case.k * 2
     return roofline(case)[0] + extra

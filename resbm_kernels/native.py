@@ -67,8 +67,8 @@ _CUDA_PASSES = {
     # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, workspace, stream
     "resbm_cuda_decode_backward": "pilllpiiiiupppp",
     # codes, scales, n, d, k, bits, group, scale_dtype, x, dtype, w_e, norm_weight, eps, grad_x, rscale,
-    # workspace, stream
-    "resbm_cuda_encode_backward": "ppllliiipippfpppp",
+    # row_stats, workspace, stream
+    "resbm_cuda_encode_backward": "ppllliiipippfppppp",
     # a, dtype, n, d, k, codes, scales, bits, group, scale_dtype, rscale, splits, transpose, partial, stream
     "resbm_cuda_weight_grad": "pilllppiiipiipp",
 }

@@ -488,8 +488,8 @@ def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Co
 
     ``row_stats``: what :func:`encode` returned with ``return_row_stats=True``
     for this x, w_e, norm_weight and eps (not checkable here: stale statistics
-    give wrong gradients). The Triton kernels then read x once instead of
-    twice; the reference and the CUDA kernels recompute them."""
+    give wrong gradients). The Triton and CUDA kernels then skip their pass
+    over x for them; the reference recomputes them."""
     gx, gw, gg = _encode_backward(grad_payload, x, w_e, norm_weight, eps, Codec.parse(grad_codec).spec, row_stats)
     return gx, gw, gg if norm_weight is not None else None
 

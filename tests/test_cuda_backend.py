@@ -201,12 +201,20 @@ def test_c_other_passes_reject(lib):
     assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 8, 16, 3, 1, 0, p, p, None, None) == 1
     assert err() == "resbm_cuda_decode_backward: null pointer workspace"
     # encode backward: codes, scales, n, d, k, bits, group, sdt, x, dtype, w_e, gamma, eps, grad_x, rscale,
-    # workspace, stream
-    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, None, 3, p, p, 1e-6, p, p, p, None) == 1
+    # row_stats, workspace, stream
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, None, 3, p, p, 1e-6, p, p, None, p,
+                                          None) == 1
     assert err() == "resbm_cuda_encode_backward: null pointer x"
-    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, p + 2, 1e-6, p, p, p, None) == 1
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, p + 2, 1e-6, p, p, None, p,
+                                          None) == 1
     assert "norm_weight is not 16-byte aligned" in err()
-    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, None, 1e-6, p, None, None,
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, p, 1e-6, p, p, p + 2, p,
+                                          None) == 1
+    assert "row_stats is not 4-byte aligned" in err()
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, None, 1e-6, p, None, p, p,
+                                          None) == 1
+    assert err() == "resbm_cuda_encode_backward: row_stats are RMSNorm statistics: they need norm_weight"
+    assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, None, 1e-6, p, None, None, None,
                                           None) == 1
     assert err() == "resbm_cuda_encode_backward: null pointer workspace"
     # weight grad: a, dtype, n, d, k, codes, scales, bits, group, sdt, rscale, splits, transpose, partial, stream
@@ -433,16 +441,21 @@ def test_decode_backward_mixed_dtypes(dtypes):
 @needs_gpu
 @pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=2, group_size=16), Codec(bits=16)), ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-@pytest.mark.parametrize("norm", (False, True), ids=("plain", "norm"))
+@pytest.mark.parametrize("norm", (False, True, "row_stats"), ids=("plain", "norm", "norm-row-stats"))
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_encode_backward(shape, norm, dtype, grad_codec):
+    """norm-row-stats: with the row statistics of the CUDA encode forward (no pre-pass over x)."""
     n, d, k = shape
     gen = torch.Generator().manual_seed(5)
     grad_payload = ref.write_payload(torch.randn(n, k, generator=gen), grad_codec, 4)
     x = normal(n, d, dtype=dtype, gen=gen, device="cuda")
     w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device="cuda")
     gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device="cuda").add_(1.0) if norm else None
-    got = cuda_call(ops.encode_backward, grad_payload.cuda(), x, w_e, grad_codec, norm_weight=gamma, eps=1e-5)
+    stats = None
+    if norm == "row_stats":
+        stats = cuda_call(ops.encode, x, w_e, Codec(bits=8), norm_weight=gamma, eps=1e-5, return_row_stats=True)[1]
+    got = cuda_call(ops.encode_backward, grad_payload.cuda(), x, w_e, grad_codec, norm_weight=gamma, eps=1e-5,
+                    row_stats=stats)
     want = ref.encode_backward(grad_payload, x.cpu(), w_e.cpu(), None if gamma is None else gamma.cpu(), 1e-5,
                                grad_codec)
     for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):

@@ -425,6 +425,8 @@ struct DQArgs {
   void* out;             // (n, d) of out_dtype
   int out_dtype;
   float* rscale;         // (n,) r = 1/rms(x) when gamma is set (may be null)
+  const float* stats;    // (n, k+1) encode forward's row statistics [r x (gamma W)^T | r], or null:
+                         // with gamma, they replace the pre-pass over x
   int64_t n, d, k;
 };
 
@@ -460,7 +462,22 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   const bool norm = p.gamma != nullptr;
   const T* x = static_cast<const T*>(p.x);
   const T* gamma = static_cast<const T*>(p.gamma);
-  if (norm) {
+  if (norm && p.stats != nullptr) {
+    // alpha = r^2 (g_z . p) / d from the statistics (p = r s), one thread per row
+    if (tid < C::BN) {
+      const int64_t grow = row0 + tid;
+      float r = 0.0f, dsum = 0.0f;
+      if (grow < n) {
+        const float* srow = p.stats + grow * (k + 1);
+        r = srow[k];
+        for (int64_t c = 0; c < k; ++c) dsum += zf[tid * C::ZLD + c] * srow[c];
+        if (p.rscale != nullptr) p.rscale[grow] = r;
+      }
+      row_r[tid] = r;
+      row_alpha[tid] = r * r * dsum / float(d);
+    }
+    __syncthreads();
+  } else if (norm) {
     // s = x (gamma W)^T and sum(x^2) for these rows (the encoder's projection)
     float acc[C::NT][4];
 #pragma unroll
@@ -717,7 +734,7 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   char name[80];
   std::snprintf(name, sizeof name, "dequant_project_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&dequant_project_kernel<DT, KPAD>);
-  const size_t smem = C::dq_smem(p.gamma != nullptr);
+  const size_t smem = C::dq_smem(p.gamma != nullptr && p.stats == nullptr);  // the pre-pass's tiles
   RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
   dequant_project_kernel<DT, KPAD><<<unsigned(blocks), kThreads, smem, stream>>>(p);
@@ -924,7 +941,7 @@ int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t 
   const DQArgs p{codes, scales, bits, group, scale_dtype,
                  prepared ? prep.hi : w_d, prep.lo, prepared ? kpad_of(k) : k,
                  prepared ? kpad_of(k) : k, nullptr, nullptr, nullptr, nullptr, 0.0f, residual,
-                 out, out_dtype, nullptr, n, d, k};
+                 out, out_dtype, nullptr, nullptr, n, d, k};
   RESBM_DISPATCH(launch_dq, w_dtype, k, fn, p, &prep, prepared ? 1 : 0,
                  static_cast<cudaStream_t>(stream));
 }
@@ -932,7 +949,8 @@ int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t 
 int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t n, int64_t d,
                                int64_t k, int bits, int group, int scale_dtype, const void* x,
                                int dtype, const void* w_e, const void* norm_weight, float eps,
-                               void* grad_x, float* rscale, void* workspace, void* stream) {
+                               void* grad_x, float* rscale, const float* row_stats,
+                               void* workspace, void* stream) {
   const char* fn = "resbm_cuda_encode_backward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(resbm::check_args(fn, "grad_x", grad_x, dtype, n, k, bits, group, scale_dtype, codes,
@@ -945,6 +963,9 @@ int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t
     RESBM_TRY(check_ptr(fn, "x", x, 16, true));
     RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, 16, true));
     RESBM_TRY(check_ptr(fn, "rscale", rscale, 4, false));
+    RESBM_TRY(check_ptr(fn, "row_stats", row_stats, sizeof(float), false));
+  } else if (row_stats != nullptr) {
+    return fail(RESBM_ERR_ARG, fn, "row_stats are RMSNorm statistics: they need norm_weight");
   }
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
   const Workspace ws = workspace_for(RESBM_PASS_ENCODE_BACKWARD, dtype, d, k, norm);
@@ -957,8 +978,10 @@ int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t
        ws.proj(workspace, 1)}};
   const DQArgs p{codes, scales, bits, group, scale_dtype, preps[0].hi, preps[0].lo,
                  kpad_of(k), kpad_of(k), preps[1].hi, preps[1].lo, norm ? x : nullptr,
-                 norm_weight, eps, nullptr, grad_x, dtype, norm ? rscale : nullptr, n, d, k};
-  RESBM_DISPATCH(launch_dq, dtype, k, fn, p, preps, norm ? 2 : 1,
+                 norm_weight, eps, nullptr, grad_x, dtype, norm ? rscale : nullptr, row_stats,
+                 n, d, k};
+  // the pre-pass's operand only without the statistics
+  RESBM_DISPATCH(launch_dq, dtype, k, fn, p, preps, norm && row_stats == nullptr ? 2 : 1,
                  static_cast<cudaStream_t>(stream));
 }
 

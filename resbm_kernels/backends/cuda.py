@@ -192,12 +192,12 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
 
 
 def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
-    """``row_stats`` is unused: the kernel's RMSNorm pre-pass recomputes them from x."""
     n, d = x.shape
     k = w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     grad_codec.group(k)
     x, w_e, gamma = _dense(x), _dense(w_e), _dense(norm_weight)
+    stats = _dense(row_stats) if gamma is not None else None  # (without them, a pre-pass over x)
     grad_x = fast.empty((n, d), x.dtype, x.device)
     rscale = fast.empty((n,), torch.float32, x.device) if gamma is not None else None
     if n > 0:
@@ -205,6 +205,6 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
         ws = _workspace("encode_backward", x.dtype, d, k, gamma is not None, x.device)
         _call("resbm_cuda_encode_backward", x.device, codes, scales, n, d, k, bits, group, sdt, x.data_ptr(),
               _DTYPE_CODES[x.dtype], w_e.data_ptr(), _ptr(gamma), float(eps), grad_x.data_ptr(), _ptr(rscale),
-              _ptr(ws))
+              _ptr(stats), _ptr(ws))
     m = _weight_grad(x, grad_payload, grad_codec, rscale, k, transpose=False)
     return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))

@@ -105,13 +105,14 @@ RESBM_API int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t 
                                          void* stream);
 /* grad_x (n, d) of dtype from the gradient payload g_z: g_z w_e + pad_d(g_z), through the
  * RMSNorm backward when norm_weight is set (then x is read and, if rscale is not NULL,
- * r = 1/rms(x) is written to rscale (n,) float32 for the weight gradient) */
+ * r = 1/rms(x) is written to rscale (n,) float32 for the weight gradient); row_stats (or
+ * NULL; needs norm_weight): resbm_cuda_encode_forward's for this x, which spare a pre-pass */
 RESBM_API int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t n,
                                          int64_t d, int64_t k, int bits, int group,
                                          int scale_dtype, const void* x, int dtype,
                                          const void* w_e, const void* norm_weight, float eps,
-                                         void* grad_x, float* rscale, void* workspace,
-                                         void* stream);
+                                         void* grad_x, float* rscale, const float* row_stats,
+                                         void* workspace, void* stream);
 /* partial[s] = sum over the rows of split s of (rscale[r] * zhat[r])^T a[r]: float32
  * (splits, k, d), or (splits, d, k) when transpose; rscale may be NULL (1). The caller
  * sums the splits (deterministic). zhat is read from the payload codes/scales. */
