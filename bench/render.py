@@ -101,10 +101,9 @@ def kernel_section(data: dict) -> list[str]:
            f"Backends present: {', '.join(present)}. Speedups are over eager (and over torch.compile where "
            f"that baseline was timed)."]
     if any(b in present for b in ("triton", "cuda")):
-        out[-1] += (" The fused backward passes re-read their big input by design (decode backward's weight "
-                    "gradient is a second pass; encode backward through RMSNorm reads x once for the row "
-                    "statistics, and the CUDA backend's once more for the weight gradient), so their last columns "
-                    "give the % of copy bandwidth over the bytes those kernels actually move.")
+        out[-1] += (" Some fused backward passes re-read their big input by design (decode backward's weight "
+                    "gradient is a second pass over grad_h, the CUDA encode backward's a second pass over x), so "
+                    "their last columns give the % of copy bandwidth over the bytes those kernels actually move.")
     out.append("")
     by = {}
     for k in ks:

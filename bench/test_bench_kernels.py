@@ -26,7 +26,7 @@ Per item (extra_info): median time, the bytes the pass must move at least
 (each input read once, each output written once -- the roofline), achieved
 GB/s, fraction of the device-to-device copy bandwidth measured in the same
 session, the same fraction over the bytes the Triton/CUDA kernels move by
-design (``design_bytes``: the backward passes re-read their big input),
+design (``design_bytes``: some backward passes re-read their big input),
 TFLOP/s, the error against the eager reference, and on a GPU the NVML
 telemetry read just after timing. Speedups over eager and torch.compile
 are filled in by conftest.py once all items have run.
