@@ -220,7 +220,10 @@ def design_bytes(case: KernelCase) -> int | None:
     (its weight-gradient pass), plus for the CUDA encode backward a second
     read of x (its weight gradient is a separate pass; the Triton one forms it
     from the x tiles that give grad_x). Triton's (N, k) GEMM operand Z (bf16)
-    is also written and read once by both backward passes."""
+    is also written and read once by both backward passes. Not counted: the
+    weight gradients' fp32 partials, one (k, d) per row split, written and
+    summed (up to 8 splits: 32 MB at N=16384, d=4096, k=128, next to 268 MB
+    of roofline; small enough to stay in L2, so counting them could flatter)."""
     if case.backend not in ("triton", "cuda"):
         return None
     big = case.N * case.d * 2
