@@ -98,15 +98,6 @@ __device__ __forceinline__ void split1(float v, typename Operand<DT>::E& hi,
   }
 }
 
-template <int DT>
-__device__ __forceinline__ typename Operand<DT>::E to_operand(float v) {
-  if constexpr (DT == kFloat32) {
-    return to_tf32(v);
-  } else {
-    return float_to_e16<DT>(v);
-  }
-}
-
 // Two 16-bit values (v0 at the lower k index) split into packed hi and lo pairs.
 template <int DT>
 __device__ __forceinline__ void split2(float v0, float v1, uint32_t& hi, uint32_t& lo) {

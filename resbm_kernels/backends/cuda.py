@@ -197,7 +197,7 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     grad_codec.group(k)
     x, w_e, gamma = _dense(x), _dense(w_e), _dense(norm_weight)
-    stats = _dense(row_stats) if gamma is not None else None  # (without them, a pre-pass over x)
+    stats = _dense(row_stats)  # (without them, a pre-pass over x)
     grad_x = fast.empty((n, d), x.dtype, x.device)
     rscale = fast.empty((n,), torch.float32, x.device) if gamma is not None else None
     if n > 0:

@@ -214,7 +214,7 @@ def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps, stats):
     if n == 0:
         return z, alpha
     codes, scales = _payload_args(grad_payload, codec, n, k)
-    has_stats = gamma is not None and stats is not None
+    has_stats = stats is not None  # (the ops accept them only with the norm)
     grad_operand_kernel[_rows_grid(n)](
         codes, scales, x, w_e, gamma if gamma is not None else x, stats if has_stats else z, z,
         alpha if alpha is not None else z,

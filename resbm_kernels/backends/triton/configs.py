@@ -10,7 +10,8 @@ encode backward the (BLOCK_N, BLOCK_D) grad_x tile), and its tiles fit the devic
 shared memory (an upper estimate, see :func:`smem_bytes`). The last config of each
 list is small enough for every k up to 256 and is the fallback. Checked
 ahead of time by tests/test_triton_static.py (same rule, real cubins): no
-spills, for every input dtype.
+spills for bf16 and fp16; fp32 inputs (3xTF32) spill in the backward
+kernels at large k.
 
 ``RESBM_TRITON_AUTOTUNE=0`` skips the timing: each kernel then uses the first
 launchable config (no autotuning delay on the first call of each shape; the
