@@ -80,7 +80,8 @@ run_phase() {
     echo "### $name: $* (timeout ${t}s)" >>"$log"
     local t0 rc status
     t0=$(date +%s)
-    timeout -k 10 "$t" "$@" >>"$log" 2>&1
+    # SIGINT, not SIGTERM: pytest then ends like Ctrl-C and still prints its summary of failures
+    timeout -s INT -k 10 "$t" "$@" >>"$log" 2>&1
     rc=$?
     case $rc in
         0) status="ok" ;;
