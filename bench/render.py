@@ -84,8 +84,16 @@ def machine_section(path: pathlib.Path, data: dict) -> list[str]:
     r = data.get("resbm", {})
     if r:
         out.append(f"- **Run:** `pytest {' '.join(r.get('argv', []))}` — {r.get('session_s', '?')} s; "
-                   f"grid {r.get('grid')}, compile {r.get('compile')}, budget {r.get('budget_s') or 'none'}")
+                   f"grid {r.get('grid')}, compile {r.get('compile')}, budget {r.get('budget_s') or 'none'}"
+                   + (_triton_tuning(r) if any(b["backend"] == "triton" for b in rows(data, "kernels")) else ""))
     return out + [""]
+
+
+def _triton_tuning(run: dict) -> str:
+    """How the run chose the Triton kernels' launch configs."""
+    tuned = run.get("triton_autotune")
+    return "" if tuned is None else "; Triton autotuned" if tuned else \
+        "; Triton untuned (RESBM_TRITON_AUTOTUNE=0: each kernel's first launchable config)"
 
 
 def kernel_section(data: dict) -> list[str]:

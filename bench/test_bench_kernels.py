@@ -269,6 +269,32 @@ def _comparable(case: KernelCase, out):
     return [t for t in out if t is not None]
 
 
+def _triton_autotuners() -> dict:
+    """The Triton backend's autotuned kernels by name (empty without Triton)."""
+    module, _ = _load("triton")
+    if module is None:
+        return {}
+    from resbm_kernels.backends.triton import dequant_project, grad_operand, project_quantize, weight_grad
+
+    return dict(project_quantize=project_quantize.project_quantize_kernel,
+                dequant_project=dequant_project.dequant_project_kernel,
+                grad_operand=grad_operand.grad_operand_kernel, weight_grad=weight_grad.weight_grad_kernel)
+
+
+def _configs_used(tuners: dict) -> dict:
+    """The launch config each kernel last ran with (autotuned, or the first
+    launchable one under RESBM_TRITON_AUTOTUNE=0), for kernels that ran since
+    their ``best_config`` was cleared."""
+    used = {}
+    for name, tuner in tuners.items():
+        c = getattr(tuner, "best_config", None)
+        if c is not None:
+            kw = c.kwargs
+            used[name] = f"BLOCK_N={kw.get('BLOCK_N')} BLOCK_D={kw.get('BLOCK_D')} warps={c.num_warps} " \
+                         f"stages={c.num_stages}"
+    return used
+
+
 def _rel_err(got, ref) -> float:
     errs = []
     for a, b in zip(got, ref):
@@ -300,6 +326,9 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
     w, per_set = _inputs(kcase, dev, sets, gen)
 
     warmup = 3 if gpu else 1
+    tuners = _triton_autotuners() if kcase.backend == "triton" else {}
+    for tuner in tuners.values():
+        tuner.best_config = None  # set again by each kernel this pass launches
     with use_backend(backend_name) if backend_name else contextlib.nullcontext():
         call = lambda i: _call(kcase, compiled, w, per_set[i % sets])  # noqa: E731
         # correctness first: the backend's result against the eager reference
@@ -333,6 +362,7 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
         design_bytes=design, frac_copy_bw_design=design / stats["median_s"] / 1e9 / copy_bw["copy_GBps"]
         if design else None,
         max_rel_err_vs_eager=err,
+        **({"triton_configs": _configs_used(tuners)} if tuners else {}),
         **benchlib.telemetry(dev),
     )
     benchlib.record(benchmark, times)
