@@ -52,7 +52,7 @@ def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False
     codes = "B" if bits == 16 else "U"
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="project_quantize", what=what, k=k, act=act,
-                ptrs=dict(a_ptr="A", w_ptr="A", gamma_ptr="A", codes_ptr=codes, scales_ptr="B" if bits == 16 else "S",
+                ptrs=dict(a_ptr="A", w_ptr="A", codes_ptr=codes, scales_ptr="B" if bits == 16 else "S",
                           zcodes_ptr="U", zscales_ptr="S", z_ptr="Z", stats_ptr="F"),
                 ones=[unit], div16=["d", "k", "stride_a", strided],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
@@ -72,7 +72,7 @@ def operand(what, k, *, act="bf16"):
     row statistics: Z and alpha from a pass over x; given them, or without the
     norm, the kernel does no GEMM and is not listed)."""
     return dict(kernel="grad_operand", what=what, k=k, act=act,
-                ptrs=dict(codes_ptr="U", scales_ptr="S", a_ptr="A", w_ptr="A", gamma_ptr="A", stats_ptr="F",
+                ptrs=dict(codes_ptr="U", scales_ptr="S", a_ptr="A", w_ptr="A", stats_ptr="F",
                           z_ptr="Z", alpha_ptr="F"),
                 ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"],
                 constexprs=dict(BITS=8, HAS_NORM=True, HAS_STATS=False))

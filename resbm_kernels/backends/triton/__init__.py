@@ -126,6 +126,13 @@ def _rows_grid(n):
 # ---- launchers ----------------------------------------------------------------------
 
 
+def _fold_norm(w, gamma, dtype):
+    """gamma * w (k, d), rounded once to the GEMM operand dtype: the weight tile
+    every program would otherwise scale in its loop (the kernels' tensor-core
+    operand conversion rounds to nearest even, as this cast does)."""
+    return (w.float() * gamma.float()).to(dtype)
+
+
 def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out, z=None, stats=None):
     """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d;
     ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer;
@@ -140,8 +147,11 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     else:
         buffer, z_payload, z_codec = z
         z_ptrs, z_group, z_bits = (*_payload_args(z_payload, z_codec, n, k), buffer), z_codec.group(k), z_codec.bits
+    if gamma is not None:
+        w = _fold_norm(w, gamma, a.dtype)
+        w_strides = (w.stride(0), w.stride(1))
     project_quantize_kernel[_rows_grid(n)](
-        a, w, gamma if gamma is not None else a, codes, scales, *z_ptrs, stats if stats is not None else a,
+        a, w, codes, scales, *z_ptrs, stats if stats is not None else a,
         n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, stats.stride(0) if stats is not None else 0,
         eps, _signed32(rng_key(seed)),
         HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
@@ -215,10 +225,11 @@ def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps, stats):
         return z, alpha
     codes, scales = _payload_args(grad_payload, codec, n, k)
     has_stats = stats is not None  # (the ops accept them only with the norm)
+    w = _fold_norm(w_e, gamma, x.dtype) if gamma is not None and not has_stats else w_e
     grad_operand_kernel[_rows_grid(n)](
-        codes, scales, x, w_e, gamma if gamma is not None else x, stats if has_stats else z, z,
+        codes, scales, x, w, stats if has_stats else z, z,
         alpha if alpha is not None else z,
-        n, d, k, codec.group(k), x.stride(0), w_e.stride(0), w_e.stride(1), stats.stride(0) if has_stats else 0, eps,
+        n, d, k, codec.group(k), x.stride(0), w.stride(0), w.stride(1), stats.stride(0) if has_stats else 0, eps,
         BITS=codec.bits, HAS_NORM=gamma is not None, HAS_STATS=has_stats, BLOCK_K=_block_k(k), **_common(x.device),
     )
     return z, alpha

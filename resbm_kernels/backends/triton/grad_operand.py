@@ -28,13 +28,13 @@ from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 @autotune_project
 @triton.jit
 def grad_operand_kernel(
-    codes_ptr, scales_ptr, a_ptr, w_ptr, gamma_ptr, stats_ptr, z_ptr, alpha_ptr,
+    codes_ptr, scales_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, alpha_ptr,
     n, d, k, group, stride_a, stride_wk, stride_wd, stride_stats, eps,
     BITS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Z[rows] = r * g_z and, with the norm, alpha[rows] (A = x, W = w_e)."""
+    """Z[rows] = r * g_z and, with the norm, alpha[rows] (A = x, W = gamma * w_e)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     g_z = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
@@ -42,7 +42,7 @@ def grad_operand_kernel(
         if HAS_STATS:
             p, r = load_row_stats(stats_ptr, stride_stats, rows, kcols, n, k)
         else:
-            s, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
+            s, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
                                     True, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
             r = inv_rms(sumsq, d, eps)
             p = s * r[:, None]

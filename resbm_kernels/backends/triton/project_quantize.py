@@ -24,27 +24,27 @@ from .tiles import inv_rms, load_rows, project_rows, store_operand, store_row_st
 @autotune_project
 @triton.jit(do_not_specialize=["key"])  # an int argument equal to 1 would become a constant
 def project_quantize_kernel(
-    a_ptr, w_ptr, gamma_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
+    a_ptr, w_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
     n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """payload rows = quantize(r * (A @ (gamma * W)^T) + A[:, :k]); r = 1/rms(A)
-    with the norm, else 1. The identity tile is loaded with the first d tile
+    """payload rows = quantize(r * (A @ W^T) + A[:, :k]); r = 1/rms(A) with the
+    norm (W then holds gamma * W_e), else 1. The identity tile is loaded with the first d tile
     (same cache lines), the RMS is gathered during the same d loop.
 
     ZBITS > 0 (decode backward): also Z[rows] = dequantize(zcodes, zscales),
     the forward payload of ZBITS bits with scale group ``zgroup``.
-    WRITE_STATS (with the norm): also stats[rows] = [r * (A @ (gamma * W)^T) | r]."""
+    WRITE_STATS (with the norm): also stats[rows] = [r * (A @ W^T) | r]."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0:
         zhat = load_payload(zcodes_ptr, zscales_ptr, rows[:, None], kcols[None, :], n, k, zgroup, ZBITS)
         store_operand(z_ptr, rows, kcols, n, k, zhat)
     ident = load_rows(a_ptr, stride_a, rows, kcols, n, k)
-    acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
+    acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
                               HAS_NORM, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if HAS_NORM:
         r = inv_rms(sumsq, d, eps)

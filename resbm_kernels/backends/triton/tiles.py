@@ -87,12 +87,12 @@ def store_operand(ptr, rows, cols, n, ncols, v):
 
 
 @triton.jit
-def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, n, d, k,
+def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
                  HAS_NORM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One pass over A's rows: acc = A[rows] @ (gamma * W)^T (BLOCK_N, BLOCK_K)
-    and, when HAS_NORM, the rows' sums of squares (gamma folded into the W tile,
-    so the normalised activations are never formed)."""
+    """One pass over A's rows: acc = A[rows] @ W^T (BLOCK_N, BLOCK_K) and, when
+    HAS_NORM, the rows' sums of squares. Through RMSNorm W is gamma * W_e, folded
+    once per call by the launcher, so the normalised activations are never formed."""
     kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     sumsq = tl.zeros((BLOCK_N,), tl.float32)
@@ -103,7 +103,6 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, gamma_ptr, rows, 
         if HAS_NORM:
             af = a.to(tl.float32)
             sumsq += tl.sum(af * af, axis=1)
-            w = w.to(tl.float32) * tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)[None, :]
         acc = mma(a, tl.trans(w), acc, a.dtype, UPCAST, PRECISION)
     return acc, sumsq
 
