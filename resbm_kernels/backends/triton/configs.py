@@ -114,6 +114,10 @@ WGRAD_CONFIGS = _configs(GPU_WGRAD, interp=(64, 128))
 _KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X", "WRITE_STATS", "HAS_STATS"]
 
 
+# for the kernels that loop over d in BLOCK_D tiles: whole tiles need no column test
+even_d = triton.heuristics({"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0})
+
+
 def _autotune(configs, wgrad, dequant, operand):
     return triton.autotune(configs=configs, key=_KEY,
                            prune_configs_by={"early_config_prune": _pruner(wgrad, dequant, operand)})

@@ -9,16 +9,17 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, round_to_kind
-from .configs import autotune_dequant
-from .tiles import dequant_mma, load_rows, load_w
+from .configs import autotune_dequant, even_d
+from .tiles import dequant_mma, load_rows, load_w, rows_mask
 
 
 @autotune_dequant
+@even_d
 @triton.jit
 def dequant_project_kernel(
     codes_ptr, scales_ptr, w_ptr, res_ptr, out_ptr,
     n, d, k, group, stride_wk, stride_wd, stride_res, stride_out,
-    BITS: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr,
+    BITS: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -28,13 +29,13 @@ def dequant_project_kernel(
     zhat = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
     for d0 in range(0, d, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
-        w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd)
+        w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         h = dequant_mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
         if d0 < k:
             # identity path: re-dequantize the (cache-hot) payload columns d0..
             h += load_payload(codes_ptr, scales_ptr, rows[:, None], dcols[None, :], n, k, group, BITS)
         if HAS_RES:
-            h += load_rows(res_ptr, stride_res, rows, dcols, n, d).to(tl.float32)
-        mask = (rows < n)[:, None] & (dcols < d)[None, :]
+            h += load_rows(res_ptr, stride_res, rows, dcols, n, d, EVEN_D).to(tl.float32)
+        mask = rows_mask(rows, dcols, n, d, EVEN_D)
         out = round_to_kind(h, OUT_KIND).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + dcols[None, :], out, mask=mask)

@@ -21,16 +21,17 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload
-from .configs import autotune_project
+from .configs import autotune_project, even_d
 from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 
 
 @autotune_project
+@even_d
 @triton.jit
 def grad_operand_kernel(
     codes_ptr, scales_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, alpha_ptr,
     n, d, k, group, stride_a, stride_wk, stride_wd, stride_stats, eps,
-    BITS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr,
+    BITS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -43,7 +44,7 @@ def grad_operand_kernel(
             p, r = load_row_stats(stats_ptr, stride_stats, rows, kcols, n, k)
         else:
             s, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
-                                    True, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+                                    True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
             r = inv_rms(sumsq, d, eps)
             p = s * r[:, None]
         alpha = tl.math.div_rn(r * r * tl.sum(g_z * p, axis=1), tl.full(r.shape, d, tl.float32))

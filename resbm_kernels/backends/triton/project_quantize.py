@@ -17,18 +17,19 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, store_payload
-from .configs import autotune_project
+from .configs import autotune_project, even_d
 from .tiles import inv_rms, load_rows, project_rows, store_operand, store_row_stats
 
 
 @autotune_project
+@even_d
 @triton.jit(do_not_specialize=["key"])  # an int argument equal to 1 would become a constant
 def project_quantize_kernel(
     a_ptr, w_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
     n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """payload rows = quantize(r * (A @ W^T) + A[:, :k]); r = 1/rms(A) with the
@@ -43,9 +44,9 @@ def project_quantize_kernel(
     if ZBITS != 0:
         zhat = load_payload(zcodes_ptr, zscales_ptr, rows[:, None], kcols[None, :], n, k, zgroup, ZBITS)
         store_operand(z_ptr, rows, kcols, n, k, zhat)
-    ident = load_rows(a_ptr, stride_a, rows, kcols, n, k)
+    ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False)
     acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
-                              HAS_NORM, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+                              HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if HAS_NORM:
         r = inv_rms(sumsq, d, eps)
         acc = acc * r[:, None]

@@ -61,17 +61,31 @@ def tf32_truncate(x):
 
 
 @triton.jit
-def load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd):
+def load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D: tl.constexpr):
     """(len(kcols), len(dcols)) tile of W viewed as k x d (w_e directly, w_d
-    through its strides), 0 outside the matrix."""
-    mask = (kcols < k)[:, None] & (dcols < d)[None, :]
+    through its strides), 0 outside the matrix; EVEN_D: no column lies beyond d."""
+    if EVEN_D:
+        mask = (kcols < k)[:, None]
+    else:
+        mask = (kcols < k)[:, None] & (dcols < d)[None, :]
     return tl.load(w_ptr + kcols[:, None] * stride_wk + dcols[None, :] * stride_wd, mask=mask, other=0.0)
 
 
 @triton.jit
-def load_rows(ptr, stride, rows, cols, n, ncols):
+def rows_mask(rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
+    """rows < n and cols < ncols; EVEN_COLS: no column lies beyond ncols (a
+    loop over whole tiles of d needs no column test, which saves address
+    arithmetic in every iteration)."""
+    if EVEN_COLS:
+        return (rows < n)[:, None]
+    else:
+        return (rows < n)[:, None] & (cols < ncols)[None, :]
+
+
+@triton.jit
+def load_rows(ptr, stride, rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
     """Tile ptr[rows, cols] of a row-major matrix, 0 outside n x ncols."""
-    mask = (rows < n)[:, None] & (cols < ncols)[None, :]
+    mask = rows_mask(rows, cols, n, ncols, EVEN_COLS)
     return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
 
 
@@ -88,23 +102,25 @@ def store_operand(ptr, rows, cols, n, ncols, v):
 
 @triton.jit
 def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
-                 HAS_NORM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 HAS_NORM: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """One pass over A's rows: acc = A[rows] @ W^T (BLOCK_N, BLOCK_K) and, when
     HAS_NORM, the rows' sums of squares. Through RMSNorm W is gamma * W_e, folded
     once per call by the launcher, so the normalised activations are never formed."""
     kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    sumsq = tl.zeros((BLOCK_N,), tl.float32)
+    # squares summed per element, across lanes once after the loop (a row
+    # reduction in every iteration cost a shuffle tree per tile)
+    squares = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for d0 in range(0, d, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
-        a = load_rows(a_ptr, stride_a, rows, dcols, n, d)
-        w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd)
+        a = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D)
+        w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         if HAS_NORM:
             af = a.to(tl.float32)
-            sumsq += tl.sum(af * af, axis=1)
+            squares += af * af
         acc = mma(a, tl.trans(w), acc, a.dtype, UPCAST, PRECISION)
-    return acc, sumsq
+    return acc, tl.sum(squares, axis=1)
 
 
 @triton.jit

@@ -48,13 +48,13 @@ def weight_grad_kernel(
     end = tl.minimum(start + rows_per_split, n)
     acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     if GRAD_X:
-        w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd)
+        w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, False)
         if HAS_NORM:
             g = tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        a = load_rows(a_ptr, stride_a, rows, dcols, end, d)
-        z = load_rows(z_ptr, k, rows, kcols, end, k)
+        a = load_rows(a_ptr, stride_a, rows, dcols, end, d, False)  # (the column test is loop-invariant here)
+        z = load_rows(z_ptr, k, rows, kcols, end, k, False)
         acc = dequant_mma(tl.trans(z), a, acc, UPCAST, PRECISION)
         if GRAD_X:
             h = dequant_mma(z, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
