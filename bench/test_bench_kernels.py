@@ -272,13 +272,7 @@ def _comparable(case: KernelCase, out):
 def _triton_autotuners() -> dict:
     """The Triton backend's autotuned kernels by name (empty without Triton)."""
     module, _ = _load("triton")
-    if module is None:
-        return {}
-    from resbm_kernels.backends.triton import dequant_project, grad_operand, project_quantize, weight_grad
-
-    return dict(project_quantize=project_quantize.project_quantize_kernel,
-                dequant_project=dequant_project.dequant_project_kernel,
-                grad_operand=grad_operand.grad_operand_kernel, weight_grad=weight_grad.weight_grad_kernel)
+    return module.KERNELS if module is not None else {}
 
 
 def _configs_used(tuners: dict) -> dict:

@@ -60,11 +60,17 @@ def encoder_inputs(x, w_e, norm_weight, codec: Codec) -> None:
         shape("norm_weight", norm_weight, (d,))
 
 
+def row_stats_have_norm(norm_weight) -> None:
+    """Row statistics exist only through RMSNorm (asked of encode forward or given to encode backward)."""
+    if norm_weight is None:
+        raise ValueError("row_stats: only the encoder with RMSNorm has row statistics; "
+                         "without norm_weight there are none to return or pass")
+
+
 def row_stats(t, x, w_e, norm_weight) -> None:
     """encode_backward's ``row_stats``: what encode forward returned for the
     same x through RMSNorm, (N, k+1) float32."""
-    if norm_weight is None:
-        raise ValueError("row_stats: are RMSNorm statistics; without norm_weight there are none to pass")
+    row_stats_have_norm(norm_weight)
     tensor("row_stats", t, ndim=2, dtypes=(torch.float32,), device=x.device)
     shape("row_stats", t, (x.shape[0], w_e.shape[0] + 1))
 

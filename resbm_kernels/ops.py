@@ -92,8 +92,7 @@ def _row_stats_buffer(x, w_e, norm_weight, wanted: bool, fake: bool = False) -> 
     statistics when ``wanted`` (for encode backward: one pass less over x)."""
     if not wanted:
         return None
-    if norm_weight is None:
-        raise ValueError("row_stats: only the encoder with RMSNorm (norm_weight) has row statistics")
+    checks.row_stats_have_norm(norm_weight)
     shape = (x.shape[0], w_e.shape[0] + 1)
     return x.new_empty(shape, dtype=torch.float32) if fake else fast.empty(shape, torch.float32, x.device)
 

@@ -218,16 +218,17 @@ def ptxas_report(source, include_dir, out_dir) -> list[tuple[str, str, int, int,
 # ---- reading compiled kernels (SASS) --------------------------------------------------
 
 
-def sass_tool(name: str) -> str | None:
-    """Path of a CUDA binary utility (cuobjdump, nvdisasm) as bundled with Triton, or None."""
+def sass_tool(name: str) -> str:
+    """Path of a CUDA binary utility (cuobjdump, nvdisasm) as bundled with Triton
+    (a dependency: a missing one is a broken install, reported as such)."""
     import os
 
-    try:
-        import triton
-    except ImportError:
-        return None
+    import triton
+
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return path if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} is not where Triton bundles it ({path}): reinstall triton")
+    return path
 
 
 def sass_functions(sass: str) -> dict[str, str]:

@@ -439,12 +439,9 @@ def test_every_gpu_block_size(monkeypatch, blocks):
     gives the reference result on a shape with a tail in every dimension (the
     interpreter otherwise only runs its one fixed config; on a GPU the autotuner
     would pick just one)."""
-    from resbm_kernels.backends.triton import dequant_project, grad_operand, project_quantize, weight_grad
-
     rows = [c for c in tb.configs.gpu_configs(tb.configs.GPU_ROWS + tb.configs.GPU_WGRAD)
             if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) == blocks][:1]
-    for kernel in (project_quantize.project_quantize_kernel, dequant_project.dequant_project_kernel,
-                   grad_operand.grad_operand_kernel, weight_grad.weight_grad_kernel):
+    for kernel in tb.KERNELS.values():
         monkeypatch.setattr(kernel, "configs", rows)
     n, d, k = 150, 240, 48  # no multiple of 64 or 128 anywhere
     gen = torch.Generator().manual_seed(sum(blocks))

@@ -126,16 +126,10 @@ def _worker():
     from triton.compiler import ASTSource
 
     from helpers import main_loops, sass_tool
-    from resbm_kernels.backends.triton import configs
-    from resbm_kernels.backends.triton.dequant_project import dequant_project_kernel
-    from resbm_kernels.backends.triton.grad_operand import grad_operand_kernel
-    from resbm_kernels.backends.triton.project_quantize import project_quantize_kernel
-    from resbm_kernels.backends.triton.weight_grad import weight_grad_kernel
+    from resbm_kernels.backends.triton import KERNELS, configs
 
-    kernels = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
-                   grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel)
     for case in CASES:
-        autotuner = kernels[case["kernel"]]
+        autotuner = KERNELS[case["kernel"]]
         fn = autotuner.fn
         while not isinstance(fn, triton.runtime.JITFunction):  # under the heuristics (EVEN_D)
             fn = fn.fn

@@ -53,6 +53,10 @@ from .grad_operand import grad_operand_kernel
 from .project_quantize import project_quantize_kernel
 from .weight_grad import weight_grad_kernel
 
+# the autotuned kernels by name (the benchmarks and the static check enumerate them)
+KERNELS = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
+               grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel)
+
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
 

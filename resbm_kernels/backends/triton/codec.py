@@ -12,12 +12,12 @@ followed by an add is never contracted into one FMA (which would round once
 instead of twice, unlike the reference).
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+from .configs import INTERPRET
+
+INTERPRETED = tl.constexpr(INTERPRET)
 
 # dtype kinds used as constexprs for rounding (scales and outputs)
 KIND_F32 = tl.constexpr(0)

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .codec import load_payload, round_to_kind
 from .configs import autotune_dequant, even_d
-from .tiles import dequant_mma, load_rows, load_w, rows_mask
+from .tiles import dequant_mma, load_rows, load_w, tile_mask
 
 
 @autotune_dequant
@@ -36,6 +36,6 @@ def dequant_project_kernel(
             h += load_payload(codes_ptr, scales_ptr, rows[:, None], dcols[None, :], n, k, group, BITS)
         if HAS_RES:
             h += load_rows(res_ptr, stride_res, rows, dcols, n, d, EVEN_D).to(tl.float32)
-        mask = rows_mask(rows, dcols, n, d, EVEN_D)
+        mask = tile_mask(rows, dcols, n, d, EVEN_D)
         out = round_to_kind(h, OUT_KIND).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + dcols[None, :], out, mask=mask)

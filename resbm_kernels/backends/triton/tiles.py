@@ -64,18 +64,15 @@ def tf32_truncate(x):
 def load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D: tl.constexpr):
     """(len(kcols), len(dcols)) tile of W viewed as k x d (w_e directly, w_d
     through its strides), 0 outside the matrix; EVEN_D: no column lies beyond d."""
-    if EVEN_D:
-        mask = (kcols < k)[:, None]
-    else:
-        mask = (kcols < k)[:, None] & (dcols < d)[None, :]
+    mask = tile_mask(kcols, dcols, k, d, EVEN_D)
     return tl.load(w_ptr + kcols[:, None] * stride_wk + dcols[None, :] * stride_wd, mask=mask, other=0.0)
 
 
 @triton.jit
-def rows_mask(rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
-    """rows < n and cols < ncols; EVEN_COLS: no column lies beyond ncols (a
-    loop over whole tiles of d needs no column test, which saves address
-    arithmetic in every iteration)."""
+def tile_mask(rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
+    """rows < n and cols < ncols for a (len(rows), len(cols)) tile; EVEN_COLS: no
+    column lies beyond ncols (a loop over whole tiles of d needs no column
+    test, which saves address arithmetic in every iteration)."""
     if EVEN_COLS:
         return (rows < n)[:, None]
     else:
@@ -85,7 +82,7 @@ def rows_mask(rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
 @triton.jit
 def load_rows(ptr, stride, rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
     """Tile ptr[rows, cols] of a row-major matrix, 0 outside n x ncols."""
-    mask = rows_mask(rows, cols, n, ncols, EVEN_COLS)
+    mask = tile_mask(rows, cols, n, ncols, EVEN_COLS)
     return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
 
 
@@ -96,7 +93,7 @@ def store_operand(ptr, rows, cols, n, ncols, v):
     GPU's operand conversion; the interpreter's cast would truncate)."""
     if ptr.dtype.element_ty == tl.bfloat16:
         v = round_to_kind(v, KIND_BF16)
-    mask = (rows < n)[:, None] & (cols < ncols)[None, :]
+    mask = tile_mask(rows, cols, n, ncols, False)
     tl.store(ptr + rows[:, None].to(tl.int64) * ncols + cols[None, :], v.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -128,7 +125,7 @@ def store_row_stats(ptr, stride, rows, kcols, n, k, proj, r):
     """RMSNorm row statistics [proj | r] (fp32, row stride ``stride``): the
     normalised projection (BLOCK_N, BLOCK_K) and 1/rms (BLOCK_N,)."""
     base = ptr + rows.to(tl.int64) * stride
-    tl.store(base[:, None] + kcols[None, :], proj, mask=(rows < n)[:, None] & (kcols < k)[None, :])
+    tl.store(base[:, None] + kcols[None, :], proj, mask=tile_mask(rows, kcols, n, k, False))
     tl.store(base + k, r, mask=rows < n)
 
 
@@ -136,7 +133,7 @@ def store_row_stats(ptr, stride, rows, kcols, n, k, proj, r):
 def load_row_stats(ptr, stride, rows, kcols, n, k):
     """(proj, r) as stored by :func:`store_row_stats`, 0 outside the rows."""
     base = ptr + rows.to(tl.int64) * stride
-    proj = tl.load(base[:, None] + kcols[None, :], mask=(rows < n)[:, None] & (kcols < k)[None, :], other=0.0)
+    proj = tl.load(base[:, None] + kcols[None, :], mask=tile_mask(rows, kcols, n, k, False), other=0.0)
     return proj, tl.load(base + k, mask=rows < n, other=0.0)
 
 

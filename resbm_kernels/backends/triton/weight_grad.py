@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .codec import load_payload, round_to_kind
 from .configs import autotune_wgrad
-from .tiles import dequant_mma, load_rows, load_w
+from .tiles import dequant_mma, load_rows, load_w, tile_mask
 
 
 @autotune_wgrad
@@ -63,8 +63,8 @@ def weight_grad_kernel(
                 h = h * g[None, :] - a.to(tl.float32) * alpha[:, None]
             if pid_d * BLOCK_D < k:  # identity path
                 h += load_payload(codes_ptr, scales_ptr, rows[:, None], dcols[None, :], end, k, group, BITS)
-            mask = (rows < end)[:, None] & (dcols < d)[None, :]
+            mask = tile_mask(rows, dcols, end, d, False)
             out = round_to_kind(h, OUT_KIND).to(gx_ptr.dtype.element_ty)
             tl.store(gx_ptr + rows[:, None].to(tl.int64) * stride_gx + dcols[None, :], out, mask=mask)
-    mask = (kcols < k)[:, None] & (dcols < d)[None, :]
+    mask = tile_mask(kcols, dcols, k, d, False)
     tl.store(out_ptr + pid_s * stride_os + kcols[:, None] * stride_ok + dcols[None, :] * stride_od, acc, mask=mask)
