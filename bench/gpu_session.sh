@@ -22,6 +22,9 @@
 #             machine) Nsight Compute (ncu, --clock-control none) on one call of each pass
 #             and backend at N=16384, d=4096, k=128, int8 (bench/profile_kernels.py):
 #             throughput vs peak, memory, occupancy, warp stalls    -> profile.log, profile.csv
+#   sweep     (only when named in RESBM_PHASES) bench/sweep_configs.py: every Triton kernel
+#             under a wide grid of launch configs, timed in its pass; compiles in parallel
+#             first (nproc - 1 workers), then times within the time left      -> sweep.log, sweep.json
 #   bench     the kernel (and wire) benchmarks, --benchmark-json=$OUT/kernels.json, with an
 #             internal time budget (and SIGTERM handled) so the JSON is always written;
 #             Triton untuned unless RESBM_BENCH_AUTOTUNE=1; each Triton item records the
@@ -43,7 +46,8 @@
 # RESBM_SESSION_S, RESBM_BENCH_MIN_S (default 150: kept for the benchmarks by the earlier
 # phases), RESBM_PHASES (default "info install tests sanitize bench"),
 # RESBM_BENCH_ARGS (extra pytest arguments for the bench phase, split on spaces, e.g.
-# "-k encode_forward"), RESBM_BENCH_AUTOTUNE (default 0).
+# "-k encode_forward"), RESBM_BENCH_AUTOTUNE (default 0), RESBM_SANITIZERS (default
+# "memcheck racecheck synccheck initcheck"), RESBM_SWEEP_ARGS (extra sweep_configs.py arguments).
 #
 # Afterwards, on the development machine: copy kernels.json to
 # bench/results/<card>-<date>.json, run `python bench/render.py` and
@@ -175,7 +179,7 @@ fi
 # ---- compute-sanitizer ------------------------------------------------------------------
 if wanted sanitize; then
     if command -v compute-sanitizer >/dev/null; then
-        for tool in memcheck racecheck synccheck initcheck; do
+        for tool in ${RESBM_SANITIZERS:-memcheck racecheck synccheck initcheck}; do
             backends="cuda,native" quick="cuda" cap=40
             [[ $tool == racecheck ]] && cap=50
             [[ $tool == memcheck ]] && backends="native,cuda,triton" quick="triton" cap=80
@@ -205,6 +209,15 @@ if wanted profile; then
         SUMMARY+=("profile: NOT RUN (ncu not found)")
         FAILED=1
     fi
+fi
+
+# ---- Triton launch-config sweep (opt-in) -------------------------------------------------------
+if wanted sweep; then
+    # a third of the time left compiles (in parallel), the rest times; the JSON is written at the end
+    avail=$(($(left_s) - RESERVE_S - 20))
+    run_phase sweep $((avail + 15)) "$OUT/sweep.log" "${PYP[@]}" bench/sweep_configs.py --jobs "$(($(nproc) - 1))" \
+        --compile-budget-s $((avail / 3)) --budget-s $((avail * 2 / 3 - 30)) --out "$OUT/sweep.json" \
+        ${RESBM_SWEEP_ARGS:-}
 fi
 
 # ---- kernel benchmarks --------------------------------------------------------------------

@@ -1,0 +1,246 @@
+"""Sweep Triton launch configs beyond the autotune set, to choose that set from timings.
+
+    python bench/sweep_configs.py --out sweep.json [--jobs 14] [--budget-s 150]
+
+For each fused pass and each Triton kernel it launches, every candidate
+(BLOCK_N, BLOCK_D, num_warps, num_stages) of a wide grid runs in place of
+that kernel's configs (the pass's other kernels keep their first config), at
+d=4096, k in {32, 128}, int8 and bf16 (the benchmark inputs), for each N;
+the pass is checked once against the reference, then timed (median of CUDA
+event times over rotating input sets, as the kernel benchmarks do). Recorded
+per candidate: time, fraction of the copy bandwidth over the pass's roofline
+bytes, registers and spills of the compiled kernel, error vs the reference, or
+why it could not run. The table printed at the end gives, per (pass, kernel,
+k, N), the fastest candidate next to the current first config.
+
+Candidates are pruned with the backend's own estimates (configs.tile_regs at
+up to twice today's cap, configs.smem_bytes against the device limit), so a
+wider register cap can be judged by its timings and spills. ``--jobs J``
+first compiles every candidate in J worker processes (Triton's on-disk cache
+then serves the timing process), which is what makes the sweep fit one device
+call. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("RESBM_TRITON_AUTOTUNE", "0")  # the kernels not swept run their first config
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+from test_bench_kernels import (  # noqa: E402
+    TOLERANCE, KernelCase, _call, _comparable, _inputs, _rel_err, _set_bytes, roofline)
+
+from resbm_kernels.backends import use_backend  # noqa: E402
+from resbm_kernels.backends.triton import KERNELS, configs  # noqa: E402
+
+PASS_KERNELS = {
+    "encode_forward": ("project_quantize",),
+    "decode_forward": ("dequant_project",),
+    "decode_backward": ("project_quantize", "weight_grad"),
+    "encode_backward": ("grad_operand", "weight_grad"),
+}
+GRID = dict(BLOCK_N=(32, 64, 128), BLOCK_D=(64, 128, 256), num_warps=(4, 8), num_stages=(3, 4))
+PRECOMPILE_N = 1024
+
+
+def candidates(pass_: str, kernel: str, k: int, smem_limit: int) -> list:
+    """The grid's configs that the backend's estimates do not rule out for this kernel."""
+    wgrad = kernel == "weight_grad"
+    grad_x = wgrad and pass_ == "encode_backward"
+    block_k = max(16, 1 << (k - 1).bit_length())
+    table = itertools.product(*GRID.values())
+    out = []
+    for c in configs.gpu_configs(table):
+        if (configs.tile_regs(c, block_k, wgrad, grad_x) <= 2 * configs.MAX_TILE_REGS[wgrad]
+                and configs.smem_bytes(c, block_k, 2, wgrad, grad_x) <= smem_limit):
+            out.append(c)
+    return out
+
+
+def label(c) -> str:
+    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}"
+
+
+class Swapped:
+    """Run one kernel with a given config; record the kernel Triton compiled for it."""
+
+    def __init__(self, name: str, config):
+        self.tuner, self.config, self.compiled = KERNELS[name], config, None
+
+    def __enter__(self):
+        self.saved = self.tuner.configs
+        self.tuner.configs = [self.config]  # one config: the autotuner launches it as given
+        inner = self.tuner.fn
+
+        def spy(*args, **kwargs):
+            self.compiled = type(inner).run(inner, *args, **kwargs)
+            return self.compiled
+        inner.run = spy
+        return self
+
+    def __exit__(self, *exc):
+        self.tuner.configs = self.saved
+        del self.tuner.fn.run
+
+    def resources(self) -> dict:
+        c = self.compiled
+        return dict(regs=getattr(c, "n_regs", None), spills=getattr(c, "n_spills", None))
+
+
+def work_items(args, smem_limit):
+    """(pass, kernel, k, config) in a fixed order (the workers split it by index)."""
+    for pass_, kernels in PASS_KERNELS.items():
+        if pass_ not in args.passes:
+            continue
+        for kernel, k in itertools.product(kernels, args.k):
+            for c in candidates(pass_, kernel, k, smem_limit):
+                yield pass_, kernel, k, c
+
+
+def precompile(args, dev, smem_limit, shard: int) -> None:
+    """Worker: launch this shard's items once at a small N (fills Triton's cache)."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    inputs = {}
+    for i, (pass_, kernel, k, c) in enumerate(work_items(args, smem_limit)):
+        if i % args.jobs != shard:
+            continue
+        case = KernelCase(pass_, "triton", PRECOMPILE_N, args.d, k, args.bits, "sweep")
+        if (pass_, k) not in inputs:
+            inputs[pass_, k] = _inputs(case, dev, 1, gen)
+        w, (s,) = inputs[pass_, k]
+        try:
+            with use_backend("triton"), Swapped(kernel, c):
+                _call(case, None, w, s)
+        except Exception as e:  # noqa: BLE001 -- reported again (and recorded) by the timing process
+            print(f"precompile {pass_} {kernel} k={k} {label(c)}: {type(e).__name__}", flush=True)
+
+
+def time_item(case, kernel, c, w, per_set, sets, ref, dev) -> dict:
+    row = dict(pass_=case.pass_, kernel=kernel, k=case.k, N=case.N, config=label(c), first=False)
+    try:
+        with use_backend("triton"), Swapped(kernel, c) as sw:
+            call = lambda i: _call(case, None, w, per_set[i % sets])  # noqa: E731
+            err = _rel_err(_comparable(case, call(0)), ref)
+            row["rel_err"] = err
+            if not (err == err and err <= TOLERANCE[case.bits]):
+                row["error"] = f"relative error {err:.3g} vs the reference"
+                return row
+            reps, _ = benchlib.adaptive_reps(call, dev, target_s=0.05, lo=10, hi=60, warmup=2)
+            times = benchlib.time_calls(call, dev, warmup=0, reps=reps)
+            row.update(sw.resources())
+    except Exception as e:  # noqa: BLE001 -- e.g. out of shared memory: recorded, the sweep goes on
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return row
+    row["median_us"] = benchlib.summary(times)["median_s"] * 1e6
+    return row
+
+
+def sweep(args, dev, smem_limit) -> list[dict]:
+    """Time every candidate; each (pass, k, N) group gets an equal share of the
+    budget (plus what earlier groups left), so a cut spares no pass entirely."""
+    copy = benchlib.copy_bandwidth(dev)["copy_GBps"]
+    groups = [(p, k, n) for n in args.N for p in PASS_KERNELS if p in args.passes for k in args.k]
+    deadline = time.monotonic()
+    rows = []
+    gen = torch.Generator(device=dev).manual_seed(1)
+    for pass_, k, n in groups:
+        deadline += args.budget_s / len(groups)
+        case = KernelCase(pass_, "triton", n, args.d, k, args.bits, "sweep")
+        sets = benchlib.rotation(_set_bytes(case), dev)
+        w, per_set = _inputs(case, dev, sets, gen)
+        with use_backend("reference"):
+            ref = _comparable(case, _call(case, None, w, per_set[0]))
+        nbytes = roofline(case)[0]
+        block_k = max(16, 1 << (k - 1).bit_length())
+        for kernel in PASS_KERNELS[pass_]:
+            wgrad = kernel == "weight_grad"
+            first = configs.launchable(KERNELS[kernel].configs, block_k, 2, smem_limit, wgrad,
+                                       wgrad and pass_ == "encode_backward")[0]
+            for c in [first] + [c for c in candidates(pass_, kernel, k, smem_limit) if label(c) != label(first)]:
+                if time.monotonic() > deadline:
+                    print(f"{pass_} k={k} N={n}: its share of the budget is used, next group", flush=True)
+                    break
+                row = time_item(case, kernel, c, w, per_set, sets, ref, dev)
+                row["first"] = c is first
+                if "median_us" in row:
+                    row["frac_copy_bw"] = nbytes / (row["median_us"] * 1e-6) / 1e9 / copy
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        del w, per_set, ref
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def report(rows: list[dict]) -> None:
+    """Per (pass, kernel, k, N): the fastest candidate against the first config."""
+    print("\n| pass | kernel | k | N | first config | us | best config | us | regs/spills | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["pass_"], r["kernel"], r["k"], r["N"]), []).append(r)
+    for (p, kern, k, n), rs in groups.items():
+        timed = [r for r in rs if "median_us" in r]
+        first = next((r for r in timed if r["first"]), None)
+        if not timed or first is None:
+            continue
+        best = min(timed, key=lambda r: r["median_us"])
+        print(f"| {p} | {kern} | {k} | {n} | {first['config']} | {first['median_us']:.1f} | {best['config']} | "
+              f"{best['median_us']:.1f} | {best.get('regs')}/{best.get('spills')} | "
+              f"{first['median_us'] / best['median_us']:.2f}x |")
+
+
+def main(argv=None) -> int:
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--N", type=ints, default=[16384, 4096])
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--k", type=ints, default=[32, 128])
+    parser.add_argument("--bits", type=int, default=8, choices=sorted(TOLERANCE))
+    parser.add_argument("--passes", default=",".join(PASS_KERNELS))
+    parser.add_argument("--jobs", type=int, default=0, help="compile first in this many worker processes")
+    parser.add_argument("--shard", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--compile-budget-s", type=float, default=120.0, help="stop the compile workers after this")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="stop timing after this many seconds")
+    parser.add_argument("--out", default="sweep.json")
+    args = parser.parse_args(argv)
+    args.passes = [p for p in args.passes.split(",") if p]
+    if not torch.cuda.is_available():
+        parser.error("the config sweep needs a CUDA GPU (Triton launch configs mean nothing in the interpreter)")
+    dev = torch.device("cuda")
+    smem_limit = configs.smem_limit(dev)
+    if args.shard >= 0:
+        precompile(args, dev, smem_limit, args.shard)
+        return 0
+    if args.jobs > 0:
+        t0 = time.monotonic()
+        own_args = sys.argv[1:] if argv is None else argv
+        workers = [subprocess.Popen([sys.executable, __file__, *own_args, "--shard", str(i)]) for i in range(args.jobs)]
+        for p in workers:
+            try:
+                p.wait(timeout=max(1.0, args.compile_budget_s - (time.monotonic() - t0)))
+            except subprocess.TimeoutExpired:
+                p.kill()  # what it did not compile, the timing process compiles (within its budget)
+        n_items = sum(1 for _ in work_items(args, smem_limit))
+        print(f"precompile of {n_items} (pass, kernel, k, config) items: {time.monotonic() - t0:.0f}s "
+              f"on {args.jobs} workers", flush=True)
+    rows = sweep(args, dev, smem_limit)
+    with open(args.out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(dev), d=args.d, bits=args.bits, rows=rows), f, indent=1)
+    report(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
