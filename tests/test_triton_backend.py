@@ -433,13 +433,16 @@ def _block_sizes(table):
     return sorted({(bn, bd) for bn, bd, _, _ in table})
 
 
-@pytest.mark.parametrize("blocks", _block_sizes(tb.configs.GPU_ROWS + tb.configs.GPU_WGRAD), ids=str)
+ALL_GPU_CONFIGS = sum(tb.configs.GPU_TABLES.values(), ())
+
+
+@pytest.mark.parametrize("blocks", _block_sizes(ALL_GPU_CONFIGS), ids=str)
 def test_every_gpu_block_size(monkeypatch, blocks):
     """Each (BLOCK_N, BLOCK_D) of the GPU autotune sets, forced on every kernel,
     gives the reference result on a shape with a tail in every dimension (the
     interpreter otherwise only runs its one fixed config; on a GPU the autotuner
     would pick just one)."""
-    rows = [c for c in tb.configs.gpu_configs(tb.configs.GPU_ROWS + tb.configs.GPU_WGRAD)
+    rows = [c for c in tb.configs.gpu_configs(ALL_GPU_CONFIGS)
             if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) == blocks][:1]
     for kernel in tb.KERNELS.values():
         monkeypatch.setattr(kernel, "configs", rows)
@@ -471,33 +474,40 @@ def test_every_gpu_block_size(monkeypatch, blocks):
 
 @pytest.mark.parametrize("autotune", (True, False), ids=("autotune", "RESBM_TRITON_AUTOTUNE=0"))
 def test_config_pruning(monkeypatch, autotune):
-    """GPU configs whose fp32 accumulator needs more than MAX_TILE_REGS registers
-    per thread, or whose tiles overflow shared memory, are pruned, the last
-    config being the fallback; without autotuning only the first one is kept."""
+    """GPU configs whose register-resident fp32 tiles need more than
+    MAX_TILE_REGS registers per thread, or whose tiles overflow shared memory,
+    are pruned, the last config being the fallback; without autotuning only the
+    first one is kept."""
     cfg = tb.configs
     monkeypatch.setattr(cfg, "AUTOTUNE", autotune)
     bf16 = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "w_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    cases = ((cfg.GPU_ROWS, False, False), (cfg.GPU_WGRAD, True, False), (cfg.GPU_WGRAD, True, True))
-    for table, wgrad, grad_x in cases:  # grad_x: the weight gradient that also writes encode backward's grad_x
-        configs = cfg.gpu_configs(table)
-        prune = cfg._pruner(wgrad, dequant=wgrad, operand="a_ptr")
-        assert cfg.launchable(configs, 16, 2, 232448, wgrad, grad_x) == configs  # every config fits k=16 on an H100
-        fits = cfg.launchable(configs, 16, 2, cfg.SMEM_FALLBACK, wgrad, grad_x)  # CPU tensors: the fallback limit
+    tables = dict(project_quantize=cfg.GPU_PROJECT, grad_operand=cfg.GPU_PROJECT, dequant_project=cfg.GPU_DEQUANT,
+                  weight_grad=cfg.GPU_WGRAD, weight_grad_x=cfg.GPU_WGRAD_X)
+    assert tables.keys() == tb.KERNELS.keys() == tb.TILE_KINDS.keys()
+    for name, (kind, grad_x) in tb.TILE_KINDS.items():
+        configs = cfg.gpu_configs(tables[name])
+        prune = cfg._pruner(kind, dequant=kind != "project", operand="a_ptr")
+        assert cfg.launchable(configs, 16, 2, 232448, kind, grad_x) == configs  # every config fits k=16 on an H100
+        fits = cfg.launchable(configs, 16, 2, cfg.SMEM_FALLBACK, kind, grad_x)  # CPU tensors: the fallback limit
         assert prune(configs, bf16, BLOCK_K=16, GRAD_X=grad_x) == (fits if autotune else fits[:1])
         assert prune(configs, bf16, BLOCK_K=1024, GRAD_X=grad_x) == configs[-1:]  # none fits: the fallback
         for block_k in (32, 64, 128, 256):
             for limit in (48 * 1024, 232448):
-                kept = cfg.launchable(configs, block_k, 2, limit, wgrad, grad_x)
+                kept = cfg.launchable(configs, block_k, 2, limit, kind, grad_x)
                 assert kept
                 for c in kept:
                     bn, bd = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
-                    tiles = bn * (bd + block_k) if wgrad else (bn + block_k) * bd
-                    accumulators = (bd * block_k + (bn * bd if grad_x else 0)) if wgrad else bn * block_k
-                    regs = accumulators / (32 * c.num_warps)
+                    tiles = bn * (bd + block_k) if kind == "wgrad" else (bn + block_k) * bd
+                    in_registers = {"project": bn * block_k, "dequant": bn * block_k + bn * bd,
+                                    "wgrad": bd * block_k + (bn * bd if grad_x else 0)}[kind]
+                    regs = in_registers / (32 * c.num_warps)
                     # grad_x: also the weight tile (bf16) and an fp32 (BLOCK_N, BLOCK_D) tile
                     smem = c.num_stages * tiles * 2 + (block_k * bd * 2 + bn * bd * 4 if grad_x else 0)
-                    assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[wgrad] and smem <= limit)
-    # writing grad_x too needs more registers and shared memory: fewer configs at k=128 and k=256
-    wgrad = cfg.gpu_configs(cfg.GPU_WGRAD)
-    for block_k in (128, 256):
-        assert set(cfg.launchable(wgrad, block_k, 2, 232448, True, True)) < set(cfg.launchable(wgrad, block_k, 2, 232448, True))
+                    assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[kind] and smem <= limit)
+        # before sm_90 (no wgmma) the configs measured to spill there are left out
+        for block_k in (32, 64, 128):
+            on_sm80 = cfg.launchable(configs, block_k, 2, 166912, kind, grad_x, arch=80)
+            assert not {cfg._row(c) for c in on_sm80 if c is not configs[-1]} & cfg.WGMMA_ONLY[kind, grad_x]
+    # writing grad_x too needs more registers and shared memory: fewer of the same configs fit at k=128
+    wgrad = cfg.gpu_configs(cfg.GPU_WGRAD_X)
+    assert set(cfg.launchable(wgrad, 128, 2, 232448, "wgrad", True)) < set(cfg.launchable(wgrad, 128, 2, 232448, "wgrad"))

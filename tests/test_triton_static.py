@@ -82,7 +82,7 @@ def wgrad(what, k, *, encoder, grad_x=False, norm=False, act="bf16"):
     """A weight_grad case: grad W_e (encoder: (k, d) partials, with grad_x:
     encode backward's main pass) or grad W_d ((d, k))."""
     unit, strided = ("stride_od", "stride_ok") if encoder else ("stride_ok", "stride_od")
-    return dict(kernel="weight_grad", what=what, k=k, act=act,
+    return dict(kernel="weight_grad_x" if grad_x else "weight_grad", what=what, k=k, act=act,
                 ptrs=dict(a_ptr="A", z_ptr="Z", out_ptr="F", w_ptr="A", gamma_ptr="A", alpha_ptr="F",
                           codes_ptr="U", scales_ptr="S", gx_ptr="A"),
                 ones=[unit, "stride_wd"], div16=["d", "k", "stride_a", "stride_os", strided, "stride_wk", "stride_gx"],
@@ -93,10 +93,14 @@ CASES = [
     project("encode fwd bf16 int8/row norm+stats k=128", 128, 8, encoder=True, norm=True, stats=True),
     project("decode bwd fp16 int4/g32 stochastic k=64", 64, 4, encoder=False, stochastic=True, group=32, act="fp16"),
     project("encode fwd bf16 passthrough k=32", 32, 16, encoder=True),
+    project("encode fwd bf16 int8/row norm+stats k=64", 64, 8, encoder=True, norm=True, stats=True),
     dequant("decode fwd bf16 int8/row +residual k=128", 128, residual=True),
+    dequant("decode fwd bf16 int8/row k=64", 64),
+    dequant("decode fwd bf16 int8/row k=32", 32),
     operand("encode bwd Z, alpha bf16 int8/row k=128", 128),
     wgrad("encode bwd bf16 int8/row norm k=128", 128, encoder=True, grad_x=True, norm=True),
     wgrad("encode bwd bf16 int8/row k=32", 32, encoder=True, grad_x=True),
+    wgrad("encode bwd bf16 int8/row norm k=64", 64, encoder=True, grad_x=True, norm=True),
     wgrad("grad W_e bf16 k=128", 128, encoder=True),
     # k=256 (d/32 at d=8192): only the fallback configs fit
     project("encode fwd bf16 int8/row norm+stats k=256", 256, 8, encoder=True, norm=True, stats=True),
@@ -126,7 +130,7 @@ def _worker():
     from triton.compiler import ASTSource
 
     from helpers import main_loops, sass_tool
-    from resbm_kernels.backends.triton import KERNELS, configs
+    from resbm_kernels.backends.triton import KERNELS, TILE_KINDS, configs
 
     for case in CASES:
         autotuner = KERNELS[case["kernel"]]
@@ -135,13 +139,12 @@ def _worker():
             fn = fn.fn
         act = "*" + case["act"]
         types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16", Z="*bf16" if case["act"] == "bf16" else "*fp32")
-        wgrad = case["kernel"] == "weight_grad"
-        grad_x = case["constexprs"].get("GRAD_X", False)
+        kind, grad_x = TILE_KINDS[case["kernel"]]
         block_k = case["k"]
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["act"]]
-        elem = configs.operand_bytes(dtype, dequant=case["kernel"] in ("dequant_project", "weight_grad"))
+        elem = configs.operand_bytes(dtype, dequant=kind in ("dequant", "wgrad"))
         for arch, cfg in ((arch, cfg) for arch in ARCHS
-                          for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], wgrad, grad_x)):
+                          for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, grad_x, arch)):
             constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
             constexprs.update({name: 1 for name in case["ones"]})
             if "EVEN_D" in fn.arg_names:
@@ -172,7 +175,7 @@ def _worker():
             tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
             print(json.dumps(dict(
                 kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"],
-                smem_estimate=configs.smem_bytes(cfg, block_k, elem, wgrad, grad_x),
+                smem_estimate=configs.smem_bytes(cfg, block_k, elem, kind, grad_x),
                 config=f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
                        f"w{cfg.num_warps} s{cfg.num_stages}",
                 regs=regs, stack=stack, smem=compiled.metadata.shared,
@@ -216,9 +219,11 @@ def test_every_case_compiled(report):
 
 def test_tensor_cores(report):
     """HGMMA (wgmma) on sm_90, HMMA on sm_80. wgmma needs an M of 64: the weight
-    gradient's dot has M = k, so below k=64 it runs on HMMA (mma.sync) on sm_90 too."""
+    gradient's dot has M = k, the other dots M = BLOCK_N, so below 64 they run on
+    HMMA (mma.sync) on sm_90 too."""
     for r in report:
-        small_m = r["kernel"] == "weight_grad" and int(r["config"].split()[2][1:]) < 64
+        block_n, block_k = (int(field[1:]) for field in r["config"].split()[0:3:2])
+        small_m = block_n < 64 or (r["kernel"].startswith("weight_grad") and block_k < 64)
         if r["arch"] == 90 and not small_m:
             assert r["hgmma"] > 0, f"no HGMMA (wgmma) in {r}"
         else:

@@ -51,11 +51,15 @@ from .codec import KIND_BF16, KIND_F16, KIND_F32
 from .dequant_project import dequant_project_kernel
 from .grad_operand import grad_operand_kernel
 from .project_quantize import project_quantize_kernel
-from .weight_grad import weight_grad_kernel
+from .weight_grad import weight_grad_kernel, weight_grad_x_kernel
 
 # the autotuned kernels by name (the benchmarks and the static check enumerate them)
 KERNELS = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
-               grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel)
+               grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel,
+               weight_grad_x=weight_grad_x_kernel)
+# each one's register model (configs.tile_regs kind) and whether it writes grad_x
+TILE_KINDS = dict(project_quantize=("project", False), dequant_project=("dequant", False),
+                  grad_operand=("project", False), weight_grad=("wgrad", False), weight_grad_x=("wgrad", True))
 
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
@@ -194,7 +198,8 @@ def _weight_grad(a, z, transpose: bool, encoder=None):
         w_strides = (w.stride(0), w.stride(1))
         flags = dict(GRAD_X=True, HAS_NORM=gamma is not None, OUT_KIND=_KINDS[gx.dtype])
         gamma, alpha = (gamma, alpha) if gamma is not None else (a, a)
-    weight_grad_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
+    kernel = weight_grad_kernel if encoder is None else weight_grad_x_kernel
+    kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
         a, z, partial, w, gamma, alpha, codes, scales, gx,
         n, d, k, group, a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od, *w_strides, gx.stride(0),
         BITS=bits, BLOCK_K=_block_k(k), **flags, **_common(a.device),

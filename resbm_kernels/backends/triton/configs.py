@@ -1,14 +1,15 @@
-"""Launch configurations: a small autotune set on the GPU, one fixed large-block
-config under TRITON_INTERPRET=1 (the interpreter's cost grows with the number
-of block operations, and multi-config autotuning fails there).
+"""Launch configurations: a small autotune set per kernel on the GPU, one fixed
+large-block config under TRITON_INTERPRET=1 (the interpreter's cost grows with
+the number of block operations, and multi-config autotuning fails there).
 
-On the GPU a config is launchable for a k when its fp32 accumulators need at
-most 32 registers per thread in the rows kernels (which hold more tiles in
-registers; more spills on sm_80 and sm_90) or 96 in the weight gradient
-(whose operands both stay in shared memory; its (k, BLOCK_D) tile, plus in
-encode backward the (BLOCK_N, BLOCK_D) grad_x tile), and its tiles fit the device's
-shared memory (an upper estimate, see :func:`smem_bytes`). The last config of each
-list is small enough for every k up to 256 and is the fallback. Checked
+Each set is ordered fastest first as measured by bench/sweep_configs.py (H200,
+2026-11-26, d=4096, N=16384, k in {32, 128}, bf16, int8; tables below).
+
+On the GPU a config is launchable for a k when the fp32 tiles its kernel keeps
+in registers (see :func:`tile_regs`, by kernel family) need at most
+``MAX_TILE_REGS`` registers per thread, and its tiles fit the device's shared
+memory (an upper estimate, see :func:`smem_bytes`). The last config of each
+set is small enough for every k up to 256 and is the fallback. Checked
 ahead of time by tests/test_triton_static.py (same rule, real cubins): no
 spills for bf16 and fp16; fp32 inputs (3xTF32) spill in the backward
 kernels at large k.
@@ -24,7 +25,8 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0"
-MAX_TILE_REGS = {False: 32, True: 96}  # by wgrad
+# registers per thread for the tiles of tile_regs, by kernel family (above it sm_90 spills)
+MAX_TILE_REGS = {"project": 32, "dequant": 96, "wgrad": 96}
 SMEM_FALLBACK = 99 * 1024  # when the device does not say: the smallest opt-in limit since sm_80
 
 
@@ -39,16 +41,19 @@ def gpu_configs(table):
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bn, bd, w, s in table]
 
 
-def tile_regs(config, block_k, wgrad=False, grad_x=False):
-    """Registers per thread of a config's fp32 accumulators: (BLOCK_N, k) in
-    the rows kernels, (k, BLOCK_D) in the weight gradient, plus the
-    (BLOCK_N, BLOCK_D) grad_x tile when it also writes grad_x."""
+def tile_regs(config, block_k, kind, grad_x=False):
+    """Registers per thread of the fp32 tiles a ``kind`` of kernel holds:
+    "project" (project_quantize, grad_operand) its (BLOCK_N, k) accumulator;
+    "dequant" (dequant_project) its (BLOCK_N, k) dequantized operand and
+    (BLOCK_N, BLOCK_D) output tile; "wgrad" (weight_grad) its (k, BLOCK_D)
+    accumulator, plus the (BLOCK_N, BLOCK_D) grad_x tile when it writes grad_x."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-    elems = (bd * block_k + (bn * bd if grad_x else 0)) if wgrad else bn * block_k
+    elems = {"project": bn * block_k, "dequant": bn * (block_k + bd),
+             "wgrad": bd * block_k + (bn * bd if grad_x else 0)}[kind]
     return elems // (32 * config.num_warps)
 
 
-def smem_bytes(config, block_k, elem_bytes, wgrad=False, grad_x=False):
+def smem_bytes(config, block_k, elem_bytes, kind, grad_x=False):
     """Upper estimate of a config's shared memory: ``num_stages`` copies of the
     (BLOCK_N + BLOCK_K) x BLOCK_D tiles (rows kernels: input and weight) or
     BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and Z),
@@ -58,18 +63,31 @@ def smem_bytes(config, block_k, elem_bytes, wgrad=False, grad_x=False):
     grad_x its weight tile and one fp32 (BLOCK_N, BLOCK_D) tile.
     tests/test_triton_static.py checks it bounds the compiled kernels."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-    if wgrad:
+    if kind == "wgrad":
         extra = block_k * bd * elem_bytes + bn * bd * 4 if grad_x else 0
         return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4 + extra
     return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + bn * block_k * 4
 
 
-def launchable(configs, block_k, elem_bytes, smem_limit, wgrad=False, grad_x=False):
-    """The configs that fit (registers and shared memory), else the last one."""
+def launchable(configs, block_k, elem_bytes, smem_limit, kind, grad_x=False, arch=90):
+    """The configs that fit (registers and shared memory) on sm_``arch``, else the last one."""
     fit = [c for c in configs
-           if tile_regs(c, block_k, wgrad, grad_x) <= MAX_TILE_REGS[wgrad]
-           and smem_bytes(c, block_k, elem_bytes, wgrad, grad_x) <= smem_limit]
+           if tile_regs(c, block_k, kind, grad_x) <= MAX_TILE_REGS[kind]
+           and smem_bytes(c, block_k, elem_bytes, kind, grad_x) <= smem_limit
+           and (arch >= 90 or _row(c) not in WGMMA_ONLY[kind, grad_x])]
     return fit or configs[-1:]
+
+
+def _row(config):
+    return config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"], config.num_warps, config.num_stages
+
+
+def device_arch(device) -> int:
+    """Compute capability of a CUDA device as one number (90 for sm_90)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def smem_limit(device) -> int:
@@ -88,27 +106,39 @@ def operand_bytes(dtype, dequant: bool) -> int:
     return 4 if dtype == torch.float32 or (dequant and dtype == torch.float16) else 2
 
 
-def _pruner(wgrad, dequant, operand):
+def _pruner(kind, dequant, operand):
     """Early config pruning for a kernel whose GEMM operand dtype is that of argument ``operand``."""
     def prune(configs, named_args, **kwargs):
         block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
         t = named_args[operand]
-        limit = smem_limit(t.device) if t.is_cuda else SMEM_FALLBACK
+        limit, arch = (smem_limit(t.device), device_arch(t.device)) if t.is_cuda else (SMEM_FALLBACK, 90)
         elem = operand_bytes(t.dtype, dequant)
         grad_x = bool(kwargs.get("GRAD_X", named_args.get("GRAD_X", False)))
-        kept = launchable(configs, block_k, elem, limit, wgrad, grad_x)
+        kept = launchable(configs, block_k, elem, limit, kind, grad_x, arch)
         return kept if AUTOTUNE else kept[:1]
     return prune
 
 
-# (BLOCK_N, BLOCK_D, num_warps, num_stages); BLOCK_K is the padded k, not tuned.
-GPU_ROWS = ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 3), (64, 32, 8, 3))
-# the weight gradient's first (untuned) choice is BLOCK_D=128: each d-tile program re-reads the
-# (N, k) operand Z, so wider tiles halve that L2 traffic (and its loop issues fewest instructions)
+# (BLOCK_N, BLOCK_D, num_warps, num_stages); BLOCK_K is the padded k, not tuned. Pass times (us) of
+# the first config chosen at k=32 / k=128 and the previous common first config, N=16384 (sweep above):
+# project_quantize, grad_operand: encode fwd 56.5 / 85.1 (was 89.9), decode bwd k=128 107.6 (127.8);
+# (BLOCK_N, k) accumulators above 32 registers spill (64x64 w4 at k=128: 18 instructions), and two such
+# configs gave encode forward k=128 results outside tolerance on the H200 (Triton 3.6; cause not found).
+GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 8, 3))
+# dequant_project: decode fwd 41.4 / 59.7 (was 41.9 / 90.6); BLOCK_N=32 is fastest at N=4096, k=32
+GPU_DEQUANT = ((64, 128, 4, 4), (64, 64, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3))
+# weight_grad of decode backward: 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
+# (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
-GPU_WGRAD = ((64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3), (64, 32, 8, 2))
-ROW_CONFIGS = _configs(GPU_ROWS, interp=(64, 128))
-WGRAD_CONFIGS = _configs(GPU_WGRAD, interp=(64, 128))
+GPU_WGRAD = ((128, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3), (64, 32, 8, 2))
+# weight_grad writing grad_x (encode backward): 162.9 / 210.3 (was 197.9 / 239.6)
+GPU_WGRAD_X = ((128, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2))
+# configs that spill before sm_90 (no wgmma: mma.sync holds both operands in registers), by
+# (kind, grad_x): the first two of GPU_WGRAD_X at k=32 / k=64 on sm_80 (tests/test_triton_static.py)
+WGMMA_ONLY = {("wgrad", True): {(128, 64, 4, 3), (64, 64, 8, 3)}}
+WGMMA_ONLY.update({key: set() for key in (("project", False), ("dequant", False), ("wgrad", False))})
+GPU_TABLES = dict(project=GPU_PROJECT, dequant=GPU_DEQUANT, wgrad=GPU_WGRAD, wgrad_x=GPU_WGRAD_X)
+INTERPRET_BLOCKS = (64, 128)
 
 # the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are ignored)
 _KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X", "WRITE_STATS", "HAS_STATS"]
@@ -118,11 +148,12 @@ _KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X"
 even_d = triton.heuristics({"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0})
 
 
-def _autotune(configs, wgrad, dequant, operand):
-    return triton.autotune(configs=configs, key=_KEY,
-                           prune_configs_by={"early_config_prune": _pruner(wgrad, dequant, operand)})
+def _autotune(table, kind, dequant, operand):
+    return triton.autotune(configs=_configs(table, INTERPRET_BLOCKS), key=_KEY,
+                           prune_configs_by={"early_config_prune": _pruner(kind, dequant, operand)})
 
 
-autotune_project = _autotune(ROW_CONFIGS, wgrad=False, dequant=False, operand="a_ptr")
-autotune_dequant = _autotune(ROW_CONFIGS, wgrad=False, dequant=True, operand="w_ptr")
-autotune_wgrad = _autotune(WGRAD_CONFIGS, wgrad=True, dequant=True, operand="a_ptr")
+autotune_project = _autotune(GPU_PROJECT, "project", dequant=False, operand="a_ptr")
+autotune_dequant = _autotune(GPU_DEQUANT, "dequant", dequant=True, operand="w_ptr")
+autotune_wgrad = _autotune(GPU_WGRAD, "wgrad", dequant=True, operand="a_ptr")
+autotune_wgrad_x = _autotune(GPU_WGRAD_X, "wgrad", dequant=True, operand="a_ptr")

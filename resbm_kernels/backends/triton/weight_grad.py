@@ -14,20 +14,21 @@ Decode backward runs it as a second pass over grad_h (its row-blocked main
 kernel needs whole rows of g_z before it can quantize). Encode backward
 (GRAD_X) writes grad_x from the same tiles, since each grad_x tile needs only
 its x tile, Z, W_e's tile and the per-row alpha (see :mod:`.grad_operand`):
-x is read once and grad_x written once in this pass.
+x is read once and grad_x written once in this pass. The two uses tile best
+differently (grad_x adds a (BLOCK_N, BLOCK_D) tile), so each has its own
+autotuner over the same kernel.
 """
 
 import triton
 import triton.language as tl
 
 from .codec import load_payload, round_to_kind
-from .configs import autotune_wgrad
+from .configs import autotune_wgrad, autotune_wgrad_x
 from .tiles import dequant_mma, load_rows, load_w, tile_mask
 
 
-@autotune_wgrad
 @triton.jit
-def weight_grad_kernel(
+def _weight_grad(
     a_ptr, z_ptr, out_ptr, w_ptr, gamma_ptr, alpha_ptr, codes_ptr, scales_ptr, gx_ptr,
     n, d, k, group, stride_a, rows_per_split, stride_os, stride_ok, stride_od, stride_wk, stride_wd, stride_gx,
     GRAD_X: tl.constexpr, HAS_NORM: tl.constexpr, BITS: tl.constexpr, OUT_KIND: tl.constexpr,
@@ -68,3 +69,7 @@ def weight_grad_kernel(
             tl.store(gx_ptr + rows[:, None].to(tl.int64) * stride_gx + dcols[None, :], out, mask=mask)
     mask = tile_mask(kcols, dcols, k, d, False)
     tl.store(out_ptr + pid_s * stride_os + kcols[:, None] * stride_ok + dcols[None, :] * stride_od, acc, mask=mask)
+
+
+weight_grad_kernel = autotune_wgrad(_weight_grad)
+weight_grad_x_kernel = autotune_wgrad_x(_weight_grad)  # GRAD_X=True launches
