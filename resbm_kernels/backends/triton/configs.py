@@ -125,8 +125,9 @@ def _pruner(kind, dequant, operand):
 # (BLOCK_N, k) accumulators above 32 registers spill (64x64 w4 at k=128: 18 instructions), and two such
 # configs gave encode forward k=128 results outside tolerance on the H200 (Triton 3.6; cause not found).
 GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 8, 3))
-# dequant_project: decode fwd 41.4 / 59.7 (was 41.9 / 90.6); BLOCK_N=32 is fastest at N=4096, k=32
-GPU_DEQUANT = ((64, 128, 4, 4), (64, 64, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3))
+# dequant_project: decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
+# 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32
+GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3))
 # weight_grad of decode backward: 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
