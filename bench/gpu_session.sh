@@ -13,10 +13,13 @@
 #             then RESBM_CUDA=0)                                                 -> install.log
 #   tests     pytest tests -n <cores> --tb=short --durations=30 with the GPU visible
 #             (RESBM_BACKEND=auto, RESBM_TRITON_AUTOTUNE=0); not tests/test_triton_static.py,
-#             a CPU-only compile check that CI runs                                 -> tests.log
-#   sanitize  compute-sanitizer memcheck (native, CUDA and Triton kernels), then racecheck
-#             (CUDA passes first: the shared-memory kernels), synccheck and initcheck (native,
-#             CUDA) on bench/sanitize_cuda.py, as time allows
+#             a CPU-only compile check that CI runs; each finished test is also written to
+#             tests-report.txt as it ends (summarised in session.log by summarize_tests.py,
+#             also when the cap stops pytest)                      -> tests.log, tests-report.txt
+#   sanitize  compute-sanitizer on bench/sanitize_cuda.py, the tools in RESBM_SANITIZERS
+#             (default memcheck: every native, CUDA and Triton kernel); racecheck (the CUDA
+#             passes first: the shared-memory kernels), synccheck and initcheck (native, CUDA)
+#             when named, e.g. in a second call
 #             (it works on the Firecracker H100 machines, not on gVisor: name the kind) -> sanitizer.log
 #   profile   (only when named in RESBM_PHASES, e.g. a second call "profile" on the warm
 #             machine) Nsight Compute (ncu, --clock-control none) on one call of each pass
@@ -30,9 +33,10 @@
 #             Triton untuned unless RESBM_BENCH_AUTOTUNE=1; each Triton item records the
 #             launch configs it ran with (extra_info triton_configs)                 -> bench.log
 #
-# Measured on an H200 (2026-11-26, bench/results/logs/): install 28 s; the test suite needs
-# ~250 s on 15 workers (1377 tests; most of it Triton JIT compiles); memcheck 44 s; racecheck
-# is slow (80 cases in 40 s). The benchmarks get what is left (at least RESBM_BENCH_MIN_S).
+# Measured on an H200 (2026-11-26, bench/results/logs/): install 28-31 s; the test suite
+# reported 1148 of ~1390 tests in 250 s on 16 workers (so ~300 s for all: the cap is 320 s);
+# memcheck 44-51 s; racecheck is slow (80 cases in 40 s); the benchmarks' target shapes
+# (every backend) fit 150 s. The benchmarks get what is left (at least RESBM_BENCH_MIN_S).
 # Autotuning compiles every config of every kernel key (k, bits, flags): for tuned numbers
 # use a second call at once, while the machine is still warm (the install stays):
 #
@@ -40,14 +44,15 @@
 #       RESBM_BENCH_ARGS="-k triton-N16384-d4096" bash bench/gpu_session.sh
 #
 # At most 8 files come back from a device call: this writes session.log,
-# install.log, tests.log, sanitizer.log, bench.log and kernels.json (and with
-# the profile phase profile.log and profile.csv).
+# install.log, tests.log, tests-report.txt, sanitizer.log, bench.log and kernels.json
+# (with the profile or sweep phase, run those in a call of their own).
 # Environment: OUT (default /tmp/resbm-gpu-session), PYTHON (default python3),
-# RESBM_SESSION_S, RESBM_BENCH_MIN_S (default 150: kept for the benchmarks by the earlier
+# RESBM_SESSION_S, RESBM_BENCH_MIN_S (default 130: kept for the benchmarks by the earlier
 # phases), RESBM_PHASES (default "info install tests sanitize bench"),
 # RESBM_BENCH_ARGS (extra pytest arguments for the bench phase, split on spaces, e.g.
 # "-k encode_forward"), RESBM_BENCH_AUTOTUNE (default 0), RESBM_SANITIZERS (default
-# "memcheck racecheck synccheck initcheck"), RESBM_SWEEP_ARGS (extra sweep_configs.py arguments).
+# "memcheck"; all: "memcheck racecheck synccheck initcheck"), RESBM_SWEEP_ARGS (extra
+# sweep_configs.py arguments).
 #
 # Afterwards, on the development machine: copy kernels.json to
 # bench/results/<card>-<date>.json, run `python bench/render.py` and
@@ -64,7 +69,7 @@ PY="${PYTHON:-python3}"
 TOTAL_S="${RESBM_SESSION_S:-575}"
 PHASES="${RESBM_PHASES:-info install tests sanitize bench}"
 RESERVE_S=15 # kept back for the final summary
-BENCH_MIN_S="${RESBM_BENCH_MIN_S:-150}" # earlier phases leave at least this much for the benchmarks
+BENCH_MIN_S="${RESBM_BENCH_MIN_S:-130}" # earlier phases leave at least this much for the benchmarks
 START_S=$(date +%s)
 LOG="$OUT/session.log"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
@@ -170,16 +175,19 @@ if wanted tests; then
         2>/dev/null && XDIST+=(--dist loadgroup)
     # one config per Triton kernel shape (test_every_gpu_block_size runs each config): a third of the compiles;
     # no --maxfail: a backend failing everywhere must not stop the other backends' tests (the cap bounds time)
-    run_phase tests 250 "$OUT/tests.log" env RESBM_BACKEND=auto RESBM_TRITON_AUTOTUNE=0 "${PYP[@]}" -m pytest tests "${XDIST[@]}" \
+    # RESBM_TEST_REPORT: a line per finished test as it ends (tests/conftest.py), kept if the cap cuts pytest
+    run_phase tests 320 "$OUT/tests.log" env RESBM_BACKEND=auto RESBM_TRITON_AUTOTUNE=0 \
+        RESBM_TEST_REPORT="$OUT/tests-report.txt" "${PYP[@]}" -m pytest tests "${XDIST[@]}" \
         -q -rfEs --tb=short --durations=30 -p no:cacheprovider -k "not compute_sanitizer" \
         --ignore=tests/test_triton_static.py  # the sanitize phase runs the former, CI the latter
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/    tests: /' | tee -a "$LOG"
+    "$PY" bench/summarize_tests.py "$OUT/tests-report.txt" 2>&1 | sed 's/^/    /' | tee -a "$LOG"
 fi
 
 # ---- compute-sanitizer ------------------------------------------------------------------
 if wanted sanitize; then
     if command -v compute-sanitizer >/dev/null; then
-        for tool in ${RESBM_SANITIZERS:-memcheck racecheck synccheck initcheck}; do
+        for tool in ${RESBM_SANITIZERS:-memcheck}; do
             backends="cuda,native" quick="cuda" cap=40
             [[ $tool == racecheck ]] && cap=50
             [[ $tool == memcheck ]] && backends="native,cuda,triton" quick="triton" cap=80

@@ -5,7 +5,7 @@
 For each fused pass and each Triton kernel it launches, every candidate
 (BLOCK_N, BLOCK_D, num_warps, num_stages) of a wide grid runs in place of
 that kernel's configs (the pass's other kernels keep their first config), at
-d=4096, k in {32, 128}, int8 and bf16 (the benchmark inputs), for each N;
+d=4096, k in {32, 64, 128}, int8 (--bits) and bf16 (the benchmark inputs), for each N;
 the pass is checked once against the reference, then timed (median of CUDA
 event times over rotating input sets, as the kernel benchmarks do). Recorded
 per candidate: time, fraction of the copy bandwidth over the pass's roofline
@@ -103,35 +103,35 @@ class Swapped:
 
 
 def work_items(args, smem_limit):
-    """(pass, kernel, k, config) in a fixed order (the workers split it by index)."""
+    """(pass, kernel, k, bits, config) in a fixed order (the workers split it by index)."""
     for pass_, kernels in PASS_KERNELS.items():
         if pass_ not in args.passes:
             continue
-        for kernel, k in itertools.product(kernels, args.k):
+        for kernel, k, bits in itertools.product(kernels, args.k, args.bits):
             for c in candidates(kernel, k, smem_limit):
-                yield pass_, kernel, k, c
+                yield pass_, kernel, k, bits, c
 
 
 def precompile(args, dev, smem_limit, shard: int) -> None:
     """Worker: launch this shard's items once at a small N (fills Triton's cache)."""
     gen = torch.Generator(device=dev).manual_seed(0)
     inputs = {}
-    for i, (pass_, kernel, k, c) in enumerate(work_items(args, smem_limit)):
+    for i, (pass_, kernel, k, bits, c) in enumerate(work_items(args, smem_limit)):
         if i % args.jobs != shard:
             continue
-        case = KernelCase(pass_, "triton", PRECOMPILE_N, args.d, k, args.bits, "sweep")
-        if (pass_, k) not in inputs:
-            inputs[pass_, k] = _inputs(case, dev, 1, gen)
-        w, (s,) = inputs[pass_, k]
+        case = KernelCase(pass_, "triton", PRECOMPILE_N, args.d, k, bits, "sweep")
+        if (pass_, k, bits) not in inputs:
+            inputs[pass_, k, bits] = _inputs(case, dev, 1, gen)
+        w, (s,) = inputs[pass_, k, bits]
         try:
             with use_backend("triton"), Swapped(kernel, c):
                 _call(case, None, w, s)
         except Exception as e:  # noqa: BLE001 -- reported again (and recorded) by the timing process
-            print(f"precompile {pass_} {kernel} k={k} {label(c)}: {type(e).__name__}", flush=True)
+            print(f"precompile {pass_} {kernel} k={k} bits={bits} {label(c)}: {type(e).__name__}", flush=True)
 
 
 def time_item(case, kernel, c, w, per_set, sets, ref, dev) -> dict:
-    row = dict(pass_=case.pass_, kernel=kernel, k=case.k, N=case.N, config=label(c), first=False)
+    row = dict(pass_=case.pass_, kernel=kernel, k=case.k, bits=case.bits, N=case.N, config=label(c), first=False)
     try:
         with use_backend("triton"), Swapped(kernel, c) as sw:
             call = lambda i: _call(case, None, w, per_set[i % sets])  # noqa: E731
@@ -155,13 +155,14 @@ def sweep(args, dev, smem_limit) -> list[dict]:
     """Time every candidate; each (pass, k, N) group gets an equal share of the
     budget (plus what earlier groups left), so a cut spares no pass entirely."""
     copy = benchlib.copy_bandwidth(dev)["copy_GBps"]
-    groups = [(p, k, n) for n in args.N for p in PASS_KERNELS if p in args.passes for k in args.k]
+    groups = [(p, k, n, bits) for n in args.N for bits in args.bits for p in PASS_KERNELS if p in args.passes
+              for k in args.k]
     deadline = time.monotonic()
     rows = []
     gen = torch.Generator(device=dev).manual_seed(1)
-    for pass_, k, n in groups:
+    for pass_, k, n, bits in groups:
         deadline += args.budget_s / len(groups)
-        case = KernelCase(pass_, "triton", n, args.d, k, args.bits, "sweep")
+        case = KernelCase(pass_, "triton", n, args.d, k, bits, "sweep")
         sets = benchlib.rotation(_set_bytes(case), dev)
         w, per_set = _inputs(case, dev, sets, gen)
         with use_backend("reference"):
@@ -171,7 +172,7 @@ def sweep(args, dev, smem_limit) -> list[dict]:
             first = first_config(kernel, k, smem_limit)
             for c in [first] + [c for c in candidates(kernel, k, smem_limit) if label(c) != label(first)]:
                 if time.monotonic() > deadline:
-                    print(f"{pass_} k={k} N={n}: its share of the budget is used, next group", flush=True)
+                    print(f"{pass_} k={k} N={n} bits={bits}: its share of the budget is used, next group", flush=True)
                     break
                 row = time_item(case, kernel, c, w, per_set, sets, ref, dev)
                 row["first"] = c is first
@@ -186,19 +187,19 @@ def sweep(args, dev, smem_limit) -> list[dict]:
 
 
 def report(rows: list[dict]) -> None:
-    """Per (pass, kernel, k, N): the fastest candidate against the first config."""
-    print("\n| pass | kernel | k | N | first config | us | best config | us | regs/spills | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    """Per (pass, kernel, k, bits, N): the fastest candidate against the first config."""
+    print("\n| pass | kernel | k | bits | N | first config | us | best config | us | regs/spills | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     groups = {}
     for r in rows:
-        groups.setdefault((r["pass_"], r["kernel"], r["k"], r["N"]), []).append(r)
-    for (p, kern, k, n), rs in groups.items():
+        groups.setdefault((r["pass_"], r["kernel"], r["k"], r["bits"], r["N"]), []).append(r)
+    for (p, kern, k, bits, n), rs in groups.items():
         timed = [r for r in rs if "median_us" in r]
         first = next((r for r in timed if r["first"]), None)
         if not timed or first is None:
             continue
         best = min(timed, key=lambda r: r["median_us"])
-        print(f"| {p} | {kern} | {k} | {n} | {first['config']} | {first['median_us']:.1f} | {best['config']} | "
+        print(f"| {p} | {kern} | {k} | {bits} | {n} | {first['config']} | {first['median_us']:.1f} | {best['config']} | "
               f"{best['median_us']:.1f} | {best.get('regs')}/{best.get('spills')} | "
               f"{first['median_us'] / best['median_us']:.2f}x |")
 
@@ -208,8 +209,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--N", type=ints, default=[16384, 4096])
     parser.add_argument("--d", type=int, default=4096)
-    parser.add_argument("--k", type=ints, default=[32, 128])
-    parser.add_argument("--bits", type=int, default=8, choices=sorted(TOLERANCE))
+    parser.add_argument("--k", type=ints, default=[32, 64, 128])
+    parser.add_argument("--bits", type=ints, default=[8], help=f"comma-separated, from {sorted(TOLERANCE)}")
     parser.add_argument("--passes", default=",".join(PASS_KERNELS))
     parser.add_argument("--jobs", type=int, default=0, help="compile first in this many worker processes")
     parser.add_argument("--shard", type=int, default=-1, help=argparse.SUPPRESS)
@@ -218,6 +219,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="sweep.json")
     args = parser.parse_args(argv)
     args.passes = [p for p in args.passes.split(",") if p]
+    if set(args.bits) - set(TOLERANCE):
+        parser.error(f"--bits: choose from {sorted(TOLERANCE)}")
     if not torch.cuda.is_available():
         parser.error("the config sweep needs a CUDA GPU (Triton launch configs mean nothing in the interpreter)")
     dev = torch.device("cuda")
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
               f"on {args.jobs} workers", flush=True)
     rows = sweep(args, dev, smem_limit)
     with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(dev), d=args.d, bits=args.bits, rows=rows), f, indent=1)
+        json.dump(dict(device=torch.cuda.get_device_name(dev), d=args.d, rows=rows), f, indent=1)
     report(rows)
     return 0
 

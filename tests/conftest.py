@@ -16,3 +16,17 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     # pytest-xdist's marker, declared for runs without the plugin (see test_triton_static.py)
     config.addinivalue_line("markers", "xdist_group(name): run these tests on one pytest-xdist worker")
+
+
+# RESBM_TEST_REPORT=<file>: one line per finished test ("outcome seconds nodeid"), written and
+# flushed as each test ends (on the xdist controller), so a run cut short by a time limit
+# still says what passed, failed and took the time (bench/gpu_session.sh summarises it)
+_REPORT = os.environ.get("RESBM_TEST_REPORT")
+
+
+def pytest_runtest_logreport(report):
+    if not _REPORT or os.environ.get("PYTEST_XDIST_WORKER"):  # workers' reports reach the controller too
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        with open(_REPORT, "a") as f:
+            f.write(f"{report.outcome} {report.duration:.2f} {report.nodeid}\n")
