@@ -59,12 +59,12 @@ def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False
                                 STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, WRITE_STATS=stats))
 
 
-def dequant(what, k, *, residual=False, act="bf16"):
-    """A dequant_project case (decode forward)."""
+def dequant(what, k, *, residual=False, split_d=False, act="bf16"):
+    """A dequant_project case (decode forward; ``split_d``: d split between programs, small N)."""
     return dict(kernel="dequant_project", what=what, k=k, act=act,
                 ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", res_ptr="A", out_ptr="A"),
                 ones=["stride_wk"], div16=["d", "k", "stride_wd", "stride_res", "stride_out"],
-                constexprs=dict(BITS=8, HAS_RES=residual, OUT_KIND={"bf16": 2, "fp16": 1}[act]))
+                constexprs=dict(BITS=8, HAS_RES=residual, OUT_KIND={"bf16": 2, "fp16": 1}[act], SPLIT_D=split_d))
 
 
 def operand(what, k, *, act="bf16"):
@@ -97,6 +97,7 @@ CASES = [
     dequant("decode fwd bf16 int8/row +residual k=128", 128, residual=True),
     dequant("decode fwd bf16 int8/row k=64", 64),
     dequant("decode fwd bf16 int8/row k=32", 32),
+    dequant("decode fwd bf16 int8/row k=32, d split", 32, split_d=True),
     operand("encode bwd Z, alpha bf16 int8/row k=128", 128),
     wgrad("encode bwd bf16 int8/row norm k=128", 128, encoder=True, grad_x=True, norm=True),
     wgrad("encode bwd bf16 int8/row k=32", 32, encoder=True, grad_x=True),

@@ -47,6 +47,7 @@ import triton
 
 from ...codec import Codec, payload_views, rng_key
 from .. import fast
+from . import configs
 from .codec import KIND_BF16, KIND_F16, KIND_F32
 from .dequant_project import dequant_project_kernel
 from .grad_operand import grad_operand_kernel
@@ -131,6 +132,12 @@ def _rows_grid(n):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
 
 
+def _rows_and_d_splits_grid(n, d, device):
+    """(row blocks, d splits), see :func:`.configs.d_splits`."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),
+                         configs.d_splits(n, d, meta["BLOCK_N"], meta["BLOCK_D"], device))
+
+
 # ---- launchers ----------------------------------------------------------------------
 
 
@@ -213,7 +220,7 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     if n == 0:
         return out
     codes, scales = _payload_args(payload, codec, n, k)
-    dequant_project_kernel[_rows_grid(n)](
+    dequant_project_kernel[_rows_and_d_splits_grid(n, d, w.device)](
         codes, scales, w, residual if residual is not None else out, out,
         n, d, k, codec.group(k), *w_strides, residual.stride(0) if residual is not None else 0, out.stride(0),
         BITS=codec.bits, HAS_RES=residual is not None, OUT_KIND=_KINDS[out_dtype], BLOCK_K=_block_k(k),

@@ -74,7 +74,7 @@ def launchable(configs, block_k, elem_bytes, smem_limit, kind, grad_x=False, arc
     fit = [c for c in configs
            if tile_regs(c, block_k, kind, grad_x) <= MAX_TILE_REGS[kind]
            and smem_bytes(c, block_k, elem_bytes, kind, grad_x) <= smem_limit
-           and (arch >= 90 or _row(c) not in WGMMA_ONLY[kind, grad_x])]
+           and (arch >= 90 or _row(c) not in WGMMA_ONLY.get((kind, grad_x), ()))]
     return fit or configs[-1:]
 
 
@@ -96,6 +96,26 @@ def smem_limit(device) -> int:
 
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", SMEM_FALLBACK)
+
+
+def programs_at_once(device) -> int:
+    """Programs the device runs at once, roughly: one per SM on CUDA; 4 under
+    the interpreter (small, so that the test shapes also take the split paths)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def d_splits(n, d, block_n, block_d, device) -> int:
+    """Programs to split d between for each block of rows: more than one only
+    while there are fewer row blocks than :func:`programs_at_once` (small N),
+    each then walking an equal run of d tiles."""
+    blocks, tiles = triton.cdiv(n, block_n), triton.cdiv(d, block_d)
+    per_program = triton.cdiv(tiles, min(tiles, triton.cdiv(programs_at_once(device), blocks)))
+    return triton.cdiv(tiles, per_program)
 
 
 def operand_bytes(dtype, dequant: bool) -> int:
@@ -134,10 +154,9 @@ GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4),
 GPU_WGRAD = ((128, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3), (64, 32, 8, 2))
 # weight_grad writing grad_x (encode backward): 162.9 / 210.3 (was 197.9 / 239.6)
 GPU_WGRAD_X = ((128, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2))
-# configs that spill before sm_90 (no wgmma: mma.sync holds both operands in registers), by
-# (kind, grad_x): the first two of GPU_WGRAD_X at k=32 / k=64 on sm_80 (tests/test_triton_static.py)
+# configs kept to sm_90 and later, by (kind, grad_x): compiled for sm_80 (mma.sync in place of
+# wgmma) the first two of GPU_WGRAD_X spill at k=32 / k=64 (tests/test_triton_static.py)
 WGMMA_ONLY = {("wgrad", True): {(128, 64, 4, 3), (64, 64, 8, 3)}}
-WGMMA_ONLY.update({key: set() for key in (("project", False), ("dequant", False), ("wgrad", False))})
 GPU_TABLES = dict(project=GPU_PROJECT, dequant=GPU_DEQUANT, wgrad=GPU_WGRAD, wgrad_x=GPU_WGRAD_X)
 INTERPRET_BLOCKS = (64, 128)
 
@@ -147,6 +166,9 @@ _KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X"
 
 # for the kernels that loop over d in BLOCK_D tiles: whole tiles need no column test
 even_d = triton.heuristics({"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0})
+# decode forward's grid splits d at small N (d_splits); one program per row block compiles the plain loop
+split_d = triton.heuristics({"SPLIT_D": lambda args: d_splits(args["n"], args["d"], args["BLOCK_N"], args["BLOCK_D"],
+                                                               args["out_ptr"].device) > 1})
 
 
 def _autotune(table, kind, dequant, operand):

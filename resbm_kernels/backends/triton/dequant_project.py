@@ -1,33 +1,42 @@
 """Decode forward: read a payload, dequantize it in registers and expand it to
 d channels on tensor cores, writing the big (N, d) output exactly once.
 
-Grid: one program per BLOCK_N rows; the (BLOCK_N, k) dequantized tile stays in
-registers while the program walks d in BLOCK_D tiles.
+Grid: (row blocks of BLOCK_N, d splits); the (BLOCK_N, k) dequantized tile stays
+in registers while the program walks its share of d in BLOCK_D tiles. Output
+columns are independent, so when there are fewer row blocks than the device
+runs programs at once (small N) the launcher splits d between programs
+(same results; each program dequantizes its rows once).
 """
 
 import triton
 import triton.language as tl
 
 from .codec import load_payload, round_to_kind
-from .configs import autotune_dequant, even_d
+from .configs import autotune_dequant, even_d, split_d
 from .tiles import dequant_mma, load_rows, load_w, tile_mask
 
 
 @autotune_dequant
 @even_d
+@split_d
 @triton.jit
 def dequant_project_kernel(
     codes_ptr, scales_ptr, w_ptr, res_ptr, out_ptr,
     n, d, k, group, stride_wk, stride_wd, stride_res, stride_out,
-    BITS: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, EVEN_D: tl.constexpr,
+    BITS: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
+    d_begin, d_end = 0, d
+    if SPLIT_D:  # this program's run of d tiles
+        tiles = tl.cdiv(tl.cdiv(d, BLOCK_D), tl.num_programs(1))
+        d_begin = tl.program_id(1) * tiles * BLOCK_D
+        d_end = tl.minimum(d, d_begin + tiles * BLOCK_D)
     zhat = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
-    for d0 in range(0, d, BLOCK_D):
+    for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         h = dequant_mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
