@@ -147,15 +147,45 @@ def test_decode_forward_d_splits(monkeypatch):
     payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
     w_d = normal(d, k, dtype=torch.bfloat16, scale=k**-0.5, gen=gen)
     residual = normal(n, d, dtype=torch.bfloat16, gen=gen)
-    meta = {"BLOCK_N": 64, "BLOCK_D": 128}
     outputs = []
-    for programs, splits in ((1, 1), (3, 2), (64, 4)):
+    for programs, splits in ((1, 1), (3, 3), (64, 4)):  # 3: runs of 2, 2 and 0 tiles
         monkeypatch.setattr(tb.configs, "programs_at_once", lambda device, programs=programs: programs)
-        assert tb._rows_and_d_splits_grid(n, d, "cpu")(meta) == (1, splits)
+        assert tb.configs.d_splits(n, d, "cpu") == splits
         outputs.append(triton_call(ops.decode, payload, w_d, codec, n, residual=residual))
     assert all(torch.equal(outputs[0], out) for out in outputs[1:])
     want = ops.decode(payload, w_d, codec, n, residual=residual)
     assert rel_err(outputs[0], want) <= tol(torch.bfloat16)
+
+
+def test_project_quantize_d_splits(monkeypatch):
+    """With fewer row blocks than the device runs programs at once, encode
+    forward and decode backward split d between programs and sum the partials
+    in a second kernel: payloads, row statistics and decode backward's weight
+    gradient are the very ones of one program per row block (exact inputs:
+    every summation order gives the same fp32 sums), and match the reference."""
+    n, d, k = 20, 512, 32  # one row block, four d tiles of the interpreter's BLOCK_D=128
+    gen = torch.Generator().manual_seed(12)
+    bf16 = torch.bfloat16
+    x = exact(n, d, dtype=bf16, gen=gen)
+    w_e = exact(k, d, dtype=bf16, scale=1 / 16, gen=gen)
+    w_d = exact(d, k, dtype=bf16, scale=1 / 16, gen=gen)
+    gamma = normal(d, dtype=bf16, scale=0.1, gen=gen).add_(1.0)
+    codec, grad_codec = Codec(bits=8), Codec(bits=4, group_size=16, rounding="stochastic")
+    payload = ops.encode(x, w_e, codec, seed=3)
+    results = []
+    for programs, splits in ((1, 1), (3, 3), (64, 4)):  # 3: runs of 2, 2 and 0 tiles
+        monkeypatch.setattr(tb.configs, "programs_at_once", lambda device, programs=programs: programs)
+        assert tb.configs.d_splits(n, d, "cpu") == splits
+        encoded = triton_call(ops.encode, x, w_e, codec, norm_weight=gamma, seed=3, return_row_stats=True)
+        results.append((*encoded, *triton_call(ops.decode_backward, x, payload, w_d, codec, grad_codec, grad_seed=4)))
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], got))
+    want_payload, want_stats = ops.encode(x, w_e, codec, norm_weight=gamma, seed=3, return_row_stats=True)
+    assert_close_payload(results[0][0], want_payload, codec, n, k)
+    assert rel_err(results[0][1], want_stats) <= tol(bf16)  # bf16(gamma * W_e) operands, as the unsplit kernel
+    want_gp, want_gw = ops.decode_backward(x, payload, w_d, codec, grad_codec, grad_seed=4)
+    assert torch.equal(results[0][2], want_gp)
+    assert rel_err(results[0][3], want_gw) <= tol(bf16)
 
 
 def test_decode_forward_out_dtype_differs():
@@ -528,7 +558,9 @@ def test_config_pruning(monkeypatch, autotune):
         # before sm_90 (no wgmma) the configs measured to spill there are left out
         for block_k in (32, 64, 128):
             on_sm80 = cfg.launchable(configs, block_k, 2, 166912, kind, grad_x, arch=80)
-            assert not {cfg._row(c) for c in on_sm80 if c is not configs[-1]} & cfg.WGMMA_ONLY.get((kind, grad_x), set())
+            kept_to_sm90 = cfg.WGMMA_ONLY.get((kind, grad_x), set())
+            assert not {cfg._row(c) for c in on_sm80 if c is not configs[-1]} & kept_to_sm90
     # writing grad_x too needs more registers and shared memory: fewer of the same configs fit at k=128
     wgrad = cfg.gpu_configs(cfg.GPU_WGRAD_X)
-    assert set(cfg.launchable(wgrad, 128, 2, 232448, "wgrad", True)) < set(cfg.launchable(wgrad, 128, 2, 232448, "wgrad"))
+    with_grad_x = cfg.launchable(wgrad, 128, 2, 232448, "wgrad", True)
+    assert set(with_grad_x) < set(cfg.launchable(wgrad, 128, 2, 232448, "wgrad"))

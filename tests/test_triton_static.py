@@ -3,7 +3,8 @@
 Every kernel is compiled ahead of time for sm_90 and sm_80 (each GPU autotune
 config that survives pruning for the case's k) and the cubin is inspected with
 Triton's bundled ``cuobjdump -res-usage`` and ``nvdisasm``: the GEMMs must run on
-tensor cores (HGMMA / wgmma on sm_90, HMMA on sm_80) and nothing may spill.
+tensor cores (HGMMA / wgmma on sm_90, HMMA on sm_80) and nothing may spill
+(nor in ``finish_rows_kernel``, the GEMM-free second kernel of a d split).
 The table (visible with ``pytest -s``) is also written to
 ``$RESBM_STATIC_REPORT`` or ``<tmp>/triton_static.txt``. Its ``loop`` column
 counts the instructions of each main loop (a loop holding the tensor-core
@@ -45,18 +46,20 @@ H100_ISSUE_PER_S = 132 * 4 * 1.755e9  # warp instructions per second, all SMs
 # W is read as k x d: w_e directly (stride_wd == 1), w_d transposed (stride_wk == 1)
 
 
-def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False, group=None, act="bf16"):
+def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False, group=None, split_d=False,
+            act="bf16"):
     """A project_quantize case: encode forward (encoder; ``stats``: also writing
     the RMSNorm row statistics, as in training) or decode backward (which also
-    dequantizes an int8/row forward payload into Z)."""
+    dequantizes an int8/row forward payload into Z); ``split_d``: the partials
+    of a d split (small N)."""
     codes = "B" if bits == 16 else "U"
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="project_quantize", what=what, k=k, act=act,
                 ptrs=dict(a_ptr="A", w_ptr="A", codes_ptr=codes, scales_ptr="B" if bits == 16 else "S",
-                          zcodes_ptr="U", zscales_ptr="S", z_ptr="Z", stats_ptr="F"),
+                          zcodes_ptr="U", zscales_ptr="S", z_ptr="Z", stats_ptr="F", part_ptr="F"),
                 ones=[unit], div16=["d", "k", "stride_a", strided],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
-                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, WRITE_STATS=stats))
+                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, WRITE_STATS=stats, SPLIT_D=split_d))
 
 
 def dequant(what, k, *, residual=False, split_d=False, act="bf16"):
@@ -94,6 +97,8 @@ CASES = [
     project("decode bwd fp16 int4/g32 stochastic k=64", 64, 4, encoder=False, stochastic=True, group=32, act="fp16"),
     project("encode fwd bf16 passthrough k=32", 32, 16, encoder=True),
     project("encode fwd bf16 int8/row norm+stats k=64", 64, 8, encoder=True, norm=True, stats=True),
+    project("encode fwd bf16 int8/row norm+stats k=128, d split", 128, 8, encoder=True, norm=True, stats=True,
+            split_d=True),
     dequant("decode fwd bf16 int8/row +residual k=128", 128, residual=True),
     dequant("decode fwd bf16 int8/row k=64", 64),
     dequant("decode fwd bf16 int8/row k=32", 32),
@@ -123,68 +128,104 @@ CASES = [
 ]
 
 
-def _worker():
-    """Compile every case for every arch and config; print one JSON row each."""
-    import torch
+def finish(what, k, bits, *, norm=False, stats=False, zbits=0):
+    """A finish_rows_kernel case (after a d-split project_quantize launch; no GEMM,
+    one fixed launch config): checked for spills only."""
+    return dict(kernel="finish_rows", what=what, k=k, act="bf16",
+                ptrs=dict(a_ptr="A", part_ptr="F", codes_ptr="U", scales_ptr="S", zcodes_ptr="U", zscales_ptr="S",
+                          z_ptr="Z", stats_ptr="F"),
+                ones=[], div16=["d", "k", "stride_a"],
+                constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=k, SCALE_KIND=2, STOCHASTIC=False,
+                                ZBITS=zbits, WRITE_STATS=stats))
+
+
+FINISH_CASES = [
+    finish("finish encode fwd int8/row norm+stats k=256", 256, 8, norm=True, stats=True),
+    finish("finish decode bwd int4/row k=256", 256, 4, zbits=8),
+]
+
+
+def _compile(fn, case, constexprs, cfg, arch):
+    """(compiled kernel, registers, stack bytes, SASS) of ``fn`` for one case, config and arch."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from helpers import main_loops, sass_tool
-    from resbm_kernels.backends.triton import KERNELS, TILE_KINDS, configs
+    from helpers import sass_tool
+
+    act = "*" + case["act"]
+    types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16", Z="*bf16" if case["act"] == "bf16" else "*fp32")
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in case["ptrs"]:
+            signature[name] = types[case["ptrs"][name]]
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    aligned = list(case["ptrs"]) + case["div16"]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([sass_tool("cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([sass_tool("nvdisasm"), f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    return compiled, regs, stack, sass
+
+
+def _worker():
+    """Compile every case for every arch and config; print one JSON row each."""
+    import torch
+    import triton
+
+    from helpers import main_loops
+    from resbm_kernels.backends.triton import FINISH_ROWS, FINISH_WARPS, KERNELS, TILE_KINDS, configs
+    from resbm_kernels.backends.triton.project_quantize import finish_rows_kernel
+
+    def row(case, arch, config, compiled, regs, stack, sass, **extra):
+        return dict(kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"], config=config,
+                    regs=regs, stack=stack, smem=compiled.metadata.shared,
+                    spill_ops=len(re.findall(r"\b(?:STL|LDL)\b", sass)),
+                    hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)), **extra)
 
     for case in CASES:
         autotuner = KERNELS[case["kernel"]]
         fn = autotuner.fn
         while not isinstance(fn, triton.runtime.JITFunction):  # under the heuristics (EVEN_D)
             fn = fn.fn
-        act = "*" + case["act"]
-        types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16", Z="*bf16" if case["act"] == "bf16" else "*fp32")
         kind, grad_x = TILE_KINDS[case["kernel"]]
         block_k = case["k"]
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["act"]]
         elem = configs.operand_bytes(dtype, dequant=kind in ("dequant", "wgrad"))
-        for arch, cfg in ((arch, cfg) for arch in ARCHS
-                          for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, grad_x, arch)):
-            constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
-            constexprs.update({name: 1 for name in case["ones"]})
-            if "EVEN_D" in fn.arg_names:
-                constexprs["EVEN_D"] = True  # d a multiple of BLOCK_D, as at every benchmarked shape
-            signature = {}
-            for name in fn.arg_names:
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name in case["ptrs"]:
-                    signature[name] = types[case["ptrs"][name]]
-                else:
-                    signature[name] = "fp32" if name == "eps" else "i32"
-            aligned = list(case["ptrs"]) + case["div16"]
-            attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-            compiled = triton.compile(
-                ASTSource(fn, signature, constexprs, attrs),
-                target=GPUTarget("cuda", arch, 32),
-                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
-            )
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(compiled.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([sass_tool("cuobjdump"), "-res-usage", f.name],
-                                       capture_output=True, text=True, check=True).stdout
-                sass = subprocess.run([sass_tool("nvdisasm"), f.name], capture_output=True, text=True,
-                                      check=True).stdout
-            regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-            tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
-            print(json.dumps(dict(
-                kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"],
-                smem_estimate=configs.smem_bytes(cfg, block_k, elem, kind, grad_x),
-                config=f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
-                       f"w{cfg.num_warps} s{cfg.num_stages}",
-                regs=regs, stack=stack, smem=compiled.metadata.shared,
-                spill_ops=len(re.findall(r"\b(?:STL|LDL)\b", sass)),
-                hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)),
-                loop_per_kib=round(sum(main_loops(sass)) * cfg.num_warps / tile_kib),
-                steady_per_kib=round(sum(main_loops(sass, steady=True)) * cfg.num_warps / tile_kib),
-            )), flush=True)
+        for arch in ARCHS:
+            for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, grad_x, arch):
+                constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
+                constexprs.update({name: 1 for name in case["ones"]})
+                if "EVEN_D" in fn.arg_names:
+                    constexprs["EVEN_D"] = True  # d a multiple of BLOCK_D, as at every benchmarked shape
+                compiled, regs, stack, sass = _compile(fn, case, constexprs, cfg, arch)
+                tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
+                print(json.dumps(row(
+                    case, arch, f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
+                                f"w{cfg.num_warps} s{cfg.num_stages}", compiled, regs, stack, sass,
+                    gemm=True, smem_estimate=configs.smem_bytes(cfg, block_k, elem, kind, grad_x),
+                    loop_per_kib=round(sum(main_loops(sass)) * cfg.num_warps / tile_kib),
+                    steady_per_kib=round(sum(main_loops(sass, steady=True)) * cfg.num_warps / tile_kib),
+                )), flush=True)
+    cfg = triton.Config({}, num_warps=FINISH_WARPS)  # as the launcher runs it (default stages)
+    for case, arch in ((case, arch) for case in FINISH_CASES for arch in ARCHS):
+        constexprs = dict(case["constexprs"], BLOCK_N=FINISH_ROWS, BLOCK_K=case["k"])
+        compiled, regs, stack, sass = _compile(finish_rows_kernel, case, constexprs, cfg, arch)
+        config = f"N{FINISH_ROWS} K{case['k']} w{FINISH_WARPS}"
+        print(json.dumps(row(case, arch, config, compiled, regs, stack, sass, gemm=False, smem_estimate=None,
+                             loop_per_kib=0, steady_per_kib=0)), flush=True)
 
 
 @pytest.fixture(scope="module")
@@ -215,14 +256,14 @@ def report():
 
 def test_every_case_compiled(report):
     compiled = {(r["what"], r["arch"]) for r in report}
-    assert compiled == {(c["what"], a) for c in CASES for a in ARCHS}
+    assert compiled == {(c["what"], a) for c in CASES + FINISH_CASES for a in ARCHS}
 
 
 def test_tensor_cores(report):
     """HGMMA (wgmma) on sm_90, HMMA on sm_80. wgmma needs an M of 64: the weight
     gradient's dot has M = k, the other dots M = BLOCK_N, so below 64 they run on
     HMMA (mma.sync) on sm_90 too."""
-    for r in report:
+    for r in filter(lambda r: r["gemm"], report):
         block_n, block_k = (int(field[1:]) for field in r["config"].split()[0:3:2])
         small_m = block_n < 64 or (r["kernel"].startswith("weight_grad") and block_k < 64)
         if r["arch"] == 90 and not small_m:
@@ -236,7 +277,8 @@ def test_shared_memory_fits(report):
     estimate bounds what the compiler allocated."""
     for r in report:
         assert r["smem"] <= SMEM_LIMIT[r["arch"]], f"needs more shared memory than sm_{r['arch']} has: {r}"
-        assert r["smem"] <= r["smem_estimate"], f"configs.smem_bytes underestimates: {r}"
+        if r["gemm"]:  # the autotuned kernels (finish_rows_kernel is not pruned)
+            assert r["smem"] <= r["smem_estimate"], f"configs.smem_bytes underestimates: {r}"
 
 
 # fp32 activations run the GEMMs as 3xTF32, which splits the operands in registers: encode
@@ -260,9 +302,9 @@ def test_allowed_spills_still_needed(report):
 
 
 def test_main_loop_found(report):
-    """Every kernel has a main loop around its tensor-core instructions (the
+    """Every GEMM kernel has a main loop around its tensor-core instructions (the
     table's loop column measures something)."""
-    for r in report:
+    for r in filter(lambda r: r["gemm"], report):
         assert r["loop_per_kib"] > 0, f"no loop with tensor-core instructions in {r}"
 
 

@@ -51,7 +51,7 @@ from . import configs
 from .codec import KIND_BF16, KIND_F16, KIND_F32
 from .dequant_project import dequant_project_kernel
 from .grad_operand import grad_operand_kernel
-from .project_quantize import project_quantize_kernel
+from .project_quantize import finish_rows_kernel, project_quantize_kernel
 from .weight_grad import weight_grad_kernel, weight_grad_x_kernel
 
 # the autotuned kernels by name (the benchmarks and the static check enumerate them)
@@ -62,6 +62,7 @@ KERNELS = dict(project_quantize=project_quantize_kernel, dequant_project=dequant
 TILE_KINDS = dict(project_quantize=("project", False), dequant_project=("dequant", False),
                   grad_operand=("project", False), weight_grad=("wgrad", False), weight_grad_x=("wgrad", True))
 
+FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
 
@@ -132,10 +133,9 @@ def _rows_grid(n):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
 
 
-def _rows_and_d_splits_grid(n, d, device):
+def _rows_and_d_splits_grid(n, d, splits):
     """(row blocks, d splits), see :func:`.configs.d_splits`."""
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),
-                         configs.d_splits(n, d, meta["BLOCK_N"], meta["BLOCK_D"], device))
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)
 
 
 # ---- launchers ----------------------------------------------------------------------
@@ -165,14 +165,24 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     if gamma is not None:
         w = _fold_norm(w, gamma, a.dtype)
         w_strides = (w.stride(0), w.stride(1))
-    project_quantize_kernel[_rows_grid(n)](
-        a, w, codes, scales, *z_ptrs, stats if stats is not None else a,
-        n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, stats.stride(0) if stats is not None else 0,
-        eps, _signed32(rng_key(seed)),
-        HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
-        SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, ZBITS=z_bits, WRITE_STATS=stats is not None,
-        BLOCK_K=_block_k(k), **_common(a.device),
+    splits = configs.d_splits(n, d, a.device)  # small N: partials over runs of d, summed by finish_rows_kernel
+    part = fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else a
+    stats_arg, stats_stride = (stats, stats.stride(0)) if stats is not None else (a, 0)
+    key = _signed32(rng_key(seed))
+    flags = dict(HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
+                 SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, ZBITS=z_bits,
+                 WRITE_STATS=stats is not None, BLOCK_K=_block_k(k))
+    project_quantize_kernel[_rows_and_d_splits_grid(n, d, splits)](
+        a, w, codes, scales, *z_ptrs, stats_arg, part,
+        n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, stats_stride, eps, key,
+        **flags, **_common(a.device),
     )
+    if splits > 1:
+        finish_rows_kernel[(triton.cdiv(n, FINISH_ROWS),)](
+            a, part, codes, scales, *z_ptrs, stats_arg,
+            n, d, k, splits, k // codec.group(k), z_group, a.stride(0), stats_stride, eps, key,
+            **flags, BLOCK_N=FINISH_ROWS, num_warps=FINISH_WARPS, enable_fp_fusion=False,
+        )
     return payload
 
 
@@ -220,7 +230,7 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     if n == 0:
         return out
     codes, scales = _payload_args(payload, codec, n, k)
-    dequant_project_kernel[_rows_and_d_splits_grid(n, d, w.device)](
+    dequant_project_kernel[_rows_and_d_splits_grid(n, d, configs.d_splits(n, d, w.device))](
         codes, scales, w, residual if residual is not None else out, out,
         n, d, k, codec.group(k), *w_strides, residual.stride(0) if residual is not None else 0, out.stride(0),
         BITS=codec.bits, HAS_RES=residual is not None, OUT_KIND=_KINDS[out_dtype], BLOCK_K=_block_k(k),

@@ -109,13 +109,13 @@ def programs_at_once(device) -> int:
     return 4
 
 
-def d_splits(n, d, block_n, block_d, device) -> int:
+def d_splits(n, d, device) -> int:
     """Programs to split d between for each block of rows: more than one only
-    while there are fewer row blocks than :func:`programs_at_once` (small N),
-    each then walking an equal run of d tiles."""
-    blocks, tiles = triton.cdiv(n, block_n), triton.cdiv(d, block_d)
-    per_program = triton.cdiv(tiles, min(tiles, triton.cdiv(programs_at_once(device), blocks)))
-    return triton.cdiv(tiles, per_program)
+    while N gives fewer blocks of 64 rows than :func:`programs_at_once` (small
+    N). The same for every launch config (so a d split's partials can be summed
+    without knowing which config ran); each program walks an equal run of the
+    config's BLOCK_D tiles, the last runs possibly empty."""
+    return max(1, min(triton.cdiv(d, 128), triton.cdiv(programs_at_once(device), max(1, triton.cdiv(n, 64)))))
 
 
 def operand_bytes(dtype, dequant: bool) -> int:
@@ -166,9 +166,13 @@ _KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X"
 
 # for the kernels that loop over d in BLOCK_D tiles: whole tiles need no column test
 even_d = triton.heuristics({"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0})
-# decode forward's grid splits d at small N (d_splits); one program per row block compiles the plain loop
-split_d = triton.heuristics({"SPLIT_D": lambda args: d_splits(args["n"], args["d"], args["BLOCK_N"], args["BLOCK_D"],
-                                                               args["out_ptr"].device) > 1})
+
+
+def split_d(tensor_arg: str):
+    """SPLIT_D for a kernel whose grid splits d at small N (d_splits; the
+    device is that of argument ``tensor_arg``): one program per row block
+    compiles the plain loop."""
+    return triton.heuristics({"SPLIT_D": lambda args: d_splits(args["n"], args["d"], args[tensor_arg].device) > 1})
 
 
 def _autotune(table, kind, dequant, operand):

@@ -13,12 +13,12 @@ import triton.language as tl
 
 from .codec import load_payload, round_to_kind
 from .configs import autotune_dequant, even_d, split_d
-from .tiles import dequant_mma, load_rows, load_w, tile_mask
+from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
 
 
 @autotune_dequant
 @even_d
-@split_d
+@split_d("out_ptr")
 @triton.jit
 def dequant_project_kernel(
     codes_ptr, scales_ptr, w_ptr, res_ptr, out_ptr,
@@ -31,10 +31,8 @@ def dequant_project_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     d_begin, d_end = 0, d
-    if SPLIT_D:  # this program's run of d tiles
-        tiles = tl.cdiv(tl.cdiv(d, BLOCK_D), tl.num_programs(1))
-        d_begin = tl.program_id(1) * tiles * BLOCK_D
-        d_end = tl.minimum(d, d_begin + tiles * BLOCK_D)
+    if SPLIT_D:
+        d_begin, d_end = d_range(d, BLOCK_D)
     zhat = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)

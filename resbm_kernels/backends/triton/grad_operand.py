@@ -43,7 +43,7 @@ def grad_operand_kernel(
         if HAS_STATS:
             p, r = load_row_stats(stats_ptr, stride_stats, rows, kcols, n, k)
         else:
-            s, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
+            s, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, 0, d,
                                     True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
             r = inv_rms(sumsq, d, eps)
             p = s * r[:, None]

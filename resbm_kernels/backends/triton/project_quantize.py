@@ -5,6 +5,10 @@ packed result straight into the payload (no N x k intermediate in memory).
 Grid: one program per BLOCK_N rows. Each program keeps its (BLOCK_N, k) fp32
 accumulator in registers while it walks d in BLOCK_D tiles, so the input is
 read exactly once; W (k x d, small) is re-read from L2 by every program.
+With fewer row blocks than the device runs programs at once (small N,
+configs.d_splits) the grid's axis 1 splits d instead: each program writes its
+partial projection and sums of squares (fp32, (splits, N, k + 1)), and
+``finish_rows_kernel`` adds them up in a fixed order and does the rest.
 
 Decode backward also writes the operand of the weight-gradient pass: the
 forward payload dequantized, Z = zhat (N x k, in that GEMM's dtype), so the
@@ -17,19 +21,20 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, store_payload
-from .configs import autotune_project, even_d
-from .tiles import inv_rms, load_rows, project_rows, store_operand, store_row_stats
+from .configs import autotune_project, even_d, split_d
+from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, store_operand, store_row_stats
 
 
 @autotune_project
 @even_d
+@split_d("a_ptr")
 @triton.jit(do_not_specialize=["key"])  # an int argument equal to 1 would become a constant
 def project_quantize_kernel(
-    a_ptr, w_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
+    a_ptr, w_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr, part_ptr,
     n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """payload rows = quantize(r * (A @ W^T) + A[:, :k]); r = 1/rms(A) with the
@@ -38,15 +43,63 @@ def project_quantize_kernel(
 
     ZBITS > 0 (decode backward): also Z[rows] = dequantize(zcodes, zscales),
     the forward payload of ZBITS bits with scale group ``zgroup``.
-    WRITE_STATS (with the norm): also stats[rows] = [r * (A @ W^T) | r]."""
+    WRITE_STATS (with the norm): also stats[rows] = [r * (A @ W^T) | r].
+    SPLIT_D: only this program's partial [A @ W^T | sum of squares] over its
+    run of d, into part[program_id(1)] (see finish_rows_kernel)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kcols = tl.arange(0, BLOCK_K)
+    if ZBITS != 0 and not SPLIT_D:
+        store_z_operand(zcodes_ptr, zscales_ptr, z_ptr, rows, kcols, n, k, zgroup, ZBITS)
+    if SPLIT_D:
+        d_begin, d_end = d_range(d, BLOCK_D)
+        acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_begin, d_end,
+                                  HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+        store_row_stats(part_ptr + tl.program_id(1) * (n * (k + 1)), k + 1, rows, kcols, n, k, acc, sumsq)
+    else:
+        ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False)
+        acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, 0, d,
+                                  HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+        quantize_rows(acc, sumsq, ident, rows, codes_ptr, scales_ptr, stats_ptr,
+                      n, d, k, n_groups, stride_stats, eps, key,
+                      HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)
+
+
+@triton.jit(do_not_specialize=["key"])
+def finish_rows_kernel(
+    a_ptr, part_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
+    n, d, k, splits, n_groups, zgroup, stride_a, stride_stats, eps, key,
+    HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The rest of project_quantize_kernel after a SPLIT_D launch: the sum of
+    the ``splits`` partials, in order, then as there. (Offsets in int32: d is
+    split only while N is small.)"""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0:
-        zhat = load_payload(zcodes_ptr, zscales_ptr, rows[:, None], kcols[None, :], n, k, zgroup, ZBITS)
-        store_operand(z_ptr, rows, kcols, n, k, zhat)
+        store_z_operand(zcodes_ptr, zscales_ptr, z_ptr, rows, kcols, n, k, zgroup, ZBITS)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    sumsq = tl.zeros((BLOCK_N,), tl.float32)
+    for split in range(0, splits):
+        proj, sq = load_row_stats(part_ptr + split * (n * (k + 1)), k + 1, rows, kcols, n, k)
+        acc += proj
+        sumsq += sq
     ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False)
-    acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
-                              HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+    quantize_rows(acc, sumsq, ident, rows, codes_ptr, scales_ptr, stats_ptr,
+                  n, d, k, n_groups, stride_stats, eps, key,
+                  HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def quantize_rows(acc, sumsq, ident, rows, codes_ptr, scales_ptr, stats_ptr, n, d, k, n_groups, stride_stats, eps, key,
+                  HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
+                  SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, WRITE_STATS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """From the rows' projection A @ W^T, sums of squares and identity tile
+    A[:, :k]: the payload rows and, with the norm, the row statistics (see
+    project_quantize_kernel)."""
+    kcols = tl.arange(0, BLOCK_K)
     if HAS_NORM:
         r = inv_rms(sumsq, d, eps)
         acc = acc * r[:, None]
@@ -55,3 +108,10 @@ def project_quantize_kernel(
     z = acc + ident.to(tl.float32)
     store_payload(z, rows, n, k, n_groups, codes_ptr, scales_ptr, key,
                   BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def store_z_operand(zcodes_ptr, zscales_ptr, z_ptr, rows, kcols, n, k, zgroup, ZBITS: tl.constexpr):
+    """Decode backward's Z[rows] = dequantize(forward payload rows)."""
+    zhat = load_payload(zcodes_ptr, zscales_ptr, rows[:, None], kcols[None, :], n, k, zgroup, ZBITS)
+    store_operand(z_ptr, rows, kcols, n, k, zhat)

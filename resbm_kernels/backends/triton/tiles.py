@@ -98,18 +98,19 @@ def store_operand(ptr, rows, cols, n, ncols, v):
 
 
 @triton.jit
-def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
+def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_begin, d_end,
                  HAS_NORM: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One pass over A's rows: acc = A[rows] @ W^T (BLOCK_N, BLOCK_K) and, when
-    HAS_NORM, the rows' sums of squares. Through RMSNorm W is gamma * W_e, folded
-    once per call by the launcher, so the normalised activations are never formed."""
+    """One pass over A's rows, columns d_begin..d_end (whole rows: 0..d):
+    acc = A[rows] @ W^T (BLOCK_N, BLOCK_K) and, when HAS_NORM, the rows' sums of
+    squares. Through RMSNorm W is gamma * W_e, folded once per call by the
+    launcher, so the normalised activations are never formed."""
     kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     # squares summed per element, across lanes once after the loop (a row
     # reduction in every iteration cost a shuffle tree per tile)
     squares = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for d0 in range(0, d, BLOCK_D):
+    for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         a = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
@@ -118,6 +119,15 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k,
             squares += af * af
         acc = mma(a, tl.trans(w), acc, a.dtype, UPCAST, PRECISION)
     return acc, tl.sum(squares, axis=1)
+
+
+@triton.jit
+def d_range(d, BLOCK_D: tl.constexpr):
+    """This program's run of BLOCK_D tiles of d when the grid's axis 1 splits d
+    (see configs.d_splits): equal runs of whole tiles, the last ones shorter or empty."""
+    tiles = tl.cdiv(tl.cdiv(d, BLOCK_D), tl.num_programs(1))
+    d_begin = tl.program_id(1) * tiles * BLOCK_D
+    return d_begin, tl.minimum(d, d_begin + tiles * BLOCK_D)
 
 
 @triton.jit
