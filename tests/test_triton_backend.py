@@ -47,6 +47,14 @@ def poisoned(monkeypatch):
     poison_fast_outputs(monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def interpreter_split_rule(monkeypatch):
+    """The d split (small N) as under the interpreter, on a GPU too: SHAPES then
+    take both the split and the one-program-per-row-block paths on every device
+    (with a GPU's SM count every test shape here would split)."""
+    monkeypatch.setattr(tb.configs, "programs_at_once", lambda device: 4)
+
+
 def _to(obj, device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
