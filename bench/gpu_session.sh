@@ -11,7 +11,7 @@
 #   install   pip install --no-build-isolation --no-deps .  (CUDA_HOME=/usr/local/cuda,
 #             RESBM_CUDA_ARCHS=90; RESBM_CUDA=1 first, so a failing CUDA build shows;
 #             then RESBM_CUDA=0)                                                 -> install.log
-#   tests     pytest tests -n <cores> --tb=short --durations=30 with the GPU visible
+#   tests     pytest tests -n <cores> --dist worksteal --tb=short --durations=30, GPU visible
 #             (RESBM_BACKEND=auto, RESBM_TRITON_AUTOTUNE=0); not tests/test_triton_static.py,
 #             a CPU-only compile check that CI runs; each finished test is also written to
 #             tests-report.txt as it ends (summarised in session.log by summarize_tests.py,
@@ -170,9 +170,10 @@ if wanted tests; then
     # the image has pytest-xdist: one worker per core (the Triton JIT compiles are CPU-bound)
     XDIST=()
     "${PYP[@]}" -c "import xdist" 2>/dev/null && XDIST=(-n "$(nproc)")
-    # --dist loadgroup (pytest-xdist >= 2.5) keeps test_triton_static's compile on one worker
-    "${PYP[@]}" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (2, 5))" \
-        2>/dev/null && XDIST+=(--dist loadgroup)
+    # --dist worksteal (pytest-xdist >= 3.2): idle workers take queued tests from busy ones, so the
+    # long multi-process pipeline tests do not all end up at the tail of one worker
+    "${PYP[@]}" -c "import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 2))" \
+        2>/dev/null && XDIST+=(--dist worksteal)
     # one config per Triton kernel shape (test_every_gpu_block_size runs each config): a third of the compiles;
     # no --maxfail: a backend failing everywhere must not stop the other backends' tests (the cap bounds time)
     # RESBM_TEST_REPORT: a line per finished test as it ends (tests/conftest.py), kept if the cap cuts pytest
