@@ -18,7 +18,7 @@ import torch
 
 from .codec import SCALE_DTYPES, Codec, rng_key
 
-ABI_VERSION = 3  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
+ABI_VERSION = 4  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
 _NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so"}
 _PKG_DIR = pathlib.Path(__file__).resolve().parent
 _DTYPE_CODES = SCALE_DTYPES  # z, scales and out share the wire-format codes
@@ -69,8 +69,11 @@ _CUDA_PASSES = {
     # codes, scales, n, d, k, bits, group, scale_dtype, x, dtype, w_e, norm_weight, eps, grad_x, rscale,
     # row_stats, workspace, stream
     "resbm_cuda_encode_backward": "ppllliiipippfppppp",
-    # a, dtype, n, d, k, codes, scales, bits, group, scale_dtype, rscale, splits, transpose, partial, stream
-    "resbm_cuda_weight_grad": "pilllppiiipiipp",
+    # dtype, n, k, bytes (int64*)
+    "resbm_cuda_weight_grad_workspace_bytes": "illp",
+    # a, dtype, n, d, k, codes, scales, bits, group, scale_dtype, rscale, splits, transpose, partial,
+    # workspace, stream
+    "resbm_cuda_weight_grad": "pilllppiiipiippp",
 }
 
 

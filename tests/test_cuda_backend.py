@@ -42,7 +42,7 @@ cb = pytest.importorskip("resbm_kernels.backends.cuda")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KPADS = (16, 32, 64, 128, 256)
-KERNELS = ("project_quantize", "dequant_project", "weight_grad")  # + prepare_operand per dtype
+KERNELS = ("project_quantize", "dequant_project", "weight_grad")  # + prepare_operand, weight_operand per dtype
 
 HAS_GPU = torch.cuda.is_available() and native.available("cuda")
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresbm_cuda (build it with cmake/pip)")
@@ -68,7 +68,8 @@ def test_pass_kernels_compile_without_spills(passes_object):
         for kernel in KERNELS:
             # 3 dtypes x 5 padded k per kernel family and arch
             assert sum(kernel in r[1] for r in funcs) == 3 * len(KPADS), (kernel, arch, report)
-        assert sum("prepare_operand_kernel" in r[1] for r in funcs) == 3, (arch, report)
+        for helper in ("prepare_operand_kernel", "weight_operand_kernel"):  # one per dtype
+            assert sum(helper in r[1] for r in funcs) == 3, (helper, arch, report)
     spilling = [r for r in report if r[3] or r[4]]
     assert not spilling, "kernels spill registers:\n" + "\n".join(map(str, spilling))
 
@@ -215,11 +216,41 @@ def test_c_other_passes_reject(lib):
     assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, p, 3, p, None, 1e-6, p, None, None, None,
                                           None) == 1
     assert err() == "resbm_cuda_encode_backward: null pointer workspace"
-    # weight grad: a, dtype, n, d, k, codes, scales, bits, group, sdt, rscale, splits, transpose, partial, stream
-    assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 0, 0, p, None) == 1
+    # weight grad: a, dtype, n, d, k, codes, scales, bits, group, sdt, rscale, splits, transpose, partial,
+    # workspace, stream
+    assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 0, 0, p, p, None) == 1
     assert "bad splits=0" in err()
-    assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 1, 0, None, None) == 1
+    assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 1, 0, None, p, None) == 1
     assert err() == "resbm_cuda_weight_grad: null pointer partial"
+    assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 1, 0, p, None, None) == 1
+    assert err() == "resbm_cuda_weight_grad: null pointer workspace"
+    assert lib.resbm_cuda_weight_grad(p, 3, 4, 64, 16, p, p, 8, 16, 3, None, 1, 0, p, p + 8, None) == 1
+    assert err() == "resbm_cuda_weight_grad: workspace is not 16-byte aligned"
+
+
+@needs_lib
+@pytest.mark.parametrize("dtype, n, k, elem", [(3, 100, 48, 2), (2, 8, 16, 2), (1, 1, 256, 4), (3, 0, 32, 2)])
+def test_c_weight_grad_workspace_bytes(lib, dtype, n, k, elem):
+    """(rscale * zhat)^T hi and lo: padded k (a power of two from 16) x rows rounded up to 8,
+    operand elements of 2 bytes (4 for fp32's tf32)."""
+    out = ctypes.c_int64(-1)
+    assert lib.resbm_cuda_weight_grad_workspace_bytes(dtype, n, k, ctypes.byref(out)) == 0
+    kpad = max(16, 1 << (k - 1).bit_length())
+    assert out.value == 2 * kpad * (-(-n // 8) * 8) * elem
+
+
+@needs_lib
+def test_c_weight_grad_workspace_bytes_rejects(lib):
+    out = ctypes.c_int64()
+    err = lambda: lib.resbm_last_error().decode()  # noqa: E731
+    assert lib.resbm_cuda_weight_grad_workspace_bytes(3, -1, 16, ctypes.byref(out)) == 1
+    assert "bad n=-1" in err()
+    assert lib.resbm_cuda_weight_grad_workspace_bytes(3, 8, 24, ctypes.byref(out)) == 1
+    assert "bad k=24" in err()
+    assert lib.resbm_cuda_weight_grad_workspace_bytes(4, 8, 16, ctypes.byref(out)) == 1
+    assert "bad dtype=4" in err()
+    assert lib.resbm_cuda_weight_grad_workspace_bytes(3, 8, 16, None) == 1
+    assert err() == "resbm_cuda_weight_grad_workspace_bytes: null pointer bytes"
 
 
 @needs_lib
@@ -463,6 +494,35 @@ def test_encode_backward(shape, norm, dtype, grad_codec):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), f"{name}: unwritten (poisoned) elements"
         assert rel_err(a, b) <= tol(dtype) * (4 if norm else 1), name
+
+
+@needs_gpu
+@pytest.mark.parametrize("n, splits", ((150, 3), (4, 3), (100, 2)), ids=("150-rows-3-splits", "4-rows-3-splits",
+                                                                        "100-rows-2-splits"))
+def test_weight_grad_row_splits(monkeypatch, n, splits):
+    """Several row splits (the layout for N > 1024) with starts rounded to 32 rows, so some
+    splits are short or empty: every split's partial is written (poisoned otherwise) and the
+    (rscale * zhat)^T operand is read at the right rows."""
+    from resbm_kernels.backends import fast
+
+    monkeypatch.setattr(fast, "weight_grad_partials", lambda n, d, k, transpose, device, max_splits=8: fast.empty(
+        (splits, d, k) if transpose else (splits, k, d), torch.float32, device))
+    d, k = 96, 32
+    gen = torch.Generator().manual_seed(n + splits)
+    codec = Codec(bits=8)
+    payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
+    grad_h = exact(n, d, dtype=torch.bfloat16, gen=gen, device="cuda")
+    w_d = exact(d, k, dtype=torch.bfloat16, scale=1 / 16, gen=gen, device="cuda")
+    gw = cuda_call(ops.decode_backward, grad_h, payload.cuda(), w_d, codec, GRAD_CODEC, grad_seed=3)[1]
+    gw_ref = ref.decode_backward(grad_h.cpu(), payload, w_d.cpu(), codec, GRAD_CODEC, 3)[1]
+    assert rel_err(gw, gw_ref) <= tol(torch.bfloat16), "grad_w_d"
+    x = normal(n, d, dtype=torch.bfloat16, gen=gen, device="cuda")
+    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen, device="cuda")
+    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen, device="cuda").add_(1.0)
+    got = cuda_call(ops.encode_backward, payload.cuda(), x, w_e, codec, norm_weight=gamma)
+    want = ref.encode_backward(payload, x.cpu(), w_e.cpu(), gamma.cpu(), 1e-6, codec)
+    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
+        assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
 
 
 @needs_gpu

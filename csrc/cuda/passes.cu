@@ -29,7 +29,10 @@
 //  weight_grad_kernel       (grad W_d, grad W_e)
 //      out[split][c][j] = sum_rows rscale[r] * zhat[r][c] * a[r][j]: a separate
 //      pass over the big input; grid (d tiles, row splits), deterministic
-//      per-split fp32 partials summed by the caller (no atomics).
+//      per-split fp32 partials summed by the caller (no atomics). Its operand
+//      (rscale * zhat)^T is written once per call by weight_operand_kernel, split
+//      hi + lo in the tensor cores' type, to the caller's workspace, so every
+//      d-tile block streams it with cp.async instead of dequantizing the payload.
 //
 // Precision (see mma.cuh): bf16/fp16 on 16-bit tensor cores with fp32
 // accumulation, dequantized zhat split hi + lo, gamma-folded weights rounded
@@ -59,6 +62,7 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kMaxSmemSm80 = 163 * 1024;  // opt-in shared memory per block on sm_80 (less than sm_90)
+constexpr int kWgRows = 32;  // rows per block iteration of the weight gradient (split starts are multiples)
 
 template <typename A, typename B>
 constexpr A cmax(A a, B b) {
@@ -135,7 +139,7 @@ struct WgCfg {
   static constexpr int BDW = KPAD >= 256 ? 32 : 64;
   static constexpr int NW = BDW / WN;  // d columns per warp
   static constexpr int NT = NW / 8;    // acc = 4*MT*NT = KPAD*BDW/128 <= 64 regs
-  static constexpr int BR = 32;
+  static constexpr int BR = kWgRows;
   static constexpr int XLD = BDW + 16 / int(sizeof(T));
   static constexpr int ZTLD = BR + 16 / int(sizeof(E));
   static constexpr size_t X_BYTES = size_t(BR) * XLD * sizeof(T);
@@ -593,15 +597,45 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   }
 }
 
-struct WGArgs {
-  const void* a;  // (n, d) activations, 16-byte aligned
+// Z^T = (rscale * zhat)^T as (KPAD, npad) hi and lo arrays of operand elements,
+// zero beyond n rows and k columns; npad (a multiple of 8) keeps every row 16-byte aligned.
+struct WOArgs {
   const uint8_t* codes;
   const void* scales;
   int bits, group, scale_dtype;
   const float* rscale;  // (n,) or null
-  float* out;           // out[s * out_ss + c * out_sc + j * out_sd]
+  void* zhi;
+  void* zlo;
+  int64_t n, k, kpad, npad;
+};
+
+int64_t operand_rows(int64_t n) { return (n + 7) / 8 * 8; }
+
+template <int DT>
+__global__ void weight_operand_kernel(const WOArgs p) {
+  using E = typename Operand<DT>::E;
+  E* hi = static_cast<E*>(p.zhi);
+  E* lo = static_cast<E*>(p.zlo);
+  const int64_t total = p.kpad * p.npad;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = i / p.npad, r = i % p.npad;
+    float v = 0.0f;
+    if (r < p.n && c < p.k) {
+      v = dequant_at(p.codes, p.scales, p.bits, p.group, p.scale_dtype, p.k, r, c);
+      if (p.rscale != nullptr) v = v * p.rscale[r];
+    }
+    split1<DT>(v, hi[i], lo[i]);
+  }
+}
+
+struct WGArgs {
+  const void* a;    // (n, d) activations, 16-byte aligned
+  const void* zhi;  // weight_operand_kernel's Z^T, (KPAD, npad) each
+  const void* zlo;
+  float* out;  // out[s * out_ss + c * out_sc + j * out_sd]
   int64_t out_ss, out_sc, out_sd;
-  int64_t n, d, k, rows_per_split;
+  int64_t n, d, k, npad, rows_per_split;  // rows_per_split: a multiple of BR (aligned Z^T chunks)
 };
 
 template <int DT, int KPAD>
@@ -619,8 +653,12 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
   const int64_t start = split * p.rows_per_split;
   const int64_t end = start + p.rows_per_split < p.n ? start + p.rows_per_split : p.n;
   const T* a = static_cast<const T*>(p.a);
+  const E* zt_hi = static_cast<const E*>(p.zhi);
+  const E* zt_lo = static_cast<const E*>(p.zlo);
   constexpr int VEC = 16 / int(sizeof(T));
   constexpr int CHUNKS = C::BDW / VEC;
+  constexpr int ZVEC = 16 / int(sizeof(E));   // Z^T elements per 16-byte chunk
+  constexpr int ZCHUNKS = C::BR / ZVEC;       // chunks per row of a (KPAD, BR) tile
 
   float acc[C::MT][C::NT][4];
 #pragma unroll
@@ -636,17 +674,15 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
       const bool ok = grow < end && col < p.d;
       cp_async16(xs + r * C::XLD + ch * VEC, ok ? a + grow * p.d + col : a, ok ? 16 : 0);
     }
-    cp_async_commit();
-    for (int i = tid; i < KPAD * C::BR; i += kThreads) {
-      const int c = i % KPAD, rr = i / KPAD;
-      const int64_t grow = r0 + rr;
-      float v = 0.0f;
-      if (grow < end && c < p.k) {
-        v = dequant_at(p.codes, p.scales, p.bits, p.group, p.scale_dtype, p.k, grow, c);
-        if (p.rscale != nullptr) v = v * p.rscale[grow];
-      }
-      split1<DT>(v, zhi[c * C::ZTLD + rr], zlo[c * C::ZTLD + rr]);
+    // the (KPAD, BR) tiles of Z^T hi and lo; rows of the next split (or beyond n) read as zeros
+    for (int i = tid; i < 2 * KPAD * ZCHUNKS; i += kThreads) {
+      const int part = i / (KPAD * ZCHUNKS), c = i % (KPAD * ZCHUNKS) / ZCHUNKS, ch = i % ZCHUNKS;
+      const int64_t grow = r0 + ch * ZVEC, rows = end - grow;
+      const int bytes = rows >= ZVEC ? 16 : rows > 0 ? int(rows) * int(sizeof(E)) : 0;
+      const E* src = part ? zt_lo : zt_hi;
+      cp_async16((part ? zlo : zhi) + c * C::ZTLD + ch * ZVEC, bytes ? src + c * p.npad + grow : src, bytes);
     }
+    cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
 #pragma unroll
@@ -742,9 +778,14 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
 }
 
 template <int DT, int KPAD>
-int launch_wg(const char* fn, const WGArgs& p, int splits, cudaStream_t stream) {
+int launch_wg(const char* fn, const WOArgs& op, const WGArgs& p, int splits, cudaStream_t stream) {
   using C = WgCfg<DT, KPAD>;
   char name[80];
+  std::snprintf(name, sizeof name, "weight_operand_kernel<%s>", Operand<DT>::name());
+  const int64_t total = op.kpad * op.npad;
+  const int64_t op_blocks = (total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096;
+  weight_operand_kernel<DT><<<unsigned(op_blocks > 0 ? op_blocks : 1), 256, 0, stream>>>(op);
+  RESBM_TRY(launch_status(fn, name));
   std::snprintf(name, sizeof name, "weight_grad_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&weight_grad_kernel<DT, KPAD>);
   RESBM_TRY(prepare(fn, name, func, C::SMEM));
@@ -985,10 +1026,21 @@ int resbm_cuda_encode_backward(const uint8_t* codes, const void* scales, int64_t
                  static_cast<cudaStream_t>(stream));
 }
 
+int resbm_cuda_weight_grad_workspace_bytes(int dtype, int64_t n, int64_t k, int64_t* bytes) {
+  const char* fn = "resbm_cuda_weight_grad_workspace_bytes";
+  if (n < 0 || n > (int64_t(1) << 34)) return fail(RESBM_ERR_ARG, fn, "bad n=%lld (0..2^34)", (long long)n);
+  if (k <= 0 || k % 16 || k > 256)
+    return fail(RESBM_ERR_ARG, fn, "bad k=%lld (a positive multiple of 16, at most 256)", (long long)k);
+  RESBM_TRY(check_dtype(fn, "dtype", dtype));
+  RESBM_TRY(check_ptr(fn, "bytes", bytes, alignof(int64_t), true));
+  *bytes = 2 * int64_t(kpad_of(k)) * operand_rows(n) * (dtype == kFloat32 ? 4 : 2);  // hi + lo
+  return RESBM_OK;
+}
+
 int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64_t k,
                            const uint8_t* codes, const void* scales, int bits, int group,
                            int scale_dtype, const float* rscale, int splits, int transpose,
-                           float* partial, void* stream) {
+                           float* partial, void* workspace, void* stream) {
   const char* fn = "resbm_cuda_weight_grad";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -999,11 +1051,17 @@ int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64
   RESBM_TRY(check_ptr(fn, "partial", partial, 4, true));
   RESBM_TRY(check_ptr(fn, "a", a, 16, n > 0));
   RESBM_TRY(check_ptr(fn, "rscale", rscale, 4, false));
-  // every split writes its whole (k, d) partial, zeros when it has no rows
-  const int64_t rows_per_split = (n + splits - 1) / splits;
-  WGArgs p{a, codes, scales, bits, group, scale_dtype, rscale, partial, d * k,
-           transpose ? 1 : d, transpose ? k : 1, n, d, k, rows_per_split > 0 ? rows_per_split : 1};
-  RESBM_DISPATCH(launch_wg, dtype, k, fn, p, splits, static_cast<cudaStream_t>(stream));
+  RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, n > 0));
+  // every split writes its whole (k, d) partial, zeros when it has no rows; split starts are
+  // multiples of the blocks' 32 rows, so the Z^T chunks they copy stay 16-byte aligned
+  const int64_t rows_per_split = ((n + splits - 1) / splits + kWgRows - 1) / kWgRows * kWgRows;
+  const int64_t npad = operand_rows(n), kpad = kpad_of(k);
+  const size_t part = size_t(kpad * npad) * (dtype == kFloat32 ? 4 : 2);
+  void* zlo = static_cast<unsigned char*>(workspace) + part;
+  const WOArgs op{codes, scales, bits, group, scale_dtype, rscale, workspace, zlo, n, k, kpad, npad};
+  const WGArgs p{a, workspace, zlo, partial, d * k, transpose ? 1 : d, transpose ? k : 1,
+                 n, d, k, npad, rows_per_split > 0 ? rows_per_split : kWgRows};
+  RESBM_DISPATCH(launch_wg, dtype, k, fn, op, p, splits, static_cast<cudaStream_t>(stream));
 }
 
 }  // extern "C"

@@ -24,7 +24,9 @@ Each pass first converts its weights to the tensor cores' operand types once
 (into a workspace allocated here, sized by ``resbm_cuda_workspace_bytes``), so
 no block of the main kernel converts weights. Weight gradients are a separate
 reduction kernel over the (N, d) input (like the Triton backend): per-split
-fp32 partials summed here (deterministic).
+fp32 partials summed here (deterministic); its (N, k) operand, the payload
+dequantized and scaled per row, is written once per call into a second
+workspace (``resbm_cuda_weight_grad_workspace_bytes``) that its blocks stream.
 
 Non-finite inputs are not detected (no device sync): they produce inf / NaN
 scales or codes, where the reference raises.
@@ -135,8 +137,12 @@ def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> t
     if n == 0:
         return partial.zero_().sum(0)
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
+    lib = native.library("cuda")
+    nbytes = ctypes.c_int64()  # the (rscale * zhat)^T operand, written once by the library's first kernel
+    _checked(lib, lib.resbm_cuda_weight_grad_workspace_bytes(_DTYPE_CODES[a.dtype], n, k, ctypes.byref(nbytes)))
+    workspace = fast.empty((nbytes.value,), torch.uint8, a.device)
     _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), _DTYPE_CODES[a.dtype], n, d, k, codes, scales,
-          bits, group, sdt, _ptr(rscale), splits, int(transpose), partial.data_ptr())
+          bits, group, sdt, _ptr(rscale), splits, int(transpose), partial.data_ptr(), workspace.data_ptr())
     return partial.sum(0)
 
 

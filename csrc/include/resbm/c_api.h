@@ -28,7 +28,7 @@ extern "C" {
 enum { RESBM_OK = 0, RESBM_ERR_ARG = 1, RESBM_ERR_NONFINITE = 2, RESBM_ERR_CUDA = 3 };
 
 /* returned by resbm_abi_version() of both libraries; raised on any signature change */
-#define RESBM_ABI_VERSION 3
+#define RESBM_ABI_VERSION 4
 
 RESBM_API int resbm_abi_version(void);
 RESBM_API const char* resbm_last_error(void);
@@ -113,13 +113,17 @@ RESBM_API int resbm_cuda_encode_backward(const uint8_t* codes, const void* scale
                                          const void* w_e, const void* norm_weight, float eps,
                                          void* grad_x, float* rscale, const float* row_stats,
                                          void* workspace, void* stream);
+/* bytes of the device workspace resbm_cuda_weight_grad needs for n rows and k columns */
+RESBM_API int resbm_cuda_weight_grad_workspace_bytes(int dtype, int64_t n, int64_t k, int64_t* bytes);
 /* partial[s] = sum over the rows of split s of (rscale[r] * zhat[r])^T a[r]: float32
  * (splits, k, d), or (splits, d, k) when transpose; rscale may be NULL (1). The caller
- * sums the splits (deterministic). zhat is read from the payload codes/scales. */
+ * sums the splits (deterministic). zhat is read from the payload codes/scales, once, into
+ * the workspace (16-byte aligned, resbm_cuda_weight_grad_workspace_bytes). */
 RESBM_API int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64_t k,
                                      const uint8_t* codes, const void* scales, int bits,
                                      int group, int scale_dtype, const float* rscale,
-                                     int splits, int transpose, float* partial, void* stream);
+                                     int splits, int transpose, float* partial, void* workspace,
+                                     void* stream);
 
 #ifdef __cplusplus
 }
