@@ -226,23 +226,28 @@ struct PrepArgs {
   void* lo;  // null: hi only (the operand is exact in the input dtype)
 };
 
+// hi / lo (rows, cols) row-major: element (r, c) = split(value(r, c)) for r < rows_valid and
+// c < cols_valid, else 0; lo null: hi alone. A grid-stride loop over every element.
+template <int DT, typename Value>
+__device__ __forceinline__ void write_operand(void* hi, void* lo, int64_t rows, int64_t cols,
+                                              int64_t rows_valid, int64_t cols_valid, Value value) {
+  using E = typename Operand<DT>::E;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * cols;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    E h, l;
+    split1<DT>(r < rows_valid && c < cols_valid ? value(r, c) : 0.0f, h, l);
+    static_cast<E*>(hi)[i] = h;
+    if (lo != nullptr) static_cast<E*>(lo)[i] = l;
+  }
+}
+
 template <int DT>
 __global__ void prepare_operand_kernel(const PrepArgs p) {
-  using E = typename Operand<DT>::E;
-  const int64_t total = p.rows * p.cols;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / p.cols, c = i % p.cols;
-    float v = 0.0f;
-    if (r < p.rows_valid && c < p.cols_valid) {
-      v = load_float(p.w, r * p.s_r + c * p.s_c, DT);
-      if (p.gamma != nullptr) v = v * load_float(p.gamma, c, DT);
-    }
-    E hi, lo;
-    split1<DT>(v, hi, lo);
-    static_cast<E*>(p.hi)[i] = hi;
-    if (p.lo != nullptr) static_cast<E*>(p.lo)[i] = lo;
-  }
+  write_operand<DT>(p.hi, p.lo, p.rows, p.cols, p.rows_valid, p.cols_valid, [&](int64_t r, int64_t c) {
+    const float v = load_float(p.w, r * p.s_r + c * p.s_c, DT);
+    return p.gamma != nullptr ? v * load_float(p.gamma, c, DT) : v;
+  });
 }
 
 // The projection loop shared by project_quantize and the RMSNorm pre-pass of
@@ -613,20 +618,10 @@ int64_t operand_rows(int64_t n) { return (n + 7) / 8 * 8; }
 
 template <int DT>
 __global__ void weight_operand_kernel(const WOArgs p) {
-  using E = typename Operand<DT>::E;
-  E* hi = static_cast<E*>(p.zhi);
-  E* lo = static_cast<E*>(p.zlo);
-  const int64_t total = p.kpad * p.npad;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t c = i / p.npad, r = i % p.npad;
-    float v = 0.0f;
-    if (r < p.n && c < p.k) {
-      v = dequant_at(p.codes, p.scales, p.bits, p.group, p.scale_dtype, p.k, r, c);
-      if (p.rscale != nullptr) v = v * p.rscale[r];
-    }
-    split1<DT>(v, hi[i], lo[i]);
-  }
+  write_operand<DT>(p.zhi, p.zlo, p.kpad, p.npad, p.k, p.n, [&](int64_t c, int64_t r) {
+    const float v = dequant_at(p.codes, p.scales, p.bits, p.group, p.scale_dtype, p.k, r, c);
+    return p.rscale != nullptr ? v * p.rscale[r] : v;
+  });
 }
 
 struct WGArgs {
