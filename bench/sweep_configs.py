@@ -42,7 +42,7 @@ from test_bench_kernels import (  # noqa: E402
     TOLERANCE, KernelCase, _call, _comparable, _inputs, _rel_err, _set_bytes, roofline)
 
 from resbm_kernels.backends import use_backend  # noqa: E402
-from resbm_kernels.backends.triton import KERNELS, TILE_KINDS, configs  # noqa: E402
+from resbm_kernels.backends.triton import KERNELS, TILE_KINDS, _block_k, configs  # noqa: E402
 
 PASS_KERNELS = {
     "encode_forward": ("project_quantize",),
@@ -51,11 +51,6 @@ PASS_KERNELS = {
     "encode_backward": ("grad_operand", "weight_grad_x"),
 }
 GRID = dict(BLOCK_N=(32, 64, 128), BLOCK_D=(64, 128, 256), num_warps=(4, 8), num_stages=(3, 4))
-PRECOMPILE_N = 1024
-
-
-def _block_k(k: int) -> int:
-    return max(16, 1 << (k - 1).bit_length())
 
 
 def candidates(kernel: str, k: int, smem_limit: int) -> list:
@@ -113,21 +108,25 @@ def work_items(args, smem_limit):
 
 
 def precompile(args, dev, smem_limit, shard: int) -> None:
-    """Worker: launch this shard's items once at a small N (fills Triton's cache)."""
+    """Worker: launch this shard's items once (fills Triton's cache), at one N of
+    each kind the sweep times (d split between programs at small N, or not)."""
+    by_kind = {configs.d_splits(n, args.d, dev) > 1: n for n in sorted(args.N, reverse=True)}
     gen = torch.Generator(device=dev).manual_seed(0)
-    inputs = {}
-    for i, (pass_, kernel, k, bits, c) in enumerate(work_items(args, smem_limit)):
-        if i % args.jobs != shard:
-            continue
-        case = KernelCase(pass_, "triton", PRECOMPILE_N, args.d, k, bits, "sweep")
-        if (pass_, k, bits) not in inputs:
-            inputs[pass_, k, bits] = _inputs(case, dev, 1, gen)
-        w, (s,) = inputs[pass_, k, bits]
-        try:
-            with use_backend("triton"), Swapped(kernel, c):
-                _call(case, None, w, s)
-        except Exception as e:  # noqa: BLE001 -- reported again (and recorded) by the timing process
-            print(f"precompile {pass_} {kernel} k={k} bits={bits} {label(c)}: {type(e).__name__}", flush=True)
+    inputs_key, inputs = None, None
+    for n in sorted(by_kind.values()):
+        for i, (pass_, kernel, k, bits, c) in enumerate(work_items(args, smem_limit)):
+            if i % args.jobs != shard:
+                continue
+            case = KernelCase(pass_, "triton", n, args.d, k, bits, "sweep")
+            if inputs_key != (pass_, k, bits, n):  # one input set at a time: a worker per core shares the GPU
+                inputs_key, inputs = (pass_, k, bits, n), _inputs(case, dev, 1, gen)
+            w, (s,) = inputs
+            try:
+                with use_backend("triton"), Swapped(kernel, c):
+                    _call(case, None, w, s)
+            except Exception as e:  # noqa: BLE001 -- reported again (and recorded) by the timing process
+                print(f"precompile {pass_} {kernel} k={k} bits={bits} N={n} {label(c)}: {type(e).__name__}",
+                      flush=True)
 
 
 def time_item(case, kernel, c, w, per_set, sets, ref, dev) -> dict:

@@ -111,13 +111,13 @@ def _call(name: str, device: torch.device, *args) -> None:
 _PASS_IDS = {"encode_forward": 0, "decode_forward": 1, "decode_backward": 2, "encode_backward": 3}
 
 
-@functools.lru_cache(maxsize=None)
-def _workspace_bytes(pass_: str, dtype, d: int, k: int, norm: bool) -> int:
-    """The library's answer, asked once per shape (not on every op call)."""
+@functools.lru_cache(maxsize=1024)
+def _size_query(name: str, *args) -> int:
+    """A library size query's answer (its last argument, an int64 out-parameter),
+    asked once per arguments (not on every op call)."""
     lib = native.library("cuda")
     nbytes = ctypes.c_int64()
-    _checked(lib, lib.resbm_cuda_workspace_bytes(_PASS_IDS[pass_], _DTYPE_CODES[dtype], d, k, int(norm),
-                                                  ctypes.byref(nbytes)))
+    _checked(lib, getattr(lib, name)(*args, ctypes.byref(nbytes)))
     return nbytes.value
 
 
@@ -125,7 +125,7 @@ def _workspace(pass_: str, dtype, d: int, k: int, norm: bool, device) -> torch.T
     """The device workspace a pass needs (its weights converted to the tensor
     cores' operand types once per call), or None. Keep it referenced until the
     pass is launched; after that the caching allocator reuses it in stream order."""
-    nbytes = _workspace_bytes(pass_, dtype, d, k, norm)
+    nbytes = _size_query("resbm_cuda_workspace_bytes", _PASS_IDS[pass_], _DTYPE_CODES[dtype], d, k, int(norm))
     return fast.empty((nbytes,), torch.uint8, device) if nbytes else None
 
 
@@ -137,10 +137,9 @@ def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> t
     if n == 0:
         return partial.zero_().sum(0)
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
-    lib = native.library("cuda")
-    nbytes = ctypes.c_int64()  # the (rscale * zhat)^T operand, written once by the library's first kernel
-    _checked(lib, lib.resbm_cuda_weight_grad_workspace_bytes(_DTYPE_CODES[a.dtype], n, k, ctypes.byref(nbytes)))
-    workspace = fast.empty((nbytes.value,), torch.uint8, a.device)
+    # the (rscale * zhat)^T operand, written once by the library's first kernel
+    nbytes = _size_query("resbm_cuda_weight_grad_workspace_bytes", _DTYPE_CODES[a.dtype], n, k)
+    workspace = fast.empty((nbytes,), torch.uint8, a.device)
     _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), _DTYPE_CODES[a.dtype], n, d, k, codes, scales,
           bits, group, sdt, _ptr(rscale), splits, int(transpose), partial.data_ptr(), workspace.data_ptr())
     return partial.sum(0)

@@ -129,13 +129,9 @@ def _payload_args(payload, codec: Codec, n: int, k: int):
     return codes, scales
 
 
-def _rows_grid(n):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
-
-
-def _rows_and_d_splits_grid(n, d, splits):
-    """(row blocks, d splits), see :func:`.configs.d_splits`."""
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)
+def _rows_grid(n, d_splits=1):
+    """(row blocks, d splits): see :func:`.configs.d_splits` (the kernel's SPLIT_D is d_splits > 1)."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), d_splits)
 
 
 # ---- launchers ----------------------------------------------------------------------
@@ -172,10 +168,10 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     flags = dict(HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
                  SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, ZBITS=z_bits,
                  WRITE_STATS=stats is not None, BLOCK_K=_block_k(k))
-    project_quantize_kernel[_rows_and_d_splits_grid(n, d, splits)](
+    project_quantize_kernel[_rows_grid(n, splits)](
         a, w, codes, scales, *z_ptrs, stats_arg, part,
         n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, stats_stride, eps, key,
-        **flags, **_common(a.device),
+        SPLIT_D=splits > 1, **flags, **_common(a.device),
     )
     if splits > 1:
         finish_rows_kernel[(triton.cdiv(n, FINISH_ROWS),)](
@@ -230,11 +226,12 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     if n == 0:
         return out
     codes, scales = _payload_args(payload, codec, n, k)
-    dequant_project_kernel[_rows_and_d_splits_grid(n, d, configs.d_splits(n, d, w.device))](
+    splits = configs.d_splits(n, d, w.device)  # small N: each program a run of d (output columns are independent)
+    dequant_project_kernel[_rows_grid(n, splits)](
         codes, scales, w, residual if residual is not None else out, out,
         n, d, k, codec.group(k), *w_strides, residual.stride(0) if residual is not None else 0, out.stride(0),
-        BITS=codec.bits, HAS_RES=residual is not None, OUT_KIND=_KINDS[out_dtype], BLOCK_K=_block_k(k),
-        **_common(w.device),
+        BITS=codec.bits, HAS_RES=residual is not None, OUT_KIND=_KINDS[out_dtype], SPLIT_D=splits > 1,
+        BLOCK_K=_block_k(k), **_common(w.device),
     )
     return out
 

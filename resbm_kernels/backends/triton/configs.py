@@ -19,6 +19,7 @@ launchable config (no autotuning delay on the first call of each shape; the
 GPU test run uses it, and tests every config explicitly).
 """
 
+import functools
 import os
 
 import triton
@@ -98,6 +99,7 @@ def smem_limit(device) -> int:
     return getattr(props, "shared_memory_per_block_optin", SMEM_FALLBACK)
 
 
+@functools.lru_cache(maxsize=None)
 def programs_at_once(device) -> int:
     """Programs the device runs at once, roughly: one per SM on CUDA; 4 under
     the interpreter (small, so that the test shapes also take the split paths)."""
@@ -166,13 +168,6 @@ _KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X"
 
 # for the kernels that loop over d in BLOCK_D tiles: whole tiles need no column test
 even_d = triton.heuristics({"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0})
-
-
-def split_d(tensor_arg: str):
-    """SPLIT_D for a kernel whose grid splits d at small N (d_splits; the
-    device is that of argument ``tensor_arg``): one program per row block
-    compiles the plain loop."""
-    return triton.heuristics({"SPLIT_D": lambda args: d_splits(args["n"], args["d"], args[tensor_arg].device) > 1})
 
 
 def _autotune(table, kind, dequant, operand):

@@ -12,13 +12,12 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, round_to_kind
-from .configs import autotune_dequant, even_d, split_d
+from .configs import autotune_dequant, even_d
 from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
 
 
 @autotune_dequant
 @even_d
-@split_d("out_ptr")
 @triton.jit
 def dequant_project_kernel(
     codes_ptr, scales_ptr, w_ptr, res_ptr, out_ptr,

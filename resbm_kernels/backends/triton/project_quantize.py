@@ -21,13 +21,12 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, store_payload
-from .configs import autotune_project, even_d, split_d
+from .configs import autotune_project, even_d
 from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, store_operand, store_row_stats
 
 
 @autotune_project
 @even_d
-@split_d("a_ptr")
 @triton.jit(do_not_specialize=["key"])  # an int argument equal to 1 would become a constant
 def project_quantize_kernel(
     a_ptr, w_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr, part_ptr,
