@@ -12,6 +12,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist, share the cores between the workers: each torch process otherwise starts
+# one intra-op thread per core (16 workers x 16 threads on a 16-core GPU machine).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_configure(config):
     # pytest-xdist's marker, declared for runs without the plugin (see test_triton_static.py)

@@ -370,6 +370,34 @@ def test_backward_row_splits(monkeypatch, n, splits):
         assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("layout", ("decoder", "encoder", "encoder-norm"))
+def test_finish_weight_grad_exact(layout, dtype):
+    """The kernel that finishes a weight gradient from its row-split partials,
+    bit for bit against torch on exact inputs (integers: every sum is exact in
+    any order, and the results need rounding to 16 bits): the sum over three
+    splits and, through RMSNorm, M * gamma and grad_gamma = sum_c W_e * M."""
+    from resbm_kernels.backends import fast
+
+    splits, k, d = 3, 48, 80  # k and d not powers of two: masked tiles
+    gen = torch.Generator().manual_seed(11)
+    transpose, norm = layout == "decoder", layout == "encoder-norm"
+    partial = torch.randint(-3000, 3000, (splits, d, k) if transpose else (splits, k, d), generator=gen).float()
+    w_e = torch.randint(-8, 8, (k, d), generator=gen).to(dtype)
+    gamma = torch.randint(1, 60, (d,), generator=gen).to(dtype)
+    m = partial.sum(0)
+    want = fast.encoder_weight_grads(m, w_e, gamma if norm else None)
+    with torch.no_grad():
+        got = tb._finish_weight_grad(partial.to(DEVICE), transpose, dtype, *((w_e.to(DEVICE), gamma.to(DEVICE))
+                                                                           if norm else ()))
+    got = _to(got if norm else (got, None), "cpu")
+    assert got[0].dtype == dtype and torch.equal(got[0], want[0]), "gradient"
+    if norm:
+        assert torch.equal(got[1], want[1]), "grad_gamma"
+    if dtype != torch.float32:
+        assert not torch.equal(want[0].float(), (m * gamma.float() if norm else m)), "no rounding was needed"
+
+
 # ---- the differentiable boundary --------------------------------------------------------
 
 
@@ -479,10 +507,29 @@ def test_group_not_power_of_two():
 
 
 def test_zero_rows():
-    w_e, codec = torch.randn(16, 64), Codec()
+    w_e, w_d, gamma, codec = torch.randn(16, 64), torch.randn(64, 16), torch.randn(64), Codec()
     p = triton_call(ops.encode, torch.randn(0, 64), w_e, codec)
     assert torch.equal(p, ops.encode(torch.randn(0, 64), w_e, codec))
-    assert triton_call(ops.decode, p, torch.randn(64, 16), codec, 0).shape == (0, 64)
+    assert triton_call(ops.decode, p, w_d, codec, 0).shape == (0, 64)
+    grad_payload, grad_w_d = triton_call(ops.decode_backward, torch.randn(0, 64), p, w_d, codec, GRAD_CODEC)
+    assert torch.equal(grad_w_d, torch.zeros(64, 16)), "an empty sum of partials is zero"
+    grad_x, grad_w_e, grad_gamma = triton_call(ops.encode_backward, grad_payload, torch.randn(0, 64), w_e,
+                                               GRAD_CODEC, norm_weight=gamma)
+    assert grad_x.shape == (0, 64)
+    assert torch.equal(grad_w_e, torch.zeros(16, 64)) and torch.equal(grad_gamma, torch.zeros(64))
+
+
+@pytest.mark.parametrize("dtypes", ((torch.bfloat16,) * 2, (torch.float16,) * 2, (torch.float32,) * 2,
+                                    (torch.float16, torch.bfloat16)), ids=str)
+def test_fold_norm_rounds_once(dtypes):
+    """gamma * W_e, the encoder's folded GEMM operand, is the exact product
+    rounded once to the activations' dtype (one torch kernel when the dtypes agree)."""
+    w_dtype, dtype = dtypes
+    gen = torch.Generator().manual_seed(3)
+    w, gamma = normal(32, 64, dtype=w_dtype, gen=gen), normal(64, dtype=w_dtype, gen=gen)
+    folded = tb._fold_norm(w, gamma, dtype)
+    assert folded.dtype == dtype
+    assert torch.equal(folded, (w.double() * gamma.double()).to(dtype))
 
 
 # ---- every GPU launch config ---------------------------------------------------------------

@@ -4,7 +4,8 @@ Every kernel is compiled ahead of time for sm_90 and sm_80 (each GPU autotune
 config that survives pruning for the case's k) and the cubin is inspected with
 Triton's bundled ``cuobjdump -res-usage`` and ``nvdisasm``: the GEMMs must run on
 tensor cores (HGMMA / wgmma on sm_90, HMMA on sm_80) and nothing may spill
-(nor in ``finish_rows_kernel``, the GEMM-free second kernel of a d split).
+(nor in the GEMM-free second kernels: ``finish_rows_kernel`` of a d split,
+``finish_weight_grad_kernel`` of the weight gradients).
 The table (visible with ``pytest -s``) is also written to
 ``$RESBM_STATIC_REPORT`` or ``<tmp>/triton_static.txt``. Its ``loop`` column
 counts the instructions of each main loop (a loop holding the tensor-core
@@ -139,9 +140,20 @@ def finish(what, k, bits, *, norm=False, stats=False, zbits=0):
                                 ZBITS=zbits, WRITE_STATS=stats))
 
 
+def finish_wgrad(what, k, *, norm):
+    """A finish_weight_grad_kernel case (sums a weight gradient's row-split
+    partials; no GEMM, one launch config per k): checked for spills only."""
+    return dict(kernel="finish_weight_grad", what=what, k=k, act="bf16",
+                ptrs=dict(part_ptr="F", w_ptr="A", gamma_ptr="A", out_ptr="A", grad_gamma_ptr="A"),
+                ones=[], div16=["d", "k", "stride_wk"],
+                constexprs=dict(HAS_NORM=norm, OUT_KIND=2, GAMMA_KIND=2))
+
+
 FINISH_CASES = [
     finish("finish encode fwd int8/row norm+stats k=256", 256, 8, norm=True, stats=True),
     finish("finish decode bwd int4/row k=256", 256, 4, zbits=8),
+    finish_wgrad("finish grad W_e, gamma k=256", 256, norm=True),
+    finish_wgrad("finish grad W_d k=32", 32, norm=False),
 ]
 
 
@@ -187,7 +199,9 @@ def _worker():
 
     from helpers import main_loops
     from resbm_kernels.backends.triton import FINISH_ROWS, FINISH_WARPS, KERNELS, TILE_KINDS, configs
+    from resbm_kernels.backends.triton import finish_weight_grad_block_d
     from resbm_kernels.backends.triton.project_quantize import finish_rows_kernel
+    from resbm_kernels.backends.triton.weight_grad import finish_weight_grad_kernel
 
     def row(case, arch, config, compiled, regs, stack, sass, **extra):
         return dict(kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"], config=config,
@@ -219,11 +233,15 @@ def _worker():
                     loop_per_kib=round(sum(main_loops(sass)) * cfg.num_warps / tile_kib),
                     steady_per_kib=round(sum(main_loops(sass, steady=True)) * cfg.num_warps / tile_kib),
                 )), flush=True)
-    cfg = triton.Config({}, num_warps=FINISH_WARPS)  # as the launcher runs it (default stages)
     for case, arch in ((case, arch) for case in FINISH_CASES for arch in ARCHS):
-        constexprs = dict(case["constexprs"], BLOCK_N=FINISH_ROWS, BLOCK_K=case["k"])
-        compiled, regs, stack, sass = _compile(finish_rows_kernel, case, constexprs, cfg, arch)
-        config = f"N{FINISH_ROWS} K{case['k']} w{FINISH_WARPS}"
+        if case["kernel"] == "finish_rows":  # as the launchers run them (default stages)
+            fn, cfg, blocks = finish_rows_kernel, triton.Config({}, num_warps=FINISH_WARPS), dict(BLOCK_N=FINISH_ROWS)
+        else:
+            fn, cfg, blocks = finish_weight_grad_kernel, triton.Config({}, num_warps=4), \
+                dict(BLOCK_D=finish_weight_grad_block_d(case["k"]))
+        constexprs = dict(case["constexprs"], BLOCK_K=case["k"], **blocks)
+        compiled, regs, stack, sass = _compile(fn, case, constexprs, cfg, arch)
+        config = " ".join(f"{name[6]}{value}" for name, value in blocks.items()) + f" K{case['k']} w{cfg.num_warps}"
         print(json.dumps(row(case, arch, config, compiled, regs, stack, sass, gemm=False, smem_estimate=None,
                              loop_per_kib=0, steady_per_kib=0)), flush=True)
 

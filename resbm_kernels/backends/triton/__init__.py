@@ -15,7 +15,7 @@ Kernels (one family per module):
 - :mod:`.weight_grad`: the weight gradients, a d-tile-major pass over the
   (N, d) input that reduces over rows, its (N, k) operand Z being the
   dequantized payload scaled per row; for encode backward the same pass also
-  writes grad_x;
+  writes grad_x; a small second kernel sums its per-split partials;
 - :mod:`.grad_operand`: encode backward's Z and per-row RMSNorm term, from
   the gradient payload (and with the norm, one read of x);
 - :mod:`.codec`: the per-element codec helpers all of them share;
@@ -52,7 +52,7 @@ from .codec import KIND_BF16, KIND_F16, KIND_F32
 from .dequant_project import dequant_project_kernel
 from .grad_operand import grad_operand_kernel
 from .project_quantize import finish_rows_kernel, project_quantize_kernel
-from .weight_grad import weight_grad_kernel, weight_grad_x_kernel
+from .weight_grad import finish_weight_grad_kernel, weight_grad_kernel, weight_grad_x_kernel
 
 # the autotuned kernels by name (the benchmarks and the static check enumerate them)
 KERNELS = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
@@ -140,7 +140,11 @@ def _rows_grid(n, d_splits=1):
 def _fold_norm(w, gamma, dtype):
     """gamma * w (k, d), rounded once to the GEMM operand dtype: the weight tile
     every program would otherwise scale in its loop (the kernels' tensor-core
-    operand conversion rounds to nearest even, as this cast does)."""
+    operand conversion rounds to nearest even, as this cast does). One kernel
+    when the dtypes agree (torch forms 16-bit products in fp32, where they are
+    exact, and rounds once), else four."""
+    if w.dtype == gamma.dtype == dtype:
+        return w * gamma
     return (w.float() * gamma.float()).to(dtype)
 
 
@@ -190,16 +194,17 @@ def _weight_operand(n: int, k: int, dtype, device):
 
 
 def _weight_grad(a, z, transpose: bool, encoder=None):
-    """fp32 sum over rows of z^T a: (k, d), or (d, k) if transpose. For encode
-    backward ``encoder = (grad_x, w_e, gamma, alpha, payload, grad_codec)``:
-    the same pass also fills grad_x (see :mod:`.weight_grad`)."""
+    """fp32 per-split partials of z^T a: (splits, k, d), or (splits, d, k) if
+    transpose (see :func:`_finish_weight_grad`). For encode backward ``encoder =
+    (grad_x, w_e, gamma, alpha, payload, grad_codec)``: the same pass also fills
+    grad_x (see :mod:`.weight_grad`)."""
     n, d = a.shape
     k = z.shape[1]
     # one split under the interpreter (its cost grows with the number of programs)
     partial = fast.weight_grad_partials(n, d, k, transpose, a.device, max_splits=1 if a.device.type == "cpu" else 8)
     splits = partial.shape[0]
     if n == 0:
-        return partial.zero_().sum(0)
+        return partial[:0]
     stride_ok, stride_od = (1, k) if transpose else (d, 1)
     if encoder is None:
         gx, w, gamma, alpha, codes, scales, group, bits = a, a, a, a, a, a, 1, 16  # unused
@@ -217,7 +222,33 @@ def _weight_grad(a, z, transpose: bool, encoder=None):
         n, d, k, group, a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od, *w_strides, gx.stride(0),
         BITS=bits, BLOCK_K=_block_k(k), **flags, **_common(a.device),
     )
-    return partial.sum(0)
+    return partial
+
+
+def finish_weight_grad_block_d(k: int) -> int:
+    """BLOCK_D of finish_weight_grad_kernel: (k, BLOCK_D) fp32 tiles of 4096 elements (32 registers per thread)."""
+    return min(128, max(16, 4096 // _block_k(k)))
+
+
+def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
+    """The weight gradient from :func:`_weight_grad`'s partials, in ``dtype``:
+    their sum (k, d), or (d, k) if transpose; with ``gamma`` (the encoder
+    through RMSNorm) (sum * gamma, grad_gamma) where grad_gamma = sum over k of
+    w_e * sum (see :func:`.fast.encoder_weight_grads`)."""
+    splits = partial.shape[0]
+    k, d = (partial.shape[2], partial.shape[1]) if transpose else (partial.shape[1], partial.shape[2])
+    out = fast.empty((d, k) if transpose else (k, d), dtype, partial.device)
+    grad_gamma = fast.empty((d,), gamma.dtype, gamma.device) if gamma is not None else None
+    strides = (1, k) if transpose else (d, 1)  # (k, d) index strides of the partials and of out
+    block_k, block_d = _block_k(k), finish_weight_grad_block_d(k)
+    finish_weight_grad_kernel[(triton.cdiv(d, block_d),)](
+        partial, w_e if gamma is not None else partial, gamma if gamma is not None else partial, out,
+        grad_gamma if gamma is not None else partial,
+        splits, d, k, partial.stride(0), *strides, *(w_e.stride() if gamma is not None else (0, 0)), *strides,
+        HAS_NORM=gamma is not None, OUT_KIND=_KINDS[dtype], GAMMA_KIND=_KINDS[gamma.dtype] if gamma is not None else 0,
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+    )
+    return out if gamma is None else (out, grad_gamma)
 
 
 def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype, residual=None):
@@ -282,8 +313,8 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     z = _weight_operand(grad_h.shape[0], k, grad_h.dtype, grad_h.device)
     grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k,
                                      out, z=(z, payload, codec))
-    grad_w_d = _weight_grad(grad_h, z, transpose=True)
-    return grad_payload, grad_w_d.to(w_d.dtype)
+    partial = _weight_grad(grad_h, z, transpose=True)
+    return grad_payload, _finish_weight_grad(partial, True, w_d.dtype)
 
 
 def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
@@ -293,5 +324,7 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     _group_reshape(grad_codec, k)
     z, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
     grad_x = fast.empty((n, d), x.dtype, x.device)
-    m = _weight_grad(x, z, transpose=False, encoder=(grad_x, w_e, norm_weight, alpha, grad_payload, grad_codec))
-    return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))
+    partial = _weight_grad(x, z, transpose=False, encoder=(grad_x, w_e, norm_weight, alpha, grad_payload, grad_codec))
+    if norm_weight is None:
+        return grad_x, _finish_weight_grad(partial, False, w_e.dtype), None
+    return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))

@@ -162,8 +162,10 @@ WGMMA_ONLY = {("wgrad", True): {(128, 64, 4, 3), (64, 64, 8, 3)}}
 GPU_TABLES = dict(project=GPU_PROJECT, dequant=GPU_DEQUANT, wgrad=GPU_WGRAD, wgrad_x=GPU_WGRAD_X)
 INTERPRET_BLOCKS = (64, 128)
 
-# the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are ignored)
-_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X", "WRITE_STATS", "HAS_STATS"]
+# the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are
+# ignored); SPLIT_D too: a small-N d split runs a short loop per program and tunes apart
+_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X", "WRITE_STATS", "HAS_STATS",
+        "SPLIT_D"]
 
 
 # for the kernels that loop over d in BLOCK_D tiles: whole tiles need no column test

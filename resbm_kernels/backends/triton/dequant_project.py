@@ -18,7 +18,7 @@ from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
 
 @autotune_dequant
 @even_d
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def dequant_project_kernel(
     codes_ptr, scales_ptr, w_ptr, res_ptr, out_ptr,
     n, d, k, group, stride_wk, stride_wd, stride_res, stride_out,

@@ -27,7 +27,7 @@ from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 
 @autotune_project
 @even_d
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def grad_operand_kernel(
     codes_ptr, scales_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, alpha_ptr,
     n, d, k, group, stride_a, stride_wk, stride_wd, stride_stats, eps,

@@ -27,7 +27,9 @@ from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, st
 
 @autotune_project
 @even_d
-@triton.jit(do_not_specialize=["key"])  # an int argument equal to 1 would become a constant
+# n and the RNG key change from call to call: specialised (to a constant when 1, as aligned
+# when divisible by 16) they would compile new variants in the middle of training
+@triton.jit(do_not_specialize=["n", "key"])
 def project_quantize_kernel(
     a_ptr, w_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr, part_ptr,
     n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
@@ -63,7 +65,7 @@ def project_quantize_kernel(
                       HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)
 
 
-@triton.jit(do_not_specialize=["key"])
+@triton.jit(do_not_specialize=["n", "key"])
 def finish_rows_kernel(
     a_ptr, part_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
     n, d, k, splits, n_groups, zgroup, stride_a, stride_stats, eps, key,

@@ -108,7 +108,8 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_
     kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     # squares summed per element, across lanes once after the loop (a row
-    # reduction in every iteration cost a shuffle tree per tile)
+    # reduction in every iteration cost a shuffle tree per tile); tl.fma, since
+    # the kernels run with fp fusion off (one FFMA per element, not FMUL + FADD)
     squares = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
@@ -116,7 +117,7 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         if HAS_NORM:
             af = a.to(tl.float32)
-            squares += af * af
+            squares = tl.fma(af, af, squares)
         acc = mma(a, tl.trans(w), acc, a.dtype, UPCAST, PRECISION)
     return acc, tl.sum(squares, axis=1)
 

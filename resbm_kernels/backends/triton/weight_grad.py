@@ -7,8 +7,10 @@ A d x k reduction over N cannot share a row-blocked kernel without per-program
 d x k partials or atomics, so this pass is d-tile major. Both operands stream
 through shared memory straight into the tensor cores, so the loop does no
 per-element work. Grid: (d tiles, row splits); each program walks its rows
-and writes one fp32 partial; the host sums the few splits (deterministic, no
-atomics, safe to autotune).
+and writes one fp32 partial (deterministic, no atomics, safe to autotune);
+``finish_weight_grad_kernel`` sums the few splits in a fixed order and does
+the rest in one launch (the encoder's RMSNorm factors, the cast to the
+weights' dtype), where torch ops took up to eight small kernels.
 
 Decode backward runs it as a second pass over grad_h (its row-blocked main
 kernel needs whole rows of g_z before it can quantize). Encode backward
@@ -27,7 +29,7 @@ from .configs import autotune_wgrad, autotune_wgrad_x
 from .tiles import dequant_mma, load_rows, load_w, tile_mask
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "rows_per_split"])
 def _weight_grad(
     a_ptr, z_ptr, out_ptr, w_ptr, gamma_ptr, alpha_ptr, codes_ptr, scales_ptr, gx_ptr,
     n, d, k, group, stride_a, rows_per_split, stride_os, stride_ok, stride_od, stride_wk, stride_wd, stride_gx,
@@ -73,3 +75,30 @@ def _weight_grad(
 
 weight_grad_kernel = autotune_wgrad(_weight_grad)
 weight_grad_x_kernel = autotune_wgrad_x(_weight_grad)  # GRAD_X=True launches
+
+
+@triton.jit(do_not_specialize=["splits"])  # (grows with n: one compiled variant)
+def finish_weight_grad_kernel(
+    part_ptr, w_ptr, gamma_ptr, out_ptr, grad_gamma_ptr,
+    splits, d, k, stride_ps, stride_pk, stride_pd, stride_wk, stride_wd, stride_ok, stride_od,
+    HAS_NORM: tl.constexpr, OUT_KIND: tl.constexpr, GAMMA_KIND: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """M = sum of part[s] over s = 0..splits-1 in order, M viewed k x d through the
+    strides (decode backward's (d, k) layout too); out = M, or with HAS_NORM
+    (encoder, W = w_e): out = M * gamma[j] and grad_gamma[j] = sum_c W[c, j] * M[c, j].
+    Each rounded once to its output's dtype."""
+    dcols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    kcols = tl.arange(0, BLOCK_K)
+    mask = tile_mask(kcols, dcols, k, d, False)
+    offsets = kcols[:, None] * stride_pk + dcols[None, :] * stride_pd
+    m = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
+    for s in range(0, splits):
+        m += tl.load(part_ptr + s * stride_ps + offsets, mask=mask, other=0.0)
+    if HAS_NORM:
+        w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, False).to(tl.float32)
+        grad_gamma = round_to_kind(tl.sum(w * m, axis=0), GAMMA_KIND)
+        tl.store(grad_gamma_ptr + dcols, grad_gamma.to(grad_gamma_ptr.dtype.element_ty), mask=dcols < d)
+        m = m * tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)[None, :]
+    out = round_to_kind(m, OUT_KIND).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + kcols[:, None] * stride_ok + dcols[None, :] * stride_od, out, mask=mask)
