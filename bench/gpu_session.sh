@@ -52,7 +52,8 @@
 # RESBM_BENCH_ARGS (extra pytest arguments for the bench phase, split on spaces, e.g.
 # "-k encode_forward"), RESBM_BENCH_AUTOTUNE (default 0), RESBM_SANITIZERS (default
 # "memcheck"; all: "memcheck racecheck synccheck initcheck"), RESBM_SWEEP_ARGS (extra
-# sweep_configs.py arguments).
+# sweep_configs.py arguments), RESBM_PROFILE_ARGS (extra profile_kernels.py arguments,
+# e.g. "--k 32,128 --backends triton").
 #
 # Afterwards, on the development machine: copy kernels.json to
 # bench/results/<card>-<date>.json, run `python bench/render.py` and
@@ -213,7 +214,7 @@ if wanted profile; then
         run_phase profile 120 "$OUT/profile.log" env RESBM_TRITON_AUTOTUNE="${RESBM_BENCH_AUTOTUNE:-0}" "$NCU" \
             --clock-control none --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
             --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
-            --log-file "$OUT/profile.csv" "${PYP[@]}" bench/profile_kernels.py
+            --log-file "$OUT/profile.csv" "${PYP[@]}" bench/profile_kernels.py ${RESBM_PROFILE_ARGS:-}
     else
         SUMMARY+=("profile: NOT RUN (ncu not found)")
         FAILED=1

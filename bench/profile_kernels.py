@@ -8,7 +8,8 @@ the profiler off, so compilation, autotuning and the reference run are not
 captured; then each runs once between ``cudaProfilerStart`` and
 ``cudaProfilerStop``, in a range named after it (``--profile-from-start off``
 makes ncu see only those launches). Inputs are those of the kernel benchmarks
-(bench/test_bench_kernels.py), default shape N=16384, d=4096, k=128, int8.
+(bench/test_bench_kernels.py), default shape N=16384, d=4096, k=128, int8
+(``--k 32,128`` profiles each k).
 bench/gpu_session.sh runs it in its ``profile`` phase.
 
 Without a GPU it still runs the Triton kernels under ``TRITON_INTERPRET=1``
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 
@@ -31,9 +33,11 @@ from test_bench_kernels import PASSES, TOLERANCE, KernelCase, _call, _comparable
 from resbm_kernels.backends import _load, use_backend  # noqa: E402
 
 
-def available_backends(dev) -> list[str]:
+def available_backends(dev, wanted) -> list[str]:
     names = []
     for name in ("triton", "cuda"):
+        if name not in wanted:
+            continue
         module, why = _load(name)
         if module is not None and module.supports(dev):
             names.append(name)
@@ -46,7 +50,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--N", type=int, default=16384)
     parser.add_argument("--d", type=int, default=4096)
-    parser.add_argument("--k", type=int, default=128)
+    parser.add_argument("--k", type=lambda v: [int(x) for x in v.split(",")], default=[128], help="comma-separated")
+    parser.add_argument("--backends", default="triton,cuda", help="comma-separated subset of triton,cuda")
     parser.add_argument("--bits", type=int, default=8, choices=sorted(TOLERANCE))
     parser.add_argument("--passes", default=",".join(PASSES), help="comma-separated subset of " + ",".join(PASSES))
     args = parser.parse_args(argv)
@@ -59,9 +64,9 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=dev).manual_seed(0)
     runs = []  # (label, backend, call)
     failed = False
-    for backend in available_backends(dev):
+    for backend, k in itertools.product(available_backends(dev, args.backends.split(",")), args.k):
         for pass_ in passes:
-            case = KernelCase(pass_, backend, args.N, args.d, args.k, args.bits, "profile")
+            case = KernelCase(pass_, backend, args.N, args.d, k, args.bits, "profile")
             w, (s,) = _inputs(case, dev, 1, gen)
             with use_backend(backend):
                 got = _comparable(case, _call(case, None, w, s))  # compiles / autotunes, unprofiled

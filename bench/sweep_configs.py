@@ -15,7 +15,10 @@ k, N), the fastest candidate next to the current first config.
 
 Candidates are pruned with the backend's own estimates (configs.tile_regs at
 up to twice today's cap, configs.smem_bytes against the device limit), so a
-wider register cap can be judged by its timings and spills. ``--jobs J``
+wider register cap can be judged by its timings and spills. ``--maxnreg
+0,128`` also runs each candidate under a register limit (ptxas maxnreg; 0:
+none), e.g. 128 per thread for two 8-warp programs per SM (one SM has 64K
+registers; several first configs compile to 132-240). ``--jobs J``
 first compiles every candidate in J worker processes (Triton's on-disk cache
 then serves the timing process), which is what makes the sweep fit one device
 call. GPU only.
@@ -34,6 +37,7 @@ import time
 os.environ.setdefault("RESBM_TRITON_AUTOTUNE", "0")  # the kernels not swept run their first config
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,11 +57,13 @@ PASS_KERNELS = {
 GRID = dict(BLOCK_N=(32, 64, 128), BLOCK_D=(64, 128, 256), num_warps=(4, 8), num_stages=(3, 4))
 
 
-def candidates(kernel: str, k: int, smem_limit: int) -> list:
-    """The grid's configs that the backend's estimates do not rule out for this kernel."""
+def candidates(kernel: str, k: int, smem_limit: int, maxnregs=(0,)) -> list:
+    """The grid's configs that the backend's estimates do not rule out for this
+    kernel, each under every register limit in ``maxnregs`` (0: none)."""
     kind, grad_x = TILE_KINDS[kernel]
     table = itertools.product(*GRID.values())
-    return [c for c in configs.gpu_configs(table)
+    return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=r or None)
+            for c in configs.gpu_configs(table) for r in maxnregs
             if configs.tile_regs(c, _block_k(k), kind, grad_x) <= 2 * configs.MAX_TILE_REGS[kind]
             and configs.smem_bytes(c, _block_k(k), 2, kind, grad_x) <= smem_limit]
 
@@ -68,7 +74,8 @@ def first_config(kernel: str, k: int, smem_limit: int):
 
 
 def label(c) -> str:
-    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}"
+    limit = f" r{c.maxnreg}" if c.maxnreg else ""
+    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}{limit}"
 
 
 class Swapped:
@@ -103,7 +110,7 @@ def work_items(args, smem_limit):
         if pass_ not in args.passes:
             continue
         for kernel, k, bits in itertools.product(kernels, args.k, args.bits):
-            for c in candidates(kernel, k, smem_limit):
+            for c in candidates(kernel, k, smem_limit, args.maxnreg):
                 yield pass_, kernel, k, bits, c
 
 
@@ -169,7 +176,7 @@ def sweep(args, dev, smem_limit) -> list[dict]:
         nbytes = roofline(case)[0]
         for kernel in PASS_KERNELS[pass_]:
             first = first_config(kernel, k, smem_limit)
-            for c in [first] + [c for c in candidates(kernel, k, smem_limit) if label(c) != label(first)]:
+            for c in [first] + [c for c in candidates(kernel, k, smem_limit, args.maxnreg) if label(c) != label(first)]:
                 if time.monotonic() > deadline:
                     print(f"{pass_} k={k} N={n} bits={bits}: its share of the budget is used, next group", flush=True)
                     break
@@ -211,6 +218,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=ints, default=[32, 64, 128])
     parser.add_argument("--bits", type=ints, default=[8], help=f"comma-separated, from {sorted(TOLERANCE)}")
     parser.add_argument("--passes", default=",".join(PASS_KERNELS))
+    parser.add_argument("--maxnreg", type=ints, default=[0], help="register limits per thread, 0: none (e.g. 0,128)")
     parser.add_argument("--jobs", type=int, default=0, help="compile first in this many worker processes")
     parser.add_argument("--shard", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--compile-budget-s", type=float, default=120.0, help="stop the compile workers after this")
