@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import struct
 
 import torch
 
@@ -198,6 +199,12 @@ def header_bytes(codec: Codec, n: int, k: int) -> bytes:
         + n.to_bytes(4, "little")
         + k.to_bytes(4, "little")
     )
+
+
+def header_words(codec: Codec, n: int, k: int) -> tuple[int, int, int, int]:
+    """The header as four little-endian int32 words, for kernels that write it
+    themselves (no device copy of the bytes; the third word is n)."""
+    return struct.unpack("<4i", header_bytes(codec, n, k))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -443,6 +443,65 @@ def test_passes_do_not_synchronise():
     check_passes_do_not_synchronise("triton")
 
 
+# torch ops that launch no device work (views, allocation, autograd bookkeeping)
+_NO_WORK = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "alias", "detach", "detach_", "t",
+            "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "reshape", "lift_fresh"}
+
+
+@pytest.mark.parametrize("weights", (torch.bfloat16, torch.float32), ids=_ids)
+def test_passes_launch_no_torch_kernels(monkeypatch, weights):
+    """Besides its Triton kernels, a pass runs no torch op that launches device
+    work (a small kernel costs a few microseconds of a pass that streams its
+    tensor in 30-60 at the target shapes), except encode forward's one
+    multiply folding gamma into W_e (fp32 weights with bf16 activations: and
+    the cast to the GEMM's dtype)."""
+    import triton
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from resbm_kernels.backends import fast
+
+    # outputs not poisoned here (the fills would count)
+    monkeypatch.setattr(fast, "empty", lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device))
+    inside, seen = [0], []
+    for cls in {triton.runtime.jit.JITFunction, type(tb.finish_rows_kernel)}:  # (the interpreter's class on CPU)
+        def run(self, *args, __run=cls.run, **kwargs):
+            inside[0] += 1
+            try:
+                return __run(self, *args, **kwargs)
+            finally:
+                inside[0] -= 1
+        monkeypatch.setattr(cls, "run", run)
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and func.__name__.split(".")[0] not in _NO_WORK:
+                seen.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(21)
+    n, d, k, dtype = 150, 256, 32, torch.bfloat16
+    x, grad_h = (normal(n, d, dtype=dtype, gen=gen, device=DEVICE) for _ in range(2))
+    w_e = normal(k, d, dtype=weights, scale=d**-0.5, gen=gen, device=DEVICE)
+    w_d = normal(d, k, dtype=weights, scale=k**-0.5, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=weights, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
+    codec, stats = Codec(bits=8), torch.empty(n, k + 1, device=DEVICE)
+    tb_calls = dict(  # as in training: encode forward keeps the row statistics for encode backward
+        encode_forward=lambda: tb.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats),
+        decode_forward=lambda: tb.decode_forward(payload, w_d, None, codec, n, dtype),
+        decode_backward=lambda: tb.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2),
+        encode_backward=lambda: tb.encode_backward(grad_payload, x, w_e, gamma, 1e-6, GRAD_CODEC, row_stats=stats),
+    )
+    payload = tb_calls["encode_forward"]()
+    grad_payload = tb_calls["decode_backward"]()[0]
+    fold = ["mul"] if weights == dtype else ["mul", "_to_copy"]
+    for name, call in tb_calls.items():
+        call()  # compiled (and tuned) first
+        seen.clear()
+        with torch.no_grad(), Ops():
+            call()
+        assert seen == (fold if name == "encode_forward" else []), name
+
+
 def test_torch_compile_matches_eager():
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(8)

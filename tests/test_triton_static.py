@@ -56,7 +56,7 @@ def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False
     codes = "B" if bits == 16 else "U"
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="project_quantize", what=what, k=k, act=act,
-                ptrs=dict(a_ptr="A", w_ptr="A", codes_ptr=codes, scales_ptr="B" if bits == 16 else "S",
+                ptrs=dict(a_ptr="A", w_ptr="A", payload_ptr="U", codes_ptr=codes, scales_ptr="B" if bits == 16 else "S",
                           zcodes_ptr="U", zscales_ptr="S", z_ptr="Z", stats_ptr="F", part_ptr="F"),
                 ones=[unit], div16=["d", "k", "stride_a", strided],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
@@ -133,8 +133,8 @@ def finish(what, k, bits, *, norm=False, stats=False, zbits=0):
     """A finish_rows_kernel case (after a d-split project_quantize launch; no GEMM,
     one fixed launch config): checked for spills only."""
     return dict(kernel="finish_rows", what=what, k=k, act="bf16",
-                ptrs=dict(a_ptr="A", part_ptr="F", codes_ptr="U", scales_ptr="S", zcodes_ptr="U", zscales_ptr="S",
-                          z_ptr="Z", stats_ptr="F"),
+                ptrs=dict(a_ptr="A", part_ptr="F", payload_ptr="U", codes_ptr="U", scales_ptr="S", zcodes_ptr="U",
+                          zscales_ptr="S", z_ptr="Z", stats_ptr="F"),
                 ones=[], div16=["d", "k", "stride_a"],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=k, SCALE_KIND=2, STOCHASTIC=False,
                                 ZBITS=zbits, WRITE_STATS=stats))

@@ -1,9 +1,9 @@
 """Pieces shared by the compiled backends (Triton and CUDA): input limits,
 output allocation and the finishing step of the encoder's weight gradients.
 
-Outputs are allocated through :func:`empty` and :func:`new_payload` (looked
-up on this module at call time) so tests can poison fresh outputs and catch
-elements a kernel never writes.
+Outputs are allocated through :func:`empty`, :func:`payload_buffer` and
+:func:`new_payload` (looked up on this module at call time) so tests can
+poison fresh outputs and catch elements a kernel never writes.
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ def weight_grad_partials(n: int, d: int, k: int, transpose: bool, device, max_sp
     most ``max_splits``); the caller sums them, so the result is deterministic."""
     splits = max(1, min(max_splits, -(-n // 1024)))
     return empty((splits, d, k) if transpose else (splits, k, d), torch.float32, device)
+
+
+def payload_buffer(codec: Codec, n: int, k: int, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A payload buffer for a kernel that writes all of it, header and codes
+    padding included: ``out`` (already validated by the ops) or a fresh one."""
+    return out if out is not None else empty((codec.payload_bytes(n, k),), torch.uint8, device)
 
 
 def new_payload(codec: Codec, n: int, k: int, device, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -45,7 +45,7 @@ import os
 import torch
 import triton
 
-from ...codec import Codec, payload_views, rng_key
+from ...codec import Codec, header_words, payload_views, rng_key
 from .. import fast
 from . import configs
 from .codec import KIND_BF16, KIND_F16, KIND_F32
@@ -153,9 +153,9 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer;
     ``stats`` (with gamma) is filled with the RMSNorm row statistics."""
     n, d = a.shape
-    payload = fast.new_payload(codec, n, k, a.device, out)
     if n == 0:
-        return payload
+        return fast.new_payload(codec, n, k, a.device, out)
+    payload = fast.payload_buffer(codec, n, k, a.device, out)  # header and padding: written by the kernels
     codes, scales = _payload_args(payload, codec, n, k)
     if z is None:
         z_ptrs, z_group, z_bits = (a, a, a), 1, 0  # unused
@@ -172,15 +172,16 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     flags = dict(HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
                  SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, ZBITS=z_bits,
                  WRITE_STATS=stats is not None, BLOCK_K=_block_k(k))
+    header = header_words(codec, n, k)
     project_quantize_kernel[_rows_grid(n, splits)](
-        a, w, codes, scales, *z_ptrs, stats_arg, part,
-        n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, stats_stride, eps, key,
+        a, w, payload, codes, scales, *z_ptrs, stats_arg, part,
+        n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, stats_stride, eps, key, *header,
         SPLIT_D=splits > 1, **flags, **_common(a.device),
     )
     if splits > 1:
         finish_rows_kernel[(triton.cdiv(n, FINISH_ROWS),)](
-            a, part, codes, scales, *z_ptrs, stats_arg,
-            n, d, k, splits, k // codec.group(k), z_group, a.stride(0), stats_stride, eps, key,
+            a, part, payload, codes, scales, *z_ptrs, stats_arg,
+            n, d, k, splits, k // codec.group(k), z_group, a.stride(0), stats_stride, eps, key, *header,
             **flags, BLOCK_N=FINISH_ROWS, num_warps=FINISH_WARPS, enable_fp_fusion=False,
         )
     return payload

@@ -2,7 +2,8 @@
 
 Everything that decides a bit of the wire format lives here, written once:
 rounding to the scale / output dtype, the reciprocal of the scale, the
-stochastic-rounding hash, round-half-even, and the payload tile load/store.
+stochastic-rounding hash, round-half-even, the payload tile load/store and
+the payload header.
 Rounding to bf16 / fp16 is the GPU's cast (cvt.rn: round to nearest even, one
 instruction); under the interpreter, whose fp32->bf16 cast truncates, it is
 done with integer bit operations that give the same result, so GPU and CPU
@@ -126,6 +127,18 @@ def store_payload(z, rows, n, k, n_groups, codes_ptr, scales_ptr, key,
         bmask = row_ok[:, None] & (bcols < row_bytes)[None, :]
         tl.store(codes_ptr + rows[:, None].to(tl.int64) * row_bytes + bcols[None, :],
                  fields.to(tl.uint8), mask=bmask)
+
+
+@triton.jit
+def store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS: tl.constexpr):
+    """The payload's 16-byte header (the little-endian int32 words of
+    codec.header_words) and the zero padding that aligns its codes region to
+    16 bytes; written by one program of the kernel that writes the codes."""
+    b = tl.arange(0, 16)
+    word = tl.where(b < 4, hdr0, tl.where(b < 8, hdr1, tl.where(b < 12, hdr2, hdr3)))
+    tl.store(payload_ptr + b, ((word >> ((b % 4) * 8)) & 0xFF).to(tl.uint8))
+    codes_end = 16 + n.to(tl.int64) * k * BITS // 8
+    tl.store(payload_ptr + codes_end + b, tl.zeros((16,), tl.uint8), mask=b < (16 - codes_end % 16) % 16)
 
 
 @triton.jit

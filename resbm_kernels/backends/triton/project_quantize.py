@@ -20,7 +20,7 @@ backward needs (see :mod:`.grad_operand`), so that pass need not re-read x.
 import triton
 import triton.language as tl
 
-from .codec import load_payload, store_payload
+from .codec import load_payload, store_header, store_payload
 from .configs import autotune_project, even_d
 from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, store_operand, store_row_stats
 
@@ -29,17 +29,18 @@ from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, st
 @even_d
 # n and the RNG key change from call to call: specialised (to a constant when 1, as aligned
 # when divisible by 16) they would compile new variants in the middle of training
-@triton.jit(do_not_specialize=["n", "key"])
+@triton.jit(do_not_specialize=["n", "key", "hdr2"])
 def project_quantize_kernel(
-    a_ptr, w_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr, part_ptr,
-    n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
+    a_ptr, w_ptr, payload_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr, part_ptr,
+    n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, stride_stats, eps, key, hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """payload rows = quantize(r * (A @ W^T) + A[:, :k]); r = 1/rms(A) with the
-    norm (W then holds gamma * W_e), else 1. The identity tile is loaded with the first d tile
+    norm (W then holds gamma * W_e), else 1; program 0 also writes the header
+    (words hdr0..3) and the codes padding. The identity tile is loaded with the first d tile
     (same cache lines), the RMS is gathered during the same d loop.
 
     ZBITS > 0 (decode backward): also Z[rows] = dequantize(zcodes, zscales),
@@ -57,6 +58,8 @@ def project_quantize_kernel(
                                   HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         store_row_stats(part_ptr + tl.program_id(1) * (n * (k + 1)), k + 1, rows, kcols, n, k, acc, sumsq)
     else:
+        if tl.program_id(0) == 0:
+            store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS)
         ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False)
         acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, 0, d,
                                   HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
@@ -65,10 +68,10 @@ def project_quantize_kernel(
                       HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)
 
 
-@triton.jit(do_not_specialize=["n", "key"])
+@triton.jit(do_not_specialize=["n", "key", "hdr2"])
 def finish_rows_kernel(
-    a_ptr, part_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
-    n, d, k, splits, n_groups, zgroup, stride_a, stride_stats, eps, key,
+    a_ptr, part_ptr, payload_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
+    n, d, k, splits, n_groups, zgroup, stride_a, stride_stats, eps, key, hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -80,6 +83,8 @@ def finish_rows_kernel(
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0:
         store_z_operand(zcodes_ptr, zscales_ptr, z_ptr, rows, kcols, n, k, zgroup, ZBITS)
+    if tl.program_id(0) == 0:
+        store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     sumsq = tl.zeros((BLOCK_N,), tl.float32)
     for split in range(0, splits):
