@@ -152,7 +152,7 @@ def assert_close_payload(p, q, codec: Codec, n: int, k: int) -> None:
         b = ref.read_payload(q, codec, n, k, torch.float32)
         assert rel_err(a, b) < 1e-2
         return
-    (ca, sa), (cb, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
+    (_, sa), (_, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
     assert torch.isfinite(sa.float()).all()
     torch.testing.assert_close(sa.float(), sb.float(), rtol=1e-2, atol=0)
     a = ref.read_payload(p, codec, n, k, torch.float32)
