@@ -1,5 +1,6 @@
 """Pieces shared by the compiled backends (Triton and CUDA): input limits,
-output allocation and the finishing step of the encoder's weight gradients.
+output allocation and the finishing step of the encoder's weight gradients
+(in torch ops, for the CUDA backend; the Triton backend does it in one kernel).
 
 Outputs are allocated through :func:`empty`, :func:`payload_buffer` and
 :func:`new_payload` (looked up on this module at call time) so tests can
