@@ -15,9 +15,11 @@
 #             (RESBM_BACKEND=auto, RESBM_TRITON_AUTOTUNE=0); not tests/test_triton_static.py,
 #             a CPU-only compile check that CI runs; each finished test is also written to
 #             tests-report.txt as it ends (summarised in session.log by summarize_tests.py,
-#             also when the cap stops pytest)                      -> tests.log, tests-report.txt
+#             also when the cap stops pytest); xdist workers get cores/workers torch threads
+#                                                                  -> tests.log, tests-report.txt
 #   sanitize  compute-sanitizer on bench/sanitize_cuda.py, the tools in RESBM_SANITIZERS
-#             (default memcheck: every native, CUDA and Triton kernel); racecheck (the CUDA
+#             (default memcheck: every native, CUDA and Triton kernel; with the tests phase
+#             it runs beside the test suite, niced, the others after it); racecheck (the CUDA
 #             passes first: the shared-memory kernels), synccheck and initcheck (native, CUDA)
 #             when named, e.g. in a second call
 #             (it works on the Firecracker H100 machines, not on gVisor: name the kind) -> sanitizer.log
@@ -34,7 +36,8 @@
 #             launch configs it ran with (extra_info triton_configs)                 -> bench.log
 #
 # Measured on an H200 (2026-11-26, bench/results/logs/): install 28-31 s; the test suite
-# reported 1148 of ~1390 tests in 250 s on 16 workers (so ~300 s for all: the cap is 320 s);
+# reported 1148 of ~1390 tests in 250 s on 16 workers (so ~300 s for all; the cap is 390 s,
+# what is left after install and the benchmarks' share, since memcheck no longer runs after it);
 # memcheck 44-51 s; racecheck is slow (80 cases in 40 s); the benchmarks' target shapes
 # (every backend) fit 150 s. The benchmarks get what is left (at least RESBM_BENCH_MIN_S).
 # Autotuning compiles every config of every kernel key (k, bits, flags): for tuned numbers
@@ -166,8 +169,40 @@ if ! (cd /tmp && "${PYP[@]}" -c "import resbm_kernels") 2>/dev/null; then
     PYP=("$PY")
 fi
 
+# ---- compute-sanitizer (run below; memcheck beside the tests) -------------------------------
+SANITIZERS="${RESBM_SANITIZERS:-memcheck}"
+sanitize_tool() {  # sanitize_tool TOOL CAP_S: compute-sanitizer TOOL on bench/sanitize_cuda.py, then its verdict
+    local tool=$1 cap=$2 backends="cuda,native" quick="cuda"
+    [[ $tool == memcheck ]] && backends="native,cuda,triton" quick="triton"
+    # API errors inside torch or Triton are not ours; our launches check their own status
+    run_phase "sanitize-$tool" "$cap" "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        RESBM_TRITON_AUTOTUNE=0 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+        --report-api-errors no "${PYP[@]}" bench/sanitize_cuda.py --backends "$backends" --quick "$quick"
+    local rc=$?
+    # this tool's verdict only: the lines after its own header
+    awk -v h="### sanitize-$tool:" 'index($0, h) == 1 {on = 1; next} on' "$OUT/sanitizer.log" |
+        grep -E "^summary:|ERROR SUMMARY|RACECHECK SUMMARY" | tail -2 | sed "s/^/    $tool: /" | tee -a "$LOG"
+    return $rc
+}
+HAVE_SANITIZER=0
+command -v compute-sanitizer >/dev/null && HAVE_SANITIZER=1
+
 # ---- tests ------------------------------------------------------------------------------
 if wanted tests; then
+    # memcheck runs beside the test suite, niced (mostly GPU work; the suite is bound by its workers'
+    # CPU time), so the two take the wall time of the longer one; its verdict is collected below
+    MEMCHECK_PID="" MEMCHECK_NOTE="$(mktemp)"
+    if wanted sanitize && ((HAVE_SANITIZER)) && [[ " $SANITIZERS " == *" memcheck "* ]]; then
+        (
+            renice -n 10 -p $BASHPID >/dev/null 2>&1 || true
+            sanitize_tool memcheck 150
+            rc=$?
+            echo "${SUMMARY[-1]}" >"$MEMCHECK_NOTE"
+            exit $rc
+        ) &
+        MEMCHECK_PID=$!
+        SANITIZERS="${SANITIZERS//memcheck/}"
+    fi
     # the image has pytest-xdist: one worker per core (the Triton JIT compiles are CPU-bound)
     XDIST=()
     "${PYP[@]}" -c "import xdist" 2>/dev/null && XDIST=(-n "$(nproc)")
@@ -178,28 +213,27 @@ if wanted tests; then
     # one config per Triton kernel shape (test_every_gpu_block_size runs each config): a third of the compiles;
     # no --maxfail: a backend failing everywhere must not stop the other backends' tests (the cap bounds time)
     # RESBM_TEST_REPORT: a line per finished test as it ends (tests/conftest.py), kept if the cap cuts pytest
-    run_phase tests 320 "$OUT/tests.log" env RESBM_BACKEND=auto RESBM_TRITON_AUTOTUNE=0 \
+    run_phase tests 390 "$OUT/tests.log" env RESBM_BACKEND=auto RESBM_TRITON_AUTOTUNE=0 \
         RESBM_TEST_REPORT="$OUT/tests-report.txt" "${PYP[@]}" -m pytest tests "${XDIST[@]}" \
         -q -rfEs --tb=short --durations=30 -p no:cacheprovider -k "not compute_sanitizer" \
         --ignore=tests/test_triton_static.py  # the sanitize phase runs the former, CI the latter
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/    tests: /' | tee -a "$LOG"
     "$PY" bench/summarize_tests.py "$OUT/tests-report.txt" 2>&1 | sed 's/^/    /' | tee -a "$LOG"
+    if [[ -n $MEMCHECK_PID ]]; then
+        wait "$MEMCHECK_PID" || FAILED=1
+        SUMMARY+=("$(cat "$MEMCHECK_NOTE") [beside the tests]")
+    fi
+    rm -f "$MEMCHECK_NOTE"
 fi
 
-# ---- compute-sanitizer ------------------------------------------------------------------
+# ---- compute-sanitizer: the tools not yet run -----------------------------------------------
 if wanted sanitize; then
-    if command -v compute-sanitizer >/dev/null; then
-        for tool in ${RESBM_SANITIZERS:-memcheck}; do
-            backends="cuda,native" quick="cuda" cap=40
+    if ((HAVE_SANITIZER)); then
+        for tool in $SANITIZERS; do
+            cap=40
             [[ $tool == racecheck ]] && cap=50
-            [[ $tool == memcheck ]] && backends="native,cuda,triton" quick="triton" cap=80
-            # API errors inside torch or Triton are not ours; our launches check their own status
-            run_phase "sanitize-$tool" $cap "$OUT/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-                RESBM_TRITON_AUTOTUNE=0 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-                --report-api-errors no "${PYP[@]}" bench/sanitize_cuda.py --backends "$backends" --quick "$quick"
-            # this tool's verdict only: the lines after its own header
-            awk -v h="### sanitize-$tool:" 'index($0, h) == 1 {on = 1; next} on' "$OUT/sanitizer.log" |
-                grep -E "^summary:|ERROR SUMMARY|RACECHECK SUMMARY" | tail -2 | sed "s/^/    $tool: /" | tee -a "$LOG"
+            [[ $tool == memcheck ]] && cap=80
+            sanitize_tool "$tool" $cap
         done
     else
         SUMMARY+=("sanitize: NOT RUN (compute-sanitizer not found)")
