@@ -12,7 +12,8 @@
 //      One CTA of 128 threads per BN rows (BN = 64, or 32 when KPAD = 256).
 //      Streams the (BN, d) input and the prepared (KPAD, d) weights through
 //      shared memory in 128-byte-wide d tiles (64 when KPAD = 256; 16-byte
-//      cp.async, double buffered), multiplies them on tensor cores (mma.sync; fp32
+//      cp.async through PS buffers: two tiles in flight while one is
+//      multiplied, fp32 double buffered), multiplies them on tensor cores (mma.sync; fp32
 //      accumulators for all k columns stay in registers), gathers the row sums
 //      of squares of the folded RMSNorm from the same A fragments, then scales,
 //      adds the identity path x[:, :k], and quantizes + packs through the shared
@@ -89,11 +90,15 @@ struct RowCfg {
   static constexpr int XLD = BD + 16 / int(sizeof(T));  // +16 bytes: conflict-free fragments
   static constexpr int WLD = BD + 16 / int(sizeof(E));
   static constexpr int WVEC = 16 / int(sizeof(E));  // operand elements per 16-byte chunk
-  static constexpr size_t X_BYTES = size_t(2) * BN * XLD * sizeof(T);
-  static constexpr size_t W_BYTES = size_t(KPAD) * WLD * sizeof(E);  // one buffer of hi or lo
   static constexpr bool W_SPLIT = DT == kFloat32;  // tf32 hi + lo; 16-bit weights: one part
-  // x and the weight tile (hi, and lo for fp32) double buffered
-  static constexpr size_t PROJ_BYTES = X_BYTES + (W_SPLIT ? 4 : 2) * W_BYTES;
+  // buffers of the projection's cp.async pipeline: double buffering kept one 8 KB input tile
+  // in flight per CTA, a fraction of what an SM needs to cover HBM latency; fp32 (two weight
+  // parts) stays at two, three would not fit sm_80's shared memory at KPAD = 128
+  static constexpr int PS = W_SPLIT ? 2 : 3;
+  static constexpr size_t X_BYTES = size_t(PS) * BN * XLD * sizeof(T);
+  static constexpr size_t W_BYTES = size_t(KPAD) * WLD * sizeof(E);  // one buffer of hi or lo
+  // x and the weight tile (hi, and lo for fp32), PS buffers each
+  static constexpr size_t PROJ_BYTES = X_BYTES + (W_SPLIT ? 2 : 1) * PS * W_BYTES;
   // fp32 (BN, KPAD) tile of z (project_quantize epilogue) or zhat (dequant_project)
   static constexpr int ZLD = KPAD + 4;
   static constexpr size_t Z_BYTES = size_t(BN) * ZLD * 4;
@@ -253,7 +258,8 @@ __global__ void prepare_operand_kernel(const PrepArgs p) {
 // The projection loop shared by project_quantize and the RMSNorm pre-pass of
 // dequant_project: acc (BN, KPAD) += a[rows] @ B, B(dd, c) = whi[c][dd] (+ wlo[c][dd]
 // for fp32), the prepared operand (KPAD, d); optionally the rows' sums of squares. The a
-// tile and the weight tile stream in together, double buffered (16-byte cp.async).
+// tile and the weight tile stream in together through RowCfg::PS buffers (16-byte
+// cp.async; one commit group per tile, empty past the last, so the wait count is fixed).
 // Uses PROJ_BYTES of `smem` and ends with a barrier (smem free again).
 template <int DT, int KPAD>
 __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __restrict__ a,
@@ -266,9 +272,10 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
   using E = typename C::E;
-  T* xs = reinterpret_cast<T*>(smem);                          // [2][BN][XLD]
-  E* whi = reinterpret_cast<E*>(smem + C::X_BYTES);            // [2][KPAD][WLD]
-  E* wlo = reinterpret_cast<E*>(smem + C::X_BYTES + 2 * C::W_BYTES);  // [2][KPAD][WLD]
+  constexpr int S = C::PS;
+  T* xs = reinterpret_cast<T*>(smem);                                 // [S][BN][XLD]
+  E* whi = reinterpret_cast<E*>(smem + C::X_BYTES);                   // [S][KPAD][WLD]
+  E* wlo = reinterpret_cast<E*>(smem + C::X_BYTES + S * C::W_BYTES);  // [S][KPAD][WLD]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % C::WM, wn = warp / C::WM;
   constexpr bool b_split = C::W_SPLIT;
@@ -285,7 +292,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
   const int xr = tid / CHUNKS, xc = (tid % CHUNKS) * VEC;
   const int wr = tid / WCHUNKS, wc = (tid % WCHUNKS) * C::WVEC;
   auto issue = [&](int64_t tile) {
-    const int buf = int(tile & 1);
+    const int buf = int(tile % S);
     const int64_t col = tile * C::BD + xc;  // d % 16 == 0: chunks are all in or all out
     T* xdst = xs + buf * (C::BN * C::XLD) + xr * C::XLD + xc;
 #pragma unroll
@@ -303,19 +310,19 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
       cp_async16(whi + wdst + j * WROWS * C::WLD, whi_g + src, wok ? 16 : 0);
       if constexpr (b_split) cp_async16(wlo + wdst + j * WROWS * C::WLD, wlo_g + src, wok ? 16 : 0);
     }
-    cp_async_commit();
   };
 
-  issue(0);
+  for (int s = 0; s < S - 1; ++s) {  // the first S - 1 tiles in flight
+    if (s < tiles) issue(s);
+    cp_async_commit();
+  }
   for (int64_t tile = 0; tile < tiles; ++tile) {
-    if (tile + 1 < tiles) issue(tile + 1);
-    if (tile + 1 < tiles) {
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    // into the buffer the previous iteration read (its closing barrier freed it)
+    if (tile + S - 1 < tiles) issue(tile + S - 1);
+    cp_async_commit();
+    cp_async_wait<S - 1>();  // this tile's group is complete: only the S - 1 after it may pend
     __syncthreads();
-    const int buf = int(tile & 1);
+    const int buf = int(tile % S);
     const T* xt = xs + buf * (C::BN * C::XLD);
     const E* wht = whi + buf * (KPAD * C::WLD);
     const E* wlt = wlo + buf * (KPAD * C::WLD);
