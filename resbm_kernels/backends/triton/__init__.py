@@ -142,7 +142,7 @@ def _fold_norm(w, gamma, dtype):
     every program would otherwise scale in its loop (the kernels' tensor-core
     operand conversion rounds to nearest even, as this cast does). One kernel
     when the dtypes agree (torch forms 16-bit products in fp32, where they are
-    exact, and rounds once), else four."""
+    exact, and rounds once), else two to four."""
     if w.dtype == gamma.dtype == dtype:
         return w * gamma
     return (w.float() * gamma.float()).to(dtype)

@@ -27,8 +27,8 @@ from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, st
 
 @autotune_project
 @even_d
-# n and the RNG key change from call to call: specialised (to a constant when 1, as aligned
-# when divisible by 16) they would compile new variants in the middle of training
+# n (also the header's word hdr2) and the RNG key change from call to call: specialised (to a
+# constant when 1, as aligned when divisible by 16) they would compile new variants mid-training
 @triton.jit(do_not_specialize=["n", "key", "hdr2"])
 def project_quantize_kernel(
     a_ptr, w_ptr, payload_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr, part_ptr,
