@@ -20,7 +20,8 @@
 //      codec functions of resbm/codec.h (bit-exact with the reference given z).
 //  dequant_project_kernel   (decode forward, encode backward)
 //      One CTA per BN rows: dequantizes its (BN, k) payload rows into shared
-//      memory once (shared codec functions), then walks d in BD2-column tiles:
+//      memory once (shared codec functions; for 16-bit inputs up to KPAD = 128
+//      also into the tensor cores' A fragments once), then walks d in BD2-column tiles:
 //      tensor-core product with the (BD2, KPAD) weight tile (w_d's rows as
 //      they are for 16-bit decode forward, else prepared; the next tile loads
 //      during this one's epilogue), identity pad, residual, and the RMSNorm
@@ -548,6 +549,16 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
     }
     cp_async_commit();
   };
+  // zhat's A fragments (split hi + lo) are the same for every output tile: with 16-bit
+  // operands and KPAD <= 128 (at most 64 registers) they are formed once, not per tile
+  constexpr bool kHoistA = DT != kFloat32 && KPAD <= 128;
+  constexpr int KSTEPS = KPAD / C::KS;
+  float no_sq[2] = {0.0f, 0.0f};
+  FragA fa_all[kHoistA ? KSTEPS : 1];
+  if constexpr (kHoistA) {
+#pragma unroll
+    for (int s = 0; s < KSTEPS; ++s) load_a_f32<DT>(fa_all[s], zf, C::ZLD, wm * 16, s * C::KS, lane, false, no_sq);
+  }
   issue_w2(0);
   for (int64_t d0 = 0; d0 < d; d0 += C::BD2) {
     cp_async_wait<0>();
@@ -555,17 +566,24 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
     float acc[C::NT2][4];
 #pragma unroll
     for (int j = 0; j < C::NT2; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    float no_sq[2] = {0.0f, 0.0f};
-#pragma unroll 2
-    for (int ks = 0; ks < KPAD; ks += C::KS) {
-      FragA fa;
-      load_a_f32<DT>(fa, zf, C::ZLD, wm * 16, ks, lane, false, no_sq);
+    auto k_step = [&](const FragA& fa, int ks) {
 #pragma unroll
       for (int j = 0; j < C::NT2; j += 2) {
         FragB fb0, fb1;
         load_b_op_x2<DT>(fb0, fb1, w2hi, w2lo, C::W2LD, wn * C::NC2 + j * 8, ks, lane, kWSplit);
         mma_acc<DT, true>(acc[j], fa, fb0, kWSplit);
         mma_acc<DT, true>(acc[j + 1], fa, fb1, kWSplit);
+      }
+    };
+    if constexpr (kHoistA) {
+#pragma unroll
+      for (int s = 0; s < KSTEPS; ++s) k_step(fa_all[s], s * C::KS);
+    } else {
+#pragma unroll 2
+      for (int ks = 0; ks < KPAD; ks += C::KS) {
+        FragA fa;
+        load_a_f32<DT>(fa, zf, C::ZLD, wm * 16, ks, lane, false, no_sq);
+        k_step(fa, ks);
       }
     }
 #pragma unroll
