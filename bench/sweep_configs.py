@@ -54,9 +54,10 @@ PASS_KERNELS = {
     "decode_backward": ("project_quantize", "weight_grad"),
     "encode_backward": ("grad_operand", "weight_grad_x"),
 }
-# 16 warps: four warpgroups, so a (128, k=128) accumulator takes the 64x64 wgmma shape at 32
-# registers per thread (with 8 warps it is one 64x128 per warpgroup at 64 registers, the
-# shape of every config that gave wrong results on the H200) and W is re-read from L2 half as often
+# 16 warps (for tiles of at least 128 x 64): four warpgroups, so a (128, k=128) accumulator takes
+# the 64x64 wgmma shape at 32 registers per thread (with 8 warps it is one 64x128 per warpgroup
+# at 64 registers, the shape of every config that gave wrong results on the H200); bigger tiles
+# re-read the small operand (W in the rows kernels, Z in the weight gradient) from L2 less often
 GRID = dict(BLOCK_N=(32, 64, 128), BLOCK_D=(64, 128, 256), num_warps=(4, 8, 16), num_stages=(3, 4))
 REGISTERS_PER_SM = 65536
 
@@ -71,7 +72,7 @@ def candidates(kernel: str, k: int, smem_limit: int, maxnregs=(0,)) -> list:
             if configs.tile_regs(c, _block_k(k), kind, grad_x) <= 2 * configs.MAX_TILE_REGS[kind]
             and configs.smem_bytes(c, _block_k(k), 2, kind, grad_x) <= smem_limit
             and r < REGISTERS_PER_SM // (32 * c.num_warps)  # (a limit the warps imply anyway: no variant)
-            and (c.num_warps < 16 or c.kwargs["BLOCK_N"] >= 128)]  # 16 warps: for 128-row blocks
+            and (c.num_warps < 16 or c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] >= 128 * 64)]  # 16 warps: big tiles
 
 
 def first_config(kernel: str, k: int, smem_limit: int):
