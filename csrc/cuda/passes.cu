@@ -150,9 +150,14 @@ struct WgCfg {
   static constexpr int ZTLD = BR + 16 / int(sizeof(E));
   static constexpr size_t X_BYTES = size_t(BR) * XLD * sizeof(T);
   static constexpr size_t ZT_BYTES = size_t(KPAD) * ZTLD * sizeof(E);
-  static constexpr size_t SMEM = X_BYTES + 2 * ZT_BYTES;
+  // one stage: the x tile and the Z^T hi and lo tiles of BR rows; three stages (two loading
+  // while one is multiplied) where they fit sm_80's shared memory, else two (fp32, KPAD = 256)
+  static constexpr size_t STAGE_BYTES = X_BYTES + 2 * ZT_BYTES;
+  static constexpr int STAGES = 3 * STAGE_BYTES <= kMaxSmemSm80 ? 3 : 2;
+  static constexpr size_t SMEM = STAGES * STAGE_BYTES;
   static_assert(MT >= 1 && NT >= 1 && BR % KS == 0, "bad tile configuration");
   static_assert(X_BYTES % 16 == 0 && ZT_BYTES % 16 == 0, "16-byte aligned regions");
+  static_assert(SMEM <= kMaxSmemSm80, "more shared memory than an sm_80 block can have");
 };
 
 // ---- shared device helpers --------------------------------------------------------------
@@ -664,9 +669,10 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
   using T = typename C::T;
   using E = typename C::E;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);                     // [BR][XLD]
-  E* zhi = reinterpret_cast<E*>(smem + C::X_BYTES);       // [KPAD][ZTLD]  (zhat * rscale)^T
-  E* zlo = reinterpret_cast<E*>(smem + C::X_BYTES + C::ZT_BYTES);
+  // stage s: [BR][XLD] x tile, then [KPAD][ZTLD] hi and lo tiles of (zhat * rscale)^T
+  auto xs = [&](int s) { return reinterpret_cast<T*>(smem + s * C::STAGE_BYTES); };
+  auto zhi = [&](int s) { return reinterpret_cast<E*>(smem + s * C::STAGE_BYTES + C::X_BYTES); };
+  auto zlo = [&](int s) { return reinterpret_cast<E*>(smem + s * C::STAGE_BYTES + C::X_BYTES + C::ZT_BYTES); };
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % C::WM, wn = warp / C::WM, g = lane >> 2, t = lane & 3;
   const int64_t split = blockIdx.y, d0 = int64_t(blockIdx.x) * C::BDW;
@@ -687,12 +693,15 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
     for (int nt = 0; nt < C::NT; ++nt)
       acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
 
-  for (int64_t r0 = start; r0 < end; r0 += C::BR) {
+  // the loads of block `it` (rows start + it * BR..) into stage it % STAGES
+  auto issue = [&](int64_t it) {
+    const int s = int(it % C::STAGES);
+    const int64_t r0 = start + it * C::BR;
     for (int i = tid; i < C::BR * CHUNKS; i += kThreads) {
       const int r = i / CHUNKS, ch = i % CHUNKS;
       const int64_t grow = r0 + r, col = d0 + ch * VEC;
       const bool ok = grow < end && col < p.d;
-      cp_async16(xs + r * C::XLD + ch * VEC, ok ? a + grow * p.d + col : a, ok ? 16 : 0);
+      cp_async16(xs(s) + r * C::XLD + ch * VEC, ok ? a + grow * p.d + col : a, ok ? 16 : 0);
     }
     // the (KPAD, BR) tiles of Z^T hi and lo; rows of the next split (or beyond n) read as zeros
     for (int i = tid; i < 2 * KPAD * ZCHUNKS; i += kThreads) {
@@ -700,21 +709,32 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
       const int64_t grow = r0 + ch * ZVEC, rows = end - grow;
       const int bytes = rows >= ZVEC ? 16 : rows > 0 ? int(rows) * int(sizeof(E)) : 0;
       const E* src = part ? zt_lo : zt_hi;
-      cp_async16((part ? zlo : zhi) + c * C::ZTLD + ch * ZVEC, bytes ? src + c * p.npad + grow : src, bytes);
+      cp_async16((part ? zlo(s) : zhi(s)) + c * C::ZTLD + ch * ZVEC, bytes ? src + c * p.npad + grow : src, bytes);
     }
+  };
+  // STAGES - 1 blocks in flight ahead of the one multiplied; one commit group per block (empty
+  // past the end) so the wait count is fixed
+  const int64_t blocks = end > start ? (end - start + C::BR - 1) / C::BR : 0;
+  for (int s = 0; s < C::STAGES - 1; ++s) {
+    if (s < blocks) issue(s);
     cp_async_commit();
-    cp_async_wait<0>();
+  }
+  for (int64_t it = 0; it < blocks; ++it) {
+    if (it + C::STAGES - 1 < blocks) issue(it + C::STAGES - 1);  // the stage the last iteration read
+    cp_async_commit();
+    cp_async_wait<C::STAGES - 1>();
     __syncthreads();
+    const int s = int(it % C::STAGES);
 #pragma unroll
     for (int ks = 0; ks < C::BR; ks += C::KS) {
       FragA fa[C::MT];
 #pragma unroll
       for (int mt = 0; mt < C::MT; ++mt)
-        load_a_op<DT>(fa[mt], zhi, zlo, C::ZTLD, wm * C::MR + mt * 16, ks, lane);
+        load_a_op<DT>(fa[mt], zhi(s), zlo(s), C::ZTLD, wm * C::MR + mt * 16, ks, lane);
 #pragma unroll
       for (int nt = 0; nt < C::NT; ++nt) {
         FragB fb;
-        load_b_raw_kn<DT>(fb, xs, C::XLD, wn * C::NW + nt * 8, ks, lane);
+        load_b_raw_kn<DT>(fb, xs(s), C::XLD, wn * C::NW + nt * 8, ks, lane);
 #pragma unroll
         for (int mt = 0; mt < C::MT; ++mt) mma_acc<DT, true>(acc[mt][nt], fa[mt], fb, DT == kFloat32);
       }
