@@ -34,7 +34,8 @@
 //      per-split fp32 partials summed by the caller (no atomics). Its operand
 //      (rscale * zhat)^T is written once per call by weight_operand_kernel, split
 //      hi + lo in the tensor cores' type, to the caller's workspace, so every
-//      d-tile block streams it with cp.async instead of dequantizing the payload.
+//      d-tile block streams it with cp.async (with the input, blocks of 32 rows,
+//      up to three stages) instead of dequantizing the payload.
 //
 // Precision (see mma.cuh): bf16/fp16 on 16-bit tensor cores with fp32
 // accumulation, dequantized zhat split hi + lo, gamma-folded weights rounded
