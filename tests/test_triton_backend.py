@@ -387,9 +387,8 @@ def test_finish_weight_grad_exact(layout, dtype):
     gamma = torch.randint(1, 60, (d,), generator=gen).to(dtype)
     m = partial.sum(0)
     want = fast.encoder_weight_grads(m, w_e, gamma if norm else None)
-    with torch.no_grad():
-        got = tb._finish_weight_grad(partial.to(DEVICE), transpose, dtype, *((w_e.to(DEVICE), gamma.to(DEVICE))
-                                                                           if norm else ()))
+    encoder = (w_e.to(DEVICE), gamma.to(DEVICE)) if norm else ()
+    got = tb._finish_weight_grad(partial.to(DEVICE), transpose, dtype, *encoder)
     got = _to(got if norm else (got, None), "cpu")
     assert got[0].dtype == dtype and torch.equal(got[0], want[0]), "gradient"
     if norm:
