@@ -238,7 +238,7 @@ def _worker():
             fn, cfg, blocks = finish_rows_kernel, triton.Config({}, num_warps=FINISH_WARPS), dict(BLOCK_N=FINISH_ROWS)
         else:
             fn, cfg, blocks = finish_weight_grad_kernel, triton.Config({}, num_warps=4), \
-                dict(BLOCK_D=finish_weight_grad_block_d(case["k"]))
+                dict(BLOCK_D=finish_weight_grad_block_d(4096, case["k"]))
         constexprs = dict(case["constexprs"], BLOCK_K=case["k"], **blocks)
         compiled, regs, stack, sass = _compile(fn, case, constexprs, cfg, arch)
         config = " ".join(f"{name[6]}{value}" for name, value in blocks.items()) + f" K{case['k']} w{cfg.num_warps}"

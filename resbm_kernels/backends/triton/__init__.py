@@ -226,9 +226,11 @@ def _weight_grad(a, z, transpose: bool, encoder=None):
     return partial
 
 
-def finish_weight_grad_block_d(k: int) -> int:
-    """BLOCK_D of finish_weight_grad_kernel: (k, BLOCK_D) fp32 tiles of 4096 elements (32 registers per thread)."""
-    return min(128, max(16, 4096 // _block_k(k)))
+def finish_weight_grad_block_d(d: int, k: int) -> int:
+    """BLOCK_D of finish_weight_grad_kernel: (k, BLOCK_D) fp32 tiles of at most 4096
+    elements (32 registers per thread), narrow enough for about 128 programs."""
+    programs_wide = 1 << max(0, (d // 128).bit_length() - 1)  # d / 128, rounded down to a power of two
+    return max(16, min(4096 // _block_k(k), programs_wide))
 
 
 def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
@@ -241,7 +243,7 @@ def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
     out = fast.empty((d, k) if transpose else (k, d), dtype, partial.device)
     grad_gamma = fast.empty((d,), gamma.dtype, gamma.device) if gamma is not None else None
     strides = (1, k) if transpose else (d, 1)  # (k, d) index strides of the partials and of out
-    block_k, block_d = _block_k(k), finish_weight_grad_block_d(k)
+    block_k, block_d = _block_k(k), finish_weight_grad_block_d(d, k)
     finish_weight_grad_kernel[(triton.cdiv(d, block_d),)](
         partial, w_e if gamma is not None else partial, gamma if gamma is not None else partial, out,
         grad_gamma if gamma is not None else partial,
