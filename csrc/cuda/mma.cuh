@@ -294,6 +294,26 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// A STAGES-deep cp.async pipeline over `blocks` blocks: issue(i) starts block i's copies
+// into buffer i % STAGES, body(i, i % STAGES) uses them once they have landed. One commit
+// group per block (empty past the end), so the wait count is a constant; block i + STAGES - 1
+// loads into the buffer body(i - 1) read, which the barrier after each body has freed.
+template <int STAGES, typename Issue, typename Body>
+__device__ __forceinline__ void cp_async_pipeline(int64_t blocks, Issue issue, Body body) {
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < blocks) issue(int64_t(s));
+    cp_async_commit();
+  }
+  for (int64_t i = 0; i < blocks; ++i) {
+    if (i + STAGES - 1 < blocks) issue(i + STAGES - 1);
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();  // block i's group is complete: only the STAGES - 1 after it may pend
+    __syncthreads();
+    body(i, int(i % STAGES));
+    __syncthreads();
+  }
+}
+
 // ---- vector loads/stores of 8 consecutive elements (16-byte aligned) ---------------------
 
 // Loads elements [i, i+8) of a row-major array of `dtype` as fp32.

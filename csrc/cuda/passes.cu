@@ -266,7 +266,7 @@ __global__ void prepare_operand_kernel(const PrepArgs p) {
 // dequant_project: acc (BN, KPAD) += a[rows] @ B, B(dd, c) = whi[c][dd] (+ wlo[c][dd]
 // for fp32), the prepared operand (KPAD, d); optionally the rows' sums of squares. The a
 // tile and the weight tile stream in together through RowCfg::PS buffers (16-byte
-// cp.async; one commit group per tile, empty past the last, so the wait count is fixed).
+// cp.async, cp_async_pipeline).
 // Uses PROJ_BYTES of `smem` and ends with a barrier (smem free again).
 template <int DT, int KPAD>
 __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __restrict__ a,
@@ -319,17 +319,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
     }
   };
 
-  for (int s = 0; s < S - 1; ++s) {  // the first S - 1 tiles in flight
-    if (s < tiles) issue(s);
-    cp_async_commit();
-  }
-  for (int64_t tile = 0; tile < tiles; ++tile) {
-    // into the buffer the previous iteration read (its closing barrier freed it)
-    if (tile + S - 1 < tiles) issue(tile + S - 1);
-    cp_async_commit();
-    cp_async_wait<S - 1>();  // this tile's group is complete: only the S - 1 after it may pend
-    __syncthreads();
-    const int buf = int(tile % S);
+  cp_async_pipeline<S>(tiles, issue, [&](int64_t, int buf) {
     const T* xt = xs + buf * (C::BN * C::XLD);
     const E* wht = whi + buf * (KPAD * C::WLD);
     const E* wlt = wlo + buf * (KPAD * C::WLD);
@@ -357,8 +347,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
         mma_acc<DT, DT == kFloat32>(acc[j + 1], fa, fb1, b_split);
       }
     }
-    __syncthreads();
-  }
+  });
 }
 
 // ---- kernels ------------------------------------------------------------------------------
@@ -713,19 +702,8 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
       cp_async16((part ? zlo(s) : zhi(s)) + c * C::ZTLD + ch * ZVEC, bytes ? src + c * p.npad + grow : src, bytes);
     }
   };
-  // STAGES - 1 blocks in flight ahead of the one multiplied; one commit group per block (empty
-  // past the end) so the wait count is fixed
   const int64_t blocks = end > start ? (end - start + C::BR - 1) / C::BR : 0;
-  for (int s = 0; s < C::STAGES - 1; ++s) {
-    if (s < blocks) issue(s);
-    cp_async_commit();
-  }
-  for (int64_t it = 0; it < blocks; ++it) {
-    if (it + C::STAGES - 1 < blocks) issue(it + C::STAGES - 1);  // the stage the last iteration read
-    cp_async_commit();
-    cp_async_wait<C::STAGES - 1>();
-    __syncthreads();
-    const int s = int(it % C::STAGES);
+  cp_async_pipeline<C::STAGES>(blocks, issue, [&](int64_t, int s) {
 #pragma unroll
     for (int ks = 0; ks < C::BR; ks += C::KS) {
       FragA fa[C::MT];
@@ -740,8 +718,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
         for (int mt = 0; mt < C::MT; ++mt) mma_acc<DT, true>(acc[mt][nt], fa[mt], fb, DT == kFloat32);
       }
     }
-    __syncthreads();
-  }
+  });
 
   float* out = p.out + split * p.out_ss;
 #pragma unroll

@@ -234,24 +234,27 @@ def finish_weight_grad_block_d(d: int, k: int) -> int:
 
 
 def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
-    """The weight gradient from :func:`_weight_grad`'s partials, in ``dtype``:
-    their sum (k, d), or (d, k) if transpose; with ``gamma`` (the encoder
-    through RMSNorm) (sum * gamma, grad_gamma) where grad_gamma = sum over k of
-    w_e * sum (see :func:`.fast.encoder_weight_grads`)."""
+    """(grad, grad_gamma) from :func:`_weight_grad`'s partials: grad in ``dtype``,
+    their sum (k, d), or (d, k) if transpose; with ``gamma`` (the encoder through
+    RMSNorm) sum * gamma and grad_gamma = sum over k of w_e * sum (see
+    :func:`.fast.encoder_weight_grads`), else grad_gamma None."""
     splits = partial.shape[0]
     k, d = (partial.shape[2], partial.shape[1]) if transpose else (partial.shape[1], partial.shape[2])
     out = fast.empty((d, k) if transpose else (k, d), dtype, partial.device)
-    grad_gamma = fast.empty((d,), gamma.dtype, gamma.device) if gamma is not None else None
+    if gamma is None:
+        grad_gamma, norm_args = None, (partial, partial, partial, 0, 0)  # unused
+    else:
+        grad_gamma = fast.empty((d,), gamma.dtype, gamma.device)
+        norm_args = (w_e, gamma, grad_gamma, *w_e.stride())
+    w, g, gg, stride_wk, stride_wd = norm_args
     strides = (1, k) if transpose else (d, 1)  # (k, d) index strides of the partials and of out
-    block_k, block_d = _block_k(k), finish_weight_grad_block_d(d, k)
+    block_d = finish_weight_grad_block_d(d, k)
     finish_weight_grad_kernel[(triton.cdiv(d, block_d),)](
-        partial, w_e if gamma is not None else partial, gamma if gamma is not None else partial, out,
-        grad_gamma if gamma is not None else partial,
-        splits, d, k, partial.stride(0), *strides, *(w_e.stride() if gamma is not None else (0, 0)), *strides,
+        partial, w, g, out, gg, splits, d, k, partial.stride(0), *strides, stride_wk, stride_wd, *strides,
         HAS_NORM=gamma is not None, OUT_KIND=_KINDS[dtype], GAMMA_KIND=_KINDS[gamma.dtype] if gamma is not None else 0,
-        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4,
+        BLOCK_K=_block_k(k), BLOCK_D=block_d, num_warps=4,
     )
-    return out if gamma is None else (out, grad_gamma)
+    return out, grad_gamma
 
 
 def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype, residual=None):
@@ -316,8 +319,8 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     z = _weight_operand(grad_h.shape[0], k, grad_h.dtype, grad_h.device)
     grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k,
                                      out, z=(z, payload, codec))
-    partial = _weight_grad(grad_h, z, transpose=True)
-    return grad_payload, _finish_weight_grad(partial, True, w_d.dtype)
+    grad_w_d, _ = _finish_weight_grad(_weight_grad(grad_h, z, transpose=True), True, w_d.dtype)
+    return grad_payload, grad_w_d
 
 
 def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
@@ -328,6 +331,4 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     z, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
     grad_x = fast.empty((n, d), x.dtype, x.device)
     partial = _weight_grad(x, z, transpose=False, encoder=(grad_x, w_e, norm_weight, alpha, grad_payload, grad_codec))
-    if norm_weight is None:
-        return grad_x, _finish_weight_grad(partial, False, w_e.dtype), None
     return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))
