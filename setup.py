@@ -23,7 +23,7 @@ except ImportError:  # setuptools < 70.1
 
 ROOT = pathlib.Path(__file__).resolve().parent
 LIB_SUBDIR = pathlib.Path("resbm_kernels", "lib")
-LIB_NAMES = ("libresbm_cpu.so", "libresbm_cuda.so")
+LIB_NAMES = ("libresbm_cpu.so", "libresbm_cuda.so", "libresbm_cuda_emu.so")
 
 
 def warn(message: str) -> None:

@@ -1,4 +1,6 @@
-"""ctypes bindings of the native codec libraries (``libresbm_cpu``, ``libresbm_cuda``).
+"""ctypes bindings of the native codec libraries (``libresbm_cpu``, ``libresbm_cuda``,
+and ``libresbm_cuda_emu``: the CUDA library's kernels on the CPU emulator of
+``csrc/emu``, same C ABI, host pointers; tests).
 
 The libraries are plain C ABIs built by CMake (``pip install .`` builds them when
 cmake and a compiler are present). Importing this module never fails: a missing
@@ -19,7 +21,7 @@ import torch
 from .codec import SCALE_DTYPES, Codec, rng_key
 
 ABI_VERSION = 4  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
-_NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so"}
+_NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so", "cuda_emu": "libresbm_cuda_emu.so"}
 _PKG_DIR = pathlib.Path(__file__).resolve().parent
 _DTYPE_CODES = SCALE_DTYPES  # z, scales and out share the wire-format codes
 _lock = threading.Lock()
@@ -36,6 +38,7 @@ def search_dirs() -> list[pathlib.Path]:
 
 def _declare(lib: ctypes.CDLL, which: str) -> None:
     p, i32, i64, u32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_uint32
+    which = "cpu" if which == "cpu" else "cuda"  # the emulator exports the CUDA library's API
     lib.resbm_abi_version.restype = i32
     lib.resbm_abi_version.argtypes = []
     lib.resbm_last_error.restype = ctypes.c_char_p
@@ -104,16 +107,16 @@ def _load(which: str) -> ctypes.CDLL | None:
             _errors[which] = (
                 f"resbm native library {_NAMES[which]} is not available (looked for: "
                 f"{'; '.join(tried)}). Build it with `pip install .` on a machine with cmake and a "
-                f"C++ compiler{' and nvcc' if which == 'cuda' else ''}, or `cmake -S . -B build -G Ninja "
+                f"C++ compiler{' and nvcc' if which == 'cuda' else ''} (POSIX for the emulator), or `cmake -S . -B build -G Ninja "
                 f"&& cmake --build build` in the repository, or point RESBM_LIB_DIR at it."
             )
         return lib
 
 
 def available(which: str = "cpu") -> bool:
-    """True if the ``"cpu"`` or ``"cuda"`` library can be loaded."""
+    """True if the ``"cpu"``, ``"cuda"`` or ``"cuda_emu"`` library can be loaded."""
     if which not in _NAMES:
-        raise ValueError(f"native: which must be 'cpu' or 'cuda', got {which!r}")
+        raise ValueError(f"native: which must be one of {tuple(_NAMES)}, got {which!r}")
     return _load(which) is not None
 
 
@@ -142,10 +145,16 @@ def _check_tensor(name: str, t: torch.Tensor, shape, dtypes, device) -> None:
         raise ValueError(f"native: {name} must be contiguous")
 
 
+def emulating() -> bool:
+    """``RESBM_CUDA_EMULATE=1``: CPU tensors take the CUDA code paths, on the CUDA
+    library's kernels built for the CPU emulator (``libresbm_cuda_emu``; tests)."""
+    return os.environ.get("RESBM_CUDA_EMULATE", "").strip() == "1"
+
+
 def _target(device: torch.device):
     """(library, trailing stream argument list, "cpu" or "cuda") for tensors on ``device``."""
     if device.type == "cpu":
-        return library("cpu"), [], "cpu"
+        return (library("cuda_emu"), [None], "cuda") if emulating() else (library("cpu"), [], "cpu")
     if device.type == "cuda":
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream().cuda_stream

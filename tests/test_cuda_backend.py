@@ -7,10 +7,12 @@ Two groups:
   C ABI rejects bad arguments with messages naming the problem before
   touching CUDA, launch failures name the kernel, and the backend refuses
   CPU tensors cleanly.
-- GPU (skipped without a CUDA GPU and libresbm_cuda): every pass against the
+- The kernels (on the GPU; without one, the same kernels on the CPU emulator,
+  libresbm_cuda_emu, through ``RESBM_CUDA_EMULATE=1``): every pass against the
   reference for random inputs, dtypes fp32/fp16/bf16, N with masked tails;
-  fresh outputs are poisoned (NaN / 0xFF) so unwritten elements show; and one
-  run of each kernel under ``compute-sanitizer --tool memcheck``.
+  fresh outputs are poisoned (NaN / 0xFF) so unwritten elements show.
+- GPU only: streams, no synchronisation, and one run of each kernel under
+  ``compute-sanitizer --tool memcheck``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ KERNELS = ("project_quantize", "dequant_project", "weight_grad")  # + prepare_op
 
 HAS_GPU = torch.cuda.is_available() and native.available("cuda")
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresbm_cuda (build it with cmake/pip)")
+HAS_EMULATOR = native.available("cuda_emu")
+DEVICE = "cuda" if HAS_GPU else "cpu"  # the kernels' device: the GPU, else the CPU emulator
+needs_kernels = pytest.mark.skipif(not (HAS_GPU or HAS_EMULATOR),
+                                   reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
 needs_lib = pytest.mark.skipif(not native.available("cuda"), reason="libresbm_cuda is not built")
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointers are only safe without a GPU")
 
@@ -311,12 +317,16 @@ def test_c_launch_failure_names_kernel(lib, call, kernel):
 # ---- CPU-runnable: the Python backend ----------------------------------------------------
 
 
-def test_supports_only_cuda():
+def test_supports_cuda_and_the_emulator(monkeypatch):
+    monkeypatch.delenv("RESBM_CUDA_EMULATE", raising=False)
     assert not cb.supports("cpu") and not cb.supports(torch.device("meta"))
     assert cb.supports("cuda") == HAS_GPU
+    monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
+    assert cb.supports("cpu") == HAS_EMULATOR and not cb.supports(torch.device("meta"))
 
 
-def test_named_backend_on_cpu_raises():
+def test_named_backend_on_cpu_raises(monkeypatch):
+    monkeypatch.delenv("RESBM_CUDA_EMULATE", raising=False)
     x, w_e = torch.randn(8, 64), torch.randn(16, 64)
     with use_backend("cuda"), pytest.raises(RuntimeError, match="does not support device cpu"):
         ops.encode(x, w_e, Codec())
@@ -331,7 +341,7 @@ def test_shape_and_dtype_checks():
         cb._check("encode_forward", 64, 16, torch.float64)
 
 
-# ---- GPU: every pass against the reference -----------------------------------------------
+# ---- the kernels (GPU, else the emulator): every pass against the reference ----------------
 
 # plus a group that is neither a power of two nor the row (k=96): the Triton backend refuses it
 CODECS = FAST_CODECS[:6] + (Codec(bits=8, group_size=48),) + FAST_CODECS[6:]
@@ -346,10 +356,18 @@ def poisoned(monkeypatch):
     poison_fast_outputs(monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def emulated_without_gpu(monkeypatch):
+    """Without a GPU, CPU tensors run on the kernels' emulator."""
+    if not HAS_GPU:
+        monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
+
+
 def cuda_call(fn, *args, **kwargs):
     with use_backend("cuda"):
         out = fn(*args, **kwargs)
-    torch.cuda.synchronize()
+    if HAS_GPU:
+        torch.cuda.synchronize()
     return out
 
 
@@ -360,89 +378,91 @@ def shape_codec_pairs(codecs):
             if codec.group_size is None or shape[2] % codec.group_size == 0]
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS))
 def test_encode_forward_bit_exact(shape, dtype, codec):
     """Exact inputs: z is exact in any summation order, so the payload matches byte for byte."""
     n, d, k = shape
     gen = torch.Generator().manual_seed(n * d + k)
-    x = exact(n, d, dtype=dtype, gen=gen, device="cuda")
-    w_e = exact(k, d, dtype=dtype, scale=1 / 64, gen=gen, device="cuda")
+    x = exact(n, d, dtype=dtype, gen=gen, device=DEVICE)
+    w_e = exact(k, d, dtype=dtype, scale=1 / 64, gen=gen, device=DEVICE)
     got = cuda_call(ops.encode, x, w_e, codec, seed=7)
     want = ref.encode_forward(x.cpu(), w_e.cpu(), None, 1e-6, codec, 7)
     assert torch.equal(got.cpu(), want)
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS[:4]))
 def test_encode_forward_norm(shape, dtype, codec):
     n, d, k = shape
     gen = torch.Generator().manual_seed(3 * n + d)
-    x = normal(n, d, dtype=dtype, gen=gen, device="cuda")
-    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device="cuda")
-    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device="cuda").add_(1.0)
+    x = normal(n, d, dtype=dtype, gen=gen, device=DEVICE)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
     got = cuda_call(ops.encode, x, w_e, codec, norm_weight=gamma, eps=1e-5, seed=3)
     want = ref.encode_forward(x.cpu(), w_e.cpu(), gamma.cpu(), 1e-5, codec, 3)
     assert_close_payload(got, want, codec, n, k)
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_encode_forward_row_stats(shape, dtype):
-    check_encode_row_stats("cuda", "cuda", shape, dtype)
+    check_encode_row_stats("cuda", DEVICE, shape, dtype)
 
 
-@needs_gpu
+@needs_kernels
 def test_row_stats_from_cuda_feed_the_triton_backward():
     """``auto`` may run encode forward on one backend and encode backward on
     another: the CUDA forward's statistics give the Triton backward the
     reference gradients."""
     pytest.importorskip("triton")
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend takes CPU tensors only under TRITON_INTERPRET=1")
     n, d, k = 150, 256, 32
     gen = torch.Generator().manual_seed(31)
-    x = normal(n, d, dtype=torch.bfloat16, gen=gen, device="cuda")
-    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen, device="cuda")
-    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen, device="cuda").add_(1.0)
+    x = normal(n, d, dtype=torch.bfloat16, gen=gen, device=DEVICE)
+    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
     grad_payload = ref.write_payload(torch.randn(n, k, generator=gen), GRAD_CODEC, 4)
     stats = cuda_call(ops.encode, x, w_e, Codec(bits=8), norm_weight=gamma, return_row_stats=True)[1]
     with use_backend("triton"):
-        got = ops.encode_backward(grad_payload.cuda(), x, w_e, GRAD_CODEC, norm_weight=gamma, row_stats=stats)
+        got = ops.encode_backward(grad_payload.to(DEVICE), x, w_e, GRAD_CODEC, norm_weight=gamma, row_stats=stats)
     want = ref.encode_backward(grad_payload, x.cpu(), w_e.cpu(), gamma.cpu(), 1e-6, GRAD_CODEC)
     for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
         assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS))
 def test_decode_forward(shape, dtype, codec):
     n, d, k = shape
     gen = torch.Generator().manual_seed(n + d + k)
     payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
-    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen, device="cuda")
-    for residual in (None, normal(n, d, dtype=dtype, gen=gen, device="cuda")):
-        got = cuda_call(ops.decode, payload.cuda(), w_d, codec, n, residual=residual, out_dtype=dtype)
+    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen, device=DEVICE)
+    for residual in (None, normal(n, d, dtype=dtype, gen=gen, device=DEVICE)):
+        got = cuda_call(ops.decode, payload.to(DEVICE), w_d, codec, n, residual=residual, out_dtype=dtype)
         want = ref.decode_forward(payload, w_d.cpu(), None if residual is None else residual.cpu(), codec, n, dtype)
         assert got.dtype == dtype and got.shape == (n, d)
         assert torch.isfinite(got).all(), "unwritten (poisoned) elements"
         assert rel_err(got, want) <= tol(dtype)
 
 
-@needs_gpu
+@needs_kernels
 def test_decode_forward_out_dtype_differs():
     gen = torch.Generator().manual_seed(3)
     codec = Codec(bits=8)
     payload = ref.write_payload(torch.randn(37, 32, generator=gen), codec, 0)
-    w_d = normal(128, 32, dtype=torch.float32, gen=gen, device="cuda")
-    got = cuda_call(ops.decode, payload.cuda(), w_d, codec, 37, out_dtype=torch.bfloat16)
+    w_d = normal(128, 32, dtype=torch.float32, gen=gen, device=DEVICE)
+    got = cuda_call(ops.decode, payload.to(DEVICE), w_d, codec, 37, out_dtype=torch.bfloat16)
     want = ref.decode_forward(payload, w_d.cpu(), None, codec, 37, torch.bfloat16)
     assert rel_err(got, want) <= tol(torch.bfloat16)
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=4, group_size=16, rounding="stochastic"),
                                         Codec(bits=8), Codec(bits=16)), ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
@@ -452,22 +472,22 @@ def test_decode_backward(shape, dtype, grad_codec):
     gen = torch.Generator().manual_seed(11)
     codec = Codec(bits=4, group_size=16)
     payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
-    grad_h = exact(n, d, dtype=dtype, gen=gen, device="cuda")
-    w_d = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen, device="cuda")
-    gp, gw = cuda_call(ops.decode_backward, grad_h, payload.cuda(), w_d, codec, grad_codec, grad_seed=99)
+    grad_h = exact(n, d, dtype=dtype, gen=gen, device=DEVICE)
+    w_d = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen, device=DEVICE)
+    gp, gw = cuda_call(ops.decode_backward, grad_h, payload.to(DEVICE), w_d, codec, grad_codec, grad_seed=99)
     gp_ref, gw_ref = ref.decode_backward(grad_h.cpu(), payload, w_d.cpu(), codec, grad_codec, 99)
     assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
     assert gw.dtype == dtype and gw.shape == (d, k)
     assert rel_err(gw, gw_ref) <= tol(dtype)
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("dtypes", ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)), ids=str)
 def test_decode_backward_mixed_dtypes(dtypes):
-    check_decode_backward_mixed_dtypes("cuda", "cuda", *dtypes)
+    check_decode_backward_mixed_dtypes("cuda", DEVICE, *dtypes)
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=2, group_size=16), Codec(bits=16)), ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("norm", (False, True, "row_stats"), ids=("plain", "norm", "norm-row-stats"))
@@ -477,13 +497,13 @@ def test_encode_backward(shape, norm, dtype, grad_codec):
     n, d, k = shape
     gen = torch.Generator().manual_seed(5)
     grad_payload = ref.write_payload(torch.randn(n, k, generator=gen), grad_codec, 4)
-    x = normal(n, d, dtype=dtype, gen=gen, device="cuda")
-    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device="cuda")
-    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device="cuda").add_(1.0) if norm else None
+    x = normal(n, d, dtype=dtype, gen=gen, device=DEVICE)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device=DEVICE).add_(1.0) if norm else None
     stats = None
     if norm == "row_stats":
         stats = cuda_call(ops.encode, x, w_e, Codec(bits=8), norm_weight=gamma, eps=1e-5, return_row_stats=True)[1]
-    got = cuda_call(ops.encode_backward, grad_payload.cuda(), x, w_e, grad_codec, norm_weight=gamma, eps=1e-5,
+    got = cuda_call(ops.encode_backward, grad_payload.to(DEVICE), x, w_e, grad_codec, norm_weight=gamma, eps=1e-5,
                     row_stats=stats)
     want = ref.encode_backward(grad_payload, x.cpu(), w_e.cpu(), None if gamma is None else gamma.cpu(), 1e-5,
                                grad_codec)
@@ -496,7 +516,7 @@ def test_encode_backward(shape, norm, dtype, grad_codec):
         assert rel_err(a, b) <= tol(dtype) * (4 if norm else 1), name
 
 
-@needs_gpu
+@needs_kernels
 @pytest.mark.parametrize("n, splits", ((150, 3), (4, 3), (100, 2)), ids=("150-rows-3-splits", "4-rows-3-splits",
                                                                         "100-rows-2-splits"))
 def test_weight_grad_row_splits(monkeypatch, n, splits):
@@ -511,18 +531,21 @@ def test_weight_grad_row_splits(monkeypatch, n, splits):
     gen = torch.Generator().manual_seed(n + splits)
     codec = Codec(bits=8)
     payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
-    grad_h = exact(n, d, dtype=torch.bfloat16, gen=gen, device="cuda")
-    w_d = exact(d, k, dtype=torch.bfloat16, scale=1 / 16, gen=gen, device="cuda")
-    gw = cuda_call(ops.decode_backward, grad_h, payload.cuda(), w_d, codec, GRAD_CODEC, grad_seed=3)[1]
+    grad_h = exact(n, d, dtype=torch.bfloat16, gen=gen, device=DEVICE)
+    w_d = exact(d, k, dtype=torch.bfloat16, scale=1 / 16, gen=gen, device=DEVICE)
+    gw = cuda_call(ops.decode_backward, grad_h, payload.to(DEVICE), w_d, codec, GRAD_CODEC, grad_seed=3)[1]
     gw_ref = ref.decode_backward(grad_h.cpu(), payload, w_d.cpu(), codec, GRAD_CODEC, 3)[1]
     assert rel_err(gw, gw_ref) <= tol(torch.bfloat16), "grad_w_d"
-    x = normal(n, d, dtype=torch.bfloat16, gen=gen, device="cuda")
-    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen, device="cuda")
-    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen, device="cuda").add_(1.0)
-    got = cuda_call(ops.encode_backward, payload.cuda(), x, w_e, codec, norm_weight=gamma)
+    x = normal(n, d, dtype=torch.bfloat16, gen=gen, device=DEVICE)
+    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
+    got = cuda_call(ops.encode_backward, payload.to(DEVICE), x, w_e, codec, norm_weight=gamma)
     want = ref.encode_backward(payload, x.cpu(), w_e.cpu(), gamma.cpu(), 1e-6, codec)
     for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
         assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
+
+
+# ---- GPU only: streams, synchronisation --------------------------------------------------
 
 
 @needs_gpu

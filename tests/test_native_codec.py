@@ -26,9 +26,10 @@ needs_cpu_lib = pytest.mark.skipif(
     not native.available("cpu"),
     reason="libresbm_cpu is not built (pip install . or cmake -S . -B build -G Ninja && cmake --build build)",
 )
-needs_gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and native.available("cuda")), reason="needs a CUDA GPU and libresbm_cuda"
-)
+HAS_GPU = torch.cuda.is_available() and native.available("cuda")
+CUDA_DEVICE = "cuda" if HAS_GPU else "cpu"  # the CUDA kernels' device: the GPU, else the CPU emulator
+needs_cuda_kernels = pytest.mark.skipif(not (HAS_GPU or native.available("cuda_emu")),
+                                        reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -293,10 +294,13 @@ def test_cuda_library_reports_launch_errors():
     assert "bad bits=5" in lib.resbm_last_error().decode()
 
 
-@needs_gpu
+@needs_cuda_kernels
 @pytest.mark.parametrize("bits", [16, 8, 4, 2])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_cuda_matches_reference(bits, rounding):
+def test_cuda_matches_reference(bits, rounding, monkeypatch):
+    """libresbm_cuda's codec kernels (on the CPU emulator without a GPU)."""
+    if not HAS_GPU:
+        monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
     gen = torch.Generator().manual_seed(bits)
     for z_dtype in FLOATS:
         for scale_dtype in FLOATS:
@@ -305,13 +309,13 @@ def test_cuda_matches_reference(bits, rounding):
             for group in GROUPS[bits]:
                 codec = Codec(bits=bits, group_size=group, scale_dtype=scale_dtype, rounding=rounding)
                 expected = ref.write_payload(z, codec, 99)  # the CPU reference is the spec
-                got = _native_payload(z.cuda(), codec, 99)
+                got = _native_payload(z.to(CUDA_DEVICE), codec, 99)
                 assert torch.equal(got.cpu(), expected), codec.spec
                 for dtype in FLOATS:
                     want = ref.read_payload(expected, codec, 33, 96, dtype)
                     out = _native_read(got, codec, 33, 96, dtype).cpu()
                     assert torch.equal(_bits(out), _bits(want)), (codec.spec, dtype)
-    bad = torch.randn(2, 32, device="cuda")
+    bad = torch.randn(2, 32, device=CUDA_DEVICE)
     bad[1, 3] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite input"):
         _native_payload(bad, Codec(bits=bits, group_size=None if bits == 16 else 16), 0)
@@ -325,7 +329,8 @@ def _run(cmd, **kw):
 
 
 def test_ctest_known_vectors(tmp_path):
-    """Configure + build the CPU targets in a temp dir and run the C++ tests with ctest."""
+    """Configure + build the CPU targets in a temp dir and run the C++ tests with ctest
+    (the codec's known vectors; the CUDA emulator's primitives and launch checks)."""
     cmake, ctest = shutil.which("cmake"), shutil.which("ctest")
     if not cmake or not ctest:
         pytest.skip("cmake/ctest not found on PATH")
@@ -334,11 +339,11 @@ def test_ctest_known_vectors(tmp_path):
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     cfg = _run([cmake, "-S", ROOT, "-B", tmp_path, *gen, "-DRESBM_CUDA=OFF"])
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
-    build = _run([cmake, "--build", tmp_path, "--target", "test_codec"])
+    build = _run([cmake, "--build", tmp_path, "--target", "test_codec", "test_emulator"])
     assert build.returncode == 0, build.stdout + build.stderr
     test = _run([ctest, "--test-dir", tmp_path, "--output-on-failure"])
     assert test.returncode == 0, test.stdout + test.stderr
-    assert "100% tests passed" in test.stdout
+    assert "100% tests passed" in test.stdout and "cuda_emulator" in test.stdout
 
 
 def test_cuda_kernels_do_not_spill(tmp_path):

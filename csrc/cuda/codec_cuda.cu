@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "errors.cuh"
+#include "primitives.cuh"
 #include "resbm/args.h"
 #include "resbm/c_api.h"
 #include "resbm/codec.h"
@@ -33,6 +34,7 @@ namespace {
 
 using resbm_cuda_detail::g_error;
 using resbm_cuda_detail::launch_status;
+using resbm::cuda::launch;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 65536;  // grid-stride loops cover the rest
@@ -122,11 +124,11 @@ int resbm_cuda_quantize_pack(const void* z, int z_dtype, int64_t n, int64_t k, i
   if (rc != RESBM_OK || n == 0) return rc;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (bits == 16) {
-    pack_bf16_kernel<<<blocks_for(n * k, kThreads), kThreads, 0, s>>>(z, z_dtype, n * k, codes);
+    launch(pack_bf16_kernel, blocks_for(n * k, kThreads), kThreads, 0, s, z, z_dtype, n * k, codes);
     return launch_status(fn, "pack_bf16_kernel");
   }
-  quantize_pack_kernel<<<blocks_for(n * (k / group), kThreads / 32), kThreads, 0, s>>>(
-      z, z_dtype, n, k, bits, group, scale_dtype, stochastic, key, codes, scales);
+  launch(quantize_pack_kernel, blocks_for(n * (k / group), kThreads / 32), kThreads, 0, s, z, z_dtype, n, k,
+         bits, group, scale_dtype, stochastic, key, codes, scales);
   return launch_status(fn, "quantize_pack_kernel");
 }
 
@@ -137,9 +139,8 @@ int resbm_cuda_unpack_dequantize(const uint8_t* codes, const void* scales, int64
   int rc = resbm::check_args(fn, "out", out, out_dtype, n, k, bits, group, scale_dtype, codes,
                              scales, g_error, sizeof g_error);
   if (rc != RESBM_OK || n == 0) return rc;
-  unpack_dequantize_kernel<<<blocks_for(n * k, kThreads), kThreads, 0,
-                             static_cast<cudaStream_t>(stream)>>>(
-      codes, scales, n, k, bits, group, scale_dtype, out_dtype, out);
+  launch(unpack_dequantize_kernel, blocks_for(n * k, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream),
+         codes, scales, n, k, bits, group, scale_dtype, out_dtype, out);
   return launch_status(fn, "unpack_dequantize_kernel");
 }
 

@@ -1,6 +1,7 @@
 // Tensor-core building blocks of the pass kernels (passes.cu): operand types,
-// hi/lo operand splitting, mma.sync wrappers, fragment loads from shared memory
-// and cp.async. sm_80+ only (mma.sync m16n8k16 bf16/f16 and m16n8k8 tf32).
+// hi/lo operand splitting, split-term products, fragment loads from shared memory,
+// the cp.async pipeline and 16-byte vector loads/stores, on top of the inline PTX of
+// primitives.cuh. sm_80+ only (mma.sync m16n8k16 bf16/f16 and m16n8k8 tf32).
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16 / m16n8k8"),
 // with g = lane / 4 (groupID) and t = lane % 4 (threadID_in_group):
@@ -30,6 +31,7 @@
 
 #include <cstdint>
 
+#include "primitives.cuh"
 #include "resbm/codec.h"
 
 namespace resbm {
@@ -65,12 +67,6 @@ struct Operand<kBFloat16> {
 };
 
 // ---- conversions and splits ---------------------------------------------------------
-
-__device__ __forceinline__ uint32_t to_tf32(float v) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
-  return r;
-}
 
 // fp32 value of a 16-bit operand element.
 template <int DT>
@@ -112,30 +108,7 @@ __device__ __forceinline__ uint32_t pack16(uint16_t lo_k, uint16_t hi_k) {
   return uint32_t(lo_k) | (uint32_t(hi_k) << 16);
 }
 
-// ---- mma ------------------------------------------------------------------------------
-
-template <int DT>
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (DT == kFloat32) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else if constexpr (DT == kFloat16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
+// ---- fragments ----------------------------------------------------------------------
 
 struct FragA {
   uint32_t hi[4], lo[4];
@@ -224,16 +197,6 @@ __device__ __forceinline__ void load_a_op(FragA& f, const typename Operand<DT>::
   }
 }
 
-// Four 8x8 matrices of 16-bit elements from shared memory (ldmatrix .x4): lane l gives
-// the address of row l % 8 of matrix l / 8 (16-byte aligned); r[i] holds row lane / 4,
-// elements 2 * (lane % 4) and + 1 (low half) of matrix i.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-
 // B fragments of the n tiles n0 (f0) and n0 + 8 (f1) from operand-typed tiles W[n][k]
 // (k contiguous, rows 16-byte aligned), one ldmatrix per part; lo is read only if
 // `split`. Matrix m of the ldmatrix is n rows n0 + 8 * (m / 2).., k columns k0 + (m % 2)
@@ -279,20 +242,6 @@ __device__ __forceinline__ void load_b_raw_kn(FragB& f, const typename Operand<D
 }
 
 // ---- cp.async -------------------------------------------------------------------------
-
-// 16-byte global -> shared copy; src_bytes = 0 zero-fills the destination.
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
-               "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 // A STAGES-deep cp.async pipeline over `blocks` blocks: issue(i) starts block i's copies
 // into buffer i % STAGES, body(i, i % STAGES) uses them once they have landed. One commit

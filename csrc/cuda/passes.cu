@@ -370,7 +370,7 @@ template <int DT, int KPAD>
 __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQArgs p) {
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
-  extern __shared__ __align__(16) unsigned char smem[];
+  RESBM_DYNAMIC_SMEM(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp % C::WM, wn = warp / C::WM, g = lane >> 2, t = lane & 3;
   const int64_t row0 = int64_t(blockIdx.x) * C::BN;
@@ -447,7 +447,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
   using E = typename C::E;
-  extern __shared__ __align__(16) unsigned char smem[];
+  RESBM_DYNAMIC_SMEM(smem);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % C::WM, wn = warp / C::WM, g = lane >> 2, t = lane & 3;
   const int64_t row0 = int64_t(blockIdx.x) * C::BN;
@@ -658,7 +658,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
   using C = WgCfg<DT, KPAD>;
   using T = typename C::T;
   using E = typename C::E;
-  extern __shared__ __align__(16) unsigned char smem[];
+  RESBM_DYNAMIC_SMEM(smem);
   // stage s: [BR][XLD] x tile, then [KPAD][ZTLD] hi and lo tiles of (zhat * rscale)^T
   auto xs = [&](int s) { return reinterpret_cast<T*>(smem + s * C::STAGE_BYTES); };
   auto zhi = [&](int s) { return reinterpret_cast<E*>(smem + s * C::STAGE_BYTES + C::X_BYTES); };
@@ -762,7 +762,7 @@ int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
   std::snprintf(name, sizeof name, "prepare_operand_kernel<%s>", Operand<DT>::name());
   const int64_t total = p.rows * p.cols;
   const int64_t blocks = (total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096;
-  prepare_operand_kernel<DT><<<unsigned(blocks), 256, 0, stream>>>(p);
+  launch(prepare_operand_kernel<DT>, unsigned(blocks), 256, 0, stream, p);
   return launch_status(fn, name);
 }
 
@@ -775,7 +775,7 @@ int launch_pq(const char* fn, const PQArgs& p, const PrepArgs& prep, cudaStream_
   const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD>);
   RESBM_TRY(prepare(fn, name, func, C::PQ_SMEM));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  project_quantize_kernel<DT, KPAD><<<unsigned(blocks), kThreads, C::PQ_SMEM, stream>>>(p);
+  launch(project_quantize_kernel<DT, KPAD>, unsigned(blocks), kThreads, C::PQ_SMEM, stream, p);
   return launch_status(fn, name);
 }
 
@@ -791,7 +791,7 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   const size_t smem = C::dq_smem(p.gamma != nullptr && p.stats == nullptr);  // the pre-pass's tiles
   RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  dequant_project_kernel<DT, KPAD><<<unsigned(blocks), kThreads, smem, stream>>>(p);
+  launch(dequant_project_kernel<DT, KPAD>, unsigned(blocks), kThreads, smem, stream, p);
   return launch_status(fn, name);
 }
 
@@ -802,13 +802,13 @@ int launch_wg(const char* fn, const WOArgs& op, const WGArgs& p, int splits, cud
   std::snprintf(name, sizeof name, "weight_operand_kernel<%s>", Operand<DT>::name());
   const int64_t total = op.kpad * op.npad;
   const int64_t op_blocks = (total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096;
-  weight_operand_kernel<DT><<<unsigned(op_blocks > 0 ? op_blocks : 1), 256, 0, stream>>>(op);
+  launch(weight_operand_kernel<DT>, unsigned(op_blocks > 0 ? op_blocks : 1), 256, 0, stream, op);
   RESBM_TRY(launch_status(fn, name));
   std::snprintf(name, sizeof name, "weight_grad_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&weight_grad_kernel<DT, KPAD>);
   RESBM_TRY(prepare(fn, name, func, C::SMEM));
   const dim3 grid(unsigned((p.d + C::BDW - 1) / C::BDW), unsigned(splits));
-  weight_grad_kernel<DT, KPAD><<<grid, kThreads, C::SMEM, stream>>>(p);
+  launch(weight_grad_kernel<DT, KPAD>, grid, kThreads, C::SMEM, stream, p);
   return launch_status(fn, name);
 }
 

@@ -11,6 +11,11 @@ device.
 Requirements (as the Triton backend): CUDA tensors, float32/float16/bfloat16,
 d and k multiples of 16, k <= 256. Any scale group that divides k works.
 
+With ``RESBM_CUDA_EMULATE=1`` the backend also takes CPU tensors and runs the
+same kernels on the CPU emulator (``libresbm_cuda_emu``, built from the same
+sources by ``csrc/emu``; slow, for tests), as Triton's kernels run under
+``TRITON_INTERPRET=1``.
+
 Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation
 (dequantized zhat is split as hi + lo; the RMSNorm-folded encoder weight is
 rounded once to the input dtype, as the Triton kernels do); fp32 inputs use
@@ -49,10 +54,16 @@ FP16_SPLIT_PASSES = ("decode_forward", "decode_backward", "encode_backward")
 
 
 def supports(device) -> bool:
-    """CUDA devices, when libresbm_cuda loads and a GPU is present."""
-    if torch.device(device).type != "cuda":
-        return False
-    return torch.cuda.is_available() and native.available("cuda")
+    """CUDA devices, when libresbm_cuda loads and a GPU is present; the CPU only
+    with ``RESBM_CUDA_EMULATE=1`` and libresbm_cuda_emu."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and native.available("cuda")
+    return kind == "cpu" and native.emulating() and native.available("cuda_emu")
+
+
+def _library_name(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cuda_emu"
 
 
 # ---- helpers ----------------------------------------------------------------------
@@ -101,8 +112,12 @@ def _checked(lib, rc: int) -> None:
 
 
 def _call(name: str, device: torch.device, *args) -> None:
-    """Launch ``name`` on the current stream of ``device``; raise naming the kernel on error."""
-    lib = native.library("cuda")
+    """Launch ``name`` on the current stream of ``device`` (the emulator runs it
+    at once); raise naming the kernel on error."""
+    lib = native.library(_library_name(device))
+    if device.type != "cuda":
+        _checked(lib, getattr(lib, name)(*args, None))
+        return
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         _checked(lib, getattr(lib, name)(*args, ctypes.c_void_p(stream)))
@@ -112,10 +127,10 @@ _PASS_IDS = {"encode_forward": 0, "decode_forward": 1, "decode_backward": 2, "en
 
 
 @functools.lru_cache(maxsize=1024)
-def _size_query(name: str, *args) -> int:
-    """A library size query's answer (its last argument, an int64 out-parameter),
-    asked once per arguments (not on every op call)."""
-    lib = native.library("cuda")
+def _size_query(which: str, name: str, *args) -> int:
+    """A size query's answer from library ``which`` (its last argument, an int64
+    out-parameter), asked once per arguments (not on every op call)."""
+    lib = native.library(which)
     nbytes = ctypes.c_int64()
     _checked(lib, getattr(lib, name)(*args, ctypes.byref(nbytes)))
     return nbytes.value
@@ -125,7 +140,8 @@ def _workspace(pass_: str, dtype, d: int, k: int, norm: bool, device) -> torch.T
     """The device workspace a pass needs (its weights converted to the tensor
     cores' operand types once per call), or None. Keep it referenced until the
     pass is launched; after that the caching allocator reuses it in stream order."""
-    nbytes = _size_query("resbm_cuda_workspace_bytes", _PASS_IDS[pass_], _DTYPE_CODES[dtype], d, k, int(norm))
+    nbytes = _size_query(_library_name(device), "resbm_cuda_workspace_bytes", _PASS_IDS[pass_], _DTYPE_CODES[dtype],
+                         d, k, int(norm))
     return fast.empty((nbytes,), torch.uint8, device) if nbytes else None
 
 
@@ -138,7 +154,7 @@ def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> t
         return partial.zero_().sum(0)
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
     # the (rscale * zhat)^T operand, written once by the library's first kernel
-    nbytes = _size_query("resbm_cuda_weight_grad_workspace_bytes", _DTYPE_CODES[a.dtype], n, k)
+    nbytes = _size_query(_library_name(a.device), "resbm_cuda_weight_grad_workspace_bytes", _DTYPE_CODES[a.dtype], n, k)
     workspace = fast.empty((nbytes,), torch.uint8, a.device)
     _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), _DTYPE_CODES[a.dtype], n, d, k, codes, scales,
           bits, group, sdt, _ptr(rscale), splits, int(transpose), partial.data_ptr(), workspace.data_ptr())

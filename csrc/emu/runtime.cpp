@@ -1,0 +1,278 @@
+// The CUDA emulator's scheduler: blocks one after another, a block's threads as
+// fibers switched at barriers (see runtime.h).
+#include "runtime.h"
+
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+uint3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+
+namespace resbm_emu {
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+constexpr unsigned kMaxThreads = 1024;
+
+enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
+
+struct Copy {
+  void* dst;
+  const void* src;
+  int src_bytes;
+};
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<unsigned char[]> stack{new unsigned char[kStackBytes]};
+  State state = State::kDone;
+  uint3 index{};
+  unsigned linear = 0;
+  unsigned collectives = 0;  // warp collectives so far: picks the exchange buffer
+  std::vector<Copy> open;    // cp.async copies not yet committed
+  std::deque<std::vector<Copy>> groups;  // committed, oldest first
+};
+
+struct AlignedBytes {
+  struct Free {
+    void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  std::unique_ptr<unsigned char[], Free> data;
+  size_t size = 0;
+  void resize(size_t n) {
+    if (n > size) {
+      data.reset(static_cast<unsigned char*>(::operator new[](n, std::align_val_t(64))));
+      size = n;
+    }
+  }
+};
+
+// The running launch (one at a time: g_mutex).
+struct Launch {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  unsigned current = 0;
+  const std::function<void()>* body = nullptr;
+  AlignedBytes smem, exchange;
+  size_t smem_bytes = 0;
+  std::string fault;  // the first fault of the launch
+};
+
+std::mutex g_mutex;
+Launch g_launch;
+bool g_running = false;
+std::unordered_map<const void*, int> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+thread_local int t_last_error = kSuccess;
+thread_local std::string t_message;
+
+Fiber& running() { return g_launch.fibers[g_launch.current]; }
+
+void yield_as(State state) {
+  Fiber& f = running();
+  f.state = state;
+  swapcontext(&f.context, &g_launch.scheduler);
+}
+
+void fiber_main() {
+  (*g_launch.body)();
+  Fiber& f = running();
+  f.open.clear();  // copies never waited for: nobody reads them
+  f.groups.clear();
+  f.state = State::kDone;  // returns to the scheduler through uc_link
+}
+
+void note_fault(const std::string& what) {
+  if (g_launch.fault.empty()) g_launch.fault = what;
+}
+
+std::string thread_name(const Fiber& f) {
+  char buf[96];
+  std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u)", blockIdx.x, blockIdx.y,
+                blockIdx.z, f.index.x, f.index.y, f.index.z);
+  return buf;
+}
+
+// Runs one block to completion; false (and a fault) on a deadlock.
+bool run_block(unsigned threads) {
+  Launch& L = g_launch;
+  std::memset(L.smem.data.get(), 0xFF, L.smem_bytes);  // unwritten shared memory reads as NaN
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber& f = L.fibers[i];
+    f.linear = i;
+    f.index = {i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+    f.collectives = 0;
+    f.open.clear();
+    f.groups.clear();
+    f.state = State::kReady;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kStackBytes;
+    f.context.uc_link = &L.scheduler;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  const unsigned warps = (threads + 31) / 32;
+  const bool reverse = (blockIdx.x + blockIdx.y + blockIdx.z) % 2 == 1;
+  for (;;) {
+    // each warp in turn runs as far as it can (to the block barrier or its end), so that
+    // a warp reusing shared memory that later warps still read shows (both orders are used)
+    bool progressed = false;
+    for (unsigned wi = 0; wi < warps; ++wi) {
+      const unsigned w = reverse ? warps - 1 - wi : wi;
+      const unsigned first = 32 * w, last = first + 32 < threads ? first + 32 : threads;
+      for (;;) {
+        for (unsigned i = first; i < last; ++i) {
+          if (L.fibers[i].state != State::kReady) continue;
+          L.current = i;
+          threadIdx = L.fibers[i].index;
+          swapcontext(&L.scheduler, &L.fibers[i].context);
+          progressed = true;
+        }
+        bool all_at_warp = true;  // every lane, none exited: a collective needs the whole warp
+        for (unsigned i = first; i < last; ++i)
+          all_at_warp = all_at_warp && L.fibers[i].state == State::kAtWarpBarrier;
+        if (!all_at_warp) break;
+        for (unsigned i = first; i < last; ++i) L.fibers[i].state = State::kReady;
+      }
+    }
+    unsigned live = 0, at_block = 0;
+    for (unsigned i = 0; i < threads; ++i) {
+      live += L.fibers[i].state != State::kDone;
+      at_block += L.fibers[i].state == State::kAtBlockBarrier;
+    }
+    if (live == 0) return true;
+    if (at_block == live) {  // exited threads do not hold a barrier up
+      for (unsigned i = 0; i < threads; ++i)
+        if (L.fibers[i].state == State::kAtBlockBarrier) L.fibers[i].state = State::kReady;
+      continue;
+    }
+    if (!progressed) {
+      unsigned stuck = 0;
+      while (L.fibers[stuck].state == State::kDone) ++stuck;
+      note_fault("deadlock: threads wait at different barriers (a __syncthreads not reached by all "
+                 "threads, or a warp collective with exited or diverged lanes), e.g. " +
+                 thread_name(L.fibers[stuck]));
+      return false;
+    }
+  }
+}
+
+int fail_launch(int code, const std::string& message) {
+  t_last_error = code;
+  t_message = "emulated launch: " + message;
+  return code;
+}
+
+}  // namespace
+
+int run_grid(const void* func, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_running) return fail_launch(kLaunchFailure, "a kernel launched from inside a kernel");
+  const unsigned threads = block.x * block.y * block.z;
+  if (threads == 0 || threads > kMaxThreads || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
+      grid.y > 65535 || grid.z > 65535)
+    return fail_launch(kInvalidValue, "invalid configuration argument");
+  const auto opt_in = g_max_smem.find(func);
+  const size_t limit = opt_in == g_max_smem.end() ? kDefaultDynamicSmem : size_t(opt_in->second);
+  if (smem > (limit > kDefaultDynamicSmem ? limit : kDefaultDynamicSmem))
+    return fail_launch(kInvalidValue, "too much dynamic shared memory (" + std::to_string(smem) +
+                                          " bytes; opted into " + std::to_string(limit) + ")");
+  Launch& L = g_launch;
+  if (L.fibers.size() < threads) L.fibers.resize(threads);
+  L.smem.resize(smem > 16 ? smem : 16);
+  L.smem_bytes = smem;
+  L.exchange.resize(size_t((threads + 31) / 32) * 2 * 32 * kMaxExchange);
+  L.body = &body;
+  L.fault.clear();
+  g_running = true;
+  gridDim = grid;
+  blockDim = block;
+  for (unsigned z = 0; z < grid.z && L.fault.empty(); ++z)
+    for (unsigned y = 0; y < grid.y && L.fault.empty(); ++y)
+      for (unsigned x = 0; x < grid.x && L.fault.empty(); ++x) {
+        blockIdx = {x, y, z};
+        run_block(threads);
+      }
+  g_running = false;
+  if (!L.fault.empty()) return fail_launch(kLaunchFailure, L.fault);
+  return kSuccess;
+}
+
+void set_max_dynamic_smem(const void* func, int bytes) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_max_smem[func] = bytes;
+}
+
+int take_last_error() {
+  const int e = t_last_error;
+  t_last_error = kSuccess;
+  return e;
+}
+
+const char* last_message() { return t_message.c_str(); }
+
+void block_barrier() { yield_as(State::kAtBlockBarrier); }
+
+int lane() { return int(running().linear % 32); }
+
+const void* exchange(const void* mine, size_t bytes) {
+  Fiber& f = running();
+  const unsigned warp = f.linear / 32;
+  unsigned char* buffer = g_launch.exchange.data.get() + (size_t(warp) * 2 + f.collectives % 2) * 32 * kMaxExchange;
+  std::memcpy(buffer + (f.linear % 32) * bytes, mine, bytes);
+  ++f.collectives;
+  yield_as(State::kAtWarpBarrier);
+  return buffer;
+}
+
+unsigned char* dynamic_smem() { return g_launch.smem.data.get(); }
+
+size_t dynamic_smem_bytes() { return g_launch.smem_bytes; }
+
+bool in_smem(const void* p, size_t bytes) {
+  const unsigned char* b = g_launch.smem.data.get();
+  const unsigned char* q = static_cast<const unsigned char*>(p);
+  return q >= b && q + bytes <= b + g_launch.smem_bytes;
+}
+
+void fault(const char* what, const void* address) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, " (address %p, ", address);
+  note_fault(std::string(what) + buf + thread_name(running()) + ")");
+}
+
+void cp_async(void* dst, const void* src, int src_bytes) {
+  if (!in_smem(dst, 16) || reinterpret_cast<uintptr_t>(dst) % 16)
+    return fault("cp.async destination outside shared memory or not 16-byte aligned", dst);
+  if (src_bytes < 0 || src_bytes > 16 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16))
+    return fault("cp.async source not 16-byte aligned or a bad size", src);
+  std::memset(dst, 0xFF, 16);  // from here until the wait the destination holds nothing valid
+  running().open.push_back({dst, src, src_bytes});
+}
+
+void cp_async_commit() {
+  Fiber& f = running();
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+void cp_async_wait(int pending) {
+  Fiber& f = running();
+  while (f.groups.size() > size_t(pending)) {
+    for (const Copy& c : f.groups.front()) {
+      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+      std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, size_t(16 - c.src_bytes));
+    }
+    f.groups.pop_front();
+  }
+}
+
+}  // namespace resbm_emu

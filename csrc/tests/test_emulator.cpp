@@ -1,0 +1,213 @@
+// Tests of the CUDA emulator (csrc/emu) against the semantics the PTX ISA gives the
+// primitives the kernels use, and of its launch checks. Built with the emulator's
+// headers in place of CUDA's (RESBM_CUDA_EMULATION); exit status 0 when all pass.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "cuda/primitives.cuh"
+
+using resbm::cuda::launch;
+
+namespace {
+
+int g_failures = 0;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::printf("FAIL: %s\n", what);
+    ++g_failures;
+  }
+}
+
+// ---- mma: C = A (16 x K) * B (K x 8) from fragments laid out as the PTX ISA says ----------
+
+constexpr int M = 16, N = 8;
+
+template <int DT>
+struct MmaData {
+  static constexpr int K = DT == resbm::kFloat32 ? 8 : 16;
+  float a[M][K], b[K][N];
+  float c[M][N];  // in: accumulator, out: result
+};
+
+uint16_t to16(int dt, float v) {
+  return dt == resbm::kFloat16 ? resbm::float_to_fp16(v) : resbm::float_to_bf16(v);
+}
+
+template <int DT>
+__global__ void mma_kernel(MmaData<DT>* m) {
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  uint32_t a[4], b[2];
+  float c[4];
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (DT == resbm::kFloat32) {
+      a[i] = resbm::cuda::to_tf32(m->a[g + 8 * (i % 2)][t + 4 * (i / 2)]);
+    } else {
+      const int row = g + 8 * (i % 2), col = 2 * t + 8 * (i / 2);
+      a[i] = to16(DT, m->a[row][col]) | uint32_t(to16(DT, m->a[row][col + 1])) << 16;
+    }
+    c[i] = m->c[g + 8 * (i / 2)][2 * t + i % 2];
+  }
+  for (int i = 0; i < 2; ++i) {
+    if constexpr (DT == resbm::kFloat32) {
+      b[i] = resbm::cuda::to_tf32(m->b[t + 4 * i][g]);
+    } else {
+      const int k = 2 * t + 8 * i;
+      b[i] = to16(DT, m->b[k][g]) | uint32_t(to16(DT, m->b[k + 1][g])) << 16;
+    }
+  }
+  resbm::cuda::mma<DT>(c, a, b);
+  __syncthreads();  // every lane has read its inputs before results overwrite m->c
+  for (int i = 0; i < 4; ++i) m->c[g + 8 * (i / 2)][2 * t + i % 2] = c[i];
+}
+
+template <int DT>
+void test_mma(const char* name) {
+  MmaData<DT> m;
+  constexpr int K = MmaData<DT>::K;
+  float want[M][N];
+  for (int r = 0; r < M; ++r)
+    for (int k = 0; k < K; ++k) m.a[r][k] = float((r * 7 + k * 3) % 11 - 5);  // exact in every type
+  for (int k = 0; k < K; ++k)
+    for (int n = 0; n < N; ++n) m.b[k][n] = float((k * 5 + n * 2) % 9 - 4) * 0.5f;
+  for (int r = 0; r < M; ++r)
+    for (int n = 0; n < N; ++n) {
+      m.c[r][n] = float(r - n);
+      want[r][n] = m.c[r][n];
+      for (int k = 0; k < K; ++k) want[r][n] += m.a[r][k] * m.b[k][n];
+    }
+  launch(mma_kernel<DT>, dim3(1), dim3(32), 0, nullptr, &m);
+  expect(cudaGetLastError() == cudaSuccess, name);
+  expect(std::memcmp(m.c, want, sizeof want) == 0, name);
+}
+
+// cvt.rna.tf32.f32: nearest, ties away from zero, 10 mantissa bits.
+void test_to_tf32() {
+  const float ulp = 1.0f / 1024;  // of tf32 at 1
+  const float cases[][2] = {{1 + ulp / 2, 1 + ulp},   {-(1 + ulp / 2), -(1 + ulp)},
+                            {1 + ulp / 4, 1},         {1 + 3 * ulp / 4, 1 + ulp},
+                            {1 + 3 * ulp / 2, 1 + 2 * ulp}};
+  bool ok = true;
+  for (const auto& c : cases) ok = ok && resbm::bits_float(resbm::cuda::to_tf32(c[0])) == c[1];
+  expect(ok, "to_tf32 rounding");
+}
+
+// ---- ldmatrix.x4 ------------------------------------------------------------------------
+
+__global__ void ldsm_kernel(uint32_t* out) {
+  RESBM_DYNAMIC_SMEM(smem);
+  uint16_t* s = reinterpret_cast<uint16_t*>(smem);  // 4 matrices of 8 x 8, rows 16 bytes apart
+  const int lane = threadIdx.x;
+  for (int e = lane; e < 256; e += 32) s[e] = uint16_t(e);
+  __syncthreads();
+  uint32_t r[4];
+  resbm::cuda::ldsm_x4(r, s + 8 * lane);  // lane l: row l % 8 of matrix l / 8
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+}
+
+void test_ldmatrix() {
+  std::vector<uint32_t> out(128);
+  launch(ldsm_kernel, dim3(1), dim3(32), 512, nullptr, out.data());
+  expect(cudaGetLastError() == cudaSuccess, "ldmatrix launch");
+  bool ok = true;
+  for (int lane = 0; lane < 32; ++lane)
+    for (int i = 0; i < 4; ++i) {  // matrix i, row lane / 4, elements 2 (lane % 4) and + 1
+      const uint32_t e = uint32_t(64 * i + 8 * (lane / 4) + 2 * (lane % 4));
+      ok = ok && out[lane * 4 + i] == (e | (e + 1) << 16);
+    }
+  expect(ok, "ldmatrix fragments");
+}
+
+// ---- cp.async: lands at the wait, zero-fills, faults outside shared memory ----------------
+
+__global__ void cp_async_kernel(const unsigned char* src, unsigned char* out, int offset) {
+  RESBM_DYNAMIC_SMEM(smem);
+  if (threadIdx.x != 0) return;
+  resbm::cuda::cp_async16(smem + offset, src, 4);  // 4 bytes read, 12 zero-filled
+  resbm::cuda::cp_async_commit();
+  std::memcpy(out, smem + offset, 16);  // before the wait: nothing valid
+  resbm::cuda::cp_async_wait<0>();
+  std::memcpy(out + 16, smem + offset, 16);
+}
+
+void test_cp_async() {
+  alignas(16) unsigned char src[16];
+  unsigned char out[32];
+  for (int i = 0; i < 16; ++i) src[i] = uint8_t(i + 1);
+  launch(cp_async_kernel, dim3(1), dim3(32), 64, nullptr, src, out, 16);
+  expect(cudaGetLastError() == cudaSuccess, "cp.async launch");
+  bool before = true, after = true;
+  for (int i = 0; i < 16; ++i) {
+    before = before && out[i] == 0xFF;
+    after = after && out[16 + i] == (i < 4 ? i + 1 : 0);
+  }
+  expect(before, "cp.async destination before the wait");
+  expect(after, "cp.async copy and zero fill after the wait");
+  launch(cp_async_kernel, dim3(1), dim3(32), 64, nullptr, src, out, 56);  // past the end
+  const cudaError_t e = cudaGetLastError();
+  expect(e != cudaSuccess && std::strstr(cudaGetErrorString(e), "cp.async destination"),
+         "cp.async outside shared memory fails the launch");
+  expect(cudaGetLastError() == cudaSuccess, "cudaGetLastError clears the error");
+}
+
+// ---- barriers: a warp collective and __syncthreads waiting on each other deadlock ---------
+
+__global__ void deadlock_kernel() {
+  if (threadIdx.x % 32 < 16) {
+    __syncthreads();
+  } else {
+    (void)__shfl_xor_sync(0xFFFFFFFFu, 1.0f, 1);
+  }
+}
+
+__global__ void shuffle_kernel(float* out) {
+  float v = float(threadIdx.x);
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+  out[threadIdx.x] = v;  // every lane: the sum over its warp
+}
+
+void test_barriers() {
+  launch(deadlock_kernel, dim3(2), dim3(64), 0, nullptr);
+  const cudaError_t e = cudaGetLastError();
+  expect(e != cudaSuccess && std::strstr(cudaGetErrorString(e), "deadlock"), "deadlock is reported");
+  std::vector<float> out(64);
+  launch(shuffle_kernel, dim3(1), dim3(64), 0, nullptr, out.data());
+  expect(cudaGetLastError() == cudaSuccess, "shuffle launch");
+  expect(out[0] == 496.0f && out[31] == 496.0f && out[32] == 1520.0f && out[63] == 1520.0f,
+         "warp sums by __shfl_xor_sync");
+}
+
+// ---- launch checks: dynamic shared memory beyond the opt-in ------------------------------
+
+__global__ void empty_kernel() {}
+
+void test_smem_limits() {
+  launch(empty_kernel, dim3(1), dim3(32), 64 * 1024, nullptr);
+  expect(cudaGetLastError() == cudaErrorInvalidValue, "64 KB without the opt-in fails");
+  const void* f = reinterpret_cast<const void*>(&empty_kernel);
+  expect(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024) == cudaSuccess,
+         "opt into 64 KB");
+  launch(empty_kernel, dim3(1), dim3(32), 64 * 1024, nullptr);
+  expect(cudaGetLastError() == cudaSuccess, "64 KB after the opt-in");
+  expect(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024) ==
+             cudaErrorInvalidValue,
+         "more than an sm_80 block can have is refused");
+}
+
+}  // namespace
+
+int main() {
+  test_mma<resbm::kBFloat16>("mma bf16");
+  test_mma<resbm::kFloat16>("mma fp16");
+  test_mma<resbm::kFloat32>("mma tf32");
+  test_to_tf32();
+  test_ldmatrix();
+  test_cp_async();
+  test_barriers();
+  test_smem_limits();
+  if (g_failures == 0) std::printf("emulator: all tests passed\n");
+  return g_failures == 0 ? 0 : 1;
+}
