@@ -172,29 +172,18 @@ __device__ __forceinline__ void load_a_f32(FragA& f, const float* s, int ld, int
   }
 }
 
-// A from operand-typed hi/lo tiles Z[m][k].
+// A from operand-typed hi/lo tiles Z[m][k] (rows 16-byte aligned), one ldmatrix per
+// part; lo is read only if `split`. Matrix q of the ldmatrix is rows m0 + 8 * (q % 2)..,
+// columns k0 + (q / 2) * 16 bytes..: exactly A regs 0-3 (for tf32 too: 32-bit elements).
 template <int DT>
 __device__ __forceinline__ void load_a_op(FragA& f, const typename Operand<DT>::E* hi,
                                           const typename Operand<DT>::E* lo, int ld, int m0,
-                                          int k0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  if constexpr (DT == kFloat32) {
-    const int o = (m0 + g) * ld + k0 + t;
-    const int off[4] = {o, o + 8 * ld, o + 4, o + 8 * ld + 4};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      f.hi[i] = hi[off[i]];
-      f.lo[i] = lo[off[i]];
-    }
-  } else {
-    const int o = (m0 + g) * ld + k0 + 2 * t;
-    const int off[4] = {o, o + 8 * ld, o + 8, o + 8 * ld + 8};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      f.hi[i] = lds32(hi + off[i]);
-      f.lo[i] = lds32(lo + off[i]);
-    }
-  }
+                                          int k0, int lane, bool split) {
+  constexpr int KH = 16 / int(sizeof(typename Operand<DT>::E));  // elements per 16 bytes
+  const int q = lane >> 3;
+  const int o = (m0 + 8 * (q & 1) + (lane & 7)) * ld + k0 + (q >> 1) * KH;
+  ldsm_x4(f.hi, hi + o);
+  if (split) ldsm_x4(f.lo, lo + o);
 }
 
 // B fragments of the n tiles n0 (f0) and n0 + 8 (f1) from operand-typed tiles W[n][k]
@@ -224,20 +213,28 @@ __device__ __forceinline__ void load_b_op_x2(FragB& f0, FragB& f1,
   }
 }
 
-// B from a raw input tile S[k][n] (n contiguous: the row-major activations of
-// the weight-gradient kernel); fp32 is split into tf32 hi + lo.
+// B fragments of the n tiles n0 (f0) and n0 + 8 (f1) from a raw input tile S[k][n] (n
+// contiguous: the row-major activations of the weight-gradient kernel; rows 16-byte
+// aligned). 16-bit: one transposing ldmatrix, matrix q = k rows k0 + 8 * (q % 2)..,
+// n columns n0 + 8 * (q / 2)..; fp32: loaded element by element and split into tf32 hi + lo.
 template <int DT>
-__device__ __forceinline__ void load_b_raw_kn(FragB& f, const typename Operand<DT>::T* s, int ld,
-                                              int n0, int k0, int lane) {
-  const int g = lane >> 2, t = lane & 3;
+__device__ __forceinline__ void load_b_raw_kn_x2(FragB& f0, FragB& f1, const typename Operand<DT>::T* s,
+                                                 int ld, int n0, int k0, int lane) {
   if constexpr (DT == kFloat32) {
+    const int g = lane >> 2, t = lane & 3;
     const float* p = s + (k0 + t) * ld + n0 + g;
-    split1<DT>(p[0], f.hi[0], f.lo[0]);
-    split1<DT>(p[4 * ld], f.hi[1], f.lo[1]);
+    split1<DT>(p[0], f0.hi[0], f0.lo[0]);
+    split1<DT>(p[4 * ld], f0.hi[1], f0.lo[1]);
+    split1<DT>(p[8], f1.hi[0], f1.lo[0]);
+    split1<DT>(p[4 * ld + 8], f1.hi[1], f1.lo[1]);
   } else {
-    const uint16_t* p = s + (k0 + 2 * t) * ld + n0 + g;
-    f.hi[0] = pack16(p[0], p[ld]);
-    f.hi[1] = pack16(p[8 * ld], p[9 * ld]);
+    const int q = lane >> 3;
+    uint32_t v[4];
+    ldsm_x4_trans(v, s + (k0 + 8 * (q & 1) + (lane & 7)) * ld + n0 + 8 * (q >> 1));
+    f0.hi[0] = v[0];
+    f0.hi[1] = v[1];
+    f1.hi[0] = v[2];
+    f1.hi[1] = v[3];
   }
 }
 

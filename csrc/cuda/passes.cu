@@ -156,7 +156,8 @@ struct WgCfg {
   static constexpr size_t STAGE_BYTES = X_BYTES + 2 * ZT_BYTES;
   static constexpr int STAGES = 3 * STAGE_BYTES <= kMaxSmemSm80 ? 3 : 2;
   static constexpr size_t SMEM = STAGES * STAGE_BYTES;
-  static_assert(MT >= 1 && NT >= 1 && BR % KS == 0, "bad tile configuration");
+  static_assert(MT >= 1 && NT >= 2 && NT % 2 == 0 && BR % 16 == 0,
+                "bad tile configuration (B fragments load two n tiles at a time)");
   static_assert(X_BYTES % 16 == 0 && ZT_BYTES % 16 == 0, "16-byte aligned regions");
   static_assert(SMEM <= kMaxSmemSm80, "more shared memory than an sm_80 block can have");
 };
@@ -683,23 +684,37 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
     for (int nt = 0; nt < C::NT; ++nt)
       acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
 
-  // the loads of block `it` (rows start + it * BR..) into stage it % STAGES
+  // the loads of block `it` (rows start + it * BR..) into stage it % STAGES. Every block, a
+  // thread copies the same chunks (x: column chunk xch of rows xr + j * XSTEP; Z^T: chunk zch
+  // of rows zr + j * ZSTEP of hi, then lo), so only the block's row offset changes.
+  constexpr int XSTEP = kThreads / CHUNKS, ZSTEP = kThreads / ZCHUNKS;
+  constexpr int XPER = C::BR / XSTEP, ZPER = 2 * KPAD / ZSTEP;
+  static_assert(kThreads % CHUNKS == 0 && kThreads % ZCHUNKS == 0 && XPER * XSTEP == C::BR &&
+                    ZPER * ZSTEP == 2 * KPAD,
+                "the copies of a block must split evenly between the threads");
+  const int xr = tid / CHUNKS, xch = tid % CHUNKS, zr = tid / ZCHUNKS, zch = tid % ZCHUNKS;
+  const bool x_col_ok = d0 + xch * VEC < p.d;
+  const int64_t rows = end - start;
   auto issue = [&](int64_t it) {
     const int s = int(it % C::STAGES);
-    const int64_t r0 = start + it * C::BR;
-    for (int i = tid; i < C::BR * CHUNKS; i += kThreads) {
-      const int r = i / CHUNKS, ch = i % CHUNKS;
-      const int64_t grow = r0 + r, col = d0 + ch * VEC;
-      const bool ok = grow < end && col < p.d;
-      cp_async16(xs(s) + r * C::XLD + ch * VEC, ok ? a + grow * p.d + col : a, ok ? 16 : 0);
+    const int64_t r0 = it * C::BR;
+    const T* xsrc = a + (start + r0 + xr) * p.d + d0 + xch * VEC;
+    T* xdst = xs(s) + xr * C::XLD + xch * VEC;
+#pragma unroll
+    for (int j = 0; j < XPER; ++j) {
+      const bool ok = x_col_ok && r0 + xr + j * XSTEP < rows;
+      cp_async16(xdst + j * XSTEP * C::XLD, ok ? xsrc + int64_t(j * XSTEP) * p.d : a, ok ? 16 : 0);
     }
-    // the (KPAD, BR) tiles of Z^T hi and lo; rows of the next split (or beyond n) read as zeros
-    for (int i = tid; i < 2 * KPAD * ZCHUNKS; i += kThreads) {
-      const int part = i / (KPAD * ZCHUNKS), c = i % (KPAD * ZCHUNKS) / ZCHUNKS, ch = i % ZCHUNKS;
-      const int64_t grow = r0 + ch * ZVEC, rows = end - grow;
-      const int bytes = rows >= ZVEC ? 16 : rows > 0 ? int(rows) * int(sizeof(E)) : 0;
+    // rows of the next split (or beyond n) read as zeros
+    const int64_t zrows = rows - r0 - zch * ZVEC;
+    const int zbytes = zrows >= ZVEC ? 16 : zrows > 0 ? int(zrows) * int(sizeof(E)) : 0;
+    const int64_t zcol = start + r0 + zch * ZVEC;
+#pragma unroll 8
+    for (int j = 0; j < ZPER; ++j) {
+      const int row = zr + j * ZSTEP, part = row / KPAD, c = row % KPAD;
       const E* src = part ? zt_lo : zt_hi;
-      cp_async16((part ? zlo(s) : zhi(s)) + c * C::ZTLD + ch * ZVEC, bytes ? src + c * p.npad + grow : src, bytes);
+      cp_async16((part ? zlo(s) : zhi(s)) + c * C::ZTLD + zch * ZVEC, zbytes ? src + c * p.npad + zcol : src,
+                 zbytes);
     }
   };
   const int64_t blocks = end > start ? (end - start + C::BR - 1) / C::BR : 0;
@@ -709,13 +724,16 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
       FragA fa[C::MT];
 #pragma unroll
       for (int mt = 0; mt < C::MT; ++mt)
-        load_a_op<DT>(fa[mt], zhi(s), zlo(s), C::ZTLD, wm * C::MR + mt * 16, ks, lane);
+        load_a_op<DT>(fa[mt], zhi(s), zlo(s), C::ZTLD, wm * C::MR + mt * 16, ks, lane, true);
 #pragma unroll
-      for (int nt = 0; nt < C::NT; ++nt) {
-        FragB fb;
-        load_b_raw_kn<DT>(fb, xs(s), C::XLD, wn * C::NW + nt * 8, ks, lane);
+      for (int nt = 0; nt < C::NT; nt += 2) {
+        FragB fb0, fb1;
+        load_b_raw_kn_x2<DT>(fb0, fb1, xs(s), C::XLD, wn * C::NW + nt * 8, ks, lane);
 #pragma unroll
-        for (int mt = 0; mt < C::MT; ++mt) mma_acc<DT, true>(acc[mt][nt], fa[mt], fb, DT == kFloat32);
+        for (int mt = 0; mt < C::MT; ++mt) {
+          mma_acc<DT, true>(acc[mt][nt], fa[mt], fb0, DT == kFloat32);
+          mma_acc<DT, true>(acc[mt][nt + 1], fa[mt], fb1, DT == kFloat32);
+        }
       }
     }
   });

@@ -72,6 +72,15 @@ __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
                : "r"(a));
 }
 
+// The same with .trans: r[i] holds elements (row 2 (lane % 4), column lane / 4) (low half)
+// and (row 2 (lane % 4) + 1, same column) of matrix i: B fragments from a [k][n] tile.
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 // 16-byte global -> shared copy; src_bytes = 0 zero-fills the destination.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
   const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));

@@ -96,6 +96,23 @@ inline void ldsm_x4(uint32_t (&r)[4], const void* row) {
   }
 }
 
+// ldmatrix .x4 .trans: r[i] of lane l holds elements (row 2 (l % 4), column l / 4) and
+// (row 2 (l % 4) + 1, column l / 4) of matrix i.
+inline void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+  if (!resbm_emu::in_smem(row, 16) || reinterpret_cast<uintptr_t>(row) % 16)
+    resbm_emu::fault("ldmatrix row outside shared memory or not 16-byte aligned", row);
+  const void* const* rows = resbm_emu::exchange(row);
+  const int lane = resbm_emu::lane();
+  for (int i = 0; i < 4; ++i) {
+    uint16_t e[2] = {0, 0};
+    for (int h = 0; h < 2; ++h) {
+      const unsigned char* p = static_cast<const unsigned char*>(rows[8 * i + 2 * (lane % 4) + h]);
+      if (resbm_emu::in_smem(p, 16)) std::memcpy(&e[h], p + 2 * (lane / 4), 2);
+    }
+    r[i] = uint32_t(e[0]) | uint32_t(e[1]) << 16;
+  }
+}
+
 // cp.async.cg.shared.global 16 bytes (src_bytes of them read, the rest zero-filled).
 inline void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
   resbm_emu::cp_async(smem_dst, gmem_src, src_bytes);

@@ -103,22 +103,29 @@ __global__ void ldsm_kernel(uint32_t* out) {
   const int lane = threadIdx.x;
   for (int e = lane; e < 256; e += 32) s[e] = uint16_t(e);
   __syncthreads();
-  uint32_t r[4];
+  uint32_t r[4], rt[4];
   resbm::cuda::ldsm_x4(r, s + 8 * lane);  // lane l: row l % 8 of matrix l / 8
-  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+  resbm::cuda::ldsm_x4_trans(rt, s + 8 * lane);
+  for (int i = 0; i < 4; ++i) {
+    out[lane * 4 + i] = r[i];
+    out[128 + lane * 4 + i] = rt[i];
+  }
 }
 
 void test_ldmatrix() {
-  std::vector<uint32_t> out(128);
+  std::vector<uint32_t> out(256);
   launch(ldsm_kernel, dim3(1), dim3(32), 512, nullptr, out.data());
   expect(cudaGetLastError() == cudaSuccess, "ldmatrix launch");
-  bool ok = true;
+  bool ok = true, ok_trans = true;
   for (int lane = 0; lane < 32; ++lane)
-    for (int i = 0; i < 4; ++i) {  // matrix i, row lane / 4, elements 2 (lane % 4) and + 1
-      const uint32_t e = uint32_t(64 * i + 8 * (lane / 4) + 2 * (lane % 4));
+    for (int i = 0; i < 4; ++i) {  // element (row, column) of matrix i is 64 i + 8 row + column
+      const uint32_t e = uint32_t(64 * i + 8 * (lane / 4) + 2 * (lane % 4));  // row lane / 4
       ok = ok && out[lane * 4 + i] == (e | (e + 1) << 16);
+      const uint32_t et = uint32_t(64 * i + 8 * 2 * (lane % 4) + lane / 4);  // column lane / 4
+      ok_trans = ok_trans && out[128 + lane * 4 + i] == (et | (et + 8) << 16);
     }
   expect(ok, "ldmatrix fragments");
+  expect(ok_trans, "ldmatrix .trans fragments");
 }
 
 // ---- cp.async: lands at the wait, zero-fills, faults outside shared memory ----------------
