@@ -530,18 +530,27 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
 
   constexpr bool kWSplit = DT == kFloat32;
   constexpr int CH = C::BD2 / 8;  // 8-column chunks per output tile row
+  constexpr int EROWS = kThreads / CH, EPER = C::BN / EROWS;
+  static_assert(kThreads % CH == 0 && EPER * EROWS == C::BN, "output chunks split evenly");
+  const int er = tid / CH, ec = (tid % CH) * 8;
   constexpr int W2CH = KPAD / C::WVEC;  // 16-byte chunks per weight tile row
   const E* w2hi_g = static_cast<const E*>(p.w2hi);
   const E* w2lo_g = static_cast<const E*>(p.w2lo);
-  // weight tile w2[dd][c] for output columns d0.. (zeros beyond d and w2_cols)
+  // weight tile w2[dd][c] for output columns d0.. (zeros beyond d and w2_cols): every tile
+  // a thread copies chunk wch of rows wr + j * WSTEP (only d0 moves)
+  constexpr int WSTEP = kThreads / W2CH, WPER = C::BD2 / WSTEP;
+  static_assert(kThreads % W2CH == 0 && WPER * WSTEP == C::BD2, "weight tile copies split evenly");
+  const int wr = tid / W2CH, wch = tid % W2CH;
+  const bool w_col_ok = wch * C::WVEC < p.w2_cols;  // w2_cols % WVEC == 0
+  const int64_t w_off = int64_t(wr) * p.w2_ld + wch * C::WVEC;
   auto issue_w2 = [&](int64_t d0) {
-    for (int i = tid; i < C::BD2 * W2CH; i += kThreads) {
-      const int dd = i / W2CH, ch = i % W2CH;
-      const int64_t gd = d0 + dd, c0 = int64_t(ch) * C::WVEC;
-      const bool ok = gd < d && c0 < p.w2_cols;  // w2_cols % WVEC == 0
-      const int64_t src = ok ? gd * p.w2_ld + c0 : 0;
-      cp_async16(w2hi + dd * C::W2LD + ch * C::WVEC, w2hi_g + src, ok ? 16 : 0);
-      if constexpr (kWSplit) cp_async16(w2lo + dd * C::W2LD + ch * C::WVEC, w2lo_g + src, ok ? 16 : 0);
+#pragma unroll
+    for (int j = 0; j < WPER; ++j) {
+      const bool ok = w_col_ok && d0 + wr + j * WSTEP < d;
+      const int64_t src = ok ? w_off + (d0 + j * WSTEP) * p.w2_ld : 0;
+      const int dst = (wr + j * WSTEP) * C::W2LD + wch * C::WVEC;
+      cp_async16(w2hi + dst, w2hi_g + src, ok ? 16 : 0);
+      if constexpr (kWSplit) cp_async16(w2lo + dst, w2lo_g + src, ok ? 16 : 0);
     }
     cp_async_commit();
   };
@@ -593,13 +602,14 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
     }
     __syncthreads();  // hs is complete and the weight tile is no longer read:
     if (d0 + C::BD2 < d) issue_w2(d0 + C::BD2);  // the next one loads during the epilogue
-    for (int i = tid; i < C::BN * CH; i += kThreads) {
-      const int r = i / CH, cc = (i % CH) * 8;
-      const int64_t grow = row0 + r, gcol = d0 + cc;
+#pragma unroll 1
+    for (int j = 0; j < EPER; ++j) {  // chunk ec of rows er + j * EROWS (the same every tile)
+      const int r = er + j * EROWS;
+      const int64_t grow = row0 + r, gcol = d0 + ec;
       if (grow >= n || gcol >= d) continue;  // d % 16 == 0: chunks are all in or all out
       float v[8];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = hs[r * C::HLD + cc + e];
+      for (int e = 0; e < 8; ++e) v[e] = hs[r * C::HLD + ec + e];
       if (norm) {
         float gm[8], xv[8];
         load8(gamma, gcol, DT, gm);
