@@ -15,9 +15,11 @@
 // packed 16-bit pair hold the element with the smaller k index.
 //
 // Precision: bf16/fp16 inputs run on bf16/fp16 tensor cores with fp32
-// accumulation; dequantized zhat, which is not exactly representable in the
-// input dtype, is split as hi + lo, both in the operand dtype, and multiplied
-// twice (hi*B + lo*B), which keeps ~16 mantissa bits; gamma-folded encoder
+// accumulation. Dequantized zhat (times the RMSNorm factor in encode backward),
+// not exactly representable in the input dtype, is rounded once to bf16 for bf16
+// inputs (as a bf16 model rounds its activations, and as the Triton kernels do);
+// for fp16 it is split as hi + lo, both fp16, and multiplied twice (hi*B +
+// lo*B), which keeps ~16 mantissa bits (see dequant_parts); gamma-folded encoder
 // weights are rounded once to the input dtype (as a 16-bit model rounds its
 // normalised activations, and as the Triton kernels do), so the projection
 // stays one product. fp32 inputs use 3xTF32 (a_hi*b_hi + a_hi*b_lo +
@@ -65,6 +67,10 @@ struct Operand<kBFloat16> {
   static constexpr int KS = 16;
   static const char* name() { return "bf16"; }
 };
+
+// Operand parts of a dequantized value: bf16 one (rounded to bf16); fp16 two (hi + lo, so
+// that values keep more precision than fp16's 11 bits); fp32 two (3xTF32).
+__host__ __device__ constexpr int dequant_parts(int dtype) { return dtype == kBFloat16 ? 1 : 2; }
 
 // ---- conversions and splits ---------------------------------------------------------
 

@@ -33,12 +33,12 @@
 //      pass over the big input; grid (d tiles, row splits), deterministic
 //      per-split fp32 partials summed by the caller (no atomics). Its operand
 //      (rscale * zhat)^T is written once per call by weight_operand_kernel, split
-//      hi + lo in the tensor cores' type, to the caller's workspace, so every
+//      in the tensor cores' type (hi + lo, see dequant_parts), to the caller's workspace, so every
 //      d-tile block streams it with cp.async (with the input, blocks of 32 rows,
 //      up to three stages) instead of dequantizing the payload.
 //
 // Precision (see mma.cuh): bf16/fp16 on 16-bit tensor cores with fp32
-// accumulation, dequantized zhat split hi + lo, gamma-folded weights rounded
+// accumulation, dequantized zhat rounded to bf16 (bf16) or split hi + lo (fp16), gamma-folded weights rounded
 // once to the input dtype; fp32 inputs use 3xTF32. Requirements checked by the C API:
 // d and k multiples of 16, k <= 256, k <= d, 16-byte aligned activations.
 // Every launch goes on the caller's stream; nothing here synchronises.
@@ -151,9 +151,10 @@ struct WgCfg {
   static constexpr int ZTLD = BR + 16 / int(sizeof(E));
   static constexpr size_t X_BYTES = size_t(BR) * XLD * sizeof(T);
   static constexpr size_t ZT_BYTES = size_t(KPAD) * ZTLD * sizeof(E);
-  // one stage: the x tile and the Z^T hi and lo tiles of BR rows; three stages (two loading
-  // while one is multiplied) where they fit sm_80's shared memory, else two (fp32, KPAD = 256)
-  static constexpr size_t STAGE_BYTES = X_BYTES + 2 * ZT_BYTES;
+  static constexpr int ZPARTS = dequant_parts(DT);  // Z^T hi (+ lo)
+  // one stage: the x tile and the Z^T tiles of BR rows; three stages (two loading while one
+  // is multiplied) where they fit sm_80's shared memory, else two (fp32, KPAD = 256)
+  static constexpr size_t STAGE_BYTES = X_BYTES + ZPARTS * ZT_BYTES;
   static constexpr int STAGES = 3 * STAGE_BYTES <= kMaxSmemSm80 ? 3 : 2;
   static constexpr size_t SMEM = STAGES * STAGE_BYTES;
   static_assert(MT >= 1 && NT >= 2 && NT % 2 == 0 && BR % 16 == 0,
@@ -529,6 +530,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   }
 
   constexpr bool kWSplit = DT == kFloat32;
+  constexpr bool kZSplit = dequant_parts(DT) == 2;  // zhat's A fragments: hi (+ lo)
   constexpr int CH = C::BD2 / 8;  // 8-column chunks per output tile row
   constexpr int EROWS = kThreads / CH, EPER = C::BN / EROWS;
   static_assert(kThreads % CH == 0 && EPER * EROWS == C::BN, "output chunks split evenly");
@@ -554,10 +556,11 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
     }
     cp_async_commit();
   };
-  // zhat's A fragments (split hi + lo) are the same for every output tile: with 16-bit
-  // operands and KPAD <= 128 (at most 64 registers) they are formed once, not per tile
-  constexpr bool kHoistA = DT != kFloat32 && KPAD <= 128;
+  // zhat's A fragments are the same for every output tile: with 16-bit operands they are
+  // formed once, not per tile, where they take at most 64 registers (bf16 every KPAD; fp16,
+  // split hi + lo, up to 128)
   constexpr int KSTEPS = KPAD / C::KS;
+  constexpr bool kHoistA = DT != kFloat32 && KSTEPS * 4 * dequant_parts(DT) <= 64;
   float no_sq[2] = {0.0f, 0.0f};
   FragA fa_all[kHoistA ? KSTEPS : 1];
   if constexpr (kHoistA) {
@@ -576,8 +579,8 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
       for (int j = 0; j < C::NT2; j += 2) {
         FragB fb0, fb1;
         load_b_op_x2<DT>(fb0, fb1, w2hi, w2lo, C::W2LD, wn * C::NC2 + j * 8, ks, lane, kWSplit);
-        mma_acc<DT, true>(acc[j], fa, fb0, kWSplit);
-        mma_acc<DT, true>(acc[j + 1], fa, fb1, kWSplit);
+        mma_acc<DT, kZSplit>(acc[j], fa, fb0, kWSplit);
+        mma_acc<DT, kZSplit>(acc[j + 1], fa, fb1, kWSplit);
       }
     };
     if constexpr (kHoistA) {
@@ -633,7 +636,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   }
 }
 
-// Z^T = (rscale * zhat)^T as (KPAD, npad) hi and lo arrays of operand elements,
+// Z^T = (rscale * zhat)^T as (KPAD, npad) hi (and lo: dequant_parts) arrays of operand elements,
 // zero beyond n rows and k columns; npad (a multiple of 8) keeps every row 16-byte aligned.
 struct WOArgs {
   const uint8_t* codes;
@@ -670,7 +673,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
   using T = typename C::T;
   using E = typename C::E;
   RESBM_DYNAMIC_SMEM(smem);
-  // stage s: [BR][XLD] x tile, then [KPAD][ZTLD] hi and lo tiles of (zhat * rscale)^T
+  // stage s: [BR][XLD] x tile, then [KPAD][ZTLD] hi (and lo) tiles of (zhat * rscale)^T
   auto xs = [&](int s) { return reinterpret_cast<T*>(smem + s * C::STAGE_BYTES); };
   auto zhi = [&](int s) { return reinterpret_cast<E*>(smem + s * C::STAGE_BYTES + C::X_BYTES); };
   auto zlo = [&](int s) { return reinterpret_cast<E*>(smem + s * C::STAGE_BYTES + C::X_BYTES + C::ZT_BYTES); };
@@ -698,9 +701,10 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
   // thread copies the same chunks (x: column chunk xch of rows xr + j * XSTEP; Z^T: chunk zch
   // of rows zr + j * ZSTEP of hi, then lo), so only the block's row offset changes.
   constexpr int XSTEP = kThreads / CHUNKS, ZSTEP = kThreads / ZCHUNKS;
-  constexpr int XPER = C::BR / XSTEP, ZPER = 2 * KPAD / ZSTEP;
+  constexpr int ZROWS = C::ZPARTS * KPAD;  // Z^T rows, hi then lo
+  constexpr int XPER = C::BR / XSTEP, ZPER = (ZROWS + ZSTEP - 1) / ZSTEP;
   static_assert(kThreads % CHUNKS == 0 && kThreads % ZCHUNKS == 0 && XPER * XSTEP == C::BR &&
-                    ZPER * ZSTEP == 2 * KPAD,
+                    (ZPER * ZSTEP == ZROWS || ZPER == 1),
                 "the copies of a block must split evenly between the threads");
   const int xr = tid / CHUNKS, xch = tid % CHUNKS, zr = tid / ZCHUNKS, zch = tid % ZCHUNKS;
   const bool x_col_ok = d0 + xch * VEC < p.d;
@@ -723,8 +727,9 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
     for (int j = 0; j < ZPER; ++j) {
       const int row = zr + j * ZSTEP, part = row / KPAD, c = row % KPAD;
       const E* src = part ? zt_lo : zt_hi;
-      cp_async16((part ? zlo(s) : zhi(s)) + c * C::ZTLD + zch * ZVEC, zbytes ? src + c * p.npad + zcol : src,
-                 zbytes);
+      if (ZSTEP <= ZROWS || row < ZROWS)  // bf16, KPAD = 16: fewer chunks than threads
+        cp_async16((part ? zlo(s) : zhi(s)) + c * C::ZTLD + zch * ZVEC, zbytes ? src + c * p.npad + zcol : src,
+                   zbytes);
     }
   };
   const int64_t blocks = end > start ? (end - start + C::BR - 1) / C::BR : 0;
@@ -734,15 +739,15 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
       FragA fa[C::MT];
 #pragma unroll
       for (int mt = 0; mt < C::MT; ++mt)
-        load_a_op<DT>(fa[mt], zhi(s), zlo(s), C::ZTLD, wm * C::MR + mt * 16, ks, lane, true);
+        load_a_op<DT>(fa[mt], zhi(s), zlo(s), C::ZTLD, wm * C::MR + mt * 16, ks, lane, C::ZPARTS == 2);
 #pragma unroll
       for (int nt = 0; nt < C::NT; nt += 2) {
         FragB fb0, fb1;
         load_b_raw_kn_x2<DT>(fb0, fb1, xs(s), C::XLD, wn * C::NW + nt * 8, ks, lane);
 #pragma unroll
         for (int mt = 0; mt < C::MT; ++mt) {
-          mma_acc<DT, true>(acc[mt][nt], fa[mt], fb0, DT == kFloat32);
-          mma_acc<DT, true>(acc[mt][nt + 1], fa[mt], fb1, DT == kFloat32);
+          mma_acc<DT, C::ZPARTS == 2>(acc[mt][nt], fa[mt], fb0, DT == kFloat32);
+          mma_acc<DT, C::ZPARTS == 2>(acc[mt][nt + 1], fa[mt], fb1, DT == kFloat32);
         }
       }
     }
@@ -1079,7 +1084,7 @@ int resbm_cuda_weight_grad_workspace_bytes(int dtype, int64_t n, int64_t k, int6
     return fail(RESBM_ERR_ARG, fn, "bad k=%lld (a positive multiple of 16, at most 256)", (long long)k);
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
   RESBM_TRY(check_ptr(fn, "bytes", bytes, alignof(int64_t), true));
-  *bytes = 2 * int64_t(kpad_of(k)) * operand_rows(n) * (dtype == kFloat32 ? 4 : 2);  // hi + lo
+  *bytes = dequant_parts(dtype) * int64_t(kpad_of(k)) * operand_rows(n) * (dtype == kFloat32 ? 4 : 2);
   return RESBM_OK;
 }
 
@@ -1103,7 +1108,7 @@ int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64
   const int64_t rows_per_split = ((n + splits - 1) / splits + kWgRows - 1) / kWgRows * kWgRows;
   const int64_t npad = operand_rows(n), kpad = kpad_of(k);
   const size_t part = size_t(kpad * npad) * (dtype == kFloat32 ? 4 : 2);
-  void* zlo = static_cast<unsigned char*>(workspace) + part;
+  void* zlo = dequant_parts(dtype) == 2 ? static_cast<unsigned char*>(workspace) + part : nullptr;
   const WOArgs op{codes, scales, bits, group, scale_dtype, rscale, workspace, zlo, n, k, kpad, npad};
   const WGArgs p{a, workspace, zlo, partial, d * k, transpose ? 1 : d, transpose ? k : 1,
                  n, d, k, npad, rows_per_split > 0 ? rows_per_split : kWgRows};

@@ -17,8 +17,9 @@ sources by ``csrc/emu``; slow, for tests), as Triton's kernels run under
 ``TRITON_INTERPRET=1``.
 
 Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation
-(dequantized zhat is split as hi + lo; the RMSNorm-folded encoder weight is
-rounded once to the input dtype, as the Triton kernels do); fp32 inputs use
+(dequantized zhat is rounded to bf16 for bf16 inputs and split as hi + lo for
+fp16; the RMSNorm-folded encoder weight is rounded once to the input dtype, as
+the Triton kernels do); fp32 inputs use
 3xTF32, so results match the float32 reference within fp32 tolerances. Known limit:
 with fp16 inputs the hi + lo split of dequantized values is in fp16, so
 values below fp16's normal range (6e-5: unscaled fp16 gradients) lose
