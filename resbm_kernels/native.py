@@ -20,7 +20,7 @@ import torch
 
 from .codec import SCALE_DTYPES, Codec, rng_key
 
-ABI_VERSION = 4  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
+ABI_VERSION = 5  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
 _NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so", "cuda_emu": "libresbm_cuda_emu.so"}
 _PKG_DIR = pathlib.Path(__file__).resolve().parent
 _DTYPE_CODES = SCALE_DTYPES  # z, scales and out share the wire-format codes
@@ -63,12 +63,13 @@ _CUDA_PASSES = {
     # pass, dtype, d, k, norm, bytes (int64*)
     "resbm_cuda_workspace_bytes": "iillip",
     # x, dtype, n, d, k, w_e, norm_weight, eps, bits, group, scale_dtype, stochastic, key, codes, scales,
-    # row_stats, workspace, stream
-    "resbm_cuda_encode_forward": "pilllppfiiiiuppppp",
+    # header, row_stats, workspace, stream
+    "resbm_cuda_encode_forward": "pilllppfiiiiupppppp",
     # codes, scales, n, d, k, bits, group, scale_dtype, w_d, w_dtype, residual, out, out_dtype, workspace, stream
     "resbm_cuda_decode_forward": "ppllliiipippipp",
-    # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, workspace, stream
-    "resbm_cuda_decode_backward": "pilllpiiiiupppp",
+    # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, header,
+    # workspace, stream
+    "resbm_cuda_decode_backward": "pilllpiiiiuppppp",
     # codes, scales, n, d, k, bits, group, scale_dtype, x, dtype, w_e, norm_weight, eps, grad_x, rscale,
     # row_stats, workspace, stream
     "resbm_cuda_encode_backward": "ppllliiipippfppppp",
@@ -77,6 +78,8 @@ _CUDA_PASSES = {
     # a, dtype, n, d, k, codes, scales, bits, group, scale_dtype, rscale, splits, transpose, partial,
     # workspace, stream
     "resbm_cuda_weight_grad": "pilllppiiipiippp",
+    # partial, splits, rows, cols, out, out_dtype, norm_weight, w, grad_norm, norm_dtype, stream
+    "resbm_cuda_finish_weight_grad": "pillpipppip",
 }
 
 

@@ -274,6 +274,33 @@ def main_loops(sass: str, *, steady: bool = False) -> list[int]:
     return loops
 
 
+FINISH_LAYOUTS = ("decoder", "encoder", "encoder-norm")
+
+
+def exact_finish_case(layout: str, dtype):
+    """Inputs of a weight-gradient finishing kernel on which every sum is exact in
+    any order (integers) while the results need rounding to 16 bits: (partials
+    over 3 splits, transpose, w_e, gamma or None); k and d not powers of two."""
+    splits, k, d = 3, 48, 80
+    gen = torch.Generator().manual_seed(11)
+    transpose, norm = layout == "decoder", layout == "encoder-norm"
+    partial = torch.randint(-3000, 3000, (splits, d, k) if transpose else (splits, k, d), generator=gen).float()
+    w_e = torch.randint(-8, 8, (k, d), generator=gen).to(dtype)
+    gamma = torch.randint(1, 60, (d,), generator=gen).to(dtype)
+    return partial, transpose, w_e, gamma if norm else None
+
+
+def finish_weight_grad_reference(partial, dtype, w_e=None, gamma=None):
+    """What finishing a weight gradient means, in torch ops: (grad, grad_gamma or
+    None) with M the sum of the partials: grad = M in ``dtype``, or through the
+    encoder's RMSNorm M * gamma, and grad_gamma = sum over k of W_e * M."""
+    m = partial.sum(0)
+    if gamma is None:
+        return m.to(dtype), None
+    grad_gamma = (w_e.to(torch.float32) * m).sum(0)
+    return (m * gamma.to(torch.float32)).to(dtype), grad_gamma.to(gamma.dtype)
+
+
 def check_decode_backward_mixed_dtypes(backend: str, device: str, grad_dtype, w_dtype) -> None:
     """A fast backend's decode backward with grad_h and w_d of different dtypes
     (the ops accept them) against the reference: payload bit-exact on exact inputs."""

@@ -34,12 +34,13 @@ from resbm_kernels.backends import use_backend
 from helpers import CUDA_ARCHS, main_loops, ptxas_report, sass_functions, sass_tool
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
-from helpers import FAST_CODECS, GRAD_CODEC
+from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
 from helpers import ids as _ids
 from helpers import rel_tol as tol
 from resbm_kernels.codec import Codec
 
 cb = pytest.importorskip("resbm_kernels.backends.cuda")
+FAST_ALLOCATORS = {name: getattr(cb.fast, name) for name in ("empty", "new_payload")}  # before any poisoning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,9 +74,10 @@ def test_pass_kernels_compile_without_spills(passes_object):
         funcs = [r for r in report if r[0] == f"sm_{arch}"]
         for kernel in KERNELS:
             # 3 dtypes x 5 padded k per kernel family and arch
-            assert sum(kernel in r[1] for r in funcs) == 3 * len(KPADS), (kernel, arch, report)
+            assert sum(f"{kernel}_kernelILi" in r[1] for r in funcs) == 3 * len(KPADS), (kernel, arch, report)
         for helper in ("prepare_operand_kernel", "weight_operand_kernel"):  # one per dtype
             assert sum(helper in r[1] for r in funcs) == 3, (helper, arch, report)
+        assert sum("finish_weight_grad_kernel" in r[1] for r in funcs) == 1, (arch, report)
     spilling = [r for r in report if r[3] or r[4]]
     assert not spilling, "kernels spill registers:\n" + "\n".join(map(str, spilling))
 
@@ -125,7 +127,7 @@ def lib():
 def _encode_fwd(lib, **kw):
     keep, p = _buf()
     a = dict(x=p, dtype=3, n=4, d=64, k=16, w_e=p, norm=None, eps=1e-6, bits=8, group=16, sdt=3, stoch=0,
-             key=0, codes=p, scales=p, row_stats=None, workspace=p, stream=None)
+             key=0, codes=p, scales=p, header=None, row_stats=None, workspace=p, stream=None)
     # "p" / "p+2": the aligned buffer's address (plus an offset), known only here
     a.update({name: p + int(v[2:] or 0) if isinstance(v, str) else v for name, v in kw.items()})
     rc = lib.resbm_cuda_encode_forward(*a.values())
@@ -199,11 +201,11 @@ def test_c_other_passes_reject(lib):
     assert err() == "resbm_cuda_decode_forward: null pointer workspace"  # fp32 weights are prepared
     # decode backward: grad_h, dtype, n, d, k, w_d, bits, group, sdt, stochastic, key, codes, scales,
     # workspace, stream
-    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, None, 8, 16, 3, 1, 0, p, p, p, None) == 1
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, None, 8, 16, 3, 1, 0, p, p, None, p, None) == 1
     assert err() == "resbm_cuda_decode_backward: null pointer w_d"
-    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 4, 3, 3, 1, 0, p, p, p, None) == 1
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 4, 3, 3, 1, 0, p, p, None, p, None) == 1
     assert "does not divide" in err()
-    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 8, 16, 3, 1, 0, p, p, None, None) == 1
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 8, 16, 3, 1, 0, p, p, None, None, None) == 1
     assert err() == "resbm_cuda_decode_backward: null pointer workspace"
     # encode backward: codes, scales, n, d, k, bits, group, sdt, x, dtype, w_e, gamma, eps, grad_x, rscale,
     # row_stats, workspace, stream
@@ -544,6 +546,71 @@ def test_weight_grad_row_splits(monkeypatch, n, splits):
     want = ref.encode_backward(payload, x.cpu(), w_e.cpu(), gamma.cpu(), 1e-6, codec)
     for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
         assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("layout", FINISH_LAYOUTS)
+def test_finish_weight_grad_exact(layout, dtype):
+    """finish_weight_grad_kernel bit for bit against torch on exact inputs (see
+    exact_finish_case): the splits summed, and through RMSNorm M * gamma and
+    grad_gamma = sum_c W_e * M, each rounded once; outputs start poisoned."""
+    partial, _, w_e, gamma = exact_finish_case(layout, dtype)
+    want = finish_weight_grad_reference(partial, dtype, w_e, gamma)
+    splits, rows, cols = partial.shape
+    grad = torch.full((rows, cols), float("nan"), dtype=dtype, device=DEVICE)
+    grad_gamma = None if gamma is None else torch.full((cols,), float("nan"), dtype=dtype, device=DEVICE)
+    on = [None if t is None else t.to(DEVICE) for t in (partial, w_e, gamma)]
+    ptr = [None if t is None else t.data_ptr() for t in (*on, grad_gamma)]
+    code = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}[dtype]
+    cb._call("resbm_cuda_finish_weight_grad", torch.device(DEVICE), ptr[0], splits, rows, cols, grad.data_ptr(), code,
+             ptr[2], ptr[1] if gamma is not None else None, ptr[3], code if gamma is not None else 0)
+    assert torch.equal(grad.cpu(), want[0]), "gradient"
+    if gamma is not None:
+        assert torch.equal(grad_gamma.cpu(), want[1]), "grad_gamma"
+
+
+@needs_kernels
+def test_passes_launch_no_torch_kernels(monkeypatch):
+    """Besides the library's kernels, a pass runs no torch op that does device
+    work (a small kernel costs a few microseconds of a pass): the payload header
+    and the weight gradients' finishing are kernels of the library too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from resbm_kernels.backends import fast
+
+    for name, unpoisoned in FAST_ALLOCATORS.items():  # (the poisoning fills would count)
+        monkeypatch.setattr(fast, name, unpoisoned)
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name not in ("empty", "empty_strided", "view", "_unsafe_view", "slice", "as_strided", "detach",
+                            "alias", "lift_fresh"):
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(21)
+    n, d, k, dtype = 150, 256, 32, torch.bfloat16
+    x, grad_h = (normal(n, d, dtype=dtype, gen=gen, device=DEVICE) for _ in range(2))
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device=DEVICE)
+    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
+    codec, stats = Codec(bits=8), torch.empty(n, k + 1, device=DEVICE)
+    payload = cb.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats)
+    grad_payload = cb.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2)[0]
+    calls = dict(
+        encode_forward=lambda: cb.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats),
+        decode_forward=lambda: cb.decode_forward(payload, w_d, None, codec, n, dtype),
+        decode_backward=lambda: cb.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2),
+        encode_backward=lambda: cb.encode_backward(grad_payload, x, w_e, gamma, 1e-6, GRAD_CODEC, row_stats=stats),
+    )
+    for name, call in calls.items():
+        seen.clear()
+        with Ops():
+            call()
+        assert seen == [], (name, seen)
 
 
 # ---- GPU only: streams, synchronisation --------------------------------------------------

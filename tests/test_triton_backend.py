@@ -27,7 +27,8 @@ from resbm_kernels.backends import use_backend  # noqa: E402
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats  # noqa: E402
 from helpers import check_passes_do_not_synchronise  # noqa: E402
-from helpers import FAST_CODECS, GRAD_CODEC  # noqa: E402
+from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC  # noqa: E402
+from helpers import exact_finish_case, finish_weight_grad_reference  # noqa: E402
 from helpers import ids as _ids  # noqa: E402
 from helpers import rel_tol as tol  # noqa: E402
 from resbm_kernels.codec import Codec  # noqa: E402
@@ -371,29 +372,21 @@ def test_backward_row_splits(monkeypatch, n, splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-@pytest.mark.parametrize("layout", ("decoder", "encoder", "encoder-norm"))
+@pytest.mark.parametrize("layout", FINISH_LAYOUTS)
 def test_finish_weight_grad_exact(layout, dtype):
     """The kernel that finishes a weight gradient from its row-split partials,
-    bit for bit against torch on exact inputs (integers: every sum is exact in
-    any order, and the results need rounding to 16 bits): the sum over three
-    splits and, through RMSNorm, M * gamma and grad_gamma = sum_c W_e * M."""
-    from resbm_kernels.backends import fast
-
-    splits, k, d = 3, 48, 80  # k and d not powers of two: masked tiles
-    gen = torch.Generator().manual_seed(11)
-    transpose, norm = layout == "decoder", layout == "encoder-norm"
-    partial = torch.randint(-3000, 3000, (splits, d, k) if transpose else (splits, k, d), generator=gen).float()
-    w_e = torch.randint(-8, 8, (k, d), generator=gen).to(dtype)
-    gamma = torch.randint(1, 60, (d,), generator=gen).to(dtype)
-    m = partial.sum(0)
-    want = fast.encoder_weight_grads(m, w_e, gamma if norm else None)
-    encoder = (w_e.to(DEVICE), gamma.to(DEVICE)) if norm else ()
+    bit for bit against torch on exact inputs (see exact_finish_case): the sum
+    over the splits and, through RMSNorm, M * gamma and grad_gamma = sum_c W_e * M."""
+    partial, transpose, w_e, gamma = exact_finish_case(layout, dtype)
+    want = finish_weight_grad_reference(partial, dtype, w_e, gamma)
+    encoder = (w_e.to(DEVICE), gamma.to(DEVICE)) if gamma is not None else ()
     got = _to(tb._finish_weight_grad(partial.to(DEVICE), transpose, dtype, *encoder), "cpu")
     assert got[0].dtype == dtype and torch.equal(got[0], want[0]), "gradient"
-    if norm:
+    if gamma is not None:
         assert torch.equal(got[1], want[1]), "grad_gamma"
     if dtype != torch.float32:
-        assert not torch.equal(want[0].float(), (m * gamma.float() if norm else m)), "no rounding was needed"
+        m = partial.sum(0)
+        assert not torch.equal(want[0].float(), (m * gamma.float() if gamma is not None else m)), "no rounding needed"
 
 
 # ---- the differentiable boundary --------------------------------------------------------

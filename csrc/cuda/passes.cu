@@ -46,6 +46,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 
 #include "errors.cuh"
 #include "mma.cuh"
@@ -366,7 +367,18 @@ struct PQArgs {
   uint8_t* codes;
   void* scales;
   float* stats;  // (n, k+1) RMSNorm row statistics [r * acc | r], or null (needs norm)
+  int write_header;  // block 0 writes the payload header and the codes padding
+  int32_t header[4];
 };
+
+// The payload's 16-byte header (the codec's four int32 words, little-endian) just before
+// the codes, and the zeros that pad the codes region to 16 bytes (the payload layout of
+// resbm_kernels/codec.py): written by block 0 of the kernel that writes the codes.
+__device__ __forceinline__ void store_header(const int32_t (&words)[4], uint8_t* codes, int64_t code_bytes) {
+  const int tid = threadIdx.x;
+  if (tid < 16) codes[tid - 16] = uint8_t(uint32_t(words[tid / 4]) >> (8 * (tid % 4)));
+  if (tid < (16 - code_bytes % 16) % 16) codes[code_bytes + tid] = 0;
+}
 
 template <int DT, int KPAD>
 __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQArgs p) {
@@ -421,6 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
   __syncthreads();
   quantize_rows(zs, C::ZLD, C::BN, row0, p.n, p.k, p.bits, p.group, p.scale_dtype, p.stochastic,
                 p.key, p.codes, p.scales);
+  if (p.write_header && blockIdx.x == 0) store_header(p.header, p.codes, p.n * p.k * p.bits / 8);
 }
 
 struct DQArgs {
@@ -771,6 +784,46 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const WGArgs p
   }
 }
 
+// The weight gradient from the per-split partials (resbm_cuda_finish_weight_grad): splits
+// summed in order, the RMSNorm factors applied, each output rounded once.
+struct FinishArgs {
+  const float* partial;  // (splits, rows, cols)
+  int64_t splits, rows, cols;
+  void* out;
+  int out_dtype;
+  const void* gamma;  // (cols,) or null
+  const void* w;      // (rows, cols) of out_dtype, with gamma
+  void* grad_gamma;   // (cols,), with gamma
+  int gamma_dtype;
+};
+
+__device__ __forceinline__ float split_sum(const FinishArgs& p, int64_t i) {
+  float m = 0.0f;
+  for (int64_t s = 0; s < p.splits; ++s) m += p.partial[s * p.rows * p.cols + i];
+  return m;
+}
+
+// Without gamma one thread per element; with gamma one per column (grad_gamma sums its rows).
+__global__ void finish_weight_grad_kernel(const FinishArgs p) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p.gamma == nullptr) {
+    for (int64_t i = first; i < p.rows * p.cols; i += stride) store_float(p.out, i, p.out_dtype, split_sum(p, i));
+    return;
+  }
+  for (int64_t j = first; j < p.cols; j += stride) {
+    const float g = load_float(p.gamma, j, p.gamma_dtype);
+    float gg = 0.0f;
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const int64_t i = r * p.cols + j;
+      const float m = split_sum(p, i);
+      store_float(p.out, i, p.out_dtype, m * g);
+      gg += load_float(p.w, i, p.out_dtype) * m;
+    }
+    store_float(p.grad_gamma, j, p.gamma_dtype, gg);
+  }
+}
+
 // ---- launch helpers ------------------------------------------------------------------------
 
 #define RESBM_TRY(expr)               \
@@ -963,8 +1016,8 @@ int resbm_cuda_workspace_bytes(int pass, int dtype, int64_t d, int64_t k, int no
 int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                               const void* w_e, const void* norm_weight, float eps, int bits,
                               int group, int scale_dtype, int stochastic, uint32_t key,
-                              uint8_t* codes, void* scales, float* row_stats, void* workspace,
-                              void* stream) {
+                              uint8_t* codes, void* scales, const int32_t* header,
+                              float* row_stats, void* workspace, void* stream) {
   const char* fn = "resbm_cuda_encode_forward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -983,15 +1036,16 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   // operand (KPAD, d): B(dd, c) = w_e[c * d + dd] * gamma[dd]
   const PrepArgs prep{w_e, /*s_r=*/d, /*s_c=*/1, norm_weight, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
-  const PQArgs p{x, prep.hi, prep.lo, norm, n, d, k, eps, bits, group, scale_dtype, stochastic,
-                 key, codes, scales, row_stats};
+  PQArgs p{x, prep.hi, prep.lo, norm, n, d, k, eps, bits, group, scale_dtype, stochastic,
+                 key, codes, scales, row_stats, header != nullptr, {}};
+  if (header != nullptr) std::memcpy(p.header, header, sizeof p.header);
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
 int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t d, int64_t k,
                                const void* w_d, int bits, int group, int scale_dtype,
                                int stochastic, uint32_t key, uint8_t* codes, void* scales,
-                               void* workspace, void* stream) {
+                               const int32_t* header, void* workspace, void* stream) {
   const char* fn = "resbm_cuda_decode_backward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -1005,8 +1059,9 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   // g_z = grad_h @ w_d (+ identity): operand (KPAD, d), B(dd, c) = w_d[dd * k + c]
   const PrepArgs prep{w_d, /*s_r=*/1, /*s_c=*/k, nullptr, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
-  const PQArgs p{grad_h, prep.hi, prep.lo, 0, n, d, k, 0.0f, bits, group, scale_dtype,
-                 stochastic, key, codes, scales, nullptr};
+  PQArgs p{grad_h, prep.hi, prep.lo, 0, n, d, k, 0.0f, bits, group, scale_dtype,
+                 stochastic, key, codes, scales, nullptr, header != nullptr, {}};
+  if (header != nullptr) std::memcpy(p.header, header, sizeof p.header);
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
@@ -1113,6 +1168,29 @@ int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64
   const WGArgs p{a, workspace, zlo, partial, d * k, transpose ? 1 : d, transpose ? k : 1,
                  n, d, k, npad, rows_per_split > 0 ? rows_per_split : kWgRows};
   RESBM_DISPATCH(launch_wg, dtype, k, fn, op, p, splits, static_cast<cudaStream_t>(stream));
+}
+
+int resbm_cuda_finish_weight_grad(const float* partial, int splits, int64_t rows, int64_t cols,
+                                  void* out, int out_dtype, const void* norm_weight, const void* w,
+                                  void* grad_norm, int norm_dtype, void* stream) {
+  const char* fn = "resbm_cuda_finish_weight_grad";
+  if (rows <= 0 || cols <= 0 || rows > (int64_t(1) << 31) || cols > (int64_t(1) << 31))
+    return fail(RESBM_ERR_ARG, fn, "bad shape rows=%lld cols=%lld", (long long)rows, (long long)cols);
+  if (splits < 1 || splits > 65535) return fail(RESBM_ERR_ARG, fn, "bad splits=%d (1..65535)", splits);
+  RESBM_TRY(check_dtype(fn, "out_dtype", out_dtype));
+  RESBM_TRY(check_ptr(fn, "partial", partial, 4, true));
+  RESBM_TRY(check_ptr(fn, "out", out, 2, true));
+  const bool norm = norm_weight != nullptr;
+  if (norm) {
+    RESBM_TRY(check_dtype(fn, "norm_dtype", norm_dtype));
+    RESBM_TRY(check_ptr(fn, "w", w, 2, true));
+    RESBM_TRY(check_ptr(fn, "grad_norm", grad_norm, 2, true));
+  }
+  const FinishArgs p{partial, splits, rows, cols, out, out_dtype, norm_weight, w, grad_norm, norm_dtype};
+  const int64_t items = norm ? cols : rows * cols;
+  const int64_t blocks = (items + 255) / 256 < 4096 ? (items + 255) / 256 : 4096;
+  launch(finish_weight_grad_kernel, unsigned(blocks), 256, 0, static_cast<cudaStream_t>(stream), p);
+  return launch_status(fn, "finish_weight_grad_kernel");
 }
 
 }  // extern "C"

@@ -30,9 +30,11 @@ Each pass first converts its weights to the tensor cores' operand types once
 (into a workspace allocated here, sized by ``resbm_cuda_workspace_bytes``), so
 no block of the main kernel converts weights. Weight gradients are a separate
 reduction kernel over the (N, d) input (like the Triton backend): per-split
-fp32 partials summed here (deterministic); its (N, k) operand, the payload
-dequantized and scaled per row, is written once per call into a second
-workspace (``resbm_cuda_weight_grad_workspace_bytes``) that its blocks stream.
+fp32 partials, summed in a fixed order (deterministic) by a finishing kernel
+that also applies the encoder's RMSNorm factors and rounds once; its (N, k)
+operand, the payload dequantized and scaled per row, is written once per call
+into a second workspace (``resbm_cuda_weight_grad_workspace_bytes``) that its
+blocks stream.
 
 Non-finite inputs are not detected (no device sync): they produce inf / NaN
 scales or codes, where the reference raises.
@@ -47,7 +49,7 @@ import torch
 
 from .. import native
 from . import fast
-from ..codec import SCALE_DTYPES, Codec, payload_views, rng_key
+from ..codec import SCALE_DTYPES, Codec, header_words, payload_views, rng_key
 
 _DTYPE_CODES = SCALE_DTYPES  # 1 fp32, 2 fp16, 3 bf16 (the C ABI's codes)
 MAX_K = 256
@@ -98,6 +100,14 @@ def _ptr(t) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _payload(codec: Codec, n: int, k: int, device, out):
+    """(payload buffer, header words for the kernel to write, or None): with rows
+    the kernel that writes the codes also writes the header and the padding."""
+    if n == 0:
+        return fast.new_payload(codec, n, k, device, out), None
+    return fast.payload_buffer(codec, n, k, device, out), (ctypes.c_int32 * 4)(*header_words(codec, n, k))
+
+
 def _codec_args(payload, codec: Codec, n: int, k: int):
     """(codes ptr, scales ptr, bits, group, scale dtype code) of a payload."""
     codes, scales = payload_views(payload, codec, n, k)
@@ -146,20 +156,30 @@ def _workspace(pass_: str, dtype, d: int, k: int, norm: bool, device) -> torch.T
     return fast.empty((nbytes,), torch.uint8, device) if nbytes else None
 
 
-def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool) -> torch.Tensor:
-    """fp32 sum over rows of (rscale * zhat)^T a: (k, d), or (d, k) if transpose."""
+def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool, w, norm_weight=None):
+    """The weight gradient sum over rows of (rscale * zhat)^T a, finished on the
+    device: (grad, None) with grad (d, k) in w's dtype if ``transpose`` (decode's
+    grad_w_d), else (k, d); with ``norm_weight`` (the encoder through RMSNorm,
+    w = w_e) grad * norm_weight and grad_norm_weight = sum over k of w_e * grad."""
     n, d = a.shape
     partial = fast.weight_grad_partials(n, d, k, transpose, a.device)
-    splits = partial.shape[0]
+    splits, rows, cols = partial.shape
     if n == 0:
-        return partial.zero_().sum(0)
-    codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
-    # the (rscale * zhat)^T operand, written once by the library's first kernel
-    nbytes = _size_query(_library_name(a.device), "resbm_cuda_weight_grad_workspace_bytes", _DTYPE_CODES[a.dtype], n, k)
-    workspace = fast.empty((nbytes,), torch.uint8, a.device)
-    _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), _DTYPE_CODES[a.dtype], n, d, k, codes, scales,
-          bits, group, sdt, _ptr(rscale), splits, int(transpose), partial.data_ptr(), workspace.data_ptr())
-    return partial.sum(0)
+        partial.zero_()
+    else:
+        codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
+        # the (rscale * zhat)^T operand, written once by the library's first kernel
+        nbytes = _size_query(_library_name(a.device), "resbm_cuda_weight_grad_workspace_bytes", _DTYPE_CODES[a.dtype],
+                             n, k)
+        workspace = fast.empty((nbytes,), torch.uint8, a.device)
+        _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), _DTYPE_CODES[a.dtype], n, d, k, codes, scales,
+              bits, group, sdt, _ptr(rscale), splits, int(transpose), partial.data_ptr(), workspace.data_ptr())
+    grad = fast.empty((rows, cols), w.dtype, a.device)
+    grad_norm = None if norm_weight is None else fast.empty((cols,), norm_weight.dtype, a.device)
+    _call("resbm_cuda_finish_weight_grad", a.device, partial.data_ptr(), splits, rows, cols, grad.data_ptr(),
+          _DTYPE_CODES[w.dtype], _ptr(norm_weight), _ptr(w), _ptr(grad_norm),
+          0 if norm_weight is None else _DTYPE_CODES[norm_weight.dtype])
+    return grad, grad_norm
 
 
 # ---- the four passes (reference signatures) --------------------------------------------
@@ -169,14 +189,14 @@ def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, 
     k, d = w_e.shape
     _check("encode_forward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     n = x.shape[0]
-    payload = fast.new_payload(codec, n, k, x.device, out)
+    payload, header = _payload(codec, n, k, x.device, out)
     if n == 0:
         return payload
     x, w_e, gamma = _dense(x), _dense(w_e), _dense(norm_weight)
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
     ws = _workspace("encode_forward", x.dtype, d, k, gamma is not None, x.device)
     _call("resbm_cuda_encode_forward", x.device, x.data_ptr(), _DTYPE_CODES[x.dtype], n, d, k, w_e.data_ptr(),
-          _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales,
+          _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales, header,
           _ptr(row_stats), _ptr(ws))
     return payload
 
@@ -201,16 +221,17 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
     codec.group(k)
     n = grad_h.shape[0]
-    grad_payload = fast.new_payload(grad_codec, n, k, grad_h.device, out)
+    grad_payload, header = _payload(grad_codec, n, k, grad_h.device, out)
     grad_h = _dense(grad_h)
     if n > 0:
         w = _dense(w_d.to(grad_h.dtype))  # the kernel reads both in grad_h's dtype
         codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
         ws = _workspace("decode_backward", grad_h.dtype, d, k, False, grad_h.device)
         _call("resbm_cuda_decode_backward", grad_h.device, grad_h.data_ptr(), _DTYPE_CODES[grad_h.dtype], n, d, k,
-              w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales, _ptr(ws))
-    grad_w_d = _weight_grad(grad_h, payload, codec, None, k, transpose=True)
-    return grad_payload, grad_w_d.to(w_d.dtype)
+              w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales, header,
+              _ptr(ws))
+    grad_w_d, _ = _weight_grad(grad_h, payload, codec, None, k, transpose=True, w=w_d)
+    return grad_payload, grad_w_d
 
 
 def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
@@ -228,5 +249,4 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
         _call("resbm_cuda_encode_backward", x.device, codes, scales, n, d, k, bits, group, sdt, x.data_ptr(),
               _DTYPE_CODES[x.dtype], w_e.data_ptr(), _ptr(gamma), float(eps), grad_x.data_ptr(), _ptr(rscale),
               _ptr(stats), _ptr(ws))
-    m = _weight_grad(x, grad_payload, grad_codec, rscale, k, transpose=False)
-    return (grad_x, *fast.encoder_weight_grads(m, w_e, norm_weight))
+    return (grad_x, *_weight_grad(x, grad_payload, grad_codec, rscale, k, transpose=False, w=w_e, norm_weight=gamma))

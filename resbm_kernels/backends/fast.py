@@ -1,6 +1,5 @@
-"""Pieces shared by the compiled backends (Triton and CUDA): input limits,
-output allocation and the finishing step of the encoder's weight gradients
-(in torch ops, for the CUDA backend; the Triton backend does it in one kernel).
+"""Pieces shared by the compiled backends (Triton and CUDA): input limits and
+output allocation.
 
 Outputs are allocated through :func:`empty`, :func:`payload_buffer` and
 :func:`new_payload` (looked up on this module at call time) so tests can
@@ -59,12 +58,3 @@ def new_payload(codec: Codec, n: int, k: int, device, out: torch.Tensor | None =
     """A payload for n x k values: ``out`` (already validated by the ops) with
     its header written, or a fresh buffer."""
     return empty_payload(codec, n, k, device) if out is None else write_header(out, codec, n, k)
-
-
-def encoder_weight_grads(m: torch.Tensor, w_e: torch.Tensor, norm_weight: torch.Tensor | None):
-    """(grad_w_e, grad_norm_weight) from M = sum_rows r * g_z^T x (fp32, k x d):
-    grad_w_e = M * gamma and grad_gamma = sum_c W_e * M (or M, None without norm)."""
-    if norm_weight is None:
-        return m.to(w_e.dtype), None
-    grad_gamma = (w_e.to(torch.float32) * m).sum(0)
-    return (m * norm_weight.to(torch.float32)).to(w_e.dtype), grad_gamma.to(norm_weight.dtype)

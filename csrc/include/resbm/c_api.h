@@ -28,7 +28,7 @@ extern "C" {
 enum { RESBM_OK = 0, RESBM_ERR_ARG = 1, RESBM_ERR_NONFINITE = 2, RESBM_ERR_CUDA = 3 };
 
 /* returned by resbm_abi_version() of both libraries; raised on any signature change */
-#define RESBM_ABI_VERSION 4
+#define RESBM_ABI_VERSION 5
 
 RESBM_API int resbm_abi_version(void);
 RESBM_API const char* resbm_last_error(void);
@@ -85,12 +85,16 @@ RESBM_API int resbm_cuda_workspace_bytes(int pass, int dtype, int64_t d, int64_t
                                          int64_t* bytes);
 
 /* payload of z = RMSNorm(x) w_e^T + x[:, :k] (no norm when norm_weight is NULL);
- * row_stats (float32 (n, k+1), or NULL; needs norm_weight) receives [RMSNorm(x) w_e^T | 1/rms(x)] */
+ * row_stats (float32 (n, k+1), or NULL; needs norm_weight) receives [RMSNorm(x) w_e^T | 1/rms(x)].
+ * header (host memory, 4 int32 words, or NULL; this pass and decode backward): written, with
+ * n > 0, as the 16 bytes before codes, and the codes region's padding to 16 bytes is zeroed
+ * (the payload layout of resbm_kernels/codec.py), by the kernel that writes the codes */
 RESBM_API int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                                         const void* w_e, const void* norm_weight, float eps,
                                         int bits, int group, int scale_dtype, int stochastic,
                                         uint32_t key, uint8_t* codes, void* scales,
-                                        float* row_stats, void* workspace, void* stream);
+                                        const int32_t* header, float* row_stats, void* workspace,
+                                        void* stream);
 /* out (n, d) of out_dtype = zhat w_d^T + pad_d(zhat) (+ residual, of out_dtype, or NULL) */
 RESBM_API int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t n,
                                         int64_t d, int64_t k, int bits, int group,
@@ -101,8 +105,8 @@ RESBM_API int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales
 RESBM_API int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t d,
                                          int64_t k, const void* w_d, int bits, int group,
                                          int scale_dtype, int stochastic, uint32_t key,
-                                         uint8_t* codes, void* scales, void* workspace,
-                                         void* stream);
+                                         uint8_t* codes, void* scales, const int32_t* header,
+                                         void* workspace, void* stream);
 /* grad_x (n, d) of dtype from the gradient payload g_z: g_z w_e + pad_d(g_z), through the
  * RMSNorm backward when norm_weight is set (then x is read and, if rscale is not NULL,
  * r = 1/rms(x) is written to rscale (n,) float32 for the weight gradient); row_stats (or
@@ -124,6 +128,14 @@ RESBM_API int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_
                                      int group, int scale_dtype, const float* rscale,
                                      int splits, int transpose, float* partial, void* workspace,
                                      void* stream);
+/* The weight gradient from resbm_cuda_weight_grad's partials (splits, rows, cols): m = the
+ * sum over splits in order; out (rows, cols) of out_dtype = m, or with norm_weight (cols,)
+ * of norm_dtype, the RMSNorm-folded encoder's m * norm_weight[j] (one rounding) and
+ * grad_norm[j] = sum over rows of w[r][j] * m[r][j] (w: the encoder weight, out_dtype). */
+RESBM_API int resbm_cuda_finish_weight_grad(const float* partial, int splits, int64_t rows,
+                                            int64_t cols, void* out, int out_dtype,
+                                            const void* norm_weight, const void* w,
+                                            void* grad_norm, int norm_dtype, void* stream);
 
 #ifdef __cplusplus
 }

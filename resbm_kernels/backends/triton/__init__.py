@@ -237,7 +237,7 @@ def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
     """(grad, grad_gamma) from :func:`_weight_grad`'s partials: grad in ``dtype``,
     their sum (k, d), or (d, k) if transpose; with ``gamma`` (the encoder through
     RMSNorm) sum * gamma and grad_gamma = sum over k of w_e * sum (see
-    :func:`.fast.encoder_weight_grads`), else grad_gamma None."""
+    tests/helpers.finish_weight_grad_reference), else grad_gamma None."""
     splits = partial.shape[0]
     k, d = (partial.shape[2], partial.shape[1]) if transpose else (partial.shape[1], partial.shape[2])
     out = fast.empty((d, k) if transpose else (k, d), dtype, partial.device)
