@@ -23,8 +23,9 @@
 //      memory once (shared codec functions; for 16-bit inputs up to KPAD = 128
 //      also into the tensor cores' A fragments once), then walks d in BD2-column tiles:
 //      tensor-core product with the (BD2, KPAD) weight tile (w_d's rows as
-//      they are for 16-bit decode forward, else prepared; the next tile loads
-//      during this one's epilogue), identity pad, residual, and the RMSNorm
+//      they are for 16-bit decode forward, else prepared; the weight tiles
+//      stream through a ring of RowCfg::WS cp.async buffers, the next ones
+//      loading while this one is used), identity pad, residual, and the RMSNorm
 //      backward terms, written with 16-byte stores.
 //      Encode backward through RMSNorm first re-runs the projection loop of
 //      the encoder over x for r = 1/rms(x) and s = x (gamma W)^T (as Triton).
@@ -117,10 +118,15 @@ struct RowCfg {
   static constexpr size_t SCALARS_BYTES = size_t(2 + WN) * BN * 4;
 
   static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, Z_BYTES);
+  // dequant_project's weight tiles stream through a ring of WS buffers: three (two in flight
+  // while one is multiplied) where sm_80's shared memory allows, else fewer (fp32, KPAD = 256:
+  // one, loaded between tiles)
+  static constexpr size_t ring_bytes(int stages) { return size_t(stages) * W2_PARTS * W2_BYTES + H_BYTES; }
+  static constexpr bool ring_fits(int stages) { return Z_BYTES + SCALARS_BYTES + ring_bytes(stages) <= kMaxSmemSm80; }
+  static constexpr int WS = ring_fits(3) ? 3 : ring_fits(2) ? 2 : 1;
   // the region after zhat holds the RMSNorm pre-pass's tiles (norm), then the main loop's
   static constexpr size_t dq_smem(bool norm) {
-    return Z_BYTES + SCALARS_BYTES +
-           cmax(norm ? PROJ_BYTES : 0, W2_PARTS * W2_BYTES + H_BYTES);
+    return Z_BYTES + SCALARS_BYTES + cmax(norm ? PROJ_BYTES : 0, ring_bytes(WS));
   }
 
   static_assert(NT >= 2 && NT <= 16 && NT2 >= 2 && NT % 2 == 0 && NT2 % 2 == 0,
@@ -473,9 +479,10 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   float* row_alpha = row_r + C::BN;            // [BN]
   float* dotp = row_alpha + C::BN;             // [WN][BN]
   unsigned char* region = smem + C::Z_BYTES + C::SCALARS_BYTES;  // pre-pass, then main loop
-  E* w2hi = reinterpret_cast<E*>(region);  // [BD2][W2LD]
-  E* w2lo = reinterpret_cast<E*>(region + C::W2_BYTES);
-  float* hs = reinterpret_cast<float*>(region + C::W2_PARTS * C::W2_BYTES);  // [BN][HLD]
+  // main loop: WS weight tiles [BD2][W2LD] (hi, and lo for fp32), then the output tile [BN][HLD]
+  auto w2hi = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * C::W2_PARTS * C::W2_BYTES); };
+  auto w2lo = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * C::W2_PARTS * C::W2_BYTES + C::W2_BYTES); };
+  float* hs = reinterpret_cast<float*>(region + C::WS * C::W2_PARTS * C::W2_BYTES);
 
   for (int i = tid; i < C::BN * KPAD; i += kThreads) {
     const int r = i / KPAD, c = i % KPAD;
@@ -551,23 +558,25 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   constexpr int W2CH = KPAD / C::WVEC;  // 16-byte chunks per weight tile row
   const E* w2hi_g = static_cast<const E*>(p.w2hi);
   const E* w2lo_g = static_cast<const E*>(p.w2lo);
-  // weight tile w2[dd][c] for output columns d0.. (zeros beyond d and w2_cols): every tile
-  // a thread copies chunk wch of rows wr + j * WSTEP (only d0 moves)
+  // weight tile w2[dd][c] of output tile `tile` (columns d0 = tile * BD2.., zeros beyond d and
+  // w2_cols) into ring buffer tile % WS: a thread copies chunk wch of rows wr + j * WSTEP of
+  // every tile (only d0 moves)
   constexpr int WSTEP = kThreads / W2CH, WPER = C::BD2 / WSTEP;
   static_assert(kThreads % W2CH == 0 && WPER * WSTEP == C::BD2, "weight tile copies split evenly");
   const int wr = tid / W2CH, wch = tid % W2CH;
   const bool w_col_ok = wch * C::WVEC < p.w2_cols;  // w2_cols % WVEC == 0
   const int64_t w_off = int64_t(wr) * p.w2_ld + wch * C::WVEC;
-  auto issue_w2 = [&](int64_t d0) {
+  auto issue_w2 = [&](int64_t tile) {
+    const int b = int(tile % C::WS);
+    const int64_t d0 = tile * C::BD2;
 #pragma unroll
     for (int j = 0; j < WPER; ++j) {
       const bool ok = w_col_ok && d0 + wr + j * WSTEP < d;
       const int64_t src = ok ? w_off + (d0 + j * WSTEP) * p.w2_ld : 0;
       const int dst = (wr + j * WSTEP) * C::W2LD + wch * C::WVEC;
-      cp_async16(w2hi + dst, w2hi_g + src, ok ? 16 : 0);
-      if constexpr (kWSplit) cp_async16(w2lo + dst, w2lo_g + src, ok ? 16 : 0);
+      cp_async16(w2hi(b) + dst, w2hi_g + src, ok ? 16 : 0);
+      if constexpr (kWSplit) cp_async16(w2lo(b) + dst, w2lo_g + src, ok ? 16 : 0);
     }
-    cp_async_commit();
   };
   // zhat's A fragments are the same for every output tile: with 16-bit operands they are
   // formed once, not per tile, where they take at most 64 registers (bf16 every KPAD; fp16,
@@ -580,10 +589,9 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) load_a_f32<DT>(fa_all[s], zf, C::ZLD, wm * 16, s * C::KS, lane, false, no_sq);
   }
-  issue_w2(0);
-  for (int64_t d0 = 0; d0 < d; d0 += C::BD2) {
-    cp_async_wait<0>();
-    __syncthreads();  // this tile's weights are in; the last epilogue is done with hs
+  const int64_t tiles = (d + C::BD2 - 1) / C::BD2;
+  cp_async_pipeline<C::WS>(tiles, issue_w2, [&](int64_t tile, int b) {
+    const int64_t d0 = tile * C::BD2;
     float acc[C::NT2][4];
 #pragma unroll
     for (int j = 0; j < C::NT2; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -591,7 +599,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
 #pragma unroll
       for (int j = 0; j < C::NT2; j += 2) {
         FragB fb0, fb1;
-        load_b_op_x2<DT>(fb0, fb1, w2hi, w2lo, C::W2LD, wn * C::NC2 + j * 8, ks, lane, kWSplit);
+        load_b_op_x2<DT>(fb0, fb1, w2hi(b), w2lo(b), C::W2LD, wn * C::NC2 + j * 8, ks, lane, kWSplit);
         mma_acc<DT, kZSplit>(acc[j], fa, fb0, kWSplit);
         mma_acc<DT, kZSplit>(acc[j + 1], fa, fb1, kWSplit);
       }
@@ -616,8 +624,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
             make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
       }
     }
-    __syncthreads();  // hs is complete and the weight tile is no longer read:
-    if (d0 + C::BD2 < d) issue_w2(d0 + C::BD2);  // the next one loads during the epilogue
+    __syncthreads();  // hs is complete
 #pragma unroll 1
     for (int j = 0; j < EPER; ++j) {  // chunk ec of rows er + j * EROWS (the same every tile)
       const int r = er + j * EROWS;
@@ -646,7 +653,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
       }
       store8(p.out, grow * d + gcol, p.out_dtype, v);
     }
-  }
+  });
 }
 
 // Z^T = (rscale * zhat)^T as (KPAD, npad) hi (and lo: dequant_parts) arrays of operand elements,
