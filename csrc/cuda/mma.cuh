@@ -134,21 +134,6 @@ __device__ __forceinline__ void mma_acc(float (&c)[4], const FragA& a, const Fra
 
 // ---- fragment loads -------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t lds32(const void* p) {
-  return *static_cast<const uint32_t*>(p);
-}
-
-// A from a raw 16-bit tile S[m][k] (leading dimension ld elements), exact (no lo).
-__device__ __forceinline__ void load_a_raw16(FragA& f, const uint16_t* s, int ld, int m0, int k0,
-                                             int lane) {
-  const int g = lane >> 2, t = lane & 3;
-  const uint16_t* p = s + (m0 + g) * ld + k0 + 2 * t;
-  f.hi[0] = lds32(p);
-  f.hi[1] = lds32(p + 8 * ld);
-  f.hi[2] = lds32(p + 8);
-  f.hi[3] = lds32(p + 8 * ld + 8);
-}
-
 // A from an fp32 tile S[m][k], split into hi + lo of the operand type. With
 // want_sq (fp32 inputs only) the squares of the loaded values are added to
 // sq[0] (row g) and sq[1] (row g + 8): the RMS statistic of the same elements.
@@ -178,8 +163,8 @@ __device__ __forceinline__ void load_a_f32(FragA& f, const float* s, int ld, int
   }
 }
 
-// A from operand-typed hi/lo tiles Z[m][k] (rows 16-byte aligned), one ldmatrix per
-// part; lo is read only if `split`. Matrix q of the ldmatrix is rows m0 + 8 * (q % 2)..,
+// A from operand-typed hi/lo tiles Z[m][k] (rows 16-byte aligned; or a raw 16-bit input
+// tile, exact as it is), one ldmatrix per part; lo is read only if `split`. Matrix q of the ldmatrix is rows m0 + 8 * (q % 2)..,
 // columns k0 + (q / 2) * 16 bytes..: exactly A regs 0-3 (for tf32 too: 32-bit elements).
 template <int DT>
 __device__ __forceinline__ void load_a_op(FragA& f, const typename Operand<DT>::E* hi,

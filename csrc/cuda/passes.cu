@@ -338,7 +338,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
       if constexpr (DT == kFloat32) {
         load_a_f32<DT>(fa, xt, C::XLD, wm * 16, ks, lane, want_sumsq, sumsq);
       } else {
-        load_a_raw16(fa, xt, C::XLD, wm * 16, ks, lane);
+        load_a_op<DT>(fa, xt, nullptr, C::XLD, wm * 16, ks, lane, false);  // raw 16-bit rows are exact
         if (want_sumsq) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) {  // reg i holds row g + 8*(i%2)
