@@ -274,6 +274,32 @@ def main_loops(sass: str, *, steady: bool = False) -> list[int]:
     return loops
 
 
+# torch ops that launch no device work (allocation and views)
+NO_WORK_OPS = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "alias", "detach", "detach_", "t",
+               "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "reshape", "lift_fresh"}
+
+
+def training_pass_calls(backend, device, weights=torch.bfloat16) -> dict:
+    """{pass name: a call of ``backend``'s pass} on bf16 activations (N=150, d=256,
+    k=32) and ``weights``, as in training: encode forward keeps the row statistics
+    encode backward uses; the payloads come from the backend's own forward passes."""
+    gen = torch.Generator().manual_seed(21)
+    n, d, k, dtype = 150, 256, 32, torch.bfloat16
+    x, grad_h = (normal(n, d, dtype=dtype, gen=gen, device=device) for _ in range(2))
+    w_e = normal(k, d, dtype=weights, scale=d**-0.5, gen=gen, device=device)
+    w_d = normal(d, k, dtype=weights, scale=k**-0.5, gen=gen, device=device)
+    gamma = normal(d, dtype=weights, scale=0.2, gen=gen, device=device).add_(1.0)
+    codec, stats = Codec(bits=8), torch.empty(n, k + 1, device=device)
+    payload = backend.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats)
+    grad_payload = backend.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2)[0]
+    return dict(
+        encode_forward=lambda: backend.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats),
+        decode_forward=lambda: backend.decode_forward(payload, w_d, None, codec, n, dtype),
+        decode_backward=lambda: backend.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2),
+        encode_backward=lambda: backend.encode_backward(grad_payload, x, w_e, gamma, 1e-6, GRAD_CODEC, row_stats=stats),
+    )
+
+
 FINISH_LAYOUTS = ("decoder", "encoder", "encoder-norm")
 
 

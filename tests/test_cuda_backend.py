@@ -35,6 +35,7 @@ from helpers import CUDA_ARCHS, main_loops, ptxas_report, sass_functions, sass_t
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
+from helpers import NO_WORK_OPS, training_pass_calls
 from helpers import ids as _ids
 from helpers import rel_tol as tol
 from resbm_kernels.codec import Codec
@@ -587,27 +588,11 @@ def test_passes_launch_no_torch_kernels(monkeypatch):
 
     class Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.__name__.split(".")[0]
-            if name not in ("empty", "empty_strided", "view", "_unsafe_view", "slice", "as_strided", "detach",
-                            "alias", "lift_fresh"):
-                seen.append(name)
+            if func.__name__.split(".")[0] not in NO_WORK_OPS:
+                seen.append(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
 
-    gen = torch.Generator().manual_seed(21)
-    n, d, k, dtype = 150, 256, 32, torch.bfloat16
-    x, grad_h = (normal(n, d, dtype=dtype, gen=gen, device=DEVICE) for _ in range(2))
-    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device=DEVICE)
-    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen, device=DEVICE)
-    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
-    codec, stats = Codec(bits=8), torch.empty(n, k + 1, device=DEVICE)
-    payload = cb.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats)
-    grad_payload = cb.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2)[0]
-    calls = dict(
-        encode_forward=lambda: cb.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats),
-        decode_forward=lambda: cb.decode_forward(payload, w_d, None, codec, n, dtype),
-        decode_backward=lambda: cb.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2),
-        encode_backward=lambda: cb.encode_backward(grad_payload, x, w_e, gamma, 1e-6, GRAD_CODEC, row_stats=stats),
-    )
+    calls = training_pass_calls(cb, DEVICE)
     for name, call in calls.items():
         seen.clear()
         with Ops():

@@ -29,6 +29,7 @@ from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats  
 from helpers import check_passes_do_not_synchronise  # noqa: E402
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC  # noqa: E402
 from helpers import exact_finish_case, finish_weight_grad_reference  # noqa: E402
+from helpers import NO_WORK_OPS, training_pass_calls  # noqa: E402
 from helpers import ids as _ids  # noqa: E402
 from helpers import rel_tol as tol  # noqa: E402
 from resbm_kernels.codec import Codec  # noqa: E402
@@ -435,10 +436,6 @@ def test_passes_do_not_synchronise():
 
 
 # torch ops that launch no device work (views, allocation, autograd bookkeeping)
-_NO_WORK = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "alias", "detach", "detach_", "t",
-            "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "reshape", "lift_fresh"}
-
-
 @pytest.mark.parametrize("weights", (torch.bfloat16, torch.float32), ids=_ids)
 def test_passes_launch_no_torch_kernels(monkeypatch, weights):
     """Besides its Triton kernels, a pass runs no torch op that launches device
@@ -465,26 +462,12 @@ def test_passes_launch_no_torch_kernels(monkeypatch, weights):
 
     class Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not inside[0] and func.__name__.split(".")[0] not in _NO_WORK:
+            if not inside[0] and func.__name__.split(".")[0] not in NO_WORK_OPS:
                 seen.append(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
 
-    gen = torch.Generator().manual_seed(21)
-    n, d, k, dtype = 150, 256, 32, torch.bfloat16
-    x, grad_h = (normal(n, d, dtype=dtype, gen=gen, device=DEVICE) for _ in range(2))
-    w_e = normal(k, d, dtype=weights, scale=d**-0.5, gen=gen, device=DEVICE)
-    w_d = normal(d, k, dtype=weights, scale=k**-0.5, gen=gen, device=DEVICE)
-    gamma = normal(d, dtype=weights, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
-    codec, stats = Codec(bits=8), torch.empty(n, k + 1, device=DEVICE)
-    tb_calls = dict(  # as in training: encode forward keeps the row statistics for encode backward
-        encode_forward=lambda: tb.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats),
-        decode_forward=lambda: tb.decode_forward(payload, w_d, None, codec, n, dtype),
-        decode_backward=lambda: tb.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2),
-        encode_backward=lambda: tb.encode_backward(grad_payload, x, w_e, gamma, 1e-6, GRAD_CODEC, row_stats=stats),
-    )
-    payload = tb_calls["encode_forward"]()
-    grad_payload = tb_calls["decode_backward"]()[0]
-    fold = ["mul"] if weights == dtype else ["mul", "_to_copy"]
+    tb_calls = training_pass_calls(tb, DEVICE, weights)
+    fold = ["mul"] if weights == torch.bfloat16 else ["mul", "_to_copy"]
     for name, call in tb_calls.items():
         call()  # compiled (and tuned) first
         seen.clear()
