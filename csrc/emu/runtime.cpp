@@ -1,7 +1,12 @@
 // The CUDA emulator's scheduler: blocks one after another, a block's threads as
-// fibers switched at barriers (see runtime.h).
+// fibers switched at barriers (see runtime.h). A fiber starts on its own stack with
+// makecontext / swapcontext; after that every switch is a _setjmp / _longjmp pair, which
+// does not save the signal mask (swapcontext makes a system call for it on every switch).
+// The checked longjmp of _FORTIFY_SOURCE refuses jumps between stacks: off for this file.
+#undef _FORTIFY_SOURCE
 #include "runtime.h"
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -32,7 +37,9 @@ struct Copy {
 };
 
 struct Fiber {
-  ucontext_t context;
+  ucontext_t context;  // its start
+  jmp_buf resume;      // where it waits
+  bool started = false;
   std::unique_ptr<unsigned char[]> stack{new unsigned char[kStackBytes]};
   State state = State::kDone;
   uint3 index{};
@@ -58,7 +65,8 @@ struct AlignedBytes {
 
 // The running launch (one at a time: g_mutex).
 struct Launch {
-  ucontext_t scheduler;
+  ucontext_t scheduler;  // (saved by the swapcontext that starts a fiber; unused after)
+  jmp_buf back;          // the scheduler, waiting for the running fiber to yield or end
   std::vector<Fiber> fibers;
   unsigned current = 0;
   const std::function<void()>* body = nullptr;
@@ -79,7 +87,7 @@ Fiber& running() { return g_launch.fibers[g_launch.current]; }
 void yield_as(State state) {
   Fiber& f = running();
   f.state = state;
-  swapcontext(&f.context, &g_launch.scheduler);
+  if (_setjmp(f.resume) == 0) _longjmp(g_launch.back, 1);
 }
 
 void fiber_main() {
@@ -87,7 +95,8 @@ void fiber_main() {
   Fiber& f = running();
   f.open.clear();  // copies never waited for: nobody reads them
   f.groups.clear();
-  f.state = State::kDone;  // returns to the scheduler through uc_link
+  f.state = State::kDone;
+  _longjmp(g_launch.back, 1);  // never returns: the fiber's stack is reused
 }
 
 void note_fault(const std::string& what) {
@@ -116,7 +125,8 @@ bool run_block(unsigned threads) {
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.get();
     f.context.uc_stack.ss_size = kStackBytes;
-    f.context.uc_link = &L.scheduler;
+    f.context.uc_link = nullptr;
+    f.started = false;
     makecontext(&f.context, fiber_main, 0);
   }
   const unsigned warps = (threads + 31) / 32;
@@ -133,7 +143,12 @@ bool run_block(unsigned threads) {
           if (L.fibers[i].state != State::kReady) continue;
           L.current = i;
           threadIdx = L.fibers[i].index;
-          swapcontext(&L.scheduler, &L.fibers[i].context);
+          Fiber& f = L.fibers[i];
+          if (_setjmp(L.back) == 0) {
+            if (f.started) _longjmp(f.resume, 1);
+            f.started = true;
+            swapcontext(&L.scheduler, &f.context);
+          }
           progressed = true;
         }
         bool all_at_warp = true;  // every lane, none exited: a collective needs the whole warp

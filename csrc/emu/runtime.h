@@ -2,7 +2,7 @@
 // (which has no GPU) checks what they compute against the reference.
 //
 // A launch runs its blocks one after another. The threads of a block are
-// fibers (ucontext) on the calling thread, switched only at barriers: at
+// fibers on the calling thread (own stacks; see runtime.cpp), switched only at barriers: at
 // __syncthreads, and at the warp-wide exchange behind every warp collective
 // (mma, ldmatrix, shuffles). Between two __syncthreads each warp in turn runs
 // as far as it can before the next one starts (first to last warp in even
