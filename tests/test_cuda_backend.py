@@ -608,12 +608,34 @@ def test_passes_do_not_synchronise():
     check_passes_do_not_synchronise("cuda")
 
 
+@needs_kernels
+@pytest.mark.parametrize("norm", (False, True), ids=("plain", "norm"))
+def test_zero_rows(norm):
+    """N = 0: every pass returns outputs of the right shapes (no kernel writes the payload's
+    header then: it is the reference's), and zero weight gradients."""
+    d, k, dtype = 64, 16, torch.bfloat16
+    gen = torch.Generator().manual_seed(2)
+    w_e = normal(k, d, dtype=dtype, gen=gen, device=DEVICE)
+    w_d = normal(d, k, dtype=dtype, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=dtype, gen=gen, device=DEVICE) if norm else None
+    x = torch.empty(0, d, dtype=dtype, device=DEVICE)
+    codec, want = Codec(bits=4, group_size=16), ref.write_payload(torch.empty(0, k), Codec(bits=4, group_size=16), 0)
+    payload = cuda_call(ops.encode, x, w_e, codec, norm_weight=gamma)
+    assert torch.equal(payload.cpu(), want)
+    h = cuda_call(ops.decode, payload, w_d, codec, 0)
+    assert h.shape == (0, d)
+    grad_payload, grad_w_d = cuda_call(ops.decode_backward, x, payload, w_d, codec, codec)
+    assert torch.equal(grad_payload.cpu(), want)
+    assert grad_w_d.shape == (d, k) and not grad_w_d.any()
+    grad_x, grad_w_e, grad_gamma = cuda_call(ops.encode_backward, payload, x, w_e, codec, norm_weight=gamma)
+    assert grad_x.shape == (0, d) and grad_w_e.shape == (k, d) and not grad_w_e.any()
+    assert (grad_gamma is None) if not norm else (grad_gamma.shape == (d,) and not grad_gamma.any())
+
+
 @needs_gpu
-def test_zero_rows_and_stream():
-    """n = 0 launches nothing; kernels run on the caller's (non-default) stream."""
+def test_stream():
+    """Kernels run on the caller's (non-default) stream."""
     w_e, codec = torch.randn(16, 64, device="cuda"), Codec()
-    p = cuda_call(ops.encode, torch.randn(0, 64, device="cuda"), w_e, codec)
-    assert p.numel() == codec.payload_bytes(0, 16)
     x = torch.randn(300, 64, device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())  # x is written on the default stream
