@@ -4,6 +4,7 @@ and an independent NumPy implementation of the codec to check the reference."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from resbm_kernels.codec import Codec, rng_key
@@ -272,6 +273,27 @@ def main_loops(sass: str, *, steady: bool = False) -> list[int]:
                     skipped.update(range(i + 1, targets[i]))
         loops.append(end + 1 - start - len(skipped))
     return loops
+
+
+# ---- where the CUDA library's kernels run: the GPU, else the CPU emulator (libresbm_cuda_emu) ----
+
+def _cuda_kernels():
+    from resbm_kernels import native
+
+    has_gpu = torch.cuda.is_available() and native.available("cuda")
+    return has_gpu, has_gpu or native.available("cuda_emu")
+
+
+HAS_CUDA_GPU, HAS_CUDA_KERNELS = _cuda_kernels()
+CUDA_KERNELS_DEVICE = "cuda" if HAS_CUDA_GPU else "cpu"
+needs_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS,
+                                        reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
+
+
+def emulate_cuda_without_gpu(monkeypatch) -> None:
+    """Without a GPU, let CPU tensors take the CUDA code paths on the emulator."""
+    if not HAS_CUDA_GPU:
+        monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
 
 
 # torch ops that launch no device work (allocation and views)

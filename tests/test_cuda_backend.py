@@ -36,6 +36,7 @@ from helpers import assert_close_payload, exact, normal, poison_fast_outputs, re
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
 from helpers import NO_WORK_OPS, training_pass_calls
+from helpers import CUDA_KERNELS_DEVICE, HAS_CUDA_GPU, emulate_cuda_without_gpu, needs_cuda_kernels
 from helpers import ids as _ids
 from helpers import rel_tol as tol
 from resbm_kernels.codec import Codec
@@ -48,12 +49,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KPADS = (16, 32, 64, 128, 256)
 KERNELS = ("project_quantize", "dequant_project", "weight_grad")  # + prepare_operand, weight_operand per dtype
 
-HAS_GPU = torch.cuda.is_available() and native.available("cuda")
+HAS_GPU = HAS_CUDA_GPU
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresbm_cuda (build it with cmake/pip)")
-HAS_EMULATOR = native.available("cuda_emu")
-DEVICE = "cuda" if HAS_GPU else "cpu"  # the kernels' device: the GPU, else the CPU emulator
-needs_kernels = pytest.mark.skipif(not (HAS_GPU or HAS_EMULATOR),
-                                   reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
+DEVICE = CUDA_KERNELS_DEVICE  # the kernels' device: the GPU, else the CPU emulator
+needs_kernels = needs_cuda_kernels
 needs_lib = pytest.mark.skipif(not native.available("cuda"), reason="libresbm_cuda is not built")
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointers are only safe without a GPU")
 
@@ -326,7 +325,7 @@ def test_supports_cuda_and_the_emulator(monkeypatch):
     assert not cb.supports("cpu") and not cb.supports(torch.device("meta"))
     assert cb.supports("cuda") == HAS_GPU
     monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
-    assert cb.supports("cpu") == HAS_EMULATOR and not cb.supports(torch.device("meta"))
+    assert cb.supports("cpu") == native.available("cuda_emu") and not cb.supports(torch.device("meta"))
 
 
 def test_named_backend_on_cpu_raises(monkeypatch):
@@ -365,8 +364,7 @@ def poisoned(monkeypatch):
 @pytest.fixture(autouse=True)
 def emulated_without_gpu(monkeypatch):
     """Without a GPU, CPU tensors run on the kernels' emulator."""
-    if not HAS_GPU:
-        monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
+    emulate_cuda_without_gpu(monkeypatch)
 
 
 def cuda_call(fn, *args, **kwargs):

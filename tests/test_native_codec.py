@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import CUDA_ARCHS, ptxas_report
+from helpers import CUDA_ARCHS, CUDA_KERNELS_DEVICE, emulate_cuda_without_gpu, needs_cuda_kernels, ptxas_report
 from resbm_kernels import native
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.codec import Codec, empty_payload, payload_views
@@ -26,10 +26,6 @@ needs_cpu_lib = pytest.mark.skipif(
     not native.available("cpu"),
     reason="libresbm_cpu is not built (pip install . or cmake -S . -B build -G Ninja && cmake --build build)",
 )
-HAS_GPU = torch.cuda.is_available() and native.available("cuda")
-CUDA_DEVICE = "cuda" if HAS_GPU else "cpu"  # the CUDA kernels' device: the GPU, else the CPU emulator
-needs_cuda_kernels = pytest.mark.skipif(not (HAS_GPU or native.available("cuda_emu")),
-                                        reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -299,8 +295,7 @@ def test_cuda_library_reports_launch_errors():
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_cuda_matches_reference(bits, rounding, monkeypatch):
     """libresbm_cuda's codec kernels (on the CPU emulator without a GPU)."""
-    if not HAS_GPU:
-        monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
+    emulate_cuda_without_gpu(monkeypatch)
     gen = torch.Generator().manual_seed(bits)
     for z_dtype in FLOATS:
         for scale_dtype in FLOATS:
@@ -309,13 +304,13 @@ def test_cuda_matches_reference(bits, rounding, monkeypatch):
             for group in GROUPS[bits]:
                 codec = Codec(bits=bits, group_size=group, scale_dtype=scale_dtype, rounding=rounding)
                 expected = ref.write_payload(z, codec, 99)  # the CPU reference is the spec
-                got = _native_payload(z.to(CUDA_DEVICE), codec, 99)
+                got = _native_payload(z.to(CUDA_KERNELS_DEVICE), codec, 99)
                 assert torch.equal(got.cpu(), expected), codec.spec
                 for dtype in FLOATS:
                     want = ref.read_payload(expected, codec, 33, 96, dtype)
                     out = _native_read(got, codec, 33, 96, dtype).cpu()
                     assert torch.equal(_bits(out), _bits(want)), (codec.spec, dtype)
-    bad = torch.randn(2, 32, device=CUDA_DEVICE)
+    bad = torch.randn(2, 32, device=CUDA_KERNELS_DEVICE)
     bad[1, 3] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite input"):
         _native_payload(bad, Codec(bits=bits, group_size=None if bits == 16 else 16), 0)

@@ -373,9 +373,16 @@ struct PQArgs {
   uint8_t* codes;
   void* scales;
   float* stats;  // (n, k+1) RMSNorm row statistics [r * acc | r], or null (needs norm)
-  int write_header;  // block 0 writes the payload header and the codes padding
+  int write_header;  // block 0 writes the payload header and the codes padding (with_header)
   int32_t header[4];
 };
+
+// p with the C API's header words (4 int32 in host memory), if any, to be written.
+PQArgs with_header(PQArgs p, const int32_t* header) {
+  p.write_header = header != nullptr;
+  if (header != nullptr) std::memcpy(p.header, header, sizeof p.header);
+  return p;
+}
 
 // The payload's 16-byte header (the codec's four int32 words, little-endian) just before
 // the codes, and the zeros that pad the codes region to 16 bytes (the payload layout of
@@ -1043,9 +1050,8 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   // operand (KPAD, d): B(dd, c) = w_e[c * d + dd] * gamma[dd]
   const PrepArgs prep{w_e, /*s_r=*/d, /*s_c=*/1, norm_weight, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
-  PQArgs p{x, prep.hi, prep.lo, norm, n, d, k, eps, bits, group, scale_dtype, stochastic,
-                 key, codes, scales, row_stats, header != nullptr, {}};
-  if (header != nullptr) std::memcpy(p.header, header, sizeof p.header);
+  const PQArgs p = with_header({x, prep.hi, prep.lo, norm, n, d, k, eps, bits, group, scale_dtype,
+                                stochastic, key, codes, scales, row_stats, 0, {}}, header);
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
@@ -1066,9 +1072,8 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   // g_z = grad_h @ w_d (+ identity): operand (KPAD, d), B(dd, c) = w_d[dd * k + c]
   const PrepArgs prep{w_d, /*s_r=*/1, /*s_c=*/k, nullptr, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
-  PQArgs p{grad_h, prep.hi, prep.lo, 0, n, d, k, 0.0f, bits, group, scale_dtype,
-                 stochastic, key, codes, scales, nullptr, header != nullptr, {}};
-  if (header != nullptr) std::memcpy(p.header, header, sizeof p.header);
+  const PQArgs p = with_header({grad_h, prep.hi, prep.lo, 0, n, d, k, 0.0f, bits, group, scale_dtype,
+                                stochastic, key, codes, scales, nullptr, 0, {}}, header);
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 

@@ -50,6 +50,13 @@ struct MmaFrag {
   uint32_t a[4], b[2];
 };
 
+// The 32 row addresses of an ldmatrix .x4 (lane l gives row l % 8 of matrix l / 8).
+inline const void* const* ldmatrix_rows(const void* row) {
+  if (!resbm_emu::in_smem(row, 16) || reinterpret_cast<uintptr_t>(row) % 16)
+    resbm_emu::fault("ldmatrix row outside shared memory or not 16-byte aligned", row);
+  return resbm_emu::exchange(row);
+}
+
 }  // namespace emu_detail
 
 // mma.sync m16n8k16 (fp16 / bf16) or m16n8k8 (tf32), fp32 accumulate. Fragment layouts
@@ -86,9 +93,7 @@ inline void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the address of row l % 8 of
 // matrix l / 8; r[i] of lane l holds row l / 4, elements 2 (l % 4) and + 1 of matrix i.
 inline void ldsm_x4(uint32_t (&r)[4], const void* row) {
-  if (!resbm_emu::in_smem(row, 16) || reinterpret_cast<uintptr_t>(row) % 16)
-    resbm_emu::fault("ldmatrix row outside shared memory or not 16-byte aligned", row);
-  const void* const* rows = resbm_emu::exchange(row);
+  const void* const* rows = emu_detail::ldmatrix_rows(row);
   const int lane = resbm_emu::lane();
   for (int i = 0; i < 4; ++i) {
     const unsigned char* p = static_cast<const unsigned char*>(rows[8 * i + lane / 4]);
@@ -99,9 +104,7 @@ inline void ldsm_x4(uint32_t (&r)[4], const void* row) {
 // ldmatrix .x4 .trans: r[i] of lane l holds elements (row 2 (l % 4), column l / 4) and
 // (row 2 (l % 4) + 1, column l / 4) of matrix i.
 inline void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
-  if (!resbm_emu::in_smem(row, 16) || reinterpret_cast<uintptr_t>(row) % 16)
-    resbm_emu::fault("ldmatrix row outside shared memory or not 16-byte aligned", row);
-  const void* const* rows = resbm_emu::exchange(row);
+  const void* const* rows = emu_detail::ldmatrix_rows(row);
   const int lane = resbm_emu::lane();
   for (int i = 0; i < 4; ++i) {
     uint16_t e[2] = {0, 0};
