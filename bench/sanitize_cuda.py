@@ -18,6 +18,10 @@ What runs, each result checked against the reference backend:
 
 Exit status 0 when everything that exists ran and matched, 1 otherwise; a
 backend that rejects a shape with ValueError/TypeError is reported, not failed.
+
+On the CPU (``--device cpu``) the same cases run on the CPU codec library, or
+with ``RESBM_CUDA_EMULATE=1`` on the CUDA kernels' emulator; with the libraries
+built under AddressSanitizer that is the CPU's memcheck (tests/test_sanitizers.py).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def sync(dev) -> None:
 
 
 def check_native(rep: Report, dev) -> None:
-    lib = "cuda" if dev.type == "cuda" else "cpu"
+    lib = "cuda" if dev.type == "cuda" else "cuda_emu" if native.emulating() else "cpu"
     if not native.available(lib):
         rep.note(f"native: libresbm_{lib} not available ({native._errors.get(lib, '?')[:200]})")
         return
@@ -153,13 +157,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", default="triton",
                    help="comma-separated backends that get the reduced case set (Triton JIT-compiles every case)")
     p.add_argument("--device", default="cuda",
-                   help="cuda; or cpu for a dry run of this script (CPU codec library, Triton under TRITON_INTERPRET=1)")
+                   help="cuda; or cpu (CPU codec library, or with RESBM_CUDA_EMULATE=1 the CUDA kernels' "
+                        "emulator; Triton under TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing was sanitized", flush=True)
         return 2
     dev = torch.device(a.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     quick = {q.strip() for q in a.quick.split(",") if q.strip()}
     rep = Report()
@@ -171,6 +176,8 @@ def main(argv=None) -> int:
             check_backend(rep, which, dev, which in quick)
         else:
             rep.fail(which, "unknown backend name")
+    for which, lib in sorted(native._libs.items()):
+        print(f"library {which}: {lib._name if lib is not None else 'not loaded'}")
     count = {tag: sum(line.startswith(tag) for line in rep.lines) for tag in ("ok", "FAILED", "note")}
     print(f"summary: {count['ok']} cases ran clean, {count['FAILED']} failed, {count['note']} notes")
     return 1 if rep.failed else 0

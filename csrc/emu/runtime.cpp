@@ -1,13 +1,28 @@
 // The CUDA emulator's scheduler: blocks one after another, a block's threads as
 // fibers switched at barriers (see runtime.h). A fiber starts on its own stack with
-// makecontext / swapcontext; after that every switch is a _setjmp / _longjmp pair, which
+// makecontext / setcontext; after that every switch is a _setjmp / _longjmp pair, which
 // does not save the signal mask (swapcontext makes a system call for it on every switch).
 // The checked longjmp of _FORTIFY_SOURCE refuses jumps between stacks: off for this file.
+// Built with AddressSanitizer (tests/test_sanitizers.py), every switch tells it which
+// stack runs next, and the part of the shared-memory buffer beyond the launch's dynamic
+// shared memory is poisoned, so a kernel's access past it is reported.
 #undef _FORTIFY_SOURCE
 #include "runtime.h"
 
 #include <setjmp.h>
 #include <ucontext.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define RESBM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define RESBM_ASAN 1
+#endif
+#endif
+#ifdef RESBM_ASAN
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <cstdio>
 #include <cstring>
@@ -39,6 +54,7 @@ struct Copy {
 struct Fiber {
   ucontext_t context;  // its start
   jmp_buf resume;      // where it waits
+  void* asan_fake_stack = nullptr;  // AddressSanitizer's, while another stack runs
   bool started = false;
   std::unique_ptr<unsigned char[]> stack{new unsigned char[kStackBytes]};
   State state = State::kDone;
@@ -65,8 +81,11 @@ struct AlignedBytes {
 
 // The running launch (one at a time: g_mutex).
 struct Launch {
-  ucontext_t scheduler;  // (saved by the swapcontext that starts a fiber; unused after)
-  jmp_buf back;          // the scheduler, waiting for the running fiber to yield or end
+  jmp_buf back;  // the scheduler, waiting for the running fiber to yield or end
+  // the scheduler's stack (where fibers jump back to), for AddressSanitizer
+  void* asan_fake_stack = nullptr;
+  const void* stack_bottom = nullptr;
+  size_t stack_size = 0;
   std::vector<Fiber> fibers;
   unsigned current = 0;
   const std::function<void()>* body = nullptr;
@@ -82,20 +101,45 @@ std::unordered_map<const void*, int> g_max_smem;  // cudaFuncAttributeMaxDynamic
 thread_local int t_last_error = kSuccess;
 thread_local std::string t_message;
 
+// AddressSanitizer hooks (no-ops without it): `switching` just before a jump to another
+// stack (fake_stack_save: where it keeps this stack's state; null when this stack is
+// done), `switched` just after landing on one.
+#ifdef RESBM_ASAN
+void switching(void** fake_stack_save, const void* bottom, size_t size) {
+  __sanitizer_start_switch_fiber(fake_stack_save, bottom, size);
+}
+void switched(void* fake_stack, const void** old_bottom = nullptr, size_t* old_size = nullptr) {
+  __sanitizer_finish_switch_fiber(fake_stack, old_bottom, old_size);
+}
+void poison(const void* p, size_t bytes) { ASAN_POISON_MEMORY_REGION(p, bytes); }
+void unpoison(const void* p, size_t bytes) { ASAN_UNPOISON_MEMORY_REGION(p, bytes); }
+#else
+void switching(void**, const void*, size_t) {}
+void switched(void*, const void** = nullptr, size_t* = nullptr) {}
+void poison(const void*, size_t) {}
+void unpoison(const void*, size_t) {}
+#endif
+
 Fiber& running() { return g_launch.fibers[g_launch.current]; }
 
 void yield_as(State state) {
   Fiber& f = running();
   f.state = state;
-  if (_setjmp(f.resume) == 0) _longjmp(g_launch.back, 1);
+  if (_setjmp(f.resume) == 0) {
+    switching(&f.asan_fake_stack, g_launch.stack_bottom, g_launch.stack_size);
+    _longjmp(g_launch.back, 1);
+  }
+  switched(f.asan_fake_stack);
 }
 
 void fiber_main() {
+  switched(nullptr, &g_launch.stack_bottom, &g_launch.stack_size);  // came from the scheduler
   (*g_launch.body)();
   Fiber& f = running();
   f.open.clear();  // copies never waited for: nobody reads them
   f.groups.clear();
   f.state = State::kDone;
+  switching(nullptr, g_launch.stack_bottom, g_launch.stack_size);
   _longjmp(g_launch.back, 1);  // never returns: the fiber's stack is reused
 }
 
@@ -122,6 +166,7 @@ bool run_block(unsigned threads) {
     f.open.clear();
     f.groups.clear();
     f.state = State::kReady;
+    unpoison(f.stack.get(), kStackBytes);  // frames of the last block, left by a jump
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.get();
     f.context.uc_stack.ss_size = kStackBytes;
@@ -145,10 +190,12 @@ bool run_block(unsigned threads) {
           threadIdx = L.fibers[i].index;
           Fiber& f = L.fibers[i];
           if (_setjmp(L.back) == 0) {
+            switching(&L.asan_fake_stack, f.stack.get(), kStackBytes);
             if (f.started) _longjmp(f.resume, 1);
             f.started = true;
-            swapcontext(&L.scheduler, &f.context);
+            setcontext(&f.context);
           }
+          switched(L.asan_fake_stack);
           progressed = true;
         }
         bool all_at_warp = true;  // every lane, none exited: a collective needs the whole warp
@@ -204,6 +251,8 @@ int run_grid(const void* func, dim3 grid, dim3 block, size_t smem, const std::fu
   if (L.fibers.size() < threads) L.fibers.resize(threads);
   L.smem.resize(smem > 16 ? smem : 16);
   L.smem_bytes = smem;
+  unpoison(L.smem.data.get(), L.smem.size);
+  poison(L.smem.data.get() + smem, L.smem.size - smem);  // kept from a larger launch: not this one's
   L.exchange.resize(size_t((threads + 31) / 32) * 2 * 32 * kMaxExchange);
   L.body = &body;
   L.fault.clear();

@@ -18,8 +18,11 @@
 // shared-memory operands of cp.async and ldmatrix are bounds- and
 // alignment-checked; a launch asking for more dynamic shared memory than it
 // opted into, or than an sm_80 block can have, fails as on the GPU.
-// Not modelled: timing, the order in which warps run between barriers, global
-// memory bounds (tests poison outputs instead), streams (launches run at once).
+// Global memory bounds: checked when the kernels are built with AddressSanitizer
+// (RESBM_SANITIZE, tests/test_sanitizers.py), which sees past-the-end accesses of
+// torch's CPU tensors and of shared memory beyond the launch's size.
+// Not modelled: timing, the order in which warps run between barriers, streams
+// (launches run at once).
 #pragma once
 
 #include <cstddef>
