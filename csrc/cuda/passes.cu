@@ -817,24 +817,44 @@ __device__ __forceinline__ float split_sum(const FinishArgs& p, int64_t i) {
   return m;
 }
 
-// Without gamma one thread per element; with gamma one per column (grad_gamma sums its rows).
+constexpr int kFinishThreads = 256;
+constexpr int kFinishCols = 32;                                // columns per block, with gamma
+constexpr int kFinishSlices = kFinishThreads / kFinishCols;  // rows split between threads
+
+// Without gamma one thread per element. With gamma a block takes 32 columns and each of
+// its 8 row slices every 8th row (the loads of a column's rows in flight together, where
+// one thread per column walked all rows in turn), then grad_gamma sums the slices' partial
+// sums in slice order: a fixed order, so the result does not depend on timing.
 __global__ void finish_weight_grad_kernel(const FinishArgs p) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int tid = threadIdx.x;
   if (p.gamma == nullptr) {
-    for (int64_t i = first; i < p.rows * p.cols; i += stride) store_float(p.out, i, p.out_dtype, split_sum(p, i));
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + tid; i < p.rows * p.cols; i += stride)
+      store_float(p.out, i, p.out_dtype, split_sum(p, i));
     return;
   }
-  for (int64_t j = first; j < p.cols; j += stride) {
-    const float g = load_float(p.gamma, j, p.gamma_dtype);
+  RESBM_DYNAMIC_SMEM(smem);
+  float(*slice_sums)[kFinishCols] = reinterpret_cast<float(*)[kFinishCols]>(smem);  // [slice][col]
+  const int col = tid % kFinishCols, slice = tid / kFinishCols;
+  for (int64_t j0 = int64_t(blockIdx.x) * kFinishCols; j0 < p.cols; j0 += int64_t(gridDim.x) * kFinishCols) {
+    const int64_t j = j0 + col;
     float gg = 0.0f;
-    for (int64_t r = 0; r < p.rows; ++r) {
-      const int64_t i = r * p.cols + j;
-      const float m = split_sum(p, i);
-      store_float(p.out, i, p.out_dtype, m * g);
-      gg += load_float(p.w, i, p.out_dtype) * m;
+    if (j < p.cols) {
+      const float g = load_float(p.gamma, j, p.gamma_dtype);
+      for (int64_t r = slice; r < p.rows; r += kFinishSlices) {
+        const int64_t i = r * p.cols + j;
+        const float m = split_sum(p, i);
+        store_float(p.out, i, p.out_dtype, m * g);
+        gg += load_float(p.w, i, p.out_dtype) * m;
+      }
     }
-    store_float(p.grad_gamma, j, p.gamma_dtype, gg);
+    slice_sums[slice][col] = gg;
+    __syncthreads();
+    if (slice == 0 && j < p.cols) {
+      for (int s = 1; s < kFinishSlices; ++s) gg += slice_sums[s][col];
+      store_float(p.grad_gamma, j, p.gamma_dtype, gg);
+    }
+    __syncthreads();  // slice_sums is reused by the next columns
   }
 }
 
@@ -1199,9 +1219,11 @@ int resbm_cuda_finish_weight_grad(const float* partial, int splits, int64_t rows
     RESBM_TRY(check_ptr(fn, "grad_norm", grad_norm, 2, true));
   }
   const FinishArgs p{partial, splits, rows, cols, out, out_dtype, norm_weight, w, grad_norm, norm_dtype};
+  const int64_t per_block = norm ? kFinishCols : kFinishThreads;  // columns, else elements
   const int64_t items = norm ? cols : rows * cols;
-  const int64_t blocks = (items + 255) / 256 < 4096 ? (items + 255) / 256 : 4096;
-  launch(finish_weight_grad_kernel, unsigned(blocks), 256, 0, static_cast<cudaStream_t>(stream), p);
+  const int64_t blocks = (items + per_block - 1) / per_block < 4096 ? (items + per_block - 1) / per_block : 4096;
+  const size_t smem = norm ? kFinishThreads * sizeof(float) : 0;  // the slices' partial grad_gamma
+  launch(finish_weight_grad_kernel, unsigned(blocks), kFinishThreads, smem, static_cast<cudaStream_t>(stream), p);
   return launch_status(fn, "finish_weight_grad_kernel");
 }
 
