@@ -209,7 +209,7 @@ def _check_finite_cuda(z, codec: Codec, scales_out) -> None:
     if codec.quantized:
         raise RuntimeError(
             f"resbm_cuda_quantize_pack: scale overflow: an activation absmax does not fit the "
-            f"{codec.scale_dtype} scale"
+            f"{codec.spec.split('/')[2]} scale"  # the spec's scale dtype name, as the CPU library says it
         )
 
 

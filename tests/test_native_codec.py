@@ -171,14 +171,26 @@ def test_non_finite_input(bits, bad):
         _native_payload(z, codec, 0)
 
 
+OVERFLOWING = (torch.full((1, 8), 1e6), Codec(bits=4, group_size=8, scale_dtype=torch.float16))
+
+
 @needs_cpu_lib
-def test_scale_overflow():
-    z = torch.full((1, 8), 1e6)
-    codec = Codec(bits=4, group_size=8, scale_dtype=torch.float16)
+def test_scale_overflow(monkeypatch):
+    monkeypatch.delenv("RESBM_CUDA_EMULATE", raising=False)  # CPU tensors: the CPU library
+    z, codec = OVERFLOWING
     with pytest.raises(ValueError, match="overflows"):
         ref.write_payload(z, codec, 0)
-    with pytest.raises(RuntimeError, match="scale overflow.*fp16"):
+    with pytest.raises(RuntimeError, match="scale overflow.*fp16 scale"):
         _native_payload(z, codec, 0)
+
+
+@needs_cuda_kernels
+def test_cuda_scale_overflow(monkeypatch):
+    """The CUDA codec kernel's overflow, named like the CPU library's."""
+    emulate_cuda_without_gpu(monkeypatch)
+    z, codec = OVERFLOWING
+    with pytest.raises(RuntimeError, match="resbm_cuda_quantize_pack: scale overflow.*fp16 scale"):
+        _native_payload(z.to(CUDA_KERNELS_DEVICE), codec, 0)
 
 
 @needs_cpu_lib
@@ -265,6 +277,7 @@ def test_c_dequantize_errors_and_empty():
 
 
 def test_missing_library_fails_lazily(monkeypatch, tmp_path):
+    monkeypatch.delenv("RESBM_CUDA_EMULATE", raising=False)  # CPU tensors: the CPU library
     monkeypatch.setattr(native, "_PKG_DIR", tmp_path / "resbm_kernels")
     monkeypatch.setattr(native, "_libs", {})
     monkeypatch.setenv("RESBM_LIB_DIR", str(tmp_path))
