@@ -12,8 +12,8 @@
 #             RESBM_CUDA_ARCHS=90; RESBM_CUDA=1 first, so a failing CUDA build shows;
 #             then RESBM_CUDA=0)                                                 -> install.log
 #   tests     pytest tests -n <cores> --dist worksteal --tb=short --durations=30, GPU visible
-#             (RESBM_BACKEND=auto, RESBM_TRITON_AUTOTUNE=0); not tests/test_triton_static.py,
-#             a CPU-only compile check that CI runs; each finished test is also written to
+#             (RESBM_BACKEND=auto, RESBM_TRITON_AUTOTUNE=0); not tests/test_triton_static.py and
+#             tests/test_sanitizers.py, CPU-only checks that CI runs; each finished test is also written to
 #             tests-report.txt as it ends (summarised in session.log by summarize_tests.py,
 #             also when the cap stops pytest); xdist workers get cores/workers torch threads
 #                                                                  -> tests.log, tests-report.txt
@@ -212,11 +212,12 @@ if wanted tests; then
         2>/dev/null && XDIST+=(--dist worksteal)
     # one config per Triton kernel shape (test_every_gpu_block_size runs each config): a third of the compiles;
     # no --maxfail: a backend failing everywhere must not stop the other backends' tests (the cap bounds time)
-    # RESBM_TEST_REPORT: a line per finished test as it ends (tests/conftest.py), kept if the cap cuts pytest
+    # RESBM_TEST_REPORT: a line per finished test as it ends (tests/conftest.py), kept if the cap cuts pytest;
+    # compute-sanitizer runs in the sanitize phase; CI runs the CPU-only static compile check and sanitizer build
     run_phase tests 390 "$OUT/tests.log" env RESBM_BACKEND=auto RESBM_TRITON_AUTOTUNE=0 \
         RESBM_TEST_REPORT="$OUT/tests-report.txt" "${PYP[@]}" -m pytest tests "${XDIST[@]}" \
         -q -rfEs --tb=short --durations=30 -p no:cacheprovider -k "not compute_sanitizer" \
-        --ignore=tests/test_triton_static.py  # the sanitize phase runs the former, CI the latter
+        --ignore=tests/test_triton_static.py --ignore=tests/test_sanitizers.py
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -1 | sed 's/^/    tests: /' | tee -a "$LOG"
     "$PY" bench/summarize_tests.py "$OUT/tests-report.txt" 2>&1 | sed 's/^/    /' | tee -a "$LOG"
     if [[ -n $MEMCHECK_PID ]]; then
