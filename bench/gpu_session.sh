@@ -9,7 +9,7 @@
 #
 #   info      nvidia-smi, toolchain and Python package versions      -> session.log
 #   install   pip install --no-build-isolation --no-deps .  (CUDA_HOME=/usr/local/cuda,
-#             RESBM_CUDA_ARCHS=90; RESBM_CUDA=1 first, so a failing CUDA build shows;
+#             RESBM_CUDA_ARCHS=90a; RESBM_CUDA=1 first, so a failing CUDA build shows;
 #             then RESBM_CUDA=0)                                                 -> install.log
 #   tests     pytest tests -n <cores> --dist worksteal --tb=short --durations=30, GPU visible
 #             (RESBM_BACKEND=auto, RESBM_TRITON_AUTOTUNE=0); not tests/test_triton_static.py and
@@ -147,7 +147,7 @@ fi
 
 # ---- install ----------------------------------------------------------------------------
 if wanted install; then
-    if ! run_phase install 150 "$OUT/install.log" env RESBM_CUDA=1 RESBM_CUDA_ARCHS=90 "$PY" -m pip install -v \
+    if ! run_phase install 150 "$OUT/install.log" env RESBM_CUDA=1 RESBM_CUDA_ARCHS=90a "$PY" -m pip install -v \
         --no-build-isolation --no-deps "$REPO"; then
         say "install with RESBM_CUDA=1 failed: retrying without the CUDA library"
         run_phase install-retry 90 "$OUT/install.log" env RESBM_CUDA=0 "$PY" -m pip install -v --no-build-isolation \

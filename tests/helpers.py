@@ -166,7 +166,7 @@ def assert_close_payload(p, q, codec: Codec, n: int, k: int) -> None:
 
 # ---- compiling CUDA sources without a GPU (ptxas resource usage) ----------------------
 
-CUDA_ARCHS = ("80", "90")
+CUDA_ARCHS = ("80", "90a")  # as CMake builds libresbm_cuda (90a: the wgmma kernels)
 
 
 def find_nvcc() -> str | None:
@@ -183,7 +183,7 @@ def find_nvcc() -> str | None:
 
 
 def ptxas_report(source, include_dir, out_dir) -> list[tuple[str, str, int, int, int]]:
-    """Compile ``source`` for sm_80 and sm_90 with ``-Xptxas -v`` (skips the
+    """Compile ``source`` for CUDA_ARCHS with ``-Xptxas -v`` (skips the
     test when nvcc is missing, fails it when compilation fails); returns
     (arch, function, registers, spill store bytes, spill load bytes) per
     kernel and prints them as a table (shown with ``pytest -s``)."""

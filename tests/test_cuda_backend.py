@@ -62,19 +62,24 @@ no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointe
 
 @pytest.fixture(scope="module")
 def passes_object(tmp_path_factory):
-    """passes.cu compiled once for sm_80 and sm_90: (ptxas report, object file)."""
+    """passes.cu compiled once for sm_80 and sm_90a: (ptxas report, object file)."""
     out = tmp_path_factory.mktemp("passes")
     return ptxas_report(ROOT / "csrc" / "cuda" / "passes.cu", ROOT / "csrc" / "include", out), out / "kernels.o"
 
 
+# project_quantize's wgmma variants: bf16 and fp16, KPAD up to 128
+WGMMA_VARIANTS = 2 * sum(kpad <= 128 for kpad in KPADS)
+
+
 def test_pass_kernels_compile_without_spills(passes_object):
-    """Every pass kernel instantiation compiles for sm_80 and sm_90 with zero spills."""
+    """Every pass kernel instantiation compiles for sm_80 and sm_90a with zero spills."""
     report, _ = passes_object
     for arch in CUDA_ARCHS:
         funcs = [r for r in report if r[0] == f"sm_{arch}"]
         for kernel in KERNELS:
-            # 3 dtypes x 5 padded k per kernel family and arch
-            assert sum(f"{kernel}_kernelILi" in r[1] for r in funcs) == 3 * len(KPADS), (kernel, arch, report)
+            # 3 dtypes x 5 padded k per kernel family and arch, and the wgmma variants
+            want = 3 * len(KPADS) + (WGMMA_VARIANTS if kernel == "project_quantize" else 0)
+            assert sum(f"{kernel}_kernelILi" in r[1] for r in funcs) == want, (kernel, arch, report)
         for helper in ("prepare_operand_kernel", "weight_operand_kernel"):  # one per dtype
             assert sum(helper in r[1] for r in funcs) == 3, (helper, arch, report)
         assert sum("finish_weight_grad_kernel" in r[1] for r in funcs) == 1, (arch, report)
@@ -83,28 +88,31 @@ def test_pass_kernels_compile_without_spills(passes_object):
 
 
 def test_pass_kernels_main_loops(passes_object, tmp_path):
-    """Static instruction counts of each sm_90 pass kernel's tensor-core loops
+    """Static instruction counts of each sm_90a pass kernel's tensor-core loops
     (per thread, per trip, an inner loop without tensor-core instructions
     counted once; innermost first), printed as a table with ``pytest -s``, as
     tests/test_triton_static.py does for Triton: a loop that grows is a kernel
-    doing more work per byte. Every kernel has one."""
+    doing more work per byte. Every kernel has one; the wgmma variants' are
+    warpgroup MMAs (HGMMA), the others' mma.sync (HMMA)."""
     _, obj = passes_object
     cuobjdump, nvdisasm = sass_tool("cuobjdump"), sass_tool("nvdisasm")
     subprocess.run([cuobjdump, "-xelf", "all", str(obj)], cwd=tmp_path, check=True, capture_output=True)
-    (cubin,) = tmp_path.glob("*sm_90.cubin")
+    (cubin,) = tmp_path.glob("*sm_90a.cubin")
     sass = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
     names = {1: "fp32", 2: "fp16", 3: "bf16"}
     rows = []
     for name, body in sass_functions(sass).items():
-        m = re.search(r"(\w+?)_kernelILi(\d)ELi(\d+)E", name)
+        m = re.search(r"(\w+?)_kernelILi(\d)ELi(\d+)E(Lb1E)?", name)
         if m and m.group(1).endswith(KERNELS):
-            kernel = next(k for k in KERNELS if m.group(1).endswith(k))
+            kernel = next(k for k in KERNELS if m.group(1).endswith(k)) + ("/wgmma" if m.group(4) else "")
+            wgmma = "HGMMA." in body
+            assert wgmma == bool(m.group(4)), (name, "HGMMA" if wgmma else "no HGMMA")
             rows.append((kernel, names[int(m.group(2))], int(m.group(3)), main_loops(body)))
     rows.sort()
-    print(f"\n{'kernel':17} {'dtype':5} {'KPAD':>4}  tensor-core loops (sm_90 instructions per trip)")
+    print(f"\n{'kernel':23} {'dtype':5} {'KPAD':>4}  tensor-core loops (sm_90a instructions per trip)")
     for kernel, dtype, kpad, loops in rows:
-        print(f"{kernel:17} {dtype:5} {kpad:>4}  {loops}")
-    assert len(rows) == len(KERNELS) * 3 * len(KPADS), rows
+        print(f"{kernel:23} {dtype:5} {kpad:>4}  {loops}")
+    assert len(rows) == len(KERNELS) * 3 * len(KPADS) + WGMMA_VARIANTS, rows
     assert all(loops for *_, loops in rows), [r for r in rows if not r[3]]
 
 
@@ -349,9 +357,10 @@ def test_shape_and_dtype_checks():
 # plus a group that is neither a power of two nor the row (k=96): the Triton backend refuses it
 CODECS = FAST_CODECS[:6] + (Codec(bits=8, group_size=48),) + FAST_CODECS[6:]
 # (N, d, k): masked row tail in one block, several blocks with a d tail tile,
-# k not a power of two (padded), k = 256 (two column warps), k = d; on the emulator
-# (without a GPU, about 10^4 times slower) the last one has fewer d tiles
-SHAPES = ((37, 128, 32), (150, 256, 16), (20, 192, 96), (70, 512, 256), (33, 64, 64),
+# k not a power of two (padded), k = 256 (two column warps), k = d, d not a multiple of
+# the 16-bit kernels' 64-column tiles; on the emulator (without a GPU, about 10^4 times
+# slower) the last one has fewer d tiles
+SHAPES = ((37, 128, 32), (150, 256, 16), (20, 192, 96), (70, 512, 256), (33, 64, 64), (45, 240, 48),
           (200, 1024 if HAS_GPU else 256, 128))
 
 
@@ -375,6 +384,16 @@ def cuda_call(fn, *args, **kwargs):
     return out
 
 
+@pytest.fixture(params=("wgmma", "mma_sync"))
+def projection(request, monkeypatch):
+    """project_quantize (encode forward, decode backward) multiplies on wgmma for 16-bit
+    inputs up to KPAD = 128 where it can (sm_90 with a library built for sm_90a; the
+    emulator), else on mma.sync: both, through RESBM_CUDA_WGMMA (the other cases run
+    the mma.sync kernel under both)."""
+    monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if request.param == "wgmma" else "0")
+    return request.param
+
+
 def shape_codec_pairs(codecs):
     """(shape, codec) combinations whose scale group divides the shape's k."""
     return [pytest.param(shape, codec, id=f"{_ids(shape)}-{_ids(codec)}")
@@ -385,7 +404,7 @@ def shape_codec_pairs(codecs):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS))
-def test_encode_forward_bit_exact(shape, dtype, codec):
+def test_encode_forward_bit_exact(shape, dtype, codec, projection):
     """Exact inputs: z is exact in any summation order, so the payload matches byte for byte."""
     n, d, k = shape
     gen = torch.Generator().manual_seed(n * d + k)
@@ -399,7 +418,7 @@ def test_encode_forward_bit_exact(shape, dtype, codec):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS[:4]))
-def test_encode_forward_norm(shape, dtype, codec):
+def test_encode_forward_norm(shape, dtype, codec, projection):
     n, d, k = shape
     gen = torch.Generator().manual_seed(3 * n + d)
     x = normal(n, d, dtype=dtype, gen=gen, device=DEVICE)
@@ -413,7 +432,7 @@ def test_encode_forward_norm(shape, dtype, codec):
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_encode_forward_row_stats(shape, dtype):
+def test_encode_forward_row_stats(shape, dtype, projection):
     check_encode_row_stats("cuda", DEVICE, shape, dtype)
 
 
@@ -471,7 +490,7 @@ def test_decode_forward_out_dtype_differs():
                                         Codec(bits=8), Codec(bits=16)), ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_decode_backward(shape, dtype, grad_codec):
+def test_decode_backward(shape, dtype, grad_codec, projection):
     n, d, k = shape
     gen = torch.Generator().manual_seed(11)
     codec = Codec(bits=4, group_size=16)

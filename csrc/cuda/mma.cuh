@@ -235,7 +235,9 @@ __device__ __forceinline__ void load_b_raw_kn_x2(FragB& f0, FragB& f1, const typ
 // into buffer i % STAGES, body(i, i % STAGES) uses them once they have landed. One commit
 // group per block (empty past the end), so the wait count is a constant; block i + STAGES - 1
 // loads into the buffer body(i - 1) read, which the barrier after each body has freed.
-template <int STAGES, typename Issue, typename Body>
+// ASYNC_READS: body reads the buffers with wgmma (the async proxy): each thread fences its
+// landed copies for it before the barrier.
+template <int STAGES, bool ASYNC_READS = false, typename Issue, typename Body>
 __device__ __forceinline__ void cp_async_pipeline(int64_t blocks, Issue issue, Body body) {
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < blocks) issue(int64_t(s));
@@ -245,10 +247,21 @@ __device__ __forceinline__ void cp_async_pipeline(int64_t blocks, Issue issue, B
     if (i + STAGES - 1 < blocks) issue(i + STAGES - 1);
     cp_async_commit();
     cp_async_wait<STAGES - 1>();  // block i's group is complete: only the STAGES - 1 after it may pend
+    if constexpr (ASYNC_READS) fence_proxy_async();
     __syncthreads();
     body(i, int(i % STAGES));
     __syncthreads();
   }
+}
+
+// ---- wgmma operands (sm_90a) ---------------------------------------------------------
+
+// Shared-memory matrix descriptor of a k-major 16-bit wgmma operand without swizzle: the
+// tile is made of core matrices of 8 rows x 16 bytes (128 contiguous bytes), `lbo` bytes
+// apart along k and `sbo` bytes apart along the rows (PTX ISA, "Matrix Descriptor").
+__device__ __forceinline__ uint64_t wgmma_desc(const void* tile, uint32_t lbo, uint32_t sbo) {
+  return uint64_t((smem_address(tile) >> 4) & 0x3FFF) | uint64_t((lbo >> 4) & 0x3FFF) << 16 |
+         uint64_t((sbo >> 4) & 0x3FFF) << 32;
 }
 
 // ---- vector loads/stores of 8 consecutive elements (16-byte aligned) ---------------------

@@ -18,6 +18,10 @@
 //      of squares of the folded RMSNorm from the same A fragments, then scales,
 //      adds the identity path x[:, :k], and quantizes + packs through the shared
 //      codec functions of resbm/codec.h (bit-exact with the reference given z).
+//      On sm_90a, 16-bit inputs with KPAD <= 128 (project_loop_wgmma): the 128
+//      threads are one warpgroup and multiply the same tiles, laid out as wgmma's
+//      core matrices, straight from shared memory (wgmma m64nKPADk16), the sums of
+//      squares read from the same tiles; RESBM_CUDA_WGMMA=0 keeps mma.sync.
 //  dequant_project_kernel   (decode forward, encode backward)
 //      One CTA per BN rows: dequantizes its (BN, k) payload rows into shared
 //      memory once (shared codec functions; for 16-bit inputs up to KPAD = 128
@@ -47,6 +51,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "errors.cuh"
@@ -359,6 +364,91 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
   });
 }
 
+// project_loop on sm_90a's warpgroup mma (16-bit inputs, KPAD <= 128: the CTA's 128
+// threads are one warpgroup, its 64 rows one m64 tile, KPAD one n): the same pipeline, with
+// each stage's x and weight tiles laid out as wgmma's core matrices (no swizzle) and
+// multiplied from shared memory, so no thread loads fragments. Chunk q (16 bytes) of a
+// stage's tile sits at byte 16 q, with q = 64 (row / 8) + 8 chunk + row % 8: the 8 rows of
+// a core matrix 16 bytes apart (LBO 128 along k, SBO 1024 along the rows); thread `tid`
+// copies column chunk (tid / 8) % 8 of rows 16 j + 8 (tid / 64) + tid % 8 to byte
+// 2048 j + 16 tid (a warp: 8 rows x 64 contiguous bytes, 4 whole core matrices).
+// With want_sumsq, sumsq[h] of lane t = 0 of each quad holds the full sum of squares of
+// row 16 wm + g + 8 h (the other lanes 0), so that quad_sum gives it as in project_loop.
+template <int DT, int KPAD>
+__device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T* __restrict__ a,
+                                                   int64_t n, int64_t d, int64_t row0,
+                                                   const typename Operand<DT>::E* __restrict__ w_g,
+                                                   bool want_sumsq, unsigned char* smem,
+                                                   float (&acc)[RowCfg<DT, KPAD>::NT][4],
+                                                   float (&sumsq)[2]) {
+  using C = RowCfg<DT, KPAD>;
+  using T = typename C::T;
+  using E = typename C::E;
+  static_assert(DT != kFloat32 && C::WN == 1 && C::BN == 64 && C::BD * int(sizeof(T)) == 128,
+                "one warpgroup, 64 rows, 128-byte rows of 16-bit elements");
+  constexpr int S = C::PS;
+  constexpr size_t X_STAGE = C::X_BYTES / S, W_STAGE = C::W_BYTES;  // (dense tiles fit both)
+  unsigned char* xs = smem;
+  unsigned char* ws = smem + C::X_BYTES;
+  const int tid = threadIdx.x;
+  const int chunk = (tid / 8) % 8, row_base = 8 * (tid / 64) + tid % 8;
+  const int64_t tiles = (d + C::BD - 1) / C::BD;
+  // this thread's sources in tile 0 (row 16 j: + 16 j d; tile t: + t BD), set up once
+  const int64_t rows_left = n - row0 - row_base, step = 16 * d;
+  const T* x_src = a + (row0 + row_base) * d + chunk * 8;
+  const E* w_src = w_g + int64_t(row_base) * d + chunk * 8;
+  auto issue = [&](int64_t tile) {
+    const int buf = int(tile % S);
+    const int64_t col = tile * C::BD;
+    const bool col_ok = col + chunk * 8 < d;  // d % 16 == 0: chunks are all in or all out
+#pragma unroll
+    for (int j = 0; j < C::BN / 16; ++j) {
+      const bool ok = col_ok && 16 * j < rows_left;
+      cp_async16(xs + buf * X_STAGE + 2048 * j + 16 * tid, ok ? x_src + j * step + col : a, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int j = 0; j < KPAD / 16; ++j)
+      cp_async16(ws + buf * W_STAGE + 2048 * j + 16 * tid, col_ok ? w_src + j * step + col : w_g, col_ok ? 16 : 0);
+  };
+  // the sums of squares: thread tid takes row tid % 64, chunks 4 (tid / 64) .. + 3 (128 bytes apart)
+  const int sq_row = tid % 64, sq_offset = 16 * (64 * (sq_row / 8) + 32 * (tid / 64) + sq_row % 8);
+  float sq = 0.0f;
+  cp_async_pipeline<S, true>(tiles, issue, [&](int64_t, int buf) {
+    const unsigned char* xt = xs + buf * X_STAGE;
+    const unsigned char* wt = ws + buf * W_STAGE;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < C::BD / 16; ++ks)  // k steps of 16: chunks 2 ks, 2 ks + 1
+      wgmma<DT, KPAD>(acc, wgmma_desc(xt + 256 * ks, 128, 1024), wgmma_desc(wt + 256 * ks, 128, 1024));
+    wgmma_commit();
+    if (want_sumsq) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(xt + sq_offset + 128 * i);
+        const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float v0 = e16_to_float<DT>(uint16_t(w[e] & 0xFFFFu)), v1 = e16_to_float<DT>(uint16_t(w[e] >> 16));
+          sq += v0 * v0 + v1 * v1;
+        }
+      }
+    }
+    wgmma_wait<0>();  // before the barrier that lets this stage's buffers be reloaded
+  });
+  if (want_sumsq) {  // rows' totals: two threads per row, through shared memory
+    float* part = reinterpret_cast<float*>(smem);  // [2][64]
+    part[tid] = sq;
+    __syncthreads();
+    const int lane = tid & 31, wm = tid >> 5, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 16 * wm + g + 8 * h;
+      sumsq[h] = t == 0 ? part[r] + part[64 + r] : 0.0f;
+    }
+    __syncthreads();  // the caller's epilogue reuses the shared memory
+  }
+}
+
 // ---- kernels ------------------------------------------------------------------------------
 
 struct PQArgs {
@@ -393,7 +483,8 @@ __device__ __forceinline__ void store_header(const int32_t (&words)[4], uint8_t*
   if (tid < (16 - code_bytes % 16) % 16) codes[code_bytes + tid] = 0;
 }
 
-template <int DT, int KPAD>
+// WG: the projection on wgmma (project_loop_wgmma), else on mma.sync.
+template <int DT, int KPAD, bool WG>
 __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQArgs p) {
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
@@ -409,8 +500,12 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
 #pragma unroll
   for (int j = 0; j < C::NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   float sumsq[2] = {0.0f, 0.0f};
-  project_loop<DT, KPAD>(a, p.n, p.d, row0, static_cast<const E*>(p.whi),
-                         static_cast<const E*>(p.wlo), norm, smem, acc, sumsq);
+  if constexpr (WG) {
+    project_loop_wgmma<DT, KPAD>(a, p.n, p.d, row0, static_cast<const E*>(p.whi), norm, smem, acc, sumsq);
+  } else {
+    project_loop<DT, KPAD>(a, p.n, p.d, row0, static_cast<const E*>(p.whi),
+                           static_cast<const E*>(p.wlo), norm, smem, acc, sumsq);
+  }
 
   float rr[2] = {1.0f, 1.0f};
   if (norm) {
@@ -886,17 +981,53 @@ int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
   return launch_status(fn, name);
 }
 
+// project_quantize on wgmma: 16-bit inputs with KPAD <= 128, on an sm_90 device with a
+// library built for sm_90a (RESBM_SM90A), unless RESBM_CUDA_WGMMA=0 (the emulator: the
+// same switch, on by default, so that its tests run the kernel sm_90 devices run).
 template <int DT, int KPAD>
-int launch_pq(const char* fn, const PQArgs& p, const PrepArgs& prep, cudaStream_t stream) {
+constexpr bool wgmma_shape() {
+  return DT != kFloat32 && KPAD <= 128;
+}
+
+bool wgmma_enabled() {
+  const char* env = std::getenv("RESBM_CUDA_WGMMA");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+#if defined(RESBM_CUDA_EMULATION)
+  return true;
+#elif defined(RESBM_SM90A)
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // no device to ask: the mma.sync kernel reports the problem
+    return false;
+  }
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+template <int DT, int KPAD, bool WG>
+int launch_pq_kernel(const char* fn, const PQArgs& p, cudaStream_t stream) {
   using C = RowCfg<DT, KPAD>;
-  RESBM_TRY(launch_prep<DT>(fn, prep, stream));
   char name[80];
-  std::snprintf(name, sizeof name, "project_quantize_kernel<%s,%d>", Operand<DT>::name(), KPAD);
-  const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD>);
+  std::snprintf(name, sizeof name, "project_quantize_kernel<%s,%d%s>", Operand<DT>::name(), KPAD,
+                WG ? ",wgmma" : "");
+  const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, WG>);
   RESBM_TRY(prepare(fn, name, func, C::PQ_SMEM));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  launch(project_quantize_kernel<DT, KPAD>, unsigned(blocks), kThreads, C::PQ_SMEM, stream, p);
+  launch(project_quantize_kernel<DT, KPAD, WG>, unsigned(blocks), kThreads, C::PQ_SMEM, stream, p);
   return launch_status(fn, name);
+}
+
+template <int DT, int KPAD>
+int launch_pq(const char* fn, const PQArgs& p, const PrepArgs& prep, cudaStream_t stream) {
+  RESBM_TRY(launch_prep<DT>(fn, prep, stream));
+  if constexpr (wgmma_shape<DT, KPAD>()) {
+    if (wgmma_enabled()) return launch_pq_kernel<DT, KPAD, true>(fn, p, stream);
+  }
+  return launch_pq_kernel<DT, KPAD, false>(fn, p, stream);
 }
 
 // preps: the operands to build first (n_preps of them: 0, 1 or 2)

@@ -128,5 +128,28 @@ inline void cp_async_wait() {
   resbm_emu::cp_async_wait(N);
 }
 
+// The emulator's shared window: offsets into the block's dynamic shared memory.
+inline uint32_t smem_address(const void* p) {
+  if (!resbm_emu::in_smem(p, 1)) resbm_emu::fault("shared-memory address of a pointer outside shared memory", p);
+  return uint32_t(static_cast<const unsigned char*>(p) - resbm_emu::dynamic_smem());
+}
+
+// wgmma and its fences (see runtime.h: operands checked at the wait, accumulators written
+// then; the proxy fence and wgmma.fence order nothing here).
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+inline void wgmma_commit() { resbm_emu::wgmma_commit(); }
+
+template <int N>
+inline void wgmma_wait() {
+  resbm_emu::wgmma_wait(N);
+}
+
+template <int DT, int N>
+inline void wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(DT != kFloat32 && (N == 16 || N == 32 || N == 64 || N == 128), "wgmma: bf16 / fp16, N 16..128");
+  resbm_emu::wgmma(&d[0][0], N, DT, desc_a, desc_b);
+}
+
 }  // namespace cuda
 }  // namespace resbm

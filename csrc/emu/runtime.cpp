@@ -9,6 +9,8 @@
 #undef _FORTIFY_SOURCE
 #include "runtime.h"
 
+#include "resbm/codec.h"
+
 #include <setjmp.h>
 #include <ucontext.h>
 
@@ -51,6 +53,14 @@ struct Copy {
   int src_bytes;
 };
 
+// One thread's part of a wgmma: its accumulators and operand elements as read at issue.
+struct Wgmma {
+  float* d;
+  int n, dtype;
+  uint64_t desc_a, desc_b;
+  std::vector<uint16_t> operands;  // A: its 2 rows x 16, then B: its n / 4 columns x 16
+};
+
 struct Fiber {
   ucontext_t context;  // its start
   jmp_buf resume;      // where it waits
@@ -63,6 +73,8 @@ struct Fiber {
   unsigned collectives = 0;  // warp collectives so far: picks the exchange buffer
   std::vector<Copy> open;    // cp.async copies not yet committed
   std::deque<std::vector<Copy>> groups;  // committed, oldest first
+  std::vector<Wgmma> wgmma_open;         // wgmma not yet committed
+  std::deque<std::vector<Wgmma>> wgmma_groups;
 };
 
 struct AlignedBytes {
@@ -138,6 +150,8 @@ void fiber_main() {
   Fiber& f = running();
   f.open.clear();  // copies never waited for: nobody reads them
   f.groups.clear();
+  if (!f.wgmma_open.empty() || !f.wgmma_groups.empty())
+    fault("wgmma still pending when the thread exits (no wgmma.wait_group for it)", nullptr);
   f.state = State::kDone;
   switching(nullptr, g_launch.stack_bottom, g_launch.stack_size);
   _longjmp(g_launch.back, 1);  // never returns: the fiber's stack is reused
@@ -165,6 +179,8 @@ bool run_block(unsigned threads) {
     f.collectives = 0;
     f.open.clear();
     f.groups.clear();
+    f.wgmma_open.clear();
+    f.wgmma_groups.clear();
     f.state = State::kReady;
     unpoison(f.stack.get(), kStackBytes);  // frames of the last block, left by a jump
     getcontext(&f.context);
@@ -336,6 +352,81 @@ void cp_async_wait(int pending) {
       std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, size_t(16 - c.src_bytes));
     }
     f.groups.pop_front();
+  }
+}
+
+namespace {
+
+// Element (row, kk) of a k-major operand in shared memory through its descriptor (no
+// swizzle): 8 x 16-byte core matrices, LBO apart along k, SBO apart along the rows.
+bool operand_element(uint64_t desc, int row, int kk, uint16_t* out) {
+  const size_t start = size_t(desc & 0x3FFF) << 4, lbo = size_t((desc >> 16) & 0x3FFF) << 4,
+               sbo = size_t((desc >> 32) & 0x3FFF) << 4;
+  if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
+    fault("wgmma descriptor with a swizzle mode or base offset (the emulator knows no swizzle)", nullptr);
+    return false;
+  }
+  const size_t at = start + size_t(row / 8) * sbo + size_t(kk / 8) * lbo + size_t(row % 8) * 16 + size_t(kk % 8) * 2;
+  if (at + 2 > g_launch.smem_bytes) {
+    fault("wgmma operand outside shared memory", g_launch.smem.data.get() + at);
+    return false;
+  }
+  std::memcpy(out, g_launch.smem.data.get() + at, 2);
+  return true;
+}
+
+// This thread's operand elements of a wgmma: A rows 16 w + g (+ 8), B columns 8 j + 2 t (+ 1).
+std::vector<uint16_t> wgmma_operands(const Fiber& f, int n, uint64_t desc_a, uint64_t desc_b) {
+  const int lane = int(f.linear % 32), w = int(f.linear / 32) % 4, g = lane / 4, t = lane % 4;
+  std::vector<uint16_t> v(size_t(2 + n / 4) * 16);
+  uint16_t* out = v.data();
+  for (int h = 0; h < 2; ++h)
+    for (int kk = 0; kk < 16; ++kk) operand_element(desc_a, 16 * w + g + 8 * h, kk, out++);
+  for (int j = 0; j < n / 8; ++j)
+    for (int c = 0; c < 2; ++c)
+      for (int kk = 0; kk < 16; ++kk) operand_element(desc_b, 8 * j + 2 * t + c, kk, out++);
+  return v;
+}
+
+float operand_value(int dtype, uint16_t bits) {
+  return dtype == resbm::kFloat16 ? resbm::fp16_to_float(bits) : resbm::bf16_to_float(bits);
+}
+
+void complete(const Fiber& f, const Wgmma& op) {
+  if (wgmma_operands(f, op.n, op.desc_a, op.desc_b) != op.operands)
+    return fault("wgmma operand in shared memory changed before wgmma.wait_group for it", nullptr);
+  const uint16_t* a = op.operands.data();
+  const uint16_t* b = a + 32;
+  for (int j = 0; j < op.n / 8; ++j)
+    for (int i = 0; i < 4; ++i) {  // d[4 j + i]: row g + 8 (i / 2), column 8 j + 2 t + i % 2
+      float acc = op.d[4 * j + i];
+      for (int kk = 0; kk < 16; ++kk)  // exact products of 16-bit values; fp32 sums
+        acc += operand_value(op.dtype, a[(i / 2) * 16 + kk]) *
+               operand_value(op.dtype, b[(2 * j + i % 2) * 16 + kk]);
+      op.d[4 * j + i] = acc;
+    }
+}
+
+}  // namespace
+
+void wgmma(float* d, int n, int dtype, uint64_t desc_a, uint64_t desc_b) {
+  Fiber& f = running();
+  if (blockDim.x % 128 != 0 || blockDim.y * blockDim.z != 1)
+    return fault("wgmma in a block that is not whole warpgroups (blockDim.x a multiple of 128)", nullptr);
+  f.wgmma_open.push_back({d, n, dtype, desc_a, desc_b, wgmma_operands(f, n, desc_a, desc_b)});
+}
+
+void wgmma_commit() {
+  Fiber& f = running();
+  f.wgmma_groups.push_back(std::move(f.wgmma_open));
+  f.wgmma_open.clear();
+}
+
+void wgmma_wait(int pending) {
+  Fiber& f = running();
+  while (f.wgmma_groups.size() > size_t(pending)) {
+    for (const Wgmma& op : f.wgmma_groups.front()) complete(f, op);
+    f.wgmma_groups.pop_front();
   }
 }
 

@@ -21,8 +21,12 @@
 // Global memory bounds: checked when the kernels are built with AddressSanitizer
 // (RESBM_SANITIZE, tests/test_sanitizers.py), which sees past-the-end accesses of
 // torch's CPU tensors and of shared memory beyond the launch's size.
+// wgmma (sm_90a's warpgroup mma) reads its shared-memory operands through their
+// descriptors at issue and checks them again at the wait for its group, and writes its
+// accumulators only then.
 // Not modelled: timing, the order in which warps run between barriers, streams
-// (launches run at once).
+// (launches run at once), the proxy fences (fence.proxy.async) and wgmma.fence, and
+// whether all 128 threads of a warpgroup issue the same wgmma.
 #pragma once
 
 #include <cstddef>
@@ -78,6 +82,15 @@ bool in_smem(const void* p, size_t bytes);
 void cp_async(void* dst, const void* src, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int pending);
+
+// wgmma of the running thread (one of a warpgroup's 128): d (its n / 2 accumulators)
+// += A (64 x 16) B^T (n x 16), both read through no-swizzle shared-memory descriptors.
+// The operands are read at issue and again when the thread waits for the group: if they
+// changed (a buffer reused before wgmma.wait_group) the launch fails; d is written at
+// that wait, so reading it earlier sees the old values.
+void wgmma(float* d, int n, int dtype, uint64_t desc_a, uint64_t desc_b);
+void wgmma_commit();
+void wgmma_wait(int pending);
 
 template <typename T>
 const T* exchange(const T& mine) {

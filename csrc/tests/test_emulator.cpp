@@ -7,7 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cuda/primitives.cuh"
+#include "cuda/mma.cuh"
 
 using resbm::cuda::launch;
 
@@ -161,6 +161,63 @@ void test_cp_async() {
   expect(cudaGetLastError() == cudaSuccess, "cudaGetLastError clears the error");
 }
 
+// ---- wgmma: D = A (64 x 16) B^T (n x 16) through no-swizzle descriptors ------------------
+
+constexpr int kWgN = 32;
+constexpr int kWgB = 64 * 16 * 2;  // B's tile after A's
+
+// Byte offset of element (row, kk) of a k-major tile of 16 columns in core matrices:
+// LBO = 128 (the next 8 columns), SBO = 256 (the next 8 rows).
+int core_offset(int row, int kk) { return (row / 8) * 256 + (kk / 8) * 128 + (row % 8) * 16 + (kk % 8) * 2; }
+
+// mode 0: d = 1 + A B^T; 1: thread 0 changes an A element before its wait; 2: no wait.
+__global__ void wgmma_kernel(const uint16_t* a, const uint16_t* b, float* out, int mode) {
+  RESBM_DYNAMIC_SMEM(smem);
+  for (int e = threadIdx.x; e < 64 * 16; e += blockDim.x)
+    std::memcpy(smem + core_offset(e / 16, e % 16), a + e, 2);
+  for (int e = threadIdx.x; e < kWgN * 16; e += blockDim.x)
+    std::memcpy(smem + kWgB + core_offset(e / 16, e % 16), b + e, 2);
+  __syncthreads();
+  float d[kWgN / 8][4];
+  for (auto& tile : d)
+    for (float& v : tile) v = 1.0f;
+  resbm::cuda::wgmma_fence();
+  resbm::cuda::wgmma<resbm::kBFloat16, kWgN>(d, resbm::cuda::wgmma_desc(smem, 128, 256),
+                                              resbm::cuda::wgmma_desc(smem + kWgB, 128, 256));
+  resbm::cuda::wgmma_commit();
+  if (mode == 1 && threadIdx.x == 0) smem[core_offset(0, 3)] ^= 1;
+  if (mode == 2) return;
+  resbm::cuda::wgmma_wait<0>();
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, row0 = 16 * (threadIdx.x / 32);
+  for (int j = 0; j < kWgN / 8; ++j)
+    for (int i = 0; i < 4; ++i) out[(row0 + g + 8 * (i / 2)) * kWgN + 8 * j + 2 * t + i % 2] = d[j][i];
+}
+
+void test_wgmma() {
+  std::vector<uint16_t> a(64 * 16), b(kWgN * 16);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = resbm::float_to_bf16(float(int(i * 7 % 13) - 6));
+  for (size_t i = 0; i < b.size(); ++i) b[i] = resbm::float_to_bf16(float(int(i * 5 % 11) - 5) / 4);
+  std::vector<float> out(64 * kWgN, -1.0f);
+  launch(wgmma_kernel, dim3(1), dim3(128), 2 * kWgB, nullptr, a.data(), b.data(), out.data(), 0);
+  expect(cudaGetLastError() == cudaSuccess, "wgmma launch");
+  bool ok = true;
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < kWgN; ++c) {
+      float want = 1.0f;
+      for (int kk = 0; kk < 16; ++kk) want += resbm::bf16_to_float(a[r * 16 + kk]) * resbm::bf16_to_float(b[c * 16 + kk]);
+      ok = ok && out[r * kWgN + c] == want;
+    }
+  expect(ok, "wgmma m64n32k16 bf16: accumulators in the mma.sync C layout per warp");
+  launch(wgmma_kernel, dim3(1), dim3(128), 2 * kWgB, nullptr, a.data(), b.data(), out.data(), 1);
+  cudaError_t e = cudaGetLastError();
+  expect(e != cudaSuccess && std::strstr(cudaGetErrorString(e), "changed before wgmma.wait_group"),
+         "an operand overwritten before the wait fails the launch");
+  launch(wgmma_kernel, dim3(1), dim3(128), 2 * kWgB, nullptr, a.data(), b.data(), out.data(), 2);
+  e = cudaGetLastError();
+  expect(e != cudaSuccess && std::strstr(cudaGetErrorString(e), "wgmma still pending"),
+         "exiting with a wgmma not waited for fails the launch");
+}
+
 // ---- barriers: a warp collective and __syncthreads waiting on each other deadlock ---------
 
 __global__ void deadlock_kernel() {
@@ -216,6 +273,7 @@ int main() {
   test_cp_async();
   test_barriers();
   test_smem_limits();
+  test_wgmma();
   if (g_failures == 0) std::printf("emulator: all tests passed\n");
   return g_failures == 0 ? 0 : 1;
 }

@@ -16,6 +16,11 @@ same kernels on the CPU emulator (``libresbm_cuda_emu``, built from the same
 sources by ``csrc/emu``; slow, for tests), as Triton's kernels run under
 ``TRITON_INTERPRET=1``.
 
+On an sm_90 GPU (H100, H200) with a library built for sm_90a (the default
+``RESBM_CUDA_ARCHS="80;90a"``), encode forward and decode backward multiply on
+the warpgroup MMA (wgmma) for bf16 / fp16 inputs with k <= 128, elsewhere on
+mma.sync; ``RESBM_CUDA_WGMMA=0`` keeps them on mma.sync (for comparison).
+
 Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation
 (dequantized zhat is rounded to bf16 for bf16 inputs and split as hi + lo for
 fp16; the RMSNorm-folded encoder weight is rounded once to the input dtype, as
