@@ -384,14 +384,16 @@ def cuda_call(fn, *args, **kwargs):
     return out
 
 
-@pytest.fixture(params=("wgmma", "mma_sync"))
-def projection(request, monkeypatch):
-    """project_quantize (encode forward, decode backward) multiplies on wgmma for 16-bit
-    inputs up to KPAD = 128 where it can (sm_90 with a library built for sm_90a; the
-    emulator), else on mma.sync: both, through RESBM_CUDA_WGMMA (the other cases run
-    the mma.sync kernel under both)."""
-    monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if request.param == "wgmma" else "0")
-    return request.param
+# project_quantize (encode forward, decode backward) multiplies on wgmma for 16-bit inputs
+# up to KPAD = 128 where it can (sm_90 with a library built for sm_90a; the emulator), else
+# on mma.sync: the 16-bit dtypes run both, chosen through RESBM_CUDA_WGMMA (fp32 has no wgmma)
+DTYPE_PROJECTIONS = [pytest.param(dtype, projection, id=f"{_ids(dtype)}-{projection}")
+                     for dtype in DTYPES for projection in ("wgmma", "mma_sync")
+                     if dtype != torch.float32 or projection == "mma_sync"]
+
+
+def use_projection(monkeypatch, projection: str) -> None:
+    monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if projection == "wgmma" else "0")
 
 
 def shape_codec_pairs(codecs):
@@ -402,10 +404,11 @@ def shape_codec_pairs(codecs):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS))
-def test_encode_forward_bit_exact(shape, dtype, codec, projection):
+def test_encode_forward_bit_exact(shape, dtype, codec, projection, monkeypatch):
     """Exact inputs: z is exact in any summation order, so the payload matches byte for byte."""
+    use_projection(monkeypatch, projection)
     n, d, k = shape
     gen = torch.Generator().manual_seed(n * d + k)
     x = exact(n, d, dtype=dtype, gen=gen, device=DEVICE)
@@ -416,9 +419,10 @@ def test_encode_forward_bit_exact(shape, dtype, codec, projection):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS[:4]))
-def test_encode_forward_norm(shape, dtype, codec, projection):
+def test_encode_forward_norm(shape, dtype, codec, projection, monkeypatch):
+    use_projection(monkeypatch, projection)
     n, d, k = shape
     gen = torch.Generator().manual_seed(3 * n + d)
     x = normal(n, d, dtype=dtype, gen=gen, device=DEVICE)
@@ -430,9 +434,10 @@ def test_encode_forward_norm(shape, dtype, codec, projection):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_encode_forward_row_stats(shape, dtype, projection):
+def test_encode_forward_row_stats(shape, dtype, projection, monkeypatch):
+    use_projection(monkeypatch, projection)
     check_encode_row_stats("cuda", DEVICE, shape, dtype)
 
 
@@ -488,9 +493,10 @@ def test_decode_forward_out_dtype_differs():
 @needs_kernels
 @pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=4, group_size=16, rounding="stochastic"),
                                         Codec(bits=8), Codec(bits=16)), ids=_ids)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_decode_backward(shape, dtype, grad_codec, projection):
+def test_decode_backward(shape, dtype, grad_codec, projection, monkeypatch):
+    use_projection(monkeypatch, projection)
     n, d, k = shape
     gen = torch.Generator().manual_seed(11)
     codec = Codec(bits=4, group_size=16)
