@@ -53,6 +53,32 @@ struct Copy {
   int src_bytes;
 };
 
+// Operations a thread issues asynchronously, committed in groups and completed, oldest
+// group first, when it waits (cp.async and wgmma both work this way).
+template <typename Op>
+struct AsyncGroups {
+  std::vector<Op> open;  // not yet committed
+  std::deque<std::vector<Op>> committed;
+
+  void commit() {
+    committed.push_back(std::move(open));
+    open.clear();
+  }
+  // Completes the oldest groups until at most `pending` are left.
+  template <typename Complete>
+  void wait(int pending, Complete complete) {
+    while (committed.size() > size_t(pending)) {
+      for (const Op& op : committed.front()) complete(op);
+      committed.pop_front();
+    }
+  }
+  bool empty() const { return open.empty() && committed.empty(); }
+  void clear() {
+    open.clear();
+    committed.clear();
+  }
+};
+
 // One thread's part of a wgmma: its accumulators and operand elements as read at issue.
 struct Wgmma {
   float* d;
@@ -71,10 +97,8 @@ struct Fiber {
   uint3 index{};
   unsigned linear = 0;
   unsigned collectives = 0;  // warp collectives so far: picks the exchange buffer
-  std::vector<Copy> open;    // cp.async copies not yet committed
-  std::deque<std::vector<Copy>> groups;  // committed, oldest first
-  std::vector<Wgmma> wgmma_open;         // wgmma not yet committed
-  std::deque<std::vector<Wgmma>> wgmma_groups;
+  AsyncGroups<Copy> copies;  // cp.async
+  AsyncGroups<Wgmma> wgmmas;
 };
 
 struct AlignedBytes {
@@ -148,9 +172,8 @@ void fiber_main() {
   switched(nullptr, &g_launch.stack_bottom, &g_launch.stack_size);  // came from the scheduler
   (*g_launch.body)();
   Fiber& f = running();
-  f.open.clear();  // copies never waited for: nobody reads them
-  f.groups.clear();
-  if (!f.wgmma_open.empty() || !f.wgmma_groups.empty())
+  f.copies.clear();  // copies never waited for: nobody reads them
+  if (!f.wgmmas.empty())
     fault("wgmma still pending when the thread exits (no wgmma.wait_group for it)", nullptr);
   f.state = State::kDone;
   switching(nullptr, g_launch.stack_bottom, g_launch.stack_size);
@@ -177,10 +200,8 @@ bool run_block(unsigned threads) {
     f.linear = i;
     f.index = {i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
     f.collectives = 0;
-    f.open.clear();
-    f.groups.clear();
-    f.wgmma_open.clear();
-    f.wgmma_groups.clear();
+    f.copies.clear();
+    f.wgmmas.clear();
     f.state = State::kReady;
     unpoison(f.stack.get(), kStackBytes);  // frames of the last block, left by a jump
     getcontext(&f.context);
@@ -335,24 +356,16 @@ void cp_async(void* dst, const void* src, int src_bytes) {
   if (src_bytes < 0 || src_bytes > 16 || (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16))
     return fault("cp.async source not 16-byte aligned or a bad size", src);
   std::memset(dst, 0xFF, 16);  // from here until the wait the destination holds nothing valid
-  running().open.push_back({dst, src, src_bytes});
+  running().copies.open.push_back({dst, src, src_bytes});
 }
 
-void cp_async_commit() {
-  Fiber& f = running();
-  f.groups.push_back(std::move(f.open));
-  f.open.clear();
-}
+void cp_async_commit() { running().copies.commit(); }
 
 void cp_async_wait(int pending) {
-  Fiber& f = running();
-  while (f.groups.size() > size_t(pending)) {
-    for (const Copy& c : f.groups.front()) {
-      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
-      std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, size_t(16 - c.src_bytes));
-    }
-    f.groups.pop_front();
-  }
+  running().copies.wait(pending, [](const Copy& c) {
+    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+    std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, size_t(16 - c.src_bytes));
+  });
 }
 
 namespace {
@@ -413,21 +426,14 @@ void wgmma(float* d, int n, int dtype, uint64_t desc_a, uint64_t desc_b) {
   Fiber& f = running();
   if (blockDim.x % 128 != 0 || blockDim.y * blockDim.z != 1)
     return fault("wgmma in a block that is not whole warpgroups (blockDim.x a multiple of 128)", nullptr);
-  f.wgmma_open.push_back({d, n, dtype, desc_a, desc_b, wgmma_operands(f, n, desc_a, desc_b)});
+  f.wgmmas.open.push_back({d, n, dtype, desc_a, desc_b, wgmma_operands(f, n, desc_a, desc_b)});
 }
 
-void wgmma_commit() {
-  Fiber& f = running();
-  f.wgmma_groups.push_back(std::move(f.wgmma_open));
-  f.wgmma_open.clear();
-}
+void wgmma_commit() { running().wgmmas.commit(); }
 
 void wgmma_wait(int pending) {
-  Fiber& f = running();
-  while (f.wgmma_groups.size() > size_t(pending)) {
-    for (const Wgmma& op : f.wgmma_groups.front()) complete(f, op);
-    f.wgmma_groups.pop_front();
-  }
+  const Fiber& f = running();
+  running().wgmmas.wait(pending, [&](const Wgmma& op) { complete(f, op); });
 }
 
 }  // namespace resbm_emu
