@@ -2,7 +2,7 @@
 
 Two groups:
 
-- CPU-runnable: the kernels compile for sm_80 and sm_90 with zero register
+- CPU-runnable: the kernels compile for sm_80 and sm_90a with zero register
   spills (ptxas -v) and a tensor-core main loop whose size is reported, the
   C ABI rejects bad arguments with messages naming the problem before
   touching CUDA, launch failures name the kernel, and the backend refuses

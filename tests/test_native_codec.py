@@ -355,7 +355,7 @@ def test_ctest_known_vectors(tmp_path):
 
 
 def test_cuda_kernels_do_not_spill(tmp_path):
-    """Compile libresbm_cuda's codec kernels for sm_80 and sm_90; ptxas must report no spills."""
+    """Compile libresbm_cuda's codec kernels for sm_80 and sm_90a; ptxas must report no spills."""
     report = ptxas_report(ROOT / "csrc" / "cuda" / "codec_cuda.cu", ROOT / "csrc" / "include", tmp_path)
     for arch in CUDA_ARCHS:
         assert sum(r[0] == f"sm_{arch}" for r in report) >= 3, report  # three kernels per arch

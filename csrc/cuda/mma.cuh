@@ -1,7 +1,7 @@
 // Tensor-core building blocks of the pass kernels (passes.cu): operand types,
 // hi/lo operand splitting, split-term products, fragment loads from shared memory,
 // the cp.async pipeline and 16-byte vector loads/stores, on top of the inline PTX of
-// primitives.cuh. sm_80+ only (mma.sync m16n8k16 bf16/f16 and m16n8k8 tf32).
+// primitives.cuh. sm_80+ (mma.sync m16n8k16 bf16/f16 and m16n8k8 tf32); sm_90a adds wgmma.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16 / m16n8k8"),
 // with g = lane / 4 (groupID) and t = lane % 4 (threadID_in_group):
