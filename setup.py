@@ -1,7 +1,8 @@
 """Builds the native libraries (csrc/) with CMake + Ninja into resbm_kernels/lib/.
 
 Environment: RESBM_CUDA=0|1|auto (skip, require, build if nvcc is found) and
-RESBM_CUDA_ARCHS (default "80;90a": 90a adds the sm_90 wgmma kernels). nvcc is looked up as $CUDA_HOME/bin/nvcc
+RESBM_CUDA_ARCHS (default "80;90a;90-virtual": 90a adds the sm_90 wgmma kernels,
+90-virtual PTX for later GPUs). nvcc is looked up as $CUDA_HOME/bin/nvcc
 when CUDA_HOME is set, else /usr/local/cuda/bin/nvcc, else on PATH. A failed
 native build only warns (the package then works as pure Python), unless
 RESBM_CUDA=1 asked for the CUDA library.
@@ -66,7 +67,7 @@ class CMakeBuild(build_ext):
         mode = os.environ.get("RESBM_CUDA", "auto").strip().lower()
         if mode not in ("0", "1", "auto"):
             raise RuntimeError(f"RESBM_CUDA must be 0, 1 or auto, got {mode!r}")
-        archs = os.environ.get("RESBM_CUDA_ARCHS", "80;90a")
+        archs = os.environ.get("RESBM_CUDA_ARCHS", "80;90a;90-virtual")
         nvcc = find_nvcc() if mode != "0" else None
         if nvcc is None and mode == "1":
             raise RuntimeError("RESBM_CUDA=1 but nvcc was not found (set CUDA_HOME)")

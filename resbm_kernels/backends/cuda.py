@@ -17,7 +17,7 @@ sources by ``csrc/emu``; slow, for tests), as Triton's kernels run under
 ``TRITON_INTERPRET=1``.
 
 On an sm_90 GPU (H100, H200) with a library built for sm_90a (the default
-``RESBM_CUDA_ARCHS="80;90a"``), encode forward and decode backward multiply on
+``RESBM_CUDA_ARCHS="80;90a;90-virtual"``), encode forward and decode backward multiply on
 the warpgroup MMA (wgmma) for bf16 / fp16 inputs with k <= 128, elsewhere on
 mma.sync; ``RESBM_CUDA_WGMMA=0`` keeps them on mma.sync (for comparison).
 
