@@ -39,8 +39,8 @@ HEADER_BYTES = 16
 CODES_ALIGN = 16
 
 SCALE_DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
-_SCALE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_NAME_TO_SCALE = {v: k for k, v in _SCALE_NAMES.items()}
+SCALE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_NAME_TO_SCALE = {v: k for k, v in SCALE_NAMES.items()}
 ROUNDINGS = ("nearest", "stochastic")
 SUPPORTED_BITS = (16, 8, 4, 2)
 
@@ -78,7 +78,7 @@ class Codec:
             raise ValueError(f"Codec: rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(
-                f"Codec: scale_dtype must be one of {list(_SCALE_NAMES)}, got {self.scale_dtype}"
+                f"Codec: scale_dtype must be one of {list(SCALE_NAMES)}, got {self.scale_dtype}"
             )
         if self.group_size is not None:
             if not isinstance(self.group_size, int) or self.group_size <= 0:
@@ -144,7 +144,7 @@ class Codec:
         if not self.quantized:
             return "bf16"
         g = "row" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits}/{g}/{_SCALE_NAMES[self.scale_dtype]}/{self.rounding}"
+        return f"int{self.bits}/{g}/{SCALE_NAMES[self.scale_dtype]}/{self.rounding}"
 
     @classmethod
     def parse(cls, spec: str | Codec) -> Codec:

@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from .codec import SCALE_DTYPES, Codec, rng_key
+from .codec import SCALE_DTYPES, SCALE_NAMES, Codec, rng_key
 
 ABI_VERSION = 5  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
 _NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so", "cuda_emu": "libresbm_cuda_emu.so"}
@@ -209,7 +209,7 @@ def _check_finite_cuda(z, codec: Codec, scales_out) -> None:
     if codec.quantized:
         raise RuntimeError(
             f"resbm_cuda_quantize_pack: scale overflow: an activation absmax does not fit the "
-            f"{codec.spec.split('/')[2]} scale"  # the spec's scale dtype name, as the CPU library says it
+            f"{SCALE_NAMES[codec.scale_dtype]} scale"
         )
 
 

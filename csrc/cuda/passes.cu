@@ -369,9 +369,9 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
 // each stage's x and weight tiles laid out as wgmma's core matrices (no swizzle) and
 // multiplied from shared memory, so no thread loads fragments. Chunk q (16 bytes) of a
 // stage's tile sits at byte 16 q, with q = 64 (row / 8) + 8 chunk + row % 8: the 8 rows of
-// a core matrix 16 bytes apart (LBO 128 along k, SBO 1024 along the rows); thread `tid`
-// copies column chunk (tid / 8) % 8 of rows 16 j + 8 (tid / 64) + tid % 8 to byte
-// 2048 j + 16 tid (a warp: 8 rows x 64 contiguous bytes, 4 whole core matrices).
+// a core matrix 16 bytes apart (LBO = 128 bytes along k, SBO = 1024 along the rows); thread
+// `tid` copies column chunk (tid / 8) % 8 of rows 16 j + 8 (tid / 64) + tid % 8 to byte
+// 2 SBO j + 16 tid (a warp: 8 rows x 64 contiguous bytes, 4 whole core matrices).
 // With want_sumsq, sumsq[h] of lane t = 0 of each quad holds the full sum of squares of
 // row 16 wm + g + 8 h (the other lanes 0), so that quad_sum gives it as in project_loop.
 template <int DT, int KPAD>
@@ -388,6 +388,7 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
                 "one warpgroup, 64 rows, 128-byte rows of 16-bit elements");
   constexpr int S = C::PS;
   constexpr size_t X_STAGE = C::X_BYTES / S, W_STAGE = C::W_BYTES;  // (dense tiles fit both)
+  constexpr uint32_t LBO = 128, SBO = 8 * LBO;  // the next core matrix along k / along the rows
   unsigned char* xs = smem;
   unsigned char* ws = smem + C::X_BYTES;
   const int tid = threadIdx.x;
@@ -404,14 +405,14 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
 #pragma unroll
     for (int j = 0; j < C::BN / 16; ++j) {
       const bool ok = col_ok && 16 * j < rows_left;
-      cp_async16(xs + buf * X_STAGE + 2048 * j + 16 * tid, ok ? x_src + j * step + col : a, ok ? 16 : 0);
+      cp_async16(xs + buf * X_STAGE + 2 * SBO * j + 16 * tid, ok ? x_src + j * step + col : a, ok ? 16 : 0);
     }
 #pragma unroll
     for (int j = 0; j < KPAD / 16; ++j)
-      cp_async16(ws + buf * W_STAGE + 2048 * j + 16 * tid, col_ok ? w_src + j * step + col : w_g, col_ok ? 16 : 0);
+      cp_async16(ws + buf * W_STAGE + 2 * SBO * j + 16 * tid, col_ok ? w_src + j * step + col : w_g, col_ok ? 16 : 0);
   };
-  // the sums of squares: thread tid takes row tid % 64, chunks 4 (tid / 64) .. + 3 (128 bytes apart)
-  const int sq_row = tid % 64, sq_offset = 16 * (64 * (sq_row / 8) + 32 * (tid / 64) + sq_row % 8);
+  // the sums of squares: thread tid takes row tid % 64, chunks 4 (tid / 64) .. + 3 (LBO apart)
+  const int sq_row = tid % 64, sq_offset = (sq_row / 8) * SBO + 4 * (tid / 64) * LBO + 16 * (sq_row % 8);
   float sq = 0.0f;
   cp_async_pipeline<S, true>(tiles, issue, [&](int64_t, int buf) {
     const unsigned char* xt = xs + buf * X_STAGE;
@@ -419,12 +420,12 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < C::BD / 16; ++ks)  // k steps of 16: chunks 2 ks, 2 ks + 1
-      wgmma<DT, KPAD>(acc, wgmma_desc(xt + 256 * ks, 128, 1024), wgmma_desc(wt + 256 * ks, 128, 1024));
+      wgmma<DT, KPAD>(acc, wgmma_desc(xt + 2 * LBO * ks, LBO, SBO), wgmma_desc(wt + 2 * LBO * ks, LBO, SBO));
     wgmma_commit();
     if (want_sumsq) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(xt + sq_offset + 128 * i);
+        const uint4 raw = *reinterpret_cast<const uint4*>(xt + sq_offset + LBO * i);
         const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {

@@ -370,34 +370,41 @@ void cp_async_wait(int pending) {
 
 namespace {
 
-// Element (row, kk) of a k-major operand in shared memory through its descriptor (no
-// swizzle): 8 x 16-byte core matrices, LBO apart along k, SBO apart along the rows.
-bool operand_element(uint64_t desc, int row, int kk, uint16_t* out) {
-  const size_t start = size_t(desc & 0x3FFF) << 4, lbo = size_t((desc >> 16) & 0x3FFF) << 4,
-               sbo = size_t((desc >> 32) & 0x3FFF) << 4;
-  if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0) {
-    fault("wgmma descriptor with a swizzle mode or base offset (the emulator knows no swizzle)", nullptr);
-    return false;
+// A k-major wgmma operand in shared memory as its descriptor lays it out (no swizzle):
+// 8 x 16-byte core matrices, LBO bytes apart along k and SBO apart along the rows.
+struct WgmmaOperand {
+  size_t start, lbo, sbo;
+
+  explicit WgmmaOperand(uint64_t desc)
+      : start(size_t(desc & 0x3FFF) << 4), lbo(size_t((desc >> 16) & 0x3FFF) << 4),
+        sbo(size_t((desc >> 32) & 0x3FFF) << 4) {
+    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0)
+      fault("wgmma descriptor with a swizzle mode or base offset (the emulator knows no swizzle)", nullptr);
   }
-  const size_t at = start + size_t(row / 8) * sbo + size_t(kk / 8) * lbo + size_t(row % 8) * 16 + size_t(kk % 8) * 2;
-  if (at + 2 > g_launch.smem_bytes) {
-    fault("wgmma operand outside shared memory", g_launch.smem.data.get() + at);
-    return false;
+
+  // Element (row, kk); 0 (and a fault) outside shared memory.
+  uint16_t at(int row, int kk) const {
+    const size_t byte = start + size_t(row / 8) * sbo + size_t(kk / 8) * lbo + size_t(row % 8) * 16 + size_t(kk % 8) * 2;
+    uint16_t v = 0;
+    if (byte + 2 > g_launch.smem_bytes)
+      fault("wgmma operand outside shared memory", g_launch.smem.data.get() + byte);
+    else
+      std::memcpy(&v, g_launch.smem.data.get() + byte, 2);
+    return v;
   }
-  std::memcpy(out, g_launch.smem.data.get() + at, 2);
-  return true;
-}
+};
 
 // This thread's operand elements of a wgmma: A rows 16 w + g (+ 8), B columns 8 j + 2 t (+ 1).
 std::vector<uint16_t> wgmma_operands(const Fiber& f, int n, uint64_t desc_a, uint64_t desc_b) {
   const int lane = int(f.linear % 32), w = int(f.linear / 32) % 4, g = lane / 4, t = lane % 4;
-  std::vector<uint16_t> v(size_t(2 + n / 4) * 16);
-  uint16_t* out = v.data();
+  const WgmmaOperand a(desc_a), b(desc_b);
+  std::vector<uint16_t> v;
+  v.reserve(size_t(2 + n / 4) * 16);
   for (int h = 0; h < 2; ++h)
-    for (int kk = 0; kk < 16; ++kk) operand_element(desc_a, 16 * w + g + 8 * h, kk, out++);
+    for (int kk = 0; kk < 16; ++kk) v.push_back(a.at(16 * w + g + 8 * h, kk));
   for (int j = 0; j < n / 8; ++j)
     for (int c = 0; c < 2; ++c)
-      for (int kk = 0; kk < 16; ++kk) operand_element(desc_b, 8 * j + 2 * t + c, kk, out++);
+      for (int kk = 0; kk < 16; ++kk) v.push_back(b.at(8 * j + 2 * t + c, kk));
   return v;
 }
 
@@ -432,8 +439,8 @@ void wgmma(float* d, int n, int dtype, uint64_t desc_a, uint64_t desc_b) {
 void wgmma_commit() { running().wgmmas.commit(); }
 
 void wgmma_wait(int pending) {
-  const Fiber& f = running();
-  running().wgmmas.wait(pending, [&](const Wgmma& op) { complete(f, op); });
+  Fiber& f = running();
+  f.wgmmas.wait(pending, [&](const Wgmma& op) { complete(f, op); });
 }
 
 }  // namespace resbm_emu
