@@ -115,6 +115,17 @@ def ids(v):
     return v.spec if isinstance(v, Codec) else str(v).replace("torch.", "")
 
 
+def to_device(obj, device):
+    """Tensors in ``obj`` (a tensor, or a tuple / list / dict of them) on ``device``; the rest as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {key: to_device(value, device) for key, value in obj.items()}
+    return obj
+
+
 def exact(*shape, dtype, scale=0.25, gen, device="cpu"):
     """Random non-zero small integers times a power of two: every product and
     sum of these is exact in fp32 in any order, so fused GEMMs give the

@@ -29,7 +29,7 @@ from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats  
 from helpers import check_passes_do_not_synchronise  # noqa: E402
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC  # noqa: E402
 from helpers import exact_finish_case, finish_weight_grad_reference  # noqa: E402
-from helpers import NO_WORK_OPS, training_pass_calls  # noqa: E402
+from helpers import NO_WORK_OPS, to_device, training_pass_calls  # noqa: E402
 from helpers import ids as _ids  # noqa: E402
 from helpers import rel_tol as tol  # noqa: E402
 from resbm_kernels.codec import Codec  # noqa: E402
@@ -57,19 +57,11 @@ def interpreter_split_rule(monkeypatch):
     monkeypatch.setattr(tb.configs, "programs_at_once", lambda device: 4)
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    return obj
-
-
 def triton_call(fn, *args, **kwargs):
     """Run an op on the Triton backend on DEVICE; tensors come back on the CPU."""
     with use_backend("triton"):
-        out = fn(*_to(args, DEVICE), **{k: _to(v, DEVICE) for k, v in kwargs.items()})
-    return _to(out, "cpu")
+        out = fn(*to_device(args, DEVICE), **to_device(kwargs, DEVICE))
+    return to_device(out, "cpu")
 
 
 # ---- encode forward -------------------------------------------------------------------
@@ -381,7 +373,7 @@ def test_finish_weight_grad_exact(layout, dtype):
     partial, transpose, w_e, gamma = exact_finish_case(layout, dtype)
     want = finish_weight_grad_reference(partial, dtype, w_e, gamma)
     encoder = (w_e.to(DEVICE), gamma.to(DEVICE)) if gamma is not None else ()
-    got = _to(tb._finish_weight_grad(partial.to(DEVICE), transpose, dtype, *encoder), "cpu")
+    got = to_device(tb._finish_weight_grad(partial.to(DEVICE), transpose, dtype, *encoder), "cpu")
     assert got[0].dtype == dtype and torch.equal(got[0], want[0]), "gradient"
     if gamma is not None:
         assert torch.equal(got[1], want[1]), "grad_gamma"
