@@ -52,7 +52,7 @@ PASS_KERNELS = {
     "encode_forward": ("project_quantize",),
     "decode_forward": ("dequant_project",),
     "decode_backward": ("project_quantize", "weight_grad"),
-    "encode_backward": ("grad_operand", "weight_grad_x"),
+    "encode_backward": ("grad_operand", "dequant_project", "weight_grad"),
 }
 # 16 warps (for tiles of at least 128 x 64): four warpgroups, so a (128, k=128) accumulator takes
 # the 64x64 wgmma shape at 32 registers per thread (with 8 warps it is one 64x128 per warpgroup
@@ -65,19 +65,21 @@ REGISTERS_PER_SM = 65536
 def candidates(kernel: str, k: int, smem_limit: int, maxnregs=(0,)) -> list:
     """The grid's configs that the backend's estimates do not rule out for this
     kernel, each under every register limit in ``maxnregs`` (0: none)."""
-    kind, grad_x = TILE_KINDS[kernel]
+    kind = TILE_KINDS[kernel]
     table = itertools.product(*GRID.values())
     return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=r or None)
             for c in configs.gpu_configs(table) for r in maxnregs
-            if configs.tile_regs(c, _block_k(k), kind, grad_x) <= 2 * configs.MAX_TILE_REGS[kind]
-            and configs.smem_bytes(c, _block_k(k), 2, kind, grad_x) <= smem_limit
+            if configs.tile_regs(c, _block_k(k), kind) <= 2 * configs.MAX_TILE_REGS[kind]
+            and configs.smem_bytes(c, _block_k(k), 2, kind) <= smem_limit
             and r < REGISTERS_PER_SM // (32 * c.num_warps)  # (a limit the warps imply anyway: no variant)
             and (c.num_warps < 16 or c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] >= 128 * 64)]  # 16 warps: big tiles
 
 
-def first_config(kernel: str, k: int, smem_limit: int):
-    """The config the backend launches untuned (RESBM_TRITON_AUTOTUNE=0)."""
-    return configs.launchable(KERNELS[kernel].configs, _block_k(k), 2, smem_limit, *TILE_KINDS[kernel])[0]
+def first_config(pass_: str, kernel: str, k: int, smem_limit: int):
+    """The config the backend launches untuned (RESBM_TRITON_AUTOTUNE=0) in ``pass_``
+    (encode backward's grad_x, through RMSNorm, also holds an x tile)."""
+    x_tile = pass_ == "encode_backward" and TILE_KINDS[kernel] == "dequant"
+    return configs.launchable(KERNELS[kernel].configs, _block_k(k), 2, smem_limit, TILE_KINDS[kernel], x_tile)[0]
 
 
 def label(c) -> str:
@@ -191,7 +193,7 @@ def sweep(args, dev, smem_limit) -> list[dict]:
             ref = _comparable(case, _call(case, None, w, per_set[0]))
         nbytes = roofline(case)[0]
         for kernel in PASS_KERNELS[pass_]:
-            first = first_config(kernel, k, smem_limit)
+            first = first_config(pass_, kernel, k, smem_limit)
             for c in [first] + [c for c in candidates(kernel, k, smem_limit, args.maxnreg) if label(c) != label(first)]:
                 if time.monotonic() > deadline:
                     print(f"{pass_} k={k} N={n} bits={bits}: its share of the budget is used, next group", flush=True)

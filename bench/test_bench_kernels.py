@@ -216,18 +216,17 @@ def roofline(case: KernelCase) -> tuple[int, int]:
 
 def design_bytes(case: KernelCase) -> int | None:
     """Bytes the Triton and CUDA kernels move by design (None for the other
-    backends): the roofline, plus decode backward's second read of grad_h
-    (its weight-gradient pass), plus for the CUDA encode backward a second
-    read of x (its weight gradient is a separate pass; the Triton one forms it
-    from the x tiles that give grad_x). Triton's (N, k) GEMM operand Z (bf16)
-    is also written and read once by both backward passes. Not counted: the
+    backends): the roofline, plus the backward passes' second read of their big
+    input (grad_h, x: the weight gradient is a pass of its own). Triton's (N, k)
+    GEMM operand Z (bf16) is also written and read once by both backward
+    passes. Not counted: the
     weight gradients' fp32 partials, one (k, d) per row split, written and
     summed (up to 8 splits: 32 MB at N=16384, d=4096, k=128, next to 268 MB
     of roofline; small enough to stay in L2, so counting them could flatter)."""
     if case.backend not in ("triton", "cuda"):
         return None
     big = case.N * case.d * 2
-    extra = {"decode_backward": big, "encode_backward": 0 if case.backend == "triton" else big}.get(case.pass_, 0)
+    extra = big if case.pass_ in ("decode_backward", "encode_backward") else 0
     if case.backend == "triton" and case.pass_ in ("decode_backward", "encode_backward"):
         extra += 2 * case.N * case.k * 2
     return roofline(case)[0] + extra

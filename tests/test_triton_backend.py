@@ -613,34 +613,30 @@ def test_config_pruning(monkeypatch, autotune):
     monkeypatch.setattr(cfg, "AUTOTUNE", autotune)
     bf16 = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "w_ptr": torch.empty(1, dtype=torch.bfloat16)}
     tables = dict(project_quantize=cfg.GPU_PROJECT, grad_operand=cfg.GPU_PROJECT, dequant_project=cfg.GPU_DEQUANT,
-                  weight_grad=cfg.GPU_WGRAD, weight_grad_x=cfg.GPU_WGRAD_X)
+                  weight_grad=cfg.GPU_WGRAD)
     assert tables.keys() == tb.KERNELS.keys() == tb.TILE_KINDS.keys()
-    for name, (kind, grad_x) in tb.TILE_KINDS.items():
+    for name, kind in tb.TILE_KINDS.items():
         configs = cfg.gpu_configs(tables[name])
         prune = cfg._pruner(kind, dequant=kind != "project", operand="a_ptr")
-        assert cfg.launchable(configs, 16, 2, 232448, kind, grad_x) == configs  # every config fits k=16 on an H100
-        fits = cfg.launchable(configs, 16, 2, cfg.SMEM_FALLBACK, kind, grad_x)  # CPU tensors: the fallback limit
-        assert prune(configs, bf16, BLOCK_K=16, GRAD_X=grad_x) == (fits if autotune else fits[:1])
-        assert prune(configs, bf16, BLOCK_K=1024, GRAD_X=grad_x) == configs[-1:]  # none fits: the fallback
+        assert cfg.launchable(configs, 16, 2, 232448, kind) == configs  # every config fits k=16 on an H100
+        fits = cfg.launchable(configs, 16, 2, cfg.SMEM_FALLBACK, kind)  # CPU tensors: the fallback limit
+        assert prune(configs, bf16, BLOCK_K=16) == (fits if autotune else fits[:1])
+        assert prune(configs, bf16, BLOCK_K=1024) == configs[-1:]  # none fits: the fallback
         for block_k in (32, 64, 128, 256):
             for limit in (48 * 1024, 232448):
-                kept = cfg.launchable(configs, block_k, 2, limit, kind, grad_x)
+                kept = cfg.launchable(configs, block_k, 2, limit, kind)
                 assert kept
                 for c in kept:
                     bn, bd = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
                     tiles = bn * (bd + block_k) if kind == "wgrad" else (bn + block_k) * bd
                     in_registers = {"project": bn * block_k, "dequant": bn * block_k + bn * bd,
-                                    "wgrad": bd * block_k + (bn * bd if grad_x else 0)}[kind]
+                                    "wgrad": bd * block_k}[kind]
                     regs = in_registers / (32 * c.num_warps)
-                    # grad_x: also the weight tile (bf16) and an fp32 (BLOCK_N, BLOCK_D) tile
-                    smem = c.num_stages * tiles * 2 + (block_k * bd * 2 + bn * bd * 4 if grad_x else 0)
-                    assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[kind] and smem <= limit)
-        # before sm_90 (no wgmma) the configs measured to spill there are left out
-        for block_k in (32, 64, 128):
-            on_sm80 = cfg.launchable(configs, block_k, 2, 166912, kind, grad_x, arch=80)
-            kept_to_sm90 = cfg.WGMMA_ONLY.get((kind, grad_x), set())
-            assert not {cfg._row(c) for c in on_sm80 if c is not configs[-1]} & kept_to_sm90
-    # writing grad_x too needs more registers and shared memory: fewer of the same configs fit at k=128
-    wgrad = cfg.gpu_configs(cfg.GPU_WGRAD_X)
-    with_grad_x = cfg.launchable(wgrad, 128, 2, 232448, "wgrad", True)
-    assert set(with_grad_x) < set(cfg.launchable(wgrad, 128, 2, 232448, "wgrad"))
+                    assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[kind] and c.num_stages * tiles * 2 <= limit)
+    # encode backward's grad_x through RMSNorm also holds an x tile: fewer decode configs fit
+    dequant = cfg.gpu_configs(cfg.GPU_DEQUANT)
+    assert set(cfg.launchable(dequant, 64, 2, 232448, "dequant", x_tile=True)) < \
+        set(cfg.launchable(dequant, 64, 2, 232448, "dequant"))
+    with_x = cfg.launchable(dequant, 64, 2, cfg.SMEM_FALLBACK, "dequant", x_tile=True)
+    prune = cfg._pruner("dequant", dequant=True, operand="w_ptr")
+    assert prune(dequant, bf16, BLOCK_K=64, HAS_NORM=True) == (with_x if autotune else with_x[:1])

@@ -11,21 +11,24 @@ Kernels (one family per module):
 - :mod:`.project_quantize`: encode forward and decode backward (read the
   (N, d) input once, write codes + scales into the payload);
 - :mod:`.dequant_project`: decode forward (read the payload, write the (N, d)
-  output once);
+  output once), and encode backward's grad_x (the same with x read once);
 - :mod:`.weight_grad`: the weight gradients, a d-tile-major pass over the
   (N, d) input that reduces over rows, its (N, k) operand Z being the
-  dequantized payload scaled per row; for encode backward the same pass also
-  writes grad_x; a small second kernel sums its per-split partials;
-- :mod:`.grad_operand`: encode backward's Z and per-row RMSNorm term, from
+  dequantized payload scaled per row; a small second kernel sums its
+  per-split partials;
+- :mod:`.grad_operand`: encode backward's Z and per-row RMSNorm terms, from
   the gradient payload (and with the norm, one read of x);
 - :mod:`.codec`: the per-element codec helpers all of them share;
 - :mod:`.tiles`, :mod:`.configs`: shared GEMM tile helpers, launch configs.
 
 Reads of the big (N, d) tensor: encode forward and decode forward once;
-decode backward twice (its main kernel needs whole rows of g_z to quantize,
-the weight gradient is a second pass); encode backward once, except through
-RMSNorm without the row statistics encode forward can return (``row_stats``:
-then a first pass over x recomputes them).
+decode backward and encode backward twice (the weight gradient is a second,
+d-tile-major pass: decode backward's main kernel needs whole rows of g_z to
+quantize; encode backward's grad_x is a rows kernel, which on the H200 ran
+the forward passes' structure at 50-85 % of copy bandwidth where one
+d-tile-major pass writing grad_x too reached 22-44 %), and through RMSNorm
+without the row statistics encode forward can return (``row_stats``) once
+more to recompute them.
 
 Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
 fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs
@@ -52,15 +55,13 @@ from .codec import KIND_BF16, KIND_F16, KIND_F32
 from .dequant_project import dequant_project_kernel
 from .grad_operand import grad_operand_kernel
 from .project_quantize import finish_rows_kernel, project_quantize_kernel
-from .weight_grad import finish_weight_grad_kernel, weight_grad_kernel, weight_grad_x_kernel
+from .weight_grad import finish_weight_grad_kernel, weight_grad_kernel
 
 # the autotuned kernels by name (the benchmarks and the static check enumerate them)
 KERNELS = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
-               grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel,
-               weight_grad_x=weight_grad_x_kernel)
-# each one's register model (configs.tile_regs kind) and whether it writes grad_x
-TILE_KINDS = dict(project_quantize=("project", False), dequant_project=("dequant", False),
-                  grad_operand=("project", False), weight_grad=("wgrad", False), weight_grad_x=("wgrad", True))
+               grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel)
+# each one's register model (configs.tile_regs kind)
+TILE_KINDS = dict(project_quantize="project", dequant_project="dequant", grad_operand="project", weight_grad="wgrad")
 
 FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
@@ -194,11 +195,9 @@ def _weight_operand(n: int, k: int, dtype, device):
     return fast.empty((n, k), torch.bfloat16 if dtype == torch.bfloat16 else torch.float32, device)
 
 
-def _weight_grad(a, z, transpose: bool, encoder=None):
+def _weight_grad(a, z, transpose: bool):
     """fp32 per-split partials of z^T a: (splits, k, d), or (splits, d, k) if
-    transpose (see :func:`_finish_weight_grad`). For encode backward ``encoder =
-    (grad_x, w_e, gamma, alpha, payload, grad_codec)``: the same pass also fills
-    grad_x (see :mod:`.weight_grad`)."""
+    transpose (see :func:`_finish_weight_grad`)."""
     n, d = a.shape
     k = z.shape[1]
     # one split under the interpreter (its cost grows with the number of programs)
@@ -207,21 +206,9 @@ def _weight_grad(a, z, transpose: bool, encoder=None):
     if n == 0:
         return partial[:0]
     stride_ok, stride_od = (1, k) if transpose else (d, 1)
-    if encoder is None:
-        gx, w, gamma, alpha, codes, scales, group, bits = a, a, a, a, a, a, 1, 16  # unused
-        w_strides, flags = (0, 0), dict(GRAD_X=False, HAS_NORM=False, OUT_KIND=0)
-    else:
-        gx, w, gamma, alpha, payload, codec = encoder
-        codes, scales = _payload_args(payload, codec, n, k)
-        group, bits = codec.group(k), codec.bits
-        w_strides = (w.stride(0), w.stride(1))
-        flags = dict(GRAD_X=True, HAS_NORM=gamma is not None, OUT_KIND=_KINDS[gx.dtype])
-        gamma, alpha = (gamma, alpha) if gamma is not None else (a, a)
-    kernel = weight_grad_kernel if encoder is None else weight_grad_x_kernel
-    kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
-        a, z, partial, w, gamma, alpha, codes, scales, gx,
-        n, d, k, group, a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od, *w_strides, gx.stride(0),
-        BITS=bits, BLOCK_K=_block_k(k), **flags, **_common(a.device),
+    weight_grad_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
+        a, z, partial, n, d, k, a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od,
+        BLOCK_K=_block_k(k), **_common(a.device),
     )
     return partial
 
@@ -257,42 +244,46 @@ def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
     return out, grad_gamma
 
 
-def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype, residual=None):
-    """out (n, d) = zhat @ W + pad_d(zhat) (+ residual)."""
+def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype, residual=None,
+                     norm=None):
+    """out (n, d) = zhat @ W + pad_d(zhat) (+ residual); ``norm = (x, r, gamma,
+    alpha)`` (encode backward through RMSNorm): gamma * ((r * zhat) @ W) -
+    alpha * x + pad_d(zhat)."""
     out = fast.empty((n, d), out_dtype, w.device)
     if n == 0:
         return out
     codes, scales = _payload_args(payload, codec, n, k)
+    res = norm[0] if norm is not None else residual
+    r, gamma, alpha = norm[1:] if norm is not None else (out, out, out)  # (unused without the norm)
     splits = configs.d_splits(n, d, w.device)  # small N: each program a run of d (output columns are independent)
     dequant_project_kernel[_rows_grid(n, splits)](
-        codes, scales, w, residual if residual is not None else out, out,
-        n, d, k, codec.group(k), *w_strides, residual.stride(0) if residual is not None else 0, out.stride(0),
-        BITS=codec.bits, HAS_RES=residual is not None, OUT_KIND=_KINDS[out_dtype], SPLIT_D=splits > 1,
-        BLOCK_K=_block_k(k), **_common(w.device),
+        codes, scales, w, res if res is not None else out, out, r, gamma, alpha,
+        n, d, k, codec.group(k), *w_strides, res.stride(0) if res is not None else 0, out.stride(0),
+        BITS=codec.bits, HAS_RES=residual is not None, HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype],
+        SPLIT_D=splits > 1, BLOCK_K=_block_k(k), **_common(w.device),
     )
     return out
 
 
 def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps, stats):
-    """Encode backward's (Z, alpha): Z = r * g_z (n, k) and, through RMSNorm,
-    alpha (n,) fp32 (None without it), from encode forward's row ``stats``
-    when given, else from a pass over x; see :mod:`.grad_operand`."""
+    """Encode backward's (Z, r, alpha): Z = r * g_z (n, k) and, through RMSNorm,
+    r = 1/rms(x) and alpha (n,) fp32 (None without it), from encode forward's
+    row ``stats`` when given, else from a pass over x; see :mod:`.grad_operand`."""
     n, d = x.shape
     k = w_e.shape[0]
     z = _weight_operand(n, k, x.dtype, x.device)
-    alpha = fast.empty((n,), torch.float32, x.device) if gamma is not None else None
+    r, alpha = (fast.empty((n,), torch.float32, x.device) for _ in range(2)) if gamma is not None else (None, None)
     if n == 0:
-        return z, alpha
+        return z, r, alpha
     codes, scales = _payload_args(grad_payload, codec, n, k)
     has_stats = stats is not None  # (the ops accept them only with the norm)
     w = _fold_norm(w_e, gamma, x.dtype) if gamma is not None and not has_stats else w_e
     grad_operand_kernel[_rows_grid(n)](
-        codes, scales, x, w, stats if has_stats else z, z,
-        alpha if alpha is not None else z,
+        codes, scales, x, w, stats if has_stats else z, z, r if r is not None else z, alpha if alpha is not None else z,
         n, d, k, codec.group(k), x.stride(0), w.stride(0), w.stride(1), stats.stride(0) if has_stats else 0, eps,
         BITS=codec.bits, HAS_NORM=gamma is not None, HAS_STATS=has_stats, BLOCK_K=_block_k(k), **_common(x.device),
     )
-    return z, alpha
+    return z, r, alpha
 
 
 # ---- the four passes (reference signatures) --------------------------------------------
@@ -328,7 +319,9 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     k = w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     _group_reshape(grad_codec, k)
-    z, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
-    grad_x = fast.empty((n, d), x.dtype, x.device)
-    partial = _weight_grad(x, z, transpose=False, encoder=(grad_x, w_e, norm_weight, alpha, grad_payload, grad_codec))
+    z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
+    norm = (x, r, norm_weight, alpha) if norm_weight is not None else None
+    grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
+                              norm=norm)
+    partial = _weight_grad(x, z, transpose=False)
     return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))

@@ -42,53 +42,39 @@ def gpu_configs(table):
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bn, bd, w, s in table]
 
 
-def tile_regs(config, block_k, kind, grad_x=False):
+def tile_regs(config, block_k, kind, x_tile=False):
     """Registers per thread of the fp32 tiles a ``kind`` of kernel holds:
     "project" (project_quantize, grad_operand) its (BLOCK_N, k) accumulator;
     "dequant" (dequant_project) its (BLOCK_N, k) dequantized operand and
-    (BLOCK_N, BLOCK_D) output tile; "wgrad" (weight_grad) its (k, BLOCK_D)
-    accumulator, plus the (BLOCK_N, BLOCK_D) grad_x tile when it writes grad_x."""
+    (BLOCK_N, BLOCK_D) output tile, and with ``x_tile`` (encode backward's
+    grad_x through RMSNorm) the x tile beside it; "wgrad" (weight_grad) its
+    (k, BLOCK_D) accumulator."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-    elems = {"project": bn * block_k, "dequant": bn * (block_k + bd),
-             "wgrad": bd * block_k + (bn * bd if grad_x else 0)}[kind]
+    elems = {"project": bn * block_k, "dequant": bn * (block_k + bd * (2 if x_tile else 1)),
+             "wgrad": bd * block_k}[kind]
     return elems // (32 * config.num_warps)
 
 
-def smem_bytes(config, block_k, elem_bytes, kind, grad_x=False):
+def smem_bytes(config, block_k, elem_bytes, kind):
     """Upper estimate of a config's shared memory: ``num_stages`` copies of the
     (BLOCK_N + BLOCK_K) x BLOCK_D tiles (rows kernels: input and weight) or
     BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and Z),
     plus a quarter for layout scratch, plus for the rows kernels one
     (BLOCK_N, k) fp32 tile staged through shared memory (a register operand of
-    wgmma, the epilogue's layout change), for the weight gradient writing
-    grad_x its weight tile and one fp32 (BLOCK_N, BLOCK_D) tile.
+    wgmma, the epilogue's layout change).
     tests/test_triton_static.py checks it bounds the compiled kernels."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
     if kind == "wgrad":
-        extra = block_k * bd * elem_bytes + bn * bd * 4 if grad_x else 0
-        return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4 + extra
+        return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4
     return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + bn * block_k * 4
 
 
-def launchable(configs, block_k, elem_bytes, smem_limit, kind, grad_x=False, arch=90):
-    """The configs that fit (registers and shared memory) on sm_``arch``, else the last one."""
+def launchable(configs, block_k, elem_bytes, smem_limit, kind, x_tile=False):
+    """The configs that fit (registers and shared memory), else the last one."""
     fit = [c for c in configs
-           if tile_regs(c, block_k, kind, grad_x) <= MAX_TILE_REGS[kind]
-           and smem_bytes(c, block_k, elem_bytes, kind, grad_x) <= smem_limit
-           and (arch >= 90 or _row(c) not in WGMMA_ONLY.get((kind, grad_x), ()))]
+           if tile_regs(c, block_k, kind, x_tile) <= MAX_TILE_REGS[kind]
+           and smem_bytes(c, block_k, elem_bytes, kind) <= smem_limit]
     return fit or configs[-1:]
-
-
-def _row(config):
-    return config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"], config.num_warps, config.num_stages
-
-
-def device_arch(device) -> int:
-    """Compute capability of a CUDA device as one number (90 for sm_90)."""
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
 
 
 def smem_limit(device) -> int:
@@ -133,10 +119,9 @@ def _pruner(kind, dequant, operand):
     def prune(configs, named_args, **kwargs):
         block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
         t = named_args[operand]
-        limit, arch = (smem_limit(t.device), device_arch(t.device)) if t.is_cuda else (SMEM_FALLBACK, 90)
-        elem = operand_bytes(t.dtype, dequant)
-        grad_x = bool(kwargs.get("GRAD_X", named_args.get("GRAD_X", False)))
-        kept = launchable(configs, block_k, elem, limit, kind, grad_x, arch)
+        limit = smem_limit(t.device) if t.is_cuda else SMEM_FALLBACK
+        x_tile = kind == "dequant" and kwargs.get("HAS_NORM", named_args.get("HAS_NORM", False))
+        kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, x_tile)
         return kept if AUTOTUNE else kept[:1]
     return prune
 
@@ -147,25 +132,19 @@ def _pruner(kind, dequant, operand):
 # (BLOCK_N, k) accumulators above 32 registers spill (64x64 w4 at k=128: 18 instructions), and two such
 # configs gave encode forward k=128 results outside tolerance on the H200 (Triton 3.6; cause not found).
 GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 8, 3))
-# dequant_project: decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
+# dequant_project (decode forward; encode backward's grad_x too, not swept): decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
 # 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32
 GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3))
-# weight_grad of decode backward: 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
+# weight_grad (decode backward's, swept; encode backward's too): 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
 GPU_WGRAD = ((128, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3), (64, 32, 8, 2))
-# weight_grad writing grad_x (encode backward): 162.9 / 210.3 (was 197.9 / 239.6)
-GPU_WGRAD_X = ((128, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (64, 32, 8, 3), (64, 32, 8, 2))
-# configs kept to sm_90 and later, by (kind, grad_x): compiled for sm_80 (mma.sync in place of
-# wgmma) the first two of GPU_WGRAD_X spill at k=32 / k=64 (tests/test_triton_static.py)
-WGMMA_ONLY = {("wgrad", True): {(128, 64, 4, 3), (64, 64, 8, 3)}}
-GPU_TABLES = dict(project=GPU_PROJECT, dequant=GPU_DEQUANT, wgrad=GPU_WGRAD, wgrad_x=GPU_WGRAD_X)
+GPU_TABLES = dict(project=GPU_PROJECT, dequant=GPU_DEQUANT, wgrad=GPU_WGRAD)
 INTERPRET_BLOCKS = (64, 128)
 
 # the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are
 # ignored); SPLIT_D too: a small-N d split runs a short loop per program and tunes apart
-_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "GRAD_X", "WRITE_STATS", "HAS_STATS",
-        "SPLIT_D"]
+_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "WRITE_STATS", "HAS_STATS", "SPLIT_D"]
 
 
 # for the kernels that loop over d in BLOCK_D tiles: whole tiles need no column test
@@ -180,4 +159,3 @@ def _autotune(table, kind, dequant, operand):
 autotune_project = _autotune(GPU_PROJECT, "project", dequant=False, operand="a_ptr")
 autotune_dequant = _autotune(GPU_DEQUANT, "dequant", dequant=True, operand="w_ptr")
 autotune_wgrad = _autotune(GPU_WGRAD, "wgrad", dequant=True, operand="a_ptr")
-autotune_wgrad_x = _autotune(GPU_WGRAD_X, "wgrad", dequant=True, operand="a_ptr")

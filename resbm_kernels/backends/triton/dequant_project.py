@@ -1,6 +1,11 @@
 """Decode forward: read a payload, dequantize it in registers and expand it to
 d channels on tensor cores, writing the big (N, d) output exactly once.
 
+Encode backward's grad_x is the same work on the gradient payload with W_e
+(same tiles, the input x in place of the residual): through RMSNorm
+(HAS_NORM) the operand is scaled per row by r = 1/rms(x), the product per
+column by gamma, and x enters times -alpha per row (see :mod:`.grad_operand`).
+
 Grid: (row blocks of BLOCK_N, d splits); the (BLOCK_N, k) dequantized tile stays
 in registers while the program walks its share of d in BLOCK_D tiles. Output
 columns are independent, so when there are fewer row blocks than the device
@@ -20,23 +25,33 @@ from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
 @even_d
 @triton.jit(do_not_specialize=["n"])
 def dequant_project_kernel(
-    codes_ptr, scales_ptr, w_ptr, res_ptr, out_ptr,
+    codes_ptr, scales_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr,
     n, d, k, group, stride_wk, stride_wd, stride_res, stride_out,
-    BITS: tl.constexpr, HAS_RES: tl.constexpr, OUT_KIND: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BITS: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, OUT_KIND: tl.constexpr,
+    EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix."""
+    """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix.
+
+    HAS_NORM (encode backward through RMSNorm, residual = x):
+    out = gamma * ((r * zhat) @ W) - alpha * x + pad_d(zhat)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     d_begin, d_end = 0, d
     if SPLIT_D:
         d_begin, d_end = d_range(d, BLOCK_D)
     zhat = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
+    if HAS_NORM:
+        zhat = zhat * tl.load(r_ptr + rows, mask=rows < n, other=0.0)[:, None]
+        alpha = tl.load(alpha_ptr + rows, mask=rows < n, other=0.0)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         h = dequant_mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
+        if HAS_NORM:
+            g = tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)
+            x = load_rows(res_ptr, stride_res, rows, dcols, n, d, EVEN_D).to(tl.float32)
+            h = h * g[None, :] - x * alpha[:, None]
         if d0 < k:
             # identity path: re-dequantize the (cache-hot) payload columns d0..
             h += load_payload(codes_ptr, scales_ptr, rows[:, None], dcols[None, :], n, k, group, BITS)

@@ -7,14 +7,14 @@ Through RMSNorm (xhat = r * x, r = 1/rms(x), u = gamma * xhat, z = u @ W_e^T
     grad_x = gamma * (Z @ W_e) - alpha * x + pad_d(g_z),
     Z = r * g_z,  alpha = r^2 * (g_z . p) / d,  p = r * x @ (gamma * W_e)^T,
 
-so every grad_x tile needs only its own x tile, the (N, k) operand Z and
-the per-row alpha. This kernel computes Z and alpha: one program per
-BLOCK_N rows reads the gradient payload and, with the norm, either the row
-statistics (p, r) encode forward left (HAS_STATS) or streams x once through
-the encode forward's projection loop to recompute them. Without the norm Z
-is the dequantized g_z and x is not read. The main pass (see
-:mod:`.weight_grad`) then walks x in d tiles, writing grad_x and reducing the
-weight gradient Z^T @ x from the same tiles.
+so every grad_x tile needs only its own x tile, the payload rows, r and
+alpha per row. This kernel computes the per-row quantities and Z: one
+program per BLOCK_N rows reads the gradient payload and, with the norm,
+either the row statistics (p, r) encode forward left (HAS_STATS) or streams
+x once through the encode forward's projection loop to recompute them.
+Without the norm Z is the dequantized g_z and x is not read. Then grad_x is a
+rows kernel over x like decode forward (:mod:`.dequant_project`, HAS_NORM),
+and the weight gradient Z^T @ x a d-tile-major pass (:mod:`.weight_grad`).
 """
 
 import triton
@@ -29,13 +29,13 @@ from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 @even_d
 @triton.jit(do_not_specialize=["n"])
 def grad_operand_kernel(
-    codes_ptr, scales_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, alpha_ptr,
+    codes_ptr, scales_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, r_ptr, alpha_ptr,
     n, d, k, group, stride_a, stride_wk, stride_wd, stride_stats, eps,
     BITS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Z[rows] = r * g_z and, with the norm, alpha[rows] (A = x, W = gamma * w_e)."""
+    """Z[rows] = r * g_z and, with the norm, r[rows] and alpha[rows] (A = x, W = gamma * w_e)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     g_z = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
@@ -49,5 +49,6 @@ def grad_operand_kernel(
             p = s * r[:, None]
         alpha = tl.math.div_rn(r * r * tl.sum(g_z * p, axis=1), tl.full(r.shape, d, tl.float32))
         tl.store(alpha_ptr + rows, alpha, mask=rows < n)
+        tl.store(r_ptr + rows, r, mask=rows < n)
         g_z = g_z * r[:, None]
     store_operand(z_ptr, rows, kcols, n, k, g_z)
