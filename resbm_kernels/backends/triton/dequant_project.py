@@ -50,11 +50,8 @@ def dequant_project_kernel(
         h = dequant_mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
         if HAS_NORM:
             g = tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)
-            x = load_rows(res_ptr, stride_res, rows, dcols, n, d, EVEN_D)
-            # one FFMA per element; and (sm_90, Triton 3.8) the x tile then changes to the MMA
-            # layout as bf16, where x * alpha took it there as fp32: 277 instructions per warp
-            # and tile instead of 318, 6 barriers instead of 10 (64x64 tiles, k=32)
-            h = tl.fma(x.to(tl.float32), -alpha[:, None], h * g[None, :])
+            x = load_rows(res_ptr, stride_res, rows, dcols, n, d, EVEN_D).to(tl.float32)
+            h = h * g[None, :] - x * alpha[:, None]
         if d0 < k:
             # identity path: re-dequantize the (cache-hot) payload columns d0..
             h += load_payload(codes_ptr, scales_ptr, rows[:, None], dcols[None, :], n, k, group, BITS)
