@@ -217,7 +217,8 @@ def roofline(case: KernelCase) -> tuple[int, int]:
 def design_bytes(case: KernelCase) -> int | None:
     """Bytes the Triton and CUDA kernels move by design (None for the other
     backends): the roofline, plus the backward passes' second read of their big
-    input (grad_h, x: the weight gradient is a pass of its own). Triton's (N, k)
+    input (grad_h, x: the weight gradient is a pass of its own; encode backward
+    runs through RMSNorm here, where grad_x reads x too). Triton's (N, k)
     GEMM operand Z (bf16) is also written and read once by both backward
     passes. Not counted: the
     weight gradients' fp32 partials, one (k, d) per row split, written and

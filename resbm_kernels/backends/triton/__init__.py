@@ -22,13 +22,14 @@ Kernels (one family per module):
 - :mod:`.tiles`, :mod:`.configs`: shared GEMM tile helpers, launch configs.
 
 Reads of the big (N, d) tensor: encode forward and decode forward once;
-decode backward and encode backward twice (the weight gradient is a second,
-d-tile-major pass: decode backward's main kernel needs whole rows of g_z to
-quantize; encode backward's grad_x is a rows kernel, which on the H200 ran
-the forward passes' structure at 50-85 % of copy bandwidth where one
-d-tile-major pass writing grad_x too reached 22-44 %), and through RMSNorm
-without the row statistics encode forward can return (``row_stats``) once
-more to recompute them.
+decode backward twice; encode backward twice through RMSNorm, once without
+(grad_x then needs no x), and once more through RMSNorm without the row
+statistics encode forward can return (``row_stats``). The backward passes'
+weight gradient is a second, d-tile-major pass: decode backward's main
+kernel needs whole rows of g_z to quantize, and encode backward's grad_x is
+a rows kernel (on the H200 at N >= 16384 decode forward's rows kernel ran at
+47-85 % of copy bandwidth, one d-tile-major pass writing grad_x too at
+22-44 %).
 
 Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
 fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs
