@@ -307,6 +307,12 @@ def emulate_cuda_without_gpu(monkeypatch) -> None:
         monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
 
 
+def use_projection(monkeypatch, projection: str) -> None:
+    """The CUDA projection kernel, read per launch: "wgmma" (on sm_90 with a library
+    built for sm_90a, and on the emulator) or "mma_sync"."""
+    monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if projection == "wgmma" else "0")
+
+
 # torch ops that launch no device work (allocation and views)
 NO_WORK_OPS = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "alias", "detach", "detach_", "t",
                "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "reshape", "lift_fresh"}

@@ -36,7 +36,7 @@ from helpers import assert_close_payload, exact, normal, poison_fast_outputs, re
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
 from helpers import NO_WORK_OPS, training_pass_calls
-from helpers import CUDA_KERNELS_DEVICE, HAS_CUDA_GPU, emulate_cuda_without_gpu, needs_cuda_kernels
+from helpers import CUDA_KERNELS_DEVICE, HAS_CUDA_GPU, emulate_cuda_without_gpu, needs_cuda_kernels, use_projection
 from helpers import ids as _ids
 from helpers import rel_tol as tol
 from resbm_kernels.codec import Codec
@@ -390,10 +390,6 @@ def cuda_call(fn, *args, **kwargs):
 DTYPE_PROJECTIONS = [pytest.param(dtype, projection, id=f"{_ids(dtype)}-{projection}")
                      for dtype in DTYPES for projection in ("wgmma", "mma_sync")
                      if dtype != torch.float32 or projection == "mma_sync"]
-
-
-def use_projection(monkeypatch, projection: str) -> None:
-    monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if projection == "wgmma" else "0")
 
 
 def shape_codec_pairs(codecs):

@@ -17,7 +17,6 @@ wgmma and mma.sync). ``RESBM_RANDOM_CASES=<n>`` sets the number of examples
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -29,8 +28,8 @@ from resbm_kernels import ops
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
 from resbm_kernels.codec import HEADER_BYTES, Codec, payload_views
-from helpers import CUDA_KERNELS_DEVICE, HAS_CUDA_KERNELS, exact, normal, poison_fast_outputs, rel_err, rel_tol
-from helpers import to_device
+from helpers import CUDA_KERNELS_DEVICE, emulate_cuda_without_gpu, needs_cuda_kernels, to_device, use_projection
+from helpers import exact, normal, poison_fast_outputs, rel_err, rel_tol
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EXAMPLES = int(os.environ.get("RESBM_RANDOM_CASES", "0")) or None
@@ -41,44 +40,14 @@ BACKENDS = {("triton", None): 10, ("cuda", "wgmma"): 15, ("cuda", "mma_sync"): 1
 TRITON_GPU_EXAMPLES = 4
 
 
-def _available(backend: str) -> str | None:
-    if backend == "triton":
-        try:
-            import resbm_kernels.backends.triton  # noqa: F401
-        except ImportError as e:
-            return f"triton is not importable: {e}"
-        return None
-    return None if HAS_CUDA_KERNELS else "needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu"
-
-
-@contextlib.contextmanager
-def _environment(backend: str, projection: str | None):
-    """``backend`` selected; for CUDA, the emulator without a GPU and the wgmma or
-    mma.sync projection (the environment is read per launch)."""
-    saved = {name: os.environ.get(name) for name in ("RESBM_CUDA_EMULATE", "RESBM_CUDA_WGMMA")}
-    if backend == "cuda":
-        if CUDA_KERNELS_DEVICE == "cpu":
-            os.environ["RESBM_CUDA_EMULATE"] = "1"
-        os.environ["RESBM_CUDA_WGMMA"] = "1" if projection == "wgmma" else "0"
-    try:
-        with use_backend(backend):
-            yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def fast_backend(backend: str, projection: str | None):
+def fast_backend(backend: str):
     """(device, call): ``call(fn, *args, **kwargs)`` runs an op on ``backend`` with
     the tensor arguments on ``device`` (the GPU, else the CPU: interpreter or
     emulator) and returns its tensors on the CPU."""
     device = CUDA_KERNELS_DEVICE if backend == "cuda" else ("cuda" if torch.cuda.is_available() else "cpu")
 
     def call(fn, *args, **kwargs):
-        with _environment(backend, projection):
+        with use_backend(backend):
             out = fn(*to_device(args, device), **to_device(kwargs, device))
         return to_device(out, "cpu")
 
@@ -203,13 +172,18 @@ def check_case(c: dict, device, call) -> None:
             _assert_close(g, w, tol * rel_tol(dtype), f"encode backward: {name}")
 
 
-@pytest.mark.parametrize("backend, projection", list(BACKENDS), ids=["triton", "cuda-wgmma", "cuda-mma_sync"])
+@pytest.mark.parametrize("backend, projection", [
+    pytest.param(backend, projection, id=backend + (f"-{projection}" if projection else ""),
+                 marks=[needs_cuda_kernels] if backend == "cuda" else [])
+    for backend, projection in BACKENDS])
 def test_random_cases(backend, projection, monkeypatch):
-    why = _available(backend)
-    if why:
-        pytest.skip(why)
+    if backend == "triton":
+        pytest.importorskip("resbm_kernels.backends.triton")
+    else:
+        emulate_cuda_without_gpu(monkeypatch)
+        use_projection(monkeypatch, projection)
     poison_fast_outputs(monkeypatch)  # (for the whole test: every example's outputs start poisoned)
-    device, call = fast_backend(backend, projection)
+    device, call = fast_backend(backend)
 
     examples = TRITON_GPU_EXAMPLES if backend == "triton" and device == "cuda" else BACKENDS[backend, projection]
 

@@ -635,8 +635,8 @@ def test_config_pruning(monkeypatch, autotune):
                     assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[kind] and c.num_stages * tiles * 2 <= limit)
     # encode backward's grad_x through RMSNorm also holds an x tile: fewer decode configs fit
     dequant = cfg.gpu_configs(cfg.GPU_DEQUANT)
-    assert set(cfg.launchable(dequant, 64, 2, 232448, "dequant", x_tile=True)) < \
+    assert set(cfg.launchable(dequant, 64, 2, 232448, "dequant", has_norm=True)) < \
         set(cfg.launchable(dequant, 64, 2, 232448, "dequant"))
-    with_x = cfg.launchable(dequant, 64, 2, cfg.SMEM_FALLBACK, "dequant", x_tile=True)
+    with_x = cfg.launchable(dequant, 64, 2, cfg.SMEM_FALLBACK, "dequant", has_norm=True)
     prune = cfg._pruner("dequant", dequant=True, operand="w_ptr")
     assert prune(dequant, bf16, BLOCK_K=64, HAS_NORM=True) == (with_x if autotune else with_x[:1])

@@ -222,8 +222,8 @@ def _worker():
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["act"]]
         elem = configs.operand_bytes(dtype, dequant=kind in ("dequant", "wgrad"))
         for arch in ARCHS:
-            x_tile = case["constexprs"].get("HAS_NORM", False) and kind == "dequant"
-            for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, x_tile):
+            has_norm = case["constexprs"].get("HAS_NORM", False)
+            for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, has_norm):
                 constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
                 constexprs.update({name: 1 for name in case["ones"]})
                 if "EVEN_D" in fn.arg_names:

@@ -42,15 +42,15 @@ def gpu_configs(table):
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bn, bd, w, s in table]
 
 
-def tile_regs(config, block_k, kind, x_tile=False):
+def tile_regs(config, block_k, kind, has_norm=False):
     """Registers per thread of the fp32 tiles a ``kind`` of kernel holds:
     "project" (project_quantize, grad_operand) its (BLOCK_N, k) accumulator;
     "dequant" (dequant_project) its (BLOCK_N, k) dequantized operand and
-    (BLOCK_N, BLOCK_D) output tile, and with ``x_tile`` (encode backward's
+    (BLOCK_N, BLOCK_D) output tile, and with ``has_norm`` (encode backward's
     grad_x through RMSNorm) the x tile beside it; "wgrad" (weight_grad) its
     (k, BLOCK_D) accumulator."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
-    elems = {"project": bn * block_k, "dequant": bn * (block_k + bd * (2 if x_tile else 1)),
+    elems = {"project": bn * block_k, "dequant": bn * (block_k + bd * (2 if has_norm else 1)),
              "wgrad": bd * block_k}[kind]
     return elems // (32 * config.num_warps)
 
@@ -69,10 +69,10 @@ def smem_bytes(config, block_k, elem_bytes, kind):
     return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + bn * block_k * 4
 
 
-def launchable(configs, block_k, elem_bytes, smem_limit, kind, x_tile=False):
+def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False):
     """The configs that fit (registers and shared memory), else the last one."""
     fit = [c for c in configs
-           if tile_regs(c, block_k, kind, x_tile) <= MAX_TILE_REGS[kind]
+           if tile_regs(c, block_k, kind, has_norm) <= MAX_TILE_REGS[kind]
            and smem_bytes(c, block_k, elem_bytes, kind) <= smem_limit]
     return fit or configs[-1:]
 
@@ -120,8 +120,8 @@ def _pruner(kind, dequant, operand):
         block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
         t = named_args[operand]
         limit = smem_limit(t.device) if t.is_cuda else SMEM_FALLBACK
-        x_tile = kind == "dequant" and kwargs.get("HAS_NORM", named_args.get("HAS_NORM", False))
-        kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, x_tile)
+        has_norm = kwargs.get("HAS_NORM", named_args.get("HAS_NORM", False))
+        kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, has_norm)
         return kept if AUTOTUNE else kept[:1]
     return prune
 
