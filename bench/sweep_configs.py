@@ -21,12 +21,18 @@ none), e.g. 128 per thread for two 8-warp programs per SM (one SM has 64K
 registers; several first configs compile to 132-240). ``--jobs J``
 first compiles every candidate in J worker processes (Triton's on-disk cache
 then serves the timing process), which is what makes the sweep fit one device
-call. GPU only.
+call. ``--programs-per-sm 1,2,4`` also runs each candidate with the small-N
+d split aiming at that many programs per SM (configs.programs_at_once; 1 is
+the backend's rule, which splits d only while there are fewer row blocks
+than SMs): whether more, shorter programs help at N=16384 too;
+``--first-only`` keeps only the config the backend runs untuned, so that
+question costs few items. GPU only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -75,6 +81,18 @@ def candidates(kernel: str, k: int, smem_limit: int, maxnregs=(0,)) -> list:
             and (c.num_warps < 16 or c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] >= 128 * 64)]  # 16 warps: big tiles
 
 
+@contextlib.contextmanager
+def programs_per_sm(m: int):
+    """The d-split rule aiming at ``m`` programs per SM (1: the backend's own rule)."""
+    saved = configs.programs_at_once
+    if m != 1:
+        configs.programs_at_once = lambda device: m * saved(device)
+    try:
+        yield
+    finally:
+        configs.programs_at_once = saved
+
+
 def first_config(pass_: str, kernel: str, k: int, smem_limit: int):
     """The config the backend launches untuned (RESBM_TRITON_AUTOTUNE=0) in ``pass_``
     (flags as the benchmarks set them: see configs.tile_regs)."""
@@ -82,9 +100,10 @@ def first_config(pass_: str, kernel: str, k: int, smem_limit: int):
     return configs.launchable(KERNELS[kernel].configs, _block_k(k), 2, smem_limit, TILE_KINDS[kernel], has_norm)[0]
 
 
-def label(c) -> str:
+def label(c, per_sm: int = 1) -> str:
     limit = f" r{c.maxnreg}" if c.maxnreg else ""
-    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}{limit}"
+    aim = f" p{per_sm}" if per_sm != 1 else ""
+    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}{limit}{aim}"
 
 
 class Swapped:
@@ -113,36 +132,55 @@ class Swapped:
         return dict(regs=getattr(c, "n_regs", None), spills=getattr(c, "n_spills", None))
 
 
+def swept_kernels(args, pass_) -> tuple:
+    """The kernels of a pass whose configs vary; with ``--first-only`` one stands for
+    all (every kernel then runs its first config, the runs would be the same)."""
+    return PASS_KERNELS[pass_][:1] if args.first_only else PASS_KERNELS[pass_]
+
+
+def pass_candidates(args, pass_, kernel, k, smem_limit) -> list:
+    """The configs to run for one kernel of a pass: its first config, then the
+    grid's others (none with ``--first-only``)."""
+    first = first_config(pass_, kernel, k, smem_limit)
+    if args.first_only:
+        return [first]
+    return [first] + [c for c in candidates(kernel, k, smem_limit, args.maxnreg) if label(c) != label(first)]
+
+
 def work_items(args, smem_limit):
-    """(pass, kernel, k, bits, config) in a fixed order (the workers split it by index)."""
-    for pass_, kernels in PASS_KERNELS.items():
+    """(pass, kernel, k, bits, config, programs per SM) in a fixed order (the workers split it by index)."""
+    for pass_ in PASS_KERNELS:
         if pass_ not in args.passes:
             continue
-        for kernel, k, bits in itertools.product(kernels, args.k, args.bits):
-            for c in candidates(kernel, k, smem_limit, args.maxnreg):
-                yield pass_, kernel, k, bits, c
+        for kernel, k, bits in itertools.product(swept_kernels(args, pass_), args.k, args.bits):
+            for c, per_sm in itertools.product(pass_candidates(args, pass_, kernel, k, smem_limit),
+                                               args.programs_per_sm):
+                yield pass_, kernel, k, bits, c, per_sm
 
 
 def precompile(args, dev, smem_limit, shard: int) -> None:
     """Worker: launch this shard's items once (fills Triton's cache), at one N of
-    each kind the sweep times (d split between programs at small N, or not)."""
-    by_kind = {configs.d_splits(n, args.d, dev) > 1: n for n in sorted(args.N, reverse=True)}
+    each kind the sweep times (d split between programs, or not)."""
     gen = torch.Generator(device=dev).manual_seed(0)
     inputs_key, inputs = None, None
-    for n in sorted(by_kind.values()):
-        for i, (pass_, kernel, k, bits, c) in enumerate(work_items(args, smem_limit)):
-            if i % args.jobs != shard:
+    launched = set()
+    for n in sorted(args.N):
+        for i, (pass_, kernel, k, bits, c, per_sm) in enumerate(work_items(args, smem_limit)):
+            with programs_per_sm(per_sm):
+                split = configs.d_splits(n, args.d, dev) > 1
+            if i % args.jobs != shard or (i, split) in launched:
                 continue
+            launched.add((i, split))
             case = KernelCase(pass_, "triton", n, args.d, k, bits, "sweep")
             if inputs_key != (pass_, k, bits, n):  # one input set at a time: a worker per core shares the GPU
                 inputs_key, inputs = (pass_, k, bits, n), _inputs(case, dev, 1, gen)
             w, (s,) = inputs
             try:
-                with use_backend("triton"), Swapped(kernel, c):
+                with use_backend("triton"), Swapped(kernel, c), programs_per_sm(per_sm):
                     _call(case, None, w, s)
             except Exception as e:  # noqa: BLE001 -- reported again (and recorded) by the timing process
-                print(f"precompile {pass_} {kernel} k={k} bits={bits} N={n} {label(c)}: {type(e).__name__}",
-                      flush=True)
+                print(f"precompile {pass_} {kernel} k={k} bits={bits} N={n} {label(c, per_sm)}: "
+                      f"{type(e).__name__}", flush=True)
 
 
 def _outputs(case, tensors) -> list:
@@ -154,10 +192,13 @@ def _outputs(case, tensors) -> list:
     return tensors
 
 
-def time_item(case, kernel, c, w, per_set, sets, ref, dev) -> dict:
-    row = dict(pass_=case.pass_, kernel=kernel, k=case.k, bits=case.bits, N=case.N, config=label(c), first=False)
+def time_item(case, kernel, c, per_sm, w, per_set, sets, ref, dev) -> dict:
+    with programs_per_sm(per_sm):
+        splits = configs.d_splits(case.N, case.d, dev)
+    row = dict(pass_=case.pass_, kernel=kernel, k=case.k, bits=case.bits, N=case.N, config=label(c, per_sm),
+               d_splits=splits, first=False)
     try:
-        with use_backend("triton"), Swapped(kernel, c) as sw:
+        with use_backend("triton"), Swapped(kernel, c) as sw, programs_per_sm(per_sm):
             call = lambda i: _call(case, None, w, per_set[i % sets])  # noqa: E731
             got = _outputs(case, _comparable(case, call(0)))
             errs = [_rel_err([a], [b]) for a, b in zip(got, _outputs(case, ref))]  # per output: which one is off
@@ -192,14 +233,14 @@ def sweep(args, dev, smem_limit) -> list[dict]:
         with use_backend("reference"):
             ref = _comparable(case, _call(case, None, w, per_set[0]))
         nbytes = roofline(case)[0]
-        for kernel in PASS_KERNELS[pass_]:
-            first = first_config(pass_, kernel, k, smem_limit)
-            for c in [first] + [c for c in candidates(kernel, k, smem_limit, args.maxnreg) if label(c) != label(first)]:
+        for kernel in swept_kernels(args, pass_):
+            cands = pass_candidates(args, pass_, kernel, k, smem_limit)
+            for c, per_sm in itertools.product(cands, args.programs_per_sm):
                 if time.monotonic() > deadline:
                     print(f"{pass_} k={k} N={n} bits={bits}: its share of the budget is used, next group", flush=True)
                     break
-                row = time_item(case, kernel, c, w, per_set, sets, ref, dev)
-                row["first"] = c is first
+                row = time_item(case, kernel, c, per_sm, w, per_set, sets, ref, dev)
+                row["first"] = c is cands[0] and per_sm == 1
                 if "median_us" in row:
                     row["frac_copy_bw"] = nbytes / (row["median_us"] * 1e-6) / 1e9 / copy
                 rows.append(row)
@@ -237,6 +278,9 @@ def main(argv=None) -> int:
     parser.add_argument("--bits", type=ints, default=[8], help=f"comma-separated, from {sorted(TOLERANCE)}")
     parser.add_argument("--passes", default=",".join(PASS_KERNELS))
     parser.add_argument("--maxnreg", type=ints, default=[0], help="register limits per thread, 0: none (e.g. 0,128)")
+    parser.add_argument("--programs-per-sm", type=ints, default=[1],
+                        help="programs per SM the d-split rule aims at, 1: the backend's rule (e.g. 1,2,4)")
+    parser.add_argument("--first-only", action="store_true", help="only each kernel's untuned first config")
     parser.add_argument("--jobs", type=int, default=0, help="compile first in this many worker processes")
     parser.add_argument("--shard", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--compile-budget-s", type=float, default=120.0, help="stop the compile workers after this")
@@ -244,6 +288,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="sweep.json")
     args = parser.parse_args(argv)
     args.passes = [p for p in args.passes.split(",") if p]
+    if min(args.programs_per_sm) < 1:
+        parser.error("--programs-per-sm: counts of at least 1")
+    args.programs_per_sm = sorted(set(args.programs_per_sm) | {1})  # 1, the backend's rule: the reference point
     if set(args.bits) - set(TOLERANCE):
         parser.error(f"--bits: choose from {sorted(TOLERANCE)}")
     if not torch.cuda.is_available():
