@@ -140,10 +140,11 @@ def swept_kernels(args, pass_) -> tuple:
 
 def pass_candidates(args, pass_, kernel, k, smem_limit) -> list:
     """The configs to run for one kernel of a pass: its first config, then the
-    grid's others (none with ``--first-only``)."""
+    grid's others (with ``--first-only``, only the first one's ``--maxnreg`` variants)."""
     first = first_config(pass_, kernel, k, smem_limit)
-    if args.first_only:
-        return [first]
+    if args.first_only:  # with its register-limited variants
+        return [first] + [triton.Config(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages, maxnreg=r)
+                          for r in args.maxnreg if 0 < r < REGISTERS_PER_SM // (32 * first.num_warps)]
     return [first] + [c for c in candidates(kernel, k, smem_limit, args.maxnreg) if label(c) != label(first)]
 
 
