@@ -116,6 +116,30 @@ def time_calls(call, dev, *, warmup: int, reps: int) -> list[float]:
     return times
 
 
+HOST_REPS = 20  # calls timed on the host per item (while the GPU sleeps ~1 ms per call)
+
+
+def host_times(call, dev, *, reps: int = HOST_REPS) -> list[float] | None:
+    """Seconds the host spends in each of ``reps`` calls of ``call(i)`` while the
+    GPU is kept busy (GPU only, else None): the Python, dispatch and launch cost
+    a training loop pays per call whatever the kernels take. An op that waits
+    for the device inside shows here as ~1 ms or more (the sleep it waits behind)."""
+    if not is_gpu(dev):
+        return None
+    sync(dev)
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if sleep is None:
+        return None
+    sleep(SLEEP_CYCLES * reps)
+    times = []
+    for i in range(reps):
+        t0 = time.perf_counter()
+        call(i)
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize(dev)
+    return times
+
+
 def adaptive_reps(call, dev, *, target_s: float, lo: int, hi: int, warmup: int) -> tuple[int, float]:
     """Run the warm-up; return (reps that fill ``target_s``, one call's estimate)."""
     est = time_calls(call, dev, warmup=warmup, reps=1)[0]

@@ -132,7 +132,9 @@ def kernel_section(data: dict) -> list[str]:
             line = [str(key[1]), str(key[2]), str(key[3]), str(key[4])]
             for b in present:
                 r = cell.get(b)
-                line.append(f"{fmt_time(r['median_s'])}, {r['GBps']:.3g} ({100 * r['frac_copy_bw']:.3g}%)" if r else "–")
+                mark = " ‡" if r and r.get("host_bound") else ""
+                line.append(f"{fmt_time(r['median_s'])}, {r['GBps']:.3g} ({100 * r['frac_copy_bw']:.3g}%){mark}"
+                            if r else "–")
             for b in fast:
                 r = cell.get(b)
                 line.append(f"{fmt(r.get('speedup_vs_eager'))} / {fmt(r.get('speedup_vs_compile'))}" if r else "–")
@@ -144,6 +146,11 @@ def kernel_section(data: dict) -> list[str]:
                 line.append(fmt(r.get("speedup_vs_eager")) if r else "–")
             out.append("| " + " | ".join(line) + " |")
         out.append("")
+    host_bound = [k for k in ks if k.get("host_bound")]
+    if host_bound:
+        out += [f"‡ host-bound ({len(host_bound)} items): the host spends longer per call (Python, dispatch, "
+                "launches; measured while the GPU was kept busy, `host_median_s` in the JSON) than the device, so a "
+                "loop calling this pass back to back runs at the host's pace.", ""]
     errs = [k["max_rel_err_vs_eager"] for k in ks if k["backend"] != "eager"]
     if errs:
         out += [f"Largest relative error of a non-eager backend against the eager reference: {max(errs):.3g}.", ""]

@@ -27,8 +27,10 @@ Per item (extra_info): median time, the bytes the pass must move at least
 GB/s, fraction of the device-to-device copy bandwidth measured in the same
 session, the same fraction over the bytes the Triton/CUDA kernels move by
 design (``design_bytes``: some backward passes re-read their big input),
-TFLOP/s, the error against the eager reference, and on a GPU the NVML
-telemetry read just after timing. Speedups over eager and torch.compile
+TFLOP/s, the error against the eager reference, on a GPU the NVML
+telemetry read just after timing, and for the kernel backends on a GPU the
+host time per call (``host_median_s``, measured while the GPU is kept busy;
+above the device time the item is ``host_bound``). Speedups over eager and torch.compile
 are filled in by conftest.py once all items have run.
 """
 
@@ -38,6 +40,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import statistics
 import zlib
 
 import pytest
@@ -340,8 +343,10 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
         reps, est = benchlib.adaptive_reps(call, dev, target_s=0.25 if gpu else 0.5,
                                            lo=10 if gpu else 3, hi=100 if gpu else 10, warmup=warmup)
         times = benchlib.time_calls(call, dev, warmup=0, reps=reps)
+        host = benchlib.host_times(call, dev) if kcase.backend in ("triton", "cuda") else None
 
     stats = benchlib.summary(times)
+    host_s = statistics.median(host) if host else None
     nbytes, flops = roofline(kcase)
     design = design_bytes(kcase)
     gbps = nbytes / stats["median_s"] / 1e9
@@ -356,6 +361,9 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
         design_bytes=design, frac_copy_bw_design=design / stats["median_s"] / 1e9 / copy_bw["copy_GBps"]
         if design else None,
         max_rel_err_vs_eager=err,
+        # host time per call (GPU busy): above median_s, a training loop calling the pass back to back
+        # waits on Python and launches, not on the kernels
+        host_median_s=host_s, host_bound=None if host_s is None else host_s > stats["median_s"],
         **({"triton_configs": _configs_used(tuners)} if tuners else {}),
         **benchlib.telemetry(dev),
     )
