@@ -105,7 +105,7 @@ class Codec:
 
     @property
     def scale_bytes(self) -> int:
-        return torch.tensor([], dtype=self.scale_dtype).element_size() if self.quantized else 0
+        return self.scale_dtype.itemsize if self.quantized else 0
 
     def group(self, k: int) -> int:
         """The effective group size for k channels (validated)."""

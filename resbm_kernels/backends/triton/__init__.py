@@ -47,7 +47,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 from ...codec import Codec, header_words, payload_views, rng_key
 from .. import fast
@@ -109,7 +108,7 @@ def _group_reshape(codec: Codec, k: int) -> int:
 
 
 def _block_k(k: int) -> int:
-    return max(16, triton.next_power_of_2(k))
+    return max(16, 1 << (k - 1).bit_length())  # the next power of two
 
 
 def _common(device) -> dict:
@@ -133,7 +132,7 @@ def _payload_args(payload, codec: Codec, n: int, k: int):
 
 def _rows_grid(n, d_splits=1):
     """(row blocks, d splits): see :func:`.configs.d_splits` (the kernel's SPLIT_D is d_splits > 1)."""
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), d_splits)
+    return lambda meta: (configs.cdiv(n, meta["BLOCK_N"]), d_splits)
 
 
 # ---- launchers ----------------------------------------------------------------------
@@ -181,7 +180,7 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
         SPLIT_D=splits > 1, **flags, **_common(a.device),
     )
     if splits > 1:
-        finish_rows_kernel[(triton.cdiv(n, FINISH_ROWS),)](
+        finish_rows_kernel[(configs.cdiv(n, FINISH_ROWS),)](
             a, part, payload, codes, scales, *z_ptrs, stats_arg,
             n, d, k, splits, k // codec.group(k), z_group, a.stride(0), stats_stride, eps, key, *header,
             **flags, BLOCK_N=FINISH_ROWS, num_warps=FINISH_WARPS, enable_fp_fusion=False,
@@ -207,8 +206,8 @@ def _weight_grad(a, z, transpose: bool):
     if n == 0:
         return partial[:0]
     stride_ok, stride_od = (1, k) if transpose else (d, 1)
-    weight_grad_kernel[lambda meta: (triton.cdiv(d, meta["BLOCK_D"]), splits)](
-        a, z, partial, n, d, k, a.stride(0), triton.cdiv(n, splits), d * k, stride_ok, stride_od,
+    weight_grad_kernel[lambda meta: (configs.cdiv(d, meta["BLOCK_D"]), splits)](
+        a, z, partial, n, d, k, a.stride(0), configs.cdiv(n, splits), d * k, stride_ok, stride_od,
         BLOCK_K=_block_k(k), **_common(a.device),
     )
     return partial
@@ -237,7 +236,7 @@ def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
     w, g, gg, stride_wk, stride_wd = norm_args
     strides = (1, k) if transpose else (d, 1)  # (k, d) index strides of the partials and of out
     block_d = finish_weight_grad_block_d(d, k)
-    finish_weight_grad_kernel[(triton.cdiv(d, block_d),)](
+    finish_weight_grad_kernel[(configs.cdiv(d, block_d),)](
         partial, w, g, out, gg, splits, d, k, partial.stride(0), *strides, stride_wk, stride_wd, *strides,
         HAS_NORM=gamma is not None, OUT_KIND=_KINDS[dtype], GAMMA_KIND=_KINDS[gamma.dtype] if gamma is not None else 0,
         BLOCK_K=_block_k(k), BLOCK_D=block_d, num_warps=4,

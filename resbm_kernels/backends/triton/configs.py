@@ -97,13 +97,19 @@ def programs_at_once(device) -> int:
     return 4
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host integers (triton.cdiv is a constexpr function since
+    Triton 3.5, about 1 µs per host call; the launchers call this several times per op)."""
+    return -(-a // b)
+
+
 def d_splits(n, d, device) -> int:
     """Programs to split d between for each block of rows: more than one only
     while N gives fewer blocks of 64 rows than :func:`programs_at_once` (small
     N). The same for every launch config (so a d split's partials can be summed
     without knowing which config ran); each program walks an equal run of the
     config's BLOCK_D tiles, the last runs possibly empty."""
-    return max(1, min(triton.cdiv(d, 128), triton.cdiv(programs_at_once(device), max(1, triton.cdiv(n, 64)))))
+    return max(1, min(cdiv(d, 128), cdiv(programs_at_once(device), max(1, cdiv(n, 64)))))
 
 
 def operand_bytes(dtype, dequant: bool) -> int:
