@@ -412,27 +412,39 @@ def check_encode_row_stats(backend: str, device: str, shape, dtype) -> None:
     assert rel_err(stats[:, k], want[:, k]) <= rel_tol(torch.float32), "1/rms"
 
 
-def check_passes_do_not_synchronise(backend: str) -> None:
-    """The four passes of a fast backend on CUDA tensors, called again after a
-    warm-up (compilation, autotuning, cached headers), never wait for the GPU:
-    ``torch.cuda.set_sync_debug_mode("error")`` turns any synchronising call
-    into an error."""
+def _gpu_training_step(seed: int, row_stats: bool):
+    """(inputs, step): CUDA float32 inputs (N=300, d=256, k=32) and a function
+    running the four public passes on them as a training step does (encode,
+    decode, decode backward, encode backward through RMSNorm; encode forward
+    returns the row statistics, which encode backward uses with ``row_stats``,
+    else it recomputes them from x)."""
     from resbm_kernels import ops
-    from resbm_kernels.backends import use_backend
 
-    gen = torch.Generator().manual_seed(14)
+    gen = torch.Generator().manual_seed(seed)
     n, d, k = 300, 256, 32
     codec, grad_codec = Codec(bits=8), GRAD_CODEC
     x, grad_h = (torch.randn(n, d, generator=gen).cuda() for _ in range(2))
     w_e, w_d = torch.randn(k, d, generator=gen).cuda() * 0.1, torch.randn(d, k, generator=gen).cuda() * 0.1
     gamma = torch.rand(d, generator=gen).cuda() + 0.5
+    inputs = dict(x=x, grad_h=grad_h, w_e=w_e, w_d=w_d, gamma=gamma)
 
-    def passes():
-        p = ops.encode(x, w_e, codec, norm_weight=gamma, seed=1)
+    def step():
+        p, stats = ops.encode(x, w_e, codec, norm_weight=gamma, seed=1, return_row_stats=True)
         h = ops.decode(p, w_d, codec, n)
-        gp, _ = ops.decode_backward(grad_h, p, w_d, codec, grad_codec, grad_seed=2)
-        return h, ops.encode_backward(gp, x, w_e, grad_codec, norm_weight=gamma)
+        gp, gw_d = ops.decode_backward(grad_h, p, w_d, codec, grad_codec, grad_seed=2)
+        grads = ops.encode_backward(gp, x, w_e, grad_codec, norm_weight=gamma, row_stats=stats if row_stats else None)
+        return (p, stats, h, gp, gw_d, *grads)
+    return inputs, step
 
+
+def check_passes_do_not_synchronise(backend: str) -> None:
+    """The four passes of a fast backend on CUDA tensors, called again after a
+    warm-up (compilation, autotuning, cached headers), never wait for the GPU:
+    ``torch.cuda.set_sync_debug_mode("error")`` turns any synchronising call
+    into an error."""
+    from resbm_kernels.backends import use_backend
+
+    _, passes = _gpu_training_step(14, row_stats=False)
     with use_backend(backend):
         passes()
         torch.cuda.synchronize()
@@ -442,3 +454,30 @@ def check_passes_do_not_synchronise(backend: str) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def check_passes_replay_in_a_cuda_graph(backend: str) -> None:
+    """The four passes of a fast backend, captured in a CUDA graph after a warm-up
+    (compilation, autotuning, cached headers) and replayed on new values written
+    into the same input tensors, give bit for bit what eager calls give on those
+    values (a pass that synchronised, copied from the host or kept a pointer it
+    should not would fail the capture or the comparison). Replaying a captured
+    training step removes the host's per-call cost (Python, dispatch, launches)."""
+    from resbm_kernels.backends import use_backend
+
+    inputs, step = _gpu_training_step(15, row_stats=True)
+    gen = torch.Generator().manual_seed(16)
+    with use_backend(backend):
+        step()  # warm-up: compile, autotune
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        for t in inputs.values():  # new values, same tensors
+            t.copy_(torch.randn(t.shape, generator=gen).to(t.device) * t.abs().mean())
+        graph.replay()
+        eager = step()
+    torch.cuda.synchronize()
+    names = ("payload", "row stats", "h", "gradient payload", "grad w_d", "grad x", "grad w_e", "grad gamma")
+    for name, got, want in zip(names, captured, eager):
+        assert torch.equal(got, want), f"{backend}: {name} of the replayed graph differs from an eager call"

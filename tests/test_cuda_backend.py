@@ -11,8 +11,8 @@ Two groups:
   libresbm_cuda_emu, through ``RESBM_CUDA_EMULATE=1``): every pass against the
   reference for random inputs, dtypes fp32/fp16/bf16, N with masked tails;
   fresh outputs are poisoned (NaN / 0xFF) so unwritten elements show.
-- GPU only: streams, no synchronisation, and one run of each kernel under
-  ``compute-sanitizer --tool memcheck``.
+- GPU only: streams, no synchronisation, replay in a CUDA graph, and one run
+  of each kernel under ``compute-sanitizer --tool memcheck``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from resbm_kernels.backends import use_backend
 from helpers import CUDA_ARCHS, main_loops, ptxas_report, sass_functions, sass_tool
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
+from helpers import check_passes_replay_in_a_cuda_graph
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
 from helpers import NO_WORK_OPS, training_pass_calls
 from helpers import CUDA_KERNELS_DEVICE, HAS_CUDA_GPU, emulate_cuda_without_gpu, needs_cuda_kernels, use_projection
@@ -619,12 +620,17 @@ def test_passes_launch_no_torch_kernels(monkeypatch):
         assert seen == [], (name, seen)
 
 
-# ---- GPU only: streams, synchronisation --------------------------------------------------
+# ---- GPU only: streams, synchronisation, graphs ----------------------------------------------
 
 
 @needs_gpu
 def test_passes_do_not_synchronise():
     check_passes_do_not_synchronise("cuda")
+
+
+@needs_gpu
+def test_passes_replay_in_a_cuda_graph():
+    check_passes_replay_in_a_cuda_graph("cuda")
 
 
 @needs_kernels

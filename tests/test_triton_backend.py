@@ -26,7 +26,7 @@ from resbm_kernels.backends import reference as ref  # noqa: E402
 from resbm_kernels.backends import use_backend  # noqa: E402
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats  # noqa: E402
-from helpers import check_passes_do_not_synchronise  # noqa: E402
+from helpers import check_passes_do_not_synchronise, check_passes_replay_in_a_cuda_graph  # noqa: E402
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC  # noqa: E402
 from helpers import exact_finish_case, finish_weight_grad_reference  # noqa: E402
 from helpers import NO_WORK_OPS, to_device, training_pass_calls  # noqa: E402
@@ -425,6 +425,11 @@ def test_boundary_gradients(norm, dtype):
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (host synchronisation)")
 def test_passes_do_not_synchronise():
     check_passes_do_not_synchronise("triton")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (graph capture)")
+def test_passes_replay_in_a_cuda_graph():
+    check_passes_replay_in_a_cuda_graph("triton")
 
 
 # torch ops that launch no device work (views, allocation, autograd bookkeeping)
