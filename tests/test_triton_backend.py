@@ -582,8 +582,39 @@ def test_every_gpu_block_size(monkeypatch, blocks):
             if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]) == blocks][:1]
     for kernel in tb.KERNELS.values():
         monkeypatch.setattr(kernel, "configs", rows)
-    n, d, k = 150, 240, 48  # no multiple of 64 or 128 anywhere
-    gen = torch.Generator().manual_seed(sum(blocks))
+    check_four_passes(seed=sum(blocks))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (autotuning times launch configs)")
+def test_autotuned_passes(monkeypatch):
+    """With autotuning on (the default; the GPU test run sets
+    RESBM_TRITON_AUTOTUNE=0 and so would never take this path), each autotuned
+    kernel times several launchable configs, keeps one of them, and the four
+    passes give the reference result."""
+    monkeypatch.setattr(tb.configs, "AUTOTUNE", True)
+    offered = {}
+    for name, tuner in tb.KERNELS.items():
+        monkeypatch.setattr(tuner, "cache", {})  # tuned anew, whatever earlier tests ran
+
+        def prune(*args, __prune=tuner.prune_configs, __name=name, **kwargs):
+            kept = __prune(*args, **kwargs)
+            offered.setdefault(__name, []).append(kept)
+            return kept
+        monkeypatch.setattr(tuner, "prune_configs", prune)
+    check_four_passes(seed=3)
+    for name, tuner in tb.KERNELS.items():
+        assert offered.get(name), f"{name}: never tuned"
+        assert all(len(kept) > 1 for kept in offered[name]), f"{name}: a key tuned over a single config"
+        assert any(tuner.best_config in kept for kept in offered[name]), f"{name}: best config not among the timed"
+
+
+def check_four_passes(seed: int) -> None:
+    """The four passes through the Triton backend against the reference (bf16, N=150,
+    d=240, k=48: no multiple of 64 or 128 anywhere): payloads byte for byte on exact
+    inputs, floats within bf16 tolerances; encode backward with the row statistics
+    recomputed from x and with those of encode forward."""
+    n, d, k = 150, 240, 48
+    gen = torch.Generator().manual_seed(seed)
     codec, grad_codec = Codec(bits=4, group_size=16), Codec(bits=8, rounding="stochastic")
     bf16 = torch.bfloat16
     x = exact(n, d, dtype=bf16, gen=gen)
