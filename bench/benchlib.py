@@ -116,23 +116,22 @@ def time_calls(call, dev, *, warmup: int, reps: int) -> list[float]:
     return times
 
 
-HOST_REPS = 20  # calls timed on the host per item (while the GPU sleeps ~1 ms per call)
+HOST_REPS = 20  # calls timed on the host per item
 
 
 def host_times(call, dev, *, reps: int = HOST_REPS) -> list[float] | None:
     """Seconds the host spends in each of ``reps`` calls of ``call(i)`` while the
     GPU is kept busy (GPU only, else None): the Python, dispatch and launch cost
-    a training loop pays per call whatever the kernels take. An op that waits
-    for the device inside shows here as ~1 ms or more (the sleep it waits behind)."""
-    if not is_gpu(dev):
+    a training loop pays per call whatever the kernels take. Each call is
+    enqueued behind its own ~1 ms ``torch.cuda._sleep``, so an op that waited
+    for the device inside would take ~1 ms or more here."""
+    sleep = getattr(torch.cuda, "_sleep", None)
+    if not is_gpu(dev) or sleep is None:
         return None
     sync(dev)
-    sleep = getattr(torch.cuda, "_sleep", None)
-    if sleep is None:
-        return None
-    sleep(SLEEP_CYCLES * reps)
     times = []
     for i in range(reps):
+        sleep(SLEEP_CYCLES)
         t0 = time.perf_counter()
         call(i)
         times.append(time.perf_counter() - t0)
