@@ -97,6 +97,9 @@ def wgrad(what, k, *, encoder, act="bf16"):
 CASES = [
     project("encode fwd bf16 int8/row norm+stats k=128", 128, 8, encoder=True, norm=True, stats=True),
     project("decode bwd fp16 int4/g32 stochastic k=64", 64, 4, encoder=False, stochastic=True, group=32, act="fp16"),
+    # the benchmarks' decode backward (int8 forward payload, int8 stochastic gradient) at the target k
+    project("decode bwd bf16 int8/row stochastic k=128", 128, 8, encoder=False, stochastic=True),
+    project("decode bwd bf16 int8/row stochastic k=32", 32, 8, encoder=False, stochastic=True),
     project("encode fwd bf16 passthrough k=32", 32, 16, encoder=True),
     project("encode fwd bf16 int8/row norm+stats k=64", 64, 8, encoder=True, norm=True, stats=True),
     project("encode fwd bf16 int8/row norm+stats k=128, d split", 128, 8, encoder=True, norm=True, stats=True,
