@@ -196,12 +196,11 @@ def _outputs(case, tensors) -> list:
 
 
 def time_item(case, kernel, c, per_sm, w, per_set, sets, ref, dev) -> dict:
-    with programs_per_sm(per_sm):
-        splits = configs.d_splits(case.N, case.d, dev)
     row = dict(pass_=case.pass_, kernel=kernel, k=case.k, bits=case.bits, N=case.N, config=label(c, per_sm),
-               d_splits=splits, first=False)
+               first=False)
     try:
         with use_backend("triton"), Swapped(kernel, c) as sw, programs_per_sm(per_sm):
+            row["d_splits"] = configs.d_splits(case.N, case.d, dev)
             call = lambda i: _call(case, None, w, per_set[i % sets])  # noqa: E731
             got = _outputs(case, _comparable(case, call(0)))
             errs = [_rel_err([a], [b]) for a, b in zip(got, _outputs(case, ref))]  # per output: which one is off

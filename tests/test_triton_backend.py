@@ -35,6 +35,7 @@ from helpers import rel_tol as tol  # noqa: E402
 from resbm_kernels.codec import Codec  # noqa: E402
 
 tb = pytest.importorskip("resbm_kernels.backends.triton")
+needs_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CODECS = FAST_CODECS
@@ -422,12 +423,12 @@ def test_boundary_gradients(norm, dtype):
         assert rel_err(g, grads_ref[name]) <= limit, name
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (host synchronisation)")
+@needs_gpu
 def test_passes_do_not_synchronise():
     check_passes_do_not_synchronise("triton")
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (graph capture)")
+@needs_gpu
 def test_passes_replay_in_a_cuda_graph():
     check_passes_replay_in_a_cuda_graph("triton")
 
@@ -585,7 +586,7 @@ def test_every_gpu_block_size(monkeypatch, blocks):
     check_four_passes(seed=sum(blocks))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (autotuning times launch configs)")
+@needs_gpu
 def test_autotuned_passes(monkeypatch):
     """With autotuning on (the default; the GPU test run sets
     RESBM_TRITON_AUTOTUNE=0 and so would never take this path), each autotuned
@@ -596,9 +597,9 @@ def test_autotuned_passes(monkeypatch):
     for name, tuner in tb.KERNELS.items():
         monkeypatch.setattr(tuner, "cache", {})  # tuned anew, whatever earlier tests ran
 
-        def prune(*args, __prune=tuner.prune_configs, __name=name, **kwargs):
-            kept = __prune(*args, **kwargs)
-            offered.setdefault(__name, []).append(kept)
+        def prune(*args, _prune=tuner.prune_configs, _name=name, **kwargs):
+            kept = _prune(*args, **kwargs)
+            offered.setdefault(_name, []).append(kept)
             return kept
         monkeypatch.setattr(tuner, "prune_configs", prune)
     check_four_passes(seed=3)
