@@ -609,6 +609,40 @@ def test_autotuned_passes(monkeypatch):
         assert any(tuner.best_config in kept for kept in offered[name]), f"{name}: best config not among the timed"
 
 
+@needs_gpu
+@pytest.mark.parametrize("k", (64, 128))
+def test_encode_forward_long_rows_every_config(monkeypatch, k):
+    """Encode forward through RMSNorm over long rows (d=4096: 32 to 128 d tiles
+    per program), each launchable config of its kernel forced: the projection
+    (row statistics) matches the reference row by row, and a second call gives
+    the same bits. The other tests' rows span a few d tiles only; on an H100
+    (Triton 3.6, 2026-11-26) a (BLOCK_N, BLOCK_D) fp32 tile of squares kept
+    beside the tensor-core loop made 3-30 % of the rows wrong by about one d
+    tile's contribution, different rows on every call, at d=4096 only."""
+    n, d = 8192, 4096
+    gen = torch.Generator().manual_seed(k)
+    bf16 = torch.bfloat16
+    x = normal(n, d, dtype=bf16, gen=gen).to(DEVICE)
+    w_e = normal(k, d, dtype=bf16, scale=d**-0.5, gen=gen).to(DEVICE)
+    gamma = normal(d, dtype=bf16, scale=0.1, gen=gen).add_(1.0).to(DEVICE)
+    codec = Codec(bits=16)
+    want = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)[1]
+    kernel = tb.KERNELS["project_quantize"]
+    cfg = tb.configs
+    launchable = cfg.launchable(kernel.configs, k, 2, cfg.smem_limit(x.device), "project")
+    assert len(launchable) > 1
+    for config in launchable:
+        monkeypatch.setattr(kernel, "configs", [config])
+        with use_backend("triton"):
+            first, stats = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)
+            again, stats_again = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)
+        proj, proj_want = stats[:, :k].double(), want[:, :k].double()
+        row_err = (proj - proj_want).abs().amax(1) / proj_want.abs().amax(1)
+        bad = (row_err > tol(bf16)).sum().item()
+        assert bad == 0, f"{config}: {bad} of {n} rows off (worst {row_err.max().item():.3g})"
+        assert torch.equal(stats, stats_again) and torch.equal(first, again), f"{config}: differs between calls"
+
+
 def check_four_passes(seed: int) -> None:
     """The four passes through the Triton backend against the reference (bf16, N=150,
     d=240, k=48: no multiple of 64 or 128 anywhere): payloads byte for byte on exact

@@ -128,6 +128,8 @@ CASES = [
     operand("encode bwd Z, alpha fp32 int8/row k=64", 64, act="fp32"),
     dequant("encode bwd grad_x fp32 int8/row norm k=64", 64, encoder=True, norm=True, act="fp32"),
     wgrad("grad W_e fp32 k=64", 64, encoder=True, act="fp32"),
+    # k=144 fp32 decoded by one row (a random case): the fallback, the only config that fits
+    dequant("decode fwd fp32 int8/row k=256, d split", 256, split_d=True, act="fp32"),
     # fp16: the GEMMs with dequantized operands run on TF32
     operand("encode bwd Z, alpha fp16 int8/row k=128", 128, act="fp16"),
     dequant("encode bwd grad_x fp16 int8/row norm k=128", 128, encoder=True, norm=True, act="fp16"),
@@ -308,9 +310,10 @@ def test_shared_memory_fits(report):
 
 # fp32 activations run the GEMMs as 3xTF32, which splits the operands in registers: the weight
 # gradient spills in one config on sm_80 from k=64 (3 instructions), and at k >= 128 more fp32
-# backward kernels do (not listed). Correct (tested against the reference), slower; bf16 and
-# fp16 are the fast paths.
-SPILLS_ALLOWED = {"grad W_e fp32 k=64"}
+# backward kernels do (not listed), as does decode forward's fallback at k=256 (about 240
+# instructions: the one config whose shared memory fits there). Correct (tested against the
+# reference), slower; bf16 and fp16 are the fast paths.
+SPILLS_ALLOWED = {"grad W_e fp32 k=64", "decode fwd fp32 int8/row k=256, d split"}
 
 
 def test_no_spills(report):

@@ -61,12 +61,15 @@ def smem_bytes(config, block_k, elem_bytes, kind):
     BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and Z),
     plus a quarter for layout scratch, plus for the rows kernels one
     (BLOCK_N, k) fp32 tile staged through shared memory (a register operand of
-    wgmma, the epilogue's layout change).
+    wgmma, the epilogue's layout change); four of them for dequant_project on
+    TF32 (its dequantized operand in 3xTF32 parts: 256 KB compiled at
+    BLOCK_N=64, k=256, fp32, where one tile is 64 KB).
     tests/test_triton_static.py checks it bounds the compiled kernels."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
     if kind == "wgrad":
         return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4
-    return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + bn * block_k * 4
+    staged = 4 if kind == "dequant" and elem_bytes == 4 else 1
+    return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + staged * bn * block_k * 4
 
 
 def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False):
@@ -139,8 +142,10 @@ def _pruner(kind, dequant, operand):
 # configs gave encode forward k=128 results outside tolerance on the H200 (Triton 3.6; cause not found).
 GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 8, 3))
 # dequant_project (decode forward; encode backward's grad_x too, not swept): decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
-# 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32
-GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3))
+# 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32; the last, the
+# fallback, is the only one whose tiles fit with TF32 operands at k=256 (128 KB; 64x32 needs 256 KB)
+GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3),
+               (32, 32, 4, 2))
 # weight_grad (decode backward's, swept; encode backward's too): 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)

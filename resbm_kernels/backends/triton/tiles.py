@@ -107,19 +107,20 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_
     launcher, so the normalised activations are never formed."""
     kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    # squares summed per element, across lanes once after the loop (a row
-    # reduction in every iteration cost a shuffle tree per tile); tl.fma, since
-    # the kernels run with fp fusion off (one FFMA per element, not FMUL + FADD)
-    squares = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    # the rows' sums of squares, reduced in every iteration: a (BLOCK_N, BLOCK_D)
+    # fp32 tile of squares summed once after the loop (fewer shuffles) gave wrong
+    # projections on sm_90 with Triton 3.6 (H100 and H200, 2026-11-26: in 3-30 % of
+    # the rows at d=4096, off by about one d tile's contribution, other rows each call)
+    squares = tl.zeros((BLOCK_N,), tl.float32)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         a = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         if HAS_NORM:
             af = a.to(tl.float32)
-            squares = tl.fma(af, af, squares)
+            squares += tl.sum(af * af, axis=1)
         acc = mma(a, tl.trans(w), acc, a.dtype, UPCAST, PRECISION)
-    return acc, tl.sum(squares, axis=1)
+    return acc, squares
 
 
 @triton.jit
