@@ -212,6 +212,26 @@ def copy_bandwidth(dev) -> dict:
     return dict(copy_bytes=size, copy_GBps=2 * size / med / 1e9, copy_median_s=med, copy_rounds=len(times))
 
 
+_SAME_SIZE_COPY: dict = {}
+
+
+def same_size_copy_s(nbytes: int, dev) -> float:
+    """Median seconds of a device-to-device copy that moves ``nbytes`` (read +
+    write), timed as the kernels are (rotating buffers, sleep before each
+    call): the fastest a pass of that size could be with its launch and ramp,
+    which a large copy (``copy_bandwidth``) amortises away. Once per size."""
+    key = (nbytes, str(dev))
+    if key not in _SAME_SIZE_COPY:
+        half = max(1, nbytes // 2)
+        sets = rotation(2 * half, dev)
+        pairs = [(torch.zeros(half, dtype=torch.uint8, device=dev), torch.zeros(half, dtype=torch.uint8, device=dev))
+                 for _ in range(sets)]
+        times = time_calls(lambda i: pairs[i % sets][1].copy_(pairs[i % sets][0]), dev,
+                           warmup=2, reps=15 if is_gpu(dev) else 5)
+        _SAME_SIZE_COPY[key] = statistics.median(times)
+    return _SAME_SIZE_COPY[key]
+
+
 # ---- telemetry and machine description ------------------------------------------------
 
 

@@ -167,6 +167,7 @@ fi
 if ! (cd /tmp && "${PYP[@]}" -c "import resbm_kernels") 2>/dev/null; then
     say "resbm_kernels is not installed: later phases use the source tree"
     PYP=("$PY")
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" # scripts under bench/ import it too
 fi
 
 # ---- compute-sanitizer (run below; memcheck beside the tests) -------------------------------

@@ -105,7 +105,8 @@ def kernel_section(data: dict) -> list[str]:
     out = ["### Kernels", "",
            f"Median time per call, achieved GB/s over the minimum bytes the pass must move "
            f"(each input read once, each output written once) and that as % of the device-to-device copy "
-           f"bandwidth measured in the same run ({copy:.1f} GB/s, read + write). "
+           f"bandwidth measured in the same run ({copy:.1f} GB/s, read + write; where given, also against a "
+           f"copy of the same bytes timed the same way, which pays the same launch and ramp). "
            f"Backends present: {', '.join(present)}. Speedups are over eager (and over torch.compile where "
            f"that baseline was timed)."]
     if any(b in present for b in ("triton", "cuda")):
@@ -133,7 +134,8 @@ def kernel_section(data: dict) -> list[str]:
             for b in present:
                 r = cell.get(b)
                 mark = " ‡" if r and r.get("host_bound") else ""
-                line.append(f"{fmt_time(r['median_s'])}, {r['GBps']:.3g} ({100 * r['frac_copy_bw']:.3g}%){mark}"
+                same = f"; {100 * r['frac_same_size_copy']:.3g}% same-size" if r and r.get("frac_same_size_copy") else ""
+                line.append(f"{fmt_time(r['median_s'])}, {r['GBps']:.3g} ({100 * r['frac_copy_bw']:.3g}%{same}){mark}"
                             if r else "–")
             for b in fast:
                 r = cell.get(b)

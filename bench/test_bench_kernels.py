@@ -348,6 +348,7 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
     stats = benchlib.summary(times)
     host_s = statistics.median(host) if host else None
     nbytes, flops = roofline(kcase)
+    copy_s = benchlib.same_size_copy_s(nbytes, dev)
     design = design_bytes(kcase)
     gbps = nbytes / stats["median_s"] / 1e9
     codec, grad_codec = _codecs(kcase.bits)
@@ -360,6 +361,8 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
         copy_GBps=copy_bw["copy_GBps"], frac_copy_bw=gbps / copy_bw["copy_GBps"],
         design_bytes=design, frac_copy_bw_design=design / stats["median_s"] / 1e9 / copy_bw["copy_GBps"]
         if design else None,
+        # against a copy of the same bytes (launch and ramp included): how far from the memory limit at this size
+        same_size_copy_s=copy_s, frac_same_size_copy=copy_s / stats["median_s"],
         max_rel_err_vs_eager=err,
         # host time per call (GPU busy): above median_s, a training loop calling the pass back to back
         # waits on Python and launches, not on the kernels

@@ -138,8 +138,8 @@ def _pruner(kind, dequant, operand):
 # (BLOCK_N, BLOCK_D, num_warps, num_stages); BLOCK_K is the padded k, not tuned. Pass times (us) of
 # the first config chosen at k=32 / k=128 and the previous common first config, N=16384 (sweep above):
 # project_quantize, grad_operand: encode fwd 56.5 / 85.1 (was 89.9), decode bwd k=128 107.6 (127.8);
-# (BLOCK_N, k) accumulators above 32 registers spill (64x64 w4 at k=128: 18 instructions), and two such
-# configs gave encode forward k=128 results outside tolerance on the H200 (Triton 3.6; cause not found).
+# (BLOCK_N, k) accumulators above 32 registers spill (64x64 w4 at k=128: 18 instructions). (Two such
+# configs' wrong encode forward results on the H200 had another cause, found on the H100: tiles.project_rows.)
 GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 8, 3))
 # dequant_project (decode forward; encode backward's grad_x too, not swept): decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
 # 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32; the last, the
