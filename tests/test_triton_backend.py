@@ -626,7 +626,8 @@ def test_encode_forward_long_rows_every_config(monkeypatch, k):
     w_e = normal(k, d, dtype=bf16, scale=d**-0.5, gen=gen).to(DEVICE)
     gamma = normal(d, dtype=bf16, scale=0.1, gen=gen).add_(1.0).to(DEVICE)
     codec = Codec(bits=16)
-    want = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)[1]
+    with use_backend("reference"):
+        want = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)[1]
     kernel = tb.KERNELS["project_quantize"]
     cfg = tb.configs
     launchable = cfg.launchable(kernel.configs, k, 2, cfg.smem_limit(x.device), "project")
