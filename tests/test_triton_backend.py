@@ -609,39 +609,78 @@ def test_autotuned_passes(monkeypatch):
         assert any(tuner.best_config in kept for kept in offered[name]), f"{name}: best config not among the timed"
 
 
-@needs_gpu
-@pytest.mark.parametrize("k", (64, 128))
-def test_encode_forward_long_rows_every_config(monkeypatch, k):
-    """Encode forward through RMSNorm over long rows (d=4096: 32 to 128 d tiles
-    per program), each launchable config of its kernel forced: the projection
-    (row statistics) matches the reference row by row, and a second call gives
-    the same bits. The other tests' rows span a few d tiles only; on an H100
-    (Triton 3.6, 2026-11-26) a (BLOCK_N, BLOCK_D) fp32 tile of squares kept
-    beside the tensor-core loop made 3-30 % of the rows wrong by about one d
-    tile's contribution, different rows on every call, at d=4096 only."""
+def _long_rows(k: int):
+    """bf16 x (8192 x 4096), w_e, gamma on the GPU and the reference's row
+    statistics of encode forward through RMSNorm: rows of 32 to 128 d tiles
+    per program, where the other tests' rows span a few."""
     n, d = 8192, 4096
     gen = torch.Generator().manual_seed(k)
     bf16 = torch.bfloat16
     x = normal(n, d, dtype=bf16, gen=gen).to(DEVICE)
     w_e = normal(k, d, dtype=bf16, scale=d**-0.5, gen=gen).to(DEVICE)
     gamma = normal(d, dtype=bf16, scale=0.1, gen=gen).add_(1.0).to(DEVICE)
-    codec = Codec(bits=16)
     with use_backend("reference"):
-        want = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)[1]
-    kernel = tb.KERNELS["project_quantize"]
-    cfg = tb.configs
-    launchable = cfg.launchable(kernel.configs, k, 2, cfg.smem_limit(x.device), "project")
+        stats = ops.encode(x, w_e, Codec(bits=16), norm_weight=gamma, return_row_stats=True)[1]
+    return x, w_e, gamma, stats
+
+
+def _each_project_config(monkeypatch, kernel_name: str, k: int, device):
+    """Each config of the project family launchable at ``k`` here, forced on ``kernel_name`` in turn."""
+    kernel = tb.KERNELS[kernel_name]
+    launchable = tb.configs.launchable(kernel.configs, k, 2, tb.configs.smem_limit(device), "project")
     assert len(launchable) > 1
     for config in launchable:
         monkeypatch.setattr(kernel, "configs", [config])
+        yield config
+
+
+def _rows_off(got, want, scale) -> int:
+    """Rows of ``got`` whose largest error exceeds bf16's tolerance times that row's ``scale``."""
+    err = (got.double() - want.double()).abs().reshape(got.shape[0], -1).amax(1)
+    return int((err > tol(torch.bfloat16) * scale.reshape(-1)).sum().item())
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", (64, 128))
+def test_encode_forward_long_rows_every_config(monkeypatch, k):
+    """Encode forward through RMSNorm over long rows, each launchable config of
+    its kernel forced: the projection (row statistics) matches the reference
+    row by row, and a second call gives the same bits. On an H100 (Triton 3.6,
+    2026-11-26) a (BLOCK_N, BLOCK_D) fp32 tile of squares kept beside the
+    tensor-core loop made 3-30 % of the rows wrong by about one d tile's
+    contribution, different rows on every call, at d=4096 only."""
+    x, w_e, gamma, want = _long_rows(k)
+    codec = Codec(bits=16)
+    for config in _each_project_config(monkeypatch, "project_quantize", k, x.device):
         with use_backend("triton"):
             first, stats = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)
             again, stats_again = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)
-        proj, proj_want = stats[:, :k].double(), want[:, :k].double()
-        row_err = (proj - proj_want).abs().amax(1) / proj_want.abs().amax(1)
-        bad = (row_err > tol(bf16)).sum().item()
-        assert bad == 0, f"{config}: {bad} of {n} rows off (worst {row_err.max().item():.3g})"
+        bad = _rows_off(stats[:, :k], want[:, :k], want[:, :k].abs().amax(1))
+        assert bad == 0, f"{config}: {bad} of {x.shape[0]} rows off"
         assert torch.equal(stats, stats_again) and torch.equal(first, again), f"{config}: differs between calls"
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", (64, 128))
+def test_grad_operand_long_rows_every_config(monkeypatch, k):
+    """Encode backward's per-row terms through RMSNorm recomputed from x (the
+    projection loop encode forward uses, over long rows), each launchable config
+    forced: row by row as computed from the reference's row statistics (that
+    path does no GEMM): r within fp32 rounding, Z = r * g_z and alpha =
+    r^2 (g_z . p) / d within bf16's (alpha against the size of such a dot
+    product of k random terms, r^2 |g_z| |p| / (d sqrt(k)))."""
+    x, w_e, gamma, stats = _long_rows(k)
+    n, d = x.shape
+    grad_payload = ref.write_payload(torch.randn(n, k, device=DEVICE) * 1e-2, GRAD_CODEC, 0)
+    z_want, r_want, alpha_want = tb._grad_operand(grad_payload, GRAD_CODEC, x, w_e, gamma, 1e-6, stats)
+    g_z = ref.read_payload(grad_payload, GRAD_CODEC, n, k, torch.float32)
+    alpha_scale = r_want.square() * g_z.norm(dim=1) * stats[:, :k].norm(dim=1) / (d * k**0.5)
+    for config in _each_project_config(monkeypatch, "grad_operand", k, x.device):
+        z, r, alpha = tb._grad_operand(grad_payload, GRAD_CODEC, x, w_e, gamma, 1e-6, None)
+        assert (r - r_want).abs().le(1e-5 * r_want).all(), f"{config}: r"
+        bad_z = _rows_off(z, z_want, z_want.abs().amax(1))
+        bad_alpha = _rows_off(alpha, alpha_want, alpha_scale)
+        assert bad_z == bad_alpha == 0, f"{config}: Z off in {bad_z} rows, alpha in {bad_alpha} of {n}"
 
 
 def check_four_passes(seed: int) -> None:
