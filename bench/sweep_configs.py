@@ -6,8 +6,9 @@ For each fused pass and each Triton kernel it launches, every candidate
 (BLOCK_N, BLOCK_D, num_warps, num_stages) of a wide grid runs in place of
 that kernel's configs (the pass's other kernels keep their first config), at
 d=4096, k in {32, 64, 128}, int8 (--bits) and bf16 (the benchmark inputs), for each N;
-the pass is checked once against the reference, then timed (median of CUDA
-event times over rotating input sets, as the kernel benchmarks do). Recorded
+the pass is checked against the reference and for the same bits on a second
+call, then timed (median of CUDA event times over rotating input sets, as the
+kernel benchmarks do). Recorded
 per candidate: time, fraction of the copy bandwidth over the pass's roofline
 bytes, registers and spills of the compiled kernel, error vs the reference, or
 why it could not run. The table printed at the end gives, per (pass, kernel,
@@ -51,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib  # noqa: E402
 from test_bench_kernels import (  # noqa: E402
-    TOLERANCE, KernelCase, _call, _comparable, _inputs, _rel_err, _set_bytes, roofline)
+    TOLERANCE, KernelCase, _call, _comparable, _inputs, _rel_err, _same_bits, _set_bytes, roofline)
 
 from resbm_kernels.backends import use_backend  # noqa: E402
 from resbm_kernels.backends.triton import KERNELS, TILE_KINDS, _block_k, configs  # noqa: E402
@@ -207,6 +208,9 @@ def time_item(case, kernel, c, per_sm, w, per_set, sets, ref, dev) -> dict:
             row["rel_err"], row["rel_errs"] = max(errs), errs
             if not all(e == e and e <= TOLERANCE[case.bits] for e in errs):
                 row["error"] = f"relative errors {', '.join(f'{e:.3g}' for e in errs)} vs the reference (per output)"
+                return row
+            if not _same_bits(got, _outputs(case, _comparable(case, call(0)))):
+                row["error"] = "two calls on the same inputs differ (a race: the H100's miscompile of 2026-11-26 did)"
                 return row
             reps, _ = benchlib.adaptive_reps(call, dev, target_s=0.05, lo=10, hi=60, warmup=2)
             times = benchlib.time_calls(call, dev, warmup=0, reps=reps)
