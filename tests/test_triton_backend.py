@@ -646,8 +646,8 @@ def test_encode_forward_long_rows_every_config(monkeypatch, k):
     """Encode forward through RMSNorm over long rows, each launchable config of
     its kernel forced: the projection (row statistics) matches the reference
     row by row, and a second call gives the same bits. On an H100 (Triton 3.6,
-    2026-11-26) a (BLOCK_N, BLOCK_D) fp32 tile of squares kept beside the
-    tensor-core loop made 3-30 % of the rows wrong by about one d tile's
+    2026-11-26) the pipeliner's race on the x tile's buffers (see
+    tiles.project_rows) made 3-30 % of the rows wrong by about one d tile's
     contribution, different rows on every call, at d=4096 only."""
     x, w_e, gamma, want = _long_rows(k)
     codec = Codec(bits=16)

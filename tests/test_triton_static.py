@@ -212,8 +212,14 @@ def _worker():
     from resbm_kernels.backends.triton.weight_grad import finish_weight_grad_kernel
 
     def row(case, arch, config, compiled, regs, stack, sass, **extra):
+        # the software pipeliner's multi-buffered shared-memory allocations: their buffer counts
+        ttgir = compiled.asm["ttgir"]
+        buffers = sorted({int(b) for b in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)})
+        # a wgmma left running while the loop goes on (waited for with pendings >= 1)
+        wgmma_in_flight = bool(re.search(r"warp_group_dot_wait [^\n]*\{pendings = [1-9]", ttgir))
         return dict(kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"], config=config,
-                    regs=regs, stack=stack, smem=compiled.metadata.shared,
+                    regs=regs, stack=stack, smem=compiled.metadata.shared, buffers=buffers,
+                    wgmma_in_flight=wgmma_in_flight,
                     spill_ops=len(re.findall(r"\b(?:STL|LDL)\b", sass)),
                     hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)), **extra)
 
@@ -297,6 +303,20 @@ def test_tensor_cores(report):
             assert r["hgmma"] > 0, f"no HGMMA (wgmma) in {r}"
         else:
             assert r["hmma"] > 0, f"no HMMA in {r}"
+
+
+def test_pipelined_operands_equally_buffered(report):
+    """Where a wgmma stays in flight while the loop copies the next tiles, every
+    multi-buffered tile gets the same number of buffers. With one buffer fewer
+    for an operand that also fed other work (the sums of squares), Triton's
+    pipeliner let the copy of a later tile overwrite the one an asynchronous
+    wgmma was still reading: wrong rows on an H100 (2026-11-26), seen in the
+    TTGIR as 3 buffers for A beside 4 for W. (A loop that waits for each wgmma
+    may buffer its operands differently.)"""
+    in_flight = [r for r in report if r["gemm"] and r["wgmma_in_flight"]]
+    assert in_flight, "no kernel keeps a wgmma in flight: the check has nothing to look at"
+    for r in in_flight:
+        assert len(r["buffers"]) <= 1, f"buffer counts {r['buffers']} differ in {r}"
 
 
 def test_shared_memory_fits(report):

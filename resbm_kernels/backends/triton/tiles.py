@@ -80,10 +80,12 @@ def tile_mask(rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
 
 
 @triton.jit
-def load_rows(ptr, stride, rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
-    """Tile ptr[rows, cols] of a row-major matrix, 0 outside n x ncols."""
+def load_rows(ptr, stride, rows, cols, n, ncols, EVEN_COLS: tl.constexpr, CACHE: tl.constexpr = ""):
+    """Tile ptr[rows, cols] of a row-major matrix, 0 outside n x ncols
+    (``CACHE``: tl.load's cache modifier)."""
     mask = tile_mask(rows, cols, n, ncols, EVEN_COLS)
-    return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0)
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0,
+                   cache_modifier=CACHE)
 
 
 @triton.jit
@@ -107,17 +109,20 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_
     launcher, so the normalised activations are never formed."""
     kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    # the rows' sums of squares, reduced in every iteration: a (BLOCK_N, BLOCK_D)
-    # fp32 tile of squares summed once after the loop (fewer shuffles) gave wrong
-    # projections on sm_90 with Triton 3.6 (H100 and H200, 2026-11-26: in 3-30 % of
-    # the rows at d=4096, off by about one d tile's contribution, other rows each call)
+    # The squares come from a load of their own (from L2: the pipeline's copy of the
+    # same tile has just passed through it): when the MMA's operand load also fed
+    # them, Triton's software pipeliner (3.6 and 3.8, sm_90) gave that operand one
+    # shared-memory buffer too few, so the copy of a later tile could overwrite the
+    # one an asynchronous wgmma was still reading (Triton issue 6691's pattern). On
+    # an H100 (2026-11-26) that made 3-30 % of the rows wrong at d=4096 by about one
+    # d tile, other rows on every call; the TTGIR now gives A as many buffers as W.
     squares = tl.zeros((BLOCK_N,), tl.float32)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         a = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         if HAS_NORM:
-            af = a.to(tl.float32)
+            af = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D, ".cg").to(tl.float32)
             squares += tl.sum(af * af, axis=1)
         acc = mma(a, tl.trans(w), acc, a.dtype, UPCAST, PRECISION)
     return acc, squares
