@@ -212,9 +212,11 @@ def _worker():
     from resbm_kernels.backends.triton.weight_grad import finish_weight_grad_kernel
 
     def row(case, arch, config, compiled, regs, stack, sass, **extra):
-        # the software pipeliner's multi-buffered shared-memory allocations: their buffer counts
+        # the software pipeliner's multi-buffered shared-memory allocations (buffers x rows x
+        # columns, allocated empty): their buffer counts
         ttgir = compiled.asm["ttgir"]
-        buffers = sorted({int(b) for b in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x", ttgir)})
+        buffers = sorted({int(b) for b in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x",
+                                                    ttgir)})
         # a wgmma left running while the loop goes on (waited for with pendings >= 1)
         wgmma_in_flight = bool(re.search(r"warp_group_dot_wait [^\n]*\{pendings = [1-9]", ttgir))
         return dict(kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"], config=config,
