@@ -55,6 +55,7 @@ from resbm_kernels.codec import Codec
 
 PASSES = ("encode_forward", "decode_forward", "decode_backward", "encode_backward")
 BACKENDS = ("eager", "compile", "triton", "cuda")
+FUSED = ("triton", "cuda")  # the project's own kernels (the others are baselines)
 GRIDS = {
     "full": dict(N=(4096, 16384, 65536), d=(2048, 4096, 8192), ratio=(128, 64, 32), bits=(16, 8, 4)),
     "cpu": dict(N=(2048,), d=(2048,), ratio=(128, 32), bits=(16, 8, 4)),
@@ -227,7 +228,7 @@ def design_bytes(case: KernelCase) -> int | None:
     weight gradients' fp32 partials, one (k, d) per row split, written and
     summed (up to 8 splits: 32 MB at N=16384, d=4096, k=128, next to 268 MB
     of roofline; small enough to stay in L2, so counting them could flatter)."""
-    if case.backend not in ("triton", "cuda"):
+    if case.backend not in FUSED:
         return None
     big = case.N * case.d * 2
     extra = big if case.pass_ in ("decode_backward", "encode_backward") else 0
@@ -343,13 +344,13 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
             del ref
         assert err == err and err <= TOLERANCE[kcase.bits], (
             f"{kcase.id}: relative error {err:.3g} vs the eager reference")
-        if kcase.backend in ("triton", "cuda"):  # the fused kernels are deterministic: a race shows here
+        if kcase.backend in FUSED:  # the fused kernels are deterministic: a race shows here
             assert _same_bits(got, _comparable(kcase, call(0))), f"{kcase.id}: two calls on the same inputs differ"
         del got
         reps, est = benchlib.adaptive_reps(call, dev, target_s=0.25 if gpu else 0.5,
                                            lo=10 if gpu else 3, hi=100 if gpu else 10, warmup=warmup)
         times = benchlib.time_calls(call, dev, warmup=0, reps=reps)
-        host = benchlib.host_times(call, dev) if kcase.backend in ("triton", "cuda") else None
+        host = benchlib.host_times(call, dev) if kcase.backend in FUSED else None
 
     stats = benchlib.summary(times)
     host_s = statistics.median(host) if host else None
