@@ -20,7 +20,7 @@ import torch
 
 from .codec import SCALE_DTYPES, SCALE_NAMES, Codec, rng_key
 
-ABI_VERSION = 5  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
+ABI_VERSION = 6  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
 _NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so", "cuda_emu": "libresbm_cuda_emu.so"}
 _PKG_DIR = pathlib.Path(__file__).resolve().parent
 _DTYPE_CODES = SCALE_DTYPES  # z, scales and out share the wire-format codes
@@ -62,14 +62,16 @@ def _declare(lib: ctypes.CDLL, which: str) -> None:
 _CUDA_PASSES = {
     # pass, dtype, d, k, norm, bytes (int64*)
     "resbm_cuda_workspace_bytes": "iillip",
+    # dtype, n, d, k, splits (int*)
+    "resbm_cuda_projection_splits": "illlp",
     # x, dtype, n, d, k, w_e, norm_weight, eps, bits, group, scale_dtype, stochastic, key, codes, scales,
-    # header, row_stats, workspace, stream
-    "resbm_cuda_encode_forward": "pilllppfiiiiupppppp",
+    # header, row_stats, partial, splits, workspace, stream
+    "resbm_cuda_encode_forward": "pilllppfiiiiupppppipp",
     # codes, scales, n, d, k, bits, group, scale_dtype, w_d, w_dtype, residual, out, out_dtype, workspace, stream
     "resbm_cuda_decode_forward": "ppllliiipippipp",
     # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, header,
-    # workspace, stream
-    "resbm_cuda_decode_backward": "pilllpiiiiuppppp",
+    # partial, splits, workspace, stream
+    "resbm_cuda_decode_backward": "pilllpiiiiuppppipp",
     # codes, scales, n, d, k, bits, group, scale_dtype, x, dtype, w_e, norm_weight, eps, grad_x, rscale,
     # row_stats, workspace, stream
     "resbm_cuda_encode_backward": "ppllliiipippfppppp",

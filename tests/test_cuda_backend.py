@@ -137,7 +137,7 @@ def lib():
 def _encode_fwd(lib, **kw):
     keep, p = _buf()
     a = dict(x=p, dtype=3, n=4, d=64, k=16, w_e=p, norm=None, eps=1e-6, bits=8, group=16, sdt=3, stoch=0,
-             key=0, codes=p, scales=p, header=None, row_stats=None, workspace=p, stream=None)
+             key=0, codes=p, scales=p, header=None, row_stats=None, partial=None, splits=1, workspace=p, stream=None)
     # "p" / "p+2": the aligned buffer's address (plus an offset), known only here
     a.update({name: p + int(v[2:] or 0) if isinstance(v, str) else v for name, v in kw.items()})
     rc = lib.resbm_cuda_encode_forward(*a.values())
@@ -163,6 +163,10 @@ def _encode_fwd(lib, **kw):
     ({"codes": None}, "null pointer codes"),
     ({"scales": None}, "null pointer scales"),
     ({"workspace": None}, "null pointer workspace"),
+    ({"splits": 0}, "bad splits=0"),
+    ({"splits": 65536, "partial": "p"}, "bad splits=65536"),
+    ({"splits": 2}, "null pointer partial"),
+    ({"splits": 2, "partial": "p+2"}, "partial is not 4-byte aligned"),
     ({"row_stats": "p"}, "row_stats are RMSNorm statistics: they need norm_weight"),
     ({"row_stats": "p+2", "norm": "p"}, "row_stats is not 4-byte aligned"),
 ])
@@ -210,13 +214,15 @@ def test_c_other_passes_reject(lib):
     assert lib.resbm_cuda_decode_forward(p, p, 4, 64, 16, 8, 16, 3, p, 1, None, p, 1, None, None) == 1
     assert err() == "resbm_cuda_decode_forward: null pointer workspace"  # fp32 weights are prepared
     # decode backward: grad_h, dtype, n, d, k, w_d, bits, group, sdt, stochastic, key, codes, scales,
-    # workspace, stream
-    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, None, 8, 16, 3, 1, 0, p, p, None, p, None) == 1
+    # header, partial, splits, workspace, stream
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, None, 8, 16, 3, 1, 0, p, p, None, None, 1, p, None) == 1
     assert err() == "resbm_cuda_decode_backward: null pointer w_d"
-    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 4, 3, 3, 1, 0, p, p, None, p, None) == 1
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 4, 3, 3, 1, 0, p, p, None, None, 1, p, None) == 1
     assert "does not divide" in err()
-    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 8, 16, 3, 1, 0, p, p, None, None, None) == 1
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 8, 16, 3, 1, 0, p, p, None, None, 1, None, None) == 1
     assert err() == "resbm_cuda_decode_backward: null pointer workspace"
+    assert lib.resbm_cuda_decode_backward(p, 3, 4, 64, 16, p, 8, 16, 3, 1, 0, p, p, None, None, 3, p, None) == 1
+    assert err() == "resbm_cuda_decode_backward: null pointer partial"
     # encode backward: codes, scales, n, d, k, bits, group, sdt, x, dtype, w_e, gamma, eps, grad_x, rscale,
     # row_stats, workspace, stream
     assert lib.resbm_cuda_encode_backward(p, p, 4, 64, 16, 8, 16, 3, None, 3, p, p, 1e-6, p, p, None, p,
@@ -292,6 +298,37 @@ def test_c_workspace_bytes(lib, pass_, dtype, d, k, norm, parts):
     assert lib.resbm_cuda_workspace_bytes(pass_, dtype, d, k, norm, ctypes.byref(out)) == 0
     kpad = 16 if k <= 16 else 32 if k <= 32 else 64 if k <= 64 else 128 if k <= 128 else 256
     assert out.value == parts * kpad * d * (4 if dtype == 1 else 2)
+
+
+@needs_lib
+def test_c_projection_splits(lib):
+    """The query validates its arguments; without a GPU to ask there is one split."""
+    out = ctypes.c_int(-1)
+    assert lib.resbm_cuda_projection_splits(3, 24, 416, 32, None) == 1
+    assert "null pointer splits" in lib.resbm_last_error().decode()
+    assert lib.resbm_cuda_projection_splits(9, 24, 416, 32, ctypes.byref(out)) == 1
+    assert "bad dtype=9" in lib.resbm_last_error().decode()
+    assert lib.resbm_cuda_projection_splits(3, 24, 416, 24, ctypes.byref(out)) == 1
+    assert "multiples of 16" in lib.resbm_last_error().decode()
+    if not torch.cuda.is_available():
+        assert lib.resbm_cuda_projection_splits(3, 24, 416, 32, ctypes.byref(out)) == 0 and out.value == 1
+
+
+@pytest.mark.skipif(not native.available("cuda_emu"), reason="libresbm_cuda_emu is not built")
+@pytest.mark.parametrize("dtype, n, d, splits", [
+    (3, 24, 416, 3),     # one block of 64 rows, 7 d tiles of 64 bf16 columns: runs 3 + 3 + 1
+    (1, 24, 416, 4),     # fp32 tiles of 32 columns, 13 of them: 4 + 4 + 4 + 1 (4 blocks at once)
+    (3, 150, 4096, 4),   # 3 row blocks: 12 blocks of 16 tiles in 3 waves of 4 (48 tile times, 64 unsplit)
+    (3, 256, 4096, 1),   # 4 row blocks fill the emulated device's 4 SMs
+    (3, 24, 128, 1),     # 2 d tiles: runs of at least 2
+])
+def test_emulated_projection_splits(dtype, n, d, splits):
+    """On the emulated device (4 SMs, one block each) small n splits d (the tests'
+    small shapes take that path), runs of at least two tiles, none empty."""
+    lib = native.library("cuda_emu")
+    out = ctypes.c_int(-1)
+    assert lib.resbm_cuda_projection_splits(dtype, n, d, 32, ctypes.byref(out)) == 0
+    assert out.value == splits
 
 
 @needs_lib
@@ -486,6 +523,44 @@ def test_decode_forward_out_dtype_differs():
     got = cuda_call(ops.decode, payload.to(DEVICE), w_d, codec, 37, out_dtype=torch.bfloat16)
     want = ref.decode_forward(payload, w_d.cpu(), None, codec, 37, torch.bfloat16)
     assert rel_err(got, want) <= tol(torch.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
+def test_d_splits_with_a_short_last_run(dtype, projection, monkeypatch):
+    """The row kernels split d between blocks while their row blocks leave SMs idle. On the
+    emulator (4 SMs of one block; test_emulated_projection_splits) one row block and
+    d = 416 give 7 tiles of 64 columns, split 3 + 3 + 1 (fp32: 13 of 32, 4 + 4 + 4 + 1), the
+    last tile partial: all four passes against the reference, encode backward through the
+    row statistics (without them it has a pre-pass over x and does not split)."""
+    use_projection(monkeypatch, projection)
+    n, d, k = 24, 416, 32
+    codec = Codec(bits=4, group_size=16)
+    gen = torch.Generator().manual_seed(11)
+    x = normal(n, d, dtype=dtype, gen=gen, device=DEVICE)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
+    payload, stats = cuda_call(ops.encode, x, w_e, codec, norm_weight=gamma, eps=1e-5, return_row_stats=True)
+    want = ref.encode_forward(x.cpu(), w_e.cpu(), gamma.cpu(), 1e-5, codec, 0)
+    assert_close_payload(payload, want, codec, n, k)
+
+    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen, device=DEVICE)
+    got = cuda_call(ops.decode, payload, w_d, codec, n, out_dtype=dtype)
+    assert torch.isfinite(got).all(), "unwritten (poisoned) elements"
+    assert rel_err(got, ref.decode_forward(payload.cpu(), w_d.cpu(), None, codec, n, dtype)) <= tol(dtype)
+
+    grad_h = exact(n, d, dtype=dtype, gen=gen, device=DEVICE)  # exact: the gradient payload is bit-exact
+    w_exact = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen, device=DEVICE)
+    gp, gw = cuda_call(ops.decode_backward, grad_h, payload, w_exact, codec, GRAD_CODEC, grad_seed=99)
+    gp_ref, gw_ref = ref.decode_backward(grad_h.cpu(), payload.cpu(), w_exact.cpu(), codec, GRAD_CODEC, 99)
+    assert torch.equal(gp.cpu(), gp_ref), "gradient payload differs"
+    assert rel_err(gw, gw_ref) <= tol(dtype)
+
+    got = cuda_call(ops.encode_backward, gp, x, w_e, GRAD_CODEC, norm_weight=gamma, eps=1e-5, row_stats=stats)
+    want = ref.encode_backward(gp_ref, x.cpu(), w_e.cpu(), gamma.cpu(), 1e-5, GRAD_CODEC)
+    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
+        assert torch.isfinite(a).all(), f"{name}: unwritten (poisoned) elements"
+        assert rel_err(a, b) <= 4 * tol(dtype), name
 
 
 @needs_kernels

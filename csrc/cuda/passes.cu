@@ -22,10 +22,16 @@
 //      threads are one warpgroup and multiply the same tiles, laid out as wgmma's
 //      core matrices, straight from shared memory (wgmma m64nKPADk16), the sums of
 //      squares read from the same tiles; RESBM_CUDA_WGMMA=0 keeps mma.sync.
+//      For small n, grid.y splits d (pq_splits): each CTA then projects a run of d
+//      tiles and writes fp32 partials, and finish_rows_kernel sums them in split
+//      order and does the rest (finish_rows, shared with the unsplit kernel).
 //  dequant_project_kernel   (decode forward, encode backward)
-//      One CTA per BN rows: dequantizes its (BN, k) payload rows into shared
+//      One CTA per BN rows and run of d (grid.y splits d while the row blocks alone
+//      would leave the GPU part idle or its last wave half empty, dq_splits; output
+//      columns are independent):
+//      dequantizes its (BN, k) payload rows into shared
 //      memory once (shared codec functions; for 16-bit inputs up to KPAD = 128
-//      also into the tensor cores' A fragments once), then walks d in BD2-column tiles:
+//      also into the tensor cores' A fragments once), then walks its d run in BD2-column tiles:
 //      tensor-core product with the (BD2, KPAD) weight tile (w_d's rows as
 //      they are for 16-bit decode forward, else prepared; the weight tiles
 //      stream through a ring of RowCfg::WS cp.async buffers, the next ones
@@ -53,6 +59,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "errors.cuh"
 #include "mma.cuh"
@@ -71,12 +79,19 @@ using resbm_cuda_detail::launch_status;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr int64_t kMaxGridY = 65535;  // blocks along a grid's y
+constexpr int64_t kMinSplitTiles = 2;  // d tiles of a row kernel's d split, at least
+constexpr int64_t kMaxProjectionSplits = 8;  // project_quantize's d splits (each adds partials)
 constexpr size_t kMaxSmemSm80 = 163 * 1024;  // opt-in shared memory per block on sm_80 (less than sm_90)
 constexpr int kWgRows = 32;  // rows per block iteration of the weight gradient (split starts are multiples)
 
 template <typename A, typename B>
 constexpr A cmax(A a, B b) {
   return a > A(b) ? a : A(b);
+}
+template <typename A, typename B>
+constexpr A cmin(A a, B b) {
+  return a < A(b) ? a : A(b);
 }
 
 // ---- configurations -------------------------------------------------------------------
@@ -122,7 +137,8 @@ struct RowCfg {
   static constexpr size_t H_BYTES = size_t(BN) * HLD * 4;
   static constexpr size_t SCALARS_BYTES = size_t(2 + WN) * BN * 4;
 
-  static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, Z_BYTES);
+  static constexpr size_t FINISH_BYTES = Z_BYTES + size_t(BN) * 4;  // z tile, rows' sums of squares
+  static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, FINISH_BYTES);
   // dequant_project's weight tiles stream through a ring of WS buffers: three (two in flight
   // while one is multiplied) where sm_80's shared memory allows, else fewer (fp32, KPAD = 256:
   // one, loaded between tiles)
@@ -142,6 +158,7 @@ struct RowCfg {
                 "shared-memory regions must stay 16-byte aligned");
   static_assert(PQ_SMEM <= kMaxSmemSm80 && dq_smem(true) <= kMaxSmemSm80,
                 "more shared memory than an sm_80 block can have");
+  static_assert(FINISH_BYTES <= kDefaultSmem, "finish_rows_kernel needs no shared-memory opt-in");
 };
 
 // Weight-gradient kernel: output tile (KPAD, BDW) per CTA, rows reduced in chunks of BR.
@@ -179,6 +196,16 @@ struct WgCfg {
 
 __device__ __forceinline__ float inv_rms(float sumsq, int64_t d, float eps) {
   return div_rn(1.0f, __fsqrt_rn(add_rn(div_rn(sumsq, float(d)), eps)));
+}
+
+// This block's run of a row kernel's `tiles` d tiles when grid.y splits d: equal runs of
+// ceil(tiles / gridDim.y), the last possibly short (or empty: its block still takes part).
+struct TileRun {
+  int64_t first, count;
+};
+__device__ __forceinline__ TileRun tile_run(int64_t tiles) {
+  const int64_t run = (tiles + gridDim.y - 1) / gridDim.y, first = int64_t(blockIdx.y) * run;
+  return {first, first >= tiles ? 0 : tiles - first < run ? tiles - first : run};
 }
 
 __device__ __forceinline__ float quad_sum(float v) {
@@ -277,8 +304,9 @@ __global__ void prepare_operand_kernel(const PrepArgs p) {
 }
 
 // The projection loop shared by project_quantize and the RMSNorm pre-pass of
-// dequant_project: acc (BN, KPAD) += a[rows] @ B, B(dd, c) = whi[c][dd] (+ wlo[c][dd]
-// for fp32), the prepared operand (KPAD, d); optionally the rows' sums of squares. The a
+// dequant_project: acc (BN, KPAD) += a[rows, run] @ B[run], B(dd, c) = whi[c][dd] (+ wlo[c][dd]
+// for fp32), the prepared operand (KPAD, d), over the run of d tiles `run`; optionally the
+// rows' sums of squares there. The a
 // tile and the weight tile stream in together through RowCfg::PS buffers (16-byte
 // cp.async, cp_async_pipeline).
 // Uses PROJ_BYTES of `smem` and ends with a barrier (smem free again).
@@ -287,7 +315,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
                                              int64_t n, int64_t d, int64_t row0,
                                              const typename Operand<DT>::E* __restrict__ whi_g,
                                              const typename Operand<DT>::E* __restrict__ wlo_g,
-                                             bool want_sumsq, unsigned char* smem,
+                                             TileRun run, bool want_sumsq, unsigned char* smem,
                                              float (&acc)[RowCfg<DT, KPAD>::NT][4],
                                              float (&sumsq)[2]) {
   using C = RowCfg<DT, KPAD>;
@@ -303,17 +331,18 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
   constexpr int VEC = 16 / int(sizeof(T));  // elements per 16-byte chunk
   constexpr int CHUNKS = C::BD / VEC;       // chunks per tile row
   constexpr int WCHUNKS = C::BD / C::WVEC;
-  const int64_t tiles = (d + C::BD - 1) / C::BD;
 
   // each thread copies the same 16-byte column chunk of every XROWS-th row of the a tile
-  // and of every WROWS-th row of the weight tile, for every tile (only d0 moves)
+  // and of every WROWS-th row of the weight tile, for every tile (only d0 moves); tile i of
+  // the run into buffer i % S
   constexpr int XROWS = kThreads / CHUNKS, WROWS = kThreads / WCHUNKS;
   static_assert(kThreads % CHUNKS == 0 && kThreads % WCHUNKS == 0 && C::BN % XROWS == 0 &&
                     KPAD % WROWS == 0, "tile rows must split evenly over the threads");
   const int xr = tid / CHUNKS, xc = (tid % CHUNKS) * VEC;
   const int wr = tid / WCHUNKS, wc = (tid % WCHUNKS) * C::WVEC;
-  auto issue = [&](int64_t tile) {
-    const int buf = int(tile % S);
+  auto issue = [&](int64_t i) {
+    const int buf = int(i % S);
+    const int64_t tile = run.first + i;
     const int64_t col = tile * C::BD + xc;  // d % 16 == 0: chunks are all in or all out
     T* xdst = xs + buf * (C::BN * C::XLD) + xr * C::XLD + xc;
 #pragma unroll
@@ -333,7 +362,7 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
     }
   };
 
-  cp_async_pipeline<S>(tiles, issue, [&](int64_t, int buf) {
+  cp_async_pipeline<S>(run.count, issue, [&](int64_t, int buf) {
     const T* xt = xs + buf * (C::BN * C::XLD);
     const E* wht = whi + buf * (KPAD * C::WLD);
     const E* wlt = wlo + buf * (KPAD * C::WLD);
@@ -378,7 +407,7 @@ template <int DT, int KPAD>
 __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T* __restrict__ a,
                                                    int64_t n, int64_t d, int64_t row0,
                                                    const typename Operand<DT>::E* __restrict__ w_g,
-                                                   bool want_sumsq, unsigned char* smem,
+                                                   TileRun run, bool want_sumsq, unsigned char* smem,
                                                    float (&acc)[RowCfg<DT, KPAD>::NT][4],
                                                    float (&sumsq)[2]) {
   using C = RowCfg<DT, KPAD>;
@@ -393,14 +422,13 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
   unsigned char* ws = smem + C::X_BYTES;
   const int tid = threadIdx.x;
   const int chunk = (tid / 8) % 8, row_base = 8 * (tid / 64) + tid % 8;
-  const int64_t tiles = (d + C::BD - 1) / C::BD;
   // this thread's sources in tile 0 (row 16 j: + 16 j d; tile t: + t BD), set up once
   const int64_t rows_left = n - row0 - row_base, step = 16 * d;
   const T* x_src = a + (row0 + row_base) * d + chunk * 8;
   const E* w_src = w_g + int64_t(row_base) * d + chunk * 8;
-  auto issue = [&](int64_t tile) {
-    const int buf = int(tile % S);
-    const int64_t col = tile * C::BD;
+  auto issue = [&](int64_t i) {  // tile i of the run into buffer i % S
+    const int buf = int(i % S);
+    const int64_t col = (run.first + i) * C::BD;
     const bool col_ok = col + chunk * 8 < d;  // d % 16 == 0: chunks are all in or all out
 #pragma unroll
     for (int j = 0; j < C::BN / 16; ++j) {
@@ -414,7 +442,7 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
   // the sums of squares: thread tid takes row tid % 64, chunks 4 (tid / 64) .. + 3 (LBO apart)
   const int sq_row = tid % 64, sq_offset = (sq_row / 8) * SBO + 4 * (tid / 64) * LBO + 16 * (sq_row % 8);
   float sq = 0.0f;
-  cp_async_pipeline<S, true>(tiles, issue, [&](int64_t, int buf) {
+  cp_async_pipeline<S, true>(run.count, issue, [&](int64_t, int buf) {
     const unsigned char* xt = xs + buf * X_STAGE;
     const unsigned char* wt = ws + buf * W_STAGE;
     wgmma_fence();
@@ -464,7 +492,9 @@ struct PQArgs {
   uint8_t* codes;
   void* scales;
   float* stats;  // (n, k+1) RMSNorm row statistics [r * acc | r], or null (needs norm)
-  int write_header;  // block 0 writes the payload header and the codes padding (with_header)
+  float* partial;  // with splits > 1: (splits, n, k+1) fp32 [acc | sum of squares] per d split
+  int splits;      // d splits (grid.y); more than one: finish_rows_kernel finishes the rows
+  int write_header;  // the block of rows 0 writes the payload header and the codes padding
   int32_t header[4];
 };
 
@@ -484,7 +514,41 @@ __device__ __forceinline__ void store_header(const int32_t (&words)[4], uint8_t*
   if (tid < (16 - code_bytes % 16) % 16) codes[code_bytes + tid] = 0;
 }
 
-// WG: the projection on wgmma (project_loop_wgmma), else on mma.sync.
+// The rows of block row0 from their projection (zs: fp32 [BN][ZLD], the raw acc, overwritten
+// with z) and sums of squares (row_sq, [BN]; replaced by r = 1/rms with the norm):
+// z = r * acc + a[:, :k], the row statistics if asked, then quantize + pack through the
+// shared codec functions; the first block also writes the payload header.
+template <int DT, int KPAD>
+__device__ void finish_rows(const PQArgs& p, float* zs, float* row_sq, int64_t row0) {
+  using C = RowCfg<DT, KPAD>;
+  using T = typename C::T;
+  const T* a = static_cast<const T*>(p.a);
+  const int tid = threadIdx.x;
+  if (p.norm && tid < C::BN) row_sq[tid] = inv_rms(row_sq[tid], p.d, p.eps);
+  __syncthreads();
+  for (int i = tid; i < C::BN * KPAD; i += kThreads) {
+    const int r = i / KPAD, c = i % KPAD;
+    const int64_t grow = row0 + r;
+    float z = zs[r * C::ZLD + c];
+    if (p.norm) z = z * row_sq[r];
+    if (grow < p.n && c < p.k) {
+      if (p.stats != nullptr) {
+        float* srow = p.stats + grow * (p.k + 1);
+        srow[c] = z;
+        if (c == 0) srow[p.k] = row_sq[r];
+      }
+      z = z + load_float(a, grow * p.d + c, DT);
+    }
+    zs[r * C::ZLD + c] = z;
+  }
+  __syncthreads();
+  quantize_rows(zs, C::ZLD, C::BN, row0, p.n, p.k, p.bits, p.group, p.scale_dtype, p.stochastic,
+                p.key, p.codes, p.scales);
+  if (p.write_header && row0 == 0) store_header(p.header, p.codes, p.n * p.k * p.bits / 8);
+}
+
+// WG: the projection on wgmma (project_loop_wgmma), else on mma.sync. With grid.y > 1 each
+// block projects its run of d only and writes that as partials for finish_rows_kernel.
 template <int DT, int KPAD, bool WG>
 __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQArgs p) {
   using C = RowCfg<DT, KPAD>;
@@ -496,53 +560,80 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
   using E = typename C::E;
   const T* a = static_cast<const T*>(p.a);
   const bool norm = p.norm != 0;
+  const TileRun run = tile_run((p.d + C::BD - 1) / C::BD);
 
   float acc[C::NT][4];
 #pragma unroll
   for (int j = 0; j < C::NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   float sumsq[2] = {0.0f, 0.0f};
   if constexpr (WG) {
-    project_loop_wgmma<DT, KPAD>(a, p.n, p.d, row0, static_cast<const E*>(p.whi), norm, smem, acc, sumsq);
+    project_loop_wgmma<DT, KPAD>(a, p.n, p.d, row0, static_cast<const E*>(p.whi), run, norm, smem, acc, sumsq);
   } else {
     project_loop<DT, KPAD>(a, p.n, p.d, row0, static_cast<const E*>(p.whi),
-                           static_cast<const E*>(p.wlo), norm, smem, acc, sumsq);
+                           static_cast<const E*>(p.wlo), run, norm, smem, acc, sumsq);
   }
 
-  float rr[2] = {1.0f, 1.0f};
-  if (norm) {
-    rr[0] = inv_rms(quad_sum(sumsq[0]), p.d, p.eps);
-    rr[1] = inv_rms(quad_sum(sumsq[1]), p.d, p.eps);
-  }
-  // z = r * acc + a[:, :k] into shared memory (fp32, [BN][ZLD])
-  float* zs = reinterpret_cast<float*>(smem);
+  // acc and the rows' sums of squares: into shared memory for finish_rows, or with a d split
+  // this block's partials (every block writes its rows' partials, an empty run zeros)
+  const bool split = gridDim.y > 1;
+  float* zs = reinterpret_cast<float*>(smem);  // [BN][ZLD]
+  float* row_sq = zs + C::BN * C::ZLD;         // [BN]
+  float* part = split ? p.partial + int64_t(blockIdx.y) * p.n * (p.k + 1) : nullptr;
 #pragma unroll
   for (int j = 0; j < C::NT; ++j) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = wm * 16 + g + 8 * h, col = wn * C::WC + j * 8 + 2 * t;
       const int64_t grow = row0 + r;
-      float z0 = acc[j][2 * h], z1 = acc[j][2 * h + 1];
-      if (norm) {
-        z0 = z0 * rr[h];
-        z1 = z1 * rr[h];
+      if (!split) {
+        *reinterpret_cast<float2*>(zs + r * C::ZLD + col) = make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
+      } else if (grow < p.n && col < p.k) {  // k even: col + 1 < k too
+        part[grow * (p.k + 1) + col] = acc[j][2 * h];
+        part[grow * (p.k + 1) + col + 1] = acc[j][2 * h + 1];
       }
-      if (grow < p.n && col < p.k) {  // k even: col + 1 < k too
-        if (p.stats != nullptr) {
-          float* srow = p.stats + grow * (p.k + 1);
-          srow[col] = z0;
-          srow[col + 1] = z1;
-          if (wn == 0 && j == 0 && t == 0) srow[p.k] = rr[h];  // one thread per row
-        }
-        z0 = z0 + load_float(a, grow * p.d + col, DT);
-        z1 = z1 + load_float(a, grow * p.d + col + 1, DT);
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float ssum = quad_sum(sumsq[h]);  // (every lane: a warp collective)
+    const int r = wm * 16 + g + 8 * h;
+    if (wn == 0 && t == 0) {
+      if (!split) {
+        row_sq[r] = ssum;
+      } else if (row0 + r < p.n) {
+        part[(row0 + r) * (p.k + 1) + p.k] = ssum;
       }
-      *reinterpret_cast<float2*>(zs + r * C::ZLD + col) = make_float2(z0, z1);
+    }
+  }
+  if (split) return;
+  __syncthreads();
+  finish_rows<DT, KPAD>(p, zs, row_sq, row0);
+}
+
+// The second kernel of a d-split project_quantize: each block sums its rows' partials in
+// split order (deterministic), then finish_rows.
+template <int DT, int KPAD>
+__global__ void __launch_bounds__(kThreads) finish_rows_kernel(const PQArgs p) {
+  using C = RowCfg<DT, KPAD>;
+  RESBM_DYNAMIC_SMEM(smem);
+  float* zs = reinterpret_cast<float*>(smem);  // [BN][ZLD]
+  float* row_sq = zs + C::BN * C::ZLD;         // [BN]
+  const int64_t row0 = int64_t(blockIdx.x) * C::BN, n = p.n, k = p.k;
+  for (int i = threadIdx.x; i < C::BN * (KPAD + 1); i += kThreads) {
+    const int r = i / (KPAD + 1), c = i % (KPAD + 1);  // c = KPAD: the sum of squares
+    const int64_t grow = row0 + r, col = c == KPAD ? k : c;
+    float sum = 0.0f;
+    if (grow < n && (c < k || c == KPAD)) {
+      for (int s = 0; s < p.splits; ++s) sum += p.partial[(s * n + grow) * (k + 1) + col];
+    }
+    if (c == KPAD) {
+      row_sq[r] = sum;
+    } else {
+      zs[r * C::ZLD + c] = sum;
     }
   }
   __syncthreads();
-  quantize_rows(zs, C::ZLD, C::BN, row0, p.n, p.k, p.bits, p.group, p.scale_dtype, p.stochastic,
-                p.key, p.codes, p.scales);
-  if (p.write_header && blockIdx.x == 0) store_header(p.header, p.codes, p.n * p.k * p.bits / 8);
+  finish_rows<DT, KPAD>(p, zs, row_sq, row0);
 }
 
 struct DQArgs {
@@ -576,6 +667,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   const int wm = warp % C::WM, wn = warp / C::WM, g = lane >> 2, t = lane & 3;
   const int64_t row0 = int64_t(blockIdx.x) * C::BN;
   const int64_t n = p.n, d = p.d, k = p.k;
+  const TileRun run = tile_run((d + C::BD2 - 1) / C::BD2);  // this block's output tiles
 
   float* zf = reinterpret_cast<float*>(smem);  // [BN][ZLD] dequantized rows, 0 beyond k / n
   float* row_r = zf + C::BN * C::ZLD;          // [BN]
@@ -608,7 +700,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
         const float* srow = p.stats + grow * (k + 1);
         r = srow[k];
         for (int64_t c = 0; c < k; ++c) dsum += zf[tid * C::ZLD + c] * srow[c];
-        if (p.rscale != nullptr) p.rscale[grow] = r;
+        if (p.rscale != nullptr && blockIdx.y == 0) p.rscale[grow] = r;
       }
       row_r[tid] = r;
       row_alpha[tid] = r * r * dsum / float(d);
@@ -620,8 +712,9 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
 #pragma unroll
     for (int j = 0; j < C::NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     float sumsq[2] = {0.0f, 0.0f};
+    const TileRun all{0, (d + C::BD - 1) / C::BD};  // (never split: see dq_splits)
     project_loop<DT, KPAD>(x, n, d, row0, static_cast<const E*>(p.phi),
-                           static_cast<const E*>(p.plo), true, region, acc, sumsq);
+                           static_cast<const E*>(p.plo), all, true, region, acc, sumsq);
     float dot[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < C::NT; ++j) {
@@ -647,7 +740,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
       for (int w = 0; w < C::WN; ++w) dsum += dotp[w * C::BN + tid];
       const float r = row_r[tid];
       row_alpha[tid] = r * r * r * dsum / float(d);
-      if (p.rscale != nullptr && row0 + tid < n) p.rscale[row0 + tid] = r;
+      if (p.rscale != nullptr && row0 + tid < n && blockIdx.y == 0) p.rscale[row0 + tid] = r;
     }
     __syncthreads();
   }
@@ -661,17 +754,17 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   constexpr int W2CH = KPAD / C::WVEC;  // 16-byte chunks per weight tile row
   const E* w2hi_g = static_cast<const E*>(p.w2hi);
   const E* w2lo_g = static_cast<const E*>(p.w2lo);
-  // weight tile w2[dd][c] of output tile `tile` (columns d0 = tile * BD2.., zeros beyond d and
-  // w2_cols) into ring buffer tile % WS: a thread copies chunk wch of rows wr + j * WSTEP of
-  // every tile (only d0 moves)
+  // weight tile w2[dd][c] of this block's output tile `i` (columns d0 = (run.first + i) * BD2..,
+  // zeros beyond d and w2_cols) into ring buffer i % WS: a thread copies chunk wch of rows
+  // wr + j * WSTEP of every tile (only d0 moves)
   constexpr int WSTEP = kThreads / W2CH, WPER = C::BD2 / WSTEP;
   static_assert(kThreads % W2CH == 0 && WPER * WSTEP == C::BD2, "weight tile copies split evenly");
   const int wr = tid / W2CH, wch = tid % W2CH;
   const bool w_col_ok = wch * C::WVEC < p.w2_cols;  // w2_cols % WVEC == 0
   const int64_t w_off = int64_t(wr) * p.w2_ld + wch * C::WVEC;
-  auto issue_w2 = [&](int64_t tile) {
-    const int b = int(tile % C::WS);
-    const int64_t d0 = tile * C::BD2;
+  auto issue_w2 = [&](int64_t i) {
+    const int b = int(i % C::WS);
+    const int64_t d0 = (run.first + i) * C::BD2;
 #pragma unroll
     for (int j = 0; j < WPER; ++j) {
       const bool ok = w_col_ok && d0 + wr + j * WSTEP < d;
@@ -692,9 +785,8 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) load_a_f32<DT>(fa_all[s], zf, C::ZLD, wm * 16, s * C::KS, lane, false, no_sq);
   }
-  const int64_t tiles = (d + C::BD2 - 1) / C::BD2;
-  cp_async_pipeline<C::WS>(tiles, issue_w2, [&](int64_t tile, int b) {
-    const int64_t d0 = tile * C::BD2;
+  cp_async_pipeline<C::WS>(run.count, issue_w2, [&](int64_t i, int b) {
+    const int64_t d0 = (run.first + i) * C::BD2;
     float acc[C::NT2][4];
 #pragma unroll
     for (int j = 0; j < C::NT2; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -1018,7 +1110,12 @@ int launch_pq_kernel(const char* fn, const PQArgs& p, cudaStream_t stream) {
   const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, WG>);
   RESBM_TRY(prepare(fn, name, func, C::PQ_SMEM));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  launch(project_quantize_kernel<DT, KPAD, WG>, unsigned(blocks), kThreads, C::PQ_SMEM, stream, p);
+  launch(project_quantize_kernel<DT, KPAD, WG>, dim3(unsigned(blocks), unsigned(p.splits)), kThreads,
+         C::PQ_SMEM, stream, p);
+  RESBM_TRY(launch_status(fn, name));
+  if (p.splits == 1) return RESBM_OK;
+  std::snprintf(name, sizeof name, "finish_rows_kernel<%s,%d>", Operand<DT>::name(), KPAD);
+  launch(finish_rows_kernel<DT, KPAD>, unsigned(blocks), kThreads, C::FINISH_BYTES, stream, p);
   return launch_status(fn, name);
 }
 
@@ -1029,6 +1126,81 @@ int launch_pq(const char* fn, const PQArgs& p, const PrepArgs& prep, cudaStream_
     if (wgmma_enabled()) return launch_pq_kernel<DT, KPAD, true>(fn, p, stream);
   }
   return launch_pq_kernel<DT, KPAD, false>(fn, p, stream);
+}
+
+// Blocks of kernel `func` (kThreads threads, `smem` bytes of dynamic shared memory) the
+// current device runs at once: its SMs times the blocks an SM holds (at least one each).
+// Asked once per device and kernel (the launchers run on every op call).
+int blocks_at_once(const void* func, size_t smem) {
+  struct Entry {
+    int device;
+    const void* func;
+    size_t smem;
+    int blocks;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> known;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();  // no device to ask: one block per row block (the launch reports it)
+    return 1;
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : known)
+    if (e.device == device && e.func == func && e.smem == smem) return e.blocks;
+  int sms = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, func, kThreads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 1;
+  }
+  const int blocks = (sms > 1 ? sms : 1) * (per_sm > 1 ? per_sm : 1);
+  known.push_back({device, func, smem, blocks});
+  return blocks;
+}
+
+// d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once. The
+// row kernels' blocks are latency bound (a block's time is about its number of tiles, whoever
+// shares its SM: dequant_project at d = 4096 on an H100 took 68 us for 64 row blocks on 132
+// SMs, 87 us for 256), so a launch takes about waves x tiles / splits, waves =
+// ceil(row_blocks x splits / slots): the fewest splits up to `most` (and runs of at least
+// kMinSplitTiles tiles) that minimise that, none left empty (the kernels' run is
+// ceil(tiles / splits)).
+int64_t fill_splits(int64_t row_blocks, int64_t tiles, int64_t slots, int64_t most) {
+  most = cmin(cmin(most, tiles / kMinSplitTiles), kMaxGridY);
+  int64_t best = 1, best_waves = (row_blocks + slots - 1) / slots;
+  for (int64_t s = 2; s <= most; ++s) {
+    const int64_t waves = (row_blocks * s + slots - 1) / slots;
+    if (waves * best < best_waves * s) best = s, best_waves = waves;  // waves / s < best_waves / best
+  }
+  const int64_t run = (tiles + best - 1) / best;
+  return (tiles + run - 1) / run;
+}
+
+// d splits of dequant_project (output columns are independent: no partials); one with the
+// RMSNorm pre-pass, which every split would repeat over x.
+template <int DT, int KPAD>
+int dq_splits(const DQArgs& p, int64_t row_blocks, const void* func, size_t smem) {
+  using C = RowCfg<DT, KPAD>;
+  if (p.gamma != nullptr && p.stats == nullptr) return 1;
+  return int(fill_splits(row_blocks, (p.d + C::BD2 - 1) / C::BD2, blocks_at_once(func, smem), kMaxGridY));
+}
+
+// d splits of project_quantize (resbm_cuda_projection_splits): each split writes fp32
+// partials of its rows, (n, k + 1) more bytes written and read back, so only while the row
+// blocks alone leave slots idle, and at most kMaxProjectionSplits.
+template <int DT, int KPAD>
+int pq_splits(const char* fn, int64_t n, int64_t d, int* splits) {
+  using C = RowCfg<DT, KPAD>;
+  const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, false>);
+  if constexpr (wgmma_shape<DT, KPAD>()) {
+    if (wgmma_enabled()) func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, true>);
+  }
+  RESBM_TRY(prepare(fn, "project_quantize_kernel", func, C::PQ_SMEM));  // (occupancy at this size)
+  const int64_t row_blocks = (n + C::BN - 1) / C::BN, slots = blocks_at_once(func, C::PQ_SMEM);
+  *splits = row_blocks >= slots ? 1
+                                : int(fill_splits(row_blocks, (d + C::BD - 1) / C::BD, slots, kMaxProjectionSplits));
+  return RESBM_OK;
 }
 
 // preps: the operands to build first (n_preps of them: 0, 1 or 2)
@@ -1043,7 +1215,8 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   const size_t smem = C::dq_smem(p.gamma != nullptr && p.stats == nullptr);  // the pre-pass's tiles
   RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  launch(dequant_project_kernel<DT, KPAD>, unsigned(blocks), kThreads, smem, stream, p);
+  const dim3 grid(unsigned(blocks), unsigned(dq_splits<DT, KPAD>(p, blocks, func, smem)));
+  launch(dequant_project_kernel<DT, KPAD>, grid, kThreads, smem, stream, p);
   return launch_status(fn, name);
 }
 
@@ -1122,6 +1295,12 @@ int check_ptr(const char* fn, const char* name, const void* ptr, size_t align, b
   return RESBM_OK;
 }
 
+// project_quantize's d splits and their partials ((splits, n, k + 1) fp32, with splits > 1).
+int check_splits(const char* fn, const float* partial, int splits) {
+  if (splits < 1 || splits > kMaxGridY) return fail(RESBM_ERR_ARG, fn, "bad splits=%d (1..65535)", splits);
+  return check_ptr(fn, "partial", partial, sizeof(float), splits > 1);
+}
+
 // ---- workspace: the prepared weight operands of one call ------------------------------------
 
 // The caller's workspace holds, in this order, the projection operand (KPAD, d): hi [, lo]
@@ -1179,11 +1358,20 @@ int resbm_cuda_workspace_bytes(int pass, int dtype, int64_t d, int64_t k, int no
   return RESBM_OK;
 }
 
+int resbm_cuda_projection_splits(int dtype, int64_t n, int64_t d, int64_t k, int* splits) {
+  const char* fn = "resbm_cuda_projection_splits";
+  RESBM_TRY(check_dims(fn, n, d, k));
+  RESBM_TRY(check_dtype(fn, "dtype", dtype));
+  RESBM_TRY(check_ptr(fn, "splits", splits, alignof(int), true));
+  RESBM_DISPATCH(pq_splits, dtype, k, fn, n, d, splits);
+}
+
 int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                               const void* w_e, const void* norm_weight, float eps, int bits,
                               int group, int scale_dtype, int stochastic, uint32_t key,
                               uint8_t* codes, void* scales, const int32_t* header,
-                              float* row_stats, void* workspace, void* stream) {
+                              float* row_stats, float* partial, int splits, void* workspace,
+                              void* stream) {
   const char* fn = "resbm_cuda_encode_forward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -1194,6 +1382,7 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   RESBM_TRY(check_ptr(fn, "w_e", w_e, dtype_bytes(dtype), true));
   RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, dtype_bytes(dtype), false));
   RESBM_TRY(check_ptr(fn, "row_stats", row_stats, sizeof(float), false));
+  RESBM_TRY(check_splits(fn, partial, splits));
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
   const bool norm = norm_weight != nullptr;
   if (row_stats != nullptr && !norm)
@@ -1203,14 +1392,16 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   const PrepArgs prep{w_e, /*s_r=*/d, /*s_c=*/1, norm_weight, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
   const PQArgs p = with_header({x, prep.hi, prep.lo, norm, n, d, k, eps, bits, group, scale_dtype,
-                                stochastic, key, codes, scales, row_stats, 0, {}}, header);
+                                stochastic, key, codes, scales, row_stats, partial, splits, 0, {}},
+                               header);
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
 int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t d, int64_t k,
                                const void* w_d, int bits, int group, int scale_dtype,
                                int stochastic, uint32_t key, uint8_t* codes, void* scales,
-                               const int32_t* header, void* workspace, void* stream) {
+                               const int32_t* header, float* partial, int splits,
+                               void* workspace, void* stream) {
   const char* fn = "resbm_cuda_decode_backward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -1219,13 +1410,15 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   if (n == 0) return RESBM_OK;
   RESBM_TRY(check_ptr(fn, "grad_h", grad_h, 16, true));
   RESBM_TRY(check_ptr(fn, "w_d", w_d, dtype_bytes(dtype), true));
+  RESBM_TRY(check_splits(fn, partial, splits));
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
   const Workspace ws = workspace_for(RESBM_PASS_DECODE_BACKWARD, dtype, d, k, false);
   // g_z = grad_h @ w_d (+ identity): operand (KPAD, d), B(dd, c) = w_d[dd * k + c]
   const PrepArgs prep{w_d, /*s_r=*/1, /*s_c=*/k, nullptr, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
   const PQArgs p = with_header({grad_h, prep.hi, prep.lo, 0, n, d, k, 0.0f, bits, group, scale_dtype,
-                                stochastic, key, codes, scales, nullptr, 0, {}}, header);
+                                stochastic, key, codes, scales, nullptr, partial, splits, 0, {}},
+                               header);
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
@@ -1316,7 +1509,7 @@ int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
   RESBM_TRY(resbm::check_args(fn, "a", a, dtype, n, k, bits, group, scale_dtype, codes, scales,
                               g_error, sizeof g_error));
-  if (splits < 1 || splits > 65535)
+  if (splits < 1 || splits > kMaxGridY)
     return fail(RESBM_ERR_ARG, fn, "bad splits=%d (1..65535)", splits);
   RESBM_TRY(check_ptr(fn, "partial", partial, 4, true));
   RESBM_TRY(check_ptr(fn, "a", a, 16, n > 0));
@@ -1340,7 +1533,7 @@ int resbm_cuda_finish_weight_grad(const float* partial, int splits, int64_t rows
   const char* fn = "resbm_cuda_finish_weight_grad";
   if (rows <= 0 || cols <= 0 || rows > (int64_t(1) << 31) || cols > (int64_t(1) << 31))
     return fail(RESBM_ERR_ARG, fn, "bad shape rows=%lld cols=%lld", (long long)rows, (long long)cols);
-  if (splits < 1 || splits > 65535) return fail(RESBM_ERR_ARG, fn, "bad splits=%d (1..65535)", splits);
+  if (splits < 1 || splits > kMaxGridY) return fail(RESBM_ERR_ARG, fn, "bad splits=%d (1..65535)", splits);
   RESBM_TRY(check_dtype(fn, "out_dtype", out_dtype));
   RESBM_TRY(check_ptr(fn, "partial", partial, 4, true));
   RESBM_TRY(check_ptr(fn, "out", out, 2, true));

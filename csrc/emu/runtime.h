@@ -49,6 +49,9 @@ namespace resbm_emu {
 
 constexpr size_t kMaxDynamicSmem = 163 * 1024;  // an sm_80 block's opt-in limit (sm_90: 227 KB)
 constexpr size_t kDefaultDynamicSmem = 48 * 1024;
+// SMs the emulated device reports (few, like the Triton interpreter's 4 programs at once,
+// so that the tests' small shapes also take the paths that split work to fill a GPU)
+constexpr int kSms = 4;
 
 // cudaError_t values the emulator reports (cuda_runtime.h's enum).
 enum Error : int { kSuccess = 0, kInvalidValue = 1, kLaunchFailure = 719 };

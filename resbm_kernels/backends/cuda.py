@@ -33,7 +33,10 @@ so ``auto`` does not pick these kernels for fp16 in those passes.
 
 Each pass first converts its weights to the tensor cores' operand types once
 (into a workspace allocated here, sized by ``resbm_cuda_workspace_bytes``), so
-no block of the main kernel converts weights. Weight gradients are a separate
+no block of the main kernel converts weights. For small N the row kernels split
+d between blocks to fill the GPU: the projection (encode forward, decode
+backward) then writes fp32 partials (allocated here,
+``resbm_cuda_projection_splits``) that a second kernel sums in a fixed order. Weight gradients are a separate
 reduction kernel over the (N, d) input (like the Triton backend): per-split
 fp32 partials, summed in a fixed order (deterministic) by a finishing kernel
 that also applies the encoder's RMSNorm factors and rounds once; its (N, k)
@@ -47,6 +50,7 @@ scales or codes, where the reference raises.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
@@ -152,6 +156,25 @@ def _size_query(which: str, name: str, *args) -> int:
     return nbytes.value
 
 
+@functools.lru_cache(maxsize=1024)
+def _projection_splits(device: torch.device, dtype_code: int, n: int, d: int, k: int) -> int:
+    """d splits of the projection kernel (encode forward, decode backward) on
+    ``device``: see ``resbm_cuda_projection_splits`` (asked once per device and shape)."""
+    lib = native.library(_library_name(device))
+    splits = ctypes.c_int()
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _checked(lib, lib.resbm_cuda_projection_splits(dtype_code, n, d, k, ctypes.byref(splits)))
+    return splits.value
+
+
+def _projection_partial(a, k: int):
+    """(partial buffer or None, splits) for a projection pass over ``a`` (n, d):
+    more than one split for small n, each writing (n, k + 1) fp32 partials."""
+    n, d = a.shape
+    splits = _projection_splits(a.device, _DTYPE_CODES[a.dtype], n, d, k)
+    return (fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else None), splits
+
+
 def _workspace(pass_: str, dtype, d: int, k: int, norm: bool, device) -> torch.Tensor | None:
     """The device workspace a pass needs (its weights converted to the tensor
     cores' operand types once per call), or None. Keep it referenced until the
@@ -200,9 +223,10 @@ def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, 
     x, w_e, gamma = _dense(x), _dense(w_e), _dense(norm_weight)
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
     ws = _workspace("encode_forward", x.dtype, d, k, gamma is not None, x.device)
+    partial, splits = _projection_partial(x, k)
     _call("resbm_cuda_encode_forward", x.device, x.data_ptr(), _DTYPE_CODES[x.dtype], n, d, k, w_e.data_ptr(),
           _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales, header,
-          _ptr(row_stats), _ptr(ws))
+          _ptr(row_stats), _ptr(partial), splits, _ptr(ws))
     return payload
 
 
@@ -232,9 +256,10 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
         w = _dense(w_d.to(grad_h.dtype))  # the kernel reads both in grad_h's dtype
         codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
         ws = _workspace("decode_backward", grad_h.dtype, d, k, False, grad_h.device)
+        partial, splits = _projection_partial(grad_h, k)
         _call("resbm_cuda_decode_backward", grad_h.device, grad_h.data_ptr(), _DTYPE_CODES[grad_h.dtype], n, d, k,
               w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales, header,
-              _ptr(ws))
+              _ptr(partial), splits, _ptr(ws))
     grad_w_d, _ = _weight_grad(grad_h, payload, codec, None, k, transpose=True, w=w_d)
     return grad_payload, grad_w_d
 

@@ -36,6 +36,7 @@ enum cudaError_t : int {
   cudaErrorLaunchFailure = resbm_emu::kLaunchFailure,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
 
 inline cudaError_t cudaGetLastError() { return cudaError_t(resbm_emu::take_last_error()); }
 inline const char* cudaGetErrorString(cudaError_t e) {
@@ -44,6 +45,21 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 inline cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute, int bytes) {
   if (bytes < 0 || size_t(bytes) > resbm_emu::kMaxDynamicSmem) return cudaErrorInvalidValue;
   resbm_emu::set_max_dynamic_smem(func, bytes);
+  return cudaSuccess;
+}
+
+// The emulated device: resbm_emu::kSms SMs of one block each (its blocks run one after
+// another; the numbers only shape grids sized to fill a GPU).
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = resbm_emu::kSms;
+  return cudaSuccess;
+}
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, const void*, int, size_t) {
+  *blocks = 1;
   return cudaSuccess;
 }
 

@@ -28,7 +28,7 @@ extern "C" {
 enum { RESBM_OK = 0, RESBM_ERR_ARG = 1, RESBM_ERR_NONFINITE = 2, RESBM_ERR_CUDA = 3 };
 
 /* returned by resbm_abi_version() of both libraries; raised on any signature change */
-#define RESBM_ABI_VERSION 5
+#define RESBM_ABI_VERSION 6
 
 RESBM_API int resbm_abi_version(void);
 RESBM_API const char* resbm_last_error(void);
@@ -84,6 +84,14 @@ enum {
 RESBM_API int resbm_cuda_workspace_bytes(int pass, int dtype, int64_t d, int64_t k, int norm,
                                          int64_t* bytes);
 
+/* *splits = the d splits (>= 1) to give resbm_cuda_encode_forward / _decode_backward for n
+ * rows of (d, k, dtype) on the current device: more than one while their blocks of rows alone
+ * would leave the GPU part idle (small n); then each split's blocks write float32 partials
+ * [projection | sum of squares] of their run of d to `partial` ((splits, n, k+1) float32,
+ * 4-byte aligned, not used by anything else until the pass has run), which a second kernel
+ * sums in split order and finishes (the result does not depend on timing). */
+RESBM_API int resbm_cuda_projection_splits(int dtype, int64_t n, int64_t d, int64_t k, int* splits);
+
 /* payload of z = RMSNorm(x) w_e^T + x[:, :k] (no norm when norm_weight is NULL);
  * row_stats (float32 (n, k+1), or NULL; needs norm_weight) receives [RMSNorm(x) w_e^T | 1/rms(x)].
  * header (host memory, 4 int32 words, or NULL; this pass and decode backward): written, with
@@ -93,8 +101,8 @@ RESBM_API int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int
                                         const void* w_e, const void* norm_weight, float eps,
                                         int bits, int group, int scale_dtype, int stochastic,
                                         uint32_t key, uint8_t* codes, void* scales,
-                                        const int32_t* header, float* row_stats, void* workspace,
-                                        void* stream);
+                                        const int32_t* header, float* row_stats, float* partial,
+                                        int splits, void* workspace, void* stream);
 /* out (n, d) of out_dtype = zhat w_d^T + pad_d(zhat) (+ residual, of out_dtype, or NULL) */
 RESBM_API int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales, int64_t n,
                                         int64_t d, int64_t k, int bits, int group,
@@ -106,7 +114,7 @@ RESBM_API int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t 
                                          int64_t k, const void* w_d, int bits, int group,
                                          int scale_dtype, int stochastic, uint32_t key,
                                          uint8_t* codes, void* scales, const int32_t* header,
-                                         void* workspace, void* stream);
+                                         float* partial, int splits, void* workspace, void* stream);
 /* grad_x (n, d) of dtype from the gradient payload g_z: g_z w_e + pad_d(g_z), through the
  * RMSNorm backward when norm_weight is set (then x is read and, if rscale is not NULL,
  * r = 1/rms(x) is written to rscale (n,) float32 for the weight gradient); row_stats (or
