@@ -1128,9 +1128,9 @@ int launch_pq(const char* fn, const PQArgs& p, const PrepArgs& prep, cudaStream_
   return launch_pq_kernel<DT, KPAD, false>(fn, p, stream);
 }
 
-// Blocks of kernel `func` (kThreads threads, `smem` bytes of dynamic shared memory) the
-// current device runs at once: its SMs times the blocks an SM holds (at least one each).
-// Asked once per device and kernel (the launchers run on every op call).
+// Blocks the current device runs at once: its SMs times the blocks of kernel `func` (kThreads
+// threads, `smem` bytes of dynamic shared memory) an SM holds, or one per SM when `func` is
+// null; at least 1. Asked once per device and kernel (the launchers run on every op call).
 int blocks_at_once(const void* func, size_t smem) {
   struct Entry {
     int device;
@@ -1148,9 +1148,10 @@ int blocks_at_once(const void* func, size_t smem) {
   std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : known)
     if (e.device == device && e.func == func && e.smem == smem) return e.blocks;
-  int sms = 0, per_sm = 0;
+  int sms = 0, per_sm = 1;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, func, kThreads, smem) != cudaSuccess) {
+      (func != nullptr &&
+       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, func, kThreads, smem) != cudaSuccess)) {
     (void)cudaGetLastError();
     return 1;
   }
@@ -1159,12 +1160,10 @@ int blocks_at_once(const void* func, size_t smem) {
   return blocks;
 }
 
-// d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once. The
-// row kernels' blocks are latency bound (a block's time is about its number of tiles, whoever
-// shares its SM: dequant_project at d = 4096 on an H100 took 68 us for 64 row blocks on 132
-// SMs, 87 us for 256), so a launch takes about waves x tiles / splits, waves =
-// ceil(row_blocks x splits / slots): the fewest splits up to `most` (and runs of at least
-// kMinSplitTiles tiles) that minimise that, none left empty (the kernels' run is
+// d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once each
+// taking about as long per tile as alone: a launch then takes about waves x tiles / splits,
+// waves = ceil(row_blocks x splits / slots). The fewest splits up to `most` (and runs of at
+// least kMinSplitTiles tiles) that minimise that, none left empty (the kernels' run is
 // ceil(tiles / splits)).
 int64_t fill_splits(int64_t row_blocks, int64_t tiles, int64_t slots, int64_t most) {
   most = cmin(cmin(most, tiles / kMinSplitTiles), kMaxGridY);
@@ -1177,8 +1176,11 @@ int64_t fill_splits(int64_t row_blocks, int64_t tiles, int64_t slots, int64_t mo
   return (tiles + run - 1) / run;
 }
 
-// d splits of dequant_project (output columns are independent: no partials); one with the
-// RMSNorm pre-pass, which every split would repeat over x.
+// d splits of dequant_project (output columns are independent: no partials), its blocks
+// counted as slots: they are latency bound (H100, d=4096, k=32, bf16, from the run of
+// 2026-11-26: 0.94 / 1.42 / 1.87 64x64 tiles per us per SM with 0.5 / 1.9 / 7.8 blocks per
+// SM; k=128: 0.51 / 0.76 / 0.80, more bound by the SM). One split with the RMSNorm pre-pass,
+// which every split would repeat over x.
 template <int DT, int KPAD>
 int dq_splits(const DQArgs& p, int64_t row_blocks, const void* func, size_t smem) {
   using C = RowCfg<DT, KPAD>;
@@ -1186,20 +1188,16 @@ int dq_splits(const DQArgs& p, int64_t row_blocks, const void* func, size_t smem
   return int(fill_splits(row_blocks, (p.d + C::BD2 - 1) / C::BD2, blocks_at_once(func, smem), kMaxGridY));
 }
 
-// d splits of project_quantize (resbm_cuda_projection_splits): each split writes fp32
-// partials of its rows, (n, k + 1) more bytes written and read back, so only while the row
-// blocks alone leave slots idle, and at most kMaxProjectionSplits.
+// d splits of project_quantize (resbm_cuda_projection_splits). Its blocks are bound by their
+// SM, not by latency (same run: 0.95 / 0.87 / 1.02 tiles per us per SM at k=32 with 0.5 /
+// 1.9 / 7.8 blocks per SM, 0.53 / 0.49 / 0.54 at k=128), so a second block on an SM gains
+// nothing: one slot per SM, splits only while row blocks are fewer than SMs, and each adds
+// (n, k + 1) fp32 partials: at most kMaxProjectionSplits.
 template <int DT, int KPAD>
-int pq_splits(const char* fn, int64_t n, int64_t d, int* splits) {
+int pq_splits(const char*, int64_t n, int64_t d, int* splits) {
   using C = RowCfg<DT, KPAD>;
-  const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, false>);
-  if constexpr (wgmma_shape<DT, KPAD>()) {
-    if (wgmma_enabled()) func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, true>);
-  }
-  RESBM_TRY(prepare(fn, "project_quantize_kernel", func, C::PQ_SMEM));  // (occupancy at this size)
-  const int64_t row_blocks = (n + C::BN - 1) / C::BN, slots = blocks_at_once(func, C::PQ_SMEM);
-  *splits = row_blocks >= slots ? 1
-                                : int(fill_splits(row_blocks, (d + C::BD - 1) / C::BD, slots, kMaxProjectionSplits));
+  const int64_t row_blocks = (n + C::BN - 1) / C::BN, sms = blocks_at_once(nullptr, 0);
+  *splits = row_blocks >= sms ? 1 : int(fill_splits(row_blocks, (d + C::BD - 1) / C::BD, sms, kMaxProjectionSplits));
   return RESBM_OK;
 }
 
