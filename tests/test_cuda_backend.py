@@ -315,16 +315,18 @@ def test_c_projection_splits(lib):
 
 
 @pytest.mark.skipif(not native.available("cuda_emu"), reason="libresbm_cuda_emu is not built")
-@pytest.mark.parametrize("dtype, n, d, splits", [
-    (3, 24, 416, 3),     # one block of 64 rows, 7 d tiles of 64 bf16 columns: runs 3 + 3 + 1
-    (1, 24, 416, 4),     # fp32 tiles of 32 columns, 13 of them: 4 + 4 + 4 + 1 (4 blocks at once)
-    (3, 150, 4096, 4),   # 3 row blocks: 12 blocks of 16 tiles in 3 waves of 4 (48 tile times, 64 unsplit)
-    (3, 256, 4096, 1),   # 4 row blocks fill the emulated device's 4 SMs
-    (3, 24, 128, 1),     # 2 d tiles: runs of at least 2
+@pytest.mark.parametrize("dtype, projection, n, d, splits", [
+    (3, "mma_sync", 24, 832, 4),    # one block of 64 rows, 13 d tiles of 64 bf16 columns: runs 4+4+4+1
+    (3, "wgmma", 24, 832, 3),       # the wgmma loop's tiles of 128 columns, 7 of them: 3 + 3 + 1
+    (1, "mma_sync", 24, 832, 4),    # fp32 tiles of 32 columns, 26 of them: 7 + 7 + 7 + 5
+    (3, "wgmma", 150, 4096, 4),     # 3 row blocks: 12 blocks of 8 tiles in 3 waves of 4 (24 tile times, 32 unsplit)
+    (3, "wgmma", 256, 4096, 1),     # 4 row blocks fill the emulated device's 4 SMs
+    (3, "mma_sync", 24, 128, 1),    # 2 d tiles: runs of at least 2
 ])
-def test_emulated_projection_splits(dtype, n, d, splits):
+def test_emulated_projection_splits(dtype, projection, n, d, splits, monkeypatch):
     """On the emulated device (4 SMs, one block each) small n splits d (the tests'
     small shapes take that path), runs of at least two tiles, none empty."""
+    use_projection(monkeypatch, projection)
     lib = native.library("cuda_emu")
     out = ctypes.c_int(-1)
     assert lib.resbm_cuda_projection_splits(dtype, n, d, 32, ctypes.byref(out)) == 0
@@ -530,11 +532,12 @@ def test_decode_forward_out_dtype_differs():
 def test_d_splits_with_a_short_last_run(dtype, projection, monkeypatch):
     """The row kernels split d between blocks while their row blocks leave SMs idle. On the
     emulator (4 SMs of one block; test_emulated_projection_splits) one row block and
-    d = 416 give 7 tiles of 64 columns, split 3 + 3 + 1 (fp32: 13 of 32, 4 + 4 + 4 + 1), the
-    last tile partial: all four passes against the reference, encode backward through the
-    row statistics (without them it has a pre-pass over x and does not split)."""
+    d = 832 give runs with a short last one and a partial last tile: 13 tiles of 64 columns
+    4 + 4 + 4 + 1 (the wgmma projection's 7 of 128: 3 + 3 + 1; fp32's 26 of 32: 7 + 7 + 7 + 5),
+    all four passes against the reference, encode backward through the row statistics
+    (without them it has a pre-pass over x and does not split)."""
     use_projection(monkeypatch, projection)
-    n, d, k = 24, 416, 32
+    n, d, k = 24, 832, 32
     codec = Codec(bits=4, group_size=16)
     gen = torch.Generator().manual_seed(11)
     x = normal(n, d, dtype=dtype, gen=gen, device=DEVICE)

@@ -19,9 +19,10 @@
 //      adds the identity path x[:, :k], and quantizes + packs through the shared
 //      codec functions of resbm/codec.h (bit-exact with the reference given z).
 //      On sm_90a, 16-bit inputs with KPAD <= 128 (project_loop_wgmma): the 128
-//      threads are one warpgroup and multiply the same tiles, laid out as wgmma's
-//      core matrices, straight from shared memory (wgmma m64nKPADk16), the sums of
-//      squares read from the same tiles; RESBM_CUDA_WGMMA=0 keeps mma.sync.
+//      threads are one warpgroup and multiply tiles twice as wide (256 bytes, four
+//      buffers, three at KPAD = 128), laid out as wgmma's core matrices, straight
+//      from shared memory (wgmma m64nKPADk16), the sums of squares read from the
+//      same tiles; RESBM_CUDA_WGMMA=0 keeps mma.sync.
 //      For small n, grid.y splits d (pq_splits): each CTA then projects a run of d
 //      tiles and writes fp32 partials, and finish_rows_kernel sums them in split
 //      order and does the rest (finish_rows, shared with the unsplit kernel).
@@ -139,6 +140,15 @@ struct RowCfg {
 
   static constexpr size_t FINISH_BYTES = Z_BYTES + size_t(BN) * 4;  // z tile, rows' sums of squares
   static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, FINISH_BYTES);
+  // project_loop_wgmma (16-bit, KPAD <= 128): dense 256-byte-wide d tiles, twice the mma.sync
+  // loop's, through WG_PS buffers (four; three at KPAD = 128, within sm_80's opt-in limit,
+  // which the emulator keeps). On the H100 both backends' projections made about one loop trip
+  // per us per SM, whatever their tiles' width (Triton's first config, 64 x 128, did 2.1 tiles
+  // of 64 x 64 per us per SM at k=32; this loop with 64 x 64 tiles 0.9).
+  static constexpr int WG_BD = 256 / int(sizeof(T));
+  static constexpr size_t WG_STAGE_BYTES = size_t(BN + KPAD) * 256;  // the x tile, then the weights'
+  static constexpr int WG_PS = 4 * WG_STAGE_BYTES <= kMaxSmemSm80 ? 4 : 3;
+  static constexpr size_t WG_SMEM = cmax(WG_PS * WG_STAGE_BYTES, FINISH_BYTES);
   // dequant_project's weight tiles stream through a ring of WS buffers: three (two in flight
   // while one is multiplied) where sm_80's shared memory allows, else fewer (fp32, KPAD = 256:
   // one, loaded between tiles)
@@ -394,13 +404,14 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
 }
 
 // project_loop on sm_90a's warpgroup mma (16-bit inputs, KPAD <= 128: the CTA's 128
-// threads are one warpgroup, its 64 rows one m64 tile, KPAD one n): the same pipeline, with
-// each stage's x and weight tiles laid out as wgmma's core matrices (no swizzle) and
-// multiplied from shared memory, so no thread loads fragments. Chunk q (16 bytes) of a
-// stage's tile sits at byte 16 q, with q = 64 (row / 8) + 8 chunk + row % 8: the 8 rows of
-// a core matrix 16 bytes apart (LBO = 128 bytes along k, SBO = 1024 along the rows); thread
-// `tid` copies column chunk (tid / 8) % 8 of rows 16 j + 8 (tid / 64) + tid % 8 to byte
-// 2 SBO j + 16 tid (a warp: 8 rows x 64 contiguous bytes, 4 whole core matrices).
+// threads are one warpgroup, its 64 rows one m64 tile, KPAD one n), with the wider tiles of
+// RowCfg::WG_BD columns (CH = 16 chunks of 16 bytes a row) through WG_PS buffers, each
+// stage's x and weight tiles laid out as wgmma's core matrices (no swizzle) and multiplied
+// from shared memory, so no thread loads fragments. Chunk c of row r sits at byte
+// SBO (r / 8) + LBO c + 16 (r % 8): the 8 rows of a core matrix 16 bytes apart, LBO = 128
+// bytes to the next core matrix along k, SBO = 128 CH to the next 8 rows. Thread `tid` copies
+// chunk tid / 8 of rows 8 j + tid % 8 to byte SBO j + 16 tid (a warp: 8 rows x 64 contiguous
+// bytes, 4 whole core matrices, 512 contiguous bytes of shared memory).
 // With want_sumsq, sumsq[h] of lane t = 0 of each quad holds the full sum of squares of
 // row 16 wm + g + 8 h (the other lanes 0), so that quad_sum gives it as in project_loop.
 template <int DT, int KPAD>
@@ -413,46 +424,45 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
   using E = typename C::E;
-  static_assert(DT != kFloat32 && C::WN == 1 && C::BN == 64 && C::BD * int(sizeof(T)) == 128,
-                "one warpgroup, 64 rows, 128-byte rows of 16-bit elements");
-  constexpr int S = C::PS;
-  constexpr size_t X_STAGE = C::X_BYTES / S, W_STAGE = C::W_BYTES;  // (dense tiles fit both)
-  constexpr uint32_t LBO = 128, SBO = 8 * LBO;  // the next core matrix along k / along the rows
-  unsigned char* xs = smem;
-  unsigned char* ws = smem + C::X_BYTES;
+  constexpr int CH = C::WG_BD * int(sizeof(T)) / 16, S = C::WG_PS;
+  static_assert(DT != kFloat32 && C::WN == 1 && C::BN == 64 && CH == 16 && kThreads == 8 * CH,
+                "one warpgroup, 64 rows, 256-byte rows of 16-bit elements, 8 rows a pass");
+  static_assert(S * C::WG_STAGE_BYTES <= kMaxSmemSm80, "the stages fit sm_80's (the emulator's) limit");
+  constexpr size_t X_STAGE = size_t(C::BN) * 16 * CH, STAGE = C::WG_STAGE_BYTES;
+  constexpr uint32_t LBO = 128, SBO = CH * LBO;  // the next core matrix along k / along the rows
   const int tid = threadIdx.x;
-  const int chunk = (tid / 8) % 8, row_base = 8 * (tid / 64) + tid % 8;
-  // this thread's sources in tile 0 (row 16 j: + 16 j d; tile t: + t BD), set up once
-  const int64_t rows_left = n - row0 - row_base, step = 16 * d;
+  const int chunk = tid / 8, row_base = tid % 8;
+  // this thread's sources in tile 0 (row 8 j: + 8 j d; tile t: + t WG_BD), set up once
+  const int64_t rows_left = n - row0 - row_base, step = 8 * d;
   const T* x_src = a + (row0 + row_base) * d + chunk * 8;
   const E* w_src = w_g + int64_t(row_base) * d + chunk * 8;
-  auto issue = [&](int64_t i) {  // tile i of the run into buffer i % S
-    const int buf = int(i % S);
-    const int64_t col = (run.first + i) * C::BD;
+  auto issue = [&](int64_t i) {  // tile i of the run into stage i % S: x, then the weights
+    unsigned char* stage = smem + (i % S) * STAGE;
+    const int64_t col = (run.first + i) * C::WG_BD;
     const bool col_ok = col + chunk * 8 < d;  // d % 16 == 0: chunks are all in or all out
 #pragma unroll
-    for (int j = 0; j < C::BN / 16; ++j) {
-      const bool ok = col_ok && 16 * j < rows_left;
-      cp_async16(xs + buf * X_STAGE + 2 * SBO * j + 16 * tid, ok ? x_src + j * step + col : a, ok ? 16 : 0);
+    for (int j = 0; j < C::BN / 8; ++j) {
+      const bool ok = col_ok && 8 * j < rows_left;
+      cp_async16(stage + SBO * j + 16 * tid, ok ? x_src + j * step + col : a, ok ? 16 : 0);
     }
 #pragma unroll
-    for (int j = 0; j < KPAD / 16; ++j)
-      cp_async16(ws + buf * W_STAGE + 2 * SBO * j + 16 * tid, col_ok ? w_src + j * step + col : w_g, col_ok ? 16 : 0);
+    for (int j = 0; j < KPAD / 8; ++j)
+      cp_async16(stage + X_STAGE + SBO * j + 16 * tid, col_ok ? w_src + j * step + col : w_g, col_ok ? 16 : 0);
   };
-  // the sums of squares: thread tid takes row tid % 64, chunks 4 (tid / 64) .. + 3 (LBO apart)
-  const int sq_row = tid % 64, sq_offset = (sq_row / 8) * SBO + 4 * (tid / 64) * LBO + 16 * (sq_row % 8);
+  // the sums of squares: thread tid takes row tid % 64, chunks CH / 2 (tid / 64) .. (LBO apart)
+  const int sq_row = tid % 64, sq_offset = (sq_row / 8) * SBO + (CH / 2) * (tid / 64) * LBO + 16 * (sq_row % 8);
   float sq = 0.0f;
   cp_async_pipeline<S, true>(run.count, issue, [&](int64_t, int buf) {
-    const unsigned char* xt = xs + buf * X_STAGE;
-    const unsigned char* wt = ws + buf * W_STAGE;
+    const unsigned char* xt = smem + buf * STAGE;
+    const unsigned char* wt = xt + X_STAGE;
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < C::BD / 16; ++ks)  // k steps of 16: chunks 2 ks, 2 ks + 1
+    for (int ks = 0; ks < CH / 2; ++ks)  // k steps of 16: chunks 2 ks, 2 ks + 1
       wgmma<DT, KPAD>(acc, wgmma_desc(xt + 2 * LBO * ks, LBO, SBO), wgmma_desc(wt + 2 * LBO * ks, LBO, SBO));
     wgmma_commit();
     if (want_sumsq) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < CH / 2; ++i) {
         const uint4 raw = *reinterpret_cast<const uint4*>(xt + sq_offset + LBO * i);
         const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
@@ -560,7 +570,8 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
   using E = typename C::E;
   const T* a = static_cast<const T*>(p.a);
   const bool norm = p.norm != 0;
-  const TileRun run = tile_run((p.d + C::BD - 1) / C::BD);
+  constexpr int BD = WG ? C::WG_BD : C::BD;  // d tile of the projection loop
+  const TileRun run = tile_run((p.d + BD - 1) / BD);
 
   float acc[C::NT][4];
 #pragma unroll
@@ -1108,10 +1119,11 @@ int launch_pq_kernel(const char* fn, const PQArgs& p, cudaStream_t stream) {
   std::snprintf(name, sizeof name, "project_quantize_kernel<%s,%d%s>", Operand<DT>::name(), KPAD,
                 WG ? ",wgmma" : "");
   const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, WG>);
-  RESBM_TRY(prepare(fn, name, func, C::PQ_SMEM));
+  constexpr size_t smem = WG ? C::WG_SMEM : C::PQ_SMEM;
+  RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  launch(project_quantize_kernel<DT, KPAD, WG>, dim3(unsigned(blocks), unsigned(p.splits)), kThreads,
-         C::PQ_SMEM, stream, p);
+  launch(project_quantize_kernel<DT, KPAD, WG>, dim3(unsigned(blocks), unsigned(p.splits)), kThreads, smem,
+         stream, p);
   RESBM_TRY(launch_status(fn, name));
   if (p.splits == 1) return RESBM_OK;
   std::snprintf(name, sizeof name, "finish_rows_kernel<%s,%d>", Operand<DT>::name(), KPAD);
@@ -1196,8 +1208,12 @@ int dq_splits(const DQArgs& p, int64_t row_blocks, const void* func, size_t smem
 template <int DT, int KPAD>
 int pq_splits(const char*, int64_t n, int64_t d, int* splits) {
   using C = RowCfg<DT, KPAD>;
+  int64_t bd = C::BD;  // the d tile of the loop launch_pq will run
+  if constexpr (wgmma_shape<DT, KPAD>()) {
+    if (wgmma_enabled()) bd = C::WG_BD;
+  }
   const int64_t row_blocks = (n + C::BN - 1) / C::BN, sms = blocks_at_once(nullptr, 0);
-  *splits = row_blocks >= sms ? 1 : int(fill_splits(row_blocks, (d + C::BD - 1) / C::BD, sms, kMaxProjectionSplits));
+  *splits = row_blocks >= sms ? 1 : int(fill_splits(row_blocks, (d + bd - 1) / bd, sms, kMaxProjectionSplits));
   return RESBM_OK;
 }
 
