@@ -322,6 +322,7 @@ def test_c_projection_splits(lib):
     (3, "wgmma", 150, 4096, 4),     # 3 row blocks: 12 blocks of 8 tiles in 3 waves of 4 (24 tile times, 32 unsplit)
     (3, "wgmma", 256, 4096, 1),     # 4 row blocks fill the emulated device's 4 SMs
     (3, "mma_sync", 24, 128, 1),    # 2 d tiles: runs of at least 2
+    (3, "wgmma", 0, 4096, 1),       # no rows
 ])
 def test_emulated_projection_splits(dtype, projection, n, d, splits, monkeypatch):
     """On the emulated device (4 SMs, one block each) small n splits d (the tests'

@@ -82,6 +82,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr int64_t kMaxGridY = 65535;  // blocks along a grid's y
 constexpr int64_t kMinSplitTiles = 2;  // d tiles of a row kernel's d split, at least
+constexpr int64_t kSplitFixedTiles = 2;  // a row block's set-up (payload rows, partials), in d tiles
 constexpr int64_t kMaxProjectionSplits = 8;  // project_quantize's d splits (each adds partials)
 constexpr size_t kMaxSmemSm80 = 163 * 1024;  // opt-in shared memory per block on sm_80 (less than sm_90)
 constexpr int kWgRows = 32;  // rows per block iteration of the weight gradient (split starts are multiples)
@@ -1173,17 +1174,18 @@ int blocks_at_once(const void* func, size_t smem) {
 }
 
 // d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once each
-// taking about as long per tile as alone: a launch then takes about waves x tiles / splits,
-// waves = ceil(row_blocks x splits / slots). The fewest splits up to `most` (and runs of at
-// least kMinSplitTiles tiles) that minimise that, none left empty (the kernels' run is
-// ceil(tiles / splits)).
+// taking about as long per tile as alone: a launch then takes about waves x (run + fixed),
+// waves = ceil(row_blocks x splits / slots), run = ceil(tiles / splits) and fixed a block's
+// own cost (its rows' set-up) in tiles, kSplitFixedTiles. The fewest splits up to `most` (and
+// runs of at least kMinSplitTiles tiles) that minimise that, none left empty.
 int64_t fill_splits(int64_t row_blocks, int64_t tiles, int64_t slots, int64_t most) {
-  most = cmin(cmin(most, tiles / kMinSplitTiles), kMaxGridY);
-  int64_t best = 1, best_waves = (row_blocks + slots - 1) / slots;
-  for (int64_t s = 2; s <= most; ++s) {
-    const int64_t waves = (row_blocks * s + slots - 1) / slots;
-    if (waves * best < best_waves * s) best = s, best_waves = waves;  // waves / s < best_waves / best
-  }
+  if (row_blocks < 1) return 1;  // (no rows)
+  // (past about slots / row_blocks splits the cost only grows: waves grow with the splits)
+  most = cmin(cmin(most, tiles / kMinSplitTiles), cmin(2 * ((slots + row_blocks - 1) / row_blocks) + 2, kMaxGridY));
+  auto cost = [&](int64_t s) { return (row_blocks * s + slots - 1) / slots * ((tiles + s - 1) / s + kSplitFixedTiles); };
+  int64_t best = 1;
+  for (int64_t s = 2; s <= most; ++s)
+    if (cost(s) < cost(best)) best = s;
   const int64_t run = (tiles + best - 1) / best;
   return (tiles + run - 1) / run;
 }
