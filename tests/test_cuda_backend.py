@@ -334,6 +334,19 @@ def test_emulated_projection_splits(dtype, projection, n, d, splits, monkeypatch
     assert out.value == splits
 
 
+@pytest.mark.skipif(HAS_GPU or not native.available("cuda_emu"), reason="the emulated device's split counts")
+def test_backend_splits_follow_the_projection_loop(monkeypatch):
+    """The backend asks for the split count once per shape and RESBM_CUDA_WGMMA, which
+    picks the projection loop and so its d tile (d=832: 7 tiles of 128 columns or 13 of 64)."""
+    x = torch.empty(24, 832, dtype=torch.bfloat16)
+    use_projection(monkeypatch, "wgmma")
+    wide = cb._projection_partial(x, 32)
+    use_projection(monkeypatch, "mma_sync")
+    narrow = cb._projection_partial(x, 32)
+    assert (wide[1], narrow[1]) == (3, 4)
+    assert wide[0].shape == (3, 24, 33) and wide[0].dtype == torch.float32
+
+
 @needs_lib
 def test_c_workspace_bytes_rejects(lib):
     out = ctypes.c_int64()

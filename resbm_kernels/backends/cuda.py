@@ -53,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -157,9 +158,10 @@ def _size_query(which: str, name: str, *args) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _projection_splits(device: torch.device, dtype_code: int, n: int, d: int, k: int) -> int:
+def _projection_splits(device: torch.device, dtype_code: int, n: int, d: int, k: int, wgmma_env) -> int:
     """d splits of the projection kernel (encode forward, decode backward) on
-    ``device``: see ``resbm_cuda_projection_splits`` (asked once per device and shape)."""
+    ``device``: see ``resbm_cuda_projection_splits`` (asked once per device, shape
+    and ``RESBM_CUDA_WGMMA``, which picks the loop and so its d tile)."""
     lib = native.library(_library_name(device))
     splits = ctypes.c_int()
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -171,7 +173,7 @@ def _projection_partial(a, k: int):
     """(partial buffer or None, splits) for a projection pass over ``a`` (n, d):
     more than one split for small n, each writing (n, k + 1) fp32 partials."""
     n, d = a.shape
-    splits = _projection_splits(a.device, _DTYPE_CODES[a.dtype], n, d, k)
+    splits = _projection_splits(a.device, _DTYPE_CODES[a.dtype], n, d, k, os.environ.get("RESBM_CUDA_WGMMA"))
     return (fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else None), splits
 
 
