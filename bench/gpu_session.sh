@@ -26,7 +26,8 @@
 #   profile   (only when named in RESBM_PHASES, e.g. a second call "profile" on the warm
 #             machine) Nsight Compute (ncu, --clock-control none) on one call of each pass
 #             and backend at N=16384, d=4096, k=128, int8 (bench/profile_kernels.py):
-#             throughput vs peak, memory, occupancy, warp stalls    -> profile.log, profile.csv
+#             throughput vs peak, memory (with its tables where ncu has them: bank conflicts,
+#             sectors per request), pipes, occupancy, warp stalls    -> profile.log, profile.csv
 #   sweep     (only when named in RESBM_PHASES) bench/sweep_configs.py: every Triton kernel
 #             under a wide grid of launch configs, timed in its pass; compiles in parallel
 #             first (nproc - 1 workers), then times within the time left      -> sweep.log, sweep.json
@@ -247,9 +248,15 @@ fi
 if wanted profile; then
     NCU="$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu "$CUDA_HOME"/bin/ncu 2>/dev/null | tail -1)"
     if [[ -n $NCU ]]; then
+        # the memory tables (shared-memory bank conflicts, L1 / L2 sectors per request) and the
+        # pipes' utilisation too, where this ncu has those sections (an unknown one is an error)
+        SECTIONS=()
+        for section in SpeedOfLight MemoryWorkloadAnalysis MemoryWorkloadAnalysis_Tables ComputeWorkloadAnalysis \
+                Occupancy LaunchStats WarpStateStats; do
+            "$NCU" --list-sections 2>/dev/null | grep -qw -- "$section" && SECTIONS+=(--section "$section")
+        done
         run_phase profile 120 "$OUT/profile.log" env RESBM_TRITON_AUTOTUNE="${RESBM_BENCH_AUTOTUNE:-0}" "$NCU" \
-            --clock-control none --profile-from-start off --section SpeedOfLight --section MemoryWorkloadAnalysis \
-            --section Occupancy --section LaunchStats --section WarpStateStats --csv --page details \
+            --clock-control none --profile-from-start off "${SECTIONS[@]}" --csv --page details \
             --log-file "$OUT/profile.csv" "${PYP[@]}" bench/profile_kernels.py ${RESBM_PROFILE_ARGS:-}
     else
         SUMMARY+=("profile: NOT RUN (ncu not found)")
