@@ -345,6 +345,8 @@ def test_backend_splits_follow_the_projection_loop(monkeypatch):
     narrow = cb._projection_partial(x, 32)
     assert (wide[1], narrow[1]) == (3, 4)
     assert wide[0].shape == (3, 24, 33) and wide[0].dtype == torch.float32
+    monkeypatch.setenv("RESBM_CUDA_SPLITS", "0")  # the comparison switch: one split, no partials
+    assert cb._projection_partial(x, 32) == (None, 1)
 
 
 @needs_lib

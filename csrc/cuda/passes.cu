@@ -1173,6 +1173,12 @@ int blocks_at_once(const void* func, size_t smem) {
   return blocks;
 }
 
+// RESBM_CUDA_SPLITS=0 keeps one block per row block (for comparison); read per launch.
+bool splits_enabled() {
+  const char* env = std::getenv("RESBM_CUDA_SPLITS");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 // d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once each
 // taking about as long per tile as alone: a launch then takes about waves x (run + fixed),
 // waves = ceil(row_blocks x splits / slots), run = ceil(tiles / splits) and fixed a block's
@@ -1198,7 +1204,7 @@ int64_t fill_splits(int64_t row_blocks, int64_t tiles, int64_t slots, int64_t mo
 template <int DT, int KPAD>
 int dq_splits(const DQArgs& p, int64_t row_blocks, const void* func, size_t smem) {
   using C = RowCfg<DT, KPAD>;
-  if (p.gamma != nullptr && p.stats == nullptr) return 1;
+  if (!splits_enabled() || (p.gamma != nullptr && p.stats == nullptr)) return 1;
   return int(fill_splits(row_blocks, (p.d + C::BD2 - 1) / C::BD2, blocks_at_once(func, smem), kMaxGridY));
 }
 
@@ -1215,7 +1221,7 @@ int pq_splits(const char*, int64_t n, int64_t d, int* splits) {
     if (wgmma_enabled()) bd = C::WG_BD;
   }
   const int64_t row_blocks = (n + C::BN - 1) / C::BN, sms = blocks_at_once(nullptr, 0);
-  *splits = row_blocks >= sms ? 1 : int(fill_splits(row_blocks, (d + bd - 1) / bd, sms, kMaxProjectionSplits));
+  *splits = row_blocks >= sms || !splits_enabled() ? 1 : int(fill_splits(row_blocks, (d + bd - 1) / bd, sms, kMaxProjectionSplits));
   return RESBM_OK;
 }
 

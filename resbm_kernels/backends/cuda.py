@@ -20,6 +20,8 @@ On an sm_90 GPU (H100, H200) with a library built for sm_90a (the default
 ``RESBM_CUDA_ARCHS="80;90a;90-virtual"``), encode forward and decode backward multiply on
 the warpgroup MMA (wgmma) for bf16 / fp16 inputs with k <= 128, elsewhere on
 mma.sync; ``RESBM_CUDA_WGMMA=0`` keeps them on mma.sync (for comparison).
+``RESBM_CUDA_SPLITS=0`` keeps the row kernels from splitting d (below; for
+comparison).
 
 Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation
 (dequantized zhat is rounded to bf16 for bf16 inputs and split as hi + lo for
@@ -158,10 +160,11 @@ def _size_query(which: str, name: str, *args) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _projection_splits(device: torch.device, dtype_code: int, n: int, d: int, k: int, wgmma_env) -> int:
+def _projection_splits(device: torch.device, dtype_code: int, n: int, d: int, k: int, env: tuple) -> int:
     """d splits of the projection kernel (encode forward, decode backward) on
     ``device``: see ``resbm_cuda_projection_splits`` (asked once per device, shape
-    and ``RESBM_CUDA_WGMMA``, which picks the loop and so its d tile)."""
+    and ``env``: RESBM_CUDA_WGMMA, which picks the loop and so its d tile, and
+    RESBM_CUDA_SPLITS, both read by the library)."""
     lib = native.library(_library_name(device))
     splits = ctypes.c_int()
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -173,7 +176,8 @@ def _projection_partial(a, k: int):
     """(partial buffer or None, splits) for a projection pass over ``a`` (n, d):
     more than one split for small n, each writing (n, k + 1) fp32 partials."""
     n, d = a.shape
-    splits = _projection_splits(a.device, _DTYPE_CODES[a.dtype], n, d, k, os.environ.get("RESBM_CUDA_WGMMA"))
+    env = (os.environ.get("RESBM_CUDA_WGMMA"), os.environ.get("RESBM_CUDA_SPLITS"))
+    splits = _projection_splits(a.device, _DTYPE_CODES[a.dtype], n, d, k, env)
     return (fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else None), splits
 
 
