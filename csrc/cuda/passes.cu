@@ -143,9 +143,9 @@ struct RowCfg {
   static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, FINISH_BYTES);
   // project_loop_wgmma (16-bit, KPAD <= 128): dense 256-byte-wide d tiles, twice the mma.sync
   // loop's, through WG_PS buffers (four; three at KPAD = 128, within sm_80's opt-in limit,
-  // which the emulator keeps). On the H100 both backends' projections made about one loop trip
-  // per us per SM, whatever their tiles' width (Triton's first config, 64 x 128, did 2.1 tiles
-  // of 64 x 64 per us per SM at k=32; this loop with 64 x 64 tiles 0.9).
+  // which the emulator keeps). On the H100 at k=32 both backends' projections made about one
+  // loop trip per us per SM, whatever their tiles' width (Triton's first config, 64 x 128, did
+  // 2.1 tiles of 64 x 64 per us per SM; this loop with 64 x 64 tiles 0.9).
   static constexpr int WG_BD = 256 / int(sizeof(T));
   static constexpr size_t WG_STAGE_BYTES = size_t(BN + KPAD) * 256;  // the x tile, then the weights'
   static constexpr int WG_PS = 4 * WG_STAGE_BYTES <= kMaxSmemSm80 ? 4 : 3;
