@@ -1216,12 +1216,11 @@ int dq_splits(const DQArgs& p, int64_t row_blocks, const void* func, size_t smem
 template <int DT, int KPAD>
 int pq_splits(const char*, int64_t n, int64_t d, int* splits) {
   using C = RowCfg<DT, KPAD>;
-  int64_t bd = C::BD;  // the d tile of the loop launch_pq will run
-  if constexpr (wgmma_shape<DT, KPAD>()) {
-    if (wgmma_enabled()) bd = C::WG_BD;
-  }
+  const int64_t bd = wgmma_shape<DT, KPAD>() && wgmma_enabled() ? C::WG_BD : C::BD;  // launch_pq's loop's tile
   const int64_t row_blocks = (n + C::BN - 1) / C::BN, sms = blocks_at_once(nullptr, 0);
-  *splits = row_blocks >= sms || !splits_enabled() ? 1 : int(fill_splits(row_blocks, (d + bd - 1) / bd, sms, kMaxProjectionSplits));
+  *splits = row_blocks >= sms || !splits_enabled()
+                ? 1
+                : int(fill_splits(row_blocks, (d + bd - 1) / bd, sms, kMaxProjectionSplits));
   return RESBM_OK;
 }
 
@@ -1317,10 +1316,10 @@ int check_ptr(const char* fn, const char* name, const void* ptr, size_t align, b
   return RESBM_OK;
 }
 
-// project_quantize's d splits and their partials ((splits, n, k + 1) fp32, with splits > 1).
-int check_splits(const char* fn, const float* partial, int splits) {
+// A split count (grid.y of the kernel that takes it).
+int check_splits(const char* fn, int splits) {
   if (splits < 1 || splits > kMaxGridY) return fail(RESBM_ERR_ARG, fn, "bad splits=%d (1..65535)", splits);
-  return check_ptr(fn, "partial", partial, sizeof(float), splits > 1);
+  return RESBM_OK;
 }
 
 // ---- workspace: the prepared weight operands of one call ------------------------------------
@@ -1404,7 +1403,8 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   RESBM_TRY(check_ptr(fn, "w_e", w_e, dtype_bytes(dtype), true));
   RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, dtype_bytes(dtype), false));
   RESBM_TRY(check_ptr(fn, "row_stats", row_stats, sizeof(float), false));
-  RESBM_TRY(check_splits(fn, partial, splits));
+  RESBM_TRY(check_splits(fn, splits));
+  RESBM_TRY(check_ptr(fn, "partial", partial, sizeof(float), splits > 1));  // (splits, n, k + 1) fp32
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
   const bool norm = norm_weight != nullptr;
   if (row_stats != nullptr && !norm)
@@ -1432,7 +1432,8 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   if (n == 0) return RESBM_OK;
   RESBM_TRY(check_ptr(fn, "grad_h", grad_h, 16, true));
   RESBM_TRY(check_ptr(fn, "w_d", w_d, dtype_bytes(dtype), true));
-  RESBM_TRY(check_splits(fn, partial, splits));
+  RESBM_TRY(check_splits(fn, splits));
+  RESBM_TRY(check_ptr(fn, "partial", partial, sizeof(float), splits > 1));  // (splits, n, k + 1) fp32
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
   const Workspace ws = workspace_for(RESBM_PASS_DECODE_BACKWARD, dtype, d, k, false);
   // g_z = grad_h @ w_d (+ identity): operand (KPAD, d), B(dd, c) = w_d[dd * k + c]
@@ -1531,8 +1532,7 @@ int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
   RESBM_TRY(resbm::check_args(fn, "a", a, dtype, n, k, bits, group, scale_dtype, codes, scales,
                               g_error, sizeof g_error));
-  if (splits < 1 || splits > kMaxGridY)
-    return fail(RESBM_ERR_ARG, fn, "bad splits=%d (1..65535)", splits);
+  RESBM_TRY(check_splits(fn, splits));
   RESBM_TRY(check_ptr(fn, "partial", partial, 4, true));
   RESBM_TRY(check_ptr(fn, "a", a, 16, n > 0));
   RESBM_TRY(check_ptr(fn, "rscale", rscale, 4, false));
@@ -1555,7 +1555,7 @@ int resbm_cuda_finish_weight_grad(const float* partial, int splits, int64_t rows
   const char* fn = "resbm_cuda_finish_weight_grad";
   if (rows <= 0 || cols <= 0 || rows > (int64_t(1) << 31) || cols > (int64_t(1) << 31))
     return fail(RESBM_ERR_ARG, fn, "bad shape rows=%lld cols=%lld", (long long)rows, (long long)cols);
-  if (splits < 1 || splits > kMaxGridY) return fail(RESBM_ERR_ARG, fn, "bad splits=%d (1..65535)", splits);
+  RESBM_TRY(check_splits(fn, splits));
   RESBM_TRY(check_dtype(fn, "out_dtype", out_dtype));
   RESBM_TRY(check_ptr(fn, "partial", partial, 4, true));
   RESBM_TRY(check_ptr(fn, "out", out, 2, true));
