@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import re
 import struct
+from typing import NamedTuple
 
 import torch
 
@@ -125,8 +126,10 @@ class Codec:
         return n * (k // self.group(k)) if self.quantized else 0
 
     def payload_bytes(self, n: int, k: int) -> int:
-        """Total wire bytes of one message carrying n x k values."""
-        return HEADER_BYTES + self.code_bytes(n, k) + self.scale_count(n, k) * self.scale_bytes
+        """Total wire bytes of one message carrying n x k values (under
+        torch.compile n and k may be symbolic: then not cached)."""
+        cached = type(n) is int and type(k) is int
+        return (payload_layout if cached else _layout)(self, n, k).nbytes
 
     def bytes_per_token(self, k: int) -> float:
         """Codes + scales per token, without the per-message header."""
@@ -183,8 +186,9 @@ GRAD_INT8 = Codec(bits=8, rounding="stochastic")
 
 # ---- header ---------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1024)
 def header_bytes(codec: Codec, n: int, k: int) -> bytes:
-    """The 16-byte header of a payload carrying n x k values."""
+    """The 16-byte header of a payload carrying n x k values (cached)."""
     codec.group(k)
     if not (0 <= n < 2**32 and 0 < k < 2**32):
         raise ValueError(f"wire: shape ({n}, {k}) does not fit the header")
@@ -201,9 +205,11 @@ def header_bytes(codec: Codec, n: int, k: int) -> bytes:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def header_words(codec: Codec, n: int, k: int) -> tuple[int, int, int, int]:
     """The header as four little-endian int32 words, for kernels that write it
-    themselves (no device copy of the bytes; the third word is n)."""
+    themselves (no device copy of the bytes; the third word is n). Cached: the
+    kernel backends ask on every call."""
     return struct.unpack("<4i", header_bytes(codec, n, k))
 
 
@@ -241,6 +247,8 @@ def check_header(raw: bytes, codec: Codec, n: int | None, k: int) -> int:
     ``n=None`` accepts any row count. Raises ``ValueError`` naming the first
     field that differs.
     """
+    if n is not None and raw[:HEADER_BYTES] == header_bytes(codec, n, k):
+        return n  # (the usual case, decided without parsing: every op call on CPU tensors checks)
     h = parse_header(raw)
     expected = header_bytes(codec, h.n if n is None else n, k)
     want = parse_header(expected)
@@ -279,17 +287,34 @@ def _header_on(raw: bytes, device: torch.device) -> torch.Tensor:
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
 
 
+class Layout(NamedTuple):
+    """Where the regions of a payload for n x k values lie, in bytes."""
+
+    nbytes: int  # the whole payload
+    row_bytes: int  # codes of one row: k * bits / 8
+    scales_at: int  # offset of the scales (after the padded codes)
+    groups: int  # scales per row (0 for bits=16)
+
+
+def _layout(codec: Codec, n: int, k: int) -> Layout:
+    scales_at = HEADER_BYTES + codec.code_bytes(n, k)
+    groups = k // codec.group(k) if codec.quantized else 0
+    return Layout(scales_at + n * groups * codec.scale_bytes, k * codec.bits // 8, scales_at, groups)
+
+
+# every op call asks (validated as Codec.group: a bad codec or k raises, and is not cached)
+payload_layout = functools.lru_cache(maxsize=1024)(_layout)
+payload_layout.__doc__ = "The :class:`Layout` of a payload for n x k values (ints)."
+
+
 def payload_views(payload: torch.Tensor, codec: Codec, n: int, k: int):
     """(codes, scales) views into a payload: codes is uint8 (n, k*bits/8),
     scales is (n, k/group) of the scale dtype, or None for bits=16."""
-    start = HEADER_BYTES
-    codes = payload[start : start + n * k * codec.bits // 8].view(n, k * codec.bits // 8)
+    lay = payload_layout(codec, n, k)
+    codes = payload[HEADER_BYTES : HEADER_BYTES + n * lay.row_bytes].view(n, lay.row_bytes)
     if not codec.quantized:
         return codes, None
-    start += codec.code_bytes(n, k)
-    g = codec.group(k)
-    scales = payload[start : start + n * (k // g) * codec.scale_bytes]
-    return codes, scales.view(codec.scale_dtype).view(n, k // g)
+    return codes, payload[lay.scales_at : lay.nbytes].view(codec.scale_dtype).view(n, lay.groups)
 
 
 def rng_key(seed: int) -> int:

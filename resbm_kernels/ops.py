@@ -4,7 +4,9 @@ Schemas, fake (meta) kernels and autograd registration live here, in one
 place; the work is done by the backend :func:`resbm_kernels.backends.select`
 picks for the inputs' device (reference, Triton or CUDA). Codecs are passed
 to the ops as their string spec (``Codec.spec``); the Python wrappers at the
-bottom accept :class:`~resbm_kernels.codec.Codec` objects.
+bottom accept :class:`~resbm_kernels.codec.Codec` objects. In plain eager
+calls the wrappers of the four passes call the ops' functions without the
+dispatcher (see :func:`_run`); ``torch.ops.resbm.*`` always dispatches.
 
 Shapes: activations ``x`` are (N, d); ``w_e`` is the encoder weight (k, d)
 and ``w_d`` the decoder weight (d, k), as in ``nn.Linear``; payloads are 1-D
@@ -13,6 +15,8 @@ uint8 in the wire format of :mod:`resbm_kernels.codec`.
 
 from __future__ import annotations
 
+import inspect
+import typing
 from typing import Optional
 
 import torch
@@ -76,6 +80,59 @@ def _(packed, bits, k):
 
 
 # ---- the four fused passes -------------------------------------------------------
+# Their ops are called through _run: the dispatcher of a Python custom op costs
+# more host time per call (~50 us on a 2-core EPYC, 2026-11-26) than some of
+# these kernels take on a GPU, so in plain eager calls, where the dispatcher would
+# do nothing but call the function, _run calls it itself.
+
+_TENSOR = (Tensor, torch.nn.Parameter)
+# the argument types each annotation takes in a direct call (others go through the dispatcher's checks)
+_ACCEPTED = {Tensor: _TENSOR, Optional[Tensor]: (*_TENSOR, type(None)), float: (float, int), int: (int,),
+             bool: (bool,), str: (str,), torch.dtype: (torch.dtype,)}
+_functions: dict = {}  # pass op -> (its function, accepted types per argument, positions of the arguments it writes)
+
+
+def _pass_op(name: str, mutates_args=()):
+    """``torch.library.custom_op("resbm::<name>")``, remembering the function for :func:`_run`."""
+    def register(fn):
+        op = torch.library.custom_op(f"resbm::{name}", mutates_args=mutates_args)(fn)
+        hints = typing.get_type_hints(fn)
+        params = list(inspect.signature(fn).parameters)
+        _functions[op] = (fn, tuple(_ACCEPTED[hints[p]] for p in params),
+                          tuple(params.index(arg) for arg in mutates_args))
+        return op
+    return register
+
+
+def _dispatch_needed(args, accepted) -> bool:
+    """Whether calling the op could do more than call its function: inside
+    torch.compile, a dispatch or torch-function mode (FakeTensorMode, ...), a
+    torch.func transform or the profiler (which records the op); for an
+    argument of another type than its annotation's (a tensor subclass, or one
+    the schema rejects, with the dispatcher's message); or when autograd would
+    record (these ops have no derivative: their outputs' backward must raise,
+    as the op's does)."""
+    C = torch._C
+    if (torch.compiler.is_compiling() or C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
+            or C._are_functorch_transforms_active() or C._autograd._profiler_enabled()):
+        return True
+    grad = torch.is_grad_enabled()
+    return any(type(a) not in ok or (grad and isinstance(a, Tensor) and a.requires_grad)
+               for a, ok in zip(args, accepted))
+
+
+def _run(op, *args):
+    """``op(*args)``, or in plain eager calls its function directly (same result,
+    less host time; the version counters of the buffers it writes move on, as
+    the op's do)."""
+    fn, accepted, written = _functions[op]
+    if _dispatch_needed(args, accepted):
+        return op(*args)
+    result = fn(*args)
+    for i in written:
+        torch.autograd.graph.increment_version(args[i])
+    return result
+
 
 
 def _encode_case(op, x, w_e, norm_weight, codec) -> Case:
@@ -97,7 +154,7 @@ def _row_stats_buffer(x, w_e, norm_weight, wanted: bool, fake: bool = False) -> 
     return x.new_empty(shape, dtype=torch.float32) if fake else fast.empty(shape, torch.float32, x.device)
 
 
-@torch.library.custom_op("resbm::encode_forward", mutates_args=())
+@_pass_op("encode_forward")
 def _encode_forward(
     x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int,
     row_stats: bool = False,
@@ -118,7 +175,7 @@ def _(x, w_e, norm_weight, eps, codec, seed, row_stats=False):
     return x.new_empty((c.payload_bytes(x.shape[0], w_e.shape[0]),), dtype=torch.uint8), _or_empty(stats, x)
 
 
-@torch.library.custom_op("resbm::decode_forward", mutates_args=())
+@_pass_op("decode_forward")
 def _decode_forward(
     payload: Tensor, w_d: Tensor, residual: Optional[Tensor], codec: str, n: int, out_dtype: torch.dtype
 ) -> Tensor:
@@ -135,7 +192,7 @@ def _(payload, w_d, residual, codec, n, out_dtype):
     return w_d.new_empty((n, w_d.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("resbm::decode_backward", mutates_args=())
+@_pass_op("decode_backward")
 def _decode_backward(
     grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int
 ) -> tuple[Tensor, Tensor]:
@@ -153,7 +210,7 @@ def _(grad_h, payload, w_d, codec, grad_codec, grad_seed):
     return grad_h.new_empty((gc.payload_bytes(n, k),), dtype=torch.uint8), torch.empty_like(w_d)
 
 
-@torch.library.custom_op("resbm::encode_backward", mutates_args=())
+@_pass_op("encode_backward")
 def _encode_backward(
     grad_payload: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, grad_codec: str,
     row_stats: Optional[Tensor] = None,  # a default: traced graphs drop a trailing None argument
@@ -178,7 +235,7 @@ def _(grad_payload, x, w_e, norm_weight, eps, grad_codec, row_stats=None):
 # (a pipeline reuses its send buffers every step instead of allocating new ones)
 
 
-@torch.library.custom_op("resbm::encode_forward_out", mutates_args=("out",))
+@_pass_op("encode_forward_out", mutates_args=("out",))
 def _encode_forward_out(
     out: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int,
     row_stats: bool = False,
@@ -200,7 +257,7 @@ def _(out, x, w_e, norm_weight, eps, codec, seed, row_stats=False):
     return _or_empty(_row_stats_buffer(x, w_e, norm_weight, row_stats, fake=True), x)
 
 
-@torch.library.custom_op("resbm::decode_backward_out", mutates_args=("out",))
+@_pass_op("decode_backward_out", mutates_args=("out",))
 def _decode_backward_out(
     out: Tensor, grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int
 ) -> Tensor:
@@ -237,8 +294,10 @@ def _boundary(
     row_stats: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(h, payload, RMSNorm row statistics for the backward when ``row_stats``, else an empty tensor)."""
-    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
-    return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
+    # (inside an op, below autograd and any mode: the passes' functions are called directly)
+    encode, decode = _functions[_encode_forward][0], _functions[_decode_forward][0]
+    payload, stats = encode(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
+    return decode(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
 
 
 @_boundary.register_fake
@@ -258,9 +317,9 @@ def _boundary_setup(ctx, inputs, output):
 def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
     x, w_e, norm_weight, w_d, payload, stats = ctx.saved_tensors
     grad_h = grad_h.contiguous()  # a gradient of .sum() is stride-0
-    grad_payload, grad_w_d = _decode_backward(grad_h, payload, w_d, ctx.codec, ctx.grad_codec, ctx.grad_seed)
-    grad_x, grad_w_e, grad_gamma = _encode_backward(grad_payload, x, w_e, norm_weight, ctx.eps, ctx.grad_codec,
-                                                    stats)
+    grad_payload, grad_w_d = _run(_decode_backward, grad_h, payload, w_d, ctx.codec, ctx.grad_codec, ctx.grad_seed)
+    grad_x, grad_w_e, grad_gamma = _run(_encode_backward, grad_payload, x, w_e, norm_weight, ctx.eps, ctx.grad_codec,
+                                        stats)
     return (
         grad_x,
         grad_w_e,
@@ -458,9 +517,9 @@ def encode(x: Tensor, w_e: Tensor, codec: Codec, *, norm_weight: Optional[Tensor
     saves its pass over x for them (they cost N(k+1) fp32 of memory until then)."""
     spec = Codec.parse(codec).spec
     if out is None:
-        payload, stats = _encode_forward(x, w_e, norm_weight, eps, spec, seed, return_row_stats)
+        payload, stats = _run(_encode_forward, x, w_e, norm_weight, eps, spec, seed, return_row_stats)
     else:
-        payload, stats = out, _encode_forward_out(out, x, w_e, norm_weight, eps, spec, seed, return_row_stats)
+        payload, stats = out, _run(_encode_forward_out, out, x, w_e, norm_weight, eps, spec, seed, return_row_stats)
     return (payload, stats.detach()) if return_row_stats else payload  # statistics, not differentiable
 
 
@@ -468,7 +527,7 @@ def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Opti
            out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Decode forward: payload -> h = zhat W_d^T + pad_d(zhat) (+ residual), (n, d)."""
     out_dtype = out_dtype or (residual.dtype if residual is not None else w_d.dtype)
-    return _decode_forward(payload, w_d, residual, Codec.parse(codec).spec, n, out_dtype)
+    return _run(_decode_forward, payload, w_d, residual, Codec.parse(codec).spec, n, out_dtype)
 
 
 def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec, grad_codec: Codec,
@@ -477,8 +536,8 @@ def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec, 
     as in :func:`encode`, for the gradient payload."""
     specs = Codec.parse(codec).spec, Codec.parse(grad_codec).spec
     if out is None:
-        return _decode_backward(grad_h, payload, w_d, *specs, grad_seed)
-    return out, _decode_backward_out(out, grad_h, payload, w_d, *specs, grad_seed)
+        return _run(_decode_backward, grad_h, payload, w_d, *specs, grad_seed)
+    return out, _run(_decode_backward_out, out, grad_h, payload, w_d, *specs, grad_seed)
 
 
 def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Codec, *,
@@ -489,7 +548,8 @@ def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Co
     for this x, w_e, norm_weight and eps (not checkable here: stale statistics
     give wrong gradients). The Triton and CUDA kernels then skip their pass
     over x for them; the reference recomputes them."""
-    gx, gw, gg = _encode_backward(grad_payload, x, w_e, norm_weight, eps, Codec.parse(grad_codec).spec, row_stats)
+    gx, gw, gg = _run(_encode_backward, grad_payload, x, w_e, norm_weight, eps, Codec.parse(grad_codec).spec,
+                      row_stats)
     return gx, gw, gg if norm_weight is not None else None
 
 

@@ -1,7 +1,10 @@
 """The ops (reference backend) against explicit formulas, gradients, opcheck
 and torch.compile."""
 
+import contextlib
+import importlib.util
 import os
+import pathlib
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from resbm_kernels.backends import reference, use_backend
 from resbm_kernels.codec import BF16, GRAD_INT8, INT4, INT8, Codec
 
 N, D, K = 24, 128, 32
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPS = 1e-6
 CODECS = [BF16, INT8, INT4, Codec(bits=2, group_size=8), Codec(bits=8, group_size=8, rounding="stochastic")]
 
@@ -270,6 +274,140 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     model[1].calls = 0
     torch.testing.assert_close(compiled(x), eager)
+
+
+def test_torch_compile_with_dynamic_token_counts():
+    """A symbolic N reaches the payload size in the ops' fake kernels (not cached there)."""
+    from resbm_kernels import ResBMBoundary
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), ResBMBoundary(64, 16, codec=Codec(bits=4, group_size=8)),
+                                torch.nn.Linear(64, 8))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=True)
+    for tokens in (5, 11):
+        x = randn(tokens, 32, seed=tokens)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+# ---- calls that skip the dispatcher ------------------------------------------------------
+
+def _dispatch_needed_cases():
+    """(name, decode_forward's arguments, context, whether the dispatcher is needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = randn(4, 8)
+    plain = [x, torch.nn.Parameter(x.clone(), requires_grad=False), None, "int8/row/bf16/nearest", 3, torch.float32]
+    nothing = contextlib.nullcontext
+    yield "plain eager", plain, nothing, False
+    yield "requires grad", [x.clone().requires_grad_(), *plain[1:]], nothing, True
+    yield "requires grad, no_grad", [x.clone().requires_grad_(), *plain[1:]], torch.no_grad, False
+    yield "a parameter", [x, torch.nn.Parameter(x.clone()), *plain[2:]], nothing, True
+    yield "tensor subclass", [torch.Tensor._make_subclass(_Subclass, x), *plain[1:]], nothing, True
+    yield "a float for an int", [*plain[:4], 3.0, plain[5]], nothing, True
+    yield "a tensor for an optional tensor", [x, x, x, *plain[3:]], nothing, False
+    yield "fake tensor mode", plain, FakeTensorMode, True
+    yield "torch function mode", plain, lambda: torch.device("cpu"), True
+    yield "profiler", plain, torch.profiler.profile, True
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _decode_forward_accepts():
+    return ops._functions[ops._decode_forward][1]
+
+
+@pytest.mark.parametrize("case", list(_dispatch_needed_cases()), ids=lambda c: c[0])
+def test_dispatch_needed(case):
+    """The pass ops run their functions directly only in plain eager calls."""
+    _, args, context, needed = case
+    with context():
+        assert ops._dispatch_needed(args, _decode_forward_accepts()) is needed
+
+
+def test_dispatch_needed_under_vmap():
+    seen = []
+    plain = [None, "int8/row/bf16/nearest", 3, torch.float32]
+    torch.func.vmap(lambda t: seen.append(ops._dispatch_needed([t, t, *plain], _decode_forward_accepts())) or t)(
+        randn(3, 4))
+    assert seen == [True]
+
+
+def test_arguments_of_the_wrong_type_get_the_dispatchers_message():
+    x, w_e, w_d, _, _ = make(dtype=torch.float32)
+    payload = ops.encode(x, w_e, INT8)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'int' for argument 'n'"):
+        ops.decode(payload, w_d, INT8, float(N))
+    with pytest.raises(RuntimeError, match="Expected a value of type 'int' for argument 'seed'"):
+        ops.encode(x, w_e, INT8, seed=1.5)
+
+
+def test_a_pass_op_with_gradients_still_refuses_backward():
+    """Through the dispatcher as before: the output of a pass (no derivative)
+    records a backward that raises, rather than a silent zero gradient."""
+    x, w_e, w_d, _, _ = make(dtype=torch.float32)
+    payload = ops.encode(x, w_e, INT8)
+    h = ops.decode(payload, w_d.requires_grad_(), INT8, N)
+    assert h.requires_grad
+    with pytest.raises(RuntimeError, match="autograd"):
+        h.sum().backward()
+
+
+def test_out_buffers_change_version(monkeypatch):
+    """Written in place (through the dispatcher or not): autograd sees the write,
+    also from a backend whose kernels write through data pointers (a stand-in
+    here that writes nothing, so only the op can move the version on)."""
+    class Untouched:
+        def encode_forward(self, *args, out=None, row_stats=None):
+            return out
+
+        def decode_backward(self, grad_h, payload, w_d, *args, out=None):
+            return out, torch.zeros_like(w_d)
+
+    monkeypatch.setattr(ops, "select", lambda device, case: Untouched())
+    x, w_e, w_d, _, _ = make(dtype=torch.float32)
+    buf = torch.empty(INT8.payload_bytes(N, K), dtype=torch.uint8)
+    version = buf._version
+    ops.encode(x, w_e, INT8, out=buf)
+    assert buf._version > version
+    version = buf._version
+    ops.decode_backward(randn(N, D, seed=7), reference.write_payload(randn(N, K), INT8, 0), w_d, INT8, INT8, out=buf)
+    assert buf._version > version
+
+
+def test_host_overhead_tool(capsys, monkeypatch):
+    """bench/host_overhead.py times every pass of the backends present and puts
+    the real launches back afterwards."""
+    monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
+    spec = importlib.util.spec_from_file_location("resbm_host_overhead", ROOT / "bench" / "host_overhead.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    from resbm_kernels.backends import _load
+
+    present = [b for b in ("triton", "cuda") if _load(b)[0] is not None and _load(b)[0].supports("cpu")]
+    if not present:
+        pytest.skip("neither the Triton interpreter nor the CUDA emulator library is here")
+    launches = {b: _launch_functions(_load(b)[0]) for b in present}
+    tool.main(["--backends", ",".join(present), "--N", "40", "--calls", "2", "--repeat", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [(b, p) for b in present for p in
+                                           ("encode_forward", "decode_forward", "decode_backward", "encode_backward")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert {b: _launch_functions(_load(b)[0]) for b in present} == launches
+
+
+def _launch_functions(module):
+    if hasattr(module, "KERNELS"):
+        return [k.run for k in (*module.KERNELS.values(), module.finish_rows_kernel, module.finish_weight_grad_kernel)]
+    return [module._call]
+
+
+def test_profiler_sees_the_pass_ops():
+    x, w_e, _, _, _ = make(dtype=torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        ops.encode(x, w_e, INT8)
+    assert "resbm::encode_forward" in {e.key for e in prof.key_averages()}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])

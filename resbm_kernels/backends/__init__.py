@@ -38,6 +38,7 @@ MEASURED = pathlib.Path(__file__).with_name("measured.json")
 
 _MODULES = {"reference": ".reference", "triton": ".triton", "cuda": ".cuda"}
 _stack: list[tuple[object, str]] = []  # (token, name) of the open use_backend contexts
+_imported: dict = {}  # name -> backend module, once imported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +58,15 @@ class Case:
 
 
 def _load(name: str):
-    """Import a backend module; returns (module or None, reason it is unavailable)."""
+    """Import a backend module; returns (module or None, reason it is unavailable).
+    A module once imported is kept here (select() runs on every op call; a
+    failed import is tried again)."""
+    module = _imported.get(name)
+    if module is not None:
+        return module, ""
     try:
-        return importlib.import_module(_MODULES[name], __name__), ""
+        module = _imported[name] = importlib.import_module(_MODULES[name], __name__)
+        return module, ""
     except ImportError as e:
         return None, f"{type(e).__name__}: {e}"
 

@@ -61,7 +61,7 @@ import torch
 
 from .. import native
 from . import fast
-from ..codec import SCALE_DTYPES, Codec, header_words, payload_views, rng_key
+from ..codec import HEADER_BYTES, SCALE_DTYPES, Codec, header_words, payload_layout, rng_key
 
 _DTYPE_CODES = SCALE_DTYPES  # 1 fp32, 2 fp16, 3 bf16 (the C ABI's codes)
 MAX_K = 256
@@ -117,15 +117,28 @@ def _payload(codec: Codec, n: int, k: int, device, out):
     the kernel that writes the codes also writes the header and the padding."""
     if n == 0:
         return fast.new_payload(codec, n, k, device, out), None
-    return fast.payload_buffer(codec, n, k, device, out), (ctypes.c_int32 * 4)(*header_words(codec, n, k))
+    return fast.payload_buffer(codec, n, k, device, out), _header_arg(codec, n, k)
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_arg(codec: Codec, n: int, k: int):
+    """The header words as the C array the kernels read (never written: cached)."""
+    return (ctypes.c_int32 * 4)(*header_words(codec, n, k))
 
 
 def _codec_args(payload, codec: Codec, n: int, k: int):
     """(codes ptr, scales ptr, bits, group, scale dtype code) of a payload."""
-    codes, scales = payload_views(payload, codec, n, k)
+    base, (offset, bits, group, dtype_code) = payload.data_ptr(), _codec_layout(codec, n, k)
+    return base + HEADER_BYTES, (base + offset if bits != 16 else None), bits, group, dtype_code
+
+
+@functools.lru_cache(maxsize=1024)
+def _codec_layout(codec: Codec, n: int, k: int):
+    """(scales offset, bits, group, scale dtype code) of a payload: what the
+    kernels need besides its address (group and dtype code 0 for bits=16)."""
     if not codec.quantized:
-        return codes.data_ptr(), None, 16, 0, 0
-    return codes.data_ptr(), scales.data_ptr(), codec.bits, codec.group(k), _DTYPE_CODES[codec.scale_dtype]
+        return 0, 16, 0, 0
+    return payload_layout(codec, n, k).scales_at, codec.bits, codec.group(k), _DTYPE_CODES[codec.scale_dtype]
 
 
 def _checked(lib, rc: int) -> None:

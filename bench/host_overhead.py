@@ -1,0 +1,114 @@
+"""Host time per call of the four passes, on the CPU, with the kernel launches
+replaced by no-ops: the Python side of a call (op dispatch, argument checks,
+backend choice, output allocation, launch arguments), which a GPU pays on its
+host whatever the kernels take (bench/README.md, "Host time").
+
+Not a timing of any kernel, nor of Triton's launcher or the CUDA driver: the
+point is to compare commits on any machine, a GPU-less one included. Each
+backend runs on CPU tensors (the Triton one needs ``TRITON_INTERPRET=1``, the
+CUDA one the emulator library ``libresbm_cuda_emu``, whose size queries it
+still asks). The ops check the header of each payload they read from CPU
+tensors (on a GPU they do not: a device sync); that check is included. Reports the best of ``--repeat`` medians of ``--calls`` calls,
+in microseconds, for the public op (``resbm_kernels.ops``) and for the
+backend's function alone.
+
+    TRITON_INTERPRET=1 python bench/host_overhead.py --backends triton,cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+from resbm_kernels import ops
+from resbm_kernels.backends import _load, use_backend
+from resbm_kernels.codec import Codec
+
+
+@contextlib.contextmanager
+def stubbed_launches(backend: str, module):
+    """The backend's kernel launches replaced by no-ops inside the block."""
+    if backend == "cuda":
+        targets = [(module, "_call")]
+    else:
+        kernels = [*module.KERNELS.values(), module.finish_rows_kernel, module.finish_weight_grad_kernel]
+        targets = [(kernel, "run") for kernel in kernels]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in targets]
+    try:
+        for obj, name in targets:
+            setattr(obj, name, lambda *args, **kwargs: None)
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def _calls(module, n: int, d: int, k: int, dtype):
+    """{pass: (public op call, backend function call)} on fresh CPU inputs."""
+    gen = torch.Generator().manual_seed(0)
+    x, grad_h = (torch.randn(n, d, generator=gen).to(dtype) for _ in range(2))
+    w_e = (torch.randn(k, d, generator=gen) / d**0.5).to(dtype)
+    w_d = (torch.randn(d, k, generator=gen) / k**0.5).to(dtype)
+    gamma = torch.ones(d, dtype=dtype)
+    codec, grad_codec = Codec(bits=8), Codec(bits=8, rounding="stochastic")
+    with use_backend("reference"):  # real payloads and row statistics to read
+        payload, stats = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)
+        grad_payload = ops.encode(grad_h, w_e, grad_codec)
+    return {
+        "encode_forward": (lambda: ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True),
+                           lambda: module.encode_forward(x, w_e, gamma, 1e-6, codec, 0, row_stats=stats)),
+        "decode_forward": (lambda: ops.decode(payload, w_d, codec, n, out_dtype=dtype),
+                           lambda: module.decode_forward(payload, w_d, None, codec, n, dtype)),
+        "decode_backward": (lambda: ops.decode_backward(grad_h, payload, w_d, codec, grad_codec, grad_seed=1),
+                            lambda: module.decode_backward(grad_h, payload, w_d, codec, grad_codec, 1)),
+        "encode_backward": (lambda: ops.encode_backward(grad_payload, x, w_e, grad_codec, norm_weight=gamma,
+                                                        row_stats=stats),
+                            lambda: module.encode_backward(grad_payload, x, w_e, gamma, 1e-6, grad_codec,
+                                                           row_stats=stats)),
+    }
+
+
+def host_us(call, calls: int, repeat: int) -> float:
+    """Best of ``repeat`` medians of ``calls`` timed calls, in microseconds."""
+    call()
+    medians = []
+    for _ in range(repeat):
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times))
+    return min(medians) * 1e6
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="triton,cuda")
+    parser.add_argument("--N", type=int, default=16384)
+    parser.add_argument("--d", type=int, default=64, help="small: the CPU allocates the outputs for real")
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    print(f"host time per call, us (median; launches stubbed; N={args.N} d={args.d} k={args.k} bf16 int8)")
+    print(f"{'backend':8s} {'pass':16s} {'public op':>10s} {'backend fn':>11s}")
+    for backend in args.backends.split(","):
+        module, why = _load(backend)
+        if module is None or not module.supports("cpu"):
+            print(f"{backend:8s} skipped: {why or 'needs TRITON_INTERPRET=1 / the emulator library on the CPU'}")
+            continue
+        with stubbed_launches(backend, module), use_backend(backend):
+            for name, (public, direct) in _calls(module, args.N, args.d, args.k, torch.bfloat16).items():
+                print(f"{backend:8s} {name:16s} {host_us(public, args.calls, args.repeat):10.1f} "
+                      f"{host_us(direct, args.calls, args.repeat):11.1f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RESBM_CUDA_EMULATE", "1")  # the CUDA backend on CPU tensors
+    main()
