@@ -583,6 +583,32 @@ def test_d_splits_with_a_short_last_run(dtype, projection, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("projection", ("wgmma", "mma_sync"))
+@pytest.mark.parametrize("k", (32, 128))
+def test_projection_loop_refills_its_buffers(k, projection, monkeypatch):
+    """Runs longer than the projection loop's buffers, so that each is refilled while the
+    tensor cores may still read another (the wgmma loop keeps a tile's group in flight
+    with four buffers, k <= 64; three at k = 128): 256 rows fill the emulated device's 4
+    SMs without a d split, d = 1280 is 10 wgmma tiles (20 of mma.sync) per block. Encode
+    forward through RMSNorm (the sums of squares read the same buffers) and decode
+    backward's bit-exact gradient payload, against the reference."""
+    use_projection(monkeypatch, projection)
+    n, d, dtype = 256, 1280, torch.bfloat16
+    gen = torch.Generator().manual_seed(k)
+    x = normal(n, d, dtype=dtype, gen=gen, device=DEVICE)
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
+    codec = Codec(bits=8)
+    payload = cuda_call(ops.encode, x, w_e, codec, norm_weight=gamma, eps=1e-5)
+    assert_close_payload(payload, ref.encode_forward(x.cpu(), w_e.cpu(), gamma.cpu(), 1e-5, codec, 0), codec, n, k)
+    grad_h = exact(n, d, dtype=dtype, gen=gen, device=DEVICE)
+    w_d = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen, device=DEVICE)
+    got, _ = cuda_call(ops.decode_backward, grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=5)
+    want, _ = ref.decode_backward(grad_h.cpu(), payload.cpu(), w_d.cpu(), codec, GRAD_CODEC, 5)
+    assert torch.equal(got.cpu(), want), "gradient payload differs"
+
+
+@needs_kernels
 @pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=4, group_size=16, rounding="stochastic"),
                                         Codec(bits=8), Codec(bits=16)), ids=_ids)
 @pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)

@@ -237,20 +237,29 @@ __device__ __forceinline__ void load_b_raw_kn_x2(FragB& f0, FragB& f1, const typ
 // loads into the buffer body(i - 1) read, which the barrier after each body has freed.
 // ASYNC_READS: body reads the buffers with wgmma (the async proxy): each thread fences its
 // landed copies for it before the barrier.
-template <int STAGES, bool ASYNC_READS = false, typename Issue, typename Body>
+// DEFERRED_REFILL: body(i) may leave its own reads in flight (a wgmma group) until body(i + 1)
+// has waited for them, so block i + STAGES - 1 is issued after body(i) instead of before it:
+// STAGES - 2 blocks stay in flight during a body, and the caller waits for the last reads.
+template <int STAGES, bool ASYNC_READS = false, bool DEFERRED_REFILL = false, typename Issue, typename Body>
 __device__ __forceinline__ void cp_async_pipeline(int64_t blocks, Issue issue, Body body) {
+  static_assert(!DEFERRED_REFILL || STAGES >= 3, "a deferred refill keeps a block in flight: three buffers at least");
+  constexpr int kPending = DEFERRED_REFILL ? STAGES - 2 : STAGES - 1;  // groups after block i's
+  auto refill = [&](int64_t i) {
+    if (i + STAGES - 1 < blocks) issue(i + STAGES - 1);
+    cp_async_commit();
+  };
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < blocks) issue(int64_t(s));
     cp_async_commit();
   }
   for (int64_t i = 0; i < blocks; ++i) {
-    if (i + STAGES - 1 < blocks) issue(i + STAGES - 1);
-    cp_async_commit();
-    cp_async_wait<STAGES - 1>();  // block i's group is complete: only the STAGES - 1 after it may pend
+    if constexpr (!DEFERRED_REFILL) refill(i);
+    cp_async_wait<kPending>();  // block i's group is complete
     if constexpr (ASYNC_READS) fence_proxy_async();
     __syncthreads();
     body(i, int(i % STAGES));
     __syncthreads();
+    if constexpr (DEFERRED_REFILL) refill(i);  // into block i - 1's buffer, which body(i) waited for
   }
 }
 

@@ -21,8 +21,9 @@
 //      On sm_90a, 16-bit inputs with KPAD <= 128 (project_loop_wgmma): the 128
 //      threads are one warpgroup and multiply tiles twice as wide (256 bytes, four
 //      buffers, three at KPAD = 128), laid out as wgmma's core matrices, straight
-//      from shared memory (wgmma m64nKPADk16), the sums of squares read from the
-//      same tiles; RESBM_CUDA_WGMMA=0 keeps mma.sync.
+//      from shared memory (wgmma m64nKPADk16; with four buffers each tile's wgmma
+//      stays in flight while the next one's are issued), the sums of squares read
+//      from the same tiles; RESBM_CUDA_WGMMA=0 keeps mma.sync.
 //      For small n, grid.y splits d (pq_splits): each CTA then projects a run of d
 //      tiles and writes fp32 partials, and finish_rows_kernel sums them in split
 //      order and does the rest (finish_rows, shared with the unsplit kernel).
@@ -453,7 +454,11 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
   // the sums of squares: thread tid takes row tid % 64, chunks CH / 2 (tid / 64) .. (LBO apart)
   const int sq_row = tid % 64, sq_offset = (sq_row / 8) * SBO + (CH / 2) * (tid / 64) * LBO + 16 * (sq_row % 8);
   float sq = 0.0f;
-  cp_async_pipeline<S, true>(run.count, issue, [&](int64_t, int buf) {
+  // with four buffers, each tile's wgmma group stays in flight until the next tile's is
+  // issued (as Triton's loop), its buffers refilled after that; with three (KPAD = 128) that
+  // would leave one tile's copies in flight, so each body waits for its own group
+  constexpr bool kInFlight = S >= 4;
+  cp_async_pipeline<S, true, kInFlight>(run.count, issue, [&](int64_t, int buf) {
     const unsigned char* xt = smem + buf * STAGE;
     const unsigned char* wt = xt + X_STAGE;
     wgmma_fence();
@@ -473,8 +478,12 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
         }
       }
     }
-    wgmma_wait<0>();  // before the barrier that lets this stage's buffers be reloaded
+    wgmma_wait<kInFlight ? 1 : 0>();  // the group whose buffers the next refill reuses is complete
   });
+  if constexpr (kInFlight) {  // the last group: acc final, then for every warp the shared memory free
+    wgmma_wait<0>();
+    __syncthreads();
+  }
   if (want_sumsq) {  // rows' totals: two threads per row, through shared memory
     float* part = reinterpret_cast<float*>(smem);  // [2][64]
     part[tid] = sq;
