@@ -8,8 +8,9 @@ point is to compare commits on any machine, a GPU-less one included. Each
 backend runs on CPU tensors (the Triton one needs ``TRITON_INTERPRET=1``, the
 CUDA one the emulator library ``libresbm_cuda_emu``, whose size queries it
 still asks). The ops check the header of each payload they read from CPU
-tensors (on a GPU they do not: a device sync); that check is included. Reports the best of ``--repeat`` medians of ``--calls`` calls,
-in microseconds, for the public op (``resbm_kernels.ops``) and for the
+tensors (on a GPU they do not: a device sync); that check is included.
+Reports the best of ``--repeat`` medians of ``--calls`` calls, in
+microseconds, for the public op (``resbm_kernels.ops``) and for the
 backend's function alone.
 
     TRITON_INTERPRET=1 python bench/host_overhead.py --backends triton,cuda
@@ -33,14 +34,18 @@ from resbm_kernels.codec import Codec
 _ABSENT = object()
 
 
+def launch_targets(backend: str, module) -> list:
+    """(object, attribute) pairs through which ``backend`` launches its kernels."""
+    if backend == "cuda":
+        return [(module, "_call")]
+    kernels = [*module.KERNELS.values(), module.finish_rows_kernel, module.finish_weight_grad_kernel]
+    return [(kernel, "run") for kernel in kernels]
+
+
 @contextlib.contextmanager
 def stubbed_launches(backend: str, module):
     """The backend's kernel launches replaced by no-ops inside the block."""
-    if backend == "cuda":
-        targets = [(module, "_call")]
-    else:
-        kernels = [*module.KERNELS.values(), module.finish_rows_kernel, module.finish_weight_grad_kernel]
-        targets = [(kernel, "run") for kernel in kernels]
+    targets = launch_targets(backend, module)
     saved = [(obj, name, vars(obj).get(name, _ABSENT)) for obj, name in targets]
     try:
         for obj, name in targets:

@@ -297,14 +297,14 @@ class Layout(NamedTuple):
 
 
 def _layout(codec: Codec, n: int, k: int) -> Layout:
+    """The :class:`Layout` of a payload for n x k values (validated as :meth:`Codec.group`)."""
     scales_at = HEADER_BYTES + codec.code_bytes(n, k)
     groups = k // codec.group(k) if codec.quantized else 0
     return Layout(scales_at + n * groups * codec.scale_bytes, k * codec.bits // 8, scales_at, groups)
 
 
-# every op call asks (validated as Codec.group: a bad codec or k raises, and is not cached)
+# cached for int sizes (every op call asks; a bad codec or k raises, which is not cached)
 payload_layout = functools.lru_cache(maxsize=1024)(_layout)
-payload_layout.__doc__ = "The :class:`Layout` of a payload for n x k values (ints)."
 
 
 def payload_views(payload: torch.Tensor, codec: Codec, n: int, k: int):

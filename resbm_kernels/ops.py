@@ -134,7 +134,6 @@ def _run(op, *args):
     return result
 
 
-
 def _encode_case(op, x, w_e, norm_weight, codec) -> Case:
     dtypes = (x.dtype, w_e.dtype) + ((norm_weight.dtype,) if norm_weight is not None else ())
     return Case(op, w_e.shape[1], w_e.shape[0], dtypes, (codec,))

@@ -404,22 +404,17 @@ def test_host_overhead_tool(capsys, monkeypatch):
     present = [b for b in ("triton", "cuda") if _load(b)[0] is not None and _load(b)[0].supports("cpu")]
     if not present:
         pytest.skip("neither the Triton interpreter nor the CUDA emulator library is here")
-    launches = {b: _launch_functions(_load(b)[0]) for b in present}
+
+    def launches():  # the launch attributes as the objects themselves hold them (a kernel: none, its class's run)
+        return {b: [vars(obj).get(name) for obj, name in tool.launch_targets(b, _load(b)[0])] for b in present}
+
+    before = launches()
     tool.main(["--backends", ",".join(present), "--N", "40", "--calls", "2", "--repeat", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[0], r[1]) for r in rows] == [(b, p) for b in present for p in
                                            ("encode_forward", "decode_forward", "decode_backward", "encode_backward")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
-    assert {b: _launch_functions(_load(b)[0]) for b in present} == launches
-
-
-def _launch_functions(module):
-    """The launch attributes the tool replaces, as the objects themselves hold them (a
-    kernel holds none: its run is its class's, which tests patch)."""
-    if hasattr(module, "KERNELS"):
-        kernels = (*module.KERNELS.values(), module.finish_rows_kernel, module.finish_weight_grad_kernel)
-        return [vars(k).get("run") for k in kernels]
-    return [vars(module)["_call"]]
+    assert launches() == before
 
 
 def test_profiler_sees_the_pass_ops():
