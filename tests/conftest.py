@@ -18,11 +18,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
-def pytest_configure(config):
-    # pytest-xdist's marker, declared for runs without the plugin (see test_triton_static.py)
-    config.addinivalue_line("markers", "xdist_group(name): run these tests on one pytest-xdist worker")
-
-
 # RESBM_TEST_REPORT=<file>: one line per finished test ("outcome seconds nodeid"), written and
 # flushed as each test ends (on the xdist controller), so a run cut short by a time limit
 # still says what passed, failed and took the time (bench/gpu_session.sh summarises it)

@@ -123,11 +123,14 @@ def test_layer_split_even():
 @pytest.mark.parametrize("name", list(ARMS))
 def test_each_arm_runs(name, corpus, tmp_path):
     train, val_data = corpus
-    settings = tiny_settings(steps=3)
+    # Muon's Newton-Schulz iteration runs in bf16, which the CI's CPU multiplies ~100x slower
+    # than fp32 (~8 s a step at this width): one step for a Muon arm
+    steps = 1 if ARMS[name].optimizer == "muon" else 3
+    settings = tiny_settings(steps=steps)
     log = conv.run_arm(ARMS[name], settings, train, _val(settings, val_data), tmp_path)
-    assert log["done"] and len(log["train"]) == 3
+    assert log["done"] and len(log["train"]) == steps
     assert all(math.isfinite(loss) for _, loss in log["train"])
-    assert [e[0] for e in log["evals"]] == [0, 2, 3]
+    assert [e[0] for e in log["evals"]] == ([0, 2, 3] if steps == 3 else [0, 1])  # every 2 steps, and the last
     assert all(math.isfinite(e[2]) for e in log["evals"])
     assert not (tmp_path / f"{name}.pt").exists()  # finished arms drop their checkpoint
     w = log["wire"]
@@ -141,15 +144,17 @@ def test_each_arm_runs(name, corpus, tmp_path):
 @pytest.mark.parametrize("name", ["resbm-int8-muon", "noid-bf16-adamw"])
 def test_resume_equals_uninterrupted(name, corpus, tmp_path):
     train, val_data = corpus
-    settings = tiny_settings(steps=4)
+    steps = 4
+    # half the width of the other tests (Muon's cost falls ~8x; no wire ratio is checked here)
+    settings = tiny_settings(steps=steps, model=dict(d=128, n_layers=4, n_heads=4, seq_len=16))
     val = _val(settings, val_data)
     straight = conv.run_arm(ARMS[name], settings, train, val, tmp_path / "a")
     (tmp_path / "b").mkdir()
     with pytest.raises(conv.Interrupted):
-        conv.run_arm(ARMS[name], settings, train, val, tmp_path / "b", stop_after=2)
+        conv.run_arm(ARMS[name], settings, train, val, tmp_path / "b", stop_after=steps // 2)
     assert (tmp_path / "b" / f"{name}.pt").exists()
     partial = json.loads((tmp_path / "b" / f"{name}.json").read_text())
-    assert not partial["done"] and len(partial["train"]) == 2
+    assert not partial["done"] and len(partial["train"]) == steps // 2
     resumed = conv.run_arm(ARMS[name], settings, train, val, tmp_path / "b")
     assert resumed["train"] == straight["train"]
     assert [e[:2] for e in resumed["evals"]] == [e[:2] for e in straight["evals"]]

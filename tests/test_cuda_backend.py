@@ -2,8 +2,8 @@
 
 Two groups:
 
-- CPU-runnable: the kernels compile for sm_80 and sm_90a with zero register
-  spills (ptxas -v) and a tensor-core main loop whose size is reported, the
+- CPU-runnable: the built library holds every kernel for sm_80 and sm_90a
+  with zero register spills and a tensor-core main loop whose size is reported, the
   C ABI rejects bad arguments with messages naming the problem before
   touching CUDA, launch failures name the kernel, and the backend refuses
   CPU tensors cleanly.
@@ -31,7 +31,7 @@ import torch
 from resbm_kernels import native, ops
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
-from helpers import CUDA_ARCHS, main_loops, ptxas_report, sass_functions, sass_tool
+from helpers import CUDA_ARCHS, cuda_library_resources, cuda_library_sass, main_loops, sass_functions
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
 from helpers import check_passes_replay_in_a_cuda_graph
@@ -61,20 +61,14 @@ no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointe
 # ---- CPU-runnable: compilation ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def passes_object(tmp_path_factory):
-    """passes.cu compiled once for sm_80 and sm_90a: (ptxas report, object file)."""
-    out = tmp_path_factory.mktemp("passes")
-    return ptxas_report(ROOT / "csrc" / "cuda" / "passes.cu", ROOT / "csrc" / "include", out), out / "kernels.o"
-
-
 # project_quantize's wgmma variants: bf16 and fp16, KPAD up to 128
 WGMMA_VARIANTS = 2 * sum(kpad <= 128 for kpad in KPADS)
 
 
-def test_pass_kernels_compile_without_spills(passes_object):
-    """Every pass kernel instantiation compiles for sm_80 and sm_90a with zero spills."""
-    report, _ = passes_object
+def test_pass_kernels_compile_without_spills():
+    """Every pass kernel instantiation is in the built library for sm_80 and
+    sm_90a, with zero spills (no stack or local memory)."""
+    report = cuda_library_resources()
     for arch in CUDA_ARCHS:
         funcs = [r for r in report if r[0] == f"sm_{arch}"]
         for kernel in KERNELS:
@@ -85,22 +79,17 @@ def test_pass_kernels_compile_without_spills(passes_object):
             assert sum(helper in r[1] for r in funcs) == 3, (helper, arch, report)
         assert sum("finish_weight_grad_kernel" in r[1] for r in funcs) == 1, (arch, report)
     spilling = [r for r in report if r[3] or r[4]]
-    assert not spilling, "kernels spill registers:\n" + "\n".join(map(str, spilling))
+    assert not spilling, "kernels use stack or local memory (spills):\n" + "\n".join(map(str, spilling))
 
 
-def test_pass_kernels_main_loops(passes_object, tmp_path):
+def test_pass_kernels_main_loops(tmp_path):
     """Static instruction counts of each sm_90a pass kernel's tensor-core loops
     (per thread, per trip, an inner loop without tensor-core instructions
     counted once; innermost first), printed as a table with ``pytest -s``, as
     tests/test_triton_static.py does for Triton: a loop that grows is a kernel
     doing more work per byte. Every kernel has one; the wgmma variants' are
     warpgroup MMAs (HGMMA), the others' mma.sync (HMMA)."""
-    _, obj = passes_object
-    cuobjdump, nvdisasm = sass_tool("cuobjdump"), sass_tool("nvdisasm")
-    subprocess.run([cuobjdump, "-xelf", "all", str(obj)], cwd=tmp_path, check=True, capture_output=True)
-    # cuobjdump before CUDA 13 (Triton 3.6 bundles 12.8) names the sm_90a image "*.sm_90.cubin"
-    (cubin,) = tmp_path.glob("*.sm_90*.cubin")
-    sass = subprocess.run([nvdisasm, str(cubin)], capture_output=True, text=True, check=True).stdout
+    sass = cuda_library_sass(tmp_path)
     names = {1: "fp32", 2: "fp16", 3: "bf16"}
     rows = []
     for name, body in sass_functions(sass).items():

@@ -34,8 +34,6 @@ import pytest
 
 pytest.importorskip("triton")
 
-# one xdist worker compiles the kernels once for all four tests (pytest -n N --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("triton_static")
 
 ARCHS = (90, 80)
 SMEM_LIMIT = {90: 232448, 80: 166912}  # opt-in shared memory per block: H100, A100
@@ -200,8 +198,8 @@ def _compile(fn, case, constexprs, cfg, arch):
     return compiled, regs, stack, sass
 
 
-def _worker():
-    """Compile every case for every arch and config; print one JSON row each."""
+def _worker(arch: int):
+    """Compile every case for every config on ``arch``; print one JSON row each."""
     import torch
     import triton
 
@@ -234,23 +232,22 @@ def _worker():
         block_k = case["k"]
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["act"]]
         elem = configs.operand_bytes(dtype, dequant=kind in ("dequant", "wgrad"))
-        for arch in ARCHS:
-            has_norm = case["constexprs"].get("HAS_NORM", False)
-            for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, has_norm):
-                constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
-                constexprs.update({name: 1 for name in case["ones"]})
-                if "EVEN_D" in fn.arg_names:
-                    constexprs["EVEN_D"] = True  # d a multiple of BLOCK_D, as at every benchmarked shape
-                compiled, regs, stack, sass = _compile(fn, case, constexprs, cfg, arch)
-                tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
-                print(json.dumps(row(
-                    case, arch, f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
-                                f"w{cfg.num_warps} s{cfg.num_stages}", compiled, regs, stack, sass,
-                    gemm=True, smem_estimate=configs.smem_bytes(cfg, block_k, elem, kind),
-                    loop_per_kib=round(sum(main_loops(sass)) * cfg.num_warps / tile_kib),
-                    steady_per_kib=round(sum(main_loops(sass, steady=True)) * cfg.num_warps / tile_kib),
-                )), flush=True)
-    for case, arch in ((case, arch) for case in FINISH_CASES for arch in ARCHS):
+        has_norm = case["constexprs"].get("HAS_NORM", False)
+        for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, has_norm):
+            constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
+            constexprs.update({name: 1 for name in case["ones"]})
+            if "EVEN_D" in fn.arg_names:
+                constexprs["EVEN_D"] = True  # d a multiple of BLOCK_D, as at every benchmarked shape
+            compiled, regs, stack, sass = _compile(fn, case, constexprs, cfg, arch)
+            tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
+            print(json.dumps(row(
+                case, arch, f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
+                            f"w{cfg.num_warps} s{cfg.num_stages}", compiled, regs, stack, sass,
+                gemm=True, smem_estimate=configs.smem_bytes(cfg, block_k, elem, kind),
+                loop_per_kib=round(sum(main_loops(sass)) * cfg.num_warps / tile_kib),
+                steady_per_kib=round(sum(main_loops(sass, steady=True)) * cfg.num_warps / tile_kib),
+            )), flush=True)
+    for case in FINISH_CASES:
         if case["kernel"] == "finish_rows":  # as the launchers run them (default stages)
             fn, cfg, blocks = finish_rows_kernel, triton.Config({}, num_warps=FINISH_WARPS), dict(BLOCK_N=FINISH_ROWS)
         else:
@@ -268,10 +265,18 @@ def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # one process per arch, side by side (the compiles are CPU-bound and independent)
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(arch)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for arch in ARCHS]
+    rows = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=1200)
+            assert proc.returncode == 0, err[-4000:]
+            rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    finally:
+        for proc in procs:  # the other one, when one failed
+            proc.kill()
     header = f"{'kernel':17} {'case':42} {'sm':>3} {'config':22} {'regs':>4} {'stack':>5} {'smem':>6} " \
              f"{'spill':>5} {'HGMMA':>5} {'HMMA':>5} {'loop':>5} {'steady':>6} {'issue TB/s':>10}"
     lines = [header] + [
@@ -359,4 +364,4 @@ def test_main_loop_found(report):
 
 
 if __name__ == "__main__":
-    _worker()
+    _worker(int(sys.argv[1]))
