@@ -230,8 +230,7 @@ def cuda_library_sass(out_dir) -> str:
     # cuobjdump before CUDA 13 (Triton 3.6 bundles 12.8) names sm_90a images "*.sm_90.cubin"
     cubins = sorted(pathlib.Path(out_dir).glob("*.sm_90*.cubin"))
     assert cubins, f"no sm_90a machine code in {cuda_library_path()}"
-    nvdisasm = sass_tool("nvdisasm")
-    return "".join(subprocess.run([nvdisasm, str(c)], capture_output=True, text=True, check=True).stdout
+    return "".join(subprocess.run([*nvdisasm_command(), str(c)], capture_output=True, text=True, check=True).stdout
                    for c in cubins)
 
 
@@ -249,6 +248,13 @@ def sass_tool(name: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name} is not where Triton bundles it ({path}): reinstall triton")
     return path
+
+
+def nvdisasm_command() -> list[str]:
+    """nvdisasm printing code sections only, without its dataflow analysis: the
+    same instructions and labels, a quarter faster (most of its ~0.5 s a call
+    is start-up, paid once per cubin)."""
+    return [sass_tool("nvdisasm"), "--print-code", "--no-dataflow"]
 
 
 def sass_functions(sass: str) -> dict[str, str]:

@@ -40,7 +40,10 @@ def spawn(fn, world: int, *args, out_dir: str, timeout: float = 240.0) -> list[d
     """Run ``fn(rank, world, *args)`` in ``world`` processes; returns one dict
     per rank: {"ok": result}, {"error": message}, or {"died": exitcode}."""
     os.makedirs(out_dir, exist_ok=True)
-    ctx = mp.get_context("spawn")
+    # forked from a server process that imported torch once (as "spawn" would import it in
+    # every process: seconds of CPU each); the server starts with the first call
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "resbm_kernels.pipeline", fn.__module__])
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, out_dir)) for r in range(world)]
     for p in procs:

@@ -169,7 +169,7 @@ def _compile(fn, case, constexprs, cfg, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from helpers import sass_tool
+    from helpers import nvdisasm_command, sass_tool
 
     act = "*" + case["act"]
     types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16", Z="*bf16" if case["act"] == "bf16" else "*fp32")
@@ -193,7 +193,7 @@ def _compile(fn, case, constexprs, cfg, arch):
         f.flush()
         usage = subprocess.run([sass_tool("cuobjdump"), "-res-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([sass_tool("nvdisasm"), f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([*nvdisasm_command(), f.name], capture_output=True, text=True, check=True).stdout
     regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
     return compiled, regs, stack, sass
 
