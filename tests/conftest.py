@@ -19,8 +19,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 
 # The files whose tests wait for a long build or compile (minutes on a 2-core CI machine) are
-# collected first: under pytest-xdist (--dist loadfile) they start at once, and the other
-# workers take the remaining files meanwhile instead of waiting for them at the end.
+# collected first: under pytest-xdist (--dist loadfile --no-loadscope-reorder, which keeps this
+# order instead of putting the files with the most tests first) they start at once, and the
+# other workers take the remaining files meanwhile instead of waiting for them at the end.
 LONG_SETUP_FILES = ("test_triton_static.py", "test_sanitizers.py")
 
 

@@ -189,7 +189,7 @@ def cuda_library_path() -> str:
     from resbm_kernels import native
 
     if not native.available("cuda"):
-        pytest.skip("libresbm_cuda is not built (nvcc missing at install time)")
+        pytest.skip("libresbm_cuda is not built (no nvcc at install time, or RESBM_CUDA=0)")
     return native.library("cuda")._name
 
 
