@@ -18,17 +18,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
-# The files whose tests wait for a long build or compile (minutes on a 2-core CI machine) are
-# collected first: under pytest-xdist (--dist loadfile --no-loadscope-reorder, which keeps this
-# order instead of putting the files with the most tests first) they start at once, and the
-# other workers take the remaining files meanwhile instead of waiting for them at the end.
-LONG_SETUP_FILES = ("test_triton_static.py", "test_sanitizers.py")
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.path.name not in LONG_SETUP_FILES)  # stable: else as collected
-
-
 # RESBM_TEST_REPORT=<file>: one line per finished test ("outcome seconds nodeid"), written and
 # flushed as each test ends (on the xdist controller), so a run cut short by a time limit
 # still says what passed, failed and took the time (bench/gpu_session.sh summarises it)
