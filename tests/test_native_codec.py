@@ -357,6 +357,7 @@ def test_ctest_known_vectors(tmp_path):
 
 def test_cuda_kernels_do_not_spill():
     """libresbm_cuda holds its codec kernels for sm_80 and sm_90a, spilling nothing."""
+    # codec_cuda.cu's kernels: their anonymous namespace's mangled name holds the file's name
     report = [r for r in cuda_library_resources() if "codec_cuda" in r[1]]
     for arch in CUDA_ARCHS:
         assert sum(r[0] == f"sm_{arch}" for r in report) == 3, report  # three kernels per arch
