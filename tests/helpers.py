@@ -181,15 +181,11 @@ CUDA_ARCHS = ("80", "90a")  # as CMake builds libresbm_cuda (90a: the wgmma kern
 
 
 def cuda_library_path() -> str:
-    """Path of the libresbm_cuda that the backend loads (skips the test when it is
-    not built: CI's install builds it with RESBM_CUDA=1, where a kernel that spills
-    or fails to compile fails the build)."""
-    import pytest
-
+    """Path of the libresbm_cuda that the backend loads (tests using it are marked
+    ``needs_cuda_library``). CI's install builds it with RESBM_CUDA=1, where a
+    kernel that spills or fails to compile fails the build."""
     from resbm_kernels import native
 
-    if not native.available("cuda"):
-        pytest.skip("libresbm_cuda is not built (no nvcc at install time, or RESBM_CUDA=0)")
     return native.library("cuda")._name
 
 
@@ -310,6 +306,20 @@ def _cuda_kernels():
 
 
 HAS_CUDA_GPU, HAS_CUDA_KERNELS = _cuda_kernels()
+
+
+def _cuda_library_optional() -> bool:
+    """libresbm_cuda is missing and nothing asked for it: RESBM_CUDA=1 (as in CI)
+    requires the install to build it, so there its absence fails the tests instead."""
+    import os
+
+    from resbm_kernels import native
+
+    return not native.available("cuda") and os.environ.get("RESBM_CUDA", "").strip() != "1"
+
+
+needs_cuda_library = pytest.mark.skipif(_cuda_library_optional(),
+                                        reason="libresbm_cuda is not built (no nvcc at install time)")
 CUDA_KERNELS_DEVICE = "cuda" if HAS_CUDA_GPU else "cpu"
 needs_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS,
                                         reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")

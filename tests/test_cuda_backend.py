@@ -38,6 +38,7 @@ from helpers import check_passes_replay_in_a_cuda_graph
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
 from helpers import NO_WORK_OPS, training_pass_calls
 from helpers import CUDA_KERNELS_DEVICE, HAS_CUDA_GPU, emulate_cuda_without_gpu, needs_cuda_kernels, use_projection
+from helpers import needs_cuda_library
 from helpers import ids as _ids
 from helpers import rel_tol as tol
 from resbm_kernels.codec import Codec
@@ -54,7 +55,6 @@ HAS_GPU = HAS_CUDA_GPU
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresbm_cuda (build it with cmake/pip)")
 DEVICE = CUDA_KERNELS_DEVICE  # the kernels' device: the GPU, else the CPU emulator
 needs_kernels = needs_cuda_kernels
-needs_lib = pytest.mark.skipif(not native.available("cuda"), reason="libresbm_cuda is not built")
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointers are only safe without a GPU")
 
 
@@ -65,6 +65,7 @@ no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointe
 WGMMA_VARIANTS = 2 * sum(kpad <= 128 for kpad in KPADS)
 
 
+@needs_cuda_library
 def test_pass_kernels_compile_without_spills():
     """Every pass kernel instantiation is in the built library for sm_80 and
     sm_90a, with zero spills (no stack or local memory)."""
@@ -82,6 +83,7 @@ def test_pass_kernels_compile_without_spills():
     assert not spilling, "kernels use stack or local memory (spills):\n" + "\n".join(map(str, spilling))
 
 
+@needs_cuda_library
 def test_pass_kernels_main_loops(tmp_path):
     """Static instruction counts of each sm_90a pass kernel's tensor-core loops
     (per thread, per trip, an inner loop without tensor-core instructions
@@ -117,9 +119,7 @@ def _buf(n=4096):
 
 
 @pytest.fixture
-def lib():
-    if not native.available("cuda"):
-        pytest.skip("libresbm_cuda is not built")
+def lib():  # for tests marked needs_cuda_library
     return native.library("cuda")
 
 
@@ -133,7 +133,7 @@ def _encode_fwd(lib, **kw):
     return rc, lib.resbm_last_error().decode()
 
 
-@needs_lib
+@needs_cuda_library
 @pytest.mark.parametrize("kwargs, message", [
     ({"d": 0}, "bad shape"),
     ({"n": -1}, "bad shape"),
@@ -165,7 +165,7 @@ def test_c_encode_forward_rejects(lib, kwargs, message):
     assert err.startswith("resbm_cuda_encode_forward: ") and message in err, err
 
 
-@needs_lib
+@needs_cuda_library
 def test_c_misaligned_and_zero_rows(lib):
     keep, p = _buf()
     rc, err = _encode_fwd(lib, x=p + 2)
@@ -184,7 +184,7 @@ def test_c_misaligned_and_zero_rows(lib):
     assert rc == 0  # nothing to do: no CUDA call at all
 
 
-@needs_lib
+@needs_cuda_library
 def test_c_other_passes_reject(lib):
     keep, p = _buf()
     err = lambda: lib.resbm_last_error().decode()  # noqa: E731
@@ -241,7 +241,7 @@ def test_c_other_passes_reject(lib):
     assert err() == "resbm_cuda_weight_grad: workspace is not 16-byte aligned"
 
 
-@needs_lib
+@needs_cuda_library
 @pytest.mark.parametrize("dtype, n, k, elem", [(3, 100, 48, 2), (2, 8, 16, 2), (1, 1, 256, 4), (3, 0, 32, 2)])
 def test_c_weight_grad_workspace_bytes(lib, dtype, n, k, elem):
     """(rscale * zhat)^T, hi and lo (bf16: hi alone): padded k (a power of two from 16) x rows
@@ -253,7 +253,7 @@ def test_c_weight_grad_workspace_bytes(lib, dtype, n, k, elem):
     assert out.value == parts * kpad * (-(-n // 8) * 8) * elem
 
 
-@needs_lib
+@needs_cuda_library
 def test_c_weight_grad_workspace_bytes_rejects(lib):
     out = ctypes.c_int64()
     err = lambda: lib.resbm_last_error().decode()  # noqa: E731
@@ -267,7 +267,7 @@ def test_c_weight_grad_workspace_bytes_rejects(lib):
     assert err() == "resbm_cuda_weight_grad_workspace_bytes: null pointer bytes"
 
 
-@needs_lib
+@needs_cuda_library
 @pytest.mark.parametrize("pass_, dtype, d, k, norm, parts", [
     # (KPAD x d) operand parts for the projection + (d x KPAD) parts for the output projection
     (0, 3, 64, 16, 1, 1),    # encode forward with RMSNorm: gamma-folded, rounded to bf16
@@ -289,7 +289,7 @@ def test_c_workspace_bytes(lib, pass_, dtype, d, k, norm, parts):
     assert out.value == parts * kpad * d * (4 if dtype == 1 else 2)
 
 
-@needs_lib
+@needs_cuda_library
 def test_c_projection_splits(lib):
     """The query validates its arguments; without a GPU to ask there is one split."""
     out = ctypes.c_int(-1)
@@ -338,7 +338,7 @@ def test_backend_splits_follow_the_projection_loop(monkeypatch):
     assert cb._projection_partial(x, 32) == (None, 1)
 
 
-@needs_lib
+@needs_cuda_library
 def test_c_workspace_bytes_rejects(lib):
     out = ctypes.c_int64()
     assert lib.resbm_cuda_workspace_bytes(4, 3, 64, 16, 0, ctypes.byref(out)) == 1
@@ -349,7 +349,7 @@ def test_c_workspace_bytes_rejects(lib):
     assert "null pointer bytes" in lib.resbm_last_error().decode()
 
 
-@needs_lib
+@needs_cuda_library
 @no_gpu_only
 @pytest.mark.parametrize("call, kernel", [
     ("encode", "resbm_cuda_encode_forward: prepare_operand_kernel<bf16>"),  # weights first

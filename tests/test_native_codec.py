@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import CUDA_ARCHS, CUDA_KERNELS_DEVICE, cuda_library_resources, emulate_cuda_without_gpu
-from helpers import needs_cuda_kernels
+from helpers import needs_cuda_kernels, needs_cuda_library
 from resbm_kernels import native
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.codec import Codec, empty_payload, payload_views
@@ -292,10 +292,9 @@ def test_missing_library_fails_lazily(monkeypatch, tmp_path):
 # ---- CUDA library ----------------------------------------------------------------
 
 
+@needs_cuda_library
 @pytest.mark.skipif(torch.cuda.is_available(), reason="launching on bogus pointers is only safe without a GPU")
 def test_cuda_library_reports_launch_errors():
-    if not native.available("cuda"):
-        pytest.skip("libresbm_cuda is not built")
     lib = native.library("cuda")
     rc = lib.resbm_cuda_quantize_pack(16, 1, 1, 8, 8, 8, 3, 0, 0, 16, 16, None)
     assert rc != 0
@@ -355,6 +354,7 @@ def test_ctest_known_vectors(tmp_path):
     assert "100% tests passed" in test.stdout and "cuda_emulator" in test.stdout
 
 
+@needs_cuda_library
 def test_cuda_kernels_do_not_spill():
     """libresbm_cuda holds its codec kernels for sm_80 and sm_90a, spilling nothing."""
     # codec_cuda.cu's kernels: their anonymous namespace's mangled name holds the file's name
