@@ -39,7 +39,8 @@ ARCHS = (90, 80)
 SMEM_LIMIT = {90: 232448, 80: 166912}  # opt-in shared memory per block: H100, A100
 H100_ISSUE_PER_S = 132 * 4 * 1.755e9  # warp instructions per second, all SMs
 
-# pointer dtypes by role: A = activations, S = scales, F = fp32, U = codes (u8), B = bf16 codes
+# pointer dtypes by role: A = activations, F = fp32, U = payloads (u8: codes and scales at offsets),
+# Z = the weight-gradient operand
 # "ones": integer args equal to 1 at run time (Triton specialises them to constants)
 # "div16": integer args the launcher guarantees divisible by 16 (specialised too)
 # W is read as k x d: w_e directly (stride_wd == 1), w_d transposed (stride_wk == 1)
@@ -51,14 +52,13 @@ def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False
     the RMSNorm row statistics, as in training) or decode backward (which also
     dequantizes an int8/row forward payload into Z); ``split_d``: the partials
     of a d split (small N)."""
-    codes = "B" if bits == 16 else "U"
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="project_quantize", what=what, k=k, act=act,
-                ptrs=dict(a_ptr="A", w_ptr="A", payload_ptr="U", codes_ptr=codes, scales_ptr="B" if bits == 16 else "S",
-                          zcodes_ptr="U", zscales_ptr="S", z_ptr="Z", stats_ptr="F", part_ptr="F"),
-                ones=[unit], div16=["d", "k", "stride_a", strided],
+                ptrs=dict(a_ptr="A", w_ptr="A", payload_ptr="U", zpayload_ptr="U", z_ptr="Z", stats_ptr="F",
+                          part_ptr="F"),
+                ones=[unit], div16=["d", "k", "stride_a", strided, "scales_at", "zscales_at"],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
-                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, WRITE_STATS=stats, SPLIT_D=split_d))
+                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, ZSCALE_KIND=2, WRITE_STATS=stats, SPLIT_D=split_d))
 
 
 def dequant(what, k, *, residual=False, split_d=False, encoder=False, norm=False, act="bf16"):
@@ -67,10 +67,10 @@ def dequant(what, k, *, residual=False, split_d=False, encoder=False, norm=False
     W = w_e; ``norm``: through RMSNorm, x read as the residual)."""
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="dequant_project", what=what, k=k, act=act,
-                ptrs=dict(codes_ptr="U", scales_ptr="S", w_ptr="A", res_ptr="A", out_ptr="A", r_ptr="F",
+                ptrs=dict(payload_ptr="U", w_ptr="A", res_ptr="A", out_ptr="A", r_ptr="F",
                           gamma_ptr="A", alpha_ptr="F"),
-                ones=[unit], div16=["d", "k", strided, "stride_res", "stride_out"],
-                constexprs=dict(BITS=8, HAS_RES=residual, HAS_NORM=norm, OUT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[act],
+                ones=[unit], div16=["d", "k", strided, "stride_res", "stride_out", "scales_at"],
+                constexprs=dict(BITS=8, SCALE_KIND=2, HAS_RES=residual, HAS_NORM=norm, OUT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[act],
                                 SPLIT_D=split_d))
 
 
@@ -79,10 +79,10 @@ def operand(what, k, *, act="bf16"):
     row statistics: Z and alpha from a pass over x; given them, or without the
     norm, the kernel does no GEMM and is not listed)."""
     return dict(kernel="grad_operand", what=what, k=k, act=act,
-                ptrs=dict(codes_ptr="U", scales_ptr="S", a_ptr="A", w_ptr="A", stats_ptr="F",
+                ptrs=dict(payload_ptr="U", a_ptr="A", w_ptr="A", stats_ptr="F",
                           z_ptr="Z", r_ptr="F", alpha_ptr="F"),
-                ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk"],
-                constexprs=dict(BITS=8, HAS_NORM=True, HAS_STATS=False))
+                ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_wk", "scales_at"],
+                constexprs=dict(BITS=8, SCALE_KIND=2, HAS_NORM=True, HAS_STATS=False))
 
 
 def wgrad(what, k, *, encoder, act="bf16"):
@@ -139,11 +139,10 @@ def finish(what, k, bits, *, norm=False, stats=False, zbits=0):
     """A finish_rows_kernel case (after a d-split project_quantize launch; no GEMM,
     one fixed launch config): checked for spills only."""
     return dict(kernel="finish_rows", what=what, k=k, act="bf16",
-                ptrs=dict(a_ptr="A", part_ptr="F", payload_ptr="U", codes_ptr="U", scales_ptr="S", zcodes_ptr="U",
-                          zscales_ptr="S", z_ptr="Z", stats_ptr="F"),
-                ones=[], div16=["d", "k", "stride_a"],
+                ptrs=dict(a_ptr="A", part_ptr="F", payload_ptr="U", zpayload_ptr="U", z_ptr="Z", stats_ptr="F"),
+                ones=[], div16=["d", "k", "stride_a", "scales_at", "zscales_at"],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=k, SCALE_KIND=2, STOCHASTIC=False,
-                                ZBITS=zbits, WRITE_STATS=stats))
+                                ZBITS=zbits, ZSCALE_KIND=2, WRITE_STATS=stats))
 
 
 def finish_wgrad(what, k, *, norm):
@@ -172,7 +171,7 @@ def _compile(fn, case, constexprs, cfg, arch):
     from helpers import nvdisasm_command, sass_tool
 
     act = "*" + case["act"]
-    types = dict(A=act, S="*bf16", F="*fp32", U="*u8", B="*bf16", Z="*bf16" if case["act"] == "bf16" else "*fp32")
+    types = dict(A=act, F="*fp32", U="*u8", Z="*bf16" if case["act"] == "bf16" else "*fp32")
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:

@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from ...codec import HEADER_BYTES, Codec, header_words, payload_layout, rng_key
+from ...codec import Codec, header_words, payload_layout, rng_key
 from .. import fast
 from . import configs
 from .codec import KIND_BF16, KIND_F16, KIND_F32
@@ -124,15 +124,10 @@ def _signed32(key: int) -> int:
     return key - (1 << 32) if key >= 1 << 31 else key
 
 
-def _payload_args(payload, codec: Codec, n: int, k: int):
-    """(codes, scales) kernel arguments: flat views from the codes' and the
-    scales' first bytes (the kernels index rows themselves; fewer views, less
-    host time per call); bf16 codes for bits=16 (scales then unused)."""
-    codes = payload[HEADER_BYTES:]
-    if not codec.quantized:
-        codes = codes.view(torch.bfloat16)
-        return codes, codes
-    return codes, payload[payload_layout(codec, n, k).scales_at:].view(codec.scale_dtype)
+def _scales_at(codec: Codec, n: int, k: int) -> int:
+    """Byte offset of a payload's scales, which the kernels take beside the
+    payload (codec.payload_pointers in the kernels; 0 for bits=16: no scales)."""
+    return payload_layout(codec, n, k).scales_at if codec.quantized else 0
 
 
 def _rows_grid(n, d_splits=1):
@@ -162,12 +157,12 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     if n == 0:
         return fast.new_payload(codec, n, k, a.device, out)
     payload = fast.payload_buffer(codec, n, k, a.device, out)  # header and padding: written by the kernels
-    codes, scales = _payload_args(payload, codec, n, k)
     if z is None:
-        z_ptrs, z_group, z_bits = (a, a, a), 1, 0  # unused
+        z_payload, z_buffer, z_args, z_flags = a, a, (1, 0), dict(ZBITS=0, ZSCALE_KIND=0)  # unused
     else:
-        buffer, z_payload, z_codec = z
-        z_ptrs, z_group, z_bits = (*_payload_args(z_payload, z_codec, n, k), buffer), z_codec.group(k), z_codec.bits
+        z_buffer, z_payload, z_codec = z
+        z_args = z_codec.group(k), _scales_at(z_codec, n, k)
+        z_flags = dict(ZBITS=z_codec.bits, ZSCALE_KIND=_KINDS[z_codec.scale_dtype])
     if gamma is not None:
         w = _fold_norm(w, gamma, a.dtype)
         w_strides = (w.stride(0), w.stride(1))
@@ -176,18 +171,19 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     stats_arg, stats_stride = (stats, stats.stride(0)) if stats is not None else (a, 0)
     key = _signed32(rng_key(seed))
     flags = dict(HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
-                 SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, ZBITS=z_bits,
+                 SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, **z_flags,
                  WRITE_STATS=stats is not None, BLOCK_K=_block_k(k))
     header = header_words(codec, n, k)
+    quant_args = k // codec.group(k), _scales_at(codec, n, k), *z_args
     project_quantize_kernel[_rows_grid(n, splits)](
-        a, w, payload, codes, scales, *z_ptrs, stats_arg, part,
-        n, d, k, k // codec.group(k), z_group, a.stride(0), *w_strides, stats_stride, eps, key, *header,
+        a, w, payload, z_payload, z_buffer, stats_arg, part,
+        n, d, k, *quant_args, a.stride(0), *w_strides, stats_stride, eps, key, *header,
         SPLIT_D=splits > 1, **flags, **_common(a.device),
     )
     if splits > 1:
         finish_rows_kernel[(configs.cdiv(n, FINISH_ROWS),)](
-            a, part, payload, codes, scales, *z_ptrs, stats_arg,
-            n, d, k, splits, k // codec.group(k), z_group, a.stride(0), stats_stride, eps, key, *header,
+            a, part, payload, z_payload, z_buffer, stats_arg,
+            n, d, k, splits, *quant_args, a.stride(0), stats_stride, eps, key, *header,
             **flags, BLOCK_N=FINISH_ROWS, num_warps=FINISH_WARPS, enable_fp_fusion=False,
         )
     return payload
@@ -257,14 +253,13 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     out = fast.empty((n, d), out_dtype, w.device)
     if n == 0:
         return out
-    codes, scales = _payload_args(payload, codec, n, k)
     res = norm[0] if norm is not None else residual
     r, gamma, alpha = norm[1:] if norm is not None else (out, out, out)  # (unused without the norm)
     splits = configs.d_splits(n, d, w.device)  # small N: each program a run of d (output columns are independent)
     dequant_project_kernel[_rows_grid(n, splits)](
-        codes, scales, w, res if res is not None else out, out, r, gamma, alpha,
-        n, d, k, codec.group(k), *w_strides, res.stride(0) if res is not None else 0, out.stride(0),
-        BITS=codec.bits, HAS_RES=residual is not None, HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype],
+        payload, w, res if res is not None else out, out, r, gamma, alpha,
+        n, d, k, codec.group(k), _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
+        out.stride(0), BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype], HAS_RES=residual is not None, HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype],
         SPLIT_D=splits > 1, BLOCK_K=_block_k(k), **_common(w.device),
     )
     return out
@@ -280,13 +275,12 @@ def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps, stats):
     r, alpha = (fast.empty((n,), torch.float32, x.device) for _ in range(2)) if gamma is not None else (None, None)
     if n == 0:
         return z, r, alpha
-    codes, scales = _payload_args(grad_payload, codec, n, k)
     has_stats = stats is not None  # (the ops accept them only with the norm)
     w = _fold_norm(w_e, gamma, x.dtype) if gamma is not None and not has_stats else w_e
     grad_operand_kernel[_rows_grid(n)](
-        codes, scales, x, w, stats if has_stats else z, z, r if r is not None else z, alpha if alpha is not None else z,
-        n, d, k, codec.group(k), x.stride(0), w.stride(0), w.stride(1), stats.stride(0) if has_stats else 0, eps,
-        BITS=codec.bits, HAS_NORM=gamma is not None, HAS_STATS=has_stats, BLOCK_K=_block_k(k), **_common(x.device),
+        grad_payload, x, w, stats if has_stats else z, z, r if r is not None else z, alpha if alpha is not None else z,
+        n, d, k, codec.group(k), _scales_at(codec, n, k), x.stride(0), w.stride(0), w.stride(1),
+        stats.stride(0) if has_stats else 0, eps, BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype], HAS_NORM=gamma is not None, HAS_STATS=has_stats, BLOCK_K=_block_k(k), **_common(x.device),
     )
     return z, r, alpha
 

@@ -16,9 +16,11 @@ instead of twice, unlike the reference).
 import triton
 import triton.language as tl
 
+from ...codec import HEADER_BYTES
 from .configs import INTERPRET
 
 INTERPRETED = tl.constexpr(INTERPRET)
+HEADER = tl.constexpr(HEADER_BYTES)  # bytes before a payload's codes
 
 # dtype kinds used as constexprs for rounding (scales and outputs)
 KIND_F32 = tl.constexpr(0)
@@ -127,6 +129,26 @@ def store_payload(z, rows, n, k, n_groups, codes_ptr, scales_ptr, key,
         bmask = row_ok[:, None] & (bcols < row_bytes)[None, :]
         tl.store(codes_ptr + rows[:, None].to(tl.int64) * row_bytes + bcols[None, :],
                  fields.to(tl.uint8), mask=bmask)
+
+
+@triton.jit
+def payload_pointers(payload_ptr, scales_at, BITS: tl.constexpr, SCALE_KIND: tl.constexpr):
+    """(codes, scales) pointers into a uint8 payload (codec.payload_layout):
+    the codes after the 16-byte header (bf16 values for bits=16, whose
+    scales pointer is then unused), the scales at byte ``scales_at``, in the
+    dtype of SCALE_KIND. The kernels take the payload and this offset instead
+    of two views of it: fewer tensors to make on the host per call."""
+    codes = payload_ptr + HEADER
+    if BITS == 16:
+        codes = codes.to(tl.pointer_type(tl.bfloat16))
+    scales = payload_ptr + scales_at
+    if SCALE_KIND == KIND_BF16:
+        scales = scales.to(tl.pointer_type(tl.bfloat16))
+    elif SCALE_KIND == KIND_F16:
+        scales = scales.to(tl.pointer_type(tl.float16))
+    else:
+        scales = scales.to(tl.pointer_type(tl.float32))
+    return codes, scales
 
 
 @triton.jit

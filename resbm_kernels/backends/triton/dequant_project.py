@@ -16,7 +16,7 @@ runs programs at once (small N) the launcher splits d between programs
 import triton
 import triton.language as tl
 
-from .codec import load_payload, round_to_kind
+from .codec import load_payload, payload_pointers, round_to_kind
 from .configs import autotune_dequant, even_d
 from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
 
@@ -25,13 +25,14 @@ from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
 @even_d
 @triton.jit(do_not_specialize=["n"])
 def dequant_project_kernel(
-    codes_ptr, scales_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr,
-    n, d, k, group, stride_wk, stride_wd, stride_res, stride_out,
-    BITS: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, OUT_KIND: tl.constexpr,
+    payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr,
+    n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out,
+    BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix.
+    """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix, zhat
+    the payload (scales of SCALE_KIND at byte ``scales_at``).
 
     HAS_NORM (encode backward through RMSNorm, residual = x):
     out = gamma * ((r * zhat) @ W) - alpha * x + pad_d(zhat)."""
@@ -40,6 +41,7 @@ def dequant_project_kernel(
     d_begin, d_end = 0, d
     if SPLIT_D:
         d_begin, d_end = d_range(d, BLOCK_D)
+    codes_ptr, scales_ptr = payload_pointers(payload_ptr, scales_at, BITS, SCALE_KIND)
     zhat = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
     if HAS_NORM:
         zhat = zhat * tl.load(r_ptr + rows, mask=rows < n, other=0.0)[:, None]

@@ -20,7 +20,7 @@ and the weight gradient Z^T @ x a d-tile-major pass (:mod:`.weight_grad`).
 import triton
 import triton.language as tl
 
-from .codec import load_payload
+from .codec import load_payload, payload_pointers
 from .configs import autotune_project, even_d
 from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 
@@ -29,15 +29,17 @@ from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 @even_d
 @triton.jit(do_not_specialize=["n"])
 def grad_operand_kernel(
-    codes_ptr, scales_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, r_ptr, alpha_ptr,
-    n, d, k, group, stride_a, stride_wk, stride_wd, stride_stats, eps,
-    BITS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr, EVEN_D: tl.constexpr,
+    payload_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, r_ptr, alpha_ptr,
+    n, d, k, group, scales_at, stride_a, stride_wk, stride_wd, stride_stats, eps,
+    BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Z[rows] = r * g_z and, with the norm, r[rows] and alpha[rows] (A = x, W = gamma * w_e)."""
+    """Z[rows] = r * g_z and, with the norm, r[rows] and alpha[rows] (A = x, W = gamma * w_e);
+    g_z from the gradient payload (scales of SCALE_KIND at byte ``scales_at``)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
+    codes_ptr, scales_ptr = payload_pointers(payload_ptr, scales_at, BITS, SCALE_KIND)
     g_z = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
     if HAS_NORM:
         if HAS_STATS:

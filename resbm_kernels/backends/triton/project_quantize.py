@@ -20,7 +20,7 @@ backward needs (see :mod:`.grad_operand`), so that pass need not re-read x.
 import triton
 import triton.language as tl
 
-from .codec import load_payload, store_header, store_payload
+from .codec import load_payload, payload_pointers, store_header, store_payload
 from .configs import autotune_project, even_d
 from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, store_operand, store_row_stats
 
@@ -31,11 +31,12 @@ from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, st
 # constant when 1, as aligned when divisible by 16) they would compile new variants mid-training
 @triton.jit(do_not_specialize=["n", "key", "hdr2"])
 def project_quantize_kernel(
-    a_ptr, w_ptr, payload_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr, part_ptr,
-    n, d, k, n_groups, zgroup, stride_a, stride_wk, stride_wd, stride_stats, eps, key, hdr0, hdr1, hdr2, hdr3,
+    a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr,
+    n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
+    hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
-    EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
+    WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """payload rows = quantize(r * (A @ W^T) + A[:, :k]); r = 1/rms(A) with the
@@ -43,15 +44,17 @@ def project_quantize_kernel(
     (words hdr0..3) and the codes padding. The identity tile is loaded with the first d tile
     (same cache lines), the RMS is gathered during the same d loop.
 
-    ZBITS > 0 (decode backward): also Z[rows] = dequantize(zcodes, zscales),
-    the forward payload of ZBITS bits with scale group ``zgroup``.
+    The payload's scales start at byte ``scales_at`` (see payload_pointers).
+    ZBITS > 0 (decode backward): also Z[rows] = dequantize(zpayload), the
+    forward payload of ZBITS bits, scale group ``zgroup``, scales of
+    ZSCALE_KIND at byte ``zscales_at``.
     WRITE_STATS (with the norm): also stats[rows] = [r * (A @ W^T) | r].
     SPLIT_D: only this program's partial [A @ W^T | sum of squares] over its
     run of d, into part[program_id(1)] (see finish_rows_kernel)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0 and not SPLIT_D:
-        store_z_operand(zcodes_ptr, zscales_ptr, z_ptr, rows, kcols, n, k, zgroup, ZBITS)
+        store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, zgroup, ZBITS, ZSCALE_KIND)
     if SPLIT_D:
         d_begin, d_end = d_range(d, BLOCK_D)
         acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_begin, d_end,
@@ -63,18 +66,19 @@ def project_quantize_kernel(
         ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False)
         acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, 0, d,
                                   HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
-        quantize_rows(acc, sumsq, ident, rows, codes_ptr, scales_ptr, stats_ptr,
+        quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr,
                       n, d, k, n_groups, stride_stats, eps, key,
                       HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)
 
 
 @triton.jit(do_not_specialize=["n", "key", "hdr2"])
 def finish_rows_kernel(
-    a_ptr, part_ptr, payload_ptr, codes_ptr, scales_ptr, zcodes_ptr, zscales_ptr, z_ptr, stats_ptr,
-    n, d, k, splits, n_groups, zgroup, stride_a, stride_stats, eps, key, hdr0, hdr1, hdr2, hdr3,
+    a_ptr, part_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr,
+    n, d, k, splits, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_stats, eps, key,
+    hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, WRITE_STATS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
+    WRITE_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The rest of project_quantize_kernel after a SPLIT_D launch: the sum of
     the ``splits`` partials, in order, then as there. (Offsets in int32: d is
@@ -82,7 +86,7 @@ def finish_rows_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0:
-        store_z_operand(zcodes_ptr, zscales_ptr, z_ptr, rows, kcols, n, k, zgroup, ZBITS)
+        store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, zgroup, ZBITS, ZSCALE_KIND)
     if tl.program_id(0) == 0:
         store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -92,13 +96,13 @@ def finish_rows_kernel(
         acc += proj
         sumsq += sq
     ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False)
-    quantize_rows(acc, sumsq, ident, rows, codes_ptr, scales_ptr, stats_ptr,
+    quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr,
                   n, d, k, n_groups, stride_stats, eps, key,
                   HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def quantize_rows(acc, sumsq, ident, rows, codes_ptr, scales_ptr, stats_ptr, n, d, k, n_groups, stride_stats, eps, key,
+def quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr, n, d, k, n_groups, stride_stats, eps, key,
                   HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
                   SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, WRITE_STATS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -112,12 +116,15 @@ def quantize_rows(acc, sumsq, ident, rows, codes_ptr, scales_ptr, stats_ptr, n, 
         if WRITE_STATS:
             store_row_stats(stats_ptr, stride_stats, rows, kcols, n, k, acc, r)
     z = acc + ident.to(tl.float32)
+    codes_ptr, scales_ptr = payload_pointers(payload_ptr, scales_at, BITS, SCALE_KIND)
     store_payload(z, rows, n, k, n_groups, codes_ptr, scales_ptr, key,
                   BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def store_z_operand(zcodes_ptr, zscales_ptr, z_ptr, rows, kcols, n, k, zgroup, ZBITS: tl.constexpr):
+def store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, zgroup, ZBITS: tl.constexpr,
+                    ZSCALE_KIND: tl.constexpr):
     """Decode backward's Z[rows] = dequantize(forward payload rows)."""
+    zcodes_ptr, zscales_ptr = payload_pointers(zpayload_ptr, zscales_at, ZBITS, ZSCALE_KIND)
     zhat = load_payload(zcodes_ptr, zscales_ptr, rows[:, None], kcols[None, :], n, k, zgroup, ZBITS)
     store_operand(z_ptr, rows, kcols, n, k, zhat)
