@@ -58,7 +58,8 @@ def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False
                           part_ptr="F"),
                 ones=[unit], div16=["d", "k", "stride_a", strided, "scales_at", "zscales_at"],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
-                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, ZSCALE_KIND=2, WRITE_STATS=stats, SPLIT_D=split_d))
+                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, ZSCALE_KIND=2, WRITE_STATS=stats,
+                                SPLIT_D=split_d))
 
 
 def dequant(what, k, *, residual=False, split_d=False, encoder=False, norm=False, act="bf16"):
@@ -70,7 +71,8 @@ def dequant(what, k, *, residual=False, split_d=False, encoder=False, norm=False
                 ptrs=dict(payload_ptr="U", w_ptr="A", res_ptr="A", out_ptr="A", r_ptr="F",
                           gamma_ptr="A", alpha_ptr="F"),
                 ones=[unit], div16=["d", "k", strided, "stride_res", "stride_out", "scales_at"],
-                constexprs=dict(BITS=8, SCALE_KIND=2, HAS_RES=residual, HAS_NORM=norm, OUT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[act],
+                constexprs=dict(BITS=8, SCALE_KIND=2, HAS_RES=residual, HAS_NORM=norm,
+                                OUT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[act],
                                 SPLIT_D=split_d))
 
 

@@ -149,6 +149,20 @@ def _fold_norm(w, gamma, dtype):
     return (w.float() * gamma.float()).to(dtype)
 
 
+@functools.lru_cache(maxsize=1024)
+def _quantize_launch(codec: Codec, n: int, k: int, has_norm: bool, write_stats: bool, z_codec: Codec | None):
+    """What a projection launch takes that depends only on its shape and
+    codecs (cached: every call asks): the payload's (groups per row, scales
+    offset, Z payload's group, its scales offset), header words, constexpr flags."""
+    z_args = (z_codec.group(k), _scales_at(z_codec, n, k)) if z_codec is not None else (1, 0)
+    flags = dict(HAS_NORM=has_norm, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
+                 SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic,
+                 ZBITS=z_codec.bits if z_codec is not None else 0,
+                 ZSCALE_KIND=_KINDS[z_codec.scale_dtype] if z_codec is not None else 0,
+                 WRITE_STATS=write_stats, BLOCK_K=_block_k(k))
+    return (k // codec.group(k), _scales_at(codec, n, k), *z_args), header_words(codec, n, k), flags
+
+
 def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out, z=None, stats=None):
     """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d;
     ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer;
@@ -157,24 +171,15 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     if n == 0:
         return fast.new_payload(codec, n, k, a.device, out)
     payload = fast.payload_buffer(codec, n, k, a.device, out)  # header and padding: written by the kernels
-    if z is None:
-        z_payload, z_buffer, z_args, z_flags = a, a, (1, 0), dict(ZBITS=0, ZSCALE_KIND=0)  # unused
-    else:
-        z_buffer, z_payload, z_codec = z
-        z_args = z_codec.group(k), _scales_at(z_codec, n, k)
-        z_flags = dict(ZBITS=z_codec.bits, ZSCALE_KIND=_KINDS[z_codec.scale_dtype])
+    z_buffer, z_payload, z_codec = z if z is not None else (a, a, None)  # (unused without z)
+    quant_args, header, flags = _quantize_launch(codec, n, k, gamma is not None, stats is not None, z_codec)
+    splits = configs.d_splits(n, d, a.device)  # small N: partials over runs of d, summed by finish_rows_kernel
     if gamma is not None:
         w = _fold_norm(w, gamma, a.dtype)
         w_strides = (w.stride(0), w.stride(1))
-    splits = configs.d_splits(n, d, a.device)  # small N: partials over runs of d, summed by finish_rows_kernel
     part = fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else a
     stats_arg, stats_stride = (stats, stats.stride(0)) if stats is not None else (a, 0)
     key = _signed32(rng_key(seed))
-    flags = dict(HAS_NORM=gamma is not None, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
-                 SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic, **z_flags,
-                 WRITE_STATS=stats is not None, BLOCK_K=_block_k(k))
-    header = header_words(codec, n, k)
-    quant_args = k // codec.group(k), _scales_at(codec, n, k), *z_args
     project_quantize_kernel[_rows_grid(n, splits)](
         a, w, payload, z_payload, z_buffer, stats_arg, part,
         n, d, k, *quant_args, a.stride(0), *w_strides, stats_stride, eps, key, *header,
@@ -259,8 +264,9 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     dequant_project_kernel[_rows_grid(n, splits)](
         payload, w, res if res is not None else out, out, r, gamma, alpha,
         n, d, k, codec.group(k), _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
-        out.stride(0), BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype], HAS_RES=residual is not None, HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype],
-        SPLIT_D=splits > 1, BLOCK_K=_block_k(k), **_common(w.device),
+        out.stride(0), BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype], HAS_RES=residual is not None,
+        HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype], SPLIT_D=splits > 1, BLOCK_K=_block_k(k),
+        **_common(w.device),
     )
     return out
 
@@ -280,7 +286,8 @@ def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps, stats):
     grad_operand_kernel[_rows_grid(n)](
         grad_payload, x, w, stats if has_stats else z, z, r if r is not None else z, alpha if alpha is not None else z,
         n, d, k, codec.group(k), _scales_at(codec, n, k), x.stride(0), w.stride(0), w.stride(1),
-        stats.stride(0) if has_stats else 0, eps, BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype], HAS_NORM=gamma is not None, HAS_STATS=has_stats, BLOCK_K=_block_k(k), **_common(x.device),
+        stats.stride(0) if has_stats else 0, eps, BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype],
+        HAS_NORM=gamma is not None, HAS_STATS=has_stats, BLOCK_K=_block_k(k), **_common(x.device),
     )
     return z, r, alpha
 

@@ -36,8 +36,8 @@ def project_quantize_kernel(
     hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
-    WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """payload rows = quantize(r * (A @ W^T) + A[:, :k]); r = 1/rms(A) with the
     norm (W then holds gamma * W_e), else 1; program 0 also writes the header
