@@ -3,17 +3,20 @@ replaced by no-ops: the Python side of a call (op dispatch, argument checks,
 backend choice, output allocation, launch arguments), which a GPU pays on its
 host whatever the kernels take (bench/README.md, "Host time").
 
-Not a timing of any kernel, nor of Triton's launcher or the CUDA driver: the
-point is to compare commits on any machine, a GPU-less one included. Each
+Not a timing of any kernel, nor of Triton's launcher (the kernel function's
+``run``; its autotuner and heuristics layers are timed) or the CUDA driver:
+the point is to compare commits on any machine, a GPU-less one included. Each
 backend runs on CPU tensors (the Triton one needs ``TRITON_INTERPRET=1``, the
 CUDA one the emulator library ``libresbm_cuda_emu``, whose size queries it
 still asks). The ops check the header of each payload they read from CPU
 tensors (on a GPU they do not: a device sync); that check is included.
-Reports the best of ``--repeat`` medians of ``--calls`` calls, in
-microseconds, for the public op (``resbm_kernels.ops``) and for the
-backend's function alone.
+``--gpu-configs`` gives the Triton autotuners their GPU config sets instead of
+the interpreter's one config (several configs take another path through the
+autotuner, as on a GPU). Reports the best of ``--repeat`` medians of
+``--calls`` calls, in microseconds, for the public op (``resbm_kernels.ops``)
+and for the backend's function alone.
 
-    TRITON_INTERPRET=1 python bench/host_overhead.py --backends triton,cuda
+    TRITON_INTERPRET=1 python bench/host_overhead.py --backends triton,cuda --gpu-configs
 """
 
 from __future__ import annotations
@@ -34,12 +37,46 @@ from resbm_kernels.codec import Codec
 _ABSENT = object()
 
 
+def _jit_function(kernel):
+    """The Triton kernel function under its autotuner and heuristics (which stay timed)."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+
+    while isinstance(kernel, (Autotuner, Heuristics)):
+        kernel = kernel.fn
+    return kernel
+
+
 def launch_targets(backend: str, module) -> list:
-    """(object, attribute) pairs through which ``backend`` launches its kernels."""
+    """(object, attribute) pairs through which ``backend`` launches its kernels:
+    the CUDA library's calls; the Triton kernel functions themselves, under the
+    autotuner and heuristics layers (Python a GPU runs too)."""
     if backend == "cuda":
         return [(module, "_call")]
     kernels = [*module.KERNELS.values(), module.finish_rows_kernel, module.finish_weight_grad_kernel]
-    return [(kernel, "run") for kernel in kernels]
+    return [(_jit_function(kernel), "run") for kernel in kernels]
+
+
+@contextlib.contextmanager
+def gpu_autotune_sets(module):
+    """The Triton kernels' GPU autotune sets in place of the interpreter's one
+    config, pruned to the first launchable one (as RESBM_TRITON_AUTOTUNE=0): each
+    key is tuned at its first call, later calls take the autotuner's path for a
+    tuned key, as on a GPU. Only with the launches stubbed: the GPU configs are
+    not meant for the interpreter."""
+    from resbm_kernels.backends.triton import configs
+
+    saved = [(tuner, tuner.configs, tuner.cache) for tuner in module.KERNELS.values()]
+    autotune = configs.AUTOTUNE
+    try:
+        configs.AUTOTUNE = False
+        for name, tuner in module.KERNELS.items():
+            tuner.configs = configs.gpu_configs(configs.GPU_TABLES[module.TILE_KINDS[name]])
+            tuner.cache = {}
+        yield
+    finally:
+        configs.AUTOTUNE = autotune
+        for tuner, tuned, cache in saved:
+            tuner.configs, tuner.cache = tuned, cache
 
 
 @contextlib.contextmanager
@@ -106,15 +143,19 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--gpu-configs", action="store_true", help="the Triton autotuners' GPU config sets")
     args = parser.parse_args(argv)
-    print(f"host time per call, us (median; launches stubbed; N={args.N} d={args.d} k={args.k} bf16 int8)")
+    configs = "GPU autotune sets" if args.gpu_configs else "one config per kernel"
+    print(f"host time per call, us (median; launches stubbed; N={args.N} d={args.d} k={args.k} bf16 int8; "
+          f"Triton: {configs})")
     print(f"{'backend':8s} {'pass':16s} {'public op':>10s} {'backend fn':>11s}")
     for backend in args.backends.split(","):
         module, why = _load(backend)
         if module is None or not module.supports("cpu"):
             print(f"{backend:8s} skipped: {why or 'needs TRITON_INTERPRET=1 / the emulator library on the CPU'}")
             continue
-        with stubbed_launches(backend, module), use_backend(backend):
+        tables = gpu_autotune_sets(module) if backend == "triton" and args.gpu_configs else contextlib.nullcontext()
+        with stubbed_launches(backend, module), tables, use_backend(backend):
             for name, (public, direct) in _calls(module, args.N, args.d, args.k, torch.bfloat16).items():
                 print(f"{backend:8s} {name:16s} {host_us(public, args.calls, args.repeat):10.1f} "
                       f"{host_us(direct, args.calls, args.repeat):11.1f}")

@@ -609,6 +609,41 @@ def test_autotuned_passes(monkeypatch):
         assert any(tuner.best_config in kept for kept in offered[name]), f"{name}: best config not among the timed"
 
 
+def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch):
+    """configs.Autotuner.run launches the config chosen for a key it has seen
+    without Triton's Autotuner.run (which rebuilds dicts of every argument on
+    each call): with two configs per kernel, the first round of the four passes
+    tunes each key through Triton's run (pruned to the first config, so nothing
+    is timed), the second takes the short path for every launch (its key_of is
+    Triton's key, or the lookup would miss) and gives the same bits."""
+    import triton
+
+    tritons_run = triton.runtime.autotuner.Autotuner.run
+    through_triton = []
+
+    def counted(self, *args, **kwargs):
+        through_triton.append(self)
+        return tritons_run(self, *args, **kwargs)
+    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run", counted)
+    monkeypatch.setattr(tb.configs, "AUTOTUNE", False)  # prune to the first config
+    first = tb.configs.gpu_configs([(*tb.configs.INTERPRET_BLOCKS, 4, 1)])[0] if DEVICE == "cpu" else None
+    for tuner in tb.KERNELS.values():
+        kept = first or tuner.configs[0]
+        monkeypatch.setattr(tuner, "configs", [kept, tb.configs.gpu_configs([(32, 32, 4, 1)])[0]])
+        monkeypatch.setattr(tuner, "cache", {})
+    calls = training_pass_calls(tb, DEVICE)
+    rounds = []
+    for _ in range(2):
+        rounds.append([to_device(call(), "cpu") for call in calls.values()])
+        rounds[-1].append(len(through_triton))
+    tuned, after = rounds[0].pop(), rounds[1].pop()
+    assert tuned >= len(tb.KERNELS) and after == tuned, f"{after - tuned} launches went through Triton's run again"
+    assert all(tuner.cache for tuner in tb.KERNELS.values())
+    assert all(any(tuner.best_config is c for c in tuner.cache.values()) for tuner in tb.KERNELS.values())
+    flat = lambda outs: [t for out in outs for t in (out if isinstance(out, tuple) else (out,)) if t is not None]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(rounds[0]), flat(rounds[1])))
+
+
 def _long_rows(k: int):
     """bf16 x (8192 x 4096), w_e, gamma on the GPU and the reference's row
     statistics of encode forward through RMSNorm: rows of 32 to 128 d tiles
