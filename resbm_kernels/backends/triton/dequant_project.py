@@ -46,19 +46,28 @@ def dequant_project_kernel(
     if HAS_NORM:
         zhat = zhat * tl.load(r_ptr + rows, mask=rows < n, other=0.0)[:, None]
         alpha = tl.load(alpha_ptr + rows, mask=rows < n, other=0.0)
+    if HAS_NORM or HAS_RES:  # x (norm) or the residual: its first tile (see the loop)
+        x_next = load_rows(res_ptr, stride_res, rows, d_begin + tl.arange(0, BLOCK_D), n, d, EVEN_D,
+                           exists=d_begin < d_end)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
+        if HAS_NORM or HAS_RES:
+            # read one tile ahead (a register double buffer): the software pipeliner prefetches
+            # only the dot's operand W, and a tile loaded where it is used would wait for memory
+            # in every iteration (the loop's latency, not its bandwidth, then sets the pace)
+            x = x_next.to(tl.float32)
+            x_next = load_rows(res_ptr, stride_res, rows, dcols + BLOCK_D, n, d, EVEN_D,
+                               exists=d0 + BLOCK_D < d_end)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         h = dequant_mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
         if HAS_NORM:
             g = tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)
-            x = load_rows(res_ptr, stride_res, rows, dcols, n, d, EVEN_D).to(tl.float32)
             h = h * g[None, :] - x * alpha[:, None]
         if d0 < k:
             # identity path: re-dequantize the (cache-hot) payload columns d0..
             h += load_payload(codes_ptr, scales_ptr, rows[:, None], dcols[None, :], n, k, group, BITS)
         if HAS_RES:
-            h += load_rows(res_ptr, stride_res, rows, dcols, n, d, EVEN_D).to(tl.float32)
+            h += x
         mask = tile_mask(rows, dcols, n, d, EVEN_D)
         out = round_to_kind(h, OUT_KIND).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + dcols[None, :], out, mask=mask)
