@@ -3,6 +3,8 @@ and an independent NumPy implementation of the codec to check the reference."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -186,7 +188,7 @@ def cuda_library_path() -> str:
     kernel that spills or fails to compile fails the build."""
     from resbm_kernels import native
 
-    return native.library("cuda")._name
+    return os.path.abspath(native.library("cuda")._name)  # (RESBM_LIB_DIR may be relative; tools run elsewhere)
 
 
 def cuda_library_resources() -> list[tuple[str, str, int, int, int]]:
@@ -236,8 +238,6 @@ def cuda_library_sass(out_dir) -> str:
 def sass_tool(name: str) -> str:
     """Path of a CUDA binary utility (cuobjdump, nvdisasm) as bundled with Triton
     (a dependency: a missing one is a broken install, reported as such)."""
-    import os
-
     import triton
 
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)

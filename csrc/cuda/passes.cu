@@ -840,32 +840,42 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
             make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
       }
     }
+    // this thread's chunks ec of rows er + j * EROWS (the same every tile); d % 16 == 0:
+    // chunks are all in or all out. Their x (RMSNorm) or residual (decode forward; the C API
+    // never passes both) is loaded for every chunk before the first is used: one memory
+    // latency per tile, where a load beside each use waited EPER times.
+    const int64_t gcol = d0 + ec;
+    const void* side = norm ? p.x : p.residual;
+    const int side_dtype = norm ? DT : p.out_dtype;
+    float sv[EPER][8];
+#pragma unroll
+    for (int j = 0; j < EPER; ++j) {
+      if (side != nullptr && row0 + er + j * EROWS < n && gcol < d)
+        load8(side, (row0 + er + j * EROWS) * d + gcol, side_dtype, sv[j]);
+    }
+    float gm[8];
+    if (norm && gcol < d) load8(gamma, gcol, DT, gm);
     __syncthreads();  // hs is complete
-#pragma unroll 1
-    for (int j = 0; j < EPER; ++j) {  // chunk ec of rows er + j * EROWS (the same every tile)
+#pragma unroll
+    for (int j = 0; j < EPER; ++j) {
       const int r = er + j * EROWS;
-      const int64_t grow = row0 + r, gcol = d0 + ec;
-      if (grow >= n || gcol >= d) continue;  // d % 16 == 0: chunks are all in or all out
+      const int64_t grow = row0 + r;
+      if (grow >= n || gcol >= d) continue;
       float v[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = hs[r * C::HLD + ec + e];
       if (norm) {
-        float gm[8], xv[8];
-        load8(gamma, gcol, DT, gm);
-        load8(x, grow * d + gcol, DT, xv);
         const float rr = row_r[r], al = row_alpha[r];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = rr * (v[e] * gm[e]) - xv[e] * al;
+        for (int e = 0; e < 8; ++e) v[e] = rr * (v[e] * gm[e]) - sv[j][e] * al;
       }
       if (gcol < k) {  // identity path pad_d(zhat); k % 16 == 0
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] = v[e] + zf[r * C::ZLD + gcol + e];
       }
-      if (p.residual != nullptr) {
-        float rv[8];
-        load8(p.residual, grow * d + gcol, p.out_dtype, rv);
+      if (!norm && side != nullptr) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = v[e] + rv[e];
+        for (int e = 0; e < 8; ++e) v[e] = v[e] + sv[j][e];
       }
       store8(p.out, grow * d + gcol, p.out_dtype, v);
     }
