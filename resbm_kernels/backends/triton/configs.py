@@ -173,9 +173,6 @@ class EvenD(triton.runtime.autotuner.Heuristics):
         return self.fn.run(*args, EVEN_D=d % kwargs["BLOCK_D"] == 0, **kwargs)
 
 
-even_d = EvenD
-
-
 class Autotuner(triton.runtime.autotuner.Autotuner):
     """Triton's autotuner with a short path for the calls it has tuned.
 
@@ -185,6 +182,12 @@ class Autotuner(triton.runtime.autotuner.Autotuner):
     up to three launches. This ``run`` forms the same key from the arguments
     as given (:meth:`key_of`) and launches the config chosen for it directly;
     a key not tuned yet (pruning, timing on the GPU) goes through Triton's."""
+
+    def __init__(self, fn, arg_names, configs, key, **kwargs):
+        super().__init__(fn, arg_names, configs, key, None, None, **kwargs)
+        # where key_of finds the key arguments (fixed by the kernel's signature)
+        self.key_at = [(name, arg_names.index(name)) for name in key if name in arg_names]
+        self.named = frozenset(arg_names)
 
     def run(self, *args, **kwargs):
         config = self.configs[0] if len(self.configs) == 1 else self.cache.get(self.key_of(args, kwargs))
@@ -197,21 +200,17 @@ class Autotuner(triton.runtime.autotuner.Autotuner):
         """The key Triton's ``run`` forms for a call: the values of the key
         arguments present, then the dtype (as a string) of each argument that
         has one, the positional ones first, then those passed by name."""
-        if not hasattr(self, "_key_at"):  # (positions and names: fixed by the kernel's signature)
-            self._key_at = [(name, self.arg_names.index(name)) for name in self.keys if name in self.arg_names]
-            self._named = frozenset(self.arg_names)
         given = len(args)
-        values = [args[at] if at < given else kwargs[name] for name, at in self._key_at
+        values = [args[at] if at < given else kwargs[name] for name, at in self.key_at
                   if at < given or name in kwargs]
         values += [str(a.dtype) for a in args if hasattr(a, "dtype")]
-        values += [str(v.dtype) for name, v in kwargs.items() if hasattr(v, "dtype") and name in self._named]
+        values += [str(v.dtype) for name, v in kwargs.items() if hasattr(v, "dtype") and name in self.named]
         return tuple(values)
 
 
 def _autotune(table, kind, dequant, operand):
     prune = {"early_config_prune": _pruner(kind, dequant, operand)}
-    return lambda fn: Autotuner(fn, fn.arg_names, _configs(table, INTERPRET_BLOCKS), _KEY, None, None,
-                                prune_configs_by=prune)
+    return lambda fn: Autotuner(fn, fn.arg_names, _configs(table, INTERPRET_BLOCKS), _KEY, prune_configs_by=prune)
 
 
 autotune_project = _autotune(GPU_PROJECT, "project", dequant=False, operand="a_ptr")

@@ -17,12 +17,12 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, payload_pointers, round_to_kind
-from .configs import autotune_dequant, even_d
+from .configs import EvenD, autotune_dequant
 from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
 
 
 @autotune_dequant
-@even_d
+@EvenD
 @triton.jit(do_not_specialize=["n"])
 def dequant_project_kernel(
     payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr,

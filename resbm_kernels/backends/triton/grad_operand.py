@@ -21,12 +21,12 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, payload_pointers
-from .configs import autotune_project, even_d
+from .configs import EvenD, autotune_project
 from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 
 
 @autotune_project
-@even_d
+@EvenD
 @triton.jit(do_not_specialize=["n"])
 def grad_operand_kernel(
     payload_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, r_ptr, alpha_ptr,

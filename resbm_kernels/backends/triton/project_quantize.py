@@ -21,12 +21,12 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, payload_pointers, store_header, store_payload
-from .configs import autotune_project, even_d
+from .configs import EvenD, autotune_project
 from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, store_operand, store_row_stats
 
 
 @autotune_project
-@even_d
+@EvenD
 # n (also the header's word hdr2) and the RNG key change from call to call: specialised (to a
 # constant when 1, as aligned when divisible by 16) they would compile new variants mid-training
 @triton.jit(do_not_specialize=["n", "key", "hdr2"])
