@@ -393,8 +393,9 @@ def test_out_buffers_change_version(monkeypatch):
 
 
 def test_host_overhead_tool(capsys, monkeypatch):
-    """bench/host_overhead.py times every pass of the backends present and puts
-    the real launches back afterwards."""
+    """bench/host_overhead.py times every pass of the backends present, also with
+    the Triton autotuners' GPU config sets, and puts the real launches, configs
+    and tuning caches back afterwards."""
     monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
     spec = importlib.util.spec_from_file_location("resbm_host_overhead", ROOT / "bench" / "host_overhead.py")
     tool = importlib.util.module_from_spec(spec)
@@ -408,13 +409,20 @@ def test_host_overhead_tool(capsys, monkeypatch):
     def launches():  # the launch attributes as the objects themselves hold them (a kernel: none, its class's run)
         return {b: [vars(obj).get(name) for obj, name in tool.launch_targets(b, _load(b)[0])] for b in present}
 
-    before = launches()
-    tool.main(["--backends", ",".join(present), "--N", "40", "--calls", "2", "--repeat", "1"])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [(r[0], r[1]) for r in rows] == [(b, p) for b in present for p in
-                                           ("encode_forward", "decode_forward", "decode_backward", "encode_backward")]
-    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
-    assert launches() == before
+    def tuners():  # the Triton autotuners' config lists and caches (--gpu-configs swaps them)
+        module = _load("triton")[0]
+        return [(t.configs, t.cache) for t in module.KERNELS.values()] if "triton" in present else []
+
+    before, tuned = launches(), tuners()
+    for extra in ([], ["--gpu-configs"]):
+        tool.main(["--backends", ",".join(present), "--N", "40", "--calls", "2", "--repeat", "1", *extra])
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+        assert [(r[0], r[1]) for r in rows] == [(b, p) for b in present for p in
+                                               ("encode_forward", "decode_forward", "decode_backward",
+                                                "encode_backward")]
+        assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+        assert launches() == before
+        assert all(c is c0 and t is t0 for (c, t), (c0, t0) in zip(tuners(), tuned))
 
 
 def test_profiler_sees_the_pass_ops():
