@@ -306,13 +306,14 @@ def _cuda_kernels():
 
 
 HAS_CUDA_GPU, HAS_CUDA_KERNELS = _cuda_kernels()
+CUDA_KERNELS_DEVICE = "cuda" if HAS_CUDA_GPU else "cpu"
+needs_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS,
+                                        reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
 
 
 def _cuda_library_optional() -> bool:
     """libresbm_cuda is missing and nothing asked for it: RESBM_CUDA=1 (as in CI)
     requires the install to build it, so there its absence fails the tests instead."""
-    import os
-
     from resbm_kernels import native
 
     return not native.available("cuda") and os.environ.get("RESBM_CUDA", "").strip() != "1"
@@ -320,9 +321,6 @@ def _cuda_library_optional() -> bool:
 
 needs_cuda_library = pytest.mark.skipif(_cuda_library_optional(),
                                         reason="libresbm_cuda is not built (no nvcc at install time)")
-CUDA_KERNELS_DEVICE = "cuda" if HAS_CUDA_GPU else "cpu"
-needs_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS,
-                                        reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
 
 
 def emulate_cuda_without_gpu(monkeypatch) -> None:

@@ -850,8 +850,8 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
     float sv[EPER][8];
 #pragma unroll
     for (int j = 0; j < EPER; ++j) {
-      if (side != nullptr && row0 + er + j * EROWS < n && gcol < d)
-        load8(side, (row0 + er + j * EROWS) * d + gcol, side_dtype, sv[j]);
+      const int64_t grow = row0 + er + j * EROWS;
+      if (side != nullptr && grow < n && gcol < d) load8(side, grow * d + gcol, side_dtype, sv[j]);
     }
     float gm[8];
     if (norm && gcol < d) load8(gamma, gcol, DT, gm);

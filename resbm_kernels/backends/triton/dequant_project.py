@@ -27,7 +27,8 @@ from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
 def dequant_project_kernel(
     payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr,
     n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out,
-    BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr, OUT_KIND: tl.constexpr,
+    BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
+    OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
