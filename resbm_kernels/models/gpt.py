@@ -309,10 +309,6 @@ class ResBMGPT(nn.Module):
             x = stage(boundary(x))
         return x
 
-    def boundary_parameters(self):
-        """Parameters of the boundary modules (encoder/decoder weights etc.)."""
-        return self.boundaries.parameters()
-
 
 def muon_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split a GPT-family model's parameters for Muon: ``(matrices, rest)``.
