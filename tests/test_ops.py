@@ -394,8 +394,8 @@ def test_out_buffers_change_version(monkeypatch):
 
 def test_host_overhead_tool(capsys, monkeypatch):
     """bench/host_overhead.py times every pass of the backends present, also with
-    the Triton autotuners' GPU config sets, and puts the real launches, configs
-    and tuning caches back afterwards."""
+    the Triton autotuners' GPU config sets, and puts the real launches, configs,
+    tuning caches and timing back afterwards."""
     monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
     spec = importlib.util.spec_from_file_location("resbm_host_overhead", ROOT / "bench" / "host_overhead.py")
     tool = importlib.util.module_from_spec(spec)
@@ -423,6 +423,7 @@ def test_host_overhead_tool(capsys, monkeypatch):
         assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
         assert launches() == before
         assert all(c is c0 and t is t0 for (c, t), (c0, t0) in zip(tuners(), tuned))
+        assert "triton" not in present or not any("_bench" in vars(t) for t in _load("triton")[0].KERNELS.values())
 
 
 def test_profiler_sees_the_pass_ops():

@@ -342,19 +342,38 @@ def test_shared_memory_fits(report):
 # instructions: the one config whose shared memory fits there). Correct (tested against the
 # reference), slower; bf16 and fp16 are the fast paths.
 SPILLS_ALLOWED = {"grad W_e fp32 k=64", "decode fwd fp32 int8/row k=256, d split"}
+# Triton 3.6 (the lent GPU machines' version, with torch 2.11) also spills two 16-bit configs on
+# sm_80 that 3.8 compiles clean (2026-11-27): decode forward's 64x128 4-warp tiles with a d split
+# (255 registers, 22 spill instructions; 3.8: 249, none) and a weight gradient's 64x32 tiles (3
+# instructions). Correct; autotuning times them beside the others. (case, arch, config) by version:
+SPILLS_ALLOWED_BY_TRITON = {
+    "3.6": {("decode fwd bf16 int8/row k=32, d split", 80, "N64 D128 K32 w4 s4"),
+            ("grad W_e fp16 k=128", 80, "N64 D32 K128 w8 s3")},
+}
+
+
+def _allowed_here() -> set:
+    import triton
+
+    return SPILLS_ALLOWED_BY_TRITON.get(".".join(triton.__version__.split(".")[:2]), set())
+
+
+def _spill_allowed(r) -> bool:
+    return r["what"] in SPILLS_ALLOWED or (r["what"], r["arch"], r["config"]) in _allowed_here()
 
 
 def test_no_spills(report):
     for r in report:
-        if r["what"] in SPILLS_ALLOWED:
-            continue
-        assert r["stack"] == 0 and r["spill_ops"] == 0, f"spills in {r}"
+        if not _spill_allowed(r):
+            assert r["stack"] == 0 and r["spill_ops"] == 0, f"spills in {r}"
 
 
 def test_allowed_spills_still_needed(report):
-    """The exception above is no wider than the compiler makes it: drop it once it compiles clean."""
+    """The exceptions above are no wider than the compiler makes them: drop one once it compiles clean."""
     for what in SPILLS_ALLOWED:
         assert any(r["spill_ops"] for r in report if r["what"] == what), f"{what} no longer spills"
+    for case in _allowed_here():
+        assert any(r["spill_ops"] for r in report if (r["what"], r["arch"], r["config"]) == case), f"{case} no longer spills"
 
 
 def test_main_loop_found(report):

@@ -48,7 +48,7 @@ def dequant_project_kernel(
         zhat = zhat * tl.load(r_ptr + rows, mask=rows < n, other=0.0)[:, None]
         alpha = tl.load(alpha_ptr + rows, mask=rows < n, other=0.0)
     if HAS_NORM or HAS_RES:  # x (norm) or the residual: its first tile (see the loop)
-        x_next = load_rows(res_ptr, stride_res, rows, d_begin + tl.arange(0, BLOCK_D), n, d, EVEN_D,
+        x_next = load_rows(res_ptr, stride_res, rows, d_begin + tl.arange(0, BLOCK_D), n, d, EVEN_D, "",
                            exists=d_begin < d_end)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
@@ -57,7 +57,7 @@ def dequant_project_kernel(
             # only the dot's operand W, and a tile loaded where it is used would wait for memory
             # in every iteration (the loop's latency, not its bandwidth, then sets the pace)
             x = x_next.to(tl.float32)
-            x_next = load_rows(res_ptr, stride_res, rows, dcols + BLOCK_D, n, d, EVEN_D,
+            x_next = load_rows(res_ptr, stride_res, rows, dcols + BLOCK_D, n, d, EVEN_D, "",
                                exists=d0 + BLOCK_D < d_end)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         h = dequant_mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)

@@ -63,7 +63,7 @@ def project_quantize_kernel(
     else:
         if tl.program_id(0) == 0:
             store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS)
-        ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False)
+        ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False, "")
         acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, 0, d,
                                   HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr,
@@ -95,7 +95,7 @@ def finish_rows_kernel(
         proj, sq = load_row_stats(part_ptr + split * (n * (k + 1)), k + 1, rows, kcols, n, k)
         acc += proj
         sumsq += sq
-    ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False)
+    ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False, "")
     quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr,
                   n, d, k, n_groups, stride_stats, eps, key,
                   HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)

@@ -80,10 +80,11 @@ def tile_mask(rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
 
 
 @triton.jit
-def load_rows(ptr, stride, rows, cols, n, ncols, EVEN_COLS: tl.constexpr, CACHE: tl.constexpr = "", exists=True):
+def load_rows(ptr, stride, rows, cols, n, ncols, EVEN_COLS: tl.constexpr, CACHE: tl.constexpr, exists=True):
     """Tile ptr[rows, cols] of a row-major matrix, 0 outside n x ncols and
     where the scalar ``exists`` is false (a tile read ahead past the end of
-    its run); ``CACHE``: tl.load's cache modifier."""
+    its run); ``CACHE``: tl.load's cache modifier ("" for none; no default,
+    which Triton 3.6 fails to compile when a caller leaves it out)."""
     mask = tile_mask(rows, cols, n, ncols, EVEN_COLS) & exists
     return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0,
                    cache_modifier=CACHE)
@@ -123,7 +124,7 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_
     squares = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
-        a = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D)
+        a = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D, "")
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         if HAS_NORM:
             af = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D, ".cg").to(tl.float32)

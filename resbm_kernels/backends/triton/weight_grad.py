@@ -42,8 +42,8 @@ def weight_grad_kernel(
     acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
-        a = load_rows(a_ptr, stride_a, rows, dcols, end, d, False)  # (the column test is loop-invariant here)
-        z = load_rows(z_ptr, k, rows, kcols, end, k, False)
+        a = load_rows(a_ptr, stride_a, rows, dcols, end, d, False, "")  # (the column test is loop-invariant here)
+        z = load_rows(z_ptr, k, rows, kcols, end, k, False, "")
         acc = dequant_mma(tl.trans(z), a, acc, UPCAST, PRECISION)
     mask = tile_mask(kcols, dcols, k, d, False)
     tl.store(out_ptr + pid_s * stride_os + kcols[:, None] * stride_ok + dcols[None, :] * stride_od, acc, mask=mask)
