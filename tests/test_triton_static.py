@@ -23,8 +23,11 @@ The compilation runs in a subprocess with TRITON_INTERPRET unset, because
 the rest of the suite sets it in this process.
 """
 
+import importlib
+import inspect
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -374,6 +377,33 @@ def test_allowed_spills_still_needed(report):
         assert any(r["spill_ops"] for r in report if r["what"] == what), f"{what} no longer spills"
     for case in _allowed_here():
         assert any(r["spill_ops"] for r in report if (r["what"], r["arch"], r["config"]) == case), f"{case} no longer spills"
+
+
+def test_no_string_defaults_in_jit_functions():
+    """Triton 3.6 (the lent GPUs' version) fails to compile a call that leaves out a
+    parameter whose default is a string ("'str' object has no attribute 'type'";
+    int, bool and None defaults compile), which 3.8 and the interpreter accept: on
+    2026-11-27 that stopped every kernel from compiling there while CI was green."""
+    import triton
+
+    import resbm_kernels.backends.triton as package
+
+    wrappers = (triton.runtime.autotuner.Autotuner, triton.runtime.autotuner.Heuristics)
+
+    found, checked = set(), 0
+    for info in pkgutil.iter_modules(package.__path__):
+        for name, obj in vars(importlib.import_module(f"{package.__name__}.{info.name}")).items():
+            if not (type(obj).__module__.startswith("triton.") or isinstance(obj, wrappers)):
+                continue  # not a Triton function (jit or interpreted, or under an autotuner or heuristics)
+            while hasattr(obj, "fn"):
+                obj = obj.fn
+            if not inspect.isfunction(obj):
+                continue  # a tl.constexpr
+            checked += 1
+            found |= {f"{name}({p.name}={p.default!r})" for p in inspect.signature(obj).parameters.values()
+                      if isinstance(p.default, str)}
+    assert checked >= 20, f"only {checked} Triton functions found"
+    assert not found, f"string defaults in Triton functions: {sorted(found)}"
 
 
 def test_main_loop_found(report):
