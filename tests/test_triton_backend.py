@@ -614,8 +614,9 @@ def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch):
     without Triton's Autotuner.run (which rebuilds dicts of every argument on
     each call): with two configs per kernel, the first round of the four passes
     tunes each key through Triton's run (pruned to the first config; Triton
-    3.6 still times a single config, so its timing is stubbed), the second takes the short path for every launch (its key_of is
-    Triton's key, or the lookup would miss) and gives the same bits."""
+    3.6 still times a single config, so its timing is stubbed), the second
+    takes the short path for every launch (its key_of is Triton's key, or the
+    lookup would miss) and gives the same bits."""
     import triton
 
     tritons_run = triton.runtime.autotuner.Autotuner.run
