@@ -179,7 +179,10 @@ def assert_close_payload(p, q, codec: Codec, n: int, k: int) -> None:
 
 # ---- the built CUDA library's kernels (no GPU needed) ----------------------------------
 
-CUDA_ARCHS = ("80", "90a")  # as CMake builds libresbm_cuda (90a: the wgmma kernels)
+# the machine-code archs libresbm_cuda was asked for (90a: the wgmma kernels): the build's
+# RESBM_CUDA_ARCHS (setup.py and CMake default "80;90a;90-virtual"), PTX-only entries left out
+CUDA_ARCHS = tuple(arch for arch in os.environ.get("RESBM_CUDA_ARCHS", "80;90a;90-virtual").split(";")
+                   if arch and not arch.endswith("-virtual"))
 
 
 def cuda_library_path() -> str:
