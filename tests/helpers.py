@@ -334,7 +334,7 @@ def emulate_cuda_without_gpu(monkeypatch) -> None:
 
 def use_projection(monkeypatch, projection: str) -> None:
     """The CUDA projection kernel, read per launch: "wgmma" (on sm_90 with a library
-    built for sm_90a, and on the emulator) or "mma_sync"."""
+    built for sm_90a, and on the emulator) or "mma_sync" (the default)."""
     monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if projection == "wgmma" else "0")
 
 

@@ -84,6 +84,17 @@ def test_pass_kernels_compile_without_spills():
 
 
 @needs_cuda_library
+def test_dequant_project_keeps_four_blocks_per_sm():
+    """dequant_project's blocks wait on memory, so how many an SM holds sets its speed:
+    at k <= 32 each needs at most 128 registers a thread (four blocks of 128 threads in
+    an SM's 64 K registers). Loading a tile's x or residual ahead of use took it to 180 (bf16)
+    and an H100's decode forward at N=65536 from 266 to 369 us (2026-11-27)."""
+    heavy = [(arch, name, regs) for arch, name, regs, *_ in cuda_library_resources()
+             if re.search(r"dequant_project_kernelILi\dELi(16|32)E", name) and regs > 128]
+    assert not heavy, heavy
+
+
+@needs_cuda_library
 def test_pass_kernels_main_loops(tmp_path):
     """Static instruction counts of each sm_90a pass kernel's tensor-core loops
     (per thread, per trip, an inner loop without tensor-core instructions
@@ -430,9 +441,9 @@ def cuda_call(fn, *args, **kwargs):
     return out
 
 
-# project_quantize (encode forward, decode backward) multiplies on wgmma for 16-bit inputs
-# up to KPAD = 128 where it can (sm_90 with a library built for sm_90a; the emulator), else
-# on mma.sync: the 16-bit dtypes run both, chosen through RESBM_CUDA_WGMMA (fp32 has no wgmma)
+# project_quantize (encode forward, decode backward) multiplies on mma.sync, or with
+# RESBM_CUDA_WGMMA=1 on wgmma for 16-bit inputs up to KPAD = 128 (sm_90 with a library built
+# for sm_90a; the emulator): the 16-bit dtypes run both (fp32 has no wgmma)
 DTYPE_PROJECTIONS = [pytest.param(dtype, projection, id=f"{_ids(dtype)}-{projection}")
                      for dtype in DTYPES for projection in ("wgmma", "mma_sync")
                      if dtype != torch.float32 or projection == "mma_sync"]

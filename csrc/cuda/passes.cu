@@ -23,7 +23,7 @@
 //      buffers, three at KPAD = 128), laid out as wgmma's core matrices, straight
 //      from shared memory (wgmma m64nKPADk16; with four buffers each tile's wgmma
 //      stays in flight while the next one's are issued), the sums of squares read
-//      from the same tiles; RESBM_CUDA_WGMMA=0 keeps mma.sync.
+//      from the same tiles; only with RESBM_CUDA_WGMMA=1 (slower than mma.sync on an H100).
 //      For small n, grid.y splits d (pq_splits): each CTA then projects a run of d
 //      tiles and writes fp32 partials, and finish_rows_kernel sums them in split
 //      order and does the rest (finish_rows, shared with the unsplit kernel).
@@ -840,42 +840,36 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
             make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
       }
     }
-    // this thread's chunks ec of rows er + j * EROWS (the same every tile); d % 16 == 0:
-    // chunks are all in or all out. Their x (RMSNorm) or residual (decode forward; the C API
-    // never passes both) is loaded for every chunk before the first is used: one memory
-    // latency per tile, where a load beside each use waited EPER times.
-    const int64_t gcol = d0 + ec;
-    const void* side = norm ? p.x : p.residual;
-    const int side_dtype = norm ? DT : p.out_dtype;
-    float sv[EPER][8];
-#pragma unroll
-    for (int j = 0; j < EPER; ++j) {
-      const int64_t grow = row0 + er + j * EROWS;
-      if (side != nullptr && grow < n && gcol < d) load8(side, grow * d + gcol, side_dtype, sv[j]);
-    }
-    float gm[8];
-    if (norm && gcol < d) load8(gamma, gcol, DT, gm);
+    // The x (RMSNorm) or residual of a chunk is loaded beside its use: loading every chunk
+    // of the tile first (2026-11-27) doubled the registers (bf16, k=32: 92 -> 180), so an SM
+    // held 2 blocks instead of 5, and on an H100 decode forward at N=65536 took 369 us, not 266
+    // (bench/results/logs/h100-2026-11-27/VERDICT.md).
     __syncthreads();  // hs is complete
-#pragma unroll
-    for (int j = 0; j < EPER; ++j) {
+#pragma unroll 1
+    for (int j = 0; j < EPER; ++j) {  // chunk ec of rows er + j * EROWS (the same every tile)
       const int r = er + j * EROWS;
-      const int64_t grow = row0 + r;
-      if (grow >= n || gcol >= d) continue;
+      const int64_t grow = row0 + r, gcol = d0 + ec;
+      if (grow >= n || gcol >= d) continue;  // d % 16 == 0: chunks are all in or all out
       float v[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = hs[r * C::HLD + ec + e];
       if (norm) {
+        float gm[8], xv[8];
+        load8(gamma, gcol, DT, gm);
+        load8(x, grow * d + gcol, DT, xv);
         const float rr = row_r[r], al = row_alpha[r];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = rr * (v[e] * gm[e]) - sv[j][e] * al;
+        for (int e = 0; e < 8; ++e) v[e] = rr * (v[e] * gm[e]) - xv[e] * al;
       }
       if (gcol < k) {  // identity path pad_d(zhat); k % 16 == 0
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] = v[e] + zf[r * C::ZLD + gcol + e];
       }
-      if (!norm && side != nullptr) {
+      if (p.residual != nullptr) {
+        float rv[8];
+        load8(p.residual, grow * d + gcol, p.out_dtype, rv);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = v[e] + sv[j][e];
+        for (int e = 0; e < 8; ++e) v[e] = v[e] + rv[e];
       }
       store8(p.out, grow * d + gcol, p.out_dtype, v);
     }
@@ -1105,9 +1099,10 @@ int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
   return launch_status(fn, name);
 }
 
-// project_quantize on wgmma: 16-bit inputs with KPAD <= 128, on an sm_90 device with a
-// library built for sm_90a (RESBM_SM90A), unless RESBM_CUDA_WGMMA=0 (the emulator: the
-// same switch, on by default, so that its tests run the kernel sm_90 devices run).
+// project_quantize on wgmma: 16-bit inputs with KPAD <= 128, asked for with
+// RESBM_CUDA_WGMMA=1, on an sm_90 device with a library built for sm_90a (RESBM_SM90A)
+// or on the emulator. Off by default: on an H100 (2026-11-27, N=16384, d=4096) it took
+// 1.3-2x the mma.sync loop's time, bound by L2 traffic (bench/results/logs/h100-2026-11-27).
 template <int DT, int KPAD>
 constexpr bool wgmma_shape() {
   return DT != kFloat32 && KPAD <= 128;
@@ -1115,7 +1110,7 @@ constexpr bool wgmma_shape() {
 
 bool wgmma_enabled() {
   const char* env = std::getenv("RESBM_CUDA_WGMMA");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
 #if defined(RESBM_CUDA_EMULATION)
   return true;
 #elif defined(RESBM_SM90A)
