@@ -71,7 +71,7 @@ def gpu_autotune_sets(module):
     try:
         configs.AUTOTUNE = False
         for name, tuner in module.KERNELS.items():
-            tuner.configs = configs.gpu_configs(configs.GPU_TABLES[module.TILE_KINDS[name]])
+            tuner.configs = configs.gpu_configs(configs.GPU_TABLES[name])
             tuner.cache = {}
             tuner._bench = lambda *args, config, **meta: [0.0]
         yield

@@ -100,7 +100,9 @@ def first_config(pass_: str, kernel: str, k: int, smem_limit: int):
     """The config the backend launches untuned (RESBM_TRITON_AUTOTUNE=0) in ``pass_``
     (flags as the benchmarks set them: see configs.tile_regs)."""
     has_norm = pass_ in ("encode_forward", "encode_backward")  # (the benchmarks' encoder runs through RMSNorm)
-    return configs.launchable(KERNELS[kernel].configs, _block_k(k), 2, smem_limit, TILE_KINDS[kernel], has_norm)[0]
+    writes_z = pass_ == "decode_backward" and kernel == "project_quantize"
+    return configs.launchable(KERNELS[kernel].configs, _block_k(k), 2, smem_limit, TILE_KINDS[kernel], has_norm,
+                              writes_z)[0]
 
 
 def label(c, per_sm: int = 1) -> str:

@@ -567,7 +567,7 @@ def test_fold_norm_rounds_once(dtypes):
 
 
 def _block_sizes(table):
-    return sorted({(bn, bd) for bn, bd, _, _ in table})
+    return sorted({(bn, bd) for bn, bd, *_ in table})
 
 
 ALL_GPU_CONFIGS = sum(tb.configs.GPU_TABLES.values(), ())
@@ -758,8 +758,7 @@ def test_config_pruning(monkeypatch, autotune):
     cfg = tb.configs
     monkeypatch.setattr(cfg, "AUTOTUNE", autotune)
     bf16 = {"a_ptr": torch.empty(1, dtype=torch.bfloat16), "w_ptr": torch.empty(1, dtype=torch.bfloat16)}
-    tables = dict(project_quantize=cfg.GPU_PROJECT, grad_operand=cfg.GPU_PROJECT, dequant_project=cfg.GPU_DEQUANT,
-                  weight_grad=cfg.GPU_WGRAD)
+    tables = cfg.GPU_TABLES
     assert tables.keys() == tb.KERNELS.keys() == tb.TILE_KINDS.keys()
     for name, kind in tb.TILE_KINDS.items():
         configs = cfg.gpu_configs(tables[name])
@@ -779,6 +778,16 @@ def test_config_pruning(monkeypatch, autotune):
                                     "wgrad": bd * block_k}[kind]
                     regs = in_registers / (32 * c.num_warps)
                     assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[kind] and c.num_stages * tiles * 2 <= limit)
+    # project_quantize's register-limited config: first at k=128 for 16-bit encode forward on
+    # sm_90, never with fp32 operands, on sm_80 or in decode backward (which writes Z)
+    pq = cfg.gpu_configs(cfg.GPU_PROJECT_QUANTIZE)
+    limited = [c for c in pq if c.maxnreg]
+    assert len(limited) == 1 and cfg.launchable(pq, 128, 2, 232448, "project")[0] is limited[0]
+    for elem, writes_z, arch in ((4, False, 90), (2, True, 90), (2, False, 80)):
+        assert limited[0] not in cfg.launchable(pq, 128, elem, 232448, "project", False, writes_z, arch)
+    prune = cfg._pruner("project", dequant=False, operand="a_ptr")  # (CPU tensors: 99 KB, the first fits at k=32)
+    assert limited[0] in prune(pq, bf16, BLOCK_K=32, ZBITS=0)
+    assert limited[0] not in prune(pq, bf16, BLOCK_K=32, ZBITS=8)
     # encode backward's grad_x through RMSNorm also holds an x tile: fewer decode configs fit
     dequant = cfg.gpu_configs(cfg.GPU_DEQUANT)
     assert set(cfg.launchable(dequant, 64, 2, 232448, "dequant", has_norm=True)) < \

@@ -99,6 +99,7 @@ def wgrad(what, k, *, encoder, act="bf16"):
 
 CASES = [
     project("encode fwd bf16 int8/row norm+stats k=128", 128, 8, encoder=True, norm=True, stats=True),
+    project("encode fwd fp16 int8/row norm+stats k=128", 128, 8, encoder=True, norm=True, stats=True, act="fp16"),
     project("decode bwd fp16 int4/g32 stochastic k=64", 64, 4, encoder=False, stochastic=True, group=32, act="fp16"),
     # the benchmarks' decode backward (int8 forward payload, int8 stochastic gradient) at the target k
     project("decode bwd bf16 int8/row stochastic k=128", 128, 8, encoder=False, stochastic=True),
@@ -190,7 +191,7 @@ def _compile(fn, case, constexprs, cfg, arch):
     compiled = triton.compile(
         ASTSource(fn, signature, constexprs, attrs),
         target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False),
+        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg, enable_fp_fusion=False),
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -237,7 +238,9 @@ def _worker(arch: int):
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["act"]]
         elem = configs.operand_bytes(dtype, dequant=kind in ("dequant", "wgrad"))
         has_norm = case["constexprs"].get("HAS_NORM", False)
-        for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, has_norm):
+        writes_z = bool(case["constexprs"].get("ZBITS", 0))
+        for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, has_norm, writes_z,
+                                      arch):
             constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
             constexprs.update({name: 1 for name in case["ones"]})
             if "EVEN_D" in fn.arg_names:
@@ -246,7 +249,8 @@ def _worker(arch: int):
             tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
             print(json.dumps(row(
                 case, arch, f"N{cfg.kwargs['BLOCK_N']} D{cfg.kwargs['BLOCK_D']} K{block_k} "
-                            f"w{cfg.num_warps} s{cfg.num_stages}", compiled, regs, stack, sass,
+                            f"w{cfg.num_warps} s{cfg.num_stages}" + (f" r{cfg.maxnreg}" if cfg.maxnreg else ""),
+                compiled, regs, stack, sass,
                 gemm=True, smem_estimate=configs.smem_bytes(cfg, block_k, elem, kind),
                 loop_per_kib=round(sum(main_loops(sass)) * cfg.num_warps / tile_kib),
                 steady_per_kib=round(sum(main_loops(sass, steady=True)) * cfg.num_warps / tile_kib),

@@ -38,8 +38,9 @@ def _configs(gpu, interp):
 
 
 def gpu_configs(table):
-    """triton.Config objects for (BLOCK_N, BLOCK_D, num_warps, num_stages) rows."""
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s) for bn, bd, w, s in table]
+    """triton.Config objects for (BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) rows."""
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s, maxnreg=limit[0] if limit else None)
+            for bn, bd, w, s, *limit in table]
 
 
 def tile_regs(config, block_k, kind, has_norm=False):
@@ -72,12 +73,25 @@ def smem_bytes(config, block_k, elem_bytes, kind):
     return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + staged * bn * block_k * 4
 
 
-def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False):
-    """The configs that fit (registers and shared memory), else the last one."""
+def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False, writes_z=False, arch=90):
+    """The configs that fit (registers and shared memory), else the last one. A config
+    with a register limit (maxnreg) fits only sm_90 or newer (``arch``: compute capability
+    x 10; by default the lent GPUs' 90), 16-bit operands and a kernel that does not also write Z (decode backward's
+    project_quantize): elsewhere it spills (sm_80, fp32) or was not measured."""
     fit = [c for c in configs
            if tile_regs(c, block_k, kind, has_norm) <= MAX_TILE_REGS[kind]
-           and smem_bytes(c, block_k, elem_bytes, kind) <= smem_limit]
+           and smem_bytes(c, block_k, elem_bytes, kind) <= smem_limit
+           and (c.maxnreg is None or (arch >= 90 and elem_bytes == 2 and not writes_z))]
     return fit or configs[-1:]
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch(device) -> int:
+    """Compute capability x 10 of a CUDA device (90 for an H100)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def smem_limit(device) -> int:
@@ -128,19 +142,24 @@ def _pruner(kind, dequant, operand):
     def prune(configs, named_args, **kwargs):
         block_k = kwargs.get("BLOCK_K", named_args.get("BLOCK_K"))
         t = named_args[operand]
-        limit = smem_limit(t.device) if t.is_cuda else SMEM_FALLBACK
+        limit, arch = (smem_limit(t.device), device_arch(t.device)) if t.is_cuda else (SMEM_FALLBACK, 90)
         has_norm = kwargs.get("HAS_NORM", named_args.get("HAS_NORM", False))
-        kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, has_norm)
+        writes_z = bool(kwargs.get("ZBITS", named_args.get("ZBITS", 0)))
+        kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, has_norm, writes_z, arch)
         return kept if AUTOTUNE else kept[:1]
     return prune
 
 
-# (BLOCK_N, BLOCK_D, num_warps, num_stages); BLOCK_K is the padded k, not tuned. Pass times (us) of
+# (BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]); BLOCK_K is the padded k, not tuned. Pass times (us) of
 # the first config chosen at k=32 / k=128 and the previous common first config, N=16384 (sweep above):
 # project_quantize, grad_operand: encode fwd 56.5 / 85.1 (was 89.9), decode bwd k=128 107.6 (127.8);
 # (BLOCK_N, k) accumulators above 32 registers spill (64x64 w4 at k=128: 18 instructions). (Two such
 # configs' wrong encode forward results on the H200 had another cause, found on the H100: tiles.project_rows.)
 GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3), (64, 32, 8, 3))
+# project_quantize's own: at k=128 (the first row's accumulator too big) the 64x64 w8 config needs
+# 162 registers, so an SM holds one program; limited to 128 it holds two: encode forward 99.3 ->
+# 75.1 us (H100 sweep, 2026-11-27, N=16384, d=4096, int8; decode backward 130.4 either way)
+GPU_PROJECT_QUANTIZE = GPU_PROJECT[:1] + ((64, 64, 8, 4, 128),) + GPU_PROJECT[1:]
 # dequant_project (decode forward; encode backward's grad_x too, not swept): decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
 # 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32; the last, the
 # fallback, is the only one whose tiles fit with TF32 operands at k=256 (128 KB; 64x32 needs 256 KB)
@@ -150,7 +169,8 @@ GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4),
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
 GPU_WGRAD = ((128, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3), (64, 32, 8, 2))
-GPU_TABLES = dict(project=GPU_PROJECT, dequant=GPU_DEQUANT, wgrad=GPU_WGRAD)
+GPU_TABLES = dict(project_quantize=GPU_PROJECT_QUANTIZE, grad_operand=GPU_PROJECT, dequant_project=GPU_DEQUANT,
+                  weight_grad=GPU_WGRAD)  # by kernel
 INTERPRET_BLOCKS = (64, 128)
 
 # the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are
@@ -213,6 +233,7 @@ def _autotune(table, kind, dequant, operand):
     return lambda fn: Autotuner(fn, fn.arg_names, _configs(table, INTERPRET_BLOCKS), _KEY, prune_configs_by=prune)
 
 
-autotune_project = _autotune(GPU_PROJECT, "project", dequant=False, operand="a_ptr")
+autotune_project_quantize = _autotune(GPU_PROJECT_QUANTIZE, "project", dequant=False, operand="a_ptr")
+autotune_grad_operand = _autotune(GPU_PROJECT, "project", dequant=False, operand="a_ptr")
 autotune_dequant = _autotune(GPU_DEQUANT, "dequant", dequant=True, operand="w_ptr")
 autotune_wgrad = _autotune(GPU_WGRAD, "wgrad", dequant=True, operand="a_ptr")

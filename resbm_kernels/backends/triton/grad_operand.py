@@ -21,11 +21,11 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, payload_pointers
-from .configs import EvenD, autotune_project
+from .configs import EvenD, autotune_grad_operand
 from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 
 
-@autotune_project
+@autotune_grad_operand
 @EvenD
 @triton.jit(do_not_specialize=["n"])
 def grad_operand_kernel(
