@@ -13,7 +13,9 @@ What runs, each result checked against the reference backend:
 - ``native``: the CUDA codec library ``libresbm_cuda`` (quantize + pack,
   unpack + dequantize) for every bits / scale group / rounding / input dtype;
 - ``cuda``: the CUDA backend's four fused passes, if
-  ``resbm_kernels.backends.cuda`` imports (else it says so);
+  ``resbm_kernels.backends.cuda`` imports (else it says so), then the reduced set
+  again with its opt-in wgmma projection (``RESBM_CUDA_WGMMA=1``) on an sm_90
+  device or the emulator;
 - ``triton``: the Triton backend's four passes (``--backends`` to choose).
 
 Exit status 0 when everything that exists ran and matched, 1 otherwise; a
@@ -27,6 +29,7 @@ built under AddressSanitizer that is the CPU's memcheck (tests/test_sanitizers.p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -104,7 +107,7 @@ def check_native(rep: Report, dev) -> None:
                             rep.fail(what, f"{type(e).__name__}: {e}")
 
 
-def check_backend(rep: Report, name: str, dev, quick: bool) -> None:
+def check_backend(rep: Report, name: str, dev, quick: bool, label: str | None = None) -> None:
     module, why = _load(name)
     if module is None:
         rep.note(f"{name}: no {name} backend yet ({why})")
@@ -120,7 +123,7 @@ def check_backend(rep: Report, name: str, dev, quick: bool) -> None:
                 for norm in ((True,) if quick else (True, False)):
                     codec = Codec(bits=bits)
                     gcodec = Codec(bits=bits, rounding="stochastic")
-                    what = f"{name} {codec.spec} n={n} d={d} k={k} norm={norm}"
+                    what = f"{label or name} {codec.spec} n={n} d={d} k={k} norm={norm}"
                     try:
                         x = torch.randn(n, d, generator=gen, device=dev).bfloat16()
                         w_e = (torch.randn(k, d, generator=gen, device=dev) * d ** -0.5).bfloat16()
@@ -174,6 +177,15 @@ def main(argv=None) -> int:
             check_native(rep, dev)
         elif which in ("cuda", "triton"):
             check_backend(rep, which, dev, which in quick)
+            if which == "cuda" and (dev.type == "cpu" or torch.cuda.get_device_capability(dev) == (9, 0)):
+                saved = os.environ.get("RESBM_CUDA_WGMMA")  # the opt-in wgmma projection (read per launch)
+                os.environ["RESBM_CUDA_WGMMA"] = "1"
+                try:
+                    check_backend(rep, which, dev, True, label="cuda[RESBM_CUDA_WGMMA=1]")
+                finally:
+                    os.environ.pop("RESBM_CUDA_WGMMA")
+                    if saved is not None:
+                        os.environ["RESBM_CUDA_WGMMA"] = saved
         else:
             rep.fail(which, "unknown backend name")
     for which, lib in sorted(native._libs.items()):
