@@ -39,8 +39,8 @@ def _configs(gpu, interp):
 
 def gpu_configs(table):
     """triton.Config objects for (BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) rows."""
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s, maxnreg=limit[0] if limit else None)
-            for bn, bd, w, s, *limit in table]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s,
+                          maxnreg=limit[0] if limit else None) for bn, bd, w, s, *limit in table]
 
 
 def tile_regs(config, block_k, kind, has_norm=False):
@@ -75,13 +75,14 @@ def smem_bytes(config, block_k, elem_bytes, kind):
 
 def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False, writes_z=False, arch=90):
     """The configs that fit (registers and shared memory), else the last one. A config
-    with a register limit (maxnreg) fits only sm_90 or newer (``arch``: compute capability
-    x 10; by default the lent GPUs' 90), 16-bit operands and a kernel that does not also write Z (decode backward's
-    project_quantize): elsewhere it spills (sm_80, fp32) or was not measured."""
+    with a register limit (maxnreg) fits only sm_90 (``arch``: compute capability x 10;
+    by default the lent GPUs' 90), 16-bit operands and a kernel that does not also write
+    Z (decode backward's project_quantize): elsewhere it spills (sm_80, fp32) or was not
+    measured."""
     fit = [c for c in configs
            if tile_regs(c, block_k, kind, has_norm) <= MAX_TILE_REGS[kind]
            and smem_bytes(c, block_k, elem_bytes, kind) <= smem_limit
-           and (c.maxnreg is None or (arch >= 90 and elem_bytes == 2 and not writes_z))]
+           and (c.maxnreg is None or (arch == 90 and elem_bytes == 2 and not writes_z))]
     return fit or configs[-1:]
 
 
