@@ -472,6 +472,20 @@ def test_encode_forward_bit_exact(shape, dtype, codec, projection, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("name", ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS"))
+def test_switches_other_than_0_or_1_raise(name, monkeypatch):
+    """The library would read "true" as off (RESBM_CUDA_WGMMA) or on (RESBM_CUDA_SPLITS):
+    the backend refuses it, naming the switch, before any launch."""
+    x = torch.randn(37, 128, device=DEVICE).bfloat16()
+    w_e = torch.randn(32, 128, device=DEVICE).bfloat16()
+    monkeypatch.setenv(name, "true")
+    with pytest.raises(ValueError, match=f"{name} must be 0 or 1, not 'true'"):
+        cuda_call(ops.encode, x, w_e, Codec(bits=8))
+    monkeypatch.setenv(name, "0")
+    cuda_call(ops.encode, x, w_e, Codec(bits=8))  # a valid value launches
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS[:4]))
 def test_encode_forward_norm(shape, dtype, codec, projection, monkeypatch):
