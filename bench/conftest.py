@@ -131,6 +131,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["resbm"] = dict(
         session_s=round(elapsed_s(), 1),
         triton_autotune=os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0",
+        env={name: value for name, value in sorted(os.environ.items()) if name.startswith("RESBM_")},  # switches
         argv=sys.argv[1:],
         budget_s=config.getoption("--resbm-budget-s"),
         grid=config.getoption("--resbm-grid"),

@@ -83,7 +83,9 @@ def machine_section(path: pathlib.Path, data: dict) -> list[str]:
         out.append(f"- **Commit:** {str(c.get('id', '?'))[:12]}{' (dirty tree)' if c.get('dirty') else ''}")
     r = data.get("resbm", {})
     if r:
-        out.append(f"- **Run:** `pytest {' '.join(r.get('argv', []))}` — {r.get('session_s', '?')} s; "
+        env = " ".join(f"{name}={value}" for name, value in r.get("env", {}).items())
+        out.append(f"- **Run:** `{env + ' ' if env else ''}pytest {' '.join(r.get('argv', []))}` — "
+                   f"{r.get('session_s', '?')} s; "
                    f"grid {r.get('grid')}, compile {r.get('compile')}, budget {r.get('budget_s') or 'none'}"
                    + (_triton_tuning(r) if any(b["backend"] == "triton" for b in rows(data, "kernels")) else ""))
     return out + [""]
