@@ -32,6 +32,7 @@ import argparse
 import os
 import sys
 import traceback
+from unittest import mock
 
 import torch
 
@@ -178,14 +179,9 @@ def main(argv=None) -> int:
         elif which in ("cuda", "triton"):
             check_backend(rep, which, dev, which in quick)
             if which == "cuda" and (dev.type == "cpu" or torch.cuda.get_device_capability(dev) == (9, 0)):
-                saved = os.environ.get("RESBM_CUDA_WGMMA")  # the opt-in wgmma projection (read per launch)
-                os.environ["RESBM_CUDA_WGMMA"] = "1"
-                try:
+                # the opt-in wgmma projection (read per launch; the caller's environment restored after)
+                with mock.patch.dict(os.environ, RESBM_CUDA_WGMMA="1"):
                     check_backend(rep, which, dev, True, label="cuda[RESBM_CUDA_WGMMA=1]")
-                finally:
-                    os.environ.pop("RESBM_CUDA_WGMMA")
-                    if saved is not None:
-                        os.environ["RESBM_CUDA_WGMMA"] = saved
         else:
             rep.fail(which, "unknown backend name")
     for which, lib in sorted(native._libs.items()):
