@@ -273,6 +273,11 @@ def test_decode_backward_mixed_dtypes(dtypes):
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_encode_backward(shape, norm, dtype, grad_codec):
     """norm-row-stats: with the row statistics of the Triton encode forward (no pass over x for them)."""
+    check_encode_backward(shape, norm, dtype, grad_codec)
+
+
+def check_encode_backward(shape, norm, dtype, grad_codec):
+    """Triton's encode backward against the reference (see test_encode_backward)."""
     n, d, k = shape
     gen = torch.Generator().manual_seed(5)
     grad_payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), grad_codec, 4)
@@ -381,6 +386,71 @@ def test_finish_weight_grad_exact(layout, dtype):
     if dtype != torch.float32:
         m = partial.sum(0)
         assert not torch.equal(want[0].float(), (m * gamma.float() if gamma is not None else m)), "no rounding needed"
+
+
+# ---- the backward passes with the weight gradient in the main launch ------------------
+
+
+@pytest.fixture
+def fused_wgrad(monkeypatch):
+    """RESBM_TRITON_FUSED_WGRAD=1 with chunks of 128 rows on every device (as
+    under the interpreter), the separate weight-gradient pass made to fail: a
+    test that passes took the fused launch."""
+    monkeypatch.setenv(tb.FUSED_WGRAD_SWITCH, "1")
+    monkeypatch.setattr(tb.configs, "fused_chunk_rows", lambda d, elem_bytes, device: 128)
+
+    def separate_pass(*args):
+        raise AssertionError("the separate weight-gradient pass ran")
+
+    monkeypatch.setattr(tb, "_weight_grad", separate_pass)
+
+
+# one chunk with a masked tail; three chunks, the last with a row block past N, d not a multiple of
+# BLOCK_D and k padded to BLOCK_K; three chunks, several weight-gradient d tiles
+FUSED_SHAPES = ((37, 128, 32), (300, 96, 48), (300, 256, 16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=_ids)
+def test_decode_backward_fused_weight_grad(shape, dtype, fused_wgrad):
+    n, d, k = shape
+    gen = torch.Generator().manual_seed(n + d)
+    codec = Codec(bits=4, group_size=16)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    grad_h = exact(n, d, dtype=dtype, gen=gen)  # exact GEMMs: the payload is bit-exact
+    w_d = exact(d, k, dtype=dtype, scale=1 / 16, gen=gen)
+    gp, gw = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=8)
+    gp_ref, gw_ref = ops.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=8)
+    assert torch.equal(gp, gp_ref), "gradient payload differs"
+    assert gw.dtype == dtype and rel_err(gw, gw_ref) <= tol(dtype)
+
+
+@pytest.mark.parametrize("codec", (Codec(bits=16), Codec(bits=8), Codec(bits=2, group_size=16)), ids=_ids)
+def test_decode_backward_fused_forward_codecs(codec, fused_wgrad):
+    """The fused launch's weight-gradient programs dequantize the forward payload themselves."""
+    n, d, k = 300, 128, 64
+    gen = torch.Generator().manual_seed(17)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    grad_h = normal(n, d, dtype=torch.bfloat16, gen=gen)
+    w_d = normal(d, k, dtype=torch.bfloat16, scale=k**-0.5, gen=gen)
+    _, gw = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=5)
+    _, gw_ref = ops.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, grad_seed=5)
+    assert rel_err(gw, gw_ref) <= tol(torch.bfloat16)
+
+
+def test_fused_switch_other_than_0_or_1_raises(monkeypatch):
+    monkeypatch.setenv(tb.FUSED_WGRAD_SWITCH, "yes")
+    grad_h = torch.randn(37, 128).bfloat16()
+    payload = ref.write_payload(torch.randn(37, 32), Codec(bits=8), 0)
+    with pytest.raises(ValueError, match="RESBM_TRITON_FUSED_WGRAD must be 0 or 1, not 'yes'"):
+        triton_call(ops.decode_backward, grad_h, payload, torch.randn(128, 32).bfloat16(), Codec(bits=8), GRAD_CODEC)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("norm", (False, True, "row_stats"), ids=("plain", "norm", "norm-row-stats"))
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=_ids)
+def test_encode_backward_fused_weight_grad(shape, norm, dtype, fused_wgrad):
+    check_encode_backward(shape, norm, dtype, GRAD_CODEC)
 
 
 # ---- the differentiable boundary --------------------------------------------------------

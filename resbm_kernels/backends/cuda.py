@@ -154,9 +154,7 @@ def _check_switches() -> None:
     """The library reads RESBM_CUDA_WGMMA (on only for "1") and RESBM_CUDA_SPLITS
     (off only for "0") at each launch: any other value is a mistake, not a silent default."""
     for name in _SWITCHES:
-        value = os.environ.get(name)
-        if value not in (None, "", "0", "1"):
-            raise ValueError(f"{name} must be 0 or 1, not {value!r}")
+        fast.switch(name)
 
 
 def _call(name: str, device: torch.device, *args) -> None:

@@ -29,7 +29,9 @@ weight gradient is a second, d-tile-major pass: decode backward's main
 kernel needs whole rows of g_z to quantize, and encode backward's grad_x is
 a rows kernel (on the H200 at N >= 16384 decode forward's rows kernel ran at
 47-85 % of copy bandwidth, one d-tile-major pass writing grad_x too at
-22-44 %).
+22-44 %). With ``RESBM_TRITON_FUSED_WGRAD=1`` (0 or 1; off by default, not
+yet timed on a GPU) its programs join the main kernel's launch, interleaved
+by chunks of rows so that the second read hits L2 (see :mod:`.weight_grad`).
 
 Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
 fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs
@@ -64,6 +66,8 @@ KERNELS = dict(project_quantize=project_quantize_kernel, dequant_project=dequant
 # each one's register model (configs.tile_regs kind)
 TILE_KINDS = dict(project_quantize="project", dequant_project="dequant", grad_operand="project", weight_grad="wgrad")
 
+# on: the backward passes form their weight gradients in their main kernel's launch (weight_grad.fused_role)
+FUSED_WGRAD_SWITCH = "RESBM_TRITON_FUSED_WGRAD"
 FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
@@ -135,6 +139,22 @@ def _rows_grid(n, d_splits=1):
     return lambda meta: (configs.cdiv(n, meta["BLOCK_N"]), d_splits)
 
 
+def _fused_chunk_rows(a) -> int:
+    """Rows per chunk when a backward pass over ``a`` (n, d) forms its weight
+    gradient in its main kernel's launch (RESBM_TRITON_FUSED_WGRAD=1, and no d
+    split: small N), else 0."""
+    n, d = a.shape
+    if n and fast.switch(FUSED_WGRAD_SWITCH) and configs.d_splits(n, d, a.device) == 1:
+        return configs.fused_chunk_rows(d, a.element_size(), a.device)
+    return 0
+
+
+def _fused_grid(n, d, chunk_rows):
+    """Per chunk of rows, its row blocks and its weight-gradient d tiles (see weight_grad.fused_role)."""
+    return lambda meta: (configs.cdiv(n, chunk_rows) * (chunk_rows // meta["BLOCK_N"]
+                                                        + configs.cdiv(d, meta["BLOCK_D"])),)
+
+
 # ---- launchers ----------------------------------------------------------------------
 
 
@@ -163,10 +183,14 @@ def _quantize_launch(codec: Codec, n: int, k: int, has_norm: bool, write_stats: 
     return (k // codec.group(k), _scales_at(codec, n, k), *z_args), header_words(codec, n, k), flags
 
 
-def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out, z=None, stats=None):
+def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out, z=None, stats=None,
+                      wgrad=None):
     """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d;
     ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer;
-    ``stats`` (with gamma) is filled with the RMSNorm row statistics."""
+    ``stats`` (with gamma) is filled with the RMSNorm row statistics;
+    ``wgrad = (partials, chunk_rows)`` (with z, whose buffer is then unused):
+    the same launch fills partials (chunks, d, k) with Z^T a per chunk of rows
+    (see weight_grad.fused_role)."""
     n, d = a.shape
     if n == 0:
         return fast.new_payload(codec, n, k, a.device, out)
@@ -180,10 +204,12 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     part = fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else a
     stats_arg, stats_stride = (stats, stats.stride(0)) if stats is not None else (a, 0)
     key = _signed32(rng_key(seed))
-    project_quantize_kernel[_rows_grid(n, splits)](
-        a, w, payload, z_payload, z_buffer, stats_arg, part,
-        n, d, k, *quant_args, a.stride(0), *w_strides, stats_stride, eps, key, *header,
-        SPLIT_D=splits > 1, **flags, **_common(a.device),
+    wgrad_partials, chunk_rows = wgrad if wgrad is not None else (a, 0)
+    grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
+    project_quantize_kernel[grid](
+        a, w, payload, z_payload, z_buffer, stats_arg, part, wgrad_partials,
+        n, d, k, *quant_args, a.stride(0), *w_strides, stats_stride, eps, key, *header, chunk_rows,
+        SPLIT_D=splits > 1, FUSED_WGRAD=wgrad is not None, **flags, **_common(a.device),
     )
     if splits > 1:
         finish_rows_kernel[(configs.cdiv(n, FINISH_ROWS),)](
@@ -251,22 +277,27 @@ def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
 
 
 def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype, residual=None,
-                     norm=None):
+                     norm=None, wgrad=None):
     """out (n, d) = zhat @ W + pad_d(zhat) (+ residual); ``norm = (x, r, gamma,
     alpha)`` (encode backward through RMSNorm): gamma * ((r * zhat) @ W) -
-    alpha * x + pad_d(zhat)."""
+    alpha * x + pad_d(zhat); ``wgrad = (partials, chunk_rows, z, x)``: the same
+    launch fills partials (chunks, k, d) with z^T x per chunk of rows (see
+    weight_grad.fused_role)."""
     out = fast.empty((n, d), out_dtype, w.device)
     if n == 0:
         return out
     res = norm[0] if norm is not None else residual
+    wgrad_partials, chunk_rows, z, x = wgrad if wgrad is not None else (out, 0, out, None)
+    res = x if x is not None else res  # (x itself with the norm)
     r, gamma, alpha = norm[1:] if norm is not None else (out, out, out)  # (unused without the norm)
     splits = configs.d_splits(n, d, w.device)  # small N: each program a run of d (output columns are independent)
-    dequant_project_kernel[_rows_grid(n, splits)](
-        payload, w, res if res is not None else out, out, r, gamma, alpha,
+    grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
+    dequant_project_kernel[grid](
+        payload, w, res if res is not None else out, out, r, gamma, alpha, z, wgrad_partials,
         n, d, k, codec.group(k), _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
-        out.stride(0), BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype], HAS_RES=residual is not None,
-        HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype], SPLIT_D=splits > 1, BLOCK_K=_block_k(k),
-        **_common(w.device),
+        out.stride(0), chunk_rows, BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype],
+        HAS_RES=residual is not None, HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype], SPLIT_D=splits > 1,
+        FUSED_WGRAD=wgrad is not None, BLOCK_K=_block_k(k), **_common(w.device),
     )
     return out
 
@@ -313,10 +344,19 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     d, k = w_d.shape
     _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
     _group_reshape(codec, k)
-    z = _weight_operand(grad_h.shape[0], k, grad_h.dtype, grad_h.device)
-    grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k,
-                                     out, z=(z, payload, codec))
-    grad_w_d, _ = _finish_weight_grad(_weight_grad(grad_h, z, transpose=True), True, w_d.dtype)
+    n = grad_h.shape[0]
+    w_strides = (w_d.stride(1), w_d.stride(0))
+    chunk_rows = _fused_chunk_rows(grad_h)
+    if chunk_rows:
+        partial = fast.empty((configs.cdiv(n, chunk_rows), d, k), torch.float32, grad_h.device)
+        grad_payload = _project_quantize(grad_h, w_d, w_strides, None, 0.0, grad_codec, seed, k, out,
+                                         z=(grad_h, payload, codec), wgrad=(partial, chunk_rows))
+    else:
+        z = _weight_operand(n, k, grad_h.dtype, grad_h.device)
+        grad_payload = _project_quantize(grad_h, w_d, w_strides, None, 0.0, grad_codec, seed, k, out,
+                                         z=(z, payload, codec))
+        partial = _weight_grad(grad_h, z, transpose=True)
+    grad_w_d, _ = _finish_weight_grad(partial, True, w_d.dtype)
     return grad_payload, grad_w_d
 
 
@@ -327,7 +367,10 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     _group_reshape(grad_codec, k)
     z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
     norm = (x, r, norm_weight, alpha) if norm_weight is not None else None
+    chunk_rows = _fused_chunk_rows(x)
+    partial = fast.empty((configs.cdiv(n, chunk_rows), k, d), torch.float32, x.device) if chunk_rows else None
     grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
-                              norm=norm)
-    partial = _weight_grad(x, z, transpose=False)
+                              norm=norm, wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
+    if not chunk_rows:
+        partial = _weight_grad(x, z, transpose=False)
     return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))

@@ -43,20 +43,24 @@ def gpu_configs(table):
                           maxnreg=limit[0] if limit else None) for bn, bd, w, s, *limit in table]
 
 
-def tile_regs(config, block_k, kind, has_norm=False):
+def tile_regs(config, block_k, kind, has_norm=False, fused_wgrad=False):
     """Registers per thread of the fp32 tiles a ``kind`` of kernel holds:
     "project" (project_quantize, grad_operand) its (BLOCK_N, k) accumulator;
     "dequant" (dequant_project) its (BLOCK_N, k) dequantized operand and
     (BLOCK_N, BLOCK_D) output tile, and with ``has_norm`` (encode backward's
     grad_x through RMSNorm) the x tile beside it; "wgrad" (weight_grad) its
-    (k, BLOCK_D) accumulator."""
+    (k, BLOCK_D) accumulator. With ``fused_wgrad`` (the weight gradient's
+    programs in a project or dequant kernel's grid) the larger of the kernel's
+    and a wgrad program's (k, BLOCK_D) accumulator."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
     elems = {"project": bn * block_k, "dequant": bn * (block_k + bd * (2 if has_norm else 1)),
              "wgrad": bd * block_k}[kind]
+    if fused_wgrad:
+        elems = max(elems, bd * block_k)
     return elems // (32 * config.num_warps)
 
 
-def smem_bytes(config, block_k, elem_bytes, kind):
+def smem_bytes(config, block_k, elem_bytes, kind, fused_wgrad=False):
     """Upper estimate of a config's shared memory: ``num_stages`` copies of the
     (BLOCK_N + BLOCK_K) x BLOCK_D tiles (rows kernels: input and weight) or
     BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and Z),
@@ -65,23 +69,29 @@ def smem_bytes(config, block_k, elem_bytes, kind):
     wgmma, the epilogue's layout change); four of them for dequant_project on
     TF32 (its dequantized operand in 3xTF32 parts: 256 KB compiled at
     BLOCK_N=64, k=256, fp32, where one tile is 64 KB).
+    With ``fused_wgrad`` the larger of the kernel's own and a weight-gradient
+    program's (the compiler shares the memory of the two kinds of programs).
     tests/test_triton_static.py checks it bounds the compiled kernels."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
+    if fused_wgrad:
+        return max(smem_bytes(config, block_k, elem_bytes, kind), smem_bytes(config, block_k, elem_bytes, "wgrad"))
     if kind == "wgrad":
         return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4
     staged = 4 if kind == "dequant" and elem_bytes == 4 else 1
     return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + staged * bn * block_k * 4
 
 
-def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False, writes_z=False, arch=90):
-    """The configs that fit (registers and shared memory), else the last one. A config
+def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False, writes_z=False, arch=90,
+               fused_wgrad=False):
+    """The configs that fit (registers and shared memory), else the last one
+    (``fused_wgrad``: see :func:`tile_regs`). A config
     with a register limit (maxnreg) fits only sm_90 (``arch``: compute capability x 10;
     by default the lent GPUs' 90), 16-bit operands and a kernel that does not also write
     Z (decode backward's project_quantize): elsewhere it spills (sm_80, fp32) or was not
     measured."""
     fit = [c for c in configs
-           if tile_regs(c, block_k, kind, has_norm) <= MAX_TILE_REGS[kind]
-           and smem_bytes(c, block_k, elem_bytes, kind) <= smem_limit
+           if tile_regs(c, block_k, kind, has_norm, fused_wgrad) <= MAX_TILE_REGS[kind]
+           and smem_bytes(c, block_k, elem_bytes, kind, fused_wgrad) <= smem_limit
            and (c.maxnreg is None or (arch == 90 and elem_bytes == 2 and not writes_z))]
     return fit or configs[-1:]
 
@@ -130,6 +140,22 @@ def d_splits(n, d, device) -> int:
     return max(1, min(cdiv(d, 128), cdiv(programs_at_once(device), max(1, cdiv(n, 64)))))
 
 
+# input bytes per chunk of a fused backward launch (weight_grad.fused_role): a third of an H100's L2
+FUSED_CHUNK_BYTES = 16 << 20
+
+
+def fused_chunk_rows(d: int, elem_bytes: int, device) -> int:
+    """Rows per chunk of a fused backward launch: about FUSED_CHUNK_BYTES of the
+    (N, d) input, a power of two of at least 128 rows (so every config's
+    BLOCK_N divides it); 128 under the interpreter (two of its 64-row blocks),
+    so that the tests' shapes span several chunks."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return 128
+    return max(128, 1 << ((FUSED_CHUNK_BYTES // (d * elem_bytes)).bit_length() - 1))
+
+
 def operand_bytes(dtype, dequant: bool) -> int:
     """Bytes per element of the GEMM operand tiles: 4 for fp32, and for fp16
     in the kernels whose dot runs on TF32 (a dequantized operand), else 2."""
@@ -146,7 +172,9 @@ def _pruner(kind, dequant, operand):
         limit, arch = (smem_limit(t.device), device_arch(t.device)) if t.is_cuda else (SMEM_FALLBACK, 90)
         has_norm = kwargs.get("HAS_NORM", named_args.get("HAS_NORM", False))
         writes_z = bool(kwargs.get("ZBITS", named_args.get("ZBITS", 0)))
-        kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, has_norm, writes_z, arch)
+        fused = kwargs.get("FUSED_WGRAD", named_args.get("FUSED_WGRAD", False))
+        kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, has_norm, writes_z, arch,
+                          fused)
         return kept if AUTOTUNE else kept[:1]
     return prune
 
@@ -176,7 +204,8 @@ INTERPRET_BLOCKS = (64, 128)
 
 # the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are
 # ignored); SPLIT_D too: a small-N d split runs a short loop per program and tunes apart
-_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "WRITE_STATS", "HAS_STATS", "SPLIT_D"]
+_KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "WRITE_STATS", "HAS_STATS", "SPLIT_D",
+        "FUSED_WGRAD"]
 
 
 class EvenD(triton.runtime.autotuner.Heuristics):

@@ -19,25 +19,59 @@ import triton.language as tl
 from .codec import load_payload, payload_pointers, round_to_kind
 from .configs import EvenD, autotune_dequant
 from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
+from .weight_grad import accumulate_weight_grad, fused_role, store_partial
 
 
 @autotune_dequant
 @EvenD
 @triton.jit(do_not_specialize=["n"])
 def dequant_project_kernel(
-    payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr,
+    payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, z_ptr, wgrad_ptr,
+    n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out, chunk_rows,
+    BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix, zhat
+    the payload (scales of SCALE_KIND at byte ``scales_at``).
+
+    HAS_NORM (encode backward through RMSNorm, residual = x):
+    out = gamma * ((r * zhat) @ W) - alpha * x + pad_d(zhat).
+    FUSED_WGRAD (encode backward, x at res_ptr also without the norm): the grid
+    also holds the weight gradient's programs (weight_grad.fused_role, chunks
+    of ``chunk_rows`` rows), which write one (k, d) fp32 partial of Z^T x per
+    chunk into wgrad, Z the (N, k) operand at z_ptr."""
+    block = tl.program_id(0)
+    work = True
+    if FUSED_WGRAD:
+        block, chunk, dtile = fused_role(d, chunk_rows, BLOCK_N, BLOCK_D)
+        if block < 0:
+            start = chunk * chunk_rows
+            dcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D)
+            acc = accumulate_weight_grad(res_ptr, stride_res, z_ptr, z_ptr, 1, start,
+                                         tl.minimum(start + chunk_rows, n), dcols, d, k,
+                                         0, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+            store_partial(wgrad_ptr + chunk.to(tl.int64) * k * d, acc, dcols, d, k, d, 1, BLOCK_K)
+        work = (block >= 0) & (block * BLOCK_N < n)  # (the last chunk's row blocks past n have none)
+    if work:
+        dequant_project_block(payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, block,
+                              n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out,
+                              BITS, SCALE_KIND, HAS_RES, HAS_NORM, OUT_KIND, EVEN_D, SPLIT_D, UPCAST, PRECISION,
+                              BLOCK_N, BLOCK_K, BLOCK_D)
+
+
+@triton.jit
+def dequant_project_block(
+    payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, block,
     n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out,
     BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
     OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix, zhat
-    the payload (scales of SCALE_KIND at byte ``scales_at``).
-
-    HAS_NORM (encode backward through RMSNorm, residual = x):
-    out = gamma * ((r * zhat) @ W) - alpha * x + pad_d(zhat)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """dequant_project_kernel's work for row block ``block``."""
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     d_begin, d_end = 0, d
     if SPLIT_D:

@@ -23,6 +23,7 @@ import triton.language as tl
 from .codec import load_payload, payload_pointers, store_header, store_payload
 from .configs import EvenD, autotune_project_quantize
 from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, store_operand, store_row_stats
+from .weight_grad import accumulate_weight_grad, fused_role, store_partial
 
 
 @autotune_project_quantize
@@ -31,13 +32,14 @@ from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, st
 # constant when 1, as aligned when divisible by 16) they would compile new variants mid-training
 @triton.jit(do_not_specialize=["n", "key", "hdr2"])
 def project_quantize_kernel(
-    a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr,
+    a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, wgrad_ptr,
     n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
-    hdr0, hdr1, hdr2, hdr3,
+    hdr0, hdr1, hdr2, hdr3, chunk_rows,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
-    WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """payload rows = quantize(r * (A @ W^T) + A[:, :k]); r = 1/rms(A) with the
     norm (W then holds gamma * W_e), else 1; program 0 also writes the header
@@ -50,10 +52,47 @@ def project_quantize_kernel(
     ZSCALE_KIND at byte ``zscales_at``.
     WRITE_STATS (with the norm): also stats[rows] = [r * (A @ W^T) | r].
     SPLIT_D: only this program's partial [A @ W^T | sum of squares] over its
-    run of d, into part[program_id(1)] (see finish_rows_kernel)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    run of d, into part[program_id(1)] (see finish_rows_kernel).
+    FUSED_WGRAD (decode backward, ZBITS > 0): the grid also holds the weight
+    gradient's programs (weight_grad.fused_role, chunks of ``chunk_rows`` rows),
+    which write one (d, k) fp32 partial of Z^T A per chunk into wgrad; Z is then
+    not written."""
+    block = tl.program_id(0)
+    work = True
+    if FUSED_WGRAD:
+        block, chunk, dtile = fused_role(d, chunk_rows, BLOCK_N, BLOCK_D)
+        if block < 0:
+            start = chunk * chunk_rows
+            zcodes_ptr, zscales_ptr = payload_pointers(zpayload_ptr, zscales_at, ZBITS, ZSCALE_KIND)
+            dcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D)
+            acc = accumulate_weight_grad(a_ptr, stride_a, zcodes_ptr, zscales_ptr, zgroup, start,
+                                         tl.minimum(start + chunk_rows, n), dcols, d, k,
+                                         ZBITS, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+            store_partial(wgrad_ptr + chunk.to(tl.int64) * d * k, acc, dcols, d, k, 1, k, BLOCK_K)
+        work = (block >= 0) & (block * BLOCK_N < n)  # (the last chunk's row blocks past n have none)
+    if work:
+        project_block(a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, block,
+                      n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd,
+                      stride_stats, eps, key, hdr0, hdr1, hdr2, hdr3,
+                      HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, ZBITS, ZSCALE_KIND, WRITE_STATS,
+                      EVEN_D, SPLIT_D, FUSED_WGRAD, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+
+
+@triton.jit
+def project_block(
+    a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, block,
+    n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
+    hdr0, hdr1, hdr2, hdr3,
+    HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
+    WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """project_quantize_kernel's work for row block ``block``."""
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
-    if ZBITS != 0 and not SPLIT_D:
+    if ZBITS != 0 and not SPLIT_D and not FUSED_WGRAD:
         store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, zgroup, ZBITS, ZSCALE_KIND)
     if SPLIT_D:
         d_begin, d_end = d_range(d, BLOCK_D)
@@ -61,7 +100,7 @@ def project_quantize_kernel(
                                   HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         store_row_stats(part_ptr + tl.program_id(1) * (n * (k + 1)), k + 1, rows, kcols, n, k, acc, sumsq)
     else:
-        if tl.program_id(0) == 0:
+        if block == 0:
             store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS)
         ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False, "")
         acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, 0, d,

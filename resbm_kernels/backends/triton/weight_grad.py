@@ -14,12 +14,23 @@ partial (deterministic, no atomics, safe to autotune);
 ``finish_weight_grad_kernel`` sums the few splits in a fixed order and does
 the rest in one launch (the encoder's RMSNorm factors, the cast to the
 weights' dtype), where torch ops took up to eight small kernels.
+
+Fused (``RESBM_TRITON_FUSED_WGRAD=1``; off by default until timed on a GPU):
+the same programs join the main kernel's launch instead (:func:`fused_role`),
+so that the second read of the input comes from L2. That grid walks the rows
+in chunks of about 16 MiB of input (an H100 has 50 MB of L2), each chunk's
+row blocks and then its weight-gradient tiles over the same rows; a GPU
+starts programs about in grid order, so both reads of a chunk fall within a
+few microseconds, whichever comes first. Each such program covers one chunk
+and one BLOCK_D tile (one partial per chunk, summed as above). In decode
+backward they dequantize the forward payload themselves: the row blocks' Z
+would not be written yet.
 """
 
 import triton
 import triton.language as tl
 
-from .codec import round_to_kind
+from .codec import load_payload, round_to_kind
 from .configs import autotune_wgrad
 from .tiles import dequant_mma, load_rows, load_w, tile_mask
 
@@ -33,20 +44,54 @@ def weight_grad_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[split, c, j] = sum_{rows of split} Z[r, c] * A[r, j]."""
-    pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    kcols = tl.arange(0, BLOCK_K)
+    dcols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     start = pid_s * rows_per_split
-    end = tl.minimum(start + rows_per_split, n)
+    acc = accumulate_weight_grad(a_ptr, stride_a, z_ptr, z_ptr, 1, start, tl.minimum(start + rows_per_split, n),
+                                 dcols, d, k, 0, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+    store_partial(out_ptr + pid_s * stride_os, acc, dcols, d, k, stride_ok, stride_od, BLOCK_K)
+
+
+@triton.jit
+def accumulate_weight_grad(a_ptr, stride_a, z_ptr, zscales_ptr, zgroup, start, end, dcols, d, k,
+                           ZBITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum over rows start..end-1 of Z[r, :]^T A[r, dcols]: a (BLOCK_K, BLOCK_D) fp32
+    tile. Z is the (N, k) operand matrix at z_ptr, or with ZBITS the payload of
+    that many bits (codes at z_ptr, scales at zscales_ptr, group zgroup) it
+    dequantizes to."""
+    kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         a = load_rows(a_ptr, stride_a, rows, dcols, end, d, False, "")  # (the column test is loop-invariant here)
-        z = load_rows(z_ptr, k, rows, kcols, end, k, False, "")
+        if ZBITS == 0:
+            z = load_rows(z_ptr, k, rows, kcols, end, k, False, "")
+        else:
+            z = load_payload(z_ptr, zscales_ptr, rows[:, None], kcols[None, :], end, k, zgroup, ZBITS)
         acc = dequant_mma(tl.trans(z), a, acc, UPCAST, PRECISION)
-    mask = tile_mask(kcols, dcols, k, d, False)
-    tl.store(out_ptr + pid_s * stride_os + kcols[:, None] * stride_ok + dcols[None, :] * stride_od, acc, mask=mask)
+    return acc
+
+
+@triton.jit
+def store_partial(ptr, acc, dcols, d, k, stride_ok, stride_od, BLOCK_K: tl.constexpr):
+    """Store a (BLOCK_K, len(dcols)) weight-gradient tile at ptr[c, j] (strides in elements)."""
+    kcols = tl.arange(0, BLOCK_K)
+    tl.store(ptr + kcols[:, None] * stride_ok + dcols[None, :] * stride_od, acc,
+             mask=tile_mask(kcols, dcols, k, d, False))
+
+
+@triton.jit
+def fused_role(d, chunk_rows, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(row block or -1, chunk, d tile) of this program in a launch that fuses a
+    rows kernel with the weight gradient of its input (see the module's note):
+    the grid walks chunks of ``chunk_rows`` rows, each chunk's row blocks
+    first, then the chunk's weight-gradient tiles, one per BLOCK_D columns."""
+    blocks = chunk_rows // BLOCK_N
+    per_chunk = blocks + tl.cdiv(d, BLOCK_D)
+    chunk = tl.program_id(0) // per_chunk
+    local = tl.program_id(0) - chunk * per_chunk
+    return tl.where(local < blocks, chunk * blocks + local, -1), chunk, local - blocks
 
 
 @triton.jit(do_not_specialize=["splits"])  # (grows with n: one compiled variant)
