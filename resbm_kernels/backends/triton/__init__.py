@@ -66,7 +66,7 @@ KERNELS = dict(project_quantize=project_quantize_kernel, dequant_project=dequant
 # each one's register model (configs.tile_regs kind)
 TILE_KINDS = dict(project_quantize="project", dequant_project="dequant", grad_operand="project", weight_grad="wgrad")
 
-# on: the backward passes form their weight gradients in their main kernel's launch (weight_grad.fused_role)
+# on: the backward passes form their weight gradients in their main kernel's launch (weight_grad.fused_row_block)
 FUSED_WGRAD_SWITCH = "RESBM_TRITON_FUSED_WGRAD"
 FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
@@ -150,7 +150,7 @@ def _fused_chunk_rows(a) -> int:
 
 
 def _fused_grid(n, d, chunk_rows):
-    """Per chunk of rows, its row blocks and its weight-gradient d tiles (see weight_grad.fused_role)."""
+    """Per chunk of rows, its row blocks and its weight-gradient d tiles (see weight_grad.fused_row_block)."""
     return lambda meta: (configs.cdiv(n, chunk_rows) * (chunk_rows // meta["BLOCK_N"]
                                                         + configs.cdiv(d, meta["BLOCK_D"])),)
 
@@ -190,7 +190,7 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     ``stats`` (with gamma) is filled with the RMSNorm row statistics;
     ``wgrad = (partials, chunk_rows)`` (with z, whose buffer is then unused):
     the same launch fills partials (chunks, d, k) with Z^T a per chunk of rows
-    (see weight_grad.fused_role)."""
+    (see weight_grad.fused_row_block)."""
     n, d = a.shape
     if n == 0:
         return fast.new_payload(codec, n, k, a.device, out)
@@ -282,7 +282,7 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     alpha)`` (encode backward through RMSNorm): gamma * ((r * zhat) @ W) -
     alpha * x + pad_d(zhat); ``wgrad = (partials, chunk_rows, z, x)``: the same
     launch fills partials (chunks, k, d) with z^T x per chunk of rows (see
-    weight_grad.fused_role)."""
+    weight_grad.fused_row_block)."""
     out = fast.empty((n, d), out_dtype, w.device)
     if n == 0:
         return out

@@ -140,7 +140,7 @@ def d_splits(n, d, device) -> int:
     return max(1, min(cdiv(d, 128), cdiv(programs_at_once(device), max(1, cdiv(n, 64)))))
 
 
-# input bytes per chunk of a fused backward launch (weight_grad.fused_role): a third of an H100's L2
+# input bytes per chunk of a fused backward launch (weight_grad.fused_row_block): a third of an H100's L2
 FUSED_CHUNK_BYTES = 16 << 20
 
 

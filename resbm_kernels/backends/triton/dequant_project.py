@@ -19,7 +19,7 @@ import triton.language as tl
 from .codec import load_payload, payload_pointers, round_to_kind
 from .configs import EvenD, autotune_dequant
 from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
-from .weight_grad import accumulate_weight_grad, fused_role, store_partial
+from .weight_grad import fused_row_block
 
 
 @autotune_dequant
@@ -39,21 +39,14 @@ def dequant_project_kernel(
     HAS_NORM (encode backward through RMSNorm, residual = x):
     out = gamma * ((r * zhat) @ W) - alpha * x + pad_d(zhat).
     FUSED_WGRAD (encode backward, x at res_ptr also without the norm): the grid
-    also holds the weight gradient's programs (weight_grad.fused_role, chunks
+    also holds the weight gradient's programs (weight_grad.fused_row_block, chunks
     of ``chunk_rows`` rows), which write one (k, d) fp32 partial of Z^T x per
     chunk into wgrad, Z the (N, k) operand at z_ptr."""
     block = tl.program_id(0)
     work = True
-    if FUSED_WGRAD:
-        block, chunk, dtile = fused_role(d, chunk_rows, BLOCK_N, BLOCK_D)
-        if block < 0:
-            start = chunk * chunk_rows
-            dcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D)
-            acc = accumulate_weight_grad(res_ptr, stride_res, z_ptr, z_ptr, 1, start,
-                                         tl.minimum(start + chunk_rows, n), dcols, d, k,
-                                         0, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
-            store_partial(wgrad_ptr + chunk.to(tl.int64) * k * d, acc, dcols, d, k, d, 1, BLOCK_K)
-        work = (block >= 0) & (block * BLOCK_N < n)  # (the last chunk's row blocks past n have none)
+    if FUSED_WGRAD:  # (the (k, d) partials of grad W_e)
+        block, work = fused_row_block(res_ptr, stride_res, z_ptr, z_ptr, 1, wgrad_ptr, d, 1, n, d, k, chunk_rows,
+                                      0, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if work:
         dequant_project_block(payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, block,
                               n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out,

@@ -23,7 +23,7 @@ import triton.language as tl
 from .codec import load_payload, payload_pointers, store_header, store_payload
 from .configs import EvenD, autotune_project_quantize
 from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, store_operand, store_row_stats
-from .weight_grad import accumulate_weight_grad, fused_role, store_partial
+from .weight_grad import fused_row_block
 
 
 @autotune_project_quantize
@@ -54,22 +54,15 @@ def project_quantize_kernel(
     SPLIT_D: only this program's partial [A @ W^T | sum of squares] over its
     run of d, into part[program_id(1)] (see finish_rows_kernel).
     FUSED_WGRAD (decode backward, ZBITS > 0): the grid also holds the weight
-    gradient's programs (weight_grad.fused_role, chunks of ``chunk_rows`` rows),
+    gradient's programs (weight_grad.fused_row_block, chunks of ``chunk_rows`` rows),
     which write one (d, k) fp32 partial of Z^T A per chunk into wgrad; Z is then
     not written."""
     block = tl.program_id(0)
     work = True
-    if FUSED_WGRAD:
-        block, chunk, dtile = fused_role(d, chunk_rows, BLOCK_N, BLOCK_D)
-        if block < 0:
-            start = chunk * chunk_rows
-            zcodes_ptr, zscales_ptr = payload_pointers(zpayload_ptr, zscales_at, ZBITS, ZSCALE_KIND)
-            dcols = dtile * BLOCK_D + tl.arange(0, BLOCK_D)
-            acc = accumulate_weight_grad(a_ptr, stride_a, zcodes_ptr, zscales_ptr, zgroup, start,
-                                         tl.minimum(start + chunk_rows, n), dcols, d, k,
-                                         ZBITS, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
-            store_partial(wgrad_ptr + chunk.to(tl.int64) * d * k, acc, dcols, d, k, 1, k, BLOCK_K)
-        work = (block >= 0) & (block * BLOCK_N < n)  # (the last chunk's row blocks past n have none)
+    if FUSED_WGRAD:  # (the (d, k) partials of grad W_d)
+        zcodes_ptr, zscales_ptr = payload_pointers(zpayload_ptr, zscales_at, ZBITS, ZSCALE_KIND)
+        block, work = fused_row_block(a_ptr, stride_a, zcodes_ptr, zscales_ptr, zgroup, wgrad_ptr, 1, k, n, d, k,
+                                      chunk_rows, ZBITS, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if work:
         project_block(a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, block,
                       n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd,

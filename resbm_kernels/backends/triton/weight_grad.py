@@ -16,7 +16,7 @@ the rest in one launch (the encoder's RMSNorm factors, the cast to the
 weights' dtype), where torch ops took up to eight small kernels.
 
 Fused (``RESBM_TRITON_FUSED_WGRAD=1``; off by default until timed on a GPU):
-the same programs join the main kernel's launch instead (:func:`fused_role`),
+the same programs join the main kernel's launch instead (:func:`fused_row_block`),
 so that the second read of the input comes from L2. That grid walks the rows
 in chunks of about 16 MiB of input (an H100 has 50 MB of L2), each chunk's
 row blocks and then its weight-gradient tiles over the same rows; a GPU
@@ -82,16 +82,29 @@ def store_partial(ptr, acc, dcols, d, k, stride_ok, stride_od, BLOCK_K: tl.const
 
 
 @triton.jit
-def fused_role(d, chunk_rows, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(row block or -1, chunk, d tile) of this program in a launch that fuses a
-    rows kernel with the weight gradient of its input (see the module's note):
-    the grid walks chunks of ``chunk_rows`` rows, each chunk's row blocks
-    first, then the chunk's weight-gradient tiles, one per BLOCK_D columns."""
+def fused_row_block(a_ptr, stride_a, z_ptr, zscales_ptr, zgroup, out_ptr, stride_ok, stride_od, n, d, k, chunk_rows,
+                    ZBITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(row block, whether it has rows) of this program in a launch that fuses a
+    rows kernel with the weight gradient of its input A (see the module's note).
+    The grid walks chunks of ``chunk_rows`` rows, each chunk's row blocks first,
+    then its weight-gradient programs, one per BLOCK_D columns: such a program
+    stores the chunk's partial tile (chunk c's (k, d) partial at out + c * k * d,
+    strides stride_ok, stride_od; Z as for accumulate_weight_grad) and has no
+    row block."""
     blocks = chunk_rows // BLOCK_N
     per_chunk = blocks + tl.cdiv(d, BLOCK_D)
     chunk = tl.program_id(0) // per_chunk
     local = tl.program_id(0) - chunk * per_chunk
-    return tl.where(local < blocks, chunk * blocks + local, -1), chunk, local - blocks
+    if local >= blocks:
+        start = chunk * chunk_rows
+        dcols = (local - blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+        acc = accumulate_weight_grad(a_ptr, stride_a, z_ptr, zscales_ptr, zgroup, start,
+                                     tl.minimum(start + chunk_rows, n), dcols, d, k,
+                                     ZBITS, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+        store_partial(out_ptr + chunk.to(tl.int64) * k * d, acc, dcols, d, k, stride_ok, stride_od, BLOCK_K)
+    block = chunk * blocks + local
+    return block, (local < blocks) & (block * BLOCK_N < n)  # (the last chunk's row blocks past n have none)
 
 
 @triton.jit(do_not_specialize=["splits"])  # (grows with n: one compiled variant)
