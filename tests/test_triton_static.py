@@ -54,16 +54,16 @@ def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False
     """A project_quantize case: encode forward (encoder; ``stats``: also writing
     the RMSNorm row statistics, as in training) or decode backward (which also
     dequantizes an int8/row forward payload into Z, or with ``fused`` forms the
-    weight gradient in the same launch); ``split_d``: the partials of a d split
-    (small N)."""
+    weight gradient in the same launch from a Z written before); ``split_d``: the
+    partials of a d split (small N)."""
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="project_quantize", what=what, k=k, act=act,
                 ptrs=dict(a_ptr="A", w_ptr="A", payload_ptr="U", zpayload_ptr="U", z_ptr="Z", stats_ptr="F",
                           part_ptr="F", wgrad_ptr="F"),
                 ones=[unit], div16=["d", "k", "stride_a", strided, "scales_at", "zscales_at", "chunk_rows"],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
-                                STOCHASTIC=stochastic, ZBITS=0 if encoder else 8, ZSCALE_KIND=2, WRITE_STATS=stats,
-                                SPLIT_D=split_d, FUSED_WGRAD=fused))
+                                STOCHASTIC=stochastic, ZBITS=0 if encoder or fused else 8, ZSCALE_KIND=2,
+                                WRITE_STATS=stats, SPLIT_D=split_d, FUSED_WGRAD=fused))
 
 
 def dequant(what, k, *, residual=False, split_d=False, encoder=False, norm=False, fused=False, act="bf16"):
@@ -225,14 +225,16 @@ def _worker(arch: int):
     from resbm_kernels.backends.triton.weight_grad import finish_weight_grad_kernel
 
     def row(case, arch, config, compiled, regs, stack, sass, **extra):
-        # the software pipeliner's multi-buffered shared-memory allocations (buffers x rows x
-        # columns, allocated empty, before the loop they feed): their buffer counts, by loop
-        ttgir = compiled.asm["ttgir"]
+        # by loop: the software pipeliner's multi-buffered shared-memory allocations (buffers x
+        # rows x columns, allocated empty ahead of the loop) and whether the loop leaves a wgmma
+        # running while it goes on (waited for with pendings >= 1 in its body, before the next loop)
+        pieces = re.split(r"\bscf\.for\b", compiled.asm["ttgir"])
         alloc = re.compile(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x")
-        buffers = [sorted({int(b) for b in alloc.findall(ahead)}) for ahead in re.split(r"\bscf\.for\b", ttgir)]
-        buffers = [counts for counts in buffers if counts]
-        # a wgmma left running while the loop goes on (waited for with pendings >= 1)
-        wgmma_in_flight = bool(re.search(r"warp_group_dot_wait [^\n]*\{pendings = [1-9]", ttgir))
+        in_flight = re.compile(r"warp_group_dot_wait [^\n]*\{pendings = [1-9]")
+        loops = [(sorted({int(b) for b in alloc.findall(ahead)}), bool(in_flight.search(body)))
+                 for ahead, body in zip(pieces, pieces[1:])]
+        buffers = [counts for counts, running in loops if running and counts]  # those of in-flight loops
+        wgmma_in_flight = any(running for _, running in loops)
         return dict(kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"], config=config,
                     regs=regs, stack=stack, smem=compiled.metadata.shared, buffers=buffers,
                     wgmma_in_flight=wgmma_in_flight,
@@ -250,7 +252,7 @@ def _worker(arch: int):
         elem = configs.operand_bytes(dtype, dequant=kind in ("dequant", "wgrad"))
         has_norm = case["constexprs"].get("HAS_NORM", False)
         writes_z = bool(case["constexprs"].get("ZBITS", 0))
-        fused = case["constexprs"].get("FUSED_WGRAD", False)
+        fused = configs.operand_bytes(dtype, dequant=True) if case["constexprs"].get("FUSED_WGRAD") else 0
         for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, has_norm, writes_z,
                                       arch, fused):
             constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
@@ -339,8 +341,8 @@ def test_pipelined_operands_equally_buffered(report):
     pipeliner let the copy of a later tile overwrite the one an asynchronous
     wgmma was still reading: wrong rows on an H100 (2026-11-26), seen in the
     TTGIR as 3 buffers for A beside 4 for W. (A loop that waits for each wgmma
-    may buffer its operands differently, and so may another loop of the same kernel:
-    counts are compared within the allocations made ahead of each loop.)"""
+    may buffer its operands differently, as does the weight-gradient loop of a
+    fused backward kernel: counts are compared loop by loop.)"""
     in_flight = [r for r in report if r["gemm"] and r["wgmma_in_flight"]]
     assert in_flight, "no kernel keeps a wgmma in flight: the check has nothing to look at"
     for r in in_flight:

@@ -188,9 +188,8 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d;
     ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer;
     ``stats`` (with gamma) is filled with the RMSNorm row statistics;
-    ``wgrad = (partials, chunk_rows)`` (with z, whose buffer is then unused):
-    the same launch fills partials (chunks, d, k) with Z^T a per chunk of rows
-    (see weight_grad.fused_row_block)."""
+    ``wgrad = (partials, chunk_rows, z)``: the same launch fills partials
+    (chunks, d, k) with z^T a per chunk of rows (see weight_grad.fused_row_block)."""
     n, d = a.shape
     if n == 0:
         return fast.new_payload(codec, n, k, a.device, out)
@@ -204,7 +203,10 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     part = fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else a
     stats_arg, stats_stride = (stats, stats.stride(0)) if stats is not None else (a, 0)
     key = _signed32(rng_key(seed))
-    wgrad_partials, chunk_rows = wgrad if wgrad is not None else (a, 0)
+    if wgrad is not None:
+        wgrad_partials, chunk_rows, z_buffer = wgrad
+    else:
+        wgrad_partials, chunk_rows = a, 0
     grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
     project_quantize_kernel[grid](
         a, w, payload, z_payload, z_buffer, stats_arg, part, wgrad_partials,
@@ -347,10 +349,11 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     n = grad_h.shape[0]
     w_strides = (w_d.stride(1), w_d.stride(0))
     chunk_rows = _fused_chunk_rows(grad_h)
-    if chunk_rows:
+    if chunk_rows:  # Z first (grad_operand's kernel without the norm: the dequantized payload)
+        z = _grad_operand(payload, codec, grad_h, w_d.t(), None, 0.0, None)[0]
         partial = fast.empty((configs.cdiv(n, chunk_rows), d, k), torch.float32, grad_h.device)
         grad_payload = _project_quantize(grad_h, w_d, w_strides, None, 0.0, grad_codec, seed, k, out,
-                                         z=(grad_h, payload, codec), wgrad=(partial, chunk_rows))
+                                         wgrad=(partial, chunk_rows, z))
     else:
         z = _weight_operand(n, k, grad_h.dtype, grad_h.device)
         grad_payload = _project_quantize(grad_h, w_d, w_strides, None, 0.0, grad_codec, seed, k, out,

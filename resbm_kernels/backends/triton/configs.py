@@ -43,15 +43,15 @@ def gpu_configs(table):
                           maxnreg=limit[0] if limit else None) for bn, bd, w, s, *limit in table]
 
 
-def tile_regs(config, block_k, kind, has_norm=False, fused_wgrad=False):
+def tile_regs(config, block_k, kind, has_norm=False, fused_wgrad=0):
     """Registers per thread of the fp32 tiles a ``kind`` of kernel holds:
     "project" (project_quantize, grad_operand) its (BLOCK_N, k) accumulator;
     "dequant" (dequant_project) its (BLOCK_N, k) dequantized operand and
     (BLOCK_N, BLOCK_D) output tile, and with ``has_norm`` (encode backward's
     grad_x through RMSNorm) the x tile beside it; "wgrad" (weight_grad) its
-    (k, BLOCK_D) accumulator. With ``fused_wgrad`` (the weight gradient's
-    programs in a project or dequant kernel's grid) the larger of the kernel's
-    and a wgrad program's (k, BLOCK_D) accumulator."""
+    (k, BLOCK_D) accumulator. With ``fused_wgrad`` (nonzero: the weight
+    gradient's programs in a project or dequant kernel's grid) the larger of the
+    kernel's and a wgrad program's (k, BLOCK_D) accumulator."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
     elems = {"project": bn * block_k, "dequant": bn * (block_k + bd * (2 if has_norm else 1)),
              "wgrad": bd * block_k}[kind]
@@ -60,7 +60,7 @@ def tile_regs(config, block_k, kind, has_norm=False, fused_wgrad=False):
     return elems // (32 * config.num_warps)
 
 
-def smem_bytes(config, block_k, elem_bytes, kind, fused_wgrad=False):
+def smem_bytes(config, block_k, elem_bytes, kind, fused_wgrad=0):
     """Upper estimate of a config's shared memory: ``num_stages`` copies of the
     (BLOCK_N + BLOCK_K) x BLOCK_D tiles (rows kernels: input and weight) or
     BLOCK_N x (BLOCK_D + BLOCK_K) tiles (weight gradient: input and Z),
@@ -69,12 +69,13 @@ def smem_bytes(config, block_k, elem_bytes, kind, fused_wgrad=False):
     wgmma, the epilogue's layout change); four of them for dequant_project on
     TF32 (its dequantized operand in 3xTF32 parts: 256 KB compiled at
     BLOCK_N=64, k=256, fp32, where one tile is 64 KB).
-    With ``fused_wgrad`` the larger of the kernel's own and a weight-gradient
-    program's (the compiler shares the memory of the two kinds of programs).
+    With ``fused_wgrad`` (the weight-gradient programs' operand bytes, see
+    :func:`launchable`) the larger of the kernel's own and such a program's
+    (the compiler shares the memory of the two kinds of programs).
     tests/test_triton_static.py checks it bounds the compiled kernels."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
     if fused_wgrad:
-        return max(smem_bytes(config, block_k, elem_bytes, kind), smem_bytes(config, block_k, elem_bytes, "wgrad"))
+        return max(smem_bytes(config, block_k, elem_bytes, kind), smem_bytes(config, block_k, fused_wgrad, "wgrad"))
     if kind == "wgrad":
         return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4
     staged = 4 if kind == "dequant" and elem_bytes == 4 else 1
@@ -82,9 +83,11 @@ def smem_bytes(config, block_k, elem_bytes, kind, fused_wgrad=False):
 
 
 def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False, writes_z=False, arch=90,
-               fused_wgrad=False):
-    """The configs that fit (registers and shared memory), else the last one
-    (``fused_wgrad``: see :func:`tile_regs`). A config
+               fused_wgrad=0):
+    """The configs that fit (registers and shared memory), else the last one.
+    ``fused_wgrad``: 0, or with the weight gradient's programs in the kernel's
+    launch their operands' bytes per element (:func:`operand_bytes` of a
+    dequantized operand: 4 for fp16 on TF32, where the kernel's own are 2). A config
     with a register limit (maxnreg) fits only sm_90 (``arch``: compute capability x 10;
     by default the lent GPUs' 90), 16-bit operands and a kernel that does not also write
     Z (decode backward's project_quantize): elsewhere it spills (sm_80, fp32) or was not
@@ -174,7 +177,7 @@ def _pruner(kind, dequant, operand):
         writes_z = bool(kwargs.get("ZBITS", named_args.get("ZBITS", 0)))
         fused = kwargs.get("FUSED_WGRAD", named_args.get("FUSED_WGRAD", False))
         kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, has_norm, writes_z, arch,
-                          fused)
+                          operand_bytes(t.dtype, dequant=True) if fused else 0)
         return kept if AUTOTUNE else kept[:1]
     return prune
 

@@ -45,8 +45,8 @@ def dequant_project_kernel(
     block = tl.program_id(0)
     work = True
     if FUSED_WGRAD:  # (the (k, d) partials of grad W_e)
-        block, work = fused_row_block(res_ptr, stride_res, z_ptr, z_ptr, 1, wgrad_ptr, d, 1, n, d, k, chunk_rows,
-                                      0, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+        block, work = fused_row_block(res_ptr, stride_res, z_ptr, wgrad_ptr, d, 1, n, d, k, chunk_rows,
+                                      UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if work:
         dequant_project_block(payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, block,
                               n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out,

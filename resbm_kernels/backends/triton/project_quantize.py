@@ -53,22 +53,21 @@ def project_quantize_kernel(
     WRITE_STATS (with the norm): also stats[rows] = [r * (A @ W^T) | r].
     SPLIT_D: only this program's partial [A @ W^T | sum of squares] over its
     run of d, into part[program_id(1)] (see finish_rows_kernel).
-    FUSED_WGRAD (decode backward, ZBITS > 0): the grid also holds the weight
-    gradient's programs (weight_grad.fused_row_block, chunks of ``chunk_rows`` rows),
-    which write one (d, k) fp32 partial of Z^T A per chunk into wgrad; Z is then
-    not written."""
+    FUSED_WGRAD (decode backward, ZBITS = 0): the grid also holds the weight
+    gradient's programs (weight_grad.fused_row_block, chunks of ``chunk_rows``
+    rows), which write one (d, k) fp32 partial of Z^T A per chunk into wgrad,
+    Z the (N, k) operand at z_ptr, written before the launch."""
     block = tl.program_id(0)
     work = True
     if FUSED_WGRAD:  # (the (d, k) partials of grad W_d)
-        zcodes_ptr, zscales_ptr = payload_pointers(zpayload_ptr, zscales_at, ZBITS, ZSCALE_KIND)
-        block, work = fused_row_block(a_ptr, stride_a, zcodes_ptr, zscales_ptr, zgroup, wgrad_ptr, 1, k, n, d, k,
-                                      chunk_rows, ZBITS, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+        block, work = fused_row_block(a_ptr, stride_a, z_ptr, wgrad_ptr, 1, k, n, d, k, chunk_rows,
+                                      UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if work:
         project_block(a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, block,
                       n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd,
                       stride_stats, eps, key, hdr0, hdr1, hdr2, hdr3,
                       HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, ZBITS, ZSCALE_KIND, WRITE_STATS,
-                      EVEN_D, SPLIT_D, FUSED_WGRAD, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+                      EVEN_D, SPLIT_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
@@ -78,14 +77,14 @@ def project_block(
     hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
-    WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr,
+    WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """project_quantize_kernel's work for row block ``block``."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
-    if ZBITS != 0 and not SPLIT_D and not FUSED_WGRAD:
+    if ZBITS != 0 and not SPLIT_D:
         store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, zgroup, ZBITS, ZSCALE_KIND)
     if SPLIT_D:
         d_begin, d_end = d_range(d, BLOCK_D)

@@ -22,15 +22,16 @@ in chunks of about 16 MiB of input (an H100 has 50 MB of L2), each chunk's
 row blocks and then its weight-gradient tiles over the same rows; a GPU
 starts programs about in grid order, so both reads of a chunk fall within a
 few microseconds, whichever comes first. Each such program covers one chunk
-and one BLOCK_D tile (one partial per chunk, summed as above). In decode
-backward they dequantize the forward payload themselves: the row blocks' Z
-would not be written yet.
+and one BLOCK_D tile (one partial per chunk, summed as above). Decode
+backward's Z is then written before the launch, by :mod:`.grad_operand`'s
+kernel without the norm (its row blocks would write it too late; dequantizing
+the payload in every weight-gradient program took 4-5x the loop instructions).
 """
 
 import triton
 import triton.language as tl
 
-from .codec import load_payload, round_to_kind
+from .codec import round_to_kind
 from .configs import autotune_wgrad
 from .tiles import dequant_mma, load_rows, load_w, tile_mask
 
@@ -47,28 +48,22 @@ def weight_grad_kernel(
     pid_s = tl.program_id(1)
     dcols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     start = pid_s * rows_per_split
-    acc = accumulate_weight_grad(a_ptr, stride_a, z_ptr, z_ptr, 1, start, tl.minimum(start + rows_per_split, n),
-                                 dcols, d, k, 0, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+    acc = accumulate_weight_grad(a_ptr, stride_a, z_ptr, start, tl.minimum(start + rows_per_split, n),
+                                 dcols, d, k, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     store_partial(out_ptr + pid_s * stride_os, acc, dcols, d, k, stride_ok, stride_od, BLOCK_K)
 
 
 @triton.jit
-def accumulate_weight_grad(a_ptr, stride_a, z_ptr, zscales_ptr, zgroup, start, end, dcols, d, k,
-                           ZBITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def accumulate_weight_grad(a_ptr, stride_a, z_ptr, start, end, dcols, d, k,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """sum over rows start..end-1 of Z[r, :]^T A[r, dcols]: a (BLOCK_K, BLOCK_D) fp32
-    tile. Z is the (N, k) operand matrix at z_ptr, or with ZBITS the payload of
-    that many bits (codes at z_ptr, scales at zscales_ptr, group zgroup) it
-    dequantizes to."""
+    """sum over rows start..end-1 of Z[r, :]^T A[r, dcols]: a (BLOCK_K, BLOCK_D) fp32 tile."""
     kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
     for n0 in range(start, end, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)
         a = load_rows(a_ptr, stride_a, rows, dcols, end, d, False, "")  # (the column test is loop-invariant here)
-        if ZBITS == 0:
-            z = load_rows(z_ptr, k, rows, kcols, end, k, False, "")
-        else:
-            z = load_payload(z_ptr, zscales_ptr, rows[:, None], kcols[None, :], end, k, zgroup, ZBITS)
+        z = load_rows(z_ptr, k, rows, kcols, end, k, False, "")
         acc = dequant_mma(tl.trans(z), a, acc, UPCAST, PRECISION)
     return acc
 
@@ -82,16 +77,15 @@ def store_partial(ptr, acc, dcols, d, k, stride_ok, stride_od, BLOCK_K: tl.const
 
 
 @triton.jit
-def fused_row_block(a_ptr, stride_a, z_ptr, zscales_ptr, zgroup, out_ptr, stride_ok, stride_od, n, d, k, chunk_rows,
-                    ZBITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def fused_row_block(a_ptr, stride_a, z_ptr, out_ptr, stride_ok, stride_od, n, d, k, chunk_rows,
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """(row block, whether it has rows) of this program in a launch that fuses a
     rows kernel with the weight gradient of its input A (see the module's note).
     The grid walks chunks of ``chunk_rows`` rows, each chunk's row blocks first,
     then its weight-gradient programs, one per BLOCK_D columns: such a program
-    stores the chunk's partial tile (chunk c's (k, d) partial at out + c * k * d,
-    strides stride_ok, stride_od; Z as for accumulate_weight_grad) and has no
-    row block."""
+    stores the chunk's partial tile of Z^T A (chunk c's (k, d) partial at
+    out + c * k * d, strides stride_ok, stride_od) and has no row block."""
     blocks = chunk_rows // BLOCK_N
     per_chunk = blocks + tl.cdiv(d, BLOCK_D)
     chunk = tl.program_id(0) // per_chunk
@@ -99,9 +93,8 @@ def fused_row_block(a_ptr, stride_a, z_ptr, zscales_ptr, zgroup, out_ptr, stride
     if local >= blocks:
         start = chunk * chunk_rows
         dcols = (local - blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
-        acc = accumulate_weight_grad(a_ptr, stride_a, z_ptr, zscales_ptr, zgroup, start,
-                                     tl.minimum(start + chunk_rows, n), dcols, d, k,
-                                     ZBITS, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+        acc = accumulate_weight_grad(a_ptr, stride_a, z_ptr, start, tl.minimum(start + chunk_rows, n), dcols, d, k,
+                                     UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         store_partial(out_ptr + chunk.to(tl.int64) * k * d, acc, dcols, d, k, stride_ok, stride_od, BLOCK_K)
     block = chunk * blocks + local
     return block, (local < blocks) & (block * BLOCK_N < n)  # (the last chunk's row blocks past n have none)
