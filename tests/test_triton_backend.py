@@ -391,18 +391,22 @@ def test_finish_weight_grad_exact(layout, dtype):
 # ---- the backward passes with the weight gradient in the main launch ------------------
 
 
-@pytest.fixture
-def fused_wgrad(monkeypatch):
-    """RESBM_TRITON_FUSED_WGRAD=1 with chunks of 128 rows on every device (as
-    under the interpreter), the separate weight-gradient pass made to fail: a
-    test that passes took the fused launch."""
+def force_fused(monkeypatch):
+    """RESBM_TRITON_FUSED_WGRAD=1, the separate weight-gradient pass made to
+    fail: a test that passes took the fused launch."""
     monkeypatch.setenv(tb.FUSED_WGRAD_SWITCH, "1")
-    monkeypatch.setattr(tb.configs, "fused_chunk_rows", lambda d, elem_bytes, device: 128)
 
     def separate_pass(*args):
         raise AssertionError("the separate weight-gradient pass ran")
 
     monkeypatch.setattr(tb, "_weight_grad", separate_pass)
+
+
+@pytest.fixture
+def fused_wgrad(monkeypatch):
+    """force_fused, with chunks of 128 rows on every device (as under the interpreter)."""
+    force_fused(monkeypatch)
+    monkeypatch.setattr(tb.configs, "fused_chunk_rows", lambda d, elem_bytes, device: 128)
 
 
 # one chunk with a masked tail; three chunks, the last with a row block past N, d not a multiple of
@@ -451,6 +455,31 @@ def test_fused_switch_other_than_0_or_1_raises(monkeypatch):
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=_ids)
 def test_encode_backward_fused_weight_grad(shape, norm, dtype, fused_wgrad):
     check_encode_backward(shape, norm, dtype, GRAD_CODEC)
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", (32, 128))
+def test_backward_fused_at_full_chunks(monkeypatch, k):
+    """The fused launch at its GPU chunk size (16 MiB of rows: three chunks here,
+    the last one short) against the reference, both backward passes, d=4096."""
+    force_fused(monkeypatch)
+    n, d = 5000, 4096
+    assert tb.configs.cdiv(n, tb.configs.fused_chunk_rows(d, 2, DEVICE)) == 3
+    gen = torch.Generator().manual_seed(k)
+    codec = Codec(bits=8)
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
+    grad_h = normal(n, d, dtype=torch.bfloat16, gen=gen)
+    w_d = normal(d, k, dtype=torch.bfloat16, scale=k**-0.5, gen=gen)
+    gp, gw_d = triton_call(ops.decode_backward, grad_h, payload, w_d, codec, codec, grad_seed=1)
+    gp_ref, gw_d_ref = ops.decode_backward(grad_h, payload, w_d, codec, codec, grad_seed=1)
+    assert_close_payload(gp, gp_ref, codec, n, k)
+    assert rel_err(gw_d, gw_d_ref) <= tol(torch.bfloat16), "grad W_d"
+    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen)
+    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen).add_(1.0)
+    got = triton_call(ops.encode_backward, payload, grad_h, w_e, codec, norm_weight=gamma)
+    want = ops.encode_backward(payload, grad_h, w_e, codec, norm_weight=gamma)
+    for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), got, want):
+        assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
 
 
 # ---- the differentiable boundary --------------------------------------------------------
