@@ -290,7 +290,7 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
         return out
     res = norm[0] if norm is not None else residual
     wgrad_partials, chunk_rows, z, x = wgrad if wgrad is not None else (out, 0, out, None)
-    res = x if x is not None else res  # (x itself with the norm)
+    res = x if x is not None else res  # x, the weight gradient's input, at res_ptr (with the norm it is there already)
     r, gamma, alpha = norm[1:] if norm is not None else (out, out, out)  # (unused without the norm)
     splits = configs.d_splits(n, d, w.device)  # small N: each program a run of d (output columns are independent)
     grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
