@@ -894,3 +894,14 @@ def test_config_pruning(monkeypatch, autotune):
     with_x = cfg.launchable(dequant, 64, 2, cfg.SMEM_FALLBACK, "dequant", has_norm=True)
     prune = cfg._pruner("dequant", dequant=True, operand="w_ptr")
     assert prune(dequant, bf16, BLOCK_K=64, HAS_NORM=True) == (with_x if autotune else with_x[:1])
+    # with the weight gradient's programs in the launch their (k, BLOCK_D) accumulator counts too:
+    # at k=64 the 64x128 4-warp config's is 64 registers; the fp16 programs' TF32 operands (4
+    # bytes) size the shared memory
+    fused_kept = cfg.launchable(pq, 64, 2, 232448, "project", fused_wgrad=2)
+    assert pq[0] in cfg.launchable(pq, 64, 2, 232448, "project") and pq[0] not in fused_kept
+    assert set(fused_kept) <= set(cfg.launchable(pq, 64, 2, 232448, "project"))
+    assert cfg.smem_bytes(pq[0], 64, 2, "project", fused_wgrad=4) > cfg.smem_bytes(pq[0], 64, 2, "project")
+    fp16 = {"a_ptr": torch.empty(1, dtype=torch.float16)}
+    prune = cfg._pruner("project", dequant=False, operand="a_ptr")
+    assert prune(pq, fp16, BLOCK_K=64, FUSED_WGRAD=True) == \
+        cfg.launchable(pq, 64, 2, cfg.SMEM_FALLBACK, "project", fused_wgrad=4)[:None if autotune else 1]
