@@ -20,8 +20,10 @@ the same programs join the main kernel's launch instead (:func:`fused_row_block`
 so that the second read of the input comes from L2. That grid walks the rows
 in chunks of about 16 MiB of input (an H100 has 50 MB of L2), each chunk's
 row blocks and then its weight-gradient tiles over the same rows; a GPU
-starts programs about in grid order, so both reads of a chunk should fall
-within microseconds of each other, whichever comes first (not yet measured). Each such program covers one chunk
+starts programs about in grid order (which the grouped program order of
+Triton's matmul tutorial relies on for L2 reuse too), so both reads of a chunk
+should fall within microseconds of each other, whichever comes first (not yet
+measured here). Each such program covers one chunk
 and one BLOCK_D tile (one partial per chunk, summed as above). Decode
 backward's Z is then written before the launch, by :mod:`.grad_operand`'s
 kernel without the norm (its row blocks would write it too late; dequantizing
