@@ -431,7 +431,8 @@ def test_decode_backward_fused_weight_grad(shape, dtype, fused_wgrad):
 
 @pytest.mark.parametrize("codec", (Codec(bits=16), Codec(bits=8), Codec(bits=2, group_size=16)), ids=_ids)
 def test_decode_backward_fused_forward_codecs(codec, fused_wgrad):
-    """The fused launch's weight-gradient programs dequantize the forward payload themselves."""
+    """With the fused launch Z (the forward payload dequantized) comes from
+    grad_operand's kernel, run before it: every forward codec."""
     n, d, k = 300, 128, 64
     gen = torch.Generator().manual_seed(17)
     payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
