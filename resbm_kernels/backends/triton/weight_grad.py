@@ -24,7 +24,9 @@ starts programs about in grid order (which the grouped program order of
 Triton's matmul tutorial relies on for L2 reuse too), so both reads of a chunk
 should fall within microseconds of each other, whichever comes first (not yet
 measured here). Each such program covers one chunk
-and one BLOCK_D tile (one partial per chunk, summed as above). Decode
+and one BLOCK_D tile (one partial per chunk, summed as above: fp32 (k, d)
+each, so 2k / chunk rows of a 16-bit input's size, against at most 8 partials
+for the separate pass). Decode
 backward's Z is then written before the launch, by :mod:`.grad_operand`'s
 kernel without the norm (its row blocks would write it too late; dequantizing
 the payload in every weight-gradient program took 4-5x the loop instructions).
