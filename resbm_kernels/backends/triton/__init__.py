@@ -288,9 +288,9 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     out = fast.empty((n, d), out_dtype, w.device)
     if n == 0:
         return out
-    res = norm[0] if norm is not None else residual
     wgrad_partials, chunk_rows, z, x = wgrad if wgrad is not None else (out, 0, out, None)
-    res = x if x is not None else res  # x, the weight gradient's input, at res_ptr (with the norm it is there already)
+    # res_ptr: x (the norm's, or the weight gradient's input), else the residual
+    res = x if x is not None else norm[0] if norm is not None else residual
     r, gamma, alpha = norm[1:] if norm is not None else (out, out, out)  # (unused without the norm)
     splits = configs.d_splits(n, d, w.device)  # small N: each program a run of d (output columns are independent)
     grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
@@ -347,17 +347,17 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
     _group_reshape(codec, k)
     n = grad_h.shape[0]
-    w_strides = (w_d.stride(1), w_d.stride(0))
     chunk_rows = _fused_chunk_rows(grad_h)
     if chunk_rows:  # Z first (grad_operand's kernel without the norm: the dequantized payload)
         z = _grad_operand(payload, codec, grad_h, w_d.t(), None, 0.0, None)[0]
         partial = fast.empty((configs.cdiv(n, chunk_rows), d, k), torch.float32, grad_h.device)
-        grad_payload = _project_quantize(grad_h, w_d, w_strides, None, 0.0, grad_codec, seed, k, out,
-                                         wgrad=(partial, chunk_rows, z))
-    else:
+        operand = dict(wgrad=(partial, chunk_rows, z))
+    else:  # the main kernel writes Z
         z = _weight_operand(n, k, grad_h.dtype, grad_h.device)
-        grad_payload = _project_quantize(grad_h, w_d, w_strides, None, 0.0, grad_codec, seed, k, out,
-                                         z=(z, payload, codec))
+        operand = dict(z=(z, payload, codec))
+    grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k,
+                                     out, **operand)
+    if not chunk_rows:
         partial = _weight_grad(grad_h, z, transpose=True)
     grad_w_d, _ = _finish_weight_grad(partial, True, w_d.dtype)
     return grad_payload, grad_w_d
