@@ -17,13 +17,25 @@ autotuner, as on a GPU). Reports the best of ``--repeat`` medians of
 and for the backend's function alone.
 
     TRITON_INTERPRET=1 python bench/host_overhead.py --backends triton,cuda --gpu-configs
+
+On a GPU machine, ``--device cuda`` times the same calls with their real
+launches (inputs on the GPU; the default shape keeps each call's device work
+far below its host time, so the launch queue never fills and the numbers are
+the host's): the difference from a stubbed run on the same host is what the
+launches themselves cost there (Triton's launcher, the CUDA driver).
+``--profile N`` also runs each pass's public op under cProfile and prints the N
+functions with the most time of their own, per call: where the host time goes.
+
+    python bench/host_overhead.py --device cuda --profile 15
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import os
+import pstats
 import statistics
 import time
 
@@ -99,13 +111,13 @@ def stubbed_launches(backend: str, module):
                 setattr(obj, name, value)
 
 
-def _calls(module, n: int, d: int, k: int, dtype):
-    """{pass: (public op call, backend function call)} on fresh CPU inputs."""
+def _calls(module, n: int, d: int, k: int, dtype, device="cpu"):
+    """{pass: (public op call, backend function call)} on fresh inputs on ``device``."""
     gen = torch.Generator().manual_seed(0)
-    x, grad_h = (torch.randn(n, d, generator=gen).to(dtype) for _ in range(2))
-    w_e = (torch.randn(k, d, generator=gen) / d**0.5).to(dtype)
-    w_d = (torch.randn(d, k, generator=gen) / k**0.5).to(dtype)
-    gamma = torch.ones(d, dtype=dtype)
+    x, grad_h = (torch.randn(n, d, generator=gen).to(device, dtype) for _ in range(2))
+    w_e = (torch.randn(k, d, generator=gen) / d**0.5).to(device, dtype)
+    w_d = (torch.randn(d, k, generator=gen) / k**0.5).to(device, dtype)
+    gamma = torch.ones(d, dtype=dtype, device=device)
     codec, grad_codec = Codec(bits=8), Codec(bits=8, rounding="stochastic")
     with use_backend("reference"):  # real payloads and row statistics to read
         payload, stats = ops.encode(x, w_e, codec, norm_weight=gamma, return_row_stats=True)
@@ -138,6 +150,19 @@ def host_us(call, calls: int, repeat: int) -> float:
     return min(medians) * 1e6
 
 
+def profile_lines(call, calls: int, top: int) -> list[str]:
+    """The ``top`` functions with the most time of their own over ``calls``
+    calls under cProfile, in microseconds per call (cProfile's own cost per
+    Python-level call inflates those, not the C calls they make)."""
+    call()
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [call() for _ in range(calls)])
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive calls, own s, total s, callers)}
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [f"    {own / calls * 1e6:8.1f} us own  {total / calls * 1e6:8.1f} us total  {n / calls:5.1f}x  "
+            f"{os.path.basename(file)}:{line}({func})" for (file, line, func), (n, _, own, total, _) in rows]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="triton,cuda")
@@ -147,23 +172,43 @@ def main(argv=None) -> None:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--gpu-configs", action="store_true", help="the Triton autotuners' GPU config sets")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: inputs on the GPU and real launches (no stubs)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="also profile each pass's public op: its TOP functions by own time")
     args = parser.parse_args(argv)
-    configs = "GPU autotune sets" if args.gpu_configs else "one config per kernel"
-    print(f"host time per call, us (median; launches stubbed; N={args.N} d={args.d} k={args.k} bf16 int8; "
+    real = args.device == "cuda"
+    if real and not torch.cuda.is_available():
+        parser.error("--device cuda needs a GPU")
+    if real and args.gpu_configs:
+        parser.error("--gpu-configs is for the CPU (on a GPU the autotuners have their GPU sets)")
+    if not real:
+        os.environ.setdefault("RESBM_CUDA_EMULATE", "1")  # the CUDA backend on CPU tensors
+    configs = "GPU autotune sets" if args.gpu_configs or real else "one config per kernel"
+    launches = f"real launches on {torch.cuda.get_device_name()}" if real else "launches stubbed"
+    print(f"host time per call, us (median; {launches}; N={args.N} d={args.d} k={args.k} bf16 int8; "
           f"Triton: {configs})")
     print(f"{'backend':8s} {'pass':16s} {'public op':>10s} {'backend fn':>11s}")
+    profiles = []
     for backend in args.backends.split(","):
         module, why = _load(backend)
-        if module is None or not module.supports("cpu"):
+        if module is None or not module.supports(args.device):
             print(f"{backend:8s} skipped: {why or 'needs TRITON_INTERPRET=1 / the emulator library on the CPU'}")
             continue
         tables = gpu_autotune_sets(module) if backend == "triton" and args.gpu_configs else contextlib.nullcontext()
-        with stubbed_launches(backend, module), tables, use_backend(backend):
-            for name, (public, direct) in _calls(module, args.N, args.d, args.k, torch.bfloat16).items():
+        stubs = contextlib.nullcontext() if real else stubbed_launches(backend, module)
+        with stubs, tables, use_backend(backend):
+            for name, (public, direct) in _calls(module, args.N, args.d, args.k, torch.bfloat16, args.device).items():
                 print(f"{backend:8s} {name:16s} {host_us(public, args.calls, args.repeat):10.1f} "
                       f"{host_us(direct, args.calls, args.repeat):11.1f}")
+                if args.profile:
+                    profiles += [f"{backend} {name}, public op:", *profile_lines(public, args.calls, args.profile)]
+            if real:
+                torch.cuda.synchronize()  # the launches' errors, if any, here
+    if profiles:
+        print("\nown time per call under cProfile, top functions:")
+        print("\n".join(profiles))
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RESBM_CUDA_EMULATE", "1")  # the CUDA backend on CPU tensors
     main()

@@ -424,6 +424,17 @@ def test_host_overhead_tool(capsys, monkeypatch):
         assert launches() == before
         assert all(c is c0 and t is t0 for (c, t), (c0, t0) in zip(tuners(), tuned))
         assert "triton" not in present or not any("_bench" in vars(t) for t in _load("triton")[0].KERNELS.values())
+    tool.main(["--backends", ",".join(present), "--N", "40", "--calls", "2", "--repeat", "1", "--profile", "3"])
+    out = capsys.readouterr().out.split("own time per call under cProfile, top functions:\n")[1].splitlines()
+    heads = [line for line in out if not line.startswith(" ")]
+    assert heads == [f"{b} {p}, public op:" for b in present for p in
+                     ("encode_forward", "decode_forward", "decode_backward", "encode_backward")]
+    assert len(out) == 4 * len(heads) and all(" us own " in line for line in out if line.startswith(" "))
+    assert launches() == before
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            tool.main(["--device", "cuda"])
+        assert "--device cuda needs a GPU" in capsys.readouterr().err
 
 
 def test_profiler_sees_the_pass_ops():
