@@ -349,6 +349,38 @@ def test_backend_splits_follow_the_projection_loop(monkeypatch):
     assert cb._projection_partial(x, 32) == (None, 1)
 
 
+@pytest.mark.skipif(HAS_GPU or not native.available("cuda_emu"), reason="counts the emulated device's opt-ins")
+def test_shared_memory_opt_in_once_per_kernel_and_size(monkeypatch):
+    """Kernels past 48 KiB of shared memory (k=64) are opted in with a driver call
+    (cudaFuncSetAttribute) once per kernel and size, not on every call: a second
+    round of the four passes makes none. Encode backward through RMSNorm without the
+    row statistics gives dequant_project its pre-pass's larger tiles: a size the
+    decode forward before it did not opt into, which the emulator would refuse."""
+    monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
+    lib = native.library("cuda_emu")
+    lib.resbm_emu_smem_opt_ins.restype = ctypes.c_longlong
+    gen = torch.Generator().manual_seed(5)
+    n, d, k, dtype = 24, 128, 64, torch.bfloat16
+    x, grad_h = (normal(n, d, dtype=dtype, gen=gen) for _ in range(2))
+    w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
+    w_d = normal(d, k, dtype=dtype, scale=k**-0.5, gen=gen)
+    gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0)
+    codec = Codec(bits=8)
+
+    def passes():
+        payload = cb.encode_forward(x, w_e, None, 1e-6, codec, 1)
+        h = cb.decode_forward(payload, w_d, None, codec, n, dtype)
+        grad_payload = cb.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2)[0]
+        grad_x = cb.encode_backward(grad_payload, x, w_e, gamma, 1e-6, GRAD_CODEC)[0]
+        return h, grad_x
+
+    first = passes()
+    opted = lib.resbm_emu_smem_opt_ins()
+    again = passes()
+    assert opted > 0 and lib.resbm_emu_smem_opt_ins() == opted
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 @needs_cuda_library
 def test_c_workspace_bytes_rejects(lib):
     out = ctypes.c_int64()

@@ -134,6 +134,7 @@ std::mutex g_mutex;
 Launch g_launch;
 bool g_running = false;
 std::unordered_map<const void*, int> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
+long long g_smem_opt_ins = 0;                     // calls that set it (resbm_emu_smem_opt_ins)
 thread_local int t_last_error = kSuccess;
 thread_local std::string t_message;
 
@@ -310,6 +311,7 @@ int run_grid(const void* func, dim3 grid, dim3 block, size_t smem, const std::fu
 void set_max_dynamic_smem(const void* func, int bytes) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_max_smem[func] = bytes;
+  ++g_smem_opt_ins;
 }
 
 int take_last_error() {
@@ -444,3 +446,10 @@ void wgmma_wait(int pending) {
 }
 
 }  // namespace resbm_emu
+
+// How many shared-memory opt-ins (cudaFuncSetAttribute) the kernels' launchers made: a
+// driver call on a GPU, which they make once per kernel and size (tests/test_cuda_backend.py).
+extern "C" __attribute__((visibility("default"))) long long resbm_emu_smem_opt_ins(void) {
+  std::lock_guard<std::mutex> lock(resbm_emu::g_mutex);
+  return resbm_emu::g_smem_opt_ins;
+}
