@@ -193,7 +193,8 @@ def main(argv=None) -> None:
     for backend in args.backends.split(","):
         module, why = _load(backend)
         if module is None or not module.supports(args.device):
-            print(f"{backend:8s} skipped: {why or 'needs TRITON_INTERPRET=1 / the emulator library on the CPU'}")
+            needs = "a library built for this GPU" if real else "TRITON_INTERPRET=1 / the emulator library on the CPU"
+            print(f"{backend:8s} skipped: {why or 'needs ' + needs}")
             continue
         tables = gpu_autotune_sets(module) if backend == "triton" and args.gpu_configs else contextlib.nullcontext()
         stubs = contextlib.nullcontext() if real else stubbed_launches(backend, module)
