@@ -1083,7 +1083,8 @@ __global__ void finish_weight_grad_kernel(const FinishArgs p) {
 // kernel and size, not on every launch (the attribute is a driver call). On the H200 of
 // 2026-11-27, when every launch made it, each pass's host time per call was 50-130 us longer at
 // k = 64 and 128, where one or two of its kernels opt in, than at k = 32, where none does (decode
-// forward: 101-111 against 53-55 us); the H100's of that morning showed no such step.
+// forward: 101-111 against 53-55 us); the H100's of that morning showed no such step. (A
+// cudaDeviceReset would clear the attribute behind this cache; torch never resets a device.)
 int prepare(const char* fn, const char* kernel, const void* func, size_t smem) {
   if (smem <= kDefaultSmem) return RESBM_OK;
   struct OptIn {
