@@ -177,6 +177,9 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="also profile each pass's public op: its TOP functions by own time")
     args = parser.parse_args(argv)
+    unknown = set(args.backends.split(",")) - {"triton", "cuda"}
+    if unknown:
+        parser.error(f"--backends: {', '.join(sorted(unknown))} (the kernel backends are triton and cuda)")
     real = args.device == "cuda"
     if real and not torch.cuda.is_available():
         parser.error("--device cuda needs a GPU")

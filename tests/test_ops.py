@@ -435,6 +435,9 @@ def test_host_overhead_tool(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             tool.main(["--device", "cuda"])
         assert "--device cuda needs a GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.main(["--backends", "triton,reference"])
+    assert "--backends: reference" in capsys.readouterr().err
 
 
 def test_profiler_sees_the_pass_ops():
