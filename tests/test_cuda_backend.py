@@ -349,7 +349,7 @@ def test_backend_splits_follow_the_projection_loop(monkeypatch):
     assert cb._projection_partial(x, 32) == (None, 1)
 
 
-@pytest.mark.skipif(HAS_GPU or not native.available("cuda_emu"), reason="counts the emulated device's opt-ins")
+@pytest.mark.skipif(not native.available("cuda_emu"), reason="libresbm_cuda_emu is not built")
 def test_shared_memory_opt_in_once_per_kernel_and_size(monkeypatch):
     """Kernels past 48 KiB of shared memory (k=64) are opted in with a driver call
     (cudaFuncSetAttribute) once per kernel and size, not on every call: a second

@@ -1087,34 +1087,36 @@ __global__ void finish_weight_grad_kernel(const FinishArgs p) {
 // cudaDeviceReset would clear the attribute behind this cache; torch never resets a device.)
 int prepare(const char* fn, const char* kernel, const void* func, size_t smem) {
   if (smem <= kDefaultSmem) return RESBM_OK;
+  auto opt_in = [&] {
+    const cudaError_t e = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess)
+      return fail(RESBM_ERR_CUDA, fn, "%s: cannot use %zu bytes of shared memory: %s", kernel, smem,
+                  cudaGetErrorString(e));
+    return int(RESBM_OK);
+  };
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();  // no device to ask: the attribute call reports the problem
+    return opt_in();
+  }
   struct OptIn {
     int device;
     const void* func;
-    size_t smem;
+    size_t smem;  // the largest size opted into
   };
   static std::mutex mutex;
-  static std::vector<OptIn> done;  // the largest size asked per device and kernel
-  int device = 0;
-  const bool known = cudaGetDevice(&device) == cudaSuccess;
-  if (!known) (void)cudaGetLastError();  // no device to ask: the attribute call reports the problem
-  if (known) {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (const OptIn& o : done)
-      if (o.device == device && o.func == func && o.smem >= smem) return RESBM_OK;
+  static std::vector<OptIn> done;
+  std::lock_guard<std::mutex> lock(mutex);  // (held across the driver call: made once per kernel and size)
+  for (OptIn& o : done) {
+    if (o.device != device || o.func != func) continue;
+    if (o.smem < smem) {
+      RESBM_TRY(opt_in());
+      o.smem = smem;
+    }
+    return RESBM_OK;
   }
-  cudaError_t e = cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (e != cudaSuccess)
-    return fail(RESBM_ERR_CUDA, fn, "%s: cannot use %zu bytes of shared memory: %s", kernel, smem,
-                cudaGetErrorString(e));
-  if (known) {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (OptIn& o : done)
-      if (o.device == device && o.func == func) {
-        if (o.smem < smem) o.smem = smem;
-        return RESBM_OK;
-      }
-    done.push_back({device, func, smem});
-  }
+  RESBM_TRY(opt_in());
+  done.push_back({device, func, smem});
   return RESBM_OK;
 }
 

@@ -25,9 +25,10 @@ Triton's matmul tutorial relies on for L2 reuse too), so both reads of a chunk
 should fall within microseconds of each other, whichever comes first. Each
 such program covers one chunk and one BLOCK_D tile (one partial per chunk,
 summed as above: fp32 (k, d) each, so 2k / chunk rows of a 16-bit input's
-size, against at most 8 partials for the separate pass). Decode backward's Z is then written before the launch, by :mod:`.grad_operand`'s
-kernel without the norm (its row blocks would write it too late; dequantizing
-the payload in every weight-gradient program took 4-5x the loop instructions).
+size, against at most 8 partials for the separate pass). Decode backward's Z
+is then written before the launch, by :mod:`.grad_operand`'s kernel without
+the norm (its row blocks would write it too late; dequantizing the payload in
+every weight-gradient program took 4-5x the loop instructions).
 Timed on an H200 (2026-11-27, N=16384, d=4096, autotuned): DRAM traffic fell
 by a quarter to a third, not the half a full L2 hit gives, and the fused
 kernel ran longer than the two it replaces: decode backward 3-8 % faster at
