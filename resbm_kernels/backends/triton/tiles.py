@@ -111,26 +111,34 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_
     launcher, so the normalised activations are never formed."""
     kcols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    # The squares come from a load of their own (from L2: the pipeline's copy of the
-    # same tile has just passed through it): when the MMA's operand load also fed
-    # them, Triton's software pipeliner (3.6 and 3.8, sm_90) gave that operand one
-    # shared-memory buffer too few, so the copy of a later tile could overwrite the
-    # one an asynchronous wgmma was still reading (Triton issue 6691's pattern). On
-    # an H100 (2026-11-26) that made 3-30 % of the rows wrong at d=4096 by about one
-    # d tile, other rows on every call; the TTGIR now gives A as many buffers as W.
-    # Squares summed per element, across lanes once after the loop (a row reduction
-    # in every iteration: 170 sm_90 loop instructions per KiB at k=128, this 138);
-    # tl.fma, since the kernels run with fp fusion off.
+    # 16-bit A: the sums of squares are the diagonal of the rows' Gram matrix A A^T,
+    # formed on the tensor cores from the tile the projection reads (shared memory):
+    # the products of 16-bit values are exact in fp32, as in an FMA of the upcast
+    # values. Summed per element in registers they took 54 of the 138 sm_90 loop
+    # instructions per KiB of x at k=128 (93 in all this way), and a load of their own
+    # from L2: when the MMA's operand load also fed the squares, Triton's software
+    # pipeliner (3.6 and 3.8, sm_90) gave that operand one shared-memory buffer too
+    # few, so the copy of a later tile could overwrite the one an asynchronous wgmma
+    # was still reading (Triton issue 6691's pattern; on an H100, 2026-11-26, 3-30 %
+    # of the rows wrong at d=4096). fp32 A keeps that per-element way (tl.fma: the
+    # kernels run with fp fusion off): its 3xTF32 Gram matrix spills on sm_90.
+    per_element = a_ptr.dtype.element_ty == tl.float32
     squares = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    gram = tl.zeros((BLOCK_N, BLOCK_N), tl.float32)
     for d0 in range(d_begin, d_end, BLOCK_D):
         dcols = d0 + tl.arange(0, BLOCK_D)
         a = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D, "")
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
-        if HAS_NORM:
+        if HAS_NORM and per_element:
             af = load_rows(a_ptr, stride_a, rows, dcols, n, d, EVEN_D, ".cg").to(tl.float32)
             squares = tl.fma(af, af, squares)
+        elif HAS_NORM:
+            gram = mma(a, tl.trans(a), gram, a.dtype, UPCAST, PRECISION)
         acc = mma(a, tl.trans(w), acc, a.dtype, UPCAST, PRECISION)
-    return acc, tl.sum(squares, axis=1)
+    if per_element:
+        return acc, tl.sum(squares, axis=1)
+    diagonal = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
+    return acc, tl.sum(tl.where(diagonal, gram, 0.0), axis=1)
 
 
 @triton.jit
