@@ -114,8 +114,9 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_
     # 16-bit A: the sums of squares are the diagonal of the rows' Gram matrix A A^T,
     # formed on the tensor cores from the tile the projection reads (shared memory):
     # the products of 16-bit values are exact in fp32, as in an FMA of the upcast
-    # values. Summed per element in registers they took 54 of the 138 sm_90 loop
-    # instructions per KiB of x at k=128 (93 in all this way), and a load of their own
+    # values. Summed per element in registers they took about 54 of the 138 sm_90 loop
+    # instructions per KiB of x at k=128 with Triton 3.8 (this way ~9, 93 in all; with
+    # 3.6 138 -> 104; tests/test_triton_static.py prints them), and a load of their own
     # from L2: when the MMA's operand load also fed the squares, Triton's software
     # pipeliner (3.6 and 3.8, sm_90) gave that operand one shared-memory buffer too
     # few, so the copy of a later tile could overwrite the one an asynchronous wgmma
