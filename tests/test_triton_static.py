@@ -3,7 +3,8 @@
 Every kernel is compiled ahead of time for sm_90 and sm_80 (each GPU autotune
 config that survives pruning for the case's k) and the cubin is inspected with
 Triton's bundled ``cuobjdump -res-usage`` and ``nvdisasm``: the GEMMs must run on
-tensor cores (HGMMA / wgmma on sm_90, HMMA on sm_80) and nothing may spill
+tensor cores (HGMMA / wgmma on sm_90, HMMA on sm_80), with their operands copied
+ahead (cp.async, from the TTGIR) when they have stages to, and nothing may spill
 (nor in the GEMM-free second kernels: ``finish_rows_kernel`` of a d split,
 ``finish_weight_grad_kernel`` of the weight gradients).
 The table (visible with ``pytest -s``) is also written to
@@ -234,6 +235,7 @@ def _worker(arch: int):
         return dict(kernel=case["kernel"], what=case["what"], arch=arch, act=case["act"], config=config,
                     regs=regs, stack=stack, smem=compiled.metadata.shared, buffers=buffers,
                     wgmma_in_flight=wgmma_in_flight,
+                    async_copies=compiled.asm["ttgir"].count("ttg.async_copy_global_to_local"),
                     spill_ops=len(re.findall(r"\b(?:STL|LDL)\b", sass)),
                     hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)), **extra)
 
@@ -417,6 +419,18 @@ def test_no_string_defaults_in_jit_functions():
                       if isinstance(p.default, str)}
     assert checked >= 20, f"only {checked} Triton functions found"
     assert not found, f"string defaults in Triton functions: {sorted(found)}"
+
+
+def test_gemm_operands_prefetched(report):
+    """Every GEMM kernel compiled with two or more stages copies its tensor-core
+    operands ahead with cp.async: Triton's software pipeliner gives up silently on
+    a loop it cannot schedule (e.g. a tile read two iterations ahead in registers,
+    tried on grad_x on 2026-11-27), and the loop then waits for W from L2 in every
+    iteration: still correct, much slower, visible only here."""
+    for r in filter(lambda r: r["gemm"], report):
+        stages = int(r["config"].split()[4][1:])
+        if stages >= 2:
+            assert r["async_copies"] > 0, f"no cp.async operand prefetch (pipelining gave up) in {r}"
 
 
 def test_main_loop_found(report):
