@@ -56,6 +56,7 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresb
 DEVICE = CUDA_KERNELS_DEVICE  # the kernels' device: the GPU, else the CPU emulator
 needs_kernels = needs_cuda_kernels
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointers are only safe without a GPU")
+needs_emulator = pytest.mark.skipif(not native.available("cuda_emu"), reason="libresbm_cuda_emu is not built")
 
 
 # ---- CPU-runnable: compilation ----------------------------------------------------------
@@ -314,7 +315,7 @@ def test_c_projection_splits(lib):
         assert lib.resbm_cuda_projection_splits(3, 24, 416, 32, ctypes.byref(out)) == 0 and out.value == 1
 
 
-@pytest.mark.skipif(not native.available("cuda_emu"), reason="libresbm_cuda_emu is not built")
+@needs_emulator
 @pytest.mark.parametrize("dtype, projection, n, d, splits", [
     (3, "mma_sync", 24, 832, 4),    # one block of 64 rows, 13 d tiles of 64 bf16 columns: runs 4+4+4+1
     (3, "wgmma", 24, 832, 3),       # the wgmma loop's tiles of 128 columns, 7 of them: 3 + 3 + 1
@@ -349,7 +350,7 @@ def test_backend_splits_follow_the_projection_loop(monkeypatch):
     assert cb._projection_partial(x, 32) == (None, 1)
 
 
-@pytest.mark.skipif(not native.available("cuda_emu"), reason="libresbm_cuda_emu is not built")
+@needs_emulator
 def test_shared_memory_opt_in_once_per_kernel_and_size(monkeypatch):
     """Kernels past 48 KiB of shared memory (k=64) are opted in with a driver call
     (cudaFuncSetAttribute) once per kernel and size, not on every call: a second
