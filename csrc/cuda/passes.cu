@@ -226,14 +226,63 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v;
 }
 
-// zhat[row][c] from the payload (codes + scales), with the shared codec functions.
-__device__ __forceinline__ float dequant_at(const uint8_t* codes, const void* scales, int bits,
-                                            int group, int scale_dtype, int64_t k, int64_t row,
-                                            int c) {
-  if (bits == 16) return bf16_to_float(reinterpret_cast<const uint16_t*>(codes)[row * k + c]);
-  const int per = 8 / bits;
-  const int q = unpack_field(codes[row * (k * bits / 8) + c / per], c % per, bits);
-  return dequantize_value(q, load_float(scales, row * (k / group) + c / group, scale_dtype));
+// zhat[row][c] of a payload (codes + scales) with the shared codec functions, in two steps:
+// fields() loads an element's raw code and scale bits, decode() turns them into the value,
+// so that a thread can have many elements' loads in flight before it decodes the first (see
+// for_block_elements). The divisions by the codec's parameters are done once, here.
+struct PayloadFields {
+  uint32_t code = 0, scale = 0;
+};
+
+struct Payload {
+  const uint8_t* codes;
+  const void* scales;
+  int bits, scale_dtype;
+  uint32_t group, field_mask;  // field_mask: codes per byte - 1 (bits < 16)
+  int64_t k, row_bytes, groups;
+
+  __device__ Payload(const uint8_t* codes_, const void* scales_, int bits_, int group_, int scale_dtype_,
+                     int64_t k_)
+      : codes(codes_), scales(scales_), bits(bits_), scale_dtype(scale_dtype_), group(uint32_t(group_)),
+        field_mask(bits_ < 16 ? 8u / uint32_t(bits_) - 1u : 0u), k(k_), row_bytes(k_ * bits_ / 8),
+        groups(bits_ < 16 ? k_ / group_ : 0) {}
+
+  __device__ __forceinline__ PayloadFields fields(int64_t row, int c) const {
+    if (bits == 16) return {reinterpret_cast<const uint16_t*>(codes)[row * k + c], 0u};
+    return {codes[row * row_bytes + (c * bits >> 3)], load_bits(scales, row * groups + uint32_t(c) / group, scale_dtype)};
+  }
+
+  __device__ __forceinline__ float decode(PayloadFields f, int c) const {
+    if (bits == 16) return bf16_to_float(uint16_t(f.code));
+    const int q = unpack_field(uint8_t(f.code), int(uint32_t(c) & field_mask), bits);
+    return dequantize_value(q, bits_to_float(f.scale, scale_dtype));
+  }
+
+  __device__ __forceinline__ float at(int64_t row, int c) const { return decode(fields(row, c), c); }
+};
+
+// Visits the (BN, KPAD) elements (r, c) of a row block, a thread those at tid, tid +
+// kThreads, ...: eight at a time, first load(r, c) for all eight (independent loads, in
+// flight together), then use(r, c, loaded) for each. A loop that loads and uses one element
+// at a time waits a whole memory latency per element (64 a thread at BN = 64, KPAD = 128:
+// twice that for a payload's code, then its scale), so `load` should only load.
+template <int BN, int KPAD, typename Load, typename Use>
+__device__ __forceinline__ void for_block_elements(Load load, Use use) {
+  constexpr int kPer = BN * KPAD / kThreads, kBatch = kPer < 8 ? kPer : 8;
+  static_assert(kPer * kThreads == BN * KPAD && kPer % kBatch == 0, "elements split evenly");
+  for (int j0 = 0; j0 < kPer; j0 += kBatch) {
+    decltype(load(0, 0)) loaded[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const unsigned i = threadIdx.x + unsigned(j0 + u) * kThreads;
+      loaded[u] = load(int(i / KPAD), int(i % KPAD));
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const unsigned i = threadIdx.x + unsigned(j0 + u) * kThreads;
+      use(int(i / KPAD), int(i % KPAD), loaded[u]);
+    }
+  }
 }
 
 // Quantize + pack `rows` rows of an fp32 z tile (shared memory, leading dim ld)
@@ -546,21 +595,23 @@ __device__ void finish_rows(const PQArgs& p, float* zs, float* row_sq, int64_t r
   const int tid = threadIdx.x;
   if (p.norm && tid < C::BN) row_sq[tid] = inv_rms(row_sq[tid], p.d, p.eps);
   __syncthreads();
-  for (int i = tid; i < C::BN * KPAD; i += kThreads) {
-    const int r = i / KPAD, c = i % KPAD;
-    const int64_t grow = row0 + r;
-    float z = zs[r * C::ZLD + c];
-    if (p.norm) z = z * row_sq[r];
-    if (grow < p.n && c < p.k) {
-      if (p.stats != nullptr) {
-        float* srow = p.stats + grow * (p.k + 1);
-        srow[c] = z;
-        if (c == 0) srow[p.k] = row_sq[r];
-      }
-      z = z + load_float(a, grow * p.d + c, DT);
-    }
-    zs[r * C::ZLD + c] = z;
-  }
+  // z = r * acc + a[:, :k] (a's bits loaded eight elements at a time)
+  for_block_elements<C::BN, KPAD>(
+      [&](int r, int c) { return row0 + r < p.n && c < p.k ? load_bits(a, (row0 + r) * p.d + c, DT) : 0u; },
+      [&](int r, int c, uint32_t a_bits) {
+        const int64_t grow = row0 + r;
+        float z = zs[r * C::ZLD + c];
+        if (p.norm) z = z * row_sq[r];
+        if (grow < p.n && c < p.k) {
+          if (p.stats != nullptr) {
+            float* srow = p.stats + grow * (p.k + 1);
+            srow[c] = z;
+            if (c == 0) srow[p.k] = row_sq[r];
+          }
+          z = z + bits_to_float(a_bits, DT);
+        }
+        zs[r * C::ZLD + c] = z;
+      });
   __syncthreads();
   quantize_rows(zs, C::ZLD, C::BN, row0, p.n, p.k, p.bits, p.group, p.scale_dtype, p.stochastic,
                 p.key, p.codes, p.scales);
@@ -700,13 +751,10 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   auto w2lo = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * C::W2_PARTS * C::W2_BYTES + C::W2_BYTES); };
   float* hs = reinterpret_cast<float*>(region + C::WS * C::W2_PARTS * C::W2_BYTES);
 
-  for (int i = tid; i < C::BN * KPAD; i += kThreads) {
-    const int r = i / KPAD, c = i % KPAD;
-    const int64_t grow = row0 + r;
-    zf[r * C::ZLD + c] = (grow < n && c < k) ? dequant_at(p.codes, p.scales, p.bits, p.group,
-                                                          p.scale_dtype, k, grow, c)
-                                             : 0.0f;
-  }
+  const Payload payload(p.codes, p.scales, p.bits, p.group, p.scale_dtype, k);
+  for_block_elements<C::BN, KPAD>(
+      [&](int r, int c) { return row0 + r < n && c < k ? payload.fields(row0 + r, c) : PayloadFields{}; },
+      [&](int r, int c, PayloadFields f) { zf[r * C::ZLD + c] = row0 + r < n && c < k ? payload.decode(f, c) : 0.0f; });
   __syncthreads();
 
   const bool norm = p.gamma != nullptr;
@@ -892,8 +940,9 @@ int64_t operand_rows(int64_t n) { return (n + 7) / 8 * 8; }
 
 template <int DT>
 __global__ void weight_operand_kernel(const WOArgs p) {
+  const Payload payload(p.codes, p.scales, p.bits, p.group, p.scale_dtype, p.k);
   write_operand<DT>(p.zhi, p.zlo, p.kpad, p.npad, p.k, p.n, [&](int64_t c, int64_t r) {
-    const float v = dequant_at(p.codes, p.scales, p.bits, p.group, p.scale_dtype, p.k, r, c);
+    const float v = payload.at(r, int(c));
     return p.rscale != nullptr ? v * p.rscale[r] : v;
   });
 }

@@ -117,10 +117,20 @@ RESBM_HD inline float round_to_dtype(float x, int dtype) {
   return x;
 }
 
+// Element i of a `dtype` array as its raw bits (16-bit types in the low half), and raw bits
+// as float32: apart, a kernel can issue many loads before it converts the first value.
+RESBM_HD inline uint32_t load_bits(const void* p, int64_t i, int dtype) {
+  return dtype == kFloat32 ? float_bits(static_cast<const float*>(p)[i]) : static_cast<const uint16_t*>(p)[i];
+}
+
+RESBM_HD inline float bits_to_float(uint32_t bits, int dtype) {
+  if (dtype == kFloat16) return fp16_to_float(uint16_t(bits));
+  if (dtype == kBFloat16) return bf16_to_float(uint16_t(bits));
+  return bits_float(bits);
+}
+
 RESBM_HD inline float load_float(const void* p, int64_t i, int dtype) {
-  if (dtype == kFloat16) return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
-  if (dtype == kBFloat16) return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-  return static_cast<const float*>(p)[i];
+  return bits_to_float(load_bits(p, i, dtype), dtype);
 }
 
 RESBM_HD inline void store_float(void* p, int64_t i, int dtype, float v) {
