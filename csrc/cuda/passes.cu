@@ -32,7 +32,8 @@
 //      would leave the GPU part idle or its last wave half empty, dq_splits; output
 //      columns are independent):
 //      dequantizes its (BN, k) payload rows into shared
-//      memory once (shared codec functions; for 16-bit inputs up to KPAD = 128
+//      memory once (shared codec functions, eight elements' loads in flight per thread:
+//      for_block_elements, as finish_rows reads x[:, :k]; for 16-bit inputs up to KPAD = 128
 //      also into the tensor cores' A fragments once), then walks its d run in BD2-column tiles:
 //      tensor-core product with the (BD2, KPAD) weight tile (w_d's rows as
 //      they are for 16-bit decode forward, else prepared; the weight tiles
