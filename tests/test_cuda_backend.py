@@ -95,18 +95,23 @@ def test_dequant_project_keeps_four_blocks_per_sm():
     assert not heavy, heavy
 
 
+@pytest.fixture(scope="module")
+def library_sass(tmp_path_factory) -> dict[str, str]:
+    """{mangled kernel name: its sm_90a SASS} of the built library."""
+    return sass_functions(cuda_library_sass(tmp_path_factory.mktemp("sass")))
+
+
 @needs_cuda_library
-def test_pass_kernels_main_loops(tmp_path):
+def test_pass_kernels_main_loops(library_sass):
     """Static instruction counts of each sm_90a pass kernel's tensor-core loops
     (per thread, per trip, an inner loop without tensor-core instructions
     counted once; innermost first), printed as a table with ``pytest -s``, as
     tests/test_triton_static.py does for Triton: a loop that grows is a kernel
     doing more work per byte. Every kernel has one; the wgmma variants' are
     warpgroup MMAs (HGMMA), the others' mma.sync (HMMA)."""
-    sass = cuda_library_sass(tmp_path)
     names = {1: "fp32", 2: "fp16", 3: "bf16"}
     rows = []
-    for name, body in sass_functions(sass).items():
+    for name, body in library_sass.items():
         m = re.search(r"(\w+?)_kernelILi(\d)ELi(\d+)E(Lb1E)?", name)
         if m and m.group(1).endswith(KERNELS):
             kernel = next(k for k in KERNELS if m.group(1).endswith(k)) + ("/wgmma" if m.group(4) else "")
@@ -119,6 +124,32 @@ def test_pass_kernels_main_loops(tmp_path):
         print(f"{kernel:23} {dtype:5} {kpad:>4}  {loops}")
     assert len(rows) == len(KERNELS) * 3 * len(KPADS) + WGMMA_VARIANTS, rows
     assert all(loops for *_, loops in rows), [r for r in rows if not r[3]]
+
+
+@needs_cuda_library
+def test_row_kernels_load_eight_elements_at_a_time(library_sass):
+    """The row kernels' element-wise global loads are issued eight at a time
+    (for_block_elements), not one per memory latency: dequant_project loads the
+    codes and scales of eight payload elements before its first shared-memory
+    store (until 2026-11-27 each element's code byte was used before its scale
+    was loaded: 5 loads there), and project_quantize's finish_rows loads eight
+    elements of x[:, :k] between stores (was 1: load, add, store). From the
+    sm_90a SASS, every dtype and KPAD."""
+    def loads_before_first_shared_store(body):
+        return len(re.findall(r"\bLDG\.", body[:re.search(r"\bSTS(\.\w+)*\s", body).start()]))
+
+    def longest_run_of_loads(body):
+        best = run = 0
+        for m in re.finditer(r"\b(LDG|STS|STG)(\.\w+)*\s", body):
+            run = run + 1 if m.group(1) == "LDG" else 0
+            best = max(best, run)
+        return best
+
+    counts = {name: (loads_before_first_shared_store if "dequant_project_kernel" in name else longest_run_of_loads)(body)
+              for name, body in library_sass.items() if re.search(r"(dequant_project|project_quantize)_kernelILi", name)}
+    assert len(counts) == 2 * 3 * len(KPADS) + WGMMA_VARIANTS, sorted(counts)
+    few = {name: n for name, n in counts.items() if n < 8}
+    assert not few, few
 
 
 # ---- CPU-runnable: the C ABI rejects bad arguments ----------------------------------------

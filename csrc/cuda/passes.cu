@@ -230,7 +230,8 @@ __device__ __forceinline__ float quad_sum(float v) {
 // zhat[row][c] of a payload (codes + scales) with the shared codec functions, in two steps:
 // fields() loads an element's raw code and scale bits, decode() turns them into the value,
 // so that a thread can have many elements' loads in flight before it decodes the first (see
-// for_block_elements). The divisions by the codec's parameters are done once, here.
+// for_block_elements). k / group and 8 / bits are divided once, here (a 64-bit division
+// per element before).
 struct PayloadFields {
   uint32_t code = 0, scale = 0;
 };
