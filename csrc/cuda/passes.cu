@@ -1084,6 +1084,7 @@ __device__ __forceinline__ float split_sum(const FinishArgs& p, int64_t i) {
 constexpr int kFinishThreads = 256;
 constexpr int kFinishCols = 32;                                // columns per block, with gamma
 constexpr int kFinishSlices = kFinishThreads / kFinishCols;  // rows split between threads
+constexpr int kFinishBatch = 4;                                // rows a thread loads at once
 
 // Without gamma one thread per element. With gamma a block takes 32 columns and each of
 // its 8 row slices every 8th row (the loads of a column's rows in flight together, where
@@ -1105,11 +1106,30 @@ __global__ void finish_weight_grad_kernel(const FinishArgs p) {
     float gg = 0.0f;
     if (j < p.cols) {
       const float g = load_float(p.gamma, j, p.gamma_dtype);
-      for (int64_t r = slice; r < p.rows; r += kFinishSlices) {
-        const int64_t i = r * p.cols + j;
-        const float m = split_sum(p, i);
-        store_float(p.out, i, p.out_dtype, m * g);
-        gg += load_float(p.w, i, p.out_dtype) * m;
+      // four rows at a time, their loads before any store (which the compiler may not move
+      // them past: the output could alias them), in the same order of rows as one at a time
+      for (int64_t r0 = slice; r0 < p.rows; r0 += kFinishBatch * kFinishSlices) {
+        float m[kFinishBatch] = {}, w[kFinishBatch];
+#pragma unroll
+        for (int u = 0; u < kFinishBatch; ++u) {
+          const int64_t r = r0 + u * kFinishSlices;
+          w[u] = r < p.rows ? load_float(p.w, r * p.cols + j, p.out_dtype) : 0.0f;
+        }
+        for (int64_t s = 0; s < p.splits; ++s) {  // (split_sum's order for each row)
+#pragma unroll
+          for (int u = 0; u < kFinishBatch; ++u) {
+            const int64_t r = r0 + u * kFinishSlices;
+            if (r < p.rows) m[u] += p.partial[(s * p.rows + r) * p.cols + j];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kFinishBatch; ++u) {
+          const int64_t r = r0 + u * kFinishSlices;
+          if (r < p.rows) {
+            store_float(p.out, r * p.cols + j, p.out_dtype, m[u] * g);
+            gg += w[u] * m[u];
+          }
+        }
       }
     }
     slice_sums[slice][col] = gg;
