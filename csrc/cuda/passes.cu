@@ -46,7 +46,8 @@
 //      out[split][c][j] = sum_rows rscale[r] * zhat[r][c] * a[r][j]: a separate
 //      pass over the big input; grid (d tiles, row splits), deterministic
 //      per-split fp32 partials summed by the caller (no atomics). Its operand
-//      (rscale * zhat)^T is written once per call by weight_operand_kernel, split
+//      (rscale * zhat)^T is written once per call by weight_operand_kernel (a block
+//      per BN tokens, transposed through shared memory), split
 //      in the tensor cores' type (hi + lo, see dequant_parts), to the caller's workspace, so every
 //      d-tile block streams it with cp.async (with the input, blocks of 32 rows,
 //      up to three stages) instead of dequantizing the payload.
@@ -259,8 +260,6 @@ struct Payload {
     const int q = unpack_field(uint8_t(f.code), int(uint32_t(c) & field_mask), bits);
     return dequantize_value(q, bits_to_float(f.scale, scale_dtype));
   }
-
-  __device__ __forceinline__ float at(int64_t row, int c) const { return decode(fields(row, c), c); }
 };
 
 // Visits the (BN, KPAD) elements (r, c) of a row block, a thread those at tid, tid +
@@ -940,13 +939,57 @@ struct WOArgs {
 
 int64_t operand_rows(int64_t n) { return (n + 7) / 8 * 8; }
 
-template <int DT>
-__global__ void weight_operand_kernel(const WOArgs p) {
+// One block per BN rows (tokens): their payload rows are read as they lie (for_block_elements)
+// into a (KPAD, BN) tile of shared memory, which is written out transposed, tokens along
+// Z^T's rows: both sides coalesced. (One element per thread in Z^T's order read each warp's 32
+// codes and scales from 32 payload rows, a sector each.)
+template <int DT, int KPAD>
+struct WoCfg {
+  static constexpr int BN = RowCfg<DT, KPAD>::BN, LD = BN + 1;  // +1: conflict-free columns
+  static constexpr size_t SMEM = size_t(KPAD) * LD * 4;
+  static_assert(SMEM <= kDefaultSmem, "weight_operand_kernel needs no shared-memory opt-in");
+};
+
+struct WeightOperandLoads {
+  PayloadFields fields;
+  float rscale = 1.0f;
+};
+
+template <int DT, int KPAD>
+__global__ void __launch_bounds__(kThreads) weight_operand_kernel(const WOArgs p) {
+  using C = WoCfg<DT, KPAD>;
+  using E = typename Operand<DT>::E;
+  RESBM_DYNAMIC_SMEM(smem);
+  float* zt = reinterpret_cast<float*>(smem);  // [KPAD][LD]: zt[c][r] = rscale[r] * zhat[r][c]
+  const int64_t row0 = int64_t(blockIdx.x) * C::BN;
   const Payload payload(p.codes, p.scales, p.bits, p.group, p.scale_dtype, p.k);
-  write_operand<DT>(p.zhi, p.zlo, p.kpad, p.npad, p.k, p.n, [&](int64_t c, int64_t r) {
-    const float v = payload.at(r, int(c));
-    return p.rscale != nullptr ? v * p.rscale[r] : v;
-  });
+  auto valid = [&](int r, int c) { return row0 + r < p.n && c < p.k; };
+  for_block_elements<C::BN, KPAD>(
+      [&](int r, int c) {
+        WeightOperandLoads l;
+        if (valid(r, c)) {
+          l.fields = payload.fields(row0 + r, c);
+          if (p.rscale != nullptr) l.rscale = p.rscale[row0 + r];
+        }
+        return l;
+      },
+      [&](int r, int c, WeightOperandLoads l) {
+        float v = 0.0f;
+        if (valid(r, c)) {
+          v = payload.decode(l.fields, c);
+          if (p.rscale != nullptr) v = v * l.rscale;
+        }
+        zt[c * C::LD + r] = v;
+      });
+  __syncthreads();
+  for (int i = threadIdx.x; i < KPAD * C::BN; i += kThreads) {
+    const int c = i / C::BN, r = i % C::BN;
+    if (row0 + r >= p.npad) continue;
+    E h, l;
+    split1<DT>(zt[c * C::LD + r], h, l);
+    static_cast<E*>(p.zhi)[c * p.npad + row0 + r] = h;
+    if (p.zlo != nullptr) static_cast<E*>(p.zlo)[c * p.npad + row0 + r] = l;
+  }
 }
 
 struct WGArgs {
@@ -1361,10 +1404,10 @@ template <int DT, int KPAD>
 int launch_wg(const char* fn, const WOArgs& op, const WGArgs& p, int splits, cudaStream_t stream) {
   using C = WgCfg<DT, KPAD>;
   char name[80];
-  std::snprintf(name, sizeof name, "weight_operand_kernel<%s>", Operand<DT>::name());
-  const int64_t total = op.kpad * op.npad;
-  const int64_t op_blocks = (total + 255) / 256 < 4096 ? (total + 255) / 256 : 4096;
-  launch(weight_operand_kernel<DT>, unsigned(op_blocks > 0 ? op_blocks : 1), 256, 0, stream, op);
+  std::snprintf(name, sizeof name, "weight_operand_kernel<%s,%d>", Operand<DT>::name(), KPAD);
+  using O = WoCfg<DT, KPAD>;
+  const int64_t op_blocks = (op.npad + O::BN - 1) / O::BN;
+  launch(weight_operand_kernel<DT, KPAD>, unsigned(op_blocks > 0 ? op_blocks : 1), kThreads, O::SMEM, stream, op);
   RESBM_TRY(launch_status(fn, name));
   std::snprintf(name, sizeof name, "weight_grad_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&weight_grad_kernel<DT, KPAD>);
