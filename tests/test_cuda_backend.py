@@ -536,10 +536,10 @@ def test_encode_forward_bit_exact(shape, dtype, codec, projection, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS"))
+@pytest.mark.parametrize("name", ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH"))
 def test_switches_other_than_0_or_1_raise(name, monkeypatch):
-    """The library would read "true" as off (RESBM_CUDA_WGMMA) or on (RESBM_CUDA_SPLITS):
-    the backend refuses it, naming the switch, before any launch."""
+    """The library would read "true" as off (RESBM_CUDA_WGMMA) or on (RESBM_CUDA_SPLITS,
+    RESBM_CUDA_PREFETCH): the backend refuses it, naming the switch, before any launch."""
     x = torch.randn(37, 128, device=DEVICE).bfloat16()
     w_e = torch.randn(32, 128, device=DEVICE).bfloat16()
     monkeypatch.setenv(name, "true")
@@ -739,6 +739,32 @@ def test_encode_backward(shape, norm, dtype, grad_codec):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), f"{name}: unwritten (poisoned) elements"
         assert rel_err(a, b) <= tol(dtype) * (4 if norm else 1), name
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_dtype", (torch.bfloat16, torch.float32), ids=_ids)
+def test_prefetch_switch_changes_no_result(out_dtype, monkeypatch):
+    """dequant_project asks for its epilogue input (decode forward's residual, encode
+    backward's x) a tile ahead into L2 from k = 64 on: a hint, so RESBM_CUDA_PREFETCH=0
+    gives the same bits (k = 48, KPAD = 64; d = 240: the last tile of 64 columns is
+    partial, where the prefetch must stop)."""
+    n, d, k = 70, 240, 48
+    gen = torch.Generator().manual_seed(21)
+    codec = Codec(bits=8)
+    payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0).to(DEVICE)
+    w = normal(d, k, dtype=torch.bfloat16, scale=k**-0.5, gen=gen, device=DEVICE)
+    residual = normal(n, d, dtype=out_dtype, gen=gen, device=DEVICE)
+    x = normal(n, d, dtype=torch.bfloat16, gen=gen, device=DEVICE)
+    gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("RESBM_CUDA_PREFETCH", switch)
+        h = cuda_call(ops.decode, payload, w, codec, n, residual=residual, out_dtype=out_dtype)
+        grad_x = cuda_call(ops.encode_backward, payload, x, w.t().contiguous(), codec, norm_weight=gamma)[0]
+        results.append((h, grad_x))
+    want = ref.decode_forward(payload.cpu(), w.cpu(), residual.cpu(), codec, n, out_dtype)
+    assert rel_err(results[0][0], want) <= tol(torch.bfloat16)  # (bf16 operands)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @needs_kernels

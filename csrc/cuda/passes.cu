@@ -728,6 +728,7 @@ struct DQArgs {
   const float* stats;    // (n, k+1) encode forward's row statistics [r x (gamma W)^T | r], or null:
                          // with gamma, they replace the pre-pass over x
   int64_t n, d, k;
+  int prefetch;  // set by launch_dq: RESBM_CUDA_PREFETCH (see the epilogue)
 };
 
 template <int DT, int KPAD>
@@ -892,13 +893,25 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
     // The x (RMSNorm) or residual of a chunk is loaded beside its use: loading every chunk
     // of the tile first (2026-11-27) doubled the registers (bf16, k=32: 92 -> 180), so an SM
     // held 2 blocks instead of 5, and on an H100 decode forward at N=65536 took 369 us, not 266
-    // (bench/results/logs/h100-2026-11-27/VERDICT.md).
+    // (bench/results/logs/h100-2026-11-27/VERDICT.md). From KPAD = 64, where shared memory
+    // or registers already hold an SM to 3 blocks or fewer, each chunk also asks for the same
+    // chunk of the next tile into L2 (prefetch.global.L2: no registers held), so that its load
+    // then waits for L2, not memory; at KPAD <= 32 that cost 4 registers, a block per SM
+    // (bf16: 96 -> 100).
     __syncthreads();  // hs is complete
+    const void* epilogue_in = norm ? p.x : p.residual;  // (the C API never passes both)
+    const bool prefetch = KPAD >= 64 && p.prefetch && epilogue_in != nullptr && i + 1 < run.count;
 #pragma unroll 1
     for (int j = 0; j < EPER; ++j) {  // chunk ec of rows er + j * EROWS (the same every tile)
       const int r = er + j * EROWS;
       const int64_t grow = row0 + r, gcol = d0 + ec;
       if (grow >= n || gcol >= d) continue;  // d % 16 == 0: chunks are all in or all out
+      if constexpr (KPAD >= 64) {
+        if (prefetch && gcol + C::BD2 < d) {
+          const int bytes = dtype_bytes(norm ? DT : p.out_dtype);
+          prefetch_l2(static_cast<const unsigned char*>(epilogue_in) + (grow * d + gcol + C::BD2) * bytes);
+        }
+      }
       float v[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = hs[r * C::HLD + ec + e];
@@ -1338,6 +1351,13 @@ bool splits_enabled() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
+// RESBM_CUDA_PREFETCH=0 turns dequant_project's L2 prefetch of its epilogue input off (for
+// comparison); read per launch.
+bool prefetch_enabled() {
+  const char* env = std::getenv("RESBM_CUDA_PREFETCH");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 // d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once each
 // taking about as long per tile as alone: a launch then takes about waves x (run + fixed),
 // waves = ceil(row_blocks x splits / slots), run = ceil(tiles / splits) and fixed a block's
@@ -1396,7 +1416,9 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
   const dim3 grid(unsigned(blocks), unsigned(dq_splits<DT, KPAD>(p, blocks, func, smem)));
-  launch(dequant_project_kernel<DT, KPAD>, grid, kThreads, smem, stream, p);
+  DQArgs args = p;
+  args.prefetch = prefetch_enabled();
+  launch(dequant_project_kernel<DT, KPAD>, grid, kThreads, smem, stream, args);
   return launch_status(fn, name);
 }
 

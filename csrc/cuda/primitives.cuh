@@ -93,6 +93,9 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src,
                "r"(src_bytes));
 }
 
+// Asks for the 128-byte line holding p to be brought into L2: a hint, nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+
 // Closes this thread's open group of cp.async copies.
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 

@@ -123,6 +123,10 @@ inline void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
 
 inline void cp_async_commit() { resbm_emu::cp_async_commit(); }
 
+// prefetch.global.L2: a hint with no effect here, but the address is read, so that the
+// sanitizer builds report a prefetch outside a tensor (on a GPU it would pass silently).
+inline void prefetch_l2(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
+
 template <int N>
 inline void cp_async_wait() {
   resbm_emu::cp_async_wait(N);
