@@ -152,6 +152,19 @@ def test_row_kernels_load_eight_elements_at_a_time(library_sass):
     assert not few, few
 
 
+@needs_cuda_library
+def test_quantize_rows_reduces_four_groups_at_once(library_sass):
+    """quantize_rows (project_quantize's epilogue, and finish_rows_kernel's after a d split)
+    reduces the absmax of four (row, group) units at once, their shuffle chains interleaved:
+    four first-step shuffles (lane offset 16) in the SASS, not one (until 2026-11-27 a warp
+    quantized one group after another, waiting on each group's five shuffles in turn)."""
+    counts = {name: len(re.findall(r"SHFL\.BFLY[^;]*, 0x10,", body)) for name, body in library_sass.items()
+              if re.search(r"(project_quantize|finish_rows)_kernelILi", name)}
+    assert len(counts) == 2 * 3 * len(KPADS) + WGMMA_VARIANTS, sorted(counts)
+    few = {name: n for name, n in counts.items() if n < 4}
+    assert not few, few
+
+
 # ---- CPU-runnable: the C ABI rejects bad arguments ----------------------------------------
 
 

@@ -286,40 +286,62 @@ __device__ __forceinline__ void for_block_elements(Load load, Use use) {
   }
 }
 
-// Quantize + pack `rows` rows of an fp32 z tile (shared memory, leading dim ld)
-// into the payload: one warp per row, lanes across each group (shared codec).
+// Quantize + pack `rows` rows of an fp32 z tile (shared memory, leading dim ld) into the
+// payload with the shared codec functions. bf16 codes: one warp per row. Else one warp per
+// (row, group), lanes across the group, four of them at a time: their absmax reductions'
+// shuffles and their scales' divisions interleave (one group after another, a warp waited on
+// each group's chain of five shuffles and two divisions in turn: 16 a warp at k = 128).
 __device__ void quantize_rows(const float* zs, int ld, int rows, int64_t row0, int64_t n,
                               int64_t k, int bits, int group, int scale_dtype, int stochastic,
                               uint32_t key, uint8_t* codes, void* scales) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int r = warp; r < rows; r += kWarps) {
-    const int64_t grow = row0 + r;
-    if (grow >= n) break;
-    const float* z = zs + r * ld;
-    if (bits == 16) {
-      uint16_t* out = reinterpret_cast<uint16_t*>(codes) + grow * k;
-      for (int c = lane; c < k; c += 32) out[c] = float_to_bf16(z[c]);
-      continue;
+  const int valid_rows = n - row0 < rows ? int(n - row0) : rows;
+  if (bits == 16) {
+    for (int r = warp; r < valid_rows; r += kWarps) {
+      uint16_t* out = reinterpret_cast<uint16_t*>(codes) + (row0 + r) * k;
+      for (int c = lane; c < k; c += 32) out[c] = float_to_bf16(zs[r * ld + c]);
     }
-    const int qmax = qmax_of(bits), per = 8 / bits, nbytes = group / per;
-    const int64_t groups = k / group, row_bytes = k * bits / 8;
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const int c0 = int(gi) * group;
-      float m = 0.0f;
-      for (int j = lane; j < group; j += 32) m = absmax_update(m, z[c0 + j]);
+    return;
+  }
+  constexpr int kUnits = 4;  // (row, group) units a warp quantizes at once
+  const int qmax = qmax_of(bits), per = 8 / bits, nbytes = group / per, groups = int(k) / group;
+  const int64_t row_bytes = k * bits / 8;
+  const int units = valid_rows * groups;
+  for (int u0 = warp; u0 < units; u0 += kWarps * kUnits) {
+    float m[kUnits], inv[kUnits];
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1)
-        m = absmax_update(m, __shfl_xor_sync(0xFFFFFFFFu, m, off));
-      const float s = group_scale(m, qmax, scale_dtype);
-      if (lane == 0) store_float(scales, grow * groups + gi, scale_dtype, s);  // non-finite shows
-      const float inv = inv_scale(s);
-      uint8_t* out = codes + grow * row_bytes + gi * nbytes;
+    for (int t = 0; t < kUnits; ++t) {
+      const int u = u0 + t * kWarps;  // (warp-uniform)
+      const float* z = zs + (u / groups) * ld + (u % groups) * group;
+      m[t] = 0.0f;
+      if (u < units) {
+        for (int j = lane; j < group; j += 32) m[t] = absmax_update(m[t], z[j]);
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+      for (int t = 0; t < kUnits; ++t) m[t] = absmax_update(m[t], __shfl_xor_sync(0xFFFFFFFFu, m[t], off));
+    }
+#pragma unroll
+    for (int t = 0; t < kUnits; ++t) {
+      const float s = group_scale(m[t], qmax, scale_dtype);
+      inv[t] = inv_scale(s);
+      const int u = u0 + t * kWarps, r = u / groups, gi = u % groups;
+      if (u < units && lane == 0) store_float(scales, (row0 + r) * groups + gi, scale_dtype, s);  // non-finite shows
+    }
+#pragma unroll
+    for (int t = 0; t < kUnits; ++t) {
+      const int u = u0 + t * kWarps, r = u / groups, c0 = (u % groups) * group;
+      if (u >= units) break;
+      const int64_t grow = row0 + r;
+      uint8_t* out = codes + grow * row_bytes + c0 / per;
       for (int b = lane; b < nbytes; b += 32) {
         uint8_t byte = 0;
         for (int j = 0; j < per; ++j) {
           const int c = c0 + b * per + j;
-          const float u = stochastic ? uniform(uint32_t(grow * k + c), key) : 0.0f;
-          byte |= pack_field(quantize_value(z[c], inv, qmax, stochastic != 0, u), j, bits);
+          const float u01 = stochastic ? uniform(uint32_t(grow * k + c), key) : 0.0f;
+          byte |= pack_field(quantize_value(zs[r * ld + c], inv[t], qmax, stochastic != 0, u01), j, bits);
         }
         out[b] = byte;
       }
