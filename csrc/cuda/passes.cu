@@ -312,9 +312,9 @@ __device__ void quantize_rows(const float* zs, int ld, int rows, int64_t row0, i
 #pragma unroll
     for (int t = 0; t < kUnits; ++t) {
       const int u = u0 + t * kWarps;  // (warp-uniform)
-      const float* z = zs + (u / groups) * ld + (u % groups) * group;
       m[t] = 0.0f;
       if (u < units) {
+        const float* z = zs + (u / groups) * ld + (u % groups) * group;
         for (int j = lane; j < group; j += 32) m[t] = absmax_update(m[t], z[j]);
       }
     }
