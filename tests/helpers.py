@@ -264,12 +264,11 @@ def sass_functions(sass: str) -> dict[str, str]:
     return {parts[i]: parts[i + 1] for i in range(1, len(parts), 2)}
 
 
-def main_loops(sass: str, *, steady: bool = False) -> list[int]:
-    """Static instruction counts of the loops of one kernel's SASS (nvdisasm
-    output: a backward branch to an earlier label) that hold tensor-core
-    instructions, innermost first. ``steady``: without the code a forward
-    branch inside the loop can jump over (a path some iterations or programs
-    skip, such as the identity path only the first d tiles take)."""
+def _tensor_core_loops(sass: str):
+    """(instructions, loops, targets) of one kernel's SASS (nvdisasm output):
+    the (first, last) instruction index of each loop (a backward branch to an
+    earlier label) holding tensor-core instructions, innermost first, and each
+    instruction's branch target index (None where it does not branch to a label)."""
     import re
 
     labels, body = {}, []
@@ -283,20 +282,38 @@ def main_loops(sass: str, *, steady: bool = False) -> list[int]:
             body.append(ins.group(1))
     targets = [labels.get(m.group(1)) if m else None
                for m in (re.search(r"\bBRA\b.*?(\.L_x_\d+)", ins) for ins in body)]
-    loops = []
-    for end, target in enumerate(targets):
-        if target is None or target > end:
-            continue
-        start = target
-        if not any(re.search(r"\bH(?:G)?MMA\.", x) for x in body[start:end + 1]):
-            continue
+    loops = [(target, end) for end, target in enumerate(targets)
+             if target is not None and target <= end
+             and any(re.search(r"\bH(?:G)?MMA\.", x) for x in body[target:end + 1])]
+    return body, loops, targets
+
+
+def main_loops(sass: str, *, steady: bool = False) -> list[int]:
+    """Static instruction counts of the loops of one kernel's SASS that hold
+    tensor-core instructions, innermost first. ``steady``: without the code a
+    forward branch inside the loop can jump over (a path some iterations or
+    programs skip, such as the identity path only the first d tiles take)."""
+    body, loops, targets = _tensor_core_loops(sass)
+    counts = []
+    for start, end in loops:
         skipped = set()
         if steady:
             for i in range(start, end):
                 if targets[i] is not None and i < targets[i] <= end:
                     skipped.update(range(i + 1, targets[i]))
-        loops.append(end + 1 - start - len(skipped))
-    return loops
+        counts.append(end + 1 - start - len(skipped))
+    return counts
+
+
+def loads_before_main_loop(sass: str) -> int:
+    """Global loads (LDG; not cp.async's LDGSTS) in the code before a kernel's
+    first tensor-core loop: its prologue, which every program runs before
+    it streams anything (the whole kernel if it has no such loop)."""
+    import re
+
+    body, loops, _ = _tensor_core_loops(sass)
+    start = min((first for first, _ in loops), default=len(body))
+    return sum(1 for ins in body[:start] if re.search(r"\bLDG\.", ins))
 
 
 # ---- where the CUDA library's kernels run: the GPU, else the CPU emulator (libresbm_cuda_emu) ----

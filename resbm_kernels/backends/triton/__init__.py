@@ -103,9 +103,10 @@ def _group_problem(codec: Codec, k: int) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
 def _group_reshape(codec: Codec, k: int) -> int:
     """Group width the kernels reshape by: the group if a power of two, the
-    padded row when the group is the whole row."""
+    padded row when the group is the whole row (cached: every call asks)."""
     why = _group_problem(codec, k)
     if why:
         raise ValueError(f"triton backend: {why}")
@@ -174,11 +175,12 @@ def _fold_norm(w, gamma, dtype):
 def _quantize_launch(codec: Codec, n: int, k: int, has_norm: bool, write_stats: bool, z_codec: Codec | None):
     """What a projection launch takes that depends only on its shape and
     codecs (cached: every call asks): the payload's (groups per row, scales
-    offset, Z payload's group, its scales offset), header words, constexpr flags."""
-    z_args = (z_codec.group(k), _scales_at(z_codec, n, k)) if z_codec is not None else (1, 0)
+    offset, Z payload's scales offset), header words, constexpr flags."""
+    z_args = (_scales_at(z_codec, n, k),) if z_codec is not None else (0,)
     flags = dict(HAS_NORM=has_norm, BITS=codec.bits, GROUP_RESHAPE=_group_reshape(codec, k),
                  SCALE_KIND=_KINDS[codec.scale_dtype], STOCHASTIC=codec.stochastic,
                  ZBITS=z_codec.bits if z_codec is not None else 0,
+                 ZGROUP=_group_reshape(z_codec, k) if z_codec is not None else _block_k(k),
                  ZSCALE_KIND=_KINDS[z_codec.scale_dtype] if z_codec is not None else 0,
                  WRITE_STATS=write_stats, BLOCK_K=_block_k(k))
     return (k // codec.group(k), _scales_at(codec, n, k), *z_args), header_words(codec, n, k), flags
@@ -297,8 +299,9 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
     dequant_project_kernel[grid](
         payload, w, res if res is not None else out, out, r, gamma, alpha, z, wgrad_partials,
-        n, d, k, codec.group(k), _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
-        out.stride(0), chunk_rows, BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype],
+        n, d, k, _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
+        out.stride(0), chunk_rows, BITS=codec.bits, GROUP=_group_reshape(codec, k),
+        SCALE_KIND=_KINDS[codec.scale_dtype],
         HAS_RES=residual is not None, HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype], SPLIT_D=splits > 1,
         FUSED_WGRAD=wgrad is not None, BLOCK_K=_block_k(k), **_common(w.device),
     )
@@ -319,8 +322,9 @@ def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps, stats):
     w = _fold_norm(w_e, gamma, x.dtype) if gamma is not None and not has_stats else w_e
     grad_operand_kernel[_rows_grid(n)](
         grad_payload, x, w, stats if has_stats else z, z, r if r is not None else z, alpha if alpha is not None else z,
-        n, d, k, codec.group(k), _scales_at(codec, n, k), x.stride(0), w.stride(0), w.stride(1),
-        stats.stride(0) if has_stats else 0, eps, BITS=codec.bits, SCALE_KIND=_KINDS[codec.scale_dtype],
+        n, d, k, _scales_at(codec, n, k), x.stride(0), w.stride(0), w.stride(1),
+        stats.stride(0) if has_stats else 0, eps, BITS=codec.bits, GROUP=_group_reshape(codec, k),
+        SCALE_KIND=_KINDS[codec.scale_dtype],
         HAS_NORM=gamma is not None, HAS_STATS=has_stats, BLOCK_K=_block_k(k), **_common(x.device),
     )
     return z, r, alpha

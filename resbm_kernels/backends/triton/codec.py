@@ -164,17 +164,58 @@ def store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS: tl.constexpr):
 
 
 @triton.jit
-def load_payload(codes_ptr, scales_ptr, rows, cols, n, k, group, BITS: tl.constexpr):
-    """Unpack + dequantize the payload values at rows (R, 1) x cols (1, C) into
-    an fp32 (R, C) tile, 0 outside rows < n, cols < k. Any group dividing k."""
-    mask = (rows < n) & (cols < k)
-    rows64 = rows.to(tl.int64)
+def signed_field(b, p: tl.constexpr, BITS: tl.constexpr):
+    """Field p (bits p * BITS ..) of bytes ``b`` (int32), sign-extended: moved
+    to the top of the int32 and shifted back arithmetically."""
+    return (b << (32 - BITS - p * BITS)) >> (32 - BITS)
+
+
+@triton.jit
+def load_payload(codes_ptr, scales_ptr, rows, c0, n, k, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """Unpack + dequantize payload columns c0 .. c0 + BLOCK_C of ``rows`` into an
+    fp32 (len(rows), BLOCK_C) tile, 0 outside rows < n, columns < k. GROUP: the
+    scale group, a power of two, or one scale per row (a power of two >= k, as
+    store_payload's GROUP_RESHAPE); c0 a multiple of BLOCK_C.
+
+    The packed bytes and the scales are loaded as the tiles they are in memory
+    (wide loads along each row), then spread over the columns in registers:
+    the codes' fields interleaved, a group's scale by a reshape (as store_payload
+    packs). Loaded one element at a time, each from its own byte and scale
+    address, a 64-row tile took up to 68 loads and ~2000 instructions a thread
+    at k=128 (sm_90), in the prologue that every program of a launch runs at once."""
+    row_ok = (rows < n)[:, None]
+    rows64 = rows.to(tl.int64)[:, None]
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = (cols < k)[None, :]
     if BITS == 16:
-        return tl.load(codes_ptr + rows64 * k + cols, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(codes_ptr + rows64 * k + cols[None, :], mask=row_ok & col_ok, other=0.0).to(tl.float32)
     else:
         PER: tl.constexpr = 8 // BITS
-        byte = tl.load(codes_ptr + rows64 * (k // PER) + cols // PER, mask=mask, other=0)
-        field = (byte.to(tl.int32) >> ((cols % PER) * BITS)) & ((1 << BITS) - 1)
-        q = field - ((field >> (BITS - 1)) << BITS)
-        s = tl.load(scales_ptr + rows64 * (k // group) + cols // group, mask=mask, other=0.0)
-        return q.to(tl.float32) * s.to(tl.float32)
+        bcols = tl.arange(0, BLOCK_C // PER)
+        row_bytes = k // PER
+        byte = tl.load(codes_ptr + c0 // PER + rows64 * row_bytes + bcols[None, :],
+                       mask=row_ok & (bcols < row_bytes - c0 // PER)[None, :], other=0).to(tl.int8, bitcast=True)
+        # field p of byte b is column b * PER + p
+        if PER == 1:
+            q = byte.to(tl.float32)
+        elif PER == 2:
+            b = byte.to(tl.int32)
+            q = tl.interleave(signed_field(b, 0, BITS), signed_field(b, 1, BITS)).to(tl.float32)
+        else:
+            b = byte.to(tl.int32)
+            q = tl.interleave(tl.interleave(signed_field(b, 0, BITS), signed_field(b, 2, BITS)),
+                              tl.interleave(signed_field(b, 1, BITS), signed_field(b, 3, BITS))).to(tl.float32)
+        n_groups = tl.cdiv(k, GROUP)  # scales per row
+        if GROUP >= BLOCK_C:  # the tile's columns share one scale per row
+            s = tl.load(scales_ptr + rows.to(tl.int64) * n_groups + c0 // GROUP, mask=(rows < n) & (c0 < k),
+                        other=0.0)
+            v = q * s.to(tl.float32)[:, None]
+        else:
+            NG: tl.constexpr = BLOCK_C // GROUP
+            groups = c0 // GROUP + tl.arange(0, NG)
+            s = tl.load(scales_ptr + rows64 * n_groups + groups[None, :], mask=row_ok & (groups < n_groups)[None, :],
+                        other=0.0)
+            v = tl.reshape(tl.reshape(q, (rows.shape[0], NG, GROUP)) * s.to(tl.float32)[:, :, None],
+                           (rows.shape[0], BLOCK_C))
+        return tl.where(col_ok, v, 0.0)  # (a row's one scale also reaches its padding columns)

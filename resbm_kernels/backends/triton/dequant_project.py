@@ -27,14 +27,15 @@ from .weight_grad import fused_row_block
 @triton.jit(do_not_specialize=["n"])
 def dequant_project_kernel(
     payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, z_ptr, wgrad_ptr,
-    n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out, chunk_rows,
-    BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
-    OUT_KIND: tl.constexpr,
+    n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out, chunk_rows,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_NORM: tl.constexpr, OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix, zhat
-    the payload (scales of SCALE_KIND at byte ``scales_at``).
+    the payload (scales of SCALE_KIND at byte ``scales_at``, one per GROUP
+    columns: see codec.load_payload).
 
     HAS_NORM (encode backward through RMSNorm, residual = x):
     out = gamma * ((r * zhat) @ W) - alpha * x + pad_d(zhat).
@@ -49,16 +50,16 @@ def dequant_project_kernel(
                                       UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if work:
         dequant_project_block(payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, block,
-                              n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out,
-                              BITS, SCALE_KIND, HAS_RES, HAS_NORM, OUT_KIND, EVEN_D, SPLIT_D, UPCAST, PRECISION,
+                              n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out,
+                              BITS, GROUP, SCALE_KIND, HAS_RES, HAS_NORM, OUT_KIND, EVEN_D, SPLIT_D, UPCAST, PRECISION,
                               BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
 def dequant_project_block(
     payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, block,
-    n, d, k, group, scales_at, stride_wk, stride_wd, stride_res, stride_out,
-    BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
+    n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
     OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -70,7 +71,7 @@ def dequant_project_block(
     if SPLIT_D:
         d_begin, d_end = d_range(d, BLOCK_D)
     codes_ptr, scales_ptr = payload_pointers(payload_ptr, scales_at, BITS, SCALE_KIND)
-    zhat = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
+    zhat = load_payload(codes_ptr, scales_ptr, rows, 0, n, k, BITS, GROUP, BLOCK_K)
     if HAS_NORM:
         zhat = zhat * tl.load(r_ptr + rows, mask=rows < n, other=0.0)[:, None]
         alpha = tl.load(alpha_ptr + rows, mask=rows < n, other=0.0)
@@ -93,7 +94,7 @@ def dequant_project_block(
             h = h * g[None, :] - x * alpha[:, None]
         if d0 < k:
             # identity path: re-dequantize the (cache-hot) payload columns d0..
-            h += load_payload(codes_ptr, scales_ptr, rows[:, None], dcols[None, :], n, k, group, BITS)
+            h += load_payload(codes_ptr, scales_ptr, rows, d0, n, k, BITS, GROUP, BLOCK_D)
         if HAS_RES:
             h += x
         mask = tile_mask(rows, dcols, n, d, EVEN_D)

@@ -30,17 +30,18 @@ from .tiles import inv_rms, load_row_stats, project_rows, store_operand
 @triton.jit(do_not_specialize=["n"])
 def grad_operand_kernel(
     payload_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, r_ptr, alpha_ptr,
-    n, d, k, group, scales_at, stride_a, stride_wk, stride_wd, stride_stats, eps,
-    BITS: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr, EVEN_D: tl.constexpr,
+    n, d, k, scales_at, stride_a, stride_wk, stride_wd, stride_stats, eps,
+    BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_NORM: tl.constexpr,
+    HAS_STATS: tl.constexpr, EVEN_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Z[rows] = r * g_z and, with the norm, r[rows] and alpha[rows] (A = x, W = gamma * w_e);
-    g_z from the gradient payload (scales of SCALE_KIND at byte ``scales_at``)."""
+    g_z from the gradient payload (scales of SCALE_KIND at byte ``scales_at``, one per GROUP
+    columns)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     codes_ptr, scales_ptr = payload_pointers(payload_ptr, scales_at, BITS, SCALE_KIND)
-    g_z = load_payload(codes_ptr, scales_ptr, rows[:, None], kcols[None, :], n, k, group, BITS)
     if HAS_NORM:
         if HAS_STATS:
             p, r = load_row_stats(stats_ptr, stride_stats, rows, kcols, n, k)
@@ -49,6 +50,9 @@ def grad_operand_kernel(
                                     True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
             r = inv_rms(sumsq, d, eps)
             p = s * r[:, None]
+    # (after the loop over x: held through it, the tile took (BLOCK_N, k) registers more there)
+    g_z = load_payload(codes_ptr, scales_ptr, rows, 0, n, k, BITS, GROUP, BLOCK_K)
+    if HAS_NORM:
         alpha = tl.math.div_rn(r * r * tl.sum(g_z * p, axis=1), tl.full(r.shape, d, tl.float32))
         tl.store(alpha_ptr + rows, alpha, mask=rows < n)
         tl.store(r_ptr + rows, r, mask=rows < n)

@@ -33,10 +33,11 @@ from .weight_grad import fused_row_block
 @triton.jit(do_not_specialize=["n", "key", "hdr2"])
 def project_quantize_kernel(
     a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, wgrad_ptr,
-    n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
+    n, d, k, n_groups, scales_at, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
     hdr0, hdr1, hdr2, hdr3, chunk_rows,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
+    ZSCALE_KIND: tl.constexpr,
     WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -48,8 +49,8 @@ def project_quantize_kernel(
 
     The payload's scales start at byte ``scales_at`` (see payload_pointers).
     ZBITS > 0 (decode backward): also Z[rows] = dequantize(zpayload), the
-    forward payload of ZBITS bits, scale group ``zgroup``, scales of
-    ZSCALE_KIND at byte ``zscales_at``.
+    forward payload of ZBITS bits, scale group ZGROUP (see codec.load_payload),
+    scales of ZSCALE_KIND at byte ``zscales_at``.
     WRITE_STATS (with the norm): also stats[rows] = [r * (A @ W^T) | r].
     SPLIT_D: only this program's partial [A @ W^T | sum of squares] over its
     run of d, into part[program_id(1)] (see finish_rows_kernel).
@@ -64,19 +65,20 @@ def project_quantize_kernel(
                                       UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if work:
         project_block(a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, block,
-                      n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd,
+                      n, d, k, n_groups, scales_at, zscales_at, stride_a, stride_wk, stride_wd,
                       stride_stats, eps, key, hdr0, hdr1, hdr2, hdr3,
-                      HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, ZBITS, ZSCALE_KIND, WRITE_STATS,
-                      EVEN_D, SPLIT_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+                      HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, ZBITS, ZGROUP, ZSCALE_KIND,
+                      WRITE_STATS, EVEN_D, SPLIT_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
 def project_block(
     a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, block,
-    n, d, k, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
+    n, d, k, n_groups, scales_at, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
     hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
+    ZSCALE_KIND: tl.constexpr,
     WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -85,7 +87,7 @@ def project_block(
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0 and not SPLIT_D:
-        store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, zgroup, ZBITS, ZSCALE_KIND)
+        store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, ZBITS, ZGROUP, ZSCALE_KIND, BLOCK_K)
     if SPLIT_D:
         d_begin, d_end = d_range(d, BLOCK_D)
         acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_begin, d_end,
@@ -105,10 +107,11 @@ def project_block(
 @triton.jit(do_not_specialize=["n", "key", "hdr2"])
 def finish_rows_kernel(
     a_ptr, part_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr,
-    n, d, k, splits, n_groups, scales_at, zgroup, zscales_at, stride_a, stride_stats, eps, key,
+    n, d, k, splits, n_groups, scales_at, zscales_at, stride_a, stride_stats, eps, key,
     hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZSCALE_KIND: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
+    ZSCALE_KIND: tl.constexpr,
     WRITE_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The rest of project_quantize_kernel after a SPLIT_D launch: the sum of
@@ -117,7 +120,7 @@ def finish_rows_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0:
-        store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, zgroup, ZBITS, ZSCALE_KIND)
+        store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, ZBITS, ZGROUP, ZSCALE_KIND, BLOCK_K)
     if tl.program_id(0) == 0:
         store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -153,9 +156,9 @@ def quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr, n,
 
 
 @triton.jit
-def store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, zgroup, ZBITS: tl.constexpr,
-                    ZSCALE_KIND: tl.constexpr):
+def store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
+                    ZSCALE_KIND: tl.constexpr, BLOCK_K: tl.constexpr):
     """Decode backward's Z[rows] = dequantize(forward payload rows)."""
     zcodes_ptr, zscales_ptr = payload_pointers(zpayload_ptr, zscales_at, ZBITS, ZSCALE_KIND)
-    zhat = load_payload(zcodes_ptr, zscales_ptr, rows[:, None], kcols[None, :], n, k, zgroup, ZBITS)
+    zhat = load_payload(zcodes_ptr, zscales_ptr, rows, 0, n, k, ZBITS, ZGROUP, BLOCK_K)
     store_operand(z_ptr, rows, kcols, n, k, zhat)
