@@ -448,7 +448,7 @@ def test_payload_tiles_loaded_whole(report):
     and each row's scale come in wide loads, at least 4 bytes of codes a load on
     average (codec.load_payload). Loaded one element at a time, each with its own
     byte and scale address, a 64 x 64 4-warp program took 17 / 34 / 68 loads a
-    thread at k = 32 / 64 / 128 (int8; 2 / 4 / 8 now) and about twice the
+    thread at k = 32 / 64 / 128 (int8; 2 / 4 / 8 now) and 2-3x the prologue's
     instructions, and with Triton 3.6 223 registers at k=64 (now 104)."""
     checked = 0
     for r in report:
