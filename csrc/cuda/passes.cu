@@ -363,28 +363,30 @@ struct PrepArgs {
   void* lo;  // null: hi only (the operand is exact in the input dtype)
 };
 
-// hi / lo (rows, cols) row-major: element (r, c) = split(value(r, c)) for r < rows_valid and
-// c < cols_valid, else 0; lo null: hi alone. A grid-stride loop over every element.
-template <int DT, typename Value>
-__device__ __forceinline__ void write_operand(void* hi, void* lo, int64_t rows, int64_t cols,
-                                              int64_t rows_valid, int64_t cols_valid, Value value) {
+// Element i of a tensor-core operand held as hi (+ lo) arrays: v split into the operand
+// type (lo null: hi alone, v rounded).
+template <int DT>
+__device__ __forceinline__ void store_operand_element(void* hi, void* lo, int64_t i, float v) {
   using E = typename Operand<DT>::E;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * cols;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / cols, c = i % cols;
-    E h, l;
-    split1<DT>(r < rows_valid && c < cols_valid ? value(r, c) : 0.0f, h, l);
-    static_cast<E*>(hi)[i] = h;
-    if (lo != nullptr) static_cast<E*>(lo)[i] = l;
-  }
+  E h, l;
+  split1<DT>(v, h, l);
+  static_cast<E*>(hi)[i] = h;
+  if (lo != nullptr) static_cast<E*>(lo)[i] = l;
 }
 
+// A grid-stride loop over the (rows, cols) elements of the prepared weights (see PrepArgs).
 template <int DT>
 __global__ void prepare_operand_kernel(const PrepArgs p) {
-  write_operand<DT>(p.hi, p.lo, p.rows, p.cols, p.rows_valid, p.cols_valid, [&](int64_t r, int64_t c) {
-    const float v = load_float(p.w, r * p.s_r + c * p.s_c, DT);
-    return p.gamma != nullptr ? v * load_float(p.gamma, c, DT) : v;
-  });
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < p.rows * p.cols;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / p.cols, c = i % p.cols;
+    float v = 0.0f;
+    if (r < p.rows_valid && c < p.cols_valid) {
+      v = load_float(p.w, r * p.s_r + c * p.s_c, DT);
+      if (p.gamma != nullptr) v = v * load_float(p.gamma, c, DT);
+    }
+    store_operand_element<DT>(p.hi, p.lo, i, v);
+  }
 }
 
 // The projection loop shared by project_quantize and the RMSNorm pre-pass of
@@ -993,7 +995,6 @@ struct WeightOperandLoads {
 template <int DT, int KPAD>
 __global__ void __launch_bounds__(kThreads) weight_operand_kernel(const WOArgs p) {
   using C = WoCfg<DT, KPAD>;
-  using E = typename Operand<DT>::E;
   RESBM_DYNAMIC_SMEM(smem);
   float* zt = reinterpret_cast<float*>(smem);  // [KPAD][LD]: zt[c][r] = rscale[r] * zhat[r][c]
   const int64_t row0 = int64_t(blockIdx.x) * C::BN;
@@ -1019,11 +1020,7 @@ __global__ void __launch_bounds__(kThreads) weight_operand_kernel(const WOArgs p
   __syncthreads();
   for (int i = threadIdx.x; i < KPAD * C::BN; i += kThreads) {
     const int c = i / C::BN, r = i % C::BN;
-    if (row0 + r >= p.npad) continue;
-    E h, l;
-    split1<DT>(zt[c * C::LD + r], h, l);
-    static_cast<E*>(p.zhi)[c * p.npad + row0 + r] = h;
-    if (p.zlo != nullptr) static_cast<E*>(p.zlo)[c * p.npad + row0 + r] = l;
+    if (row0 + r < p.npad) store_operand_element<DT>(p.zhi, p.zlo, c * p.npad + row0 + r, zt[c * C::LD + r]);
   }
 }
 
@@ -1367,18 +1364,14 @@ int blocks_at_once(const void* func, size_t smem) {
   return blocks;
 }
 
-// RESBM_CUDA_SPLITS=0 keeps one block per row block (for comparison); read per launch.
-bool splits_enabled() {
-  const char* env = std::getenv("RESBM_CUDA_SPLITS");
+// A switch that is on unless its environment variable is "0", read per launch (for
+// comparisons): RESBM_CUDA_SPLITS=0 keeps one block per row block, RESBM_CUDA_PREFETCH=0 turns
+// dequant_project's L2 prefetch of its epilogue input off.
+bool on_unless_zero(const char* name) {
+  const char* env = std::getenv(name);
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
-
-// RESBM_CUDA_PREFETCH=0 turns dequant_project's L2 prefetch of its epilogue input off (for
-// comparison); read per launch.
-bool prefetch_enabled() {
-  const char* env = std::getenv("RESBM_CUDA_PREFETCH");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
+bool splits_enabled() { return on_unless_zero("RESBM_CUDA_SPLITS"); }
 
 // d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once each
 // taking about as long per tile as alone: a launch then takes about waves x (run + fixed),
@@ -1439,7 +1432,7 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
   const dim3 grid(unsigned(blocks), unsigned(dq_splits<DT, KPAD>(p, blocks, func, smem)));
   DQArgs args = p;
-  args.prefetch = prefetch_enabled();
+  args.prefetch = on_unless_zero("RESBM_CUDA_PREFETCH");
   launch(dequant_project_kernel<DT, KPAD>, grid, kThreads, smem, stream, args);
   return launch_status(fn, name);
 }

@@ -185,18 +185,20 @@ def load_payload(codes_ptr, scales_ptr, rows, c0, n, k, BITS: tl.constexpr, GROU
     address, a 64-row tile at k=128 took 68 (int8) / 128 (int4) loads a thread
     and 1400-2400 instructions (sm_90), in the prologue that every program of a
     launch runs at once."""
-    row_ok = (rows < n)[:, None]
-    rows64 = rows.to(tl.int64)[:, None]
+    row_ok = rows < n
+    rows64 = rows.to(tl.int64)
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = (cols < k)[None, :]
     if BITS == 16:
-        return tl.load(codes_ptr + rows64 * k + cols[None, :], mask=row_ok & col_ok, other=0.0).to(tl.float32)
+        return tl.load(codes_ptr + rows64[:, None] * k + cols[None, :], mask=row_ok[:, None] & col_ok,
+                       other=0.0).to(tl.float32)
     else:
         PER: tl.constexpr = 8 // BITS
         bcols = tl.arange(0, BLOCK_C // PER)
         row_bytes = k // PER
-        byte = tl.load(codes_ptr + c0 // PER + rows64 * row_bytes + bcols[None, :],
-                       mask=row_ok & (bcols < row_bytes - c0 // PER)[None, :], other=0).to(tl.int8, bitcast=True)
+        byte = tl.load(codes_ptr + c0 // PER + rows64[:, None] * row_bytes + bcols[None, :],
+                       mask=row_ok[:, None] & (bcols < row_bytes - c0 // PER)[None, :],
+                       other=0).to(tl.int8, bitcast=True)
         # field p of byte b is column b * PER + p
         if PER == 1:
             q = byte.to(tl.float32)
@@ -209,14 +211,13 @@ def load_payload(codes_ptr, scales_ptr, rows, c0, n, k, BITS: tl.constexpr, GROU
                               tl.interleave(signed_field(b, 1, BITS), signed_field(b, 3, BITS))).to(tl.float32)
         n_groups = tl.cdiv(k, GROUP)  # scales per row
         if GROUP >= BLOCK_C:  # the tile's columns share one scale per row
-            s = tl.load(scales_ptr + rows.to(tl.int64) * n_groups + c0 // GROUP, mask=(rows < n) & (c0 < k),
-                        other=0.0)
+            s = tl.load(scales_ptr + rows64 * n_groups + c0 // GROUP, mask=row_ok & (c0 < k), other=0.0)
             v = q * s.to(tl.float32)[:, None]
         else:
             NG: tl.constexpr = BLOCK_C // GROUP
             groups = c0 // GROUP + tl.arange(0, NG)
-            s = tl.load(scales_ptr + rows64 * n_groups + groups[None, :], mask=row_ok & (groups < n_groups)[None, :],
-                        other=0.0)
+            s = tl.load(scales_ptr + rows64[:, None] * n_groups + groups[None, :],
+                        mask=row_ok[:, None] & (groups < n_groups)[None, :], other=0.0)
             v = tl.reshape(tl.reshape(q, (rows.shape[0], NG, GROUP)) * s.to(tl.float32)[:, :, None],
                            (rows.shape[0], BLOCK_C))
         return tl.where(col_ok, v, 0.0)  # (a row's one scale also reaches its padding columns)
