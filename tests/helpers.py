@@ -316,6 +316,16 @@ def loads_before_main_loop(sass: str) -> int:
     return sum(1 for ins in body[:start] if re.search(r"\bLDG\.", ins))
 
 
+def loads_before_first(sass: str, opcode: str) -> int:
+    """Global loads (LDG) a kernel issues before its first ``opcode`` instruction
+    (e.g. FADD: the loads a reduction has in flight before it waits for one)."""
+    import re
+
+    body, _, _ = _tensor_core_loops(sass)
+    first = next((i for i, ins in enumerate(body) if re.search(rf"\b{opcode}\b", ins)), len(body))
+    return sum(1 for ins in body[:first] if re.search(r"\bLDG\.", ins))
+
+
 # ---- where the CUDA library's kernels run: the GPU, else the CPU emulator (libresbm_cuda_emu) ----
 
 def _cuda_kernels():
@@ -384,11 +394,11 @@ def training_pass_calls(backend, device, weights=torch.bfloat16) -> dict:
 FINISH_LAYOUTS = ("decoder", "encoder", "encoder-norm")
 
 
-def exact_finish_case(layout: str, dtype):
+def exact_finish_case(layout: str, dtype, splits: int = 3):
     """Inputs of a weight-gradient finishing kernel on which every sum is exact in
     any order (integers) while the results need rounding to 16 bits: (partials
-    over 3 splits, transpose, w_e, gamma or None); k and d not powers of two."""
-    splits, k, d = 3, 48, 80
+    over ``splits`` splits, transpose, w_e, gamma or None); k and d not powers of two."""
+    k, d = 48, 80
     gen = torch.Generator().manual_seed(11)
     transpose, norm = layout == "decoder", layout == "encoder-norm"
     partial = torch.randint(-3000, 3000, (splits, d, k) if transpose else (splits, k, d), generator=gen).float()

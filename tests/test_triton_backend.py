@@ -370,13 +370,16 @@ def test_backward_row_splits(monkeypatch, n, splits):
         assert rel_err(a, b) <= 4 * tol(torch.bfloat16), name
 
 
+@pytest.mark.parametrize("splits", [3, 2 * tb.WGRAD_SPLITS + 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("layout", FINISH_LAYOUTS)
-def test_finish_weight_grad_exact(layout, dtype):
+def test_finish_weight_grad_exact(layout, dtype, splits):
     """The kernel that finishes a weight gradient from its row-split partials,
     bit for bit against torch on exact inputs (see exact_finish_case): the sum
-    over the splits and, through RMSNorm, M * gamma and grad_gamma = sum_c W_e * M."""
-    partial, transpose, w_e, gamma = exact_finish_case(layout, dtype)
+    over the splits and, through RMSNorm, M * gamma and grad_gamma = sum_c W_e * M.
+    More splits than it loads at once (the fused passes' chunks): the loop over
+    groups of them, the last group partly past the end."""
+    partial, transpose, w_e, gamma = exact_finish_case(layout, dtype, splits)
     want = finish_weight_grad_reference(partial, dtype, w_e, gamma)
     encoder = (w_e.to(DEVICE), gamma.to(DEVICE)) if gamma is not None else ()
     got = to_device(tb._finish_weight_grad(partial.to(DEVICE), transpose, dtype, *encoder), "cpu")

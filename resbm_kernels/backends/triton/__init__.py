@@ -70,6 +70,7 @@ TILE_KINDS = dict(project_quantize="project", dequant_project="dequant", grad_op
 # on: the backward passes form their weight gradients in their main kernel's launch (weight_grad.fused_row_block)
 FUSED_WGRAD_SWITCH = "RESBM_TRITON_FUSED_WGRAD"
 FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
+WGRAD_SPLITS = 8  # row splits of the weight-gradient pass on a GPU, all loaded at once by its finish
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
 
@@ -238,7 +239,8 @@ def _weight_grad(a, z, transpose: bool):
     n, d = a.shape
     k = z.shape[1]
     # one split under the interpreter (its cost grows with the number of programs)
-    partial = fast.weight_grad_partials(n, d, k, transpose, a.device, max_splits=1 if a.device.type == "cpu" else 8)
+    max_splits = 1 if a.device.type == "cpu" else WGRAD_SPLITS
+    partial = fast.weight_grad_partials(n, d, k, transpose, a.device, max_splits=max_splits)
     splits = partial.shape[0]
     if n == 0:
         return partial[:0]
@@ -250,11 +252,15 @@ def _weight_grad(a, z, transpose: bool):
     return partial
 
 
-def finish_weight_grad_block_d(d: int, k: int) -> int:
-    """BLOCK_D of finish_weight_grad_kernel: (k, BLOCK_D) fp32 tiles of at most 4096
-    elements (32 registers per thread), narrow enough for about 128 programs."""
-    programs_wide = 1 << max(0, (d // 128).bit_length() - 1)  # d / 128, rounded down to a power of two
-    return max(16, min(4096 // _block_k(k), programs_wide))
+def finish_weight_grad_launch(k: int, splits: int) -> dict:
+    """Launch constants of finish_weight_grad_kernel: (k, 16) tiles (64-byte runs of
+    the (k, d) partials; 256 programs at d=4096), one warp per 16 rows of k, so
+    that each thread holds 8 values of a tile, AT_ONCE tiles in one load (the
+    splits rounded up to a power of two, at most WGRAD_SPLITS): 64 values in
+    flight a thread on a GPU."""
+    block_k = _block_k(k)
+    at_once = min(WGRAD_SPLITS, 1 << max(0, splits - 1).bit_length())
+    return dict(AT_ONCE=at_once, BLOCK_K=block_k, BLOCK_D=16, num_warps=block_k // 16)
 
 
 def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
@@ -272,11 +278,11 @@ def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
         norm_args = (w_e, gamma, grad_gamma, *w_e.stride())
     w, g, gg, stride_wk, stride_wd = norm_args
     strides = (1, k) if transpose else (d, 1)  # (k, d) index strides of the partials and of out
-    block_d = finish_weight_grad_block_d(d, k)
-    finish_weight_grad_kernel[(configs.cdiv(d, block_d),)](
+    launch = finish_weight_grad_launch(k, splits)
+    finish_weight_grad_kernel[(configs.cdiv(d, launch["BLOCK_D"]),)](
         partial, w, g, out, gg, splits, d, k, partial.stride(0), *strides, stride_wk, stride_wd, *strides,
         HAS_NORM=gamma is not None, OUT_KIND=_KINDS[dtype], GAMMA_KIND=_KINDS[gamma.dtype] if gamma is not None else 0,
-        BLOCK_K=_block_k(k), BLOCK_D=block_d, num_warps=4,
+        **launch,
     )
     return out, grad_gamma
 
