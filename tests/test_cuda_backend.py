@@ -102,6 +102,21 @@ def library_sass(tmp_path_factory) -> dict[str, str]:
 
 
 @needs_cuda_library
+def test_finish_weight_grad_loads_splits_together(library_sass):
+    """finish_weight_grad_kernel issues the partials of four elements and eight
+    splits (32 loads) before it adds the first, in both of its paths: until
+    2026-11-28 it added each split as it came, about one memory latency per
+    split (longest run: 21 loads, with gamma, four rows' weights among them).
+    From the sm_90a SASS: the longest run of global loads without an add."""
+    (body,) = [b for name, b in library_sass.items() if "finish_weight_grad_kernel" in name]
+    best = run = 0
+    for m in re.finditer(r"\b(LDG|FADD)(\.\w+)*\s", body):
+        run = run + 1 if m.group(1) == "LDG" else 0
+        best = max(best, run)
+    assert best >= 32, best
+
+
+@needs_cuda_library
 def test_pass_kernels_main_loops(library_sass):
     """Static instruction counts of each sm_90a pass kernel's tensor-core loops
     (per thread, per trip, an inner loop without tensor-core instructions
@@ -810,13 +825,15 @@ def test_weight_grad_row_splits(monkeypatch, n, splits):
 
 
 @needs_kernels
+@pytest.mark.parametrize("splits", [3, 19])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("layout", FINISH_LAYOUTS)
-def test_finish_weight_grad_exact(layout, dtype):
+def test_finish_weight_grad_exact(layout, dtype, splits):
     """finish_weight_grad_kernel bit for bit against torch on exact inputs (see
     exact_finish_case): the splits summed, and through RMSNorm M * gamma and
-    grad_gamma = sum_c W_e * M, each rounded once; outputs start poisoned."""
-    partial, _, w_e, gamma = exact_finish_case(layout, dtype)
+    grad_gamma = sum_c W_e * M, each rounded once; outputs start poisoned. 19
+    splits: more than it loads at once (8), the last group short."""
+    partial, _, w_e, gamma = exact_finish_case(layout, dtype, splits)
     want = finish_weight_grad_reference(partial, dtype, w_e, gamma)
     splits, rows, cols = partial.shape
     grad = torch.full((rows, cols), float("nan"), dtype=dtype, device=DEVICE)

@@ -1150,27 +1150,66 @@ struct FinishArgs {
   int gamma_dtype;
 };
 
-__device__ __forceinline__ float split_sum(const FinishArgs& p, int64_t i) {
-  float m = 0.0f;
-  for (int64_t s = 0; s < p.splits; ++s) m += p.partial[s * p.rows * p.cols + i];
-  return m;
+constexpr int kFinishSplits = 8;  // splits whose partials a thread loads before it adds them
+
+// m[u] = the sum over the splits of elements idx[u] (u < U where ok[u]), each in split order.
+// The loads of kFinishSplits splits of all U elements are issued before the first add: a loop
+// adding each split as it came waited about one memory latency per split.
+template <int U>
+__device__ __forceinline__ void split_sums(const FinishArgs& p, const int64_t (&idx)[U], const bool (&ok)[U],
+                                           float (&m)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) m[u] = 0.0f;
+  const int64_t split_stride = p.rows * p.cols;
+  for (int64_t s0 = 0; s0 < p.splits; s0 += kFinishSplits) {
+    float v[U][kFinishSplits];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int s = 0; s < kFinishSplits; ++s)
+        v[u][s] = ok[u] && s0 + s < p.splits ? p.partial[(s0 + s) * split_stride + idx[u]] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int s = 0; s < kFinishSplits; ++s) {
+        if (s0 + s < p.splits) m[u] += v[u][s];
+      }
+    }
+  }
 }
 
 constexpr int kFinishThreads = 256;
-constexpr int kFinishCols = 32;                                // columns per block, with gamma
+constexpr int kFinishCols = 16;                                // columns per block, with gamma
 constexpr int kFinishSlices = kFinishThreads / kFinishCols;  // rows split between threads
-constexpr int kFinishBatch = 4;                                // rows a thread loads at once
+constexpr int kFinishBatch = 4;  // elements (with gamma: rows) a thread sums at once
 
-// Without gamma one thread per element. With gamma a block takes 32 columns and each of
-// its 8 row slices every 8th row (the loads of a column's rows in flight together, where
-// one thread per column walked all rows in turn), then grad_gamma sums the slices' partial
-// sums in slice order: a fixed order, so the result does not depend on timing.
-__global__ void finish_weight_grad_kernel(const FinishArgs p) {
+// Without gamma each thread sums four elements at a time, a block's 256 threads apart. With
+// gamma a block takes 16 columns (64-byte runs of a row) and each of its 16 row slices every
+// 16th row, four rows at a time (where one thread per column walked all rows in turn), then
+// grad_gamma sums the slices' partial sums in slice order: a fixed order, so the result does
+// not depend on timing. Either way a thread has four elements' partials of up to eight
+// splits in flight at once.
+__global__ void __launch_bounds__(kFinishThreads, 2) finish_weight_grad_kernel(const FinishArgs p) {
   const int tid = threadIdx.x;
   if (p.gamma == nullptr) {
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + tid; i < p.rows * p.cols; i += stride)
-      store_float(p.out, i, p.out_dtype, split_sum(p, i));
+    for (int64_t i0 = int64_t(blockIdx.x) * blockDim.x * kFinishBatch + tid; i0 < p.rows * p.cols;
+         i0 += stride * kFinishBatch) {
+      int64_t idx[kFinishBatch];
+      bool ok[kFinishBatch];
+      float m[kFinishBatch];
+#pragma unroll
+      for (int u = 0; u < kFinishBatch; ++u) {
+        idx[u] = i0 + int64_t(u) * blockDim.x;
+        ok[u] = idx[u] < p.rows * p.cols;
+      }
+      split_sums(p, idx, ok, m);
+#pragma unroll
+      for (int u = 0; u < kFinishBatch; ++u) {
+        if (ok[u]) store_float(p.out, idx[u], p.out_dtype, m[u]);
+      }
+    }
     return;
   }
   RESBM_DYNAMIC_SMEM(smem);
@@ -1184,19 +1223,17 @@ __global__ void finish_weight_grad_kernel(const FinishArgs p) {
       // four rows at a time, their loads before any store (which the compiler may not move
       // them past: the output could alias them), in the same order of rows as one at a time
       for (int64_t r0 = slice; r0 < p.rows; r0 += kFinishBatch * kFinishSlices) {
-        float m[kFinishBatch] = {}, w[kFinishBatch];
+        float m[kFinishBatch], w[kFinishBatch];
+        int64_t idx[kFinishBatch];
+        bool ok[kFinishBatch];
 #pragma unroll
         for (int u = 0; u < kFinishBatch; ++u) {
           const int64_t r = r0 + u * kFinishSlices;
-          w[u] = r < p.rows ? load_float(p.w, r * p.cols + j, p.out_dtype) : 0.0f;
+          idx[u] = r * p.cols + j;
+          ok[u] = r < p.rows;
+          w[u] = ok[u] ? load_float(p.w, idx[u], p.out_dtype) : 0.0f;
         }
-        for (int64_t s = 0; s < p.splits; ++s) {  // (split_sum's order for each row)
-#pragma unroll
-          for (int u = 0; u < kFinishBatch; ++u) {
-            const int64_t r = r0 + u * kFinishSlices;
-            if (r < p.rows) m[u] += p.partial[(s * p.rows + r) * p.cols + j];
-          }
-        }
+        split_sums(p, idx, ok, m);
 #pragma unroll
         for (int u = 0; u < kFinishBatch; ++u) {
           const int64_t r = r0 + u * kFinishSlices;
@@ -1762,7 +1799,7 @@ int resbm_cuda_finish_weight_grad(const float* partial, int splits, int64_t rows
     RESBM_TRY(check_ptr(fn, "grad_norm", grad_norm, 2, true));
   }
   const FinishArgs p{partial, splits, rows, cols, out, out_dtype, norm_weight, w, grad_norm, norm_dtype};
-  const int64_t per_block = norm ? kFinishCols : kFinishThreads;  // columns, else elements
+  const int64_t per_block = norm ? kFinishCols : kFinishThreads * kFinishBatch;  // columns, else elements
   const int64_t items = norm ? cols : rows * cols;
   const int64_t blocks = (items + per_block - 1) / per_block < 4096 ? (items + per_block - 1) / per_block : 4096;
   const size_t smem = norm ? kFinishThreads * sizeof(float) : 0;  // the slices' partial grad_gamma
