@@ -370,10 +370,11 @@ NO_WORK_OPS = {"empty", "empty_strided", "view", "_unsafe_view", "as_strided", "
                "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "reshape", "lift_fresh"}
 
 
-def training_pass_calls(backend, device, weights=torch.bfloat16) -> dict:
+def training_pass_calls(backend, device, weights=torch.bfloat16, backward_stats=True) -> dict:
     """{pass name: a call of ``backend``'s pass} on bf16 activations (N=150, d=256,
     k=32) and ``weights``, as in training: encode forward keeps the row statistics
-    encode backward uses; the payloads come from the backend's own forward passes."""
+    encode backward uses (unless not ``backward_stats``: then it recomputes them);
+    the payloads come from the backend's own forward passes."""
     gen = torch.Generator().manual_seed(21)
     n, d, k, dtype = 150, 256, 32, torch.bfloat16
     x, grad_h = (normal(n, d, dtype=dtype, gen=gen, device=device) for _ in range(2))
@@ -387,7 +388,8 @@ def training_pass_calls(backend, device, weights=torch.bfloat16) -> dict:
         encode_forward=lambda: backend.encode_forward(x, w_e, gamma, 1e-6, codec, 1, row_stats=stats),
         decode_forward=lambda: backend.decode_forward(payload, w_d, None, codec, n, dtype),
         decode_backward=lambda: backend.decode_backward(grad_h, payload, w_d, codec, GRAD_CODEC, 2),
-        encode_backward=lambda: backend.encode_backward(grad_payload, x, w_e, gamma, 1e-6, GRAD_CODEC, row_stats=stats),
+        encode_backward=lambda: backend.encode_backward(grad_payload, x, w_e, gamma, 1e-6, GRAD_CODEC,
+                                                        row_stats=stats if backward_stats else None),
     )
 
 

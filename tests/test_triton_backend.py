@@ -191,6 +191,41 @@ def test_project_quantize_d_splits(monkeypatch):
     assert rel_err(results[0][3], want_gw) <= tol(bf16)
 
 
+def test_encode_backward_d_splits(monkeypatch):
+    """Encode backward with d split between grad_x's programs (small N): given
+    the forward's row statistics, the programs of the first split also write
+    Z, the weight gradient's operand (and every program forms alpha from the
+    statistics): every split gives the very outputs of one program per row
+    block, through RMSNorm and without it, and they match the reference; Z is
+    not formed by a launch of its own (outputs start poisoned, so rows of Z
+    left unwritten would show in grad_w_e)."""
+    n, d, k = 20, 512, 32  # one row block, four d tiles of the interpreter's BLOCK_D=128
+    gen = torch.Generator().manual_seed(13)
+    bf16 = torch.bfloat16
+    x = normal(n, d, dtype=bf16, gen=gen)
+    w_e = normal(k, d, dtype=bf16, scale=d**-0.5, gen=gen)
+    gamma = normal(d, dtype=bf16, scale=0.2, gen=gen).add_(1.0)
+    grad_payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), GRAD_CODEC, 4)
+    stats = triton_call(ops.encode, x, w_e, Codec(bits=8), norm_weight=gamma, return_row_stats=True)[1]
+
+    def separate_launch(*args):
+        raise AssertionError("Z came from grad_operand's launch")
+
+    monkeypatch.setattr(tb, "_grad_operand", separate_launch)
+    for norm in (gamma, None):
+        results = []
+        for programs, splits in ((1, 1), (3, 3), (64, 4)):  # 3: runs of 2, 2 and 0 tiles
+            monkeypatch.setattr(tb.configs, "programs_at_once", lambda device, programs=programs: programs)
+            assert tb.configs.d_splits(n, d, "cpu") == splits
+            results.append(triton_call(ops.encode_backward, grad_payload, x, w_e, GRAD_CODEC, norm_weight=norm,
+                                       row_stats=stats if norm is not None else None))
+        for got in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(results[0], got) if a is not None)
+        want = ops.encode_backward(grad_payload, x, w_e, GRAD_CODEC, norm_weight=norm)
+        for name, a, b in zip(("grad_x", "grad_w_e", "grad_gamma"), results[0], want):
+            assert (a is None) == (b is None) and (a is None or rel_err(a, b) <= 4 * tol(bf16)), (name, norm is None)
+
+
 def test_decode_forward_out_dtype_differs():
     """fp32 weights, bf16 output (rounded to nearest even by hand)."""
     gen = torch.Generator().manual_seed(3)
@@ -735,6 +770,9 @@ def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch):
         monkeypatch.setattr(tuner, "configs", [tuner.configs[0], tb.configs.gpu_configs([(32, 32, 4, 1)])[0]])
         monkeypatch.setattr(tuner, "cache", {})
     calls = training_pass_calls(tb, DEVICE)
+    # given the forward's row statistics, encode backward's grad_x kernel forms Z itself: without
+    # them the grad_operand kernel's pass over x does, whose launches are checked too
+    calls["encode_backward, no statistics"] = training_pass_calls(tb, DEVICE, backward_stats=False)["encode_backward"]
     rounds, through = [], []  # each round's outputs; launches through Triton's run after it
     for _ in range(2):
         rounds.append([to_device(call(), "cpu") for call in calls.values()])

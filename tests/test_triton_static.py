@@ -72,18 +72,21 @@ def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False
 
 
 def dequant(what, k, *, residual=False, split_d=False, encoder=False, norm=False, fused=False, act="bf16", bits=8,
-            group=None):
+            group=None, stats=False, write_z=False):
     """A dequant_project case: decode forward (W = w_d transposed; ``split_d``: d
     split between programs, small N) or encode backward's grad_x (``encoder``:
-    W = w_e; ``norm``: through RMSNorm, x read as the residual; ``fused``: with
-    the weight gradient's programs in the launch), of a ``bits`` payload with one
-    scale per ``group`` columns (default: per row)."""
+    W = w_e; ``norm``: through RMSNorm, x read as the residual, with ``stats``
+    alpha from the forward's row statistics; ``write_z``: also writing the
+    weight gradient's operand; ``fused``: with the weight gradient's programs in
+    the launch), of a ``bits`` payload with one scale per ``group`` columns
+    (default: per row)."""
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="dequant_project", what=what, k=k, act=act,
                 ptrs=dict(payload_ptr="U", w_ptr="A", res_ptr="A", out_ptr="A", r_ptr="F",
-                          gamma_ptr="A", alpha_ptr="F", z_ptr="Z", wgrad_ptr="F"),
+                          gamma_ptr="A", alpha_ptr="F", stats_ptr="F", z_ptr="Z", wgrad_ptr="F"),
                 ones=[unit], div16=["d", "k", strided, "stride_res", "stride_out", "scales_at", "chunk_rows"],
                 constexprs=dict(BITS=bits, GROUP=group or k, SCALE_KIND=2, HAS_RES=residual, HAS_NORM=norm,
+                                HAS_STATS=stats, WRITE_Z=write_z,
                                 OUT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[act],
                                 SPLIT_D=split_d, FUSED_WGRAD=fused))
 
@@ -128,10 +131,16 @@ CASES = [
     dequant("decode fwd bf16 int4/row k=128", 128, bits=4),
     dequant("decode fwd bf16 int2/g16 k=64", 64, bits=2, group=16),
     operand("encode bwd Z, alpha bf16 int8/row k=128", 128),
+    # encode backward's grad_x as training runs it, given the forward's row statistics: alpha
+    # from them and Z (the weight gradient's operand) written in the prologue; without them
+    # (norm, no +stats) r and alpha come from grad_operand's pass over x
+    dequant("encode bwd grad_x bf16 int8/row norm+stats k=128", 128, encoder=True, norm=True, stats=True,
+            write_z=True),
     dequant("encode bwd grad_x bf16 int8/row norm k=128", 128, encoder=True, norm=True),
-    dequant("encode bwd grad_x bf16 int8/row k=32", 32, encoder=True),
-    dequant("encode bwd grad_x bf16 int8/row norm k=64", 64, encoder=True, norm=True),
-    dequant("encode bwd grad_x bf16 int8/row norm k=32, d split", 32, encoder=True, norm=True, split_d=True),
+    dequant("encode bwd grad_x bf16 int8/row k=32", 32, encoder=True, write_z=True),
+    dequant("encode bwd grad_x bf16 int8/row norm+stats k=64", 64, encoder=True, norm=True, stats=True, write_z=True),
+    dequant("encode bwd grad_x bf16 int8/row norm+stats k=32, d split", 32, encoder=True, norm=True, stats=True,
+            write_z=True, split_d=True),
     dequant("encode bwd grad_x bf16 int8/row norm k=128, fused", 128, encoder=True, norm=True, fused=True),
     wgrad("grad W_e bf16 k=128", 128, encoder=True),
     # k=256 (d/32 at d=8192): only the fallback configs fit
@@ -139,20 +148,23 @@ CASES = [
     project("decode bwd bf16 int4/row stochastic k=256", 256, 4, encoder=False, stochastic=True),
     dequant("decode fwd bf16 int8/row k=256", 256),
     operand("encode bwd Z, alpha bf16 int8/row k=256", 256),
-    dequant("encode bwd grad_x bf16 int8/row norm k=256", 256, encoder=True, norm=True),
+    dequant("encode bwd grad_x bf16 int8/row norm+stats k=256", 256, encoder=True, norm=True, stats=True,
+            write_z=True),
     wgrad("grad W_d bf16 k=256", 256, encoder=False),
     wgrad("grad W_d bf16 k=64", 64, encoder=False),
     wgrad("grad W_d bf16 k=32", 32, encoder=False),
     # fp32 activations (3xTF32)
     project("encode fwd fp32 int8/row norm k=64", 64, 8, encoder=True, norm=True, act="fp32"),
     operand("encode bwd Z, alpha fp32 int8/row k=64", 64, act="fp32"),
-    dequant("encode bwd grad_x fp32 int8/row norm k=64", 64, encoder=True, norm=True, act="fp32"),
+    dequant("encode bwd grad_x fp32 int8/row norm+stats k=64", 64, encoder=True, norm=True, stats=True, write_z=True,
+            act="fp32"),
     wgrad("grad W_e fp32 k=64", 64, encoder=True, act="fp32"),
     # k=144 fp32 decoded by one row (a random case): the fallback, the only config that fits
     dequant("decode fwd fp32 int8/row k=256, d split", 256, split_d=True, act="fp32"),
     # fp16: the GEMMs with dequantized operands run on TF32
     operand("encode bwd Z, alpha fp16 int8/row k=128", 128, act="fp16"),
-    dequant("encode bwd grad_x fp16 int8/row norm k=128", 128, encoder=True, norm=True, act="fp16"),
+    dequant("encode bwd grad_x fp16 int8/row norm+stats k=128", 128, encoder=True, norm=True, stats=True,
+            write_z=True, act="fp16"),
     wgrad("grad W_e fp16 k=128", 128, encoder=True, act="fp16"),
 ]
 

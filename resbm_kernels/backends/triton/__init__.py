@@ -288,28 +288,34 @@ def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):
 
 
 def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides, out_dtype, residual=None,
-                     norm=None, wgrad=None):
-    """out (n, d) = zhat @ W + pad_d(zhat) (+ residual); ``norm = (x, r, gamma,
-    alpha)`` (encode backward through RMSNorm): gamma * ((r * zhat) @ W) -
-    alpha * x + pad_d(zhat); ``wgrad = (partials, chunk_rows, z, x)``: the same
-    launch fills partials (chunks, k, d) with z^T x per chunk of rows (see
-    weight_grad.fused_row_block)."""
+                     norm=None, z=None, wgrad=None):
+    """out (n, d) = zhat @ W + pad_d(zhat) (+ residual); ``norm = (x, gamma, r,
+    alpha, stats)`` (encode backward through RMSNorm): gamma * ((r * zhat) @ W) -
+    alpha * x + pad_d(zhat), with r and alpha given, or (None) formed from
+    encode forward's row ``stats``; ``z``: also writes the weight gradient's
+    operand Z = r * zhat (zhat without the norm) into it; ``wgrad =
+    (partials, chunk_rows, z, x)``: the same launch fills partials (chunks, k, d)
+    with z^T x per chunk of rows (see weight_grad.fused_row_block)."""
     out = fast.empty((n, d), out_dtype, w.device)
     if n == 0:
         return out
-    wgrad_partials, chunk_rows, z, x = wgrad if wgrad is not None else (out, 0, out, None)
+    wgrad_partials, chunk_rows, wgrad_z, x = wgrad if wgrad is not None else (out, 0, None, None)
     # res_ptr: x (the norm's, or the weight gradient's input), else the residual
     res = x if x is not None else norm[0] if norm is not None else residual
-    r, gamma, alpha = norm[1:] if norm is not None else (out, out, out)  # (unused without the norm)
+    gamma, r, alpha, stats = norm[1:] if norm is not None else (None, None, None, None)
+    z_ptr = z if z is not None else wgrad_z  # written (WRITE_Z) or read (the fused weight gradient)
     splits = configs.d_splits(n, d, w.device)  # small N: each program a run of d (output columns are independent)
     grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
+    unused = out
     dequant_project_kernel[grid](
-        payload, w, res if res is not None else out, out, r, gamma, alpha, z, wgrad_partials,
-        n, d, k, _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
-        out.stride(0), chunk_rows, BITS=codec.bits, GROUP=_group_reshape(codec, k),
-        SCALE_KIND=_KINDS[codec.scale_dtype],
-        HAS_RES=residual is not None, HAS_NORM=norm is not None, OUT_KIND=_KINDS[out_dtype], SPLIT_D=splits > 1,
-        FUSED_WGRAD=wgrad is not None, BLOCK_K=_block_k(k), **_common(w.device),
+        payload, w, res if res is not None else unused, out, *(t if t is not None else unused
+                                                               for t in (r, gamma, alpha, stats, z_ptr)),
+        wgrad_partials, n, d, k, _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
+        out.stride(0), stats.stride(0) if stats is not None else 0, chunk_rows, BITS=codec.bits,
+        GROUP=_group_reshape(codec, k), SCALE_KIND=_KINDS[codec.scale_dtype],
+        HAS_RES=residual is not None, HAS_NORM=norm is not None, HAS_STATS=stats is not None, WRITE_Z=z is not None,
+        OUT_KIND=_KINDS[out_dtype], SPLIT_D=splits > 1, FUSED_WGRAD=wgrad is not None, BLOCK_K=_block_k(k),
+        **_common(w.device),
     )
     return out
 
@@ -379,12 +385,20 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     k = w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     _group_reshape(grad_codec, k)
-    z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
-    norm = (x, r, norm_weight, alpha) if norm_weight is not None else None
     chunk_rows = _fused_chunk_rows(x)
+    # Z, r and alpha come from a launch of their own where grad_x's cannot form them: the fused
+    # weight gradient reads Z in that launch, and without the forward's row statistics r needs
+    # a pass over x; else grad_x's programs form them from the payload rows they load anyway
+    if chunk_rows or (norm_weight is not None and row_stats is None):
+        z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
+        stats, write_z = None, None
+    else:
+        z, r, alpha, stats = _weight_operand(n, k, x.dtype, x.device), None, None, row_stats
+        write_z = z
+    norm = (x, norm_weight, r, alpha, stats) if norm_weight is not None else None
     partial = fast.empty((configs.cdiv(n, chunk_rows), k, d), torch.float32, x.device) if chunk_rows else None
     grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
-                              norm=norm, wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
+                              norm=norm, z=write_z, wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
     if not chunk_rows:
         partial = _weight_grad(x, z, transpose=False)
     return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))

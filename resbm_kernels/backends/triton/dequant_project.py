@@ -4,7 +4,10 @@ d channels on tensor cores, writing the big (N, d) output exactly once.
 Encode backward's grad_x is the same work on the gradient payload with W_e
 (same tiles, the input x in place of the residual): through RMSNorm
 (HAS_NORM) the operand is scaled per row by r = 1/rms(x), the product per
-column by gamma, and x enters times -alpha per row (see :mod:`.grad_operand`).
+column by gamma, and x enters times -alpha per row (see :mod:`.grad_operand`);
+given encode forward's row statistics (HAS_STATS) the prologue forms r and
+alpha from them, and with WRITE_Z the first d split's programs also store the
+scaled operand Z = r * g_z for the weight gradient.
 
 Grid: (row blocks of BLOCK_N, d splits); the (BLOCK_N, k) dequantized tile stays
 in registers while the program walks its share of d in BLOCK_D tiles. Output
@@ -18,7 +21,7 @@ import triton.language as tl
 
 from .codec import load_payload, payload_pointers, round_to_kind
 from .configs import EvenD, autotune_dequant
-from .tiles import d_range, dequant_mma, load_rows, load_w, tile_mask
+from .tiles import d_range, dequant_mma, load_row_stats, load_rows, load_w, store_operand, tile_mask
 from .weight_grad import fused_row_block
 
 
@@ -26,10 +29,10 @@ from .weight_grad import fused_row_block
 @EvenD
 @triton.jit(do_not_specialize=["n"])
 def dequant_project_kernel(
-    payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, z_ptr, wgrad_ptr,
-    n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out, chunk_rows,
+    payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr, wgrad_ptr,
+    n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out, stride_stats, chunk_rows,
     BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr,
-    HAS_NORM: tl.constexpr, OUT_KIND: tl.constexpr,
+    HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr, WRITE_Z: tl.constexpr, OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -38,7 +41,11 @@ def dequant_project_kernel(
     columns: see codec.load_payload).
 
     HAS_NORM (encode backward through RMSNorm, residual = x):
-    out = gamma * ((r * zhat) @ W) - alpha * x + pad_d(zhat).
+    out = gamma * ((r * zhat) @ W) - alpha * x + pad_d(zhat), r and alpha per
+    row from r_ptr / alpha_ptr, or with HAS_STATS from the (n, k + 1) row
+    statistics [p | r] at stats_ptr: alpha = r^2 (zhat . p) / d.
+    WRITE_Z: Z = r * zhat (zhat without the norm) stored at z_ptr (n, k)
+    by the programs whose run of d starts at column 0.
     FUSED_WGRAD (encode backward, x at res_ptr also without the norm): the grid
     also holds the weight gradient's programs (weight_grad.fused_row_block, chunks
     of ``chunk_rows`` rows), which write one (k, d) fp32 partial of Z^T x per
@@ -49,18 +56,18 @@ def dequant_project_kernel(
         block, work = fused_row_block(res_ptr, stride_res, z_ptr, wgrad_ptr, d, 1, n, d, k, chunk_rows,
                                       UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
     if work:
-        dequant_project_block(payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, block,
-                              n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out,
-                              BITS, GROUP, SCALE_KIND, HAS_RES, HAS_NORM, OUT_KIND, EVEN_D, SPLIT_D, UPCAST, PRECISION,
-                              BLOCK_N, BLOCK_K, BLOCK_D)
+        dequant_project_block(payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr,
+                              block, n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out, stride_stats,
+                              BITS, GROUP, SCALE_KIND, HAS_RES, HAS_NORM, HAS_STATS, WRITE_Z, OUT_KIND, EVEN_D,
+                              SPLIT_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
 def dequant_project_block(
-    payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, block,
-    n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out,
+    payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr, block,
+    n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out, stride_stats,
     BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
-    OUT_KIND: tl.constexpr,
+    HAS_STATS: tl.constexpr, WRITE_Z: tl.constexpr, OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -73,8 +80,16 @@ def dequant_project_block(
     codes_ptr, scales_ptr = payload_pointers(payload_ptr, scales_at, BITS, SCALE_KIND)
     zhat = load_payload(codes_ptr, scales_ptr, rows, 0, n, k, BITS, GROUP, BLOCK_K)
     if HAS_NORM:
-        zhat = zhat * tl.load(r_ptr + rows, mask=rows < n, other=0.0)[:, None]
-        alpha = tl.load(alpha_ptr + rows, mask=rows < n, other=0.0)
+        if HAS_STATS:  # r and alpha from encode forward's row statistics (see grad_operand)
+            p, r = load_row_stats(stats_ptr, stride_stats, rows, kcols, n, k)
+            alpha = tl.math.div_rn(r * r * tl.sum(zhat * p, axis=1), tl.full(r.shape, d, tl.float32))
+        else:
+            r = tl.load(r_ptr + rows, mask=rows < n, other=0.0)
+            alpha = tl.load(alpha_ptr + rows, mask=rows < n, other=0.0)
+        zhat = zhat * r[:, None]
+    if WRITE_Z:  # the weight gradient's operand Z = r * g_z (g_z without the norm), once per row
+        if d_begin == 0:
+            store_operand(z_ptr, rows, kcols, n, k, zhat)
     if HAS_NORM or HAS_RES:  # x (norm) or the residual: its first tile (see the loop)
         x_next = load_rows(res_ptr, stride_res, rows, d_begin + tl.arange(0, BLOCK_D), n, d, EVEN_D, "",
                            exists=d_begin < d_end)

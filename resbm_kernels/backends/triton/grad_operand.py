@@ -8,13 +8,17 @@ Through RMSNorm (xhat = r * x, r = 1/rms(x), u = gamma * xhat, z = u @ W_e^T
     Z = r * g_z,  alpha = r^2 * (g_z . p) / d,  p = r * x @ (gamma * W_e)^T,
 
 so every grad_x tile needs only its own x tile, the payload rows, r and
-alpha per row. This kernel computes the per-row quantities and Z: one
-program per BLOCK_N rows reads the gradient payload and, with the norm,
-either the row statistics (p, r) encode forward left (HAS_STATS) or streams
-x once through the encode forward's projection loop to recompute them.
-Without the norm Z is the dequantized g_z and x is not read. Then grad_x is a
-rows kernel over x like decode forward (:mod:`.dequant_project`, HAS_NORM),
-and the weight gradient Z^T @ x a d-tile-major pass (:mod:`.weight_grad`).
+alpha per row. grad_x is a rows kernel over x like decode forward
+(:mod:`.dequant_project`, HAS_NORM), and the weight gradient Z^T @ x a
+d-tile-major pass (:mod:`.weight_grad`). Given the row statistics (p, r)
+encode forward left, grad_x's programs form alpha and write Z themselves from
+the payload rows they load anyway (HAS_STATS, WRITE_Z: no launch of this
+kernel, whose 5-9 us the H200 of 2026-11-27 timed at k = 32 / 128). This
+kernel computes the per-row quantities and Z where they cannot: without the
+statistics (one program per BLOCK_N rows streams x once through the encode
+forward's projection loop to recompute them), and before a launch that forms
+the weight gradient from Z (RESBM_TRITON_FUSED_WGRAD, HAS_STATS here too).
+Without the norm Z is the dequantized g_z and x is not read.
 """
 
 import triton
