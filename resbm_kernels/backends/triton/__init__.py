@@ -303,13 +303,13 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
     # res_ptr: x (the norm's, or the weight gradient's input), else the residual
     res = x if x is not None else norm[0] if norm is not None else residual
     gamma, r, alpha, stats = norm[1:] if norm is not None else (None, None, None, None)
-    z_ptr = z if z is not None else wgrad_z  # written (WRITE_Z) or read (the fused weight gradient)
+    # Z written (WRITE_Z) or read (the fused weight gradient); out in the place of what the flags leave unused
+    res_ptr, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr = (
+        t if t is not None else out for t in (res, r, gamma, alpha, stats, z if z is not None else wgrad_z))
     splits = configs.d_splits(n, d, w.device)  # small N: each program a run of d (output columns are independent)
     grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
-    unused = out
     dequant_project_kernel[grid](
-        payload, w, res if res is not None else unused, out, *(t if t is not None else unused
-                                                               for t in (r, gamma, alpha, stats, z_ptr)),
+        payload, w, res_ptr, out, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr,
         wgrad_partials, n, d, k, _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
         out.stride(0), stats.stride(0) if stats is not None else 0, chunk_rows, BITS=codec.bits,
         GROUP=_group_reshape(codec, k), SCALE_KIND=_KINDS[codec.scale_dtype],
