@@ -212,6 +212,21 @@ def copy_bandwidth(dev) -> dict:
     return dict(copy_bytes=size, copy_GBps=2 * size / med / 1e9, copy_median_s=med, copy_rounds=len(times))
 
 
+def matmul_throughput(dev) -> dict:
+    """Measured dense matmul rate (FLOP/s): a square GEMM big enough to run the
+    tensor cores at their sustained rate (bf16, 8192^3, on a GPU; fp32, 1024^3,
+    the CPU reference's math, on the CPU), timed as the kernels are. The
+    compute side of the roofline: a pass's FLOPs at this rate take at least
+    ``compute_floor_s``, which at k = d/32 can exceed the time its bytes take."""
+    n, dtype = (8192, torch.bfloat16) if is_gpu(dev) else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=dev).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, device=dev, dtype=dtype)
+    times = time_calls(lambda i: torch.mm(a, b, out=out), dev, warmup=2, reps=10 if is_gpu(dev) else 3)
+    med = statistics.median(times)
+    return dict(matmul_n=n, matmul_dtype=str(dtype).removeprefix("torch."), matmul_median_s=med,
+                matmul_TFLOPS=2 * n**3 / med / 1e12)
+
+
 _SAME_SIZE_COPY: dict = {}
 
 

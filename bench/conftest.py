@@ -90,6 +90,12 @@ def copy_bw(bench_device):
     return benchlib.copy_bandwidth(bench_device)
 
 
+@pytest.fixture(scope="session")
+def matmul_rate(bench_device):
+    """Dense matmul throughput, measured once per session (the roofline's compute side)."""
+    return benchlib.matmul_throughput(bench_device)
+
+
 def pytest_collection_modifyitems(config, items):
     """Kernel items run in priority order (see test_bench_kernels.priority), so
     a time budget cuts the least important shapes; other items keep their order."""

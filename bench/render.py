@@ -111,6 +111,11 @@ def kernel_section(data: dict) -> list[str]:
            f"copy of the same bytes timed the same way, which pays the same launch and ramp). "
            f"Backends present: {', '.join(present)}. Speedups are over eager (and over torch.compile where "
            f"that baseline was timed)."]
+    rates = [k["matmul_TFLOPS"] for k in ks if k.get("matmul_TFLOPS")]
+    if rates:
+        out[-1] += (f" Where a pass's FLOPs at the dense matmul rate measured in the same run "
+                    f"({statistics.median(rates):.3g} TFLOP/s) take longer than a copy of its bytes, the cell also "
+                    f"gives that compute floor as % of the median (§: compute-bound).")
     if any(b in present for b in ("triton", "cuda")):
         out[-1] += (" Some fused backward passes re-read their big input by design (decode backward's weight "
                     "gradient is a second pass over grad_h, the CUDA encode backward's a second pass over x), so "
@@ -137,6 +142,8 @@ def kernel_section(data: dict) -> list[str]:
                 r = cell.get(b)
                 mark = " ‡" if r and r.get("host_bound") else ""
                 same = f"; {100 * r['frac_same_size_copy']:.3g}% same-size" if r and r.get("frac_same_size_copy") else ""
+                if r and r.get("compute_floor_s", 0) > r.get("same_size_copy_s", float("inf")):
+                    same += f"; {100 * r['frac_roofline']:.3g}% compute floor §"
                 line.append(f"{fmt_time(r['median_s'])}, {r['GBps']:.3g} ({100 * r['frac_copy_bw']:.3g}%{same}){mark}"
                             if r else "–")
             for b in fast:

@@ -321,7 +321,7 @@ def _rel_err(got, ref) -> float:
 
 
 @pytest.mark.benchmark(timer=REPLAY)
-def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
+def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, matmul_rate, request):
     dev = bench_device
     reason = _skip_reason(kcase, dev, request.config)
     if reason:
@@ -366,6 +366,7 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
     host_s = statistics.median(host) if host else None
     nbytes, flops = roofline(kcase)
     copy_s = benchlib.same_size_copy_s(nbytes, dev)
+    compute_s = flops / (matmul_rate["matmul_TFLOPS"] * 1e12)  # the pass's GEMMs at the measured matmul rate
     design = design_bytes(kcase)
     gbps = nbytes / stats["median_s"] / 1e9
     codec, grad_codec = _codecs(kcase.bits)
@@ -380,6 +381,9 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, request):
         if design else None,
         # against a copy of the same bytes (launch and ramp included): how far from the memory limit at this size
         same_size_copy_s=copy_s, frac_same_size_copy=copy_s / stats["median_s"],
+        # the roofline with both sides: the slower of moving the bytes and doing the FLOPs
+        matmul_TFLOPS=matmul_rate["matmul_TFLOPS"], compute_floor_s=compute_s,
+        frac_roofline=max(copy_s, compute_s) / stats["median_s"],
         max_rel_err_vs_eager=err,
         # host time per call (GPU busy): above median_s, a training loop calling the pass back to back
         # waits on Python and launches, not on the kernels
