@@ -183,7 +183,7 @@ def finish_wgrad(what, k, *, norm):
     """A finish_weight_grad_kernel case (sums a weight gradient's row-split
     partials; no GEMM, one launch config per k): the encoder's (k, d) layout
     with ``norm``, else the decoder's (d, k). Checked for spills and for its
-    partials' loads all issued before the first add."""
+    splits' partials loaded together (test_weight_grad_partials_loaded_together)."""
     ones = ["stride_pd", "stride_wd", "stride_od"] if norm else ["stride_pk", "stride_ok"]
     return dict(kernel="finish_weight_grad", what=what, k=k, act="bf16",
                 ptrs=dict(part_ptr="F", w_ptr="A", gamma_ptr="A", out_ptr="A", grad_gamma_ptr="A"),
