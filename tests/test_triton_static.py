@@ -194,6 +194,8 @@ def finish_wgrad(what, k, *, norm):
 
 FINISH_CASES = [
     finish("finish encode fwd int8/row norm+stats k=256", 256, 8, norm=True, stats=True),
+    finish("finish encode fwd int8/row norm+stats k=32", 32, 8, norm=True, stats=True),
+    finish("finish encode fwd int8/row norm+stats k=128", 128, 8, norm=True, stats=True),
     finish("finish decode bwd int4/row k=256", 256, 4, zbits=8),
     finish_wgrad("finish grad W_e, gamma k=256", 256, norm=True),
     finish_wgrad("finish grad W_d k=32", 32, norm=False),
@@ -241,8 +243,8 @@ def _worker(arch: int):
     import triton
 
     from helpers import loads_before_first, loads_before_main_loop, main_loops
-    from resbm_kernels.backends.triton import FINISH_ROWS, FINISH_WARPS, KERNELS, TILE_KINDS, configs
-    from resbm_kernels.backends.triton import WGRAD_SPLITS, finish_weight_grad_launch
+    from resbm_kernels.backends.triton import KERNELS, TILE_KINDS, WGRAD_SPLITS, configs
+    from resbm_kernels.backends.triton import finish_rows_launch, finish_weight_grad_launch
     from resbm_kernels.backends.triton.project_quantize import finish_rows_kernel
     from resbm_kernels.backends.triton.weight_grad import finish_weight_grad_kernel
 
@@ -295,10 +297,11 @@ def _worker(arch: int):
             )), flush=True)
     for case in FINISH_CASES:
         ones = dict.fromkeys(case["ones"], 1)
-        if case["kernel"] == "finish_rows":  # as the launchers run them (default stages)
-            fn, warps = finish_rows_kernel, FINISH_WARPS
-            constexprs = dict(case["constexprs"], BLOCK_K=case["k"], BLOCK_N=FINISH_ROWS, **ones)
-            config = f"N{FINISH_ROWS} K{case['k']} w{warps}"
+        if case["kernel"] == "finish_rows":  # as the launchers run them (default stages), 8 d splits
+            launch = finish_rows_launch(case["k"], 8)
+            fn, warps = finish_rows_kernel, launch.pop("num_warps")
+            constexprs = dict(case["constexprs"], BLOCK_K=case["k"], **launch, **ones)
+            config = f"N{launch['BLOCK_N']} K{case['k']} w{warps} x{launch['AT_ONCE']}"
         else:  # a GPU's separate weight-gradient pass: WGRAD_SPLITS partials
             launch = finish_weight_grad_launch(case["k"], WGRAD_SPLITS)
             fn, warps = finish_weight_grad_kernel, launch.pop("num_warps")

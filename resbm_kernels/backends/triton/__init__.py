@@ -70,7 +70,8 @@ TILE_KINDS = dict(project_quantize="project", dequant_project="dequant", grad_op
 # on: the backward passes form their weight gradients in their main kernel's launch (weight_grad.fused_row_block)
 FUSED_WGRAD_SWITCH = "RESBM_TRITON_FUSED_WGRAD"
 FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
-WGRAD_SPLITS = 8  # row splits of the weight-gradient pass on a GPU, all loaded at once by its finish
+SPLITS_AT_ONCE = 8  # most partials a finishing kernel loads at once (tiles.sum_splits)
+WGRAD_SPLITS = SPLITS_AT_ONCE  # row splits of the weight-gradient pass on a GPU: one load of its finish
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
 
@@ -218,10 +219,11 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
         SPLIT_D=splits > 1, FUSED_WGRAD=wgrad is not None, **flags, **_common(a.device),
     )
     if splits > 1:
-        finish_rows_kernel[(configs.cdiv(n, FINISH_ROWS),)](
+        launch = finish_rows_launch(k, splits)
+        finish_rows_kernel[(configs.cdiv(n, launch["BLOCK_N"]),)](
             a, part, payload, z_payload, z_buffer, stats_arg,
             n, d, k, splits, *quant_args, a.stride(0), stats_stride, eps, key, *header,
-            **flags, BLOCK_N=FINISH_ROWS, num_warps=FINISH_WARPS, enable_fp_fusion=False,
+            **flags, **launch, enable_fp_fusion=False,
         )
     return payload
 
@@ -252,15 +254,27 @@ def _weight_grad(a, z, transpose: bool):
     return partial
 
 
+def _at_once(splits: int, tile_per_thread: int, values: int) -> int:
+    """AT_ONCE of a finishing kernel (tiles.sum_splits): the splits rounded up to a
+    power of two, at most SPLITS_AT_ONCE and ``values`` loaded values a thread."""
+    return max(1, min(SPLITS_AT_ONCE, values // tile_per_thread, 1 << max(0, splits - 1).bit_length()))
+
+
+def finish_rows_launch(k: int, splits: int) -> dict:
+    """Launch constants of finish_rows_kernel: FINISH_ROWS rows a program, its d
+    split's partials AT_ONCE in one load, 32 values a thread (4 splits at k <= 32,
+    one at k >= 128: with 64, Triton 3.6 gave the k=128 kernel 254 registers on
+    sm_80, the quantization's tiles live after the sums)."""
+    per_thread = FINISH_ROWS * _block_k(k) // (32 * FINISH_WARPS)
+    return dict(AT_ONCE=_at_once(splits, per_thread, 32), BLOCK_N=FINISH_ROWS, num_warps=FINISH_WARPS)
+
+
 def finish_weight_grad_launch(k: int, splits: int) -> dict:
     """Launch constants of finish_weight_grad_kernel: (k, 16) tiles (64-byte runs of
     the (k, d) partials; 256 programs at d=4096), one warp per 16 rows of k, so
-    that each thread holds 8 values of a tile, AT_ONCE tiles in one load (the
-    splits rounded up to a power of two, at most WGRAD_SPLITS): 64 values in
-    flight a thread on a GPU."""
+    that each thread holds 8 values of a tile, up to WGRAD_SPLITS tiles in one load."""
     block_k = _block_k(k)
-    at_once = min(WGRAD_SPLITS, 1 << max(0, splits - 1).bit_length())
-    return dict(AT_ONCE=at_once, BLOCK_K=block_k, BLOCK_D=16, num_warps=block_k // 16)
+    return dict(AT_ONCE=_at_once(splits, 8, 64), BLOCK_K=block_k, BLOCK_D=16, num_warps=block_k // 16)
 
 
 def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):

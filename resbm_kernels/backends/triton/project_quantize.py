@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .codec import load_payload, payload_pointers, store_header, store_payload
 from .configs import EvenD, autotune_project_quantize
-from .tiles import d_range, inv_rms, load_row_stats, load_rows, project_rows, store_operand, store_row_stats
+from .tiles import d_range, inv_rms, load_rows, project_rows, store_operand, store_row_stats, sum_splits
 from .weight_grad import fused_row_block
 
 
@@ -112,23 +112,23 @@ def finish_rows_kernel(
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
     SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
     ZSCALE_KIND: tl.constexpr,
-    WRITE_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WRITE_STATS: tl.constexpr, AT_ONCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The rest of project_quantize_kernel after a SPLIT_D launch: the sum of
-    the ``splits`` partials, in order, then as there. (Offsets in int32: d is
-    split only while N is small.)"""
+    the ``splits`` (n, k + 1) partials [proj | sumsq], AT_ONCE splits in one load
+    (tiles.sum_splits), then as there. (Offsets in int32: d is split only while
+    N is small.)"""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kcols = tl.arange(0, BLOCK_K)
     if ZBITS != 0:
         store_z_operand(zpayload_ptr, zscales_at, z_ptr, rows, kcols, n, k, ZBITS, ZGROUP, ZSCALE_KIND, BLOCK_K)
     if tl.program_id(0) == 0:
         store_header(payload_ptr, hdr0, hdr1, hdr2, hdr3, n, k, BITS)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    sumsq = tl.zeros((BLOCK_N,), tl.float32)
-    for split in range(0, splits):
-        proj, sq = load_row_stats(part_ptr + split * (n * (k + 1)), k + 1, rows, kcols, n, k)
-        acc += proj
-        sumsq += sq
+    row_at = rows[:, None] * (k + 1)
+    in_rows = rows[:, None] < n
+    acc = sum_splits(part_ptr, n * (k + 1), row_at + kcols[None, :], in_rows & (kcols[None, :] < k), splits, AT_ONCE)
+    sumsq = tl.sum(sum_splits(part_ptr, n * (k + 1), row_at + k, in_rows, splits, AT_ONCE), axis=1)
+    # (loaded after the sums: held through them, the tile spilled at k=256 on sm_80)
     ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False, "")
     quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr,
                   n, d, k, n_groups, stride_stats, eps, key,
