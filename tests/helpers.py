@@ -316,6 +316,19 @@ def loads_before_main_loop(sass: str) -> int:
     return sum(1 for ins in body[:start] if re.search(r"\bLDG\.", ins))
 
 
+def longest_run_of_loads(sass: str, breakers: str) -> int:
+    """The most global loads (LDG) in a row of a kernel's SASS with no instruction
+    matching ``breakers`` (an alternation of opcodes, e.g. "FADD" or "STS|STG")
+    between them: loads a thread issues before it uses any of them."""
+    import re
+
+    best = run = 0
+    for m in re.finditer(rf"\b(LDG|{breakers})(\.\w+)*\s", sass):
+        run = run + 1 if m.group(1) == "LDG" else 0
+        best = max(best, run)
+    return best
+
+
 def loads_before_first(sass: str, opcode: str) -> int:
     """Global loads (LDG) a kernel issues before its first ``opcode`` instruction
     (e.g. FADD: the loads a reduction has in flight before it waits for one)."""

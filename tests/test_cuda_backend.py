@@ -31,7 +31,8 @@ import torch
 from resbm_kernels import native, ops
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
-from helpers import CUDA_ARCHS, cuda_library_resources, cuda_library_sass, main_loops, sass_functions
+from helpers import CUDA_ARCHS, cuda_library_resources, cuda_library_sass, longest_run_of_loads, main_loops
+from helpers import sass_functions
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
 from helpers import check_passes_replay_in_a_cuda_graph
@@ -102,18 +103,22 @@ def library_sass(tmp_path_factory) -> dict[str, str]:
 
 
 @needs_cuda_library
-def test_finish_weight_grad_loads_splits_together(library_sass):
-    """finish_weight_grad_kernel issues the partials of four elements and eight
-    splits (32 loads) before it adds the first, in both of its paths: until
-    2026-11-28 it added each split as it came, about one memory latency per
-    split (longest run: 21 loads, with gamma, four rows' weights among them).
-    From the sm_90a SASS: the longest run of global loads without an add."""
-    (body,) = [b for name, b in library_sass.items() if "finish_weight_grad_kernel" in name]
-    best = run = 0
-    for m in re.finditer(r"\b(LDG|FADD)(\.\w+)*\s", body):
-        run = run + 1 if m.group(1) == "LDG" else 0
-        best = max(best, run)
-    assert best >= 32, best
+def test_finishing_kernels_load_splits_together(library_sass):
+    """The kernels that sum per-split partials (finish_weight_grad_kernel, and
+    finish_rows_kernel after a d-split projection, every dtype and KPAD) issue
+    the partials of four elements and eight splits (32 loads) before they add
+    the first (split_sums): until 2026-11-28 each element's splits were added as
+    they came, a loop per element, about one memory latency per element in
+    finish_rows (its body unrolled by 16 splits never ran: a d split has at most
+    8; longest run: 16) and at most 21 loads before an add in finish_weight_grad.
+    From the sm_90a SASS: the longest run of global loads without an add, 32
+    (finish_rows at KPAD=16: 21, the scheduler's choice; 46 in
+    finish_weight_grad)."""
+    runs = {name: longest_run_of_loads(body, "FADD") for name, body in library_sass.items()
+            if "finish_weight_grad_kernel" in name or "finish_rows_kernelILi" in name}
+    assert len(runs) == 1 + 3 * len(KPADS), sorted(runs)
+    few = {name: n for name, n in runs.items() if n < 20}
+    assert not few, few
 
 
 @needs_cuda_library
@@ -153,14 +158,8 @@ def test_row_kernels_load_eight_elements_at_a_time(library_sass):
     def loads_before_first_shared_store(body):
         return len(re.findall(r"\bLDG\.", body[:re.search(r"\bSTS(\.\w+)*\s", body).start()]))
 
-    def longest_run_of_loads(body):
-        best = run = 0
-        for m in re.finditer(r"\b(LDG|STS|STG)(\.\w+)*\s", body):
-            run = run + 1 if m.group(1) == "LDG" else 0
-            best = max(best, run)
-        return best
-
-    counts = {name: (loads_before_first_shared_store if "dequant_project_kernel" in name else longest_run_of_loads)(body)
+    counts = {name: loads_before_first_shared_store(body) if "dequant_project_kernel" in name
+              else longest_run_of_loads(body, "STS|STG")
               for name, body in library_sass.items() if re.search(r"(dequant_project|project_quantize)_kernelILi", name)}
     assert len(counts) == 2 * 3 * len(KPADS) + WGMMA_VARIANTS, sorted(counts)
     few = {name: n for name, n in counts.items() if n < 8}

@@ -228,6 +228,35 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v;
 }
 
+constexpr int kSumSplits = 8;  // splits whose partials split_sums loads before it adds them
+constexpr int kSumElems = 4;   // elements a thread sums at once (finish_rows, finish_weight_grad)
+
+// m[u] = the sum over s < splits of partial[s * split_stride + idx[u]] (u < U where ok[u], else
+// 0), each in split order. The loads of kSumSplits splits of all U elements are issued before
+// the first add: a loop adding each split as it came waited about one memory latency per split.
+template <int U>
+__device__ __forceinline__ void split_sums(const float* partial, int64_t splits, int64_t split_stride,
+                                           const int64_t (&idx)[U], const bool (&ok)[U], float (&m)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) m[u] = 0.0f;
+  for (int64_t s0 = 0; s0 < splits; s0 += kSumSplits) {
+    float v[U][kSumSplits];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int s = 0; s < kSumSplits; ++s)
+        v[u][s] = ok[u] && s0 + s < splits ? partial[(s0 + s) * split_stride + idx[u]] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int s = 0; s < kSumSplits; ++s) {
+        if (s0 + s < splits) m[u] += v[u][s];
+      }
+    }
+  }
+}
+
 // zhat[row][c] of a payload (codes + scales) with the shared codec functions, in two steps:
 // fields() loads an element's raw code and scale bits, decode() turns them into the value,
 // so that a thread can have many elements' loads in flight before it decodes the first (see
@@ -716,17 +745,28 @@ __global__ void __launch_bounds__(kThreads) finish_rows_kernel(const PQArgs p) {
   float* zs = reinterpret_cast<float*>(smem);  // [BN][ZLD]
   float* row_sq = zs + C::BN * C::ZLD;         // [BN]
   const int64_t row0 = int64_t(blockIdx.x) * C::BN, n = p.n, k = p.k;
-  for (int i = threadIdx.x; i < C::BN * (KPAD + 1); i += kThreads) {
-    const int r = i / (KPAD + 1), c = i % (KPAD + 1);  // c = KPAD: the sum of squares
-    const int64_t grow = row0 + r, col = c == KPAD ? k : c;
-    float sum = 0.0f;
-    if (grow < n && (c < k || c == KPAD)) {
-      for (int s = 0; s < p.splits; ++s) sum += p.partial[(s * n + grow) * (k + 1) + col];
+  constexpr int kElems = C::BN * (KPAD + 1);  // (r, c): c = KPAD stands for the sum of squares
+  for (int i0 = threadIdx.x; i0 < kElems; i0 += kThreads * kSumElems) {
+    int64_t idx[kSumElems];
+    bool ok[kSumElems];
+    float sum[kSumElems];
+#pragma unroll
+    for (int u = 0; u < kSumElems; ++u) {
+      const int i = i0 + u * kThreads, r = i / (KPAD + 1), c = i % (KPAD + 1);
+      idx[u] = (row0 + r) * (k + 1) + (c == KPAD ? k : c);
+      ok[u] = i < kElems && row0 + r < n && (c < k || c == KPAD);
     }
-    if (c == KPAD) {
-      row_sq[r] = sum;
-    } else {
-      zs[r * C::ZLD + c] = sum;
+    split_sums(p.partial, p.splits, n * (k + 1), idx, ok, sum);
+#pragma unroll
+    for (int u = 0; u < kSumElems; ++u) {
+      const int i = i0 + u * kThreads, r = i / (KPAD + 1), c = i % (KPAD + 1);
+      if (i < kElems) {
+        if (c == KPAD) {
+          row_sq[r] = sum[u];
+        } else {
+          zs[r * C::ZLD + c] = sum[u];
+        }
+      }
     }
   }
   __syncthreads();
@@ -1150,39 +1190,9 @@ struct FinishArgs {
   int gamma_dtype;
 };
 
-constexpr int kFinishSplits = 8;  // splits whose partials a thread loads before it adds them
-
-// m[u] = the sum over the splits of elements idx[u] (u < U where ok[u]), each in split order.
-// The loads of kFinishSplits splits of all U elements are issued before the first add: a loop
-// adding each split as it came waited about one memory latency per split.
-template <int U>
-__device__ __forceinline__ void split_sums(const FinishArgs& p, const int64_t (&idx)[U], const bool (&ok)[U],
-                                           float (&m)[U]) {
-#pragma unroll
-  for (int u = 0; u < U; ++u) m[u] = 0.0f;
-  const int64_t split_stride = p.rows * p.cols;
-  for (int64_t s0 = 0; s0 < p.splits; s0 += kFinishSplits) {
-    float v[U][kFinishSplits];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int s = 0; s < kFinishSplits; ++s)
-        v[u][s] = ok[u] && s0 + s < p.splits ? p.partial[(s0 + s) * split_stride + idx[u]] : 0.0f;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int s = 0; s < kFinishSplits; ++s) {
-        if (s0 + s < p.splits) m[u] += v[u][s];
-      }
-    }
-  }
-}
-
 constexpr int kFinishThreads = 256;
 constexpr int kFinishCols = 16;                                // columns per block, with gamma
 constexpr int kFinishSlices = kFinishThreads / kFinishCols;  // rows split between threads
-constexpr int kFinishBatch = 4;  // elements (with gamma: rows) a thread sums at once
 
 // Without gamma each thread sums four elements at a time, a block's 256 threads apart. With
 // gamma a block takes 16 columns (64-byte runs of a row) and each of its 16 row slices every
@@ -1194,19 +1204,19 @@ __global__ void __launch_bounds__(kFinishThreads, 2) finish_weight_grad_kernel(c
   const int tid = threadIdx.x;
   if (p.gamma == nullptr) {
     const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-    for (int64_t i0 = int64_t(blockIdx.x) * blockDim.x * kFinishBatch + tid; i0 < p.rows * p.cols;
-         i0 += stride * kFinishBatch) {
-      int64_t idx[kFinishBatch];
-      bool ok[kFinishBatch];
-      float m[kFinishBatch];
+    for (int64_t i0 = int64_t(blockIdx.x) * blockDim.x * kSumElems + tid; i0 < p.rows * p.cols;
+         i0 += stride * kSumElems) {
+      int64_t idx[kSumElems];
+      bool ok[kSumElems];
+      float m[kSumElems];
 #pragma unroll
-      for (int u = 0; u < kFinishBatch; ++u) {
+      for (int u = 0; u < kSumElems; ++u) {
         idx[u] = i0 + int64_t(u) * blockDim.x;
         ok[u] = idx[u] < p.rows * p.cols;
       }
-      split_sums(p, idx, ok, m);
+      split_sums(p.partial, p.splits, p.rows * p.cols, idx, ok, m);
 #pragma unroll
-      for (int u = 0; u < kFinishBatch; ++u) {
+      for (int u = 0; u < kSumElems; ++u) {
         if (ok[u]) store_float(p.out, idx[u], p.out_dtype, m[u]);
       }
     }
@@ -1222,20 +1232,20 @@ __global__ void __launch_bounds__(kFinishThreads, 2) finish_weight_grad_kernel(c
       const float g = load_float(p.gamma, j, p.gamma_dtype);
       // four rows at a time, their loads before any store (which the compiler may not move
       // them past: the output could alias them), in the same order of rows as one at a time
-      for (int64_t r0 = slice; r0 < p.rows; r0 += kFinishBatch * kFinishSlices) {
-        float m[kFinishBatch], w[kFinishBatch];
-        int64_t idx[kFinishBatch];
-        bool ok[kFinishBatch];
+      for (int64_t r0 = slice; r0 < p.rows; r0 += kSumElems * kFinishSlices) {
+        float m[kSumElems], w[kSumElems];
+        int64_t idx[kSumElems];
+        bool ok[kSumElems];
 #pragma unroll
-        for (int u = 0; u < kFinishBatch; ++u) {
+        for (int u = 0; u < kSumElems; ++u) {
           const int64_t r = r0 + u * kFinishSlices;
           idx[u] = r * p.cols + j;
           ok[u] = r < p.rows;
           w[u] = ok[u] ? load_float(p.w, idx[u], p.out_dtype) : 0.0f;
         }
-        split_sums(p, idx, ok, m);
+        split_sums(p.partial, p.splits, p.rows * p.cols, idx, ok, m);
 #pragma unroll
-        for (int u = 0; u < kFinishBatch; ++u) {
+        for (int u = 0; u < kSumElems; ++u) {
           const int64_t r = r0 + u * kFinishSlices;
           if (r < p.rows) {
             store_float(p.out, r * p.cols + j, p.out_dtype, m[u] * g);
@@ -1799,7 +1809,7 @@ int resbm_cuda_finish_weight_grad(const float* partial, int splits, int64_t rows
     RESBM_TRY(check_ptr(fn, "grad_norm", grad_norm, 2, true));
   }
   const FinishArgs p{partial, splits, rows, cols, out, out_dtype, norm_weight, w, grad_norm, norm_dtype};
-  const int64_t per_block = norm ? kFinishCols : kFinishThreads * kFinishBatch;  // columns, else elements
+  const int64_t per_block = norm ? kFinishCols : kFinishThreads * kSumElems;  // columns, else elements
   const int64_t items = norm ? cols : rows * cols;
   const int64_t blocks = (items + per_block - 1) / per_block < 4096 ? (items + per_block - 1) / per_block : 4096;
   const size_t smem = norm ? kFinishThreads * sizeof(float) : 0;  // the slices' partial grad_gamma
