@@ -309,11 +309,15 @@ def loads_before_main_loop(sass: str) -> int:
     """Global loads (LDG; not cp.async's LDGSTS) in the code before a kernel's
     first tensor-core loop: its prologue, which every program runs before
     it streams anything (the whole kernel if it has no such loop)."""
+    body, loops, _ = _tensor_core_loops(sass)
+    return _global_loads(body[:min((first for first, _ in loops), default=len(body))])
+
+
+def _global_loads(instructions: list[str]) -> int:
+    """Global loads (LDG; not cp.async's LDGSTS) among ``instructions``."""
     import re
 
-    body, loops, _ = _tensor_core_loops(sass)
-    start = min((first for first, _ in loops), default=len(body))
-    return sum(1 for ins in body[:start] if re.search(r"\bLDG\.", ins))
+    return sum(1 for ins in instructions if re.search(r"\bLDG\.", ins))
 
 
 def longest_run_of_loads(sass: str, breakers: str) -> int:
@@ -336,7 +340,7 @@ def loads_before_first(sass: str, opcode: str) -> int:
 
     body, _, _ = _tensor_core_loops(sass)
     first = next((i for i, ins in enumerate(body) if re.search(rf"\b{opcode}\b", ins)), len(body))
-    return sum(1 for ins in body[:first] if re.search(r"\bLDG\.", ins))
+    return _global_loads(body[:first])
 
 
 # ---- where the CUDA library's kernels run: the GPU, else the CPU emulator (libresbm_cuda_emu) ----

@@ -403,16 +403,16 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     # Z, r and alpha come from a launch of their own where grad_x's cannot form them: the fused
     # weight gradient reads Z in that launch, and without the forward's row statistics r needs
     # a pass over x; else grad_x's programs form them from the payload rows they load anyway
-    if chunk_rows or (norm_weight is not None and row_stats is None):
+    separate = bool(chunk_rows) or (norm_weight is not None and row_stats is None)
+    if separate:
         z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
-        stats, write_z = None, None
     else:
-        z, r, alpha, stats = _weight_operand(n, k, x.dtype, x.device), None, None, row_stats
-        write_z = z
-    norm = (x, norm_weight, r, alpha, stats) if norm_weight is not None else None
+        z, r, alpha = _weight_operand(n, k, x.dtype, x.device), None, None
+    norm = (x, norm_weight, r, alpha, None if separate else row_stats) if norm_weight is not None else None
     partial = fast.empty((configs.cdiv(n, chunk_rows), k, d), torch.float32, x.device) if chunk_rows else None
     grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
-                              norm=norm, z=write_z, wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
+                              norm=norm, z=None if separate else z,
+                              wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
     if not chunk_rows:
         partial = _weight_grad(x, z, transpose=False)
     return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .codec import load_payload, payload_pointers, round_to_kind
 from .configs import EvenD, autotune_dequant
-from .tiles import d_range, dequant_mma, load_row_stats, load_rows, load_w, store_operand, tile_mask
+from .tiles import d_range, dequant_mma, load_row_stats, load_rows, load_w, rms_alpha, store_operand, tile_mask
 from .weight_grad import fused_row_block
 
 
@@ -82,7 +82,7 @@ def dequant_project_block(
     if HAS_NORM:
         if HAS_STATS:  # r and alpha from encode forward's row statistics (see grad_operand)
             p, r = load_row_stats(stats_ptr, stride_stats, rows, kcols, n, k)
-            alpha = tl.math.div_rn(r * r * tl.sum(zhat * p, axis=1), tl.full(r.shape, d, tl.float32))
+            alpha = rms_alpha(zhat, p, r, d)
         else:
             r = tl.load(r_ptr + rows, mask=rows < n, other=0.0)
             alpha = tl.load(alpha_ptr + rows, mask=rows < n, other=0.0)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .codec import load_payload, payload_pointers
 from .configs import EvenD, autotune_grad_operand
-from .tiles import inv_rms, load_row_stats, project_rows, store_operand
+from .tiles import inv_rms, load_row_stats, project_rows, rms_alpha, store_operand
 
 
 @autotune_grad_operand
@@ -57,7 +57,7 @@ def grad_operand_kernel(
     # (after the loop over x: held through it, the tile took (BLOCK_N, k) registers more there)
     g_z = load_payload(codes_ptr, scales_ptr, rows, 0, n, k, BITS, GROUP, BLOCK_K)
     if HAS_NORM:
-        alpha = tl.math.div_rn(r * r * tl.sum(g_z * p, axis=1), tl.full(r.shape, d, tl.float32))
+        alpha = rms_alpha(g_z, p, r, d)
         tl.store(alpha_ptr + rows, alpha, mask=rows < n)
         tl.store(r_ptr + rows, r, mask=rows < n)
         g_z = g_z * r[:, None]

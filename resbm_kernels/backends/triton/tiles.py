@@ -189,6 +189,13 @@ def load_row_stats(ptr, stride, rows, kcols, n, k):
 
 
 @triton.jit
+def rms_alpha(g_z, p, r, d):
+    """Encode backward's per-row alpha = r^2 (g_z . p) / d through RMSNorm (see
+    grad_operand), the division correctly rounded."""
+    return tl.math.div_rn(r * r * tl.sum(g_z * p, axis=1), tl.full(r.shape, d, tl.float32))
+
+
+@triton.jit
 def inv_rms(sumsq, d, eps):
     """1 / sqrt(sumsq / d + eps), correctly rounded steps (as the reference)."""
     ms = tl.math.div_rn(sumsq, tl.full(sumsq.shape, d, tl.float32)) + eps
