@@ -288,11 +288,14 @@ def _tensor_core_loops(sass: str):
     return body, loops, targets
 
 
-def main_loops(sass: str, *, steady: bool = False) -> list[int]:
+def main_loops(sass: str, *, steady: bool = False, opcode: str | None = None) -> list[int]:
     """Static instruction counts of the loops of one kernel's SASS that hold
     tensor-core instructions, innermost first. ``steady``: without the code a
     forward branch inside the loop can jump over (a path some iterations or
-    programs skip, such as the identity path only the first d tiles take)."""
+    programs skip, such as the identity path only the first d tiles take);
+    ``opcode`` (e.g. "STS"): only the instructions with that opcode."""
+    import re
+
     body, loops, targets = _tensor_core_loops(sass)
     counts = []
     for start, end in loops:
@@ -301,7 +304,10 @@ def main_loops(sass: str, *, steady: bool = False) -> list[int]:
             for i in range(start, end):
                 if targets[i] is not None and i < targets[i] <= end:
                     skipped.update(range(i + 1, targets[i]))
-        counts.append(end + 1 - start - len(skipped))
+        kept = [ins for i, ins in enumerate(body[start:end + 1], start) if i not in skipped]
+        if opcode is not None:
+            kept = [ins for ins in kept if re.match(rf"(?:@!?U?P\w+\s+)?{opcode}\b", ins)]
+        counts.append(len(kept))
     return counts
 
 

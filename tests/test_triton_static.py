@@ -293,6 +293,7 @@ def _worker(arch: int):
                 gemm=True, smem_estimate=configs.smem_bytes(cfg, block_k, elem, kind, fused),
                 loop_per_kib=round(sum(main_loops(sass)) * cfg.num_warps / tile_kib),
                 steady_per_kib=round(sum(main_loops(sass, steady=True)) * cfg.num_warps / tile_kib),
+                steady_shared_stores=sum(main_loops(sass, steady=True, opcode="STS")),
                 prologue_loads=loads_before_main_loop(sass),
             )), flush=True)
     for case in FINISH_CASES:
@@ -485,6 +486,25 @@ def test_payload_tiles_loaded_whole(report):
             assert r["prologue_loads"] <= rows * k // (4 * 32 * warps) + 1, f"payload loaded in pieces: {r}"
             checked += 1
     assert checked >= 10
+
+
+def test_grad_x_converts_x_as_16_bit(report):
+    """Encode backward's grad_x (through RMSNorm) takes its x tile into the
+    product's MMA layout through shared memory as the 16-bit tile it loaded, as
+    decode forward does its residual: no more shared stores in the steady loop
+    than that kernel with the same config. Written as x * alpha then subtracted,
+    Triton moved the fp32 product instead (twice the bytes: 6 shared stores and
+    10 barriers a trip where the residual takes 4 and 7, sm_90, k=128, 64x64 w8)."""
+    residual = {(r["arch"], r["config"]): r["steady_shared_stores"] for r in report
+                if r["what"] == "decode fwd bf16 int8/row +residual k=128"}
+    checked = 0
+    for r in report:
+        # (not the fused case: its weight-gradient loop holds tensor-core instructions too)
+        if r["what"] in ("encode bwd grad_x bf16 int8/row norm+stats k=128", "encode bwd grad_x bf16 int8/row norm k=128"):
+            if (r["arch"], r["config"]) in residual:
+                assert r["steady_shared_stores"] <= residual[r["arch"], r["config"]], f"x converted in fp32: {r}"
+                checked += 1
+    assert checked >= 6
 
 
 def test_weight_grad_partials_loaded_together(report):
