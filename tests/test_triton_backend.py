@@ -375,14 +375,18 @@ def test_encode_backward_uses_row_stats():
         assert rel_err(a, b) > 0.1, name
 
 
+@pytest.mark.parametrize("one_pass", (False, True), ids=("", "one-pass"))
 @pytest.mark.parametrize("n, splits", ((150, 3), (4, 3), (150, 2)), ids=("150-rows-3-splits", "4-rows-3-splits",
                                                                          "150-rows-2-splits"))
-def test_backward_row_splits(monkeypatch, n, splits):
+def test_backward_row_splits(monkeypatch, n, splits, one_pass):
     """The weight-gradient pass with several row splits (the GPU's layout for
     N >= 2048; the interpreter otherwise runs one), including an empty split:
-    every split's partial and its rows of grad_x are written."""
+    every split's partial and its rows of grad_x are written (``one_pass``:
+    encode backward's grad_x by the weight gradient's programs)."""
     from resbm_kernels.backends import fast
 
+    if one_pass:
+        force_one_pass(monkeypatch)
     monkeypatch.setattr(fast, "weight_grad_partials", lambda n, d, k, transpose, device, max_splits=8: fast.empty(
         (splits, d, k) if transpose else (splits, k, d), torch.float32, device))
     d, k = 96, 32
@@ -494,6 +498,39 @@ def test_fused_switch_other_than_0_or_1_raises(monkeypatch):
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=_ids)
 def test_encode_backward_fused_weight_grad(shape, norm, dtype, fused_wgrad):
     check_encode_backward(shape, norm, dtype, GRAD_CODEC)
+
+
+# ---- encode backward in one pass over x (RESBM_TRITON_ENCODE_BWD_ONE_PASS) -------------------
+
+
+def force_one_pass(monkeypatch):
+    """RESBM_TRITON_ENCODE_BWD_ONE_PASS=1, the rows kernel that writes grad_x in
+    two passes made to fail: a test that passes took the one pass."""
+    monkeypatch.setenv(tb.ONE_PASS_SWITCH, "1")
+
+    def rows_kernel(*args, **kwargs):
+        raise AssertionError("encode backward ran its two-pass grad_x kernel")
+
+    monkeypatch.setattr(tb, "_dequant_project", rows_kernel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("norm", (False, True, "row_stats"), ids=("plain", "norm", "norm-row-stats"))
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=_ids)
+def test_encode_backward_one_pass(monkeypatch, shape, norm, dtype):
+    """grad_x and the weight gradients from one d-tile-major pass over x: a masked
+    row tail, d not a multiple of BLOCK_D, k padded to BLOCK_K, several d tiles,
+    the identity path in the tiles below k."""
+    force_one_pass(monkeypatch)
+    check_encode_backward(shape, norm, dtype, GRAD_CODEC)
+
+
+@pytest.mark.parametrize("codec", (Codec(bits=16), Codec(bits=4, group_size=16), Codec(bits=2, group_size=32)),
+                         ids=_ids)
+def test_encode_backward_one_pass_codecs(monkeypatch, codec):
+    """The identity path re-reads g_z from the payload: every gradient codec."""
+    force_one_pass(monkeypatch)
+    check_encode_backward((150, 128, 64), "row_stats", torch.bfloat16, codec)
 
 
 @needs_gpu
@@ -773,6 +810,13 @@ def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch):
     # given the forward's row statistics, encode backward's grad_x kernel forms Z itself: without
     # them the grad_operand kernel's pass over x does, whose launches are checked too
     calls["encode_backward, no statistics"] = training_pass_calls(tb, DEVICE, backward_stats=False)["encode_backward"]
+    two_pass = calls["encode_backward"]
+
+    def one_pass():  # (RESBM_TRITON_ENCODE_BWD_ONE_PASS=1: grad_x_weight_grad_kernel)
+        with monkeypatch.context() as switched:
+            switched.setenv(tb.ONE_PASS_SWITCH, "1")
+            return two_pass()
+    calls["encode_backward, one pass"] = one_pass
     rounds, through = [], []  # each round's outputs; launches through Triton's run after it
     for _ in range(2):
         rounds.append([to_device(call(), "cpu") for call in calls.values()])
@@ -919,9 +963,9 @@ def test_config_pruning(monkeypatch, autotune):
                 assert kept
                 for c in kept:
                     bn, bd = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
-                    tiles = bn * (bd + block_k) if kind == "wgrad" else (bn + block_k) * bd
+                    tiles = bn * (bd + block_k) if kind.startswith("wgrad") else (bn + block_k) * bd
                     in_registers = {"project": bn * block_k, "dequant": bn * block_k + bn * bd,
-                                    "wgrad": bd * block_k}[kind]
+                                    "wgrad": bd * block_k, "wgrad_x": bd * block_k + 2 * bn * bd}[kind]
                     regs = in_registers / (32 * c.num_warps)
                     assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[kind] and c.num_stages * tiles * 2 <= limit)
     # project_quantize's register-limited config: first at k=128 for 16-bit encode forward on
