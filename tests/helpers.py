@@ -271,6 +271,15 @@ def _tensor_core_loops(sass: str):
     instruction's branch target index (None where it does not branch to a label)."""
     import re
 
+    body, loops, targets = sass_loops(sass)
+    return body, [(first, last) for first, last in loops
+                  if any(re.search(r"\bH(?:G)?MMA\.", x) for x in body[first:last + 1])], targets
+
+
+def sass_loops(sass: str):
+    """(instructions, loops, targets) as :func:`_tensor_core_loops`, every loop."""
+    import re
+
     labels, body = {}, []
     for line in sass.splitlines():
         label = re.match(r"^\s*(\.L_x_\d+):", line)
@@ -282,9 +291,7 @@ def _tensor_core_loops(sass: str):
             body.append(ins.group(1))
     targets = [labels.get(m.group(1)) if m else None
                for m in (re.search(r"\bBRA\b.*?(\.L_x_\d+)", ins) for ins in body)]
-    loops = [(target, end) for end, target in enumerate(targets)
-             if target is not None and target <= end
-             and any(re.search(r"\bH(?:G)?MMA\.", x) for x in body[target:end + 1])]
+    loops = [(target, end) for end, target in enumerate(targets) if target is not None and target <= end]
     return body, loops, targets
 
 

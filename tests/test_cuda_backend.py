@@ -32,7 +32,7 @@ from resbm_kernels import native, ops
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
 from helpers import CUDA_ARCHS, cuda_library_resources, cuda_library_sass, longest_run_of_loads, main_loops
-from helpers import sass_functions
+from helpers import sass_functions, sass_loops
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
 from helpers import check_passes_replay_in_a_cuda_graph
@@ -119,6 +119,25 @@ def test_finishing_kernels_load_splits_together(library_sass):
     assert len(runs) == 1 + 3 * len(KPADS), sorted(runs)
     few = {name: n for name, n in runs.items() if n < 20}
     assert not few, few
+
+
+@needs_cuda_library
+def test_dequant_project_plain_tiles_stored_lean(library_sass):
+    """Decode forward without a residual stores each whole output tile past the
+    identity columns in a loop of its own (store_plain_tile), one per output dtype:
+    16-byte stores, at most 30 sm_90a instructions a chunk of 8 columns, where the
+    general epilogue tests the flags, the bounds and the output dtype for every
+    chunk (a loop body of about 310 static instructions, about 40 executed for such
+    a chunk; 2026-11-28). 16-bit inputs, KPAD <= 128 (the benchmarked kernels)."""
+    checked = 0
+    for name, body in library_sass.items():
+        if re.search(r"dequant_project_kernelILi[23]ELi(16|32|64|128)E", name):
+            ins, loops, _ = sass_loops(body)
+            lean = [(first, last) for first, last in loops if last - first < 30
+                    and any("STG.E.128" in x for x in ins[first:last + 1])]
+            assert len(lean) >= 3, (name, [last - first + 1 for first, last in loops])
+            checked += 1
+    assert checked == 8
 
 
 @needs_cuda_library
