@@ -141,6 +141,24 @@ def test_dequant_project_plain_tiles_stored_lean(library_sass):
 
 
 @needs_cuda_library
+def test_projection_sums_of_squares_on_tensor_cores(library_sass):
+    """The mma.sync projection loop (encode forward, decode backward; encode
+    backward's pre-pass over x) of 16-bit inputs takes the rows' sums of squares
+    from the diagonal of the Gram matrix A A^T, two more mma a k step on the A
+    fragments it loaded: no fp32 arithmetic left in its main loop, where the
+    squares took 48 FFMA / FMUL / FADD a trip (and their conversions: 196 sm_90a
+    instructions a trip at KPAD=32 from 238; 2026-11-28). fp32 inputs (3xTF32)
+    keep the per-element squares."""
+    checked = 0
+    for name, body in library_sass.items():
+        if re.search(r"project_quantize_kernelILi[23]ELi\d+ELb0E", name):
+            float_ops = sum(sum(main_loops(body, opcode=op)) for op in ("FFMA", "FMUL", "FADD"))
+            assert float_ops == 0, (name, float_ops)
+            checked += 1
+    assert checked == 2 * len(KPADS)
+
+
+@needs_cuda_library
 def test_pass_kernels_main_loops(library_sass):
     """Static instruction counts of each sm_90a pass kernel's tensor-core loops
     (per thread, per trip, an inner loop without tensor-core instructions

@@ -15,7 +15,8 @@
 //      cp.async through PS buffers: two tiles in flight while one is
 //      multiplied, fp32 double buffered), multiplies them on tensor cores (mma.sync; fp32
 //      accumulators for all k columns stay in registers), gathers the row sums
-//      of squares of the folded RMSNorm from the same A fragments, then scales,
+//      of squares of the folded RMSNorm from the same A fragments (16-bit inputs:
+//      on the tensor cores, the diagonal of A A^T), then scales,
 //      adds the identity path x[:, :k], and quantizes + packs through the shared
 //      codec functions of resbm/codec.h (bit-exact with the reference given z).
 //      On sm_90a, 16-bit inputs with KPAD <= 128 (project_loop_wgmma): the 128
@@ -478,6 +479,14 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
     }
   };
 
+  // 16-bit inputs: the rows' sums of squares are the diagonal of the Gram matrix A A^T,
+  // formed on the tensor cores from the A fragments the projection loads anyway (products
+  // of 16-bit values are exact in fp32, as in the FMAs of upcast values they replace: two
+  // conversions and two FMAs per 32-bit register, 64 sm_90a instructions a 64-column tile,
+  // against two mma a k step). An A fragment's registers 0 and 2 (row g, k 2t.. and
+  // 2t + 8..) are the B fragment of the n tile of rows 0..7, registers 1 and 3 that of rows
+  // 8..15; gram[h] accumulates those two 16 x 8 products.
+  float gram[2][4] = {};
   cp_async_pipeline<S>(run.count, issue, [&](int64_t, int buf) {
     const T* xt = xs + buf * (C::BN * C::XLD);
     const E* wht = whi + buf * (KPAD * C::WLD);
@@ -490,12 +499,9 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
       } else {
         load_a_op<DT>(fa, xt, nullptr, C::XLD, wm * 16, ks, lane, false);  // raw 16-bit rows are exact
         if (want_sumsq) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {  // reg i holds row g + 8*(i%2)
-            const float v0 = e16_to_float<DT>(uint16_t(fa.hi[i] & 0xFFFFu));
-            const float v1 = e16_to_float<DT>(uint16_t(fa.hi[i] >> 16));
-            sumsq[i & 1] += v0 * v0 + v1 * v1;
-          }
+          const FragB rows_lo{{fa.hi[0], fa.hi[2]}, {0u, 0u}}, rows_hi{{fa.hi[1], fa.hi[3]}, {0u, 0u}};
+          mma_acc<DT, false>(gram[0], fa, rows_lo, false);
+          mma_acc<DT, false>(gram[1], fa, rows_hi, false);
         }
       }
 #pragma unroll
@@ -507,6 +513,15 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
       }
     }
   });
+  if (DT != kFloat32 && want_sumsq) {
+    // the diagonal: row g's at column g of gram[0] (c0 / c1 of the lane with t = g / 2),
+    // row g + 8's at column g of gram[1]'s lower half (c2 / c3); the caller sums each quad
+    const int g = lane >> 2, t = lane & 3;
+    if (t == g >> 1) {  // (constant indices: an index computed at run time puts gram on the stack)
+      sumsq[0] += g & 1 ? gram[0][1] : gram[0][0];
+      sumsq[1] += g & 1 ? gram[1][3] : gram[1][2];
+    }
+  }
 }
 
 // project_loop on sm_90a's warpgroup mma (16-bit inputs, KPAD <= 128: the CTA's 128
