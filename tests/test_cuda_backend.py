@@ -86,13 +86,20 @@ def test_pass_kernels_compile_without_spills():
 
 
 @needs_cuda_library
-def test_dequant_project_keeps_four_blocks_per_sm():
+def test_dequant_project_keeps_its_blocks_per_sm():
     """dequant_project's blocks wait on memory, so how many an SM holds sets its speed:
     at k <= 32 each needs at most 128 registers a thread (four blocks of 128 threads in
-    an SM's 64 K registers). Loading a tile's x or residual ahead of use took it to 180 (bf16)
+    an SM's 64 K registers), bf16 on sm_90a at most 96 (five). Loading a tile's x or residual ahead of use took it to 180 (bf16)
     and an H100's decode forward at N=65536 from 266 to 369 us (2026-11-27)."""
-    heavy = [(arch, name, regs) for arch, name, regs, *_ in cuda_library_resources()
+    report = cuda_library_resources()
+    heavy = [(arch, name, regs) for arch, name, regs, *_ in report
              if re.search(r"dequant_project_kernelILi\dELi(16|32)E", name) and regs > 128]
+    assert not heavy, heavy
+    # bf16 on sm_90a (the benchmarked decode forward) holds five: 96 registers at most, as
+    # registers are given out 8 a thread (98 would take 104: four blocks, as a 2026-11-28
+    # attempt at cheaper ring-buffer indices showed); shared memory also allows five there
+    heavy = [(name, regs) for arch, name, regs, *_ in report
+             if arch == "sm_90a" and re.search(r"dequant_project_kernelILi3ELi(16|32)E", name) and regs > 96]
     assert not heavy, heavy
 
 
