@@ -247,9 +247,7 @@ def _weight_grad(a, z, transpose: bool):
     transpose (see :func:`_finish_weight_grad`)."""
     n, d = a.shape
     k = z.shape[1]
-    # one split under the interpreter (its cost grows with the number of programs)
-    max_splits = 1 if a.device.type == "cpu" else WGRAD_SPLITS
-    partial = fast.weight_grad_partials(n, d, k, transpose, a.device, max_splits=max_splits)
+    partial = _weight_grad_partials(n, d, k, transpose, a.device)
     splits = partial.shape[0]
     if n == 0:
         return partial[:0]
@@ -261,6 +259,14 @@ def _weight_grad(a, z, transpose: bool):
     return partial
 
 
+def _weight_grad_partials(n: int, d: int, k: int, transpose: bool, device):
+    """The row-split partials a weight-gradient pass fills (fast.weight_grad_partials):
+    up to WGRAD_SPLITS on a GPU, one under the interpreter (its cost grows with the
+    number of programs)."""
+    max_splits = 1 if torch.device(device).type == "cpu" else WGRAD_SPLITS
+    return fast.weight_grad_partials(n, d, k, transpose, device, max_splits=max_splits)
+
+
 def _grad_x_weight_grad(x, z, alpha, grad_payload, codec: Codec, w_e, gamma):
     """(grad_x, partials) of encode backward in one d-tile-major pass over x:
     grad_x as :func:`_dequant_project` with the norm (given Z and alpha from
@@ -268,8 +274,7 @@ def _grad_x_weight_grad(x, z, alpha, grad_payload, codec: Codec, w_e, gamma):
     n, d = x.shape
     k = z.shape[1]
     grad_x = fast.empty((n, d), x.dtype, x.device)
-    max_splits = 1 if x.device.type == "cpu" else WGRAD_SPLITS  # (as _weight_grad)
-    partial = fast.weight_grad_partials(n, d, k, False, x.device, max_splits=max_splits)
+    partial = _weight_grad_partials(n, d, k, False, x.device)
     splits = partial.shape[0]
     if n == 0:
         return grad_x, partial[:0]
@@ -279,6 +284,31 @@ def _grad_x_weight_grad(x, z, alpha, grad_payload, codec: Codec, w_e, gamma):
         d * k, BITS=codec.bits, GROUP=_group_reshape(codec, k), SCALE_KIND=_KINDS[codec.scale_dtype],
         HAS_NORM=gamma is not None, OUT_KIND=_KINDS[x.dtype], BLOCK_K=_block_k(k), **_common(x.device),
     )
+    return grad_x, partial
+
+
+def _grad_x_two_passes(grad_payload, grad_codec: Codec, x, w_e, norm_weight, eps, row_stats):
+    """(grad_x, weight-gradient partials) of encode backward by default: grad_x a rows
+    kernel, the weight gradient a pass of its own over x, or the two kinds of programs
+    in one launch (RESBM_TRITON_FUSED_WGRAD)."""
+    n, d = x.shape
+    k = w_e.shape[0]
+    chunk_rows = _fused_chunk_rows(x)
+    # Z, r and alpha come from a launch of their own where grad_x's cannot form them: the fused
+    # weight gradient reads Z in that launch, and without the forward's row statistics r needs
+    # a pass over x; else grad_x's programs form them from the payload rows they load anyway
+    separate = bool(chunk_rows) or (norm_weight is not None and row_stats is None)
+    if separate:
+        z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
+    else:
+        z, r, alpha = _weight_operand(n, k, x.dtype, x.device), None, None
+    norm = (x, norm_weight, r, alpha, None if separate else row_stats) if norm_weight is not None else None
+    partial = fast.empty((configs.cdiv(n, chunk_rows), k, d), torch.float32, x.device) if chunk_rows else None
+    grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
+                              norm=norm, z=None if separate else z,
+                              wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
+    if not chunk_rows:
+        partial = _weight_grad(x, z, transpose=False)
     return grad_x, partial
 
 
@@ -423,28 +453,12 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
 
 
 def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
-    n, d = x.shape
-    k = w_e.shape[0]
+    d, k = x.shape[1], w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     _group_reshape(grad_codec, k)
     if fast.switch(ONE_PASS_SWITCH):  # (before the fused switch: one read of x, where that makes two)
         z, _, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
         grad_x, partial = _grad_x_weight_grad(x, z, alpha, grad_payload, grad_codec, w_e, norm_weight)
-        return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))
-    chunk_rows = _fused_chunk_rows(x)
-    # Z, r and alpha come from a launch of their own where grad_x's cannot form them: the fused
-    # weight gradient reads Z in that launch, and without the forward's row statistics r needs
-    # a pass over x; else grad_x's programs form them from the payload rows they load anyway
-    separate = bool(chunk_rows) or (norm_weight is not None and row_stats is None)
-    if separate:
-        z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
     else:
-        z, r, alpha = _weight_operand(n, k, x.dtype, x.device), None, None
-    norm = (x, norm_weight, r, alpha, None if separate else row_stats) if norm_weight is not None else None
-    partial = fast.empty((configs.cdiv(n, chunk_rows), k, d), torch.float32, x.device) if chunk_rows else None
-    grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
-                              norm=norm, z=None if separate else z,
-                              wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
-    if not chunk_rows:
-        partial = _weight_grad(x, z, transpose=False)
+        grad_x, partial = _grad_x_two_passes(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
     return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))

@@ -52,7 +52,7 @@ import triton.language as tl
 
 from .codec import load_payload, payload_pointers, round_to_kind
 from .configs import autotune_wgrad, autotune_wgrad_x
-from .tiles import dequant_mma, load_rows, load_w, sum_splits, tile_mask
+from .tiles import dequant_mma, load_rows, load_w, rms_grad_x, sum_splits, tile_mask
 
 
 @autotune_wgrad
@@ -118,9 +118,8 @@ def grad_x_weight_grad_kernel(
         z = load_rows(z_ptr, k, rows, kcols, end, k, False, "")
         acc = dequant_mma(tl.trans(z), a, acc, UPCAST, PRECISION)
         h = dequant_mma(z, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
-        if HAS_NORM:  # (one FMA, as dequant_project's: A joins h's layout as its 16-bit tile)
-            alpha = tl.load(alpha_ptr + rows, mask=rows < end, other=0.0)
-            h = tl.fma(a.to(tl.float32), -alpha[:, None], h * g[None, :])
+        if HAS_NORM:
+            h = rms_grad_x(h, a.to(tl.float32), g, tl.load(alpha_ptr + rows, mask=rows < end, other=0.0))
         if pid_d * BLOCK_D < k:  # identity path
             h += load_payload(codes_ptr, scales_ptr, rows, pid_d * BLOCK_D, end, k, BITS, GROUP, BLOCK_D)
         out = round_to_kind(h, OUT_KIND).to(gx_ptr.dtype.element_ty)
