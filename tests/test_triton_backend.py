@@ -140,6 +140,41 @@ def test_decode_forward(shape, dtype, codec):
         assert rel_err(got, want) <= tol(dtype)
 
 
+def test_x_in_loop_switch(monkeypatch):
+    """RESBM_TRITON_X_IN_LOOP=1, the control for timing dequant_project's copy of x
+    (or the residual) ahead: its loop then takes no stages of its own (STAGES
+    None, where by default it is the launch config's num_stages), with the same
+    results bit for bit (decode forward with a residual, encode backward through
+    RMSNorm); a value other than 0 or 1 raises, naming the switch."""
+    tuner = tb.KERNELS["dequant_project"]
+    kernel = tuner.fn.fn  # under configs.LoopConstants
+    stages = []
+
+    def run(*args, _run=kernel.run, **kwargs):
+        stages.append(kwargs["STAGES"])
+        return _run(*args, **kwargs)
+    monkeypatch.setattr(kernel, "run", run)
+    gen = torch.Generator().manual_seed(11)
+    n, d, k = 150, 128, 32
+    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), Codec(bits=8), 0)
+    w, x = normal(d, k, dtype=torch.bfloat16, gen=gen), normal(n, d, dtype=torch.bfloat16, gen=gen)
+    gamma = normal(d, dtype=torch.bfloat16, gen=gen).add_(1.0)
+
+    def passes():
+        return (triton_call(ops.decode, payload, w, Codec(bits=8), n, residual=x, out_dtype=torch.bfloat16),
+                triton_call(ops.encode_backward, payload, x, w.t().contiguous(), Codec(bits=8), norm_weight=gamma,
+                            eps=1e-5)[0])
+    default = passes()
+    assert stages == [tuner.configs[0].num_stages] * 2
+    monkeypatch.setenv(tb.configs.X_IN_LOOP_SWITCH, "1")
+    in_loop = passes()
+    assert stages[2:] == [None, None]
+    assert all(torch.equal(a, b) for a, b in zip(default, in_loop))
+    monkeypatch.setenv(tb.configs.X_IN_LOOP_SWITCH, "on")
+    with pytest.raises(ValueError, match="RESBM_TRITON_X_IN_LOOP must be 0 or 1, not 'on'"):
+        passes()
+
+
 def test_decode_forward_d_splits(monkeypatch):
     """With fewer row blocks than the device runs programs at once, decode
     forward splits d between programs: every split gives the very output of one

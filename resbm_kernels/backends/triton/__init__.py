@@ -35,7 +35,9 @@ main kernel's launch, interleaved by chunks of rows so that the second read
 may hit L2 (see :mod:`.weight_grad`). With ``RESBM_TRITON_ENCODE_BWD_ONE_PASS=1``
 (0 or 1; off by default, not yet timed) encode backward writes grad_x in its
 weight gradient's d-tile-major pass instead, x read once (taking precedence
-over the fused switch there).
+over the fused switch there). ``RESBM_TRITON_X_IN_LOOP=1`` (0 or 1; off by
+default) is the control for timing the copy ahead of dequant_project's x or
+residual: that loop then copies only W ahead (:mod:`.dequant_project`).
 
 Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
 fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs

@@ -24,8 +24,13 @@ import os
 
 import triton
 
+from .. import fast
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0"
+# on: dequant_project's loop copies only W ahead, x or the residual loaded where it is used (the
+# control for timing their copy ahead, see LoopConstants)
+X_IN_LOOP_SWITCH = "RESBM_TRITON_X_IN_LOOP"
 # registers per thread for the tiles of tile_regs, by kernel family (above it sm_90 spills)
 MAX_TILE_REGS = {"project": 32, "dequant": 96, "wgrad": 96, "wgrad_x": 96}
 SMEM_FALLBACK = 99 * 1024  # when the device does not say: the smallest opt-in limit since sm_80
@@ -217,18 +222,26 @@ _KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "WRITE_S
         "FUSED_WGRAD"]
 
 
-class EvenD(triton.runtime.autotuner.Heuristics):
-    """EVEN_D = d % BLOCK_D == 0 for the kernels that loop over d in BLOCK_D
-    tiles (whole tiles need no column test). Triton's heuristics ``run``
-    builds a dict of every argument per call for it (~10 µs of host time a
-    launch here); this one reads d where it is."""
+class LoopConstants(triton.runtime.autotuner.Heuristics):
+    """The constants of a kernel's loop over d in BLOCK_D tiles: EVEN_D = d %
+    BLOCK_D == 0 (whole tiles need no column test) and, for a kernel that
+    takes STAGES (a loop that sets its own pipelining depth, see
+    :mod:`.dequant_project`), the launch config's num_stages. Triton's
+    heuristics ``run`` builds a dict of every argument per call for them (~10
+    µs of host time a launch here); this one reads d where it is."""
 
     def __init__(self, fn):
-        super().__init__(fn, fn.arg_names, {"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0})
+        self.stages = "STAGES" in fn.arg_names
+        values = {"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0}
+        if self.stages:
+            values["STAGES"] = lambda args: args["num_stages"]
+        super().__init__(fn, fn.arg_names, values)
         self.d_at = fn.arg_names.index("d")
 
     def run(self, *args, **kwargs):
         d = args[self.d_at] if self.d_at < len(args) else kwargs["d"]
+        if self.stages:  # (None: the loop's stages are the launch option's)
+            kwargs["STAGES"] = None if fast.switch(X_IN_LOOP_SWITCH) else kwargs["num_stages"]
         return self.fn.run(*args, EVEN_D=d % kwargs["BLOCK_D"] == 0, **kwargs)
 
 

@@ -10,7 +10,10 @@ alpha from them, and with WRITE_Z the first d split's programs also store the
 scaled operand Z = r * g_z for the weight gradient.
 
 Grid: (row blocks of BLOCK_N, d splits); the (BLOCK_N, k) dequantized tile stays
-in registers while the program walks its share of d in BLOCK_D tiles. Output
+in registers while the program walks its share of d in BLOCK_D tiles, its loop
+software-pipelined STAGES deep (the config's num_stages, configs.LoopConstants):
+the tiles of W, and of x or the residual, are copied into shared memory that
+many tiles ahead. Output
 columns are independent, so when there are fewer row blocks than the device
 runs programs at once (small N) the launcher splits d between programs
 (same results; each program dequantizes its rows once).
@@ -20,14 +23,14 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, payload_pointers, round_to_kind
-from .configs import EvenD, autotune_dequant
+from .configs import LoopConstants, autotune_dequant
 from .tiles import (d_range, dequant_mma, load_row_stats, load_rows, load_w, rms_alpha, rms_grad_x, store_operand,
                     tile_mask)
 from .weight_grad import fused_row_block
 
 
 @autotune_dequant
-@EvenD
+@LoopConstants
 @triton.jit(do_not_specialize=["n"])
 def dequant_project_kernel(
     payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr, wgrad_ptr,
@@ -36,6 +39,7 @@ def dequant_project_kernel(
     HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr, WRITE_Z: tl.constexpr, OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix, zhat
     the payload (scales of SCALE_KIND at byte ``scales_at``, one per GROUP
@@ -60,7 +64,7 @@ def dequant_project_kernel(
         dequant_project_block(payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr,
                               block, n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out, stride_stats,
                               BITS, GROUP, SCALE_KIND, HAS_RES, HAS_NORM, HAS_STATS, WRITE_Z, OUT_KIND, EVEN_D,
-                              SPLIT_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
+                              SPLIT_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, STAGES)
 
 
 @triton.jit
@@ -70,7 +74,7 @@ def dequant_project_block(
     BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr,
     HAS_STATS: tl.constexpr, WRITE_Z: tl.constexpr, OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
 ):
     """dequant_project_kernel's work for row block ``block``."""
     rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -91,18 +95,13 @@ def dequant_project_block(
     if WRITE_Z:  # the weight gradient's operand Z = r * g_z (g_z without the norm), once per row
         if d_begin == 0:
             store_operand(z_ptr, rows, kcols, n, k, zhat)
-    if HAS_NORM or HAS_RES:  # x (norm) or the residual: its first tile (see the loop)
-        x_next = load_rows(res_ptr, stride_res, rows, d_begin + tl.arange(0, BLOCK_D), n, d, EVEN_D, "",
-                           exists=d_begin < d_end)
-    for d0 in range(d_begin, d_end, BLOCK_D):
+    # STAGES on the loop itself: then Triton's software pipeliner copies x (or the residual) and
+    # gamma ahead through shared memory like the dot's operand W, STAGES - 1 tiles in flight;
+    # with the stages left to the launch option it prefetches only W
+    for d0 in tl.range(d_begin, d_end, BLOCK_D, num_stages=STAGES):
         dcols = d0 + tl.arange(0, BLOCK_D)
         if HAS_NORM or HAS_RES:
-            # read one tile ahead (a register double buffer): the software pipeliner prefetches
-            # only the dot's operand W, and a tile loaded where it is used would wait for memory
-            # in every iteration (the loop's latency, not its bandwidth, then sets the pace)
-            x = x_next.to(tl.float32)
-            x_next = load_rows(res_ptr, stride_res, rows, dcols + BLOCK_D, n, d, EVEN_D, "",
-                               exists=d0 + BLOCK_D < d_end)
+            x = load_rows(res_ptr, stride_res, rows, dcols, n, d, EVEN_D, "").to(tl.float32)
         w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, EVEN_D)
         h = dequant_mma(zhat, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
         if HAS_NORM:

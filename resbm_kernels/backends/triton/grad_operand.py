@@ -25,12 +25,12 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, payload_pointers
-from .configs import EvenD, autotune_grad_operand
+from .configs import LoopConstants, autotune_grad_operand
 from .tiles import inv_rms, load_row_stats, project_rows, rms_alpha, store_operand
 
 
 @autotune_grad_operand
-@EvenD
+@LoopConstants
 @triton.jit(do_not_specialize=["n"])
 def grad_operand_kernel(
     payload_ptr, a_ptr, w_ptr, stats_ptr, z_ptr, r_ptr, alpha_ptr,

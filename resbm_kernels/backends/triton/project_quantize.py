@@ -21,13 +21,13 @@ import triton
 import triton.language as tl
 
 from .codec import load_payload, payload_pointers, store_header, store_payload
-from .configs import EvenD, autotune_project_quantize
+from .configs import LoopConstants, autotune_project_quantize
 from .tiles import d_range, inv_rms, load_rows, project_rows, store_operand, store_row_stats, sum_splits
 from .weight_grad import fused_row_block
 
 
 @autotune_project_quantize
-@EvenD
+@LoopConstants
 # n (also the header's word hdr2) and the RNG key change from call to call: specialised (to a
 # constant when 1, as aligned when divisible by 16) they would compile new variants mid-training
 @triton.jit(do_not_specialize=["n", "key", "hdr2"])

@@ -80,12 +80,11 @@ def tile_mask(rows, cols, n, ncols, EVEN_COLS: tl.constexpr):
 
 
 @triton.jit
-def load_rows(ptr, stride, rows, cols, n, ncols, EVEN_COLS: tl.constexpr, CACHE: tl.constexpr, exists=True):
-    """Tile ptr[rows, cols] of a row-major matrix, 0 outside n x ncols and
-    where the scalar ``exists`` is false (a tile read ahead past the end of
-    its run); ``CACHE``: tl.load's cache modifier ("" for none; no default,
-    which Triton 3.6 fails to compile when a caller leaves it out)."""
-    mask = tile_mask(rows, cols, n, ncols, EVEN_COLS) & exists
+def load_rows(ptr, stride, rows, cols, n, ncols, EVEN_COLS: tl.constexpr, CACHE: tl.constexpr):
+    """Tile ptr[rows, cols] of a row-major matrix, 0 outside n x ncols;
+    ``CACHE``: tl.load's cache modifier ("" for none; no default, which
+    Triton 3.6 fails to compile when a caller leaves it out)."""
+    mask = tile_mask(rows, cols, n, ncols, EVEN_COLS)
     return tl.load(ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=mask, other=0.0,
                    cache_modifier=CACHE)
 
