@@ -110,7 +110,8 @@ def first_config(pass_: str, kernel: str, k: int, smem_limit: int):
 def label(c, per_sm: int = 1) -> str:
     limit = f" r{c.maxnreg}" if c.maxnreg else ""
     aim = f" p{per_sm}" if per_sm != 1 else ""
-    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}{limit}{aim}"
+    split = f" d{c.kwargs['D_SPLIT']}" if c.kwargs.get("D_SPLIT", 1) > 1 else ""
+    return f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}{limit}{split}{aim}"
 
 
 class Swapped:

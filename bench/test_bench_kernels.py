@@ -301,7 +301,8 @@ def _configs_used(tuners: dict) -> dict:
         if c is not None:
             kw = c.kwargs
             used[name] = f"BLOCK_N={kw.get('BLOCK_N')} BLOCK_D={kw.get('BLOCK_D')} warps={c.num_warps} " \
-                         f"stages={c.num_stages}" + (f" maxnreg={c.maxnreg}" if c.maxnreg else "")
+                         f"stages={c.num_stages}" + (f" maxnreg={c.maxnreg}" if c.maxnreg else "") + \
+                         (f" D_SPLIT={kw['D_SPLIT']}" if kw.get("D_SPLIT", 1) > 1 else "")
     return used
 
 

@@ -175,21 +175,47 @@ def test_x_in_loop_switch(monkeypatch):
         passes()
 
 
+# (programs the device runs at once, the launcher's d split, the config's D_SPLIT) for one row
+# block of four d tiles: 3 programs take runs of 2, 2 and 0 tiles, 6 of 1 tile or none
+D_SPLIT_CASES = ((1, 1, 1), (3, 3, 1), (64, 4, 1), (1, 1, 3), (3, 3, 2))
+
+
+def force_d_splits(monkeypatch, programs, splits, tuned, n, d):
+    """The launcher's small-N split of dequant_project (and project_quantize) for
+    ``programs`` at once, ``splits``, and dequant_project's config with D_SPLIT=``tuned``."""
+    import triton
+
+    monkeypatch.setattr(tb.configs, "programs_at_once", lambda device: programs)
+    assert tb.configs.d_splits(n, d, "cpu") == splits
+    tuner = tb.KERNELS["dequant_project"]
+    first = tb.configs.gpu_configs(((*tb.configs.INTERPRET_BLOCKS, 4, 1),))[0]
+    monkeypatch.setattr(tuner, "configs", [triton.Config({**first.kwargs, "D_SPLIT": tuned}, num_warps=4,
+                                                         num_stages=1)])
+
+
 def test_decode_forward_d_splits(monkeypatch):
-    """With fewer row blocks than the device runs programs at once, decode
-    forward splits d between programs: every split gives the very output of one
-    program per row block (outputs start poisoned, so a skipped tile shows)."""
+    """Decode forward splits d between programs: with fewer row blocks than the
+    device runs programs at once (the launcher's split), and by the config's
+    D_SPLIT (tuned at large N); every split gives the very output of one program
+    per row block (outputs start poisoned, so a skipped tile shows)."""
     n, d, k = 20, 512, 32  # one row block, four d tiles of the interpreter's BLOCK_D=128
     gen = torch.Generator().manual_seed(11)
     codec = Codec(bits=4, group_size=16)
     payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), codec, 0)
     w_d = normal(d, k, dtype=torch.bfloat16, scale=k**-0.5, gen=gen)
     residual = normal(n, d, dtype=torch.bfloat16, gen=gen)
+    kernel = tb.KERNELS["dequant_project"].fn.fn  # under configs.LoopConstants
+    grids = []
+
+    def run(*args, _run=kernel.run, **kwargs):
+        grids.append(kwargs["grid"](kwargs))
+        return _run(*args, **kwargs)
+    monkeypatch.setattr(kernel, "run", run)
     outputs = []
-    for programs, splits in ((1, 1), (3, 3), (64, 4)):  # 3: runs of 2, 2 and 0 tiles
-        monkeypatch.setattr(tb.configs, "programs_at_once", lambda device, programs=programs: programs)
-        assert tb.configs.d_splits(n, d, "cpu") == splits
+    for case in D_SPLIT_CASES:
+        force_d_splits(monkeypatch, *case, n, d)
         outputs.append(triton_call(ops.decode, payload, w_d, codec, n, residual=residual))
+    assert grids == [(1, splits * tuned) for _, splits, tuned in D_SPLIT_CASES]
     assert all(torch.equal(outputs[0], out) for out in outputs[1:])
     want = ops.decode(payload, w_d, codec, n, residual=residual)
     assert rel_err(outputs[0], want) <= tol(torch.bfloat16)
@@ -227,7 +253,8 @@ def test_project_quantize_d_splits(monkeypatch):
 
 
 def test_encode_backward_d_splits(monkeypatch):
-    """Encode backward with d split between grad_x's programs (small N): given
+    """Encode backward with d split between grad_x's programs (small N, and the
+    config's D_SPLIT, as in test_decode_forward_d_splits): given
     the forward's row statistics, the programs of the first split also write
     Z, the weight gradient's operand (and every program forms alpha from the
     statistics): every split gives the very outputs of one program per row
@@ -249,9 +276,8 @@ def test_encode_backward_d_splits(monkeypatch):
     monkeypatch.setattr(tb, "_grad_operand", separate_launch)
     for norm in (gamma, None):
         results = []
-        for programs, splits in ((1, 1), (3, 3), (64, 4)):  # 3: runs of 2, 2 and 0 tiles
-            monkeypatch.setattr(tb.configs, "programs_at_once", lambda device, programs=programs: programs)
-            assert tb.configs.d_splits(n, d, "cpu") == splits
+        for case in D_SPLIT_CASES:
+            force_d_splits(monkeypatch, *case, n, d)
             results.append(triton_call(ops.encode_backward, grad_payload, x, w_e, GRAD_CODEC, norm_weight=norm,
                                        row_stats=stats if norm is not None else None))
         for got in results[1:]:

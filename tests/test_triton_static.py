@@ -301,12 +301,15 @@ def _worker(arch: int):
         fused = configs.operand_bytes(dtype, dequant=True) if case["constexprs"].get("FUSED_WGRAD") else 0
         for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, has_norm, writes_z,
                                       arch, fused):
+            if cfg.kwargs.get("D_SPLIT", 1) > 1:
+                continue  # dequant_project's code for it is the d-split case's (its SPLIT_D path)
             constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
             constexprs.update({name: 1 for name in case["ones"]})
             if "EVEN_D" in fn.arg_names:
                 constexprs["EVEN_D"] = True  # d a multiple of BLOCK_D, as at every benchmarked shape
             if "STAGES" in fn.arg_names:  # (configs.LoopConstants)
                 constexprs["STAGES"] = cfg.num_stages
+                constexprs.setdefault("D_SPLIT", 1)
             compiled, regs, stack, sass = _compile(fn, case, constexprs, cfg, arch)
             tile_kib = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_D"] * (4 if case["act"] == "fp32" else 2) / 1024
             print(json.dumps(row(

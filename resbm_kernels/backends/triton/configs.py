@@ -43,9 +43,13 @@ def _configs(gpu, interp):
 
 
 def gpu_configs(table):
-    """triton.Config objects for (BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg]) rows."""
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=w, num_stages=s,
-                          maxnreg=limit[0] if limit else None) for bn, bd, w, s, *limit in table]
+    """triton.Config objects for (BLOCK_N, BLOCK_D, num_warps, num_stages[, maxnreg][, meta])
+    rows, meta a dict of the kernel's further tuned constants (dequant_project's D_SPLIT)."""
+    def config(bn, bd, w, s, *extra):
+        meta = next((e for e in extra if isinstance(e, dict)), {})
+        limit = next((e for e in extra if isinstance(e, int)), None)
+        return triton.Config({"BLOCK_N": bn, "BLOCK_D": bd, **meta}, num_warps=w, num_stages=s, maxnreg=limit)
+    return [config(*row) for row in table]
 
 
 def tile_regs(config, block_k, kind, has_norm=False, fused_wgrad=0):
@@ -184,6 +188,8 @@ def _pruner(kind, dequant, operand):
         has_norm = kwargs.get("HAS_NORM", named_args.get("HAS_NORM", False))
         writes_z = bool(kwargs.get("ZBITS", named_args.get("ZBITS", 0)))
         fused = kwargs.get("FUSED_WGRAD", named_args.get("FUSED_WGRAD", False))
+        if fused:  # (a one-dimensional grid: no d split)
+            configs = [c for c in configs if c.kwargs.get("D_SPLIT", 1) == 1]
         kept = launchable(configs, block_k, operand_bytes(t.dtype, dequant), limit, kind, has_norm, writes_z, arch,
                           operand_bytes(t.dtype, dequant=True) if fused else 0)
         return kept if AUTOTUNE else kept[:1]
@@ -202,9 +208,14 @@ GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3
 GPU_PROJECT_QUANTIZE = GPU_PROJECT[:1] + ((64, 64, 8, 4, 128),) + GPU_PROJECT[1:]
 # dequant_project (decode forward; encode backward's grad_x too, not swept): decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
 # 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32; the last, the
-# fallback, is the only one whose tiles fit with TF32 operands at k=256 (128 KB; 64x32 needs 256 KB)
+# fallback, is the only one whose tiles fit with TF32 operands at k=256 (128 KB; 64x32 needs 256 KB).
+# D_SPLIT: each row block's d split between that many programs (output columns are independent),
+# on top of the launcher's small-N split (d_splits): at N=16384 and 64-row blocks the grid is ~2
+# programs an SM; not swept (three splits of grad_x's kernel: encode backward 7-9 % faster at
+# k <= 64, slower at k=128, H100 2026-11-27; two: no faster), so the autotuner decides
 GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3),
-               (32, 32, 4, 2))
+               (64, 64, 8, 4, {"D_SPLIT": 2}), (64, 64, 8, 4, {"D_SPLIT": 4}), (64, 128, 8, 3, {"D_SPLIT": 2}),
+               (64, 128, 8, 3, {"D_SPLIT": 4}), (32, 32, 4, 2))
 # weight_grad (decode backward's, swept; encode backward's too): 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
@@ -225,23 +236,25 @@ _KEY = ["d", "k", "BITS", "HAS_NORM", "HAS_RES", "STOCHASTIC", "ZBITS", "WRITE_S
 class LoopConstants(triton.runtime.autotuner.Heuristics):
     """The constants of a kernel's loop over d in BLOCK_D tiles: EVEN_D = d %
     BLOCK_D == 0 (whole tiles need no column test) and, for a kernel that
-    takes STAGES (a loop that sets its own pipelining depth, see
-    :mod:`.dequant_project`), the launch config's num_stages. Triton's
-    heuristics ``run`` builds a dict of every argument per call for them (~10
-    µs of host time a launch here); this one reads d where it is."""
+    takes them (:mod:`.dequant_project`), STAGES, the launch config's
+    num_stages (a loop that sets its own pipelining depth), and D_SPLIT, 1
+    unless the config sets it. Triton's heuristics ``run`` builds a dict of
+    every argument per call for them (~10 µs of host time a launch here); this
+    one reads d where it is."""
 
     def __init__(self, fn):
-        self.stages = "STAGES" in fn.arg_names
+        self.loop_args = "STAGES" in fn.arg_names
         values = {"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0}
-        if self.stages:
-            values["STAGES"] = lambda args: args["num_stages"]
+        if self.loop_args:
+            values.update(STAGES=lambda args: args["num_stages"], D_SPLIT=lambda args: args.get("D_SPLIT", 1))
         super().__init__(fn, fn.arg_names, values)
         self.d_at = fn.arg_names.index("d")
 
     def run(self, *args, **kwargs):
         d = args[self.d_at] if self.d_at < len(args) else kwargs["d"]
-        if self.stages:  # (None: the loop's stages are the launch option's)
+        if self.loop_args:  # (STAGES None: the loop's stages are the launch option's)
             kwargs["STAGES"] = None if fast.switch(X_IN_LOOP_SWITCH) else kwargs["num_stages"]
+            kwargs.setdefault("D_SPLIT", 1)
         return self.fn.run(*args, EVEN_D=d % kwargs["BLOCK_D"] == 0, **kwargs)
 
 

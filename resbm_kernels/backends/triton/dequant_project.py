@@ -13,10 +13,11 @@ Grid: (row blocks of BLOCK_N, d splits); the (BLOCK_N, k) dequantized tile stays
 in registers while the program walks its share of d in BLOCK_D tiles, its loop
 software-pipelined STAGES deep (the config's num_stages, configs.LoopConstants):
 the tiles of W, and of x or the residual, are copied into shared memory that
-many tiles ahead. Output
-columns are independent, so when there are fewer row blocks than the device
-runs programs at once (small N) the launcher splits d between programs
-(same results; each program dequantizes its rows once).
+many tiles ahead. Output columns are independent, so d is split between
+programs (same results; each program dequantizes its rows once) when there
+are fewer row blocks than the device runs programs at once (small N: the
+launcher's split), and by D_SPLIT, a tuned constant of the config (large N:
+64-row blocks give a GPU about two programs an SM at N=16384).
 """
 
 import triton
@@ -39,7 +40,7 @@ def dequant_project_kernel(
     HAS_NORM: tl.constexpr, HAS_STATS: tl.constexpr, WRITE_Z: tl.constexpr, OUT_KIND: tl.constexpr,
     EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, D_SPLIT: tl.constexpr,
 ):
     """out = zhat @ W + pad_d(zhat) (+ residual), W the k x d matrix, zhat
     the payload (scales of SCALE_KIND at byte ``scales_at``, one per GROUP
@@ -64,7 +65,7 @@ def dequant_project_kernel(
         dequant_project_block(payload_ptr, w_ptr, res_ptr, out_ptr, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr,
                               block, n, d, k, scales_at, stride_wk, stride_wd, stride_res, stride_out, stride_stats,
                               BITS, GROUP, SCALE_KIND, HAS_RES, HAS_NORM, HAS_STATS, WRITE_Z, OUT_KIND, EVEN_D,
-                              SPLIT_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, STAGES)
+                              SPLIT_D or D_SPLIT > 1, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D, STAGES)
 
 
 @triton.jit
