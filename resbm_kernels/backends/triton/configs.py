@@ -212,10 +212,12 @@ GPU_PROJECT_QUANTIZE = GPU_PROJECT[:1] + ((64, 64, 8, 4, 128),) + GPU_PROJECT[1:
 # D_SPLIT: each row block's d split between that many programs (output columns are independent),
 # on top of the launcher's small-N split (d_splits): at N=16384 and 64-row blocks the grid is ~2
 # programs an SM; not swept (three splits of grad_x's kernel: encode backward 7-9 % faster at
-# k <= 64, slower at k=128, H100 2026-11-27; two: no faster), so the autotuner decides
+# k <= 64, slower at k=128, H100 2026-11-27; two: no faster), so the autotuner decides, among
+# the configs it chose most on the H200 (64x64: w8 for grad_x, w4 for decode forward at k=128);
+# few, as each is another compile per tuned shape
 GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3),
-               (64, 64, 8, 4, {"D_SPLIT": 2}), (64, 64, 8, 4, {"D_SPLIT": 4}), (64, 128, 8, 3, {"D_SPLIT": 2}),
-               (64, 128, 8, 3, {"D_SPLIT": 4}), (32, 32, 4, 2))
+               (64, 64, 8, 4, {"D_SPLIT": 2}), (64, 64, 8, 4, {"D_SPLIT": 3}), (64, 64, 4, 4, {"D_SPLIT": 3}),
+               (32, 32, 4, 2))
 # weight_grad (decode backward's, swept; encode backward's too): 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
