@@ -43,7 +43,9 @@
 //      backward terms, written with 16-byte stores (a whole tile with none of them
 //      through store_plain_tile, without the per-chunk tests).
 //      Encode backward through RMSNorm first re-runs the projection loop of
-//      the encoder over x for r = 1/rms(x) and s = x (gamma W)^T (as Triton).
+//      the encoder over x for r = 1/rms(x) and s = x (gamma W)^T (as Triton),
+//      unless given encode forward's row statistics. Its main loop's x tiles come
+//      through the weight tiles' ring, copied with them (RowCfg::STAGE_X).
 //  weight_grad_kernel       (grad W_d, grad W_e)
 //      out[split][c][j] = sum_rows rscale[r] * zhat[r][c] * a[r][j]: a separate
 //      pass over the big input; grid (d tiles, row splits), deterministic
@@ -157,13 +159,22 @@ struct RowCfg {
   static constexpr size_t WG_SMEM = cmax(WG_PS * WG_STAGE_BYTES, FINISH_BYTES);
   // dequant_project's weight tiles stream through a ring of WS buffers: three (two in flight
   // while one is multiplied) where sm_80's shared memory allows, else fewer (fp32, KPAD = 256:
-  // one, loaded between tiles)
-  static constexpr size_t ring_bytes(int stages) { return size_t(stages) * W2_PARTS * W2_BYTES + H_BYTES; }
-  static constexpr bool ring_fits(int stages) { return Z_BYTES + SCALARS_BYTES + ring_bytes(stages) <= kMaxSmemSm80; }
-  static constexpr int WS = ring_fits(3) ? 3 : ring_fits(2) ? 2 : 1;
-  // the region after zhat holds the RMSNorm pre-pass's tiles (norm), then the main loop's
-  static constexpr size_t dq_smem(bool norm) {
-    return Z_BYTES + SCALARS_BYTES + cmax(norm ? PROJ_BYTES : 0, ring_bytes(WS));
+  // one, loaded between tiles). Through RMSNorm (encode backward) each stage also holds the
+  // output tile's (BN, BD2) tile of x, the epilogue's input, copied with its weights (STAGE_X:
+  // where that keeps WS stages within sm_80's limit, all but fp32 at KPAD = 128)
+  static constexpr int X2LD = BD2 + 16 / int(sizeof(T));  // +16 bytes: conflict-free 16-byte reads
+  static constexpr size_t X2_BYTES = size_t(BN) * X2LD * sizeof(T);
+  static constexpr size_t stage_bytes(bool x) { return W2_PARTS * W2_BYTES + (x ? X2_BYTES : 0); }
+  static constexpr size_t ring_bytes(int stages, bool x) { return size_t(stages) * stage_bytes(x) + H_BYTES; }
+  static constexpr bool ring_fits(int stages, bool x) {
+    return Z_BYTES + SCALARS_BYTES + ring_bytes(stages, x) <= kMaxSmemSm80;
+  }
+  static constexpr int WS = ring_fits(3, false) ? 3 : ring_fits(2, false) ? 2 : 1;
+  static constexpr bool STAGE_X = ring_fits(WS, true);
+  // the region after zhat holds the RMSNorm pre-pass's tiles (prepass), then the main loop's;
+  // norm: its ring stages hold x too (STAGE_X)
+  static constexpr size_t dq_smem(bool prepass, bool norm) {
+    return Z_BYTES + SCALARS_BYTES + cmax(prepass ? PROJ_BYTES : 0, ring_bytes(WS, norm && STAGE_X));
   }
 
   static_assert(NT >= 2 && NT <= 16 && NT2 >= 2 && NT % 2 == 0 && NT2 % 2 == 0,
@@ -172,7 +183,8 @@ struct RowCfg {
   static_assert(X_BYTES % 16 == 0 && W_BYTES % 16 == 0 && Z_BYTES % 16 == 0 &&
                     SCALARS_BYTES % 16 == 0 && W2_BYTES % 16 == 0,
                 "shared-memory regions must stay 16-byte aligned");
-  static_assert(PQ_SMEM <= kMaxSmemSm80 && dq_smem(true) <= kMaxSmemSm80,
+  static_assert(X2_BYTES % 16 == 0, "x tiles must stay 16-byte aligned");
+  static_assert(PQ_SMEM <= kMaxSmemSm80 && dq_smem(true, true) <= kMaxSmemSm80,
                 "more shared memory than an sm_80 block can have");
   static_assert(FINISH_BYTES <= kDefaultSmem, "finish_rows_kernel needs no shared-memory opt-in");
 };
@@ -848,10 +860,15 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   float* row_alpha = row_r + C::BN;            // [BN]
   float* dotp = row_alpha + C::BN;             // [WN][BN]
   unsigned char* region = smem + C::Z_BYTES + C::SCALARS_BYTES;  // pre-pass, then main loop
-  // main loop: WS weight tiles [BD2][W2LD] (hi, and lo for fp32), then the output tile [BN][HLD]
-  auto w2hi = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * C::W2_PARTS * C::W2_BYTES); };
-  auto w2lo = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * C::W2_PARTS * C::W2_BYTES + C::W2_BYTES); };
-  float* hs = reinterpret_cast<float*>(region + C::WS * C::W2_PARTS * C::W2_BYTES);
+  // main loop: WS stages, each a weight tile [BD2][W2LD] (hi, and lo for fp32) and with
+  // stage_x (through RMSNorm) the tile of x [BN][X2LD] of the same columns; then the output
+  // tile [BN][HLD]
+  const bool stage_x = C::STAGE_X && p.gamma != nullptr;
+  const size_t stage = C::W2_PARTS * C::W2_BYTES + (stage_x ? C::X2_BYTES : 0);  // (RowCfg::stage_bytes)
+  auto w2hi = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * stage); };
+  auto w2lo = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * stage + C::W2_BYTES); };
+  auto xs = [&](int b) { return reinterpret_cast<T*>(region + size_t(b) * stage + C::W2_PARTS * C::W2_BYTES); };
+  float* hs = reinterpret_cast<float*>(region + C::WS * stage);
 
   const Payload payload(p.codes, p.scales, p.bits, p.group, p.scale_dtype, k);
   for_block_elements<C::BN, KPAD>(
@@ -933,6 +950,12 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   const int wr = tid / W2CH, wch = tid % W2CH;
   const bool w_col_ok = wch * C::WVEC < p.w2_cols;  // w2_cols % WVEC == 0
   const int64_t w_off = int64_t(wr) * p.w2_ld + wch * C::WVEC;
+  // with stage_x, the x tile of the same columns into the same stage: a thread copies chunk
+  // xch of rows xr + j * XSTEP (zeros beyond n and d)
+  constexpr int XVEC = 16 / int(sizeof(T)), XCH = C::BD2 / XVEC;  // 16-byte chunks per x tile row
+  constexpr int XSTEP = kThreads / XCH, XPER = C::BN / XSTEP;
+  static_assert(kThreads % XCH == 0 && XPER * XSTEP == C::BN, "x tile copies split evenly");
+  const int xr = tid / XCH, xch = tid % XCH;
   auto issue_w2 = [&](int64_t i) {
     const int b = int(i % C::WS);
     const int64_t d0 = (run.first + i) * C::BD2;
@@ -943,6 +966,15 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
       const int dst = (wr + j * WSTEP) * C::W2LD + wch * C::WVEC;
       cp_async16(w2hi(b) + dst, w2hi_g + src, ok ? 16 : 0);
       if constexpr (kWSplit) cp_async16(w2lo(b) + dst, w2lo_g + src, ok ? 16 : 0);
+    }
+    if (stage_x) {
+      const int64_t col = d0 + xch * XVEC;
+#pragma unroll
+      for (int j = 0; j < XPER; ++j) {
+        const int r = xr + j * XSTEP;
+        const bool ok = row0 + r < n && col < d;  // d % 16 == 0: chunks are all in or out
+        cp_async16(xs(b) + r * C::X2LD + xch * XVEC, x + (ok ? (row0 + r) * d + col : 0), ok ? 16 : 0);
+      }
     }
   };
   // zhat's A fragments are the same for every output tile: with 16-bit operands they are
@@ -990,9 +1022,10 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
             make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
       }
     }
-    // The x (RMSNorm) or residual of a chunk is loaded beside its use: loading every chunk
-    // of the tile first (2026-11-27) doubled the registers (bf16, k=32: 92 -> 180), so an SM
-    // held 2 blocks instead of 5, and on an H100 decode forward at N=65536 took 369 us, not 266
+    // x (RMSNorm) came with the weights (stage_x; fp32 at KPAD = 128: as the residual). The
+    // residual of a chunk is loaded beside its use: loading every chunk of the tile first
+    // (2026-11-27) doubled the registers (bf16, k=32: 92 -> 180), so an SM held 2 blocks
+    // instead of 5, and on an H100 decode forward at N=65536 took 369 us, not 266
     // (bench/results/logs/h100-2026-11-27/VERDICT.md). From KPAD = 64, where shared memory
     // or registers already hold an SM to 3 blocks or fewer, each chunk also asks for the same
     // chunk of the next tile into L2 (prefetch.global.L2: no registers held), so that its load
@@ -1010,7 +1043,7 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
       }
       return;  // (the next tile)
     }
-    const bool prefetch = KPAD >= 64 && p.prefetch && epilogue_in != nullptr && i + 1 < run.count;
+    const bool prefetch = KPAD >= 64 && p.prefetch && epilogue_in != nullptr && !stage_x && i + 1 < run.count;
 #pragma unroll 1
     for (int j = 0; j < EPER; ++j) {  // chunk ec of rows er + j * EROWS (the same every tile)
       const int r = er + j * EROWS;
@@ -1028,7 +1061,11 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
       if (norm) {
         float gm[8], xv[8];
         load8(gamma, gcol, DT, gm);
-        load8(x, grow * d + gcol, DT, xv);
+        if (stage_x) {
+          load8(xs(b), r * C::X2LD + ec, DT, xv);
+        } else {
+          load8(x, grow * d + gcol, DT, xv);
+        }
         const float rr = row_r[r], al = row_alpha[r];
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[e] = rr * (v[e] * gm[e]) - xv[e] * al;
@@ -1520,7 +1557,7 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   char name[80];
   std::snprintf(name, sizeof name, "dequant_project_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&dequant_project_kernel<DT, KPAD>);
-  const size_t smem = C::dq_smem(p.gamma != nullptr && p.stats == nullptr);  // the pre-pass's tiles
+  const size_t smem = C::dq_smem(p.gamma != nullptr && p.stats == nullptr, p.gamma != nullptr);
   RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
   const dim3 grid(unsigned(blocks), unsigned(dq_splits<DT, KPAD>(p, blocks, func, smem)));
