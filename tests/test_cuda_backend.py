@@ -815,10 +815,10 @@ def test_encode_backward(shape, norm, dtype, grad_codec):
 @needs_kernels
 @pytest.mark.parametrize("out_dtype", (torch.bfloat16, torch.float32), ids=_ids)
 def test_prefetch_switch_changes_no_result(out_dtype, monkeypatch):
-    """dequant_project asks for its epilogue input (decode forward's residual, encode
-    backward's x) a tile ahead into L2 from KPAD = 64 on: a hint, so RESBM_CUDA_PREFETCH=0
-    gives the same bits (k = 48, KPAD = 64; d = 240: the last tile of 64 columns is
-    partial, where the prefetch must stop)."""
+    """dequant_project asks for decode forward's residual a tile ahead into L2 from KPAD =
+    64 on (encode backward's x comes through its weight tiles' ring instead): a hint, so
+    RESBM_CUDA_PREFETCH=0 gives the same bits (k = 48, KPAD = 64; d = 240: the last tile of
+    64 columns is partial, where the prefetch and the copies must stop)."""
     n, d, k = 70, 240, 48
     gen = torch.Generator().manual_seed(21)
     codec = Codec(bits=8)

@@ -183,14 +183,10 @@ D_SPLIT_CASES = ((1, 1, 1), (3, 3, 1), (64, 4, 1), (1, 1, 3), (3, 3, 2))
 def force_d_splits(monkeypatch, programs, splits, tuned, n, d):
     """The launcher's small-N split of dequant_project (and project_quantize) for
     ``programs`` at once, ``splits``, and dequant_project's config with D_SPLIT=``tuned``."""
-    import triton
-
     monkeypatch.setattr(tb.configs, "programs_at_once", lambda device: programs)
     assert tb.configs.d_splits(n, d, "cpu") == splits
-    tuner = tb.KERNELS["dequant_project"]
-    first = tb.configs.gpu_configs(((*tb.configs.INTERPRET_BLOCKS, 4, 1),))[0]
-    monkeypatch.setattr(tuner, "configs", [triton.Config({**first.kwargs, "D_SPLIT": tuned}, num_warps=4,
-                                                         num_stages=1)])
+    config = (*tb.configs.INTERPRET_BLOCKS, 4, 1, {"D_SPLIT": tuned})
+    monkeypatch.setattr(tb.KERNELS["dequant_project"], "configs", tb.configs.gpu_configs((config,)))
 
 
 def test_decode_forward_d_splits(monkeypatch):

@@ -147,11 +147,11 @@ def _scales_at(codec: Codec, n: int, k: int) -> int:
     return payload_layout(codec, n, k).scales_at if codec.quantized else 0
 
 
-def _rows_grid(n, d_splits=1, tuned_splits=None):
+def _rows_grid(n, d_splits=1, tuned_split=False):
     """(row blocks, d splits): see :func:`.configs.d_splits` (the kernel's SPLIT_D is d_splits > 1),
-    times the config's constant named ``tuned_splits`` if given (dequant_project's D_SPLIT)."""
-    if tuned_splits:
-        return lambda meta: (configs.cdiv(n, meta["BLOCK_N"]), d_splits * meta[tuned_splits])
+    with ``tuned_split`` times the config's D_SPLIT (dequant_project)."""
+    if tuned_split:
+        return lambda meta: (configs.cdiv(n, meta["BLOCK_N"]), d_splits * meta["D_SPLIT"])
     return lambda meta: (configs.cdiv(n, meta["BLOCK_N"]), d_splits)
 
 
@@ -385,7 +385,7 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
         t if t is not None else out for t in (res, r, gamma, alpha, stats, z if z is not None else wgrad_z))
     # small N: each program a run of d (output columns are independent), and the config's D_SPLIT
     splits = configs.d_splits(n, d, w.device)
-    grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits, "D_SPLIT")
+    grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits, tuned_split=True)
     dequant_project_kernel[grid](
         payload, w, res_ptr, out, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr,
         wgrad_partials, n, d, k, _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,

@@ -245,12 +245,9 @@ class LoopConstants(triton.runtime.autotuner.Heuristics):
     one reads d where it is."""
 
     def __init__(self, fn):
-        self.loop_args = "STAGES" in fn.arg_names
-        values = {"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0}
-        if self.loop_args:
-            values.update(STAGES=lambda args: args["num_stages"], D_SPLIT=lambda args: args.get("D_SPLIT", 1))
-        super().__init__(fn, fn.arg_names, values)
+        super().__init__(fn, fn.arg_names, {"EVEN_D": lambda args: args["d"] % args["BLOCK_D"] == 0})
         self.d_at = fn.arg_names.index("d")
+        self.loop_args = "STAGES" in fn.arg_names  # (and D_SPLIT)
 
     def run(self, *args, **kwargs):
         d = args[self.d_at] if self.d_at < len(args) else kwargs["d"]
