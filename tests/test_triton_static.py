@@ -22,7 +22,9 @@ memory-bound. Reported, not asserted (performance is measured on a GPU, bench/).
 ``pre LDG`` counts the global loads before the first main loop, the prologue
 every program runs before it streams (asserted for decode forward's payload tile);
 ``LDG<FADD`` (finish_weight_grad_kernel) those before its first add, the partials
-a thread has in flight before it waits for one (asserted).
+a thread has in flight before it waits for one (asserted); ``in-loop`` the 2-D tiles of
+floating-point data loaded in a loop by plain loads rather than copied ahead with cp.async
+(asserted none for dequant_project's x or residual).
 
 The compilation runs in a subprocess with TRITON_INTERPRET unset, because
 the rest of the suite sets it in this process.
@@ -362,13 +364,14 @@ def report():
         for proc in procs:  # the other one, when one failed
             proc.kill()
     header = f"{'kernel':17} {'case':42} {'sm':>3} {'config':22} {'regs':>4} {'stack':>5} {'smem':>6} " \
-             f"{'spill':>5} {'HGMMA':>5} {'HMMA':>5} {'loop':>5} {'steady':>6} {'issue TB/s':>10} {'pre LDG':>7}"
+             f"{'spill':>5} {'HGMMA':>5} {'HMMA':>5} {'loop':>5} {'steady':>6} {'issue TB/s':>10} {'pre LDG':>7} " \
+             f"{'LDG<FADD':>8} {'in-loop':>7}"
     lines = [header] + [
         f"{r['kernel']:17} {r['what']:42} {r['arch']:>3} {r['config']:22} {r['regs']:>4} {r['stack']:>5} "
         f"{r['smem']:>6} {r['spill_ops']:>5} {r['hgmma']:>5} {r['hmma']:>5} {r['loop_per_kib']:>5} "
         f"{r['steady_per_kib']:>6} "
         f"{H100_ISSUE_PER_S * 1024 / r['steady_per_kib'] / 1e12 if r['steady_per_kib'] else float('nan'):>10.1f} "
-        f"{r['prologue_loads']:>7} {r.get('loads_before_add', ''):>8}"
+        f"{r['prologue_loads']:>7} {r.get('loads_before_add', ''):>8} {r['in_loop_tiles']:>7}"
         for r in rows
     ]
     table = "\n".join(lines)
