@@ -27,7 +27,8 @@
 #             machine) Nsight Compute (ncu, --clock-control none) on one call of each pass
 #             and backend at N=16384, d=4096, k=128, int8 (bench/profile_kernels.py):
 #             throughput vs peak, memory (with its tables where ncu has them: bank conflicts,
-#             sectors per request), pipes, occupancy, warp stalls    -> profile.log, profile.csv
+#             sectors per request), pipes, occupancy, warp stalls (each reason apart)
+#                                                                    -> profile.log, profile.csv
 #   sweep     (only when named in RESBM_PHASES) bench/sweep_configs.py: every Triton kernel
 #             under a wide grid of launch configs, timed in its pass; compiles in parallel
 #             first (nproc - 1 workers), then times within the time left      -> sweep.log, sweep.json
@@ -258,6 +259,19 @@ if wanted profile; then
                 Occupancy LaunchStats WarpStateStats; do
             "$NCU" --list-sections 2>/dev/null | grep -qw -- "$section" && SECTIONS+=(--section "$section")
         done
+        # and each warp-stall reason apart (WarpStateStats' details page gives only their sum):
+        # warps stalled per issue cycle, for the reasons this ncu knows on this GPU
+        KNOWN="$("$NCU" --query-metrics 2>/dev/null)"
+        STALLS=()
+        for reason in barrier long_scoreboard short_scoreboard mio_throttle lg_throttle math_pipe_throttle \
+                wait not_selected selected dispatch_stall no_instruction branch_resolving membar drain \
+                imc_miss tex_throttle sleeping misc; do
+            metric="smsp__average_warps_issue_stalled_${reason}_per_issue_active"
+            grep -qw -- "$metric" <<<"$KNOWN" && STALLS+=("$metric.ratio")
+        done
+        if (( ${#STALLS[@]} )); then
+            SECTIONS+=(--metrics "$(IFS=,; echo "${STALLS[*]}")")
+        fi
         run_phase profile 120 "$OUT/profile.log" env RESBM_TRITON_AUTOTUNE="${RESBM_BENCH_AUTOTUNE:-0}" "$NCU" \
             --clock-control none --profile-from-start off "${SECTIONS[@]}" --csv --page details \
             --log-file "$OUT/profile.csv" "${PYP[@]}" bench/profile_kernels.py ${RESBM_PROFILE_ARGS:-}
