@@ -886,11 +886,10 @@ def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(flat(rounds[0]), flat(rounds[1])))
 
 
-def _long_rows(k: int):
+def _long_rows(k: int, n: int = 8192, d: int = 4096):
     """bf16 x (8192 x 4096), w_e, gamma on the GPU and the reference's row
     statistics of encode forward through RMSNorm: rows of 32 to 128 d tiles
     per program, where the other tests' rows span a few."""
-    n, d = 8192, 4096
     gen = torch.Generator().manual_seed(k)
     bf16 = torch.bfloat16
     x = normal(n, d, dtype=bf16, gen=gen).to(DEVICE)
@@ -935,6 +934,50 @@ def test_encode_forward_long_rows_every_config(monkeypatch, k):
         bad = _rows_off(stats[:, :k], want[:, :k], want[:, :k].abs().amax(1))
         assert bad == 0, f"{config}: {bad} of {x.shape[0]} rows off"
         assert torch.equal(stats, stats_again) and torch.equal(first, again), f"{config}: differs between calls"
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", (32, 128))
+def test_dequant_project_every_config(monkeypatch, k):
+    """Decode forward with a residual and encode backward's grad_x through RMSNorm
+    (x or the residual copied ahead in the loop) over long rows, each launchable
+    dequant_project config with D_SPLIT forced in turn (else only autotuning runs
+    them on a GPU), and its unsplit twin: each matches the reference, and the
+    split configs give the very bits of their twin."""
+    check_dequant_project_every_config(monkeypatch, *_long_rows(k, n=2048))
+
+
+def check_dequant_project_every_config(monkeypatch, x, w_e, gamma, stats):
+    """test_dequant_project_every_config on these inputs."""
+    n, k = x.shape[0], w_e.shape[0]
+    bf16 = torch.bfloat16
+    payload = ref.write_payload(torch.randn(n, k, generator=torch.Generator().manual_seed(k)), Codec(bits=8), 0)
+    grad_payload = ref.write_payload(torch.randn(n, k, generator=torch.Generator().manual_seed(k + 1)),
+                                     GRAD_CODEC, 1)
+    payload, grad_payload, w_d = payload.to(x.device), grad_payload.to(x.device), w_e.t().contiguous()
+    with use_backend("reference"):
+        want_h = ops.decode(payload, w_d, Codec(bits=8), n, residual=x)
+        want_gx = ops.encode_backward(grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma)[0]
+    kernel = tb.KERNELS["dequant_project"]
+    limit = tb.configs.smem_limit(x.device) if x.is_cuda else tb.configs.SMEM_FALLBACK
+    configs = tb.configs.gpu_configs(tb.configs.GPU_DEQUANT)
+    launchable = tb.configs.launchable(configs, tb._block_k(k), 2, limit, "dequant", has_norm=True)
+
+    def unsplit(c):
+        return c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages
+    split = {unsplit(c) for c in launchable if c.kwargs.get("D_SPLIT", 1) > 1}
+    by_blocks = {}  # the outputs of each config that has a split twin, by its config unsplit
+    for config in (c for c in launchable if unsplit(c) in split):
+        monkeypatch.setattr(kernel, "configs", [config])
+        with use_backend("triton"):
+            h = ops.decode(payload, w_d, Codec(bits=8), n, residual=x)
+            gx = ops.encode_backward(grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma, row_stats=stats)[0]
+        assert rel_err(h, want_h) <= tol(bf16), f"{config}: decode forward"
+        assert rel_err(gx, want_gx) <= 4 * tol(bf16), f"{config}: grad_x"
+        by_blocks.setdefault(unsplit(config), []).append((h, gx))
+    assert by_blocks and all(len(outputs) > 1 for outputs in by_blocks.values()), f"unsplit twins missing: {split}"
+    for blocks, outputs in by_blocks.items():
+        assert all(torch.equal(a, b) for out in outputs[1:] for a, b in zip(outputs[0], out)), blocks
 
 
 @needs_gpu
