@@ -164,17 +164,18 @@ struct RowCfg {
   // where that keeps WS stages within sm_80's limit, all but fp32 at KPAD = 128)
   static constexpr int X2LD = BD2 + 16 / int(sizeof(T));  // +16 bytes: conflict-free 16-byte reads
   static constexpr size_t X2_BYTES = size_t(BN) * X2LD * sizeof(T);
-  static constexpr size_t stage_bytes(bool x) { return W2_PARTS * W2_BYTES + (x ? X2_BYTES : 0); }
+  __host__ __device__ static constexpr size_t stage_bytes(bool x) { return W2_PARTS * W2_BYTES + (x ? X2_BYTES : 0); }
   static constexpr size_t ring_bytes(int stages, bool x) { return size_t(stages) * stage_bytes(x) + H_BYTES; }
   static constexpr bool ring_fits(int stages, bool x) {
     return Z_BYTES + SCALARS_BYTES + ring_bytes(stages, x) <= kMaxSmemSm80;
   }
   static constexpr int WS = ring_fits(3, false) ? 3 : ring_fits(2, false) ? 2 : 1;
   static constexpr bool STAGE_X = ring_fits(WS, true);
-  // the region after zhat holds the RMSNorm pre-pass's tiles (prepass), then the main loop's;
-  // norm: its ring stages hold x too (STAGE_X)
+  // whether the ring stages hold x (through RMSNorm: norm), for the launch and the kernel
+  __host__ __device__ static constexpr bool stages_x(bool norm) { return norm && STAGE_X; }
+  // the region after zhat holds the RMSNorm pre-pass's tiles (prepass), then the main loop's
   static constexpr size_t dq_smem(bool prepass, bool norm) {
-    return Z_BYTES + SCALARS_BYTES + cmax(prepass ? PROJ_BYTES : 0, ring_bytes(WS, norm && STAGE_X));
+    return Z_BYTES + SCALARS_BYTES + cmax(prepass ? PROJ_BYTES : 0, ring_bytes(WS, stages_x(norm)));
   }
 
   static_assert(NT >= 2 && NT <= 16 && NT2 >= 2 && NT % 2 == 0 && NT2 % 2 == 0,
@@ -863,8 +864,8 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
   // main loop: WS stages, each a weight tile [BD2][W2LD] (hi, and lo for fp32) and with
   // stage_x (through RMSNorm) the tile of x [BN][X2LD] of the same columns; then the output
   // tile [BN][HLD]
-  const bool stage_x = C::STAGE_X && p.gamma != nullptr;
-  const size_t stage = C::W2_PARTS * C::W2_BYTES + (stage_x ? C::X2_BYTES : 0);  // (RowCfg::stage_bytes)
+  const bool stage_x = C::stages_x(p.gamma != nullptr);
+  const size_t stage = C::stage_bytes(stage_x);
   auto w2hi = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * stage); };
   auto w2lo = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * stage + C::W2_BYTES); };
   auto xs = [&](int b) { return reinterpret_cast<T*>(region + size_t(b) * stage + C::W2_PARTS * C::W2_BYTES); };
