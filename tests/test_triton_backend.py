@@ -841,25 +841,32 @@ def test_autotuned_passes(monkeypatch):
         assert any(tuner.best_config in kept for kept in offered[name]), f"{name}: best config not among the timed"
 
 
-def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch):
+@pytest.mark.parametrize("autotune", (True, False), ids=("autotune", "first-config"))
+def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch, autotune):
     """configs.Autotuner.run launches the config chosen for a key it has seen
     without Triton's Autotuner.run (which rebuilds dicts of every argument on
-    each call): with two configs per kernel, the first round of the four passes
-    tunes each key through Triton's run (pruned to the first config; Triton
-    3.6 still times a single config, so its timing is stubbed), the second
-    takes the short path for every launch (its key_of is Triton's key, or the
-    lookup would miss) and gives the same bits."""
+    each call), with two configs per kernel and Triton's timing stubbed.
+    Autotuning: the first round of the four passes tunes each key through
+    Triton's run, the second takes the short path for every launch (its key_of
+    is Triton's key, or the lookup would miss). RESBM_TRITON_AUTOTUNE=0: pruning
+    leaves the first launchable config, launched and kept for its key without
+    Triton's run or its timing (Triton 3.6 timed a single config: ~100 ms a new key on a
+    GPU). Both rounds give the same bits."""
     import triton
 
     tritons_run = triton.runtime.autotuner.Autotuner.run
-    through_triton = []
+    through_triton, timed = [], []
 
     def counted(self, *args, **kwargs):
         through_triton.append(self)
         return tritons_run(self, *args, **kwargs)
+
+    def bench(self, *args, config, **meta):
+        timed.append(config)
+        return [0.0]
     monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run", counted)
-    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "_bench", lambda self, *args, config, **meta: [0.0])
-    monkeypatch.setattr(tb.configs, "AUTOTUNE", False)  # prune to the first config
+    monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "_bench", bench)
+    monkeypatch.setattr(tb.configs, "AUTOTUNE", autotune)
     for tuner in tb.KERNELS.values():
         monkeypatch.setattr(tuner, "configs", [tuner.configs[0], tb.configs.gpu_configs([(32, 32, 4, 1)])[0]])
         monkeypatch.setattr(tuner, "cache", {})
@@ -879,7 +886,11 @@ def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch):
         rounds.append([to_device(call(), "cpu") for call in calls.values()])
         through.append(len(through_triton))
     tuned, after = through
-    assert tuned >= len(tb.KERNELS) and after == tuned, f"{after - tuned} launches went through Triton's run again"
+    if autotune:
+        assert tuned >= len(tb.KERNELS) and timed, "the first round was not tuned through Triton's run"
+    else:
+        assert tuned == 0 and not timed, f"{tuned} launches went through Triton's run, {len(timed)} timed"
+    assert after == tuned, f"{after - tuned} launches went through Triton's run again"
     assert all(tuner.cache for tuner in tb.KERNELS.values())
     assert all(any(tuner.best_config is c for c in tuner.cache.values()) for tuner in tb.KERNELS.values())
     flat = lambda outs: [t for out in outs for t in (out if isinstance(out, tuple) else (out,)) if t is not None]  # noqa: E731

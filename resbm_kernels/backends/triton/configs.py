@@ -265,7 +265,10 @@ class Autotuner(triton.runtime.autotuner.Autotuner):
     configs on a 2-core EPYC (launch stubbed), 12 µs with one, and a pass makes
     up to three launches. This ``run`` forms the same key from the arguments
     as given (:meth:`key_of`) and launches the config chosen for it directly;
-    a key not tuned yet (pruning, timing on the GPU) goes through Triton's."""
+    a key not tuned yet goes through Triton's (pruning, timing on the GPU)
+    unless pruning leaves one config, which it then launches untimed:
+    Triton 3.6 (the GPUs' version) would time that config alone, ~100 ms a
+    new key with RESBM_TRITON_AUTOTUNE=0."""
 
     def __init__(self, fn, arg_names, configs, key, **kwargs):
         super().__init__(fn, arg_names, configs, key, None, None, **kwargs)
@@ -274,7 +277,16 @@ class Autotuner(triton.runtime.autotuner.Autotuner):
         self.named = frozenset(arg_names)
 
     def run(self, *args, **kwargs):
-        config = self.configs[0] if len(self.configs) == 1 else self.cache.get(self.key_of(args, kwargs))
+        if len(self.configs) == 1:
+            config = self.configs[0]
+        else:
+            key = self.key_of(args, kwargs)
+            config = self.cache.get(key)
+            if config is None:  # a new key: with one launchable config there is nothing to time
+                self.nargs = dict(zip(self.arg_names, args))  # (prune_configs reads it)
+                kept = self.prune_configs(kwargs)
+                if len(kept) == 1:  # (Triton 3.6 would time it)
+                    config = self.cache[key] = kept[0]
         if config is None or config.pre_hook is not None:
             return super().run(*args, **kwargs)
         self.best_config = config
