@@ -229,24 +229,22 @@ def design_bytes(case: KernelCase) -> int | None:
     summed (up to 8 splits: 32 MB at N=16384, d=4096, k=128, next to 268 MB
     of roofline; small enough to stay in L2, so counting them could flatter).
     With RESBM_TRITON_FUSED_WGRAD=1 Triton's second read is meant to come from
-    L2, so it is not counted (nor are its chunks' partials, one per 16 MiB);
-    with RESBM_TRITON_ENCODE_BWD_ONE_PASS=1 its encode backward reads x once."""
+    L2, so it is not counted (nor are its chunks' partials, one per 16 MiB)."""
     if case.backend not in FUSED:
         return None
     big = case.N * case.d * 2
     backward = case.pass_ in ("decode_backward", "encode_backward")
-    extra = big if backward and not (case.backend == "triton" and _triton_reads_once(case.pass_)) else 0
+    extra = big if backward and not (case.backend == "triton" and _triton_fused_wgrad()) else 0
     if case.backend == "triton" and backward:
         extra += 2 * case.N * case.k * 2
     return roofline(case)[0] + extra
 
 
-def _triton_reads_once(pass_: str) -> bool:
-    """Whether the Triton backward pass ``pass_`` runs with a switch that drops its second read."""
+def _triton_fused_wgrad() -> bool:
     from resbm_kernels.backends import fast
-    from resbm_kernels.backends.triton import FUSED_WGRAD_SWITCH, ONE_PASS_SWITCH
+    from resbm_kernels.backends.triton import FUSED_WGRAD_SWITCH
 
-    return fast.switch(FUSED_WGRAD_SWITCH) or (pass_ == "encode_backward" and fast.switch(ONE_PASS_SWITCH))
+    return fast.switch(FUSED_WGRAD_SWITCH)
 
 
 def _call(case: KernelCase, compiled, w, s):

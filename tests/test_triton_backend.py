@@ -140,41 +140,6 @@ def test_decode_forward(shape, dtype, codec):
         assert rel_err(got, want) <= tol(dtype)
 
 
-def test_x_in_loop_switch(monkeypatch):
-    """RESBM_TRITON_X_IN_LOOP=1, the control for timing dequant_project's copy of x
-    (or the residual) ahead: its loop then takes no stages of its own (STAGES
-    None, where by default it is the launch config's num_stages), with the same
-    results bit for bit (decode forward with a residual, encode backward through
-    RMSNorm); a value other than 0 or 1 raises, naming the switch."""
-    tuner = tb.KERNELS["dequant_project"]
-    kernel = tuner.fn.fn  # under configs.LoopConstants
-    stages = []
-
-    def run(*args, _run=kernel.run, **kwargs):
-        stages.append(kwargs["STAGES"])
-        return _run(*args, **kwargs)
-    monkeypatch.setattr(kernel, "run", run)
-    gen = torch.Generator().manual_seed(11)
-    n, d, k = 150, 128, 32
-    payload = ref.write_payload(normal(n, k, gen=gen, dtype=torch.float32), Codec(bits=8), 0)
-    w, x = normal(d, k, dtype=torch.bfloat16, gen=gen), normal(n, d, dtype=torch.bfloat16, gen=gen)
-    gamma = normal(d, dtype=torch.bfloat16, gen=gen).add_(1.0)
-
-    def passes():
-        return (triton_call(ops.decode, payload, w, Codec(bits=8), n, residual=x, out_dtype=torch.bfloat16),
-                triton_call(ops.encode_backward, payload, x, w.t().contiguous(), Codec(bits=8), norm_weight=gamma,
-                            eps=1e-5)[0])
-    default = passes()
-    assert stages == [tuner.configs[0].num_stages] * 2
-    monkeypatch.setenv(tb.configs.X_IN_LOOP_SWITCH, "1")
-    in_loop = passes()
-    assert stages[2:] == [None, None]
-    assert all(torch.equal(a, b) for a, b in zip(default, in_loop))
-    monkeypatch.setenv(tb.configs.X_IN_LOOP_SWITCH, "on")
-    with pytest.raises(ValueError, match="RESBM_TRITON_X_IN_LOOP must be 0 or 1, not 'on'"):
-        passes()
-
-
 # (programs the device runs at once, the launcher's d split, the config's D_SPLIT) for one row
 # block of four d tiles: 3 programs take runs of 2, 2 and 0 tiles, 6 of 1 tile or none
 D_SPLIT_CASES = ((1, 1, 1), (3, 3, 1), (64, 4, 1), (1, 1, 3), (3, 3, 2))
@@ -432,18 +397,14 @@ def test_encode_backward_uses_row_stats():
         assert rel_err(a, b) > 0.1, name
 
 
-@pytest.mark.parametrize("one_pass", (False, True), ids=("", "one-pass"))
 @pytest.mark.parametrize("n, splits", ((150, 3), (4, 3), (150, 2)), ids=("150-rows-3-splits", "4-rows-3-splits",
                                                                          "150-rows-2-splits"))
-def test_backward_row_splits(monkeypatch, n, splits, one_pass):
+def test_backward_row_splits(monkeypatch, n, splits):
     """The weight-gradient pass with several row splits (the GPU's layout for
     N >= 2048; the interpreter otherwise runs one), including an empty split:
-    every split's partial and its rows of grad_x are written (``one_pass``:
-    encode backward's grad_x by the weight gradient's programs)."""
+    every split's partial and its rows of grad_x are written."""
     from resbm_kernels.backends import fast
 
-    if one_pass:
-        force_one_pass(monkeypatch)
     monkeypatch.setattr(fast, "weight_grad_partials", lambda n, d, k, transpose, device, max_splits=8: fast.empty(
         (splits, d, k) if transpose else (splits, k, d), torch.float32, device))
     d, k = 96, 32
@@ -555,39 +516,6 @@ def test_fused_switch_other_than_0_or_1_raises(monkeypatch):
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=_ids)
 def test_encode_backward_fused_weight_grad(shape, norm, dtype, fused_wgrad):
     check_encode_backward(shape, norm, dtype, GRAD_CODEC)
-
-
-# ---- encode backward in one pass over x (RESBM_TRITON_ENCODE_BWD_ONE_PASS) -------------------
-
-
-def force_one_pass(monkeypatch):
-    """RESBM_TRITON_ENCODE_BWD_ONE_PASS=1, the rows kernel that writes grad_x in
-    two passes made to fail: a test that passes took the one pass."""
-    monkeypatch.setenv(tb.ONE_PASS_SWITCH, "1")
-
-    def rows_kernel(*args, **kwargs):
-        raise AssertionError("encode backward ran its two-pass grad_x kernel")
-
-    monkeypatch.setattr(tb, "_dequant_project", rows_kernel)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-@pytest.mark.parametrize("norm", (False, True, "row_stats"), ids=("plain", "norm", "norm-row-stats"))
-@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=_ids)
-def test_encode_backward_one_pass(monkeypatch, shape, norm, dtype):
-    """grad_x and the weight gradients from one d-tile-major pass over x: a masked
-    row tail, d not a multiple of BLOCK_D, k padded to BLOCK_K, several d tiles,
-    the identity path in the tiles below k."""
-    force_one_pass(monkeypatch)
-    check_encode_backward(shape, norm, dtype, GRAD_CODEC)
-
-
-@pytest.mark.parametrize("codec", (Codec(bits=16), Codec(bits=4, group_size=16), Codec(bits=2, group_size=32)),
-                         ids=_ids)
-def test_encode_backward_one_pass_codecs(monkeypatch, codec):
-    """The identity path re-reads g_z from the payload: every gradient codec."""
-    force_one_pass(monkeypatch)
-    check_encode_backward((150, 128, 64), "row_stats", torch.bfloat16, codec)
 
 
 @needs_gpu
@@ -874,13 +802,6 @@ def test_tuned_keys_skip_tritons_autotuner_run(monkeypatch, autotune):
     # given the forward's row statistics, encode backward's grad_x kernel forms Z itself: without
     # them the grad_operand kernel's pass over x does, whose launches are checked too
     calls["encode_backward, no statistics"] = training_pass_calls(tb, DEVICE, backward_stats=False)["encode_backward"]
-    two_pass = calls["encode_backward"]
-
-    def one_pass():  # (RESBM_TRITON_ENCODE_BWD_ONE_PASS=1: grad_x_weight_grad_kernel)
-        with monkeypatch.context() as switched:
-            switched.setenv(tb.ONE_PASS_SWITCH, "1")
-            return two_pass()
-    calls["encode_backward, one pass"] = one_pass
     rounds, through = [], []  # each round's outputs; launches through Triton's run after it
     for _ in range(2):
         rounds.append([to_device(call(), "cpu") for call in calls.values()])

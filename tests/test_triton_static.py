@@ -111,17 +111,6 @@ def wgrad(what, k, *, encoder, act="bf16"):
                 ones=[unit], div16=["d", "k", "stride_a", "stride_os", strided], constexprs={})
 
 
-def wgrad_x(what, k, *, act="bf16"):
-    """A grad_x_weight_grad case (encode backward in one pass over x through RMSNorm,
-    RESBM_TRITON_ENCODE_BWD_ONE_PASS=1: grad W_e's (k, d) partials and grad_x)."""
-    return dict(kernel="grad_x_weight_grad", what=what, k=k, act=act,
-                ptrs=dict(a_ptr="A", z_ptr="Z", out_ptr="F", w_ptr="A", gamma_ptr="A", alpha_ptr="F",
-                          payload_ptr="U", gx_ptr="A"),
-                ones=["stride_wd"], div16=["d", "k", "stride_a", "stride_gx", "stride_wk", "scales_at", "stride_os"],
-                constexprs=dict(BITS=8, GROUP=k, SCALE_KIND=2, HAS_NORM=True,
-                                OUT_KIND={"bf16": 2, "fp16": 1, "fp32": 0}[act]))
-
-
 CASES = [
     project("encode fwd bf16 int8/row norm+stats k=128", 128, 8, encoder=True, norm=True, stats=True),
     project("encode fwd fp16 int8/row norm+stats k=128", 128, 8, encoder=True, norm=True, stats=True, act="fp16"),
@@ -156,10 +145,6 @@ CASES = [
             write_z=True, split_d=True),
     dequant("encode bwd grad_x bf16 int8/row norm k=128, fused", 128, encoder=True, norm=True, fused=True),
     wgrad("grad W_e bf16 k=128", 128, encoder=True),
-    # encode backward in one pass (opt-in): grad_x from the weight gradient's x tiles
-    wgrad_x("encode bwd one pass bf16 int8/row norm k=32", 32),
-    wgrad_x("encode bwd one pass bf16 int8/row norm k=128", 128),
-    wgrad_x("encode bwd one pass fp16 int8/row norm k=128", 128, act="fp16"),
     # k=256 (d/32 at d=8192): only the fallback configs fit
     project("encode fwd bf16 int8/row norm+stats k=256", 256, 8, encoder=True, norm=True, stats=True),
     project("decode bwd bf16 int4/row stochastic k=256", 256, 4, encoder=False, stochastic=True),
@@ -297,7 +282,7 @@ def _worker(arch: int):
         kind = TILE_KINDS[case["kernel"]]
         block_k = case["k"]
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[case["act"]]
-        elem = configs.operand_bytes(dtype, dequant=kind in ("dequant", "wgrad", "wgrad_x"))
+        elem = configs.operand_bytes(dtype, dequant=kind in ("dequant", "wgrad"))
         has_norm = case["constexprs"].get("HAS_NORM", False)
         writes_z = bool(case["constexprs"].get("ZBITS", 0))
         fused = configs.operand_bytes(dtype, dequant=True) if case["constexprs"].get("FUSED_WGRAD") else 0

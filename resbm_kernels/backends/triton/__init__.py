@@ -29,15 +29,11 @@ weight gradient is a second, d-tile-major pass: decode backward's main
 kernel needs whole rows of g_z to quantize, and encode backward's grad_x is
 a rows kernel (on the H200 at N >= 16384 decode forward's rows kernel ran at
 47-85 % of copy bandwidth, one d-tile-major pass writing grad_x too at
-22-44 %). With ``RESBM_TRITON_FUSED_WGRAD=1`` (0 or 1; off by default: on an
+22-44 %; autotuned on 2026-11-28, that pass was still no faster, see
+:mod:`.weight_grad`). With ``RESBM_TRITON_FUSED_WGRAD=1`` (0 or 1; off by default: on an
 H200 it was slower but for decode backward at k <= 64) its programs join the
 main kernel's launch, interleaved by chunks of rows so that the second read
-may hit L2 (see :mod:`.weight_grad`). With ``RESBM_TRITON_ENCODE_BWD_ONE_PASS=1``
-(0 or 1; off by default, not yet timed) encode backward writes grad_x in its
-weight gradient's d-tile-major pass instead, x read once (taking precedence
-over the fused switch there). ``RESBM_TRITON_X_IN_LOOP=1`` (0 or 1; off by
-default) is the control for timing the copy ahead of dequant_project's x or
-residual: that loop then copies only W ahead (:mod:`.dequant_project`).
+may hit L2 (see :mod:`.weight_grad`).
 
 Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
 fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs
@@ -64,20 +60,16 @@ from .codec import KIND_BF16, KIND_F16, KIND_F32
 from .dequant_project import dequant_project_kernel
 from .grad_operand import grad_operand_kernel
 from .project_quantize import finish_rows_kernel, project_quantize_kernel
-from .weight_grad import finish_weight_grad_kernel, grad_x_weight_grad_kernel, weight_grad_kernel
+from .weight_grad import finish_weight_grad_kernel, weight_grad_kernel
 
 # the autotuned kernels by name (the benchmarks and the static check enumerate them)
 KERNELS = dict(project_quantize=project_quantize_kernel, dequant_project=dequant_project_kernel,
-               grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel,
-               grad_x_weight_grad=grad_x_weight_grad_kernel)
+               grad_operand=grad_operand_kernel, weight_grad=weight_grad_kernel)
 # each one's register model (configs.tile_regs kind)
-TILE_KINDS = dict(project_quantize="project", dequant_project="dequant", grad_operand="project", weight_grad="wgrad",
-                  grad_x_weight_grad="wgrad_x")
+TILE_KINDS = dict(project_quantize="project", dequant_project="dequant", grad_operand="project", weight_grad="wgrad")
 
 # on: the backward passes form their weight gradients in their main kernel's launch (weight_grad.fused_row_block)
 FUSED_WGRAD_SWITCH = "RESBM_TRITON_FUSED_WGRAD"
-# on: encode backward writes grad_x in its weight gradient's pass, one read of x (weight_grad.grad_x_weight_grad_kernel)
-ONE_PASS_SWITCH = "RESBM_TRITON_ENCODE_BWD_ONE_PASS"
 FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
 SPLITS_AT_ONCE = 8  # most partials a finishing kernel loads at once (tiles.sum_splits)
 WGRAD_SPLITS = SPLITS_AT_ONCE  # row splits of the weight-gradient pass on a GPU: one load of its finish
@@ -272,51 +264,6 @@ def _weight_grad_partials(n: int, d: int, k: int, transpose: bool, device):
     return fast.weight_grad_partials(n, d, k, transpose, device, max_splits=max_splits)
 
 
-def _grad_x_weight_grad(x, z, alpha, grad_payload, codec: Codec, w_e, gamma):
-    """(grad_x, partials) of encode backward in one d-tile-major pass over x:
-    grad_x as :func:`_dequant_project` with the norm (given Z and alpha from
-    :func:`_grad_operand`), and :func:`_weight_grad`'s partials of z^T x."""
-    n, d = x.shape
-    k = z.shape[1]
-    grad_x = fast.empty((n, d), x.dtype, x.device)
-    partial = _weight_grad_partials(n, d, k, False, x.device)
-    splits = partial.shape[0]
-    if n == 0:
-        return grad_x, partial[:0]
-    grad_x_weight_grad_kernel[lambda meta: (configs.cdiv(d, meta["BLOCK_D"]), splits)](
-        x, z, partial, w_e, gamma if gamma is not None else x, alpha if alpha is not None else z, grad_payload, grad_x,
-        n, d, k, _scales_at(codec, n, k), x.stride(0), grad_x.stride(0), *w_e.stride(), configs.cdiv(n, splits),
-        d * k, BITS=codec.bits, GROUP=_group_reshape(codec, k), SCALE_KIND=_KINDS[codec.scale_dtype],
-        HAS_NORM=gamma is not None, OUT_KIND=_KINDS[x.dtype], BLOCK_K=_block_k(k), **_common(x.device),
-    )
-    return grad_x, partial
-
-
-def _grad_x_two_passes(grad_payload, grad_codec: Codec, x, w_e, norm_weight, eps, row_stats):
-    """(grad_x, weight-gradient partials) of encode backward by default: grad_x a rows
-    kernel, the weight gradient a pass of its own over x, or the two kinds of programs
-    in one launch (RESBM_TRITON_FUSED_WGRAD)."""
-    n, d = x.shape
-    k = w_e.shape[0]
-    chunk_rows = _fused_chunk_rows(x)
-    # Z, r and alpha come from a launch of their own where grad_x's cannot form them: the fused
-    # weight gradient reads Z in that launch, and without the forward's row statistics r needs
-    # a pass over x; else grad_x's programs form them from the payload rows they load anyway
-    separate = bool(chunk_rows) or (norm_weight is not None and row_stats is None)
-    if separate:
-        z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
-    else:
-        z, r, alpha = _weight_operand(n, k, x.dtype, x.device), None, None
-    norm = (x, norm_weight, r, alpha, None if separate else row_stats) if norm_weight is not None else None
-    partial = fast.empty((configs.cdiv(n, chunk_rows), k, d), torch.float32, x.device) if chunk_rows else None
-    grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
-                              norm=norm, z=None if separate else z,
-                              wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
-    if not chunk_rows:
-        partial = _weight_grad(x, z, transpose=False)
-    return grad_x, partial
-
-
 def _at_once(splits: int, tile_per_thread: int, values: int) -> int:
     """AT_ONCE of a finishing kernel (tiles.sum_splits): the splits rounded up to a
     power of two, at most SPLITS_AT_ONCE and ``values`` loaded values a thread."""
@@ -462,9 +409,23 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     d, k = x.shape[1], w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     _group_reshape(grad_codec, k)
-    if fast.switch(ONE_PASS_SWITCH):  # (before the fused switch: one read of x, where that makes two)
-        z, _, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
-        grad_x, partial = _grad_x_weight_grad(x, z, alpha, grad_payload, grad_codec, w_e, norm_weight)
+    # grad_x a rows kernel, the weight gradient a pass of its own over x, or the two kinds of
+    # programs in one launch (RESBM_TRITON_FUSED_WGRAD)
+    n = x.shape[0]
+    chunk_rows = _fused_chunk_rows(x)
+    # Z, r and alpha come from a launch of their own where grad_x's cannot form them: the fused
+    # weight gradient reads Z in that launch, and without the forward's row statistics r needs
+    # a pass over x; else grad_x's programs form them from the payload rows they load anyway
+    separate = bool(chunk_rows) or (norm_weight is not None and row_stats is None)
+    if separate:
+        z, r, alpha = _grad_operand(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
     else:
-        grad_x, partial = _grad_x_two_passes(grad_payload, grad_codec, x, w_e, norm_weight, eps, row_stats)
+        z, r, alpha = _weight_operand(n, k, x.dtype, x.device), None, None
+    norm = (x, norm_weight, r, alpha, None if separate else row_stats) if norm_weight is not None else None
+    partial = fast.empty((configs.cdiv(n, chunk_rows), k, d), torch.float32, x.device) if chunk_rows else None
+    grad_x = _dequant_project(grad_payload, grad_codec, n, d, k, w_e, (w_e.stride(0), w_e.stride(1)), x.dtype,
+                              norm=norm, z=None if separate else z,
+                              wgrad=(partial, chunk_rows, z, x) if chunk_rows else None)
+    if not chunk_rows:
+        partial = _weight_grad(x, z, transpose=False)
     return (grad_x, *_finish_weight_grad(partial, False, w_e.dtype, w_e, norm_weight))

@@ -24,15 +24,11 @@ import os
 
 import triton
 
-from .. import fast
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0"
-# on: dequant_project's loop copies only W ahead, x or the residual loaded where it is used (the
-# control for timing their copy ahead, see LoopConstants)
-X_IN_LOOP_SWITCH = "RESBM_TRITON_X_IN_LOOP"
 # registers per thread for the tiles of tile_regs, by kernel family (above it sm_90 spills)
-MAX_TILE_REGS = {"project": 32, "dequant": 96, "wgrad": 96, "wgrad_x": 96}
+MAX_TILE_REGS = {"project": 32, "dequant": 96, "wgrad": 96}
 SMEM_FALLBACK = 99 * 1024  # when the device does not say: the smallest opt-in limit since sm_80
 
 
@@ -58,13 +54,12 @@ def tile_regs(config, block_k, kind, has_norm=False, fused_wgrad=0):
     "dequant" (dequant_project) its (BLOCK_N, k) dequantized operand and
     (BLOCK_N, BLOCK_D) output tile, and with ``has_norm`` (encode backward's
     grad_x through RMSNorm) the x tile beside it; "wgrad" (weight_grad) its
-    (k, BLOCK_D) accumulator; "wgrad_x" (grad_x_weight_grad) that accumulator, its
-    (BLOCK_N, BLOCK_D) grad_x tile and the x tile beside it. With ``fused_wgrad`` (nonzero: the weight
+    (k, BLOCK_D) accumulator. With ``fused_wgrad`` (nonzero: the weight
     gradient's programs in a project or dequant kernel's grid) the larger of the
     kernel's and a wgrad program's (k, BLOCK_D) accumulator."""
     bn, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_D"]
     elems = {"project": bn * block_k, "dequant": bn * (block_k + bd * (2 if has_norm else 1)),
-             "wgrad": bd * block_k, "wgrad_x": bd * (block_k + 2 * bn)}[kind]
+             "wgrad": bd * block_k}[kind]
     if fused_wgrad:
         elems = max(elems, bd * block_k)
     return elems // (32 * config.num_warps)
@@ -88,8 +83,6 @@ def smem_bytes(config, block_k, elem_bytes, kind, fused_wgrad=0):
         return max(smem_bytes(config, block_k, elem_bytes, kind), smem_bytes(config, block_k, fused_wgrad, "wgrad"))
     if kind == "wgrad":
         return config.num_stages * bn * (bd + block_k) * elem_bytes * 5 // 4
-    if kind == "wgrad_x":  # and the weight tile, the (BLOCK_N, BLOCK_D) fp32 layout scratch of grad_x
-        return smem_bytes(config, block_k, elem_bytes, "wgrad") + block_k * bd * elem_bytes + bn * bd * 4
     staged = 4 if kind == "dequant" and elem_bytes == 4 else 1
     return config.num_stages * (bn + block_k) * bd * elem_bytes * 5 // 4 + staged * bn * block_k * 4
 
@@ -222,11 +215,8 @@ GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4),
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
 GPU_WGRAD = ((128, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3), (64, 32, 8, 2))
-# grad_x_weight_grad (encode backward in one pass, opt-in; not swept): weight_grad's but the first,
-# whose (128, 128) grad_x and x tiles would take 256 registers a thread more
-GPU_WGRAD_X = GPU_WGRAD[1:]
 GPU_TABLES = dict(project_quantize=GPU_PROJECT_QUANTIZE, grad_operand=GPU_PROJECT, dequant_project=GPU_DEQUANT,
-                  weight_grad=GPU_WGRAD, grad_x_weight_grad=GPU_WGRAD_X)  # by kernel
+                  weight_grad=GPU_WGRAD)  # by kernel
 INTERPRET_BLOCKS = (64, 128)
 
 # the flags that change a kernel's tiles or epilogue are part of the key (names a kernel lacks are
@@ -251,8 +241,8 @@ class LoopConstants(triton.runtime.autotuner.Heuristics):
 
     def run(self, *args, **kwargs):
         d = args[self.d_at] if self.d_at < len(args) else kwargs["d"]
-        if self.loop_args:  # (STAGES None: the loop's stages are the launch option's)
-            kwargs["STAGES"] = None if fast.switch(X_IN_LOOP_SWITCH) else kwargs["num_stages"]
+        if self.loop_args:
+            kwargs["STAGES"] = kwargs["num_stages"]
             kwargs.setdefault("D_SPLIT", 1)
         return self.fn.run(*args, EVEN_D=d % kwargs["BLOCK_D"] == 0, **kwargs)
 
@@ -313,4 +303,3 @@ autotune_project_quantize = _autotune(GPU_PROJECT_QUANTIZE, "project", dequant=F
 autotune_grad_operand = _autotune(GPU_PROJECT, "project", dequant=False, operand="a_ptr")
 autotune_dequant = _autotune(GPU_DEQUANT, "dequant", dequant=True, operand="w_ptr")
 autotune_wgrad = _autotune(GPU_WGRAD, "wgrad", dequant=True, operand="a_ptr")
-autotune_wgrad_x = _autotune(GPU_WGRAD_X, "wgrad_x", dequant=True, operand="a_ptr")

@@ -98,7 +98,8 @@ def dequant_project_block(
             store_operand(z_ptr, rows, kcols, n, k, zhat)
     # STAGES on the loop itself: then Triton's software pipeliner copies x (or the residual) and
     # gamma ahead through shared memory like the dot's operand W, STAGES - 1 tiles in flight;
-    # with the stages left to the launch option it prefetches only W
+    # with the stages left to the launch option it prefetches only W (x loaded in the loop:
+    # encode backward 9-29 % slower, H200 2026-11-28, N=16384, d=4096, autotuned)
     for d0 in tl.range(d_begin, d_end, BLOCK_D, num_stages=STAGES):
         dcols = d0 + tl.arange(0, BLOCK_D)
         if HAS_NORM or HAS_RES:

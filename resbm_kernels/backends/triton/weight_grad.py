@@ -35,24 +35,19 @@ kernel ran longer than the two it replaces: decode backward 3-8 % faster at
 k <= 64, 16-30 % slower at k=128; encode backward 4-22 % slower
 (bench/results/logs/h200-2026-11-27/VERDICT.md).
 
-One pass (``RESBM_TRITON_ENCODE_BWD_ONE_PASS=1``, encode backward only; off by
-default, not yet timed): :func:`grad_x_weight_grad_kernel` also writes grad_x
-from the same x tiles (each needs only its x tile, Z, alpha and a tile of
-W_e), so x is read once. Z and alpha come from :mod:`.grad_operand` first
-(from the forward's row statistics: no read of x). Until 2026-11-26 encode
-backward ran this way, then with an extra read of x for the statistics,
-and measured 22-44 % of copy bandwidth on the H200 (untuned); the rows kernel
-plus this pass replaced it. Statically (sm_90, Triton 3.8, 64x64 w8, k=128)
-its loop takes 299 instructions per KiB of x, against 216 for grad_x's rows
-kernel plus 75 for the weight gradient's pass (64x128 w8), which reads x again.
+Encode backward in one pass (grad_x written from this pass's x tiles, x read
+once: 268 of 402 MB at N=16384, d=4096) was timed on an H200 on 2026-11-28,
+autotuned, and removed: as fast at k=32 with 16- and 8-bit payloads, else
+5-23 % slower
+(bench/results/logs/h200-2026-11-28/VERDICT.md; the kernel: commit e5915c2).
 """
 
 import triton
 import triton.language as tl
 
-from .codec import load_payload, payload_pointers, round_to_kind
-from .configs import autotune_wgrad, autotune_wgrad_x
-from .tiles import dequant_mma, load_rows, load_w, rms_grad_x, sum_splits, tile_mask
+from .codec import round_to_kind
+from .configs import autotune_wgrad
+from .tiles import dequant_mma, load_rows, load_w, sum_splits, tile_mask
 
 
 @autotune_wgrad
@@ -85,47 +80,6 @@ def accumulate_weight_grad(a_ptr, stride_a, z_ptr, start, end, dcols, d, k,
         z = load_rows(z_ptr, k, rows, kcols, end, k, False, "")
         acc = dequant_mma(tl.trans(z), a, acc, UPCAST, PRECISION)
     return acc
-
-
-@autotune_wgrad_x
-@triton.jit(do_not_specialize=["n", "rows_per_split"])
-def grad_x_weight_grad_kernel(
-    a_ptr, z_ptr, out_ptr, w_ptr, gamma_ptr, alpha_ptr, payload_ptr, gx_ptr,
-    n, d, k, scales_at, stride_a, stride_gx, stride_wk, stride_wd, rows_per_split, stride_os,
-    BITS: tl.constexpr, GROUP: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_NORM: tl.constexpr,
-    OUT_KIND: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Encode backward in one pass over x (A), d-tile major (RESBM_TRITON_ENCODE_BWD_ONE_PASS):
-    out[split, c, j] = sum_{rows of split} Z[r, c] * A[r, j] as weight_grad_kernel, and from
-    the same A tiles grad_x = gamma * (Z @ W) - alpha * A + pad_d(g_z) (without HAS_NORM
-    Z @ W + pad_d(g_z)) into gx_ptr, W the k x d encoder weight (its tile loaded once), Z
-    and alpha from grad_operand_kernel, g_z from the gradient payload (scales of SCALE_KIND
-    at byte ``scales_at``, one per GROUP columns) for the tiles of d below k."""
-    pid_d, pid_s = tl.program_id(0), tl.program_id(1)
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    kcols = tl.arange(0, BLOCK_K)
-    start = pid_s * rows_per_split
-    end = tl.minimum(start + rows_per_split, n)
-    codes_ptr, scales_ptr = payload_pointers(payload_ptr, scales_at, BITS, SCALE_KIND)
-    w = load_w(w_ptr, kcols, dcols, k, d, stride_wk, stride_wd, False)
-    if HAS_NORM:
-        g = tl.load(gamma_ptr + dcols, mask=dcols < d, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_K, BLOCK_D), tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        a = load_rows(a_ptr, stride_a, rows, dcols, end, d, False, "")
-        z = load_rows(z_ptr, k, rows, kcols, end, k, False, "")
-        acc = dequant_mma(tl.trans(z), a, acc, UPCAST, PRECISION)
-        h = dequant_mma(z, w, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), UPCAST, PRECISION)
-        if HAS_NORM:
-            h = rms_grad_x(h, a.to(tl.float32), g, tl.load(alpha_ptr + rows, mask=rows < end, other=0.0))
-        if pid_d * BLOCK_D < k:  # identity path
-            h += load_payload(codes_ptr, scales_ptr, rows, pid_d * BLOCK_D, end, k, BITS, GROUP, BLOCK_D)
-        out = round_to_kind(h, OUT_KIND).to(gx_ptr.dtype.element_ty)
-        tl.store(gx_ptr + rows[:, None].to(tl.int64) * stride_gx + dcols[None, :], out,
-                 mask=tile_mask(rows, dcols, end, d, False))
-    store_partial(out_ptr + pid_s * stride_os, acc, dcols, d, k, d, 1, BLOCK_K)
 
 
 @triton.jit
