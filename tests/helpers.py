@@ -347,13 +347,14 @@ def longest_run_of_loads(sass: str, breakers: str) -> int:
 
 
 def loads_before_first(sass: str, opcode: str) -> int:
-    """Global loads (LDG) a kernel issues before its first ``opcode`` instruction
-    (e.g. FADD: the loads a reduction has in flight before it waits for one)."""
+    """Global loads (LDG) and cp.async copies (LDGSTS) a kernel issues before its
+    first ``opcode`` instruction (e.g. FADD: the loads a reduction has in flight
+    before it waits for one)."""
     import re
 
     body, _, _ = _tensor_core_loops(sass)
     first = next((i for i, ins in enumerate(body) if re.search(rf"\b{opcode}\b", ins)), len(body))
-    return _global_loads(body[:first])
+    return sum(1 for ins in body[:first] if re.search(r"\bLDG(?:STS)?\.", ins))
 
 
 # ---- where the CUDA library's kernels run: the GPU, else the CPU emulator (libresbm_cuda_emu) ----

@@ -71,8 +71,8 @@ TILE_KINDS = dict(project_quantize="project", dequant_project="dequant", grad_op
 # on: the backward passes form their weight gradients in their main kernel's launch (weight_grad.fused_row_block)
 FUSED_WGRAD_SWITCH = "RESBM_TRITON_FUSED_WGRAD"
 FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
-SPLITS_AT_ONCE = 8  # most partials a finishing kernel loads at once (tiles.sum_splits)
-WGRAD_SPLITS = SPLITS_AT_ONCE  # row splits of the weight-gradient pass on a GPU: one load of its finish
+SPLITS_AT_ONCE = 8  # most partials a finishing kernel has in flight at once (tiles.sum_splits)
+WGRAD_SPLITS = SPLITS_AT_ONCE  # row splits of the weight-gradient pass on a GPU: all in flight in its finish
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
 
@@ -265,16 +265,17 @@ def _weight_grad_partials(n: int, d: int, k: int, transpose: bool, device):
 
 
 def _at_once(splits: int, tile_per_thread: int, values: int) -> int:
-    """AT_ONCE of a finishing kernel (tiles.sum_splits): the splits rounded up to a
-    power of two, at most SPLITS_AT_ONCE and ``values`` loaded values a thread."""
+    """AT_ONCE of a finishing kernel (tiles.sum_splits: the splits in flight): the
+    splits rounded up to a power of two, at most SPLITS_AT_ONCE and ``values``
+    values a thread in flight."""
     return max(1, min(SPLITS_AT_ONCE, values // tile_per_thread, 1 << max(0, splits - 1).bit_length()))
 
 
 def finish_rows_launch(k: int, splits: int) -> dict:
     """Launch constants of finish_rows_kernel: FINISH_ROWS rows a program, its d
-    split's partials AT_ONCE in one load, 32 values a thread (4 splits at k <= 32,
+    split's partials AT_ONCE in flight, 32 values a thread (4 splits at k <= 32,
     one at k >= 128: with 64, Triton 3.6 gave the k=128 kernel 254 registers on
-    sm_80, the quantization's tiles live after the sums)."""
+    sm_80 when the splits came in one 3-D load)."""
     per_thread = FINISH_ROWS * _block_k(k) // (32 * FINISH_WARPS)
     return dict(AT_ONCE=_at_once(splits, per_thread, 32), BLOCK_N=FINISH_ROWS, num_warps=FINISH_WARPS)
 
@@ -282,7 +283,7 @@ def finish_rows_launch(k: int, splits: int) -> dict:
 def finish_weight_grad_launch(k: int, splits: int) -> dict:
     """Launch constants of finish_weight_grad_kernel: (k, 16) tiles (64-byte runs of
     the (k, d) partials; 256 programs at d=4096), one warp per 16 rows of k, so
-    that each thread holds 8 values of a tile, up to WGRAD_SPLITS tiles in one load."""
+    that each thread holds 8 values of a tile, up to WGRAD_SPLITS tiles in flight."""
     block_k = _block_k(k)
     return dict(AT_ONCE=_at_once(splits, 8, 64), BLOCK_K=block_k, BLOCK_D=16, num_warps=block_k // 16)
 

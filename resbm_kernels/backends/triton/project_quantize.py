@@ -115,7 +115,7 @@ def finish_rows_kernel(
     WRITE_STATS: tl.constexpr, AT_ONCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The rest of project_quantize_kernel after a SPLIT_D launch: the sum of
-    the ``splits`` (n, k + 1) partials [proj | sumsq], AT_ONCE splits in one load
+    the ``splits`` (n, k + 1) partials [proj | sumsq], AT_ONCE splits in flight
     (tiles.sum_splits), then as there. (Offsets in int32: d is split only while
     N is small.)"""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

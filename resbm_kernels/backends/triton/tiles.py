@@ -144,20 +144,18 @@ def project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, d_
 @triton.jit
 def sum_splits(ptr, split_stride, offsets, mask, splits, AT_ONCE: tl.constexpr):
     """The sum over s < splits of ptr[s * split_stride + offsets] (a 2-D tile of
-    offsets, 0 where not ``mask``): AT_ONCE splits' tiles in one load, summed in
-    registers in a fixed order. Added as each split's load came in, every add
-    waited for its own load, one memory latency per split (the weight gradient's
-    finish took 16-21 us for its 16 MB of partials so on the H200 of 2026-11-27)."""
+    offsets, 0 where not ``mask``), added in registers in split order, the loop
+    copying AT_ONCE - 1 splits' tiles ahead with cp.async (its own num_stages).
+    Added as each split's load came in, every add waited for its own load, one
+    memory latency per split (the weight gradient's finish took 16-21 us for its
+    16 MB of partials so on the H200 of 2026-11-27). AT_ONCE splits in one 3-D
+    load, summed along its first axis, got a layout with the warps on the splits
+    from Triton 3.6 (the GPUs'): the sum crossed warps through shared memory (the
+    decoder's finish at k=128: 178 registers, 64 KB, 144 shared stores a thread;
+    decode backward 101 -> 137 us on the H200 of 2026-11-28)."""
     total = tl.zeros(offsets.shape, tl.float32)
-    if AT_ONCE == 1:  # (a 3-D tile of one split took another layout: a conversion, spills at k=256)
-        for s in range(0, splits):
-            total += tl.load(ptr + s * split_stride + offsets, mask=mask, other=0.0)
-    else:
-        group = tl.arange(0, AT_ONCE)[:, None, None]
-        for s0 in range(0, splits, AT_ONCE):
-            parts = tl.load(ptr + (s0 + group) * split_stride + offsets[None, :, :],
-                            mask=mask[None, :, :] & (s0 + group < splits), other=0.0)
-            total += tl.sum(parts, axis=0)
+    for s in tl.range(0, splits, num_stages=AT_ONCE):
+        total += tl.load(ptr + s * split_stride + offsets, mask=mask, other=0.0)
     return total
 
 

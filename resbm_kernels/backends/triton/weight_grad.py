@@ -125,7 +125,7 @@ def finish_weight_grad_kernel(
     strides (decode backward's (d, k) layout too); out = M, or with HAS_NORM
     (encoder, W = w_e): out = M * gamma[j] and grad_gamma[j] = sum_c W[c, j] * M[c, j].
     Each rounded once to its output's dtype. The partials come AT_ONCE splits in
-    one load (tiles.sum_splits)."""
+    flight (tiles.sum_splits)."""
     dcols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     kcols = tl.arange(0, BLOCK_K)
     mask = tile_mask(kcols, dcols, k, d, False)
