@@ -995,9 +995,9 @@ def test_config_pruning(monkeypatch, autotune):
                 assert kept
                 for c in kept:
                     bn, bd = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"]
-                    tiles = bn * (bd + block_k) if kind.startswith("wgrad") else (bn + block_k) * bd
+                    tiles = bn * (bd + block_k) if kind == "wgrad" else (bn + block_k) * bd
                     in_registers = {"project": bn * block_k, "dequant": bn * block_k + bn * bd,
-                                    "wgrad": bd * block_k, "wgrad_x": bd * block_k + 2 * bn * bd}[kind]
+                                    "wgrad": bd * block_k}[kind]
                     regs = in_registers / (32 * c.num_warps)
                     assert c is configs[-1] or (regs <= cfg.MAX_TILE_REGS[kind] and c.num_stages * tiles * 2 <= limit)
     # project_quantize's register-limited config: first at k=128 for 16-bit encode forward on
