@@ -73,6 +73,7 @@ FUSED_WGRAD_SWITCH = "RESBM_TRITON_FUSED_WGRAD"
 FINISH_ROWS, FINISH_WARPS = 32, 4  # finish_rows_kernel's launch (no GEMM, not tuned; 64 rows spill at k=256)
 SPLITS_AT_ONCE = 8  # most partials a finishing kernel has in flight at once (tiles.sum_splits)
 WGRAD_SPLITS = SPLITS_AT_ONCE  # row splits of the weight-gradient pass on a GPU: all in flight in its finish
+FINISH_SMEM = 64 * 1024  # most shared memory a finishing kernel's copies ahead take (sm_80 on: 99 KB or more)
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
 
@@ -283,9 +284,11 @@ def finish_rows_launch(k: int, splits: int) -> dict:
 def finish_weight_grad_launch(k: int, splits: int) -> dict:
     """Launch constants of finish_weight_grad_kernel: (k, 16) tiles (64-byte runs of
     the (k, d) partials; 256 programs at d=4096), one warp per 16 rows of k, so
-    that each thread holds 8 values of a tile, up to WGRAD_SPLITS tiles in flight."""
+    that each thread holds 8 values of a tile, up to WGRAD_SPLITS tiles in flight,
+    their AT_ONCE - 1 copies ahead within FINISH_SMEM (5 at k=256)."""
     block_k = _block_k(k)
-    return dict(AT_ONCE=_at_once(splits, 8, 64), BLOCK_K=block_k, BLOCK_D=16, num_warps=block_k // 16)
+    at_once = min(_at_once(splits, 8, 64), 1 + FINISH_SMEM // (block_k * 16 * 4))
+    return dict(AT_ONCE=at_once, BLOCK_K=block_k, BLOCK_D=16, num_warps=block_k // 16)
 
 
 def _finish_weight_grad(partial, transpose: bool, dtype, w_e=None, gamma=None):

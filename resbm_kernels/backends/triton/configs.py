@@ -24,7 +24,6 @@ import os
 
 import triton
 
-
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0"
 # registers per thread for the tiles of tile_regs, by kernel family (above it sm_90 spills)
