@@ -131,11 +131,13 @@ def test_finishing_kernels_load_splits_together(library_sass):
 @needs_cuda_library
 def test_dequant_project_plain_tiles_stored_lean(library_sass):
     """Decode forward without a residual stores each whole output tile past the
-    identity columns in a loop of its own (store_plain_tile), one per output dtype:
+    identity columns in a loop of its own, one per output dtype (store_plain_tile16
+    for bf16 and fp16, from a 16-bit staging tile; store_plain_tile for fp32):
     16-byte stores, at most 30 sm_90a instructions a chunk of 8 columns, where the
     general epilogue tests the flags, the bounds and the output dtype for every
     chunk (a loop body of about 310 static instructions, about 49 executed for such
-    a chunk, 23 now; 2026-11-28). 16-bit inputs, KPAD <= 128 (the benchmarked kernels)."""
+    a chunk, 23 with the fp32 staging tile; 2026-11-28). 16-bit inputs, KPAD <= 128
+    (the benchmarked kernels)."""
     checked = 0
     for name, body in library_sass.items():
         if re.search(r"dequant_project_kernelILi[23]ELi(16|32|64|128)E", name):

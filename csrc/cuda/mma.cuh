@@ -294,9 +294,20 @@ __device__ __forceinline__ void load8(const void* p, int64_t i, int dtype, float
   }
 }
 
-// Stores v as elements [i, i+8) of `dtype`, rounded to nearest even by the paired
-// conversion instructions: the codec's float_to_bf16 / float_to_fp16 to the bit for every
-// non-NaN value (inf beyond the range, fp16 subnormals), in one instruction per pair.
+// (a, b) as two elements of the 16-bit `dtype` in one word (a in the low half: the element
+// with the smaller index), rounded to nearest even by the paired conversion instruction: the
+// codec's float_to_bf16 / float_to_fp16 to the bit for every non-NaN value (inf beyond the
+// range, fp16 subnormals).
+__device__ __forceinline__ uint32_t pack_pair16(int dtype, float a, float b) {
+  if (dtype == kFloat16) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return pack16(__half_as_ushort(__low2half(h)), __half_as_ushort(__high2half(h)));
+  }
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return pack16(__bfloat16_as_ushort(__low2bfloat16(h)), __bfloat16_as_ushort(__high2bfloat16(h)));
+}
+
+// Stores v as elements [i, i+8) of `dtype` (16-bit ones through pack_pair16).
 __device__ __forceinline__ void store8(void* p, int64_t i, int dtype, const float (&v)[8]) {
   if (dtype == kFloat32) {
     float4* q = reinterpret_cast<float4*>(static_cast<float*>(p) + i);
@@ -305,15 +316,7 @@ __device__ __forceinline__ void store8(void* p, int64_t i, int dtype, const floa
   } else {
     uint32_t w[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // low half: the element with the smaller index
-      if (dtype == kFloat16) {
-        const __half2 h = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
-        w[j] = pack16(__half_as_ushort(__low2half(h)), __half_as_ushort(__high2half(h)));
-      } else {
-        const __nv_bfloat162 b = __floats2bfloat162_rn(v[2 * j], v[2 * j + 1]);
-        w[j] = pack16(__bfloat16_as_ushort(__low2bfloat16(b)), __bfloat16_as_ushort(__high2bfloat16(b)));
-      }
-    }
+    for (int j = 0; j < 4; ++j) w[j] = pack_pair16(dtype, v[2 * j], v[2 * j + 1]);
     *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + i) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }

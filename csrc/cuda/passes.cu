@@ -41,7 +41,7 @@
 //      stream through a ring of RowCfg::WS cp.async buffers, the next ones
 //      loading while this one is used), identity pad, residual, and the RMSNorm
 //      backward terms, written with 16-byte stores (a whole tile with none of them
-//      through store_plain_tile, without the per-chunk tests).
+//      through store_plain_tile16 / store_plain_tile, without the per-chunk tests).
 //      Encode backward through RMSNorm first re-runs the projection loop of
 //      the encoder over x for r = 1/rms(x) and s = x (gamma W)^T (as Triton),
 //      unless given encode forward's row statistics. Its main loop's x tiles come
@@ -826,12 +826,12 @@ struct DQArgs {
 
 // Stores this thread's chunks of a whole (BN, BD2) dequant_project output tile that has
 // nothing to add (decode forward without a residual, columns past the identity path): 8
-// columns at `ec` of rows er + j * EROWS from hs, as OUT, at columns gcol.. of rows
+// columns at `ec` of rows er + j * EROWS from hs, as fp32, at columns gcol.. of rows
 // row0 + r of out. The general epilogue tests the flags, the bounds and the output dtype
 // for every chunk, about 49 sm_90a instructions a chunk where this loop takes 23 (bf16,
 // KPAD = 32). Each chunk's index is formed whole: advanced from the last one, nvcc split the
 // 16-byte stores into 4-byte ones.
-template <int OUT, int EPER, int EROWS, int HLD>
+template <int EPER, int EROWS, int HLD>
 __device__ __forceinline__ void store_plain_tile(void* out, const float* hs, int er, int ec, int64_t row0,
                                                  int64_t gcol, int64_t d) {
 #pragma unroll 1
@@ -840,12 +840,47 @@ __device__ __forceinline__ void store_plain_tile(void* out, const float* hs, int
     float v[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) v[e] = hs[r * HLD + ec + e];
-    store8(out, (row0 + r) * d + gcol, OUT, v);
+    store8(out, (row0 + r) * d + gcol, kFloat32, v);
   }
 }
 
+// The same for a 16-bit output (OUT), from this thread's accumulators (acc[j][2h..2h+1]: row
+// wm * 16 + g + 8h, columns wn * NC2 + 8j + 2t and the next, the mma.sync layout): each pair is
+// rounded in registers and staged as one word in a (BN, BD2 + 8) tile of OUT in hs's space
+// (rows 16 bytes past a multiple of the 32 banks: the warp's stores and each quarter-warp's
+// 16-byte loads conflict-free), then stored as store_plain_tile does. Staged as fp32 and
+// converted after, the tile took 16 8-byte shared stores and 8 16-byte loads a thread, both
+// 2-way bank-conflicted: 80 % of the sm_90a kernel's shared-memory wavefronts a tile at
+// KPAD = 32 (bf16; the H200's ncu of 2026-11-28 had it stalled mostly on shared memory).
+template <int OUT, typename C, int EPER, int EROWS>
+__device__ __forceinline__ void store_plain_tile16(void* out, uint32_t* hb, const float (&acc)[C::NT2][4], int wm,
+                                                   int wn, int g, int t, int er, int ec, int64_t row0, int64_t gcol,
+                                                   int64_t d) {
+  constexpr int HBW = (C::BD2 + 8) / 2;  // words a staged row
+  static_assert(size_t(C::BN) * HBW * 4 <= C::H_BYTES, "the 16-bit tile fits hs's space");
+#pragma unroll
+  for (int j = 0; j < C::NT2; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = wm * 16 + g + 8 * h;  // (word of columns wn * NC2 + 8j + 2t and the next)
+      hb[r * HBW + wn * (C::NC2 / 2) + j * 4 + t] = pack_pair16(OUT, acc[j][2 * h], acc[j][2 * h + 1]);
+    }
+  }
+  __syncthreads();  // the tile is complete
+#pragma unroll 1
+  for (int j = 0; j < EPER; ++j) {
+    const int r = er + j * EROWS;
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + (row0 + r) * d + gcol) =
+        *reinterpret_cast<const uint4*>(hb + r * HBW + (ec >> 1));
+  }
+}
+
+// Five blocks an SM for bf16 at KPAD <= 32 (at most 102 registers a thread; the tests bound
+// it at 96): with store_plain_tile16 beside the fp32 epilogue nvcc chose 100 (sm_90a), a
+// block an SM fewer for the benchmarked decode forward; asked for five it uses 94, no spills.
 template <int DT, int KPAD>
-__global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQArgs p) {
+__global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 1)
+    dequant_project_kernel(const DQArgs p) {
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
   using E = typename C::E;
@@ -1014,6 +1049,18 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
         k_step(fa, ks);
       }
     }
+    const void* epilogue_in = norm ? p.x : p.residual;  // (the C API never passes both)
+    // a whole tile with nothing to add (see store_plain_tile)
+    const bool plain = epilogue_in == nullptr && d0 >= k && row0 + C::BN <= n && d0 + C::BD2 <= d;
+    if (plain && p.out_dtype != kFloat32) {
+      uint32_t* hb = reinterpret_cast<uint32_t*>(hs);
+      if (p.out_dtype == kBFloat16) {
+        store_plain_tile16<kBFloat16, C, EPER, EROWS>(p.out, hb, acc, wm, wn, g, t, er, ec, row0, d0 + ec, d);
+      } else {
+        store_plain_tile16<kFloat16, C, EPER, EROWS>(p.out, hb, acc, wm, wn, g, t, er, ec, row0, d0 + ec, d);
+      }
+      return;  // (the next tile)
+    }
 #pragma unroll
     for (int j = 0; j < C::NT2; ++j) {
 #pragma unroll
@@ -1033,15 +1080,8 @@ __global__ void __launch_bounds__(kThreads, 1) dequant_project_kernel(const DQAr
     // then waits for L2, not memory; at KPAD <= 32 that cost 4 registers, a block per SM
     // (bf16: 96 -> 100).
     __syncthreads();  // hs is complete
-    const void* epilogue_in = norm ? p.x : p.residual;  // (the C API never passes both)
-    if (epilogue_in == nullptr && d0 >= k && row0 + C::BN <= n && d0 + C::BD2 <= d) {
-      if (p.out_dtype == kBFloat16) {
-        store_plain_tile<kBFloat16, EPER, EROWS, C::HLD>(p.out, hs, er, ec, row0, d0 + ec, d);
-      } else if (p.out_dtype == kFloat16) {
-        store_plain_tile<kFloat16, EPER, EROWS, C::HLD>(p.out, hs, er, ec, row0, d0 + ec, d);
-      } else {
-        store_plain_tile<kFloat32, EPER, EROWS, C::HLD>(p.out, hs, er, ec, row0, d0 + ec, d);
-      }
+    if (plain) {  // (fp32 output)
+      store_plain_tile<EPER, EROWS, C::HLD>(p.out, hs, er, ec, row0, d0 + ec, d);
       return;  // (the next tile)
     }
     const bool prefetch = KPAD >= 64 && p.prefetch && epilogue_in != nullptr && !stage_x && i + 1 < run.count;
