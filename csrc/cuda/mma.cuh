@@ -257,7 +257,7 @@ __device__ __forceinline__ void cp_async_pipeline(int64_t blocks, Issue issue, B
     cp_async_wait<kPending>();  // block i's group is complete
     if constexpr (ASYNC_READS) fence_proxy_async();
     __syncthreads();
-    body(i, int(i % STAGES));
+    body(i, int(uint32_t(i) % uint32_t(STAGES)));  // (fewer than 2^32 blocks: a 32-bit modulo)
     __syncthreads();
     if constexpr (DEFERRED_REFILL) refill(i);  // into block i - 1's buffer, which body(i) waited for
   }

@@ -992,16 +992,28 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
   constexpr int XSTEP = kThreads / XCH, XPER = C::BN / XSTEP;
   static_assert(kThreads % XCH == 0 && XPER * XSTEP == C::BN, "x tile copies split evenly");
   const int xr = tid / XCH, xch = tid % XCH;
+  // a whole tile (all its rows below d): only the thread's column test, its source advanced
+  // by a tile's rows from the run's first (zero-size copies from w2hi_g where the column is out)
+  const E* w_tile0 = w_col_ok ? w2hi_g + w_off + run.first * C::BD2 * p.w2_ld : w2hi_g;
+  const int64_t w_tile_step = w_col_ok ? int64_t(C::BD2) * p.w2_ld : 0;
+  const int64_t w_row_step = w_col_ok ? int64_t(WSTEP) * p.w2_ld : 0;
   auto issue_w2 = [&](int64_t i) {
-    const int b = int(i % C::WS);
+    const int b = int(uint32_t(i) % uint32_t(C::WS));  // (a block's tiles: fewer than 2^32)
     const int64_t d0 = (run.first + i) * C::BD2;
+    if (!kWSplit && d0 + C::BD2 <= d) {
+      const E* src = w_tile0 + i * w_tile_step;
 #pragma unroll
-    for (int j = 0; j < WPER; ++j) {
-      const bool ok = w_col_ok && d0 + wr + j * WSTEP < d;
-      const int64_t src = ok ? w_off + (d0 + j * WSTEP) * p.w2_ld : 0;
-      const int dst = (wr + j * WSTEP) * C::W2LD + wch * C::WVEC;
-      cp_async16(w2hi(b) + dst, w2hi_g + src, ok ? 16 : 0);
-      if constexpr (kWSplit) cp_async16(w2lo(b) + dst, w2lo_g + src, ok ? 16 : 0);
+      for (int j = 0; j < WPER; ++j)
+        cp_async16(w2hi(b) + (wr + j * WSTEP) * C::W2LD + wch * C::WVEC, src + j * w_row_step, w_col_ok ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int j = 0; j < WPER; ++j) {
+        const bool ok = w_col_ok && d0 + wr + j * WSTEP < d;
+        const int64_t src = ok ? w_off + (d0 + j * WSTEP) * p.w2_ld : 0;
+        const int dst = (wr + j * WSTEP) * C::W2LD + wch * C::WVEC;
+        cp_async16(w2hi(b) + dst, w2hi_g + src, ok ? 16 : 0);
+        if constexpr (kWSplit) cp_async16(w2lo(b) + dst, w2lo_g + src, ok ? 16 : 0);
+      }
     }
     if (stage_x) {
       const int64_t col = d0 + xch * XVEC;
