@@ -294,38 +294,56 @@ struct Payload {
         field_mask(bits_ < 16 ? 8u / uint32_t(bits_) - 1u : 0u), k(k_), row_bytes(k_ * bits_ / 8),
         groups(bits_ < 16 ? k_ / group_ : 0) {}
 
-  __device__ __forceinline__ PayloadFields fields(int64_t row, int c) const {
-    if (bits == 16) return {reinterpret_cast<const uint16_t*>(codes)[row * k + c], 0u};
-    return {codes[row * row_bytes + (c * bits >> 3)], load_bits(scales, row * groups + uint32_t(c) / group, scale_dtype)};
+  // What an element's address and unpacking take from its column c alone (its code's byte
+  // in the row, its scale's group, its field in the byte): formed once for a thread that keeps
+  // one column (for_block_elements), where the group's division alone took ~20 instructions
+  // an element.
+  struct Column {
+    int c;
+    uint32_t byte, group, field;
+  };
+  __device__ __forceinline__ Column column(int c) const {
+    if (bits == 16) return {c, 0u, 0u, 0u};
+    return {c, uint32_t(c * bits) >> 3, uint32_t(c) / group, uint32_t(c) & field_mask};
   }
 
-  __device__ __forceinline__ float decode(PayloadFields f, int c) const {
+  __device__ __forceinline__ PayloadFields fields(int64_t row, const Column& col) const {
+    if (bits == 16) return {reinterpret_cast<const uint16_t*>(codes)[row * k + col.c], 0u};
+    return {codes[row * row_bytes + col.byte], load_bits(scales, row * groups + col.group, scale_dtype)};
+  }
+
+  __device__ __forceinline__ float decode(PayloadFields f, const Column& col) const {
     if (bits == 16) return bf16_to_float(uint16_t(f.code));
-    const int q = unpack_field(uint8_t(f.code), int(uint32_t(c) & field_mask), bits);
+    const int q = unpack_field(uint8_t(f.code), int(col.field), bits);
     return dequantize_value(q, bits_to_float(f.scale, scale_dtype));
   }
 };
 
 // Visits the (BN, KPAD) elements (r, c) of a row block, a thread those at tid, tid +
-// kThreads, ...: eight at a time, first load(r, c) for all eight (independent loads, in
-// flight together), then use(r, c, loaded) for each. A loop that loads and uses one element
-// at a time waits a whole memory latency per element (64 a thread at BN = 64, KPAD = 128:
-// twice that for a payload's code, then its scale), so `load` should only load.
-template <int BN, int KPAD, typename Load, typename Use>
-__device__ __forceinline__ void for_block_elements(Load load, Use use) {
+// kThreads, ...: eight at a time, first load(r, col) for all eight (independent loads, in
+// flight together), then use(r, col, loaded) for each, col = column(c). A loop that loads and
+// uses one element at a time waits a whole memory latency per element (64 a thread at BN =
+// 64, KPAD = 128: twice that for a payload's code, then its scale), so `load` should only
+// load. Where KPAD divides kThreads (KPAD <= 128) a thread's elements share one column, whose
+// column(c) is formed once.
+template <int BN, int KPAD, typename Column, typename Load, typename Use>
+__device__ __forceinline__ void for_block_elements(Column column, Load load, Use use) {
   constexpr int kPer = BN * KPAD / kThreads, kBatch = kPer < 8 ? kPer : 8;
   static_assert(kPer * kThreads == BN * KPAD && kPer % kBatch == 0, "elements split evenly");
+  constexpr bool kOwnColumn = kThreads % KPAD == 0;
+  const auto own = column(int(threadIdx.x % KPAD));  // (unused otherwise)
+  auto column_of = [&](unsigned i) { return kOwnColumn ? own : column(int(i % KPAD)); };
   for (int j0 = 0; j0 < kPer; j0 += kBatch) {
-    decltype(load(0, 0)) loaded[kBatch];
+    decltype(load(0, own)) loaded[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const unsigned i = threadIdx.x + unsigned(j0 + u) * kThreads;
-      loaded[u] = load(int(i / KPAD), int(i % KPAD));
+      loaded[u] = load(int(i / KPAD), column_of(i));
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const unsigned i = threadIdx.x + unsigned(j0 + u) * kThreads;
-      use(int(i / KPAD), int(i % KPAD), loaded[u]);
+      use(int(i / KPAD), column_of(i), loaded[u]);
     }
   }
 }
@@ -680,6 +698,7 @@ __device__ void finish_rows(const PQArgs& p, float* zs, float* row_sq, int64_t r
   __syncthreads();
   // z = r * acc + a[:, :k] (a's bits loaded eight elements at a time)
   for_block_elements<C::BN, KPAD>(
+      [](int c) { return c; },
       [&](int r, int c) { return row0 + r < p.n && c < p.k ? load_bits(a, (row0 + r) * p.d + c, DT) : 0u; },
       [&](int r, int c, uint32_t a_bits) {
         const int64_t grow = row0 + r;
@@ -907,9 +926,15 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
   float* hs = reinterpret_cast<float*>(region + C::WS * stage);
 
   const Payload payload(p.codes, p.scales, p.bits, p.group, p.scale_dtype, k);
+  using Column = Payload::Column;
   for_block_elements<C::BN, KPAD>(
-      [&](int r, int c) { return row0 + r < n && c < k ? payload.fields(row0 + r, c) : PayloadFields{}; },
-      [&](int r, int c, PayloadFields f) { zf[r * C::ZLD + c] = row0 + r < n && c < k ? payload.decode(f, c) : 0.0f; });
+      [&](int c) { return payload.column(c); },
+      [&](int r, const Column& col) {
+        return row0 + r < n && col.c < k ? payload.fields(row0 + r, col) : PayloadFields{};
+      },
+      [&](int r, const Column& col, PayloadFields f) {
+        zf[r * C::ZLD + col.c] = row0 + r < n && col.c < k ? payload.decode(f, col) : 0.0f;
+      });
   __syncthreads();
 
   const bool norm = p.gamma != nullptr;
@@ -1175,23 +1200,25 @@ __global__ void __launch_bounds__(kThreads) weight_operand_kernel(const WOArgs p
   float* zt = reinterpret_cast<float*>(smem);  // [KPAD][LD]: zt[c][r] = rscale[r] * zhat[r][c]
   const int64_t row0 = int64_t(blockIdx.x) * C::BN;
   const Payload payload(p.codes, p.scales, p.bits, p.group, p.scale_dtype, p.k);
-  auto valid = [&](int r, int c) { return row0 + r < p.n && c < p.k; };
+  using Column = Payload::Column;
+  auto valid = [&](int r, const Column& col) { return row0 + r < p.n && col.c < p.k; };
   for_block_elements<C::BN, KPAD>(
-      [&](int r, int c) {
+      [&](int c) { return payload.column(c); },
+      [&](int r, const Column& col) {
         WeightOperandLoads l;
-        if (valid(r, c)) {
-          l.fields = payload.fields(row0 + r, c);
+        if (valid(r, col)) {
+          l.fields = payload.fields(row0 + r, col);
           if (p.rscale != nullptr) l.rscale = p.rscale[row0 + r];
         }
         return l;
       },
-      [&](int r, int c, WeightOperandLoads l) {
+      [&](int r, const Column& col, WeightOperandLoads l) {
         float v = 0.0f;
-        if (valid(r, c)) {
-          v = payload.decode(l.fields, c);
+        if (valid(r, col)) {
+          v = payload.decode(l.fields, col);
           if (p.rscale != nullptr) v = v * l.rscale;
         }
-        zt[c * C::LD + r] = v;
+        zt[col.c * C::LD + r] = v;
       });
   __syncthreads();
   for (int i = threadIdx.x; i < KPAD * C::BN; i += kThreads) {
