@@ -609,10 +609,12 @@ def test_encode_forward_bit_exact(shape, dtype, codec, projection, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH"))
+@pytest.mark.parametrize("name", ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH",
+                                  "RESBM_CUDA_STAGE_X"))
 def test_switches_other_than_0_or_1_raise(name, monkeypatch):
     """The library would read "true" as off (RESBM_CUDA_WGMMA) or on (RESBM_CUDA_SPLITS,
-    RESBM_CUDA_PREFETCH): the backend refuses it, naming the switch, before any launch."""
+    RESBM_CUDA_PREFETCH, RESBM_CUDA_STAGE_X): the backend refuses it, naming the switch,
+    before any launch."""
     x = torch.randn(37, 128, device=DEVICE).bfloat16()
     w_e = torch.randn(32, 128, device=DEVICE).bfloat16()
     monkeypatch.setenv(name, "true")
@@ -815,13 +817,16 @@ def test_encode_backward(shape, norm, dtype, grad_codec):
 
 
 @needs_kernels
+@pytest.mark.parametrize("k", (48, 80))
+@pytest.mark.parametrize("switch_name", ("RESBM_CUDA_PREFETCH", "RESBM_CUDA_STAGE_X"))
 @pytest.mark.parametrize("out_dtype", (torch.bfloat16, torch.float32), ids=_ids)
-def test_prefetch_switch_changes_no_result(out_dtype, monkeypatch):
+def test_epilogue_input_switches_change_no_result(out_dtype, switch_name, k, monkeypatch):
     """dequant_project asks for decode forward's residual a tile ahead into L2 from KPAD =
-    64 on (encode backward's x comes through its weight tiles' ring instead): a hint, so
-    RESBM_CUDA_PREFETCH=0 gives the same bits (k = 48, KPAD = 64; d = 240: the last tile of
-    64 columns is partial, where the prefetch and the copies must stop)."""
-    n, d, k = 70, 240, 48
+    64 on, and copies encode backward's x through its weight tiles' ring (or, with
+    RESBM_CUDA_STAGE_X=0, prefetches it as the residual): the same bits either way
+    (k = 48 and 80: KPAD = 64 and 128; d = 240: the last tile of 64 columns is partial,
+    where the prefetch and the copies must stop)."""
+    n, d = 70, 240
     gen = torch.Generator().manual_seed(21)
     codec = Codec(bits=8)
     payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0).to(DEVICE)
@@ -831,7 +836,7 @@ def test_prefetch_switch_changes_no_result(out_dtype, monkeypatch):
     gamma = normal(d, dtype=torch.bfloat16, scale=0.2, gen=gen, device=DEVICE).add_(1.0)
     results = []
     for switch in ("1", "0"):
-        monkeypatch.setenv("RESBM_CUDA_PREFETCH", switch)
+        monkeypatch.setenv(switch_name, switch)
         h = cuda_call(ops.decode, payload, w, codec, n, residual=residual, out_dtype=out_dtype)
         grad_x = cuda_call(ops.encode_backward, payload, x, w.t().contiguous(), codec, norm_weight=gamma)[0]
         results.append((h, grad_x))

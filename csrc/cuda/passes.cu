@@ -171,11 +171,10 @@ struct RowCfg {
   }
   static constexpr int WS = ring_fits(3, false) ? 3 : ring_fits(2, false) ? 2 : 1;
   static constexpr bool STAGE_X = ring_fits(WS, true);
-  // whether the ring stages hold x (through RMSNorm: norm), for the launch and the kernel
-  __host__ __device__ static constexpr bool stages_x(bool norm) { return norm && STAGE_X; }
   // the region after zhat holds the RMSNorm pre-pass's tiles (prepass), then the main loop's
-  static constexpr size_t dq_smem(bool prepass, bool norm) {
-    return Z_BYTES + SCALARS_BYTES + cmax(prepass ? PROJ_BYTES : 0, ring_bytes(WS, stages_x(norm)));
+  // (with x in its stages: stage_x, DQArgs)
+  static constexpr size_t dq_smem(bool prepass, bool stage_x) {
+    return Z_BYTES + SCALARS_BYTES + cmax(prepass ? PROJ_BYTES : 0, ring_bytes(WS, stage_x));
   }
 
   static_assert(NT >= 2 && NT <= 16 && NT2 >= 2 && NT % 2 == 0 && NT2 % 2 == 0,
@@ -185,7 +184,7 @@ struct RowCfg {
                     SCALARS_BYTES % 16 == 0 && W2_BYTES % 16 == 0,
                 "shared-memory regions must stay 16-byte aligned");
   static_assert(X2_BYTES % 16 == 0, "x tiles must stay 16-byte aligned");
-  static_assert(PQ_SMEM <= kMaxSmemSm80 && dq_smem(true, true) <= kMaxSmemSm80,
+  static_assert(PQ_SMEM <= kMaxSmemSm80 && dq_smem(true, STAGE_X) <= kMaxSmemSm80,
                 "more shared memory than an sm_80 block can have");
   static_assert(FINISH_BYTES <= kDefaultSmem, "finish_rows_kernel needs no shared-memory opt-in");
 };
@@ -841,6 +840,8 @@ struct DQArgs {
                          // with gamma, they replace the pre-pass over x
   int64_t n, d, k;
   int prefetch;  // set by launch_dq: RESBM_CUDA_PREFETCH (see the epilogue)
+  int stage_x;   // set by launch_dq: the ring stages hold x (RowCfg::STAGE_X through RMSNorm,
+                 // unless RESBM_CUDA_STAGE_X=0: at KPAD = 128 they take an SM to one block)
 };
 
 // Stores this thread's chunks of a whole (BN, BD2) dequant_project output tile that has
@@ -918,7 +919,7 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
   // main loop: WS stages, each a weight tile [BD2][W2LD] (hi, and lo for fp32) and with
   // stage_x (through RMSNorm) the tile of x [BN][X2LD] of the same columns; then the output
   // tile [BN][HLD]
-  const bool stage_x = C::stages_x(p.gamma != nullptr);
+  const bool stage_x = p.stage_x != 0;
   const size_t stage = C::stage_bytes(stage_x);
   auto w2hi = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * stage); };
   auto w2lo = [&](int b) { return reinterpret_cast<E*>(region + size_t(b) * stage + C::W2_BYTES); };
@@ -1576,7 +1577,8 @@ int blocks_at_once(const void* func, size_t smem) {
 
 // A switch that is on unless its environment variable is "0", read per launch (for
 // comparisons): RESBM_CUDA_SPLITS=0 keeps one block per row block, RESBM_CUDA_PREFETCH=0 turns
-// dequant_project's L2 prefetch of its epilogue input off.
+// dequant_project's L2 prefetch of its epilogue input off, RESBM_CUDA_STAGE_X=0 its copy of x
+// through the weight tiles' ring.
 bool on_unless_zero(const char* name) {
   const char* env = std::getenv(name);
   return env == nullptr || std::strcmp(env, "0") != 0;
@@ -1637,12 +1639,13 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   char name[80];
   std::snprintf(name, sizeof name, "dequant_project_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   const void* func = reinterpret_cast<const void*>(&dequant_project_kernel<DT, KPAD>);
-  const size_t smem = C::dq_smem(p.gamma != nullptr && p.stats == nullptr, p.gamma != nullptr);
+  DQArgs args = p;
+  args.prefetch = on_unless_zero("RESBM_CUDA_PREFETCH");
+  args.stage_x = p.gamma != nullptr && C::STAGE_X && on_unless_zero("RESBM_CUDA_STAGE_X");
+  const size_t smem = C::dq_smem(p.gamma != nullptr && p.stats == nullptr, args.stage_x);
   RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
   const dim3 grid(unsigned(blocks), unsigned(dq_splits<DT, KPAD>(p, blocks, func, smem)));
-  DQArgs args = p;
-  args.prefetch = on_unless_zero("RESBM_CUDA_PREFETCH");
   launch(dequant_project_kernel<DT, KPAD>, grid, kThreads, smem, stream, args);
   return launch_status(fn, name);
 }
