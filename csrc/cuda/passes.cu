@@ -1108,15 +1108,15 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
             make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
       }
     }
-    // x (RMSNorm) came with the weights (stage_x; fp32 at KPAD = 128: as the residual). The
-    // residual of a chunk is loaded beside its use: loading every chunk of the tile first
-    // (2026-11-27) doubled the registers (bf16, k=32: 92 -> 180), so an SM held 2 blocks
-    // instead of 5, and on an H100 decode forward at N=65536 took 369 us, not 266
-    // (bench/results/logs/h100-2026-11-27/VERDICT.md). From KPAD = 64, where shared memory
-    // or registers already hold an SM to 3 blocks or fewer, each chunk also asks for the same
-    // chunk of the next tile into L2 (prefetch.global.L2: no registers held), so that its load
-    // then waits for L2, not memory; at KPAD <= 32 that cost 4 registers, a block per SM
-    // (bf16: 96 -> 100).
+    // x (RMSNorm) came with the weights (stage_x; else, as fp32 at KPAD = 128 or with
+    // RESBM_CUDA_STAGE_X=0, loaded as the residual is). The residual of a chunk is loaded
+    // beside its use: loading every chunk of the tile first (2026-11-27) doubled the registers
+    // (bf16, k=32: 92 -> 180), so an SM held 2 blocks instead of 5, and on an H100 decode
+    // forward at N=65536 took 369 us, not 266 (bench/results/logs/h100-2026-11-27/VERDICT.md).
+    // From KPAD = 64, where shared memory or registers already hold an SM to 3 blocks or
+    // fewer, each chunk also asks for the same chunk of the next tile into L2
+    // (prefetch.global.L2: no registers held), so that its load then waits for L2, not
+    // memory; at KPAD <= 32 that cost 4 registers, a block per SM (bf16: 96 -> 100).
     __syncthreads();  // hs is complete
     if (plain) {  // (fp32 output)
       store_plain_tile<EPER, EROWS, C::HLD>(p.out, hs, er, ec, row0, d0 + ec, d);

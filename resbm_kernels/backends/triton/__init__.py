@@ -140,12 +140,10 @@ def _scales_at(codec: Codec, n: int, k: int) -> int:
     return payload_layout(codec, n, k).scales_at if codec.quantized else 0
 
 
-def _rows_grid(n, d_splits=1, tuned_split=False):
+def _rows_grid(n, d_splits=1):
     """(row blocks, d splits): see :func:`.configs.d_splits` (the kernel's SPLIT_D is d_splits > 1),
-    with ``tuned_split`` times the config's D_SPLIT (dequant_project)."""
-    if tuned_split:
-        return lambda meta: (configs.cdiv(n, meta["BLOCK_N"]), d_splits * meta["D_SPLIT"])
-    return lambda meta: (configs.cdiv(n, meta["BLOCK_N"]), d_splits)
+    times the config's D_SPLIT where it has one (dequant_project)."""
+    return lambda meta: (configs.cdiv(n, meta["BLOCK_N"]), d_splits * meta.get("D_SPLIT", 1))
 
 
 def _fused_chunk_rows(a) -> int:
@@ -245,7 +243,9 @@ def _weight_grad(a, z, transpose: bool):
     transpose (see :func:`_finish_weight_grad`)."""
     n, d = a.shape
     k = z.shape[1]
-    partial = _weight_grad_partials(n, d, k, transpose, a.device)
+    # one split under the interpreter (its cost grows with the number of programs)
+    max_splits = 1 if a.device.type == "cpu" else WGRAD_SPLITS
+    partial = fast.weight_grad_partials(n, d, k, transpose, a.device, max_splits=max_splits)
     splits = partial.shape[0]
     if n == 0:
         return partial[:0]
@@ -255,14 +255,6 @@ def _weight_grad(a, z, transpose: bool):
         BLOCK_K=_block_k(k), **_common(a.device),
     )
     return partial
-
-
-def _weight_grad_partials(n: int, d: int, k: int, transpose: bool, device):
-    """The row-split partials a weight-gradient pass fills (fast.weight_grad_partials):
-    up to WGRAD_SPLITS on a GPU, one under the interpreter (its cost grows with the
-    number of programs)."""
-    max_splits = 1 if torch.device(device).type == "cpu" else WGRAD_SPLITS
-    return fast.weight_grad_partials(n, d, k, transpose, device, max_splits=max_splits)
 
 
 def _at_once(splits: int, tile_per_thread: int, values: int) -> int:
@@ -336,7 +328,7 @@ def _dequant_project(payload, codec: Codec, n: int, d: int, k: int, w, w_strides
         t if t is not None else out for t in (res, r, gamma, alpha, stats, z if z is not None else wgrad_z))
     # small N: each program a run of d (output columns are independent), and the config's D_SPLIT
     splits = configs.d_splits(n, d, w.device)
-    grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits, tuned_split=True)
+    grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
     dequant_project_kernel[grid](
         payload, w, res_ptr, out, r_ptr, gamma_ptr, alpha_ptr, stats_ptr, z_ptr,
         wgrad_partials, n, d, k, _scales_at(codec, n, k), *w_strides, res.stride(0) if res is not None else 0,
@@ -410,12 +402,12 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
 
 
 def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, row_stats=None):
-    d, k = x.shape[1], w_e.shape[0]
+    n, d = x.shape
+    k = w_e.shape[0]
     _check("encode_backward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     _group_reshape(grad_codec, k)
     # grad_x a rows kernel, the weight gradient a pass of its own over x, or the two kinds of
     # programs in one launch (RESBM_TRITON_FUSED_WGRAD)
-    n = x.shape[0]
     chunk_rows = _fused_chunk_rows(x)
     # Z, r and alpha come from a launch of their own where grad_x's cannot form them: the fused
     # weight gradient reads Z in that launch, and without the forward's row statistics r needs

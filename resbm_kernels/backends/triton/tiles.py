@@ -193,18 +193,6 @@ def rms_alpha(g_z, p, r, d):
 
 
 @triton.jit
-def rms_grad_x(h, x, g, alpha):
-    """gamma * h - alpha * x per element (encode backward's grad_x through RMSNorm
-    before the identity path, h = (r * g_z) @ W_e), x fp32, g per column, alpha
-    per row, as one FMA (one rounding on the GPU, two under the interpreter): x
-    then joins h's MMA layout as its 16-bit tile. Given x * alpha as a value of
-    its own, Triton moved that fp32 tile through shared memory instead, twice the
-    bytes (dequant_project, sm_90, k=32, 64x64 w8: steady loop 227 -> 198
-    instructions per KiB of x, barriers 10 -> 7)."""
-    return tl.fma(x, -alpha[:, None], h * g[None, :])
-
-
-@triton.jit
 def inv_rms(sumsq, d, eps):
     """1 / sqrt(sumsq / d + eps), correctly rounded steps (as the reference)."""
     ms = tl.math.div_rn(sumsq, tl.full(sumsq.shape, d, tl.float32)) + eps

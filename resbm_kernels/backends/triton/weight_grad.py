@@ -37,9 +37,8 @@ k <= 64, 16-30 % slower at k=128; encode backward 4-22 % slower
 
 Encode backward in one pass (grad_x written from this pass's x tiles, x read
 once: 268 of 402 MB at N=16384, d=4096) was timed on an H200 on 2026-11-28,
-autotuned, and removed: as fast at k=32 with 16- and 8-bit payloads, else
-5-23 % slower
-(bench/results/logs/h200-2026-11-28/VERDICT.md; the kernel: commit e5915c2).
+autotuned, and removed: as fast at k=32 with 16- and 8-bit payloads, else 5-23 %
+slower (bench/results/logs/h200-2026-11-28/VERDICT.md; the kernel: commit e5915c2).
 """
 
 import triton
