@@ -45,7 +45,8 @@
 //      Encode backward through RMSNorm first re-runs the projection loop of
 //      the encoder over x for r = 1/rms(x) and s = x (gamma W)^T (as Triton),
 //      unless given encode forward's row statistics. Its main loop's x tiles come
-//      through the weight tiles' ring, copied with them (RowCfg::STAGE_X).
+//      through the weight tiles' ring, copied with them (RowCfg::STAGE_X), where
+//      that costs no block an SM (stage_x_wanted).
 //  weight_grad_kernel       (grad W_d, grad W_e)
 //      out[split][c][j] = sum_rows rscale[r] * zhat[r][c] * a[r][j]: a separate
 //      pass over the big input; grid (d tiles, row splits), deterministic
@@ -840,8 +841,8 @@ struct DQArgs {
                          // with gamma, they replace the pre-pass over x
   int64_t n, d, k;
   int prefetch;  // set by launch_dq: RESBM_CUDA_PREFETCH (see the epilogue)
-  int stage_x;   // set by launch_dq: the ring stages hold x (RowCfg::STAGE_X through RMSNorm,
-                 // unless RESBM_CUDA_STAGE_X=0: at KPAD = 128 they take an SM to one block)
+  int stage_x;   // set by launch_dq: the ring stages hold x (through RMSNorm, RowCfg::STAGE_X,
+                 // stage_x_wanted)
 };
 
 // Stores this thread's chunks of a whole (BN, BD2) dequant_project output tile that has
@@ -1108,8 +1109,8 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
             make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
       }
     }
-    // x (RMSNorm) came with the weights (stage_x; else, as fp32 at KPAD = 128 or with
-    // RESBM_CUDA_STAGE_X=0, loaded as the residual is). The residual of a chunk is loaded
+    // x (RMSNorm) came with the weights (stage_x; else, as fp32 at KPAD = 128 or where
+    // stage_x_wanted declines, loaded as the residual is). The residual of a chunk is loaded
     // beside its use: loading every chunk of the tile first (2026-11-27) doubled the registers
     // (bf16, k=32: 92 -> 180), so an SM held 2 blocks instead of 5, and on an H100 decode
     // forward at N=65536 took 369 us, not 266 (bench/results/logs/h100-2026-11-27/VERDICT.md).
@@ -1577,13 +1578,24 @@ int blocks_at_once(const void* func, size_t smem) {
 
 // A switch that is on unless its environment variable is "0", read per launch (for
 // comparisons): RESBM_CUDA_SPLITS=0 keeps one block per row block, RESBM_CUDA_PREFETCH=0 turns
-// dequant_project's L2 prefetch of its epilogue input off, RESBM_CUDA_STAGE_X=0 its copy of x
-// through the weight tiles' ring.
+// dequant_project's L2 prefetch of its epilogue input off.
 bool on_unless_zero(const char* name) {
   const char* env = std::getenv(name);
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 bool splits_enabled() { return on_unless_zero("RESBM_CUDA_SPLITS"); }
+
+// Whether encode backward's row kernel copies its x tiles through the weight tiles' ring,
+// given the blocks the device runs at once with and without them there: by default only
+// where that costs no block an SM (H200, 2026-11-28, N=16384, d=4096, bf16: staged 6-7 %
+// faster at k=32, the same at k=64, 10-11 % slower at k=128, where the 129 KB ring left an
+// SM one block instead of two); RESBM_CUDA_STAGE_X=1 always, 0 never (for comparison).
+bool stage_x_wanted(int blocks_staged, int blocks_plain) {
+  const char* env = std::getenv("RESBM_CUDA_STAGE_X");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  return blocks_staged >= blocks_plain;
+}
 
 // d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once each
 // taking about as long per tile as alone: a launch then takes about waves x (run + fixed),
@@ -1641,8 +1653,13 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   const void* func = reinterpret_cast<const void*>(&dequant_project_kernel<DT, KPAD>);
   DQArgs args = p;
   args.prefetch = on_unless_zero("RESBM_CUDA_PREFETCH");
-  args.stage_x = p.gamma != nullptr && C::STAGE_X && on_unless_zero("RESBM_CUDA_STAGE_X");
-  const size_t smem = C::dq_smem(p.gamma != nullptr && p.stats == nullptr, args.stage_x);
+  const bool prepass = p.gamma != nullptr && p.stats == nullptr;
+  const size_t staged = C::dq_smem(prepass, true), plain = C::dq_smem(prepass, false);
+  if (p.gamma != nullptr && C::STAGE_X) {
+    RESBM_TRY(prepare(fn, name, func, staged));  // (the occupancy query needs the opt-in)
+    args.stage_x = stage_x_wanted(blocks_at_once(func, staged), blocks_at_once(func, plain));
+  }
+  const size_t smem = args.stage_x ? staged : plain;
   RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
   const dim3 grid(unsigned(blocks), unsigned(dq_splits<DT, KPAD>(p, blocks, func, smem)));

@@ -23,8 +23,9 @@ for comparison only, as on an H100 it took 1.3-2x mma.sync's time (2026-11-27).
 ``RESBM_CUDA_SPLITS=0`` keeps the row kernels from splitting d (below; for
 comparison), ``RESBM_CUDA_PREFETCH=0`` decode forward's and encode backward's row kernel
 from asking for its residual or x a tile ahead into L2 (k > 32; for comparison),
-``RESBM_CUDA_STAGE_X=0`` encode backward's row kernel from copying its x tiles through the
-weight tiles' cp.async ring (for comparison: at k > 64 that ring takes an SM to one block).
+``RESBM_CUDA_STAGE_X`` decides whether encode backward's row kernel copies its x tiles
+through the weight tiles' cp.async ring: unset, where that costs no block an SM (on an
+H200, k <= 64); ``1`` always, ``0`` never (for comparison).
 The switches take 0 or 1; another value raises ValueError at the launch.
 
 Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation
@@ -156,7 +157,8 @@ _SWITCHES = ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH", "RE
 
 def _check_switches() -> None:
     """The library reads RESBM_CUDA_WGMMA (on only for "1"), RESBM_CUDA_SPLITS,
-    RESBM_CUDA_PREFETCH and RESBM_CUDA_STAGE_X (off only for "0") at each launch: any other
+    RESBM_CUDA_PREFETCH (off only for "0") and RESBM_CUDA_STAGE_X (unset: decided by
+    occupancy) at each launch: any other
     value is a mistake, not a silent default."""
     for name in _SWITCHES:
         fast.switch(name)
