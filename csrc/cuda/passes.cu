@@ -45,8 +45,8 @@
 //      Encode backward through RMSNorm first re-runs the projection loop of
 //      the encoder over x for r = 1/rms(x) and s = x (gamma W)^T (as Triton),
 //      unless given encode forward's row statistics. Its main loop's x tiles come
-//      through the weight tiles' ring, copied with them (RowCfg::STAGE_X), where
-//      that costs no block an SM (stage_x_wanted).
+//      through the weight tiles' ring, copied with them (RowCfg::STAGE_X), unless
+//      that leaves an SM one block (stage_x_wanted).
 //  weight_grad_kernel       (grad W_d, grad W_e)
 //      out[split][c][j] = sum_rows rscale[r] * zhat[r][c] * a[r][j]: a separate
 //      pass over the big input; grid (d tiles, row splits), deterministic
@@ -1595,15 +1595,16 @@ bool on_unless_zero(const char* name) {
 bool splits_enabled() { return on_unless_zero("RESBM_CUDA_SPLITS"); }
 
 // Whether encode backward's row kernel copies its x tiles through the weight tiles' ring,
-// given the blocks the device runs at once with and without them there: by default only
-// where that costs no block an SM (H200, 2026-11-28, N=16384, d=4096, bf16: staged 6-7 %
-// faster at k=32, the same at k=64, 10-11 % slower at k=128, where the 129 KB ring left an
-// SM one block instead of two); RESBM_CUDA_STAGE_X=1 always, 0 never (for comparison).
-bool stage_x_wanted(int blocks_staged, int blocks_plain) {
+// given the blocks the device runs at once with and without them there and its SMs: by
+// default unless that leaves an SM one block where more fit (H200, 2026-11-28, N=16384,
+// d=4096, bf16: staged 6-7 % faster at k=32, 3 blocks an SM against 5; the same at k=64;
+// 10-11 % slower at k=128, one block against two); RESBM_CUDA_STAGE_X=1 always, 0 never
+// (for comparison).
+bool stage_x_wanted(int blocks_staged, int blocks_plain, int sms) {
   const char* env = std::getenv("RESBM_CUDA_STAGE_X");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;
-  return blocks_staged >= blocks_plain;
+  return blocks_staged >= blocks_plain || blocks_staged > sms;
 }
 
 // d splits for `row_blocks` blocks of rows over `tiles` d tiles, `slots` blocks at once each
@@ -1666,7 +1667,8 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   const size_t staged = C::dq_smem(prepass, true), plain = C::dq_smem(prepass, false);
   if (p.gamma != nullptr && C::STAGE_X) {
     RESBM_TRY(prepare(fn, name, func, staged));  // (the occupancy query needs the opt-in)
-    args.stage_x = stage_x_wanted(blocks_at_once(func, staged), blocks_at_once(func, plain));
+    args.stage_x = stage_x_wanted(blocks_at_once(func, staged), blocks_at_once(func, plain),
+                                  blocks_at_once(nullptr, 0));
   }
   const size_t smem = args.stage_x ? staged : plain;
   RESBM_TRY(prepare(fn, name, func, smem));

@@ -24,8 +24,8 @@ for comparison only, as on an H100 it took 1.3-2x mma.sync's time (2026-11-27).
 comparison), ``RESBM_CUDA_PREFETCH=0`` decode forward's and encode backward's row kernel
 from asking for its residual or x a tile ahead into L2 (k > 32; for comparison),
 ``RESBM_CUDA_STAGE_X`` decides whether encode backward's row kernel copies its x tiles
-through the weight tiles' cp.async ring: unset, where that costs no block an SM (on an
-H200, k <= 64); ``1`` always, ``0`` never (for comparison).
+through the weight tiles' cp.async ring: unset, unless that leaves an SM one block where
+more fit without it (on an H200: k <= 64); ``1`` always, ``0`` never (for comparison).
 The switches take 0 or 1; another value raises ValueError at the launch.
 
 Precision: bf16/fp16 inputs on 16-bit tensor cores with fp32 accumulation
