@@ -496,11 +496,29 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
                     KPAD % WROWS == 0, "tile rows must split evenly over the threads");
   const int xr = tid / CHUNKS, xc = (tid % CHUNKS) * VEC;
   const int wr = tid / WCHUNKS, wc = (tid % WCHUNKS) * C::WVEC;
+  // a whole tile (inside d, the block's rows all below n: all but the edges) is copied from
+  // per-thread sources advanced a tile at a time from the run's first, untested
+  const bool rows_in = row0 + C::BN <= n;
+  const T* x_tile0 = rows_in ? a + (row0 + xr) * d + run.first * C::BD + xc : a;
+  const int64_t w_tile0 = int64_t(wr) * d + run.first * C::BD + wc;
   auto issue = [&](int64_t i) {
-    const int buf = int(i % S);
+    const int buf = int(uint32_t(i) % uint32_t(S));  // (a block's tiles: fewer than 2^32)
     const int64_t tile = run.first + i;
-    const int64_t col = tile * C::BD + xc;  // d % 16 == 0: chunks are all in or all out
     T* xdst = xs + buf * (C::BN * C::XLD) + xr * C::XLD + xc;
+    const int wdst = buf * (KPAD * C::WLD) + wr * C::WLD + wc;
+    if (rows_in && (tile + 1) * C::BD <= d) {
+      const T* xsrc = x_tile0 + i * C::BD;
+#pragma unroll
+      for (int j = 0; j < C::BN / XROWS; ++j) cp_async16(xdst + j * XROWS * C::XLD, xsrc + j * XROWS * d, 16);
+      const int64_t wsrc = w_tile0 + i * C::BD;
+#pragma unroll
+      for (int j = 0; j < KPAD / WROWS; ++j) {
+        cp_async16(whi + wdst + j * WROWS * C::WLD, whi_g + wsrc + j * WROWS * d, 16);
+        if constexpr (b_split) cp_async16(wlo + wdst + j * WROWS * C::WLD, wlo_g + wsrc + j * WROWS * d, 16);
+      }
+      return;
+    }
+    const int64_t col = tile * C::BD + xc;  // d % 16 == 0: chunks are all in or all out
 #pragma unroll
     for (int j = 0; j < C::BN / XROWS; ++j) {
       const int64_t grow = row0 + xr + j * XROWS;
@@ -509,7 +527,6 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
     }
     const int64_t wcol = tile * C::BD + wc;
     const bool wok = wcol < d;
-    const int wdst = buf * (KPAD * C::WLD) + wr * C::WLD + wc;
 #pragma unroll
     for (int j = 0; j < KPAD / WROWS; ++j) {
       const int64_t src = wok ? int64_t(wr + j * WROWS) * d + wcol : 0;
@@ -1190,10 +1207,13 @@ int64_t operand_rows(int64_t n) { return (n + 7) / 8 * 8; }
 // One block per BN rows (tokens): their payload rows are read as they lie (for_block_elements)
 // into a (KPAD, BN) tile of shared memory, which is written out transposed, tokens along
 // Z^T's rows: both sides coalesced. (One element per thread in Z^T's order read each warp's 32
-// codes and scales from 32 payload rows, a sector each.)
+// codes and scales from 32 payload rows, a sector each.) 16 rows, a 32-byte sector of a 16-bit
+// Z^T row: with the row kernels' 64 (256 blocks at N=16384, two an SM, each thread waiting for
+// 8 batches of loads in turn at KPAD=128) the kernel took 18 us on the H200 (2026-11-28, k=128)
+// for 6 MB; 1024 blocks of 16 rows wait for 2 batches each, eight blocks an SM at once.
 template <int DT, int KPAD>
 struct WoCfg {
-  static constexpr int BN = RowCfg<DT, KPAD>::BN, LD = BN + 1;  // +1: conflict-free columns
+  static constexpr int BN = 16, LD = BN + 1;  // +1: conflict-free columns
   static constexpr size_t SMEM = size_t(KPAD) * LD * 4;
   static_assert(SMEM <= kDefaultSmem, "weight_operand_kernel needs no shared-memory opt-in");
 };
