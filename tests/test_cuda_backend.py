@@ -168,6 +168,29 @@ def test_projection_sums_of_squares_on_tensor_cores(library_sass):
 
 
 @needs_cuda_library
+def test_projection_copies_whole_tiles_lean(library_sass):
+    """The mma.sync projection loop (project_loop: encode forward, decode backward,
+    encode backward's pre-pass) copies a whole tile (inside d, the block's rows
+    below n) from per-thread sources advanced a tile at a time, untested: a
+    stretch of straight-line code in its main loop issues all of a tile's cp.async
+    copies (at least 4) at most 6 sm_90a instructions a copy apart, where every
+    copy formed its 64-bit offset and tested its row and column (about 12 a copy at
+    KPAD=128, 2026-11-28). Every dtype and KPAD."""
+    checked = 0
+    for name, body in library_sass.items():
+        if re.search(r"project_quantize_kernelILi\dELi\d+ELb0E", name):
+            ins, loops, targets = sass_loops(body)
+            first, last = max(loops, key=lambda loop: sum("HMMA" in x for x in ins[loop[0]:loop[1] + 1]))
+            starts = {t for t in targets if t is not None} | {i + 1 for i, t in enumerate(targets) if t is not None}
+            cuts = sorted({first, last + 1} | {i for i in starts if first < i <= last})
+            blocks = [ins[a:b] for a, b in zip(cuts, cuts[1:])]
+            copies = [(sum("LDGSTS" in x for x in b), len(b)) for b in blocks]
+            assert any(n >= 4 and size <= 6 * n for n, size in copies), (name, [c for c in copies if c[0]])
+            checked += 1
+    assert checked == 3 * len(KPADS)
+
+
+@needs_cuda_library
 def test_pass_kernels_main_loops(library_sass):
     """Static instruction counts of each sm_90a pass kernel's tensor-core loops
     (per thread, per trip, an inner loop without tensor-core instructions
