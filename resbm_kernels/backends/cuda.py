@@ -158,8 +158,7 @@ _SWITCHES = ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH", "RE
 def _check_switches() -> None:
     """The library reads RESBM_CUDA_WGMMA (on only for "1"), RESBM_CUDA_SPLITS,
     RESBM_CUDA_PREFETCH (off only for "0") and RESBM_CUDA_STAGE_X (unset: decided by
-    occupancy) at each launch: any other
-    value is a mistake, not a silent default."""
+    occupancy) at each launch: any other value is a mistake, not a silent default."""
     for name in _SWITCHES:
         fast.switch(name)
 
