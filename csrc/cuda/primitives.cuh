@@ -107,7 +107,7 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // ---- sm_90a: warpgroup MMA (wgmma), issued by the 128 threads of a warpgroup -----------
 // Compiled for other targets these trap; the C API launches wgmma kernels only on sm_90
-// devices with a library built for sm_90a (see passes.cu).
+// devices with a library built for sm_90a (see launch.cuh, wgmma_enabled).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define RESBM_SM90A_ONLY(...) __VA_ARGS__
 #else
