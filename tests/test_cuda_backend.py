@@ -869,12 +869,16 @@ def test_epilogue_input_switches_change_no_result(out_dtype, switch_name, k, mon
 
 
 @needs_kernels
-@pytest.mark.parametrize("n, splits", ((150, 3), (4, 3), (100, 2)), ids=("150-rows-3-splits", "4-rows-3-splits",
-                                                                        "100-rows-2-splits"))
+@pytest.mark.parametrize("n, splits", ((150, 3), (4, 3), (100, 2), (150, 2), (200, 2)),
+                         ids=("150-rows-3-splits", "4-rows-3-splits", "100-rows-2-splits", "150-rows-2-splits",
+                              "200-rows-2-splits"))
 def test_weight_grad_row_splits(monkeypatch, n, splits):
     """Several row splits (the layout for N > 1024) with starts rounded to 32 rows, so some
     splits are short or empty: every split's partial is written (poisoned otherwise) and the
-    (rscale * zhat)^T operand is read at the right rows."""
+    (rscale * zhat)^T operand is read at the right rows. 16-bit inputs reduce 64 rows a
+    step, so a split of 96 rows (150 in 2) ends its second step at the next split's first
+    row: the rows past it must count as zeros; 200 in 2: two whole steps, then one and a
+    partial one."""
     from resbm_kernels.backends import fast
 
     monkeypatch.setattr(fast, "weight_grad_partials", lambda n, d, k, transpose, device, max_splits=8: fast.empty(
