@@ -28,6 +28,9 @@ constexpr int64_t kMinSplitTiles = 2;  // d tiles of a row kernel's d split, at 
 constexpr int64_t kSplitFixedTiles = 2;  // a row block's set-up (payload rows, partials), in d tiles
 constexpr int64_t kMaxProjectionSplits = 8;  // project_quantize's d splits (each adds partials)
 constexpr size_t kMaxSmemSm80 = 163 * 1024;  // opt-in shared memory per block on sm_80 (less than sm_90)
+// Whether two blocks of `smem` bytes of dynamic shared memory fit one sm_90 SM (228 KB, 1 KB
+// of it reserved per block).
+constexpr bool two_blocks_fit_sm90(size_t smem) { return 2 * (smem + 1024) <= 228 * 1024; }
 constexpr int kWgRows = 32;  // the weight gradient's row splits start at multiples (16-byte aligned Z^T chunks)
 
 template <typename A, typename B>

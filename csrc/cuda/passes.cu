@@ -12,7 +12,7 @@
 //      One CTA of 128 threads per BN rows (BN = 64, or 32 when KPAD = 256).
 //      Streams the (BN, d) input and the prepared (KPAD, d) weights through
 //      shared memory in 128-byte-wide d tiles (64 when KPAD = 256; 16-byte
-//      cp.async through PS buffers: two tiles in flight while one is
+//      cp.async through PS buffers: up to four tiles in flight while one is
 //      multiplied, fp32 double buffered), multiplies them on tensor cores (mma.sync; fp32
 //      accumulators for all k columns stay in registers), gathers the row sums
 //      of squares of the folded RMSNorm from the same A fragments (16-bit inputs:

@@ -41,7 +41,7 @@ struct WgCfg {
   static constexpr int STAGES = 3 * STAGE_BYTES <= kMaxSmemSm80 ? 3 : 2;
   static constexpr size_t SMEM = STAGES * STAGE_BYTES;
   // two blocks an SM where their shared memory fits sm_90's 228 KB (bf16 up to KPAD = 128)
-  static constexpr int MIN_BLOCKS = 2 * (SMEM + 1024) <= 228 * 1024 ? 2 : 1;
+  static constexpr int MIN_BLOCKS = two_blocks_fit_sm90(SMEM) ? 2 : 1;
   static_assert(MT >= 1 && NT >= 2 && NT % 2 == 0 && BR % 16 == 0 && WM * WN == WARPS,
                 "bad tile configuration (B fragments load two n tiles at a time)");
   static_assert(X_BYTES % 16 == 0 && ZT_BYTES % 16 == 0, "16-byte aligned regions");
