@@ -34,7 +34,9 @@ struct RowCfg {
   // four at KPAD = 128, 56-112 KB). With three (two blocks an SM: 32 KB in flight) the H200's ncu had
   // project_quantize at k=32 at 42 % of DRAM bandwidth (2026-11-28), where Triton's kernel
   // (128 x 128 tiles, three stages, one program an SM: 64 KB in flight) reached 75 %. fp32
-  // (two weight parts) stays at two: three would not fit sm_80's shared memory at KPAD = 128
+  // (two weight parts) stays at two: three would not fit sm_80's shared memory at KPAD = 128.
+  // Sized for sm_90 (the GPUs measured): an sm_80 SM (164 KB) then holds one block at
+  // KPAD >= 64, two below (untimed there)
   static constexpr size_t PROJ_STAGE_BYTES = size_t(BN) * XLD * sizeof(T) + W_BYTES;
   static constexpr int PS = W_SPLIT                                        ? 2
                             : two_blocks_fit_sm90(5 * PROJ_STAGE_BYTES) ? 5
