@@ -28,6 +28,7 @@ struct RowCfg {
   static constexpr int WLD = BD + 16 / int(sizeof(E));
   static constexpr int WVEC = 16 / int(sizeof(E));  // operand elements per 16-byte chunk
   static constexpr bool W_SPLIT = DT == kFloat32;  // tf32 hi + lo; 16-bit weights: one part
+  static constexpr size_t X_TILE_BYTES = size_t(BN) * XLD * sizeof(T);  // one buffer of x
   static constexpr size_t W_BYTES = size_t(KPAD) * WLD * sizeof(E);  // one buffer of hi or lo
   // buffers of the projection's cp.async pipeline: a block keeps PS - 1 input tiles in flight
   // (8 KB at 64 rows), so as many as let two blocks share an sm_90 SM, up to five (16-bit:
@@ -37,12 +38,12 @@ struct RowCfg {
   // (two weight parts) stays at two: three would not fit sm_80's shared memory at KPAD = 128.
   // Sized for sm_90 (the GPUs measured): an sm_80 SM (164 KB) then holds one block at
   // KPAD >= 64, two below (untimed there)
-  static constexpr size_t PROJ_STAGE_BYTES = size_t(BN) * XLD * sizeof(T) + W_BYTES;
+  static constexpr size_t PROJ_STAGE_BYTES = X_TILE_BYTES + W_BYTES;
   static constexpr int PS = W_SPLIT                                        ? 2
                             : two_blocks_fit_sm90(5 * PROJ_STAGE_BYTES) ? 5
                             : two_blocks_fit_sm90(4 * PROJ_STAGE_BYTES) ? 4
                                                                         : 3;
-  static constexpr size_t X_BYTES = size_t(PS) * BN * XLD * sizeof(T);
+  static constexpr size_t X_BYTES = PS * X_TILE_BYTES;
   // x and the weight tile (hi, and lo for fp32), PS buffers each
   static constexpr size_t PROJ_BYTES = X_BYTES + (W_SPLIT ? 2 : 1) * PS * W_BYTES;
   // fp32 (BN, KPAD) tile of z (project_quantize epilogue) or zhat (dequant_project)
