@@ -265,12 +265,19 @@ __device__ __forceinline__ void cp_async_pipeline(int64_t blocks, Issue issue, B
 
 // ---- wgmma operands (sm_90a) ---------------------------------------------------------
 
-// Shared-memory matrix descriptor of a k-major 16-bit wgmma operand without swizzle: the
-// tile is made of core matrices of 8 rows x 16 bytes (128 contiguous bytes), `lbo` bytes
-// apart along k and `sbo` bytes apart along the rows (PTX ISA, "Matrix Descriptor").
-__device__ __forceinline__ uint64_t wgmma_desc(const void* tile, uint32_t lbo, uint32_t sbo) {
+// Shared-memory matrix descriptor of a k-major 16-bit wgmma operand (PTX ISA, "Matrix
+// Descriptor"). Without swizzle the tile is made of core matrices of 8 rows x 16 bytes (128
+// contiguous bytes), `lbo` bytes apart along k and `sbo` bytes apart along the rows. With
+// the 128-byte swizzle (kSwizzle128) each row is 128 bytes of k, 16-byte chunk c of row r
+// stored at chunk c ^ (r % 8), groups of 8 rows `sbo` (a multiple of 1024) bytes apart from a
+// 1024-byte aligned start; `tile` may then sit 32, 64 or 96 bytes into the rows (the k steps
+// of a 64-element row) and `lbo` is unused.
+enum WgmmaSwizzle : uint64_t { kNoSwizzle = 0, kSwizzle128 = 1 };
+
+__device__ __forceinline__ uint64_t wgmma_desc(const void* tile, uint32_t lbo, uint32_t sbo,
+                                               WgmmaSwizzle swizzle = kNoSwizzle) {
   return uint64_t((smem_address(tile) >> 4) & 0x3FFF) | uint64_t((lbo >> 4) & 0x3FFF) << 16 |
-         uint64_t((sbo >> 4) & 0x3FFF) << 32;
+         uint64_t((sbo >> 4) & 0x3FFF) << 32 | uint64_t(swizzle) << 62;
 }
 
 // ---- vector loads/stores of 8 consecutive elements (16-byte aligned) ---------------------

@@ -372,21 +372,35 @@ void cp_async_wait(int pending) {
 
 namespace {
 
-// A k-major wgmma operand in shared memory as its descriptor lays it out (no swizzle):
-// 8 x 16-byte core matrices, LBO bytes apart along k and SBO apart along the rows.
+// A k-major wgmma operand in shared memory as its descriptor lays it out. No swizzle: 8 x
+// 16-byte core matrices, LBO bytes apart along k and SBO apart along the rows. 128-byte
+// swizzle: rows of 128 bytes, 8-row groups SBO apart, and the byte address's bits 4-6 (its
+// 16-byte chunk in the row) XORed with bits 7-9 (its row in the group of 8). Only the layouts
+// whose groups start 1024-byte aligned (base offset 0) are modelled: a 16-element k slice at
+// 0, 32, 64 or 96 bytes into the rows.
 struct WgmmaOperand {
   size_t start, lbo, sbo;
+  bool swizzled;
 
   explicit WgmmaOperand(uint64_t desc)
       : start(size_t(desc & 0x3FFF) << 4), lbo(size_t((desc >> 16) & 0x3FFF) << 4),
-        sbo(size_t((desc >> 32) & 0x3FFF) << 4) {
-    if ((desc >> 62) != 0 || ((desc >> 49) & 7) != 0)
-      fault("wgmma descriptor with a swizzle mode or base offset (the emulator knows no swizzle)", nullptr);
+        sbo(size_t((desc >> 32) & 0x3FFF) << 4), swizzled((desc >> 62) == 1) {
+    const uint64_t mode = desc >> 62;
+    if (mode > 1 || ((desc >> 49) & 7) != 0)
+      fault("wgmma descriptor with a 64- or 32-byte swizzle or a base offset (not modelled)", nullptr);
+    if (swizzled && ((start >> 7) % 8 != 0 || start % 128 % 32 != 0 || sbo % 1024 != 0))
+      fault("wgmma 128-byte swizzled operand not 1024-byte aligned (start, or SBO a multiple of 1024)", nullptr);
   }
 
   // Element (row, kk); 0 (and a fault) outside shared memory.
   uint16_t at(int row, int kk) const {
-    const size_t byte = start + size_t(row / 8) * sbo + size_t(kk / 8) * lbo + size_t(row % 8) * 16 + size_t(kk % 8) * 2;
+    size_t byte;
+    if (swizzled) {
+      byte = start + size_t(row / 8) * sbo + size_t(row % 8) * 128 + size_t(kk) * 2;
+      byte ^= ((byte >> 7) & 7) << 4;
+    } else {
+      byte = start + size_t(row / 8) * sbo + size_t(kk / 8) * lbo + size_t(row % 8) * 16 + size_t(kk % 8) * 2;
+    }
     uint16_t v = 0;
     if (byte + 2 > g_launch.smem_bytes)
       fault("wgmma operand outside shared memory", g_launch.smem.data.get() + byte);

@@ -87,7 +87,8 @@ void cp_async_commit();
 void cp_async_wait(int pending);
 
 // wgmma of the running thread (one of a warpgroup's 128): d (its n / 2 accumulators)
-// += A (64 x 16) B^T (n x 16), both read through no-swizzle shared-memory descriptors.
+// += A (64 x 16) B^T (n x 16), both read through shared-memory descriptors (no swizzle or
+// the 128-byte swizzle).
 // The operands are read at issue and again when the thread waits for the group: if they
 // changed (a buffer reused before wgmma.wait_group) the launch fails; d is written at
 // that wait, so reading it earlier sees the old values.

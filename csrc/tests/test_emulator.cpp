@@ -218,6 +218,58 @@ void test_wgmma() {
          "exiting with a wgmma not waited for fails the launch");
 }
 
+// ---- wgmma through 128-byte swizzled descriptors: D = A (64 x 64) B^T (n x 64) -----------
+// Rows of 64 elements (128 bytes), 16-byte chunk c of row r at chunk c ^ (r % 8), 8-row groups
+// 1024 bytes apart; the four k steps of 16 start 32 bytes apart in the rows.
+
+constexpr int kSwK = 64;
+constexpr int kSwB = 64 * kSwK * 2;  // B's tile after A's (1024-byte aligned)
+
+int swizzled_offset(int row, int kk) { return row * 128 + ((kk / 8) ^ (row % 8)) * 16 + (kk % 8) * 2; }
+
+// shift: bytes added to both tiles' starts (a multiple of 128 that is not one of 1024 fails)
+__global__ void wgmma_swizzled_kernel(const uint16_t* a, const uint16_t* b, float* out, int shift) {
+  RESBM_DYNAMIC_SMEM(smem);
+  for (int e = threadIdx.x; e < 64 * kSwK; e += blockDim.x)
+    std::memcpy(smem + swizzled_offset(e / kSwK, e % kSwK), a + e, 2);
+  for (int e = threadIdx.x; e < kWgN * kSwK; e += blockDim.x)
+    std::memcpy(smem + kSwB + swizzled_offset(e / kSwK, e % kSwK), b + e, 2);
+  __syncthreads();
+  float d[kWgN / 8][4] = {};
+  resbm::cuda::wgmma_fence();
+  for (int ks = 0; ks < kSwK / 16; ++ks)
+    resbm::cuda::wgmma<resbm::kBFloat16, kWgN>(
+        d, resbm::cuda::wgmma_desc(smem + shift + 32 * ks, 16, 1024, resbm::cuda::kSwizzle128),
+        resbm::cuda::wgmma_desc(smem + kSwB + shift + 32 * ks, 16, 1024, resbm::cuda::kSwizzle128));
+  resbm::cuda::wgmma_commit();
+  resbm::cuda::wgmma_wait<0>();
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, row0 = 16 * (threadIdx.x / 32);
+  for (int j = 0; j < kWgN / 8; ++j)
+    for (int i = 0; i < 4; ++i) out[(row0 + g + 8 * (i / 2)) * kWgN + 8 * j + 2 * t + i % 2] = d[j][i];
+}
+
+void test_wgmma_swizzled() {
+  std::vector<uint16_t> a(64 * kSwK), b(kWgN * kSwK);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = resbm::float_to_bf16(float(int(i * 7 % 13) - 6));
+  for (size_t i = 0; i < b.size(); ++i) b[i] = resbm::float_to_bf16(float(int(i * 5 % 11) - 5) / 4);
+  std::vector<float> out(64 * kWgN, -1.0f);
+  const size_t smem = kSwB + kWgN * kSwK * 2 + 1024;
+  launch(wgmma_swizzled_kernel, dim3(1), dim3(128), smem, nullptr, a.data(), b.data(), out.data(), 0);
+  expect(cudaGetLastError() == cudaSuccess, "swizzled wgmma launch");
+  bool ok = true;
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < kWgN; ++c) {
+      float want = 0.0f;
+      for (int kk = 0; kk < kSwK; ++kk) want += resbm::bf16_to_float(a[r * kSwK + kk]) * resbm::bf16_to_float(b[c * kSwK + kk]);
+      ok = ok && out[r * kWgN + c] == want;
+    }
+  expect(ok, "wgmma m64n32k16 bf16, 128-byte swizzle: four k steps 32 bytes apart");
+  launch(wgmma_swizzled_kernel, dim3(1), dim3(128), smem, nullptr, a.data(), b.data(), out.data(), 128);
+  const cudaError_t e = cudaGetLastError();
+  expect(e != cudaSuccess && std::strstr(cudaGetErrorString(e), "not 1024-byte aligned"),
+         "a swizzled operand off the 1024-byte pattern fails the launch");
+}
+
 // ---- barriers: a warp collective and __syncthreads waiting on each other deadlock ---------
 
 __global__ void deadlock_kernel() {
@@ -274,6 +326,7 @@ int main() {
   test_barriers();
   test_smem_limits();
   test_wgmma();
+  test_wgmma_swizzled();
   if (g_failures == 0) std::printf("emulator: all tests passed\n");
   return g_failures == 0 ? 0 : 1;
 }
