@@ -63,8 +63,9 @@ needs_emulator = pytest.mark.skipif(not native.available("cuda_emu"), reason="li
 # ---- CPU-runnable: compilation ----------------------------------------------------------
 
 
-# project_quantize's wgmma variants: bf16 and fp16, KPAD up to 128
+# each row kernel's (project_quantize, dequant_project) wgmma variants: bf16 and fp16, KPAD up to 128
 WGMMA_VARIANTS = 2 * sum(kpad <= 128 for kpad in KPADS)
+ROW_KERNELS = ("project_quantize", "dequant_project")
 
 
 @needs_cuda_library
@@ -76,7 +77,7 @@ def test_pass_kernels_compile_without_spills():
         funcs = [r for r in report if r[0] == f"sm_{arch}"]
         for kernel in KERNELS:
             # 3 dtypes x 5 padded k per kernel family and arch, and the wgmma variants
-            want = 3 * len(KPADS) + (WGMMA_VARIANTS if kernel == "project_quantize" else 0)
+            want = 3 * len(KPADS) + (WGMMA_VARIANTS if kernel in ROW_KERNELS else 0)
             assert sum(f"{kernel}_kernelILi" in r[1] for r in funcs) == want, (kernel, arch, report)
         assert sum("prepare_operand_kernel" in r[1] for r in funcs) == 3, (arch, report)  # one per dtype
         assert sum("weight_operand_kernelILi" in r[1] for r in funcs) == 3 * len(KPADS), (arch, report)
@@ -137,7 +138,7 @@ def test_dequant_project_plain_tiles_stored_lean(library_sass):
     general epilogue tests the flags, the bounds and the output dtype for every
     chunk (a loop body of about 310 static instructions, about 49 executed for such
     a chunk, 23 with the fp32 staging tile; 2026-11-28). 16-bit inputs, KPAD <= 128
-    (the benchmarked kernels)."""
+    (the benchmarked kernels), on mma.sync and on wgmma."""
     checked = 0
     for name, body in library_sass.items():
         if re.search(r"dequant_project_kernelILi[23]ELi(16|32|64|128)E", name):
@@ -146,7 +147,7 @@ def test_dequant_project_plain_tiles_stored_lean(library_sass):
                     and any("STG.E.128" in x for x in ins[first:last + 1])]
             assert len(lean) >= 3, (name, [last - first + 1 for first, last in loops])
             checked += 1
-    assert checked == 8
+    assert checked == 2 * WGMMA_VARIANTS  # (each 16-bit KPAD <= 128 kernel has a wgmma variant)
 
 
 @needs_cuda_library
@@ -211,7 +212,7 @@ def test_pass_kernels_main_loops(library_sass):
     print(f"\n{'kernel':23} {'dtype':5} {'KPAD':>4}  tensor-core loops (sm_90a instructions per trip)")
     for kernel, dtype, kpad, loops in rows:
         print(f"{kernel:23} {dtype:5} {kpad:>4}  {loops}")
-    assert len(rows) == len(KERNELS) * 3 * len(KPADS) + WGMMA_VARIANTS, rows
+    assert len(rows) == len(KERNELS) * 3 * len(KPADS) + len(ROW_KERNELS) * WGMMA_VARIANTS, rows
     assert all(loops for *_, loops in rows), [r for r in rows if not r[3]]
 
 
@@ -230,7 +231,7 @@ def test_row_kernels_load_eight_elements_at_a_time(library_sass):
     counts = {name: loads_before_first_shared_store(body) if "dequant_project_kernel" in name
               else longest_run_of_loads(body, "STS|STG")
               for name, body in library_sass.items() if re.search(r"(dequant_project|project_quantize)_kernelILi", name)}
-    assert len(counts) == 2 * 3 * len(KPADS) + WGMMA_VARIANTS, sorted(counts)
+    assert len(counts) == len(ROW_KERNELS) * (3 * len(KPADS) + WGMMA_VARIANTS), sorted(counts)
     few = {name: n for name, n in counts.items() if n < 8}
     assert not few, few
 
@@ -601,9 +602,10 @@ def cuda_call(fn, *args, **kwargs):
     return out
 
 
-# project_quantize (encode forward, decode backward) multiplies on mma.sync, or with
-# RESBM_CUDA_WGMMA=1 on wgmma for 16-bit inputs up to KPAD = 128 (sm_90 with a library built
-# for sm_90a; the emulator): the 16-bit dtypes run both (fp32 has no wgmma)
+# The row kernels (project_quantize: encode forward, decode backward; dequant_project: decode
+# forward, encode backward) multiply on mma.sync, or with RESBM_CUDA_WGMMA=1 on wgmma for
+# 16-bit inputs up to KPAD = 128 (sm_90 with a library built for sm_90a; the emulator): the
+# 16-bit dtypes run both (fp32 has no wgmma)
 DTYPE_PROJECTIONS = [pytest.param(dtype, projection, id=f"{_ids(dtype)}-{projection}")
                      for dtype in DTYPES for projection in ("wgmma", "mma_sync")
                      if dtype != torch.float32 or projection == "mma_sync"]
@@ -693,9 +695,10 @@ def test_row_stats_from_cuda_feed_the_triton_backward():
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
 @pytest.mark.parametrize("shape, codec", shape_codec_pairs(CODECS))
-def test_decode_forward(shape, dtype, codec):
+def test_decode_forward(shape, dtype, codec, projection, monkeypatch):
+    use_projection(monkeypatch, projection)
     n, d, k = shape
     gen = torch.Generator().manual_seed(n + d + k)
     payload = ref.write_payload(torch.randn(n, k, generator=gen), codec, 0)
@@ -812,11 +815,12 @@ def test_decode_backward_mixed_dtypes(dtypes):
 
 @needs_kernels
 @pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=2, group_size=16), Codec(bits=16)), ids=_ids)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
 @pytest.mark.parametrize("norm", (False, True, "row_stats"), ids=("plain", "norm", "norm-row-stats"))
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_encode_backward(shape, norm, dtype, grad_codec):
+def test_encode_backward(shape, norm, dtype, grad_codec, projection, monkeypatch):
     """norm-row-stats: with the row statistics of the CUDA encode forward (no pre-pass over x)."""
+    use_projection(monkeypatch, projection)
     n, d, k = shape
     gen = torch.Generator().manual_seed(5)
     grad_payload = ref.write_payload(torch.randn(n, k, generator=gen), grad_codec, 4)

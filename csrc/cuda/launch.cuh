@@ -72,10 +72,12 @@ int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
   return launch_status(fn, name);
 }
 
-// project_quantize on wgmma: 16-bit inputs with KPAD <= 128, asked for with
-// RESBM_CUDA_WGMMA=1, on an sm_90 device with a library built for sm_90a (RESBM_SM90A)
-// or on the emulator. Off by default: on an H100 (2026-11-27, N=16384, d=4096) it took
-// 1.3-2x the mma.sync loop's time, bound by L2 traffic (bench/results/logs/h100-2026-11-27).
+// The row kernels (project_quantize, dequant_project) on wgmma: 16-bit inputs with KPAD <=
+// 128, asked for with RESBM_CUDA_WGMMA=1, on an sm_90 device with a library built for sm_90a
+// (RESBM_SM90A) or on the emulator. Off by default: on an H100 (2026-11-27, N=16384, d=4096)
+// project_quantize's took 1.3-2x the mma.sync loop's time, bound by L2 traffic
+// (bench/results/logs/h100-2026-11-27; its tiles are swizzled since, untimed), and
+// dequant_project's is untimed.
 template <int DT, int KPAD>
 constexpr bool wgmma_shape() {
   return DT != kFloat32 && KPAD <= 128;
@@ -227,15 +229,13 @@ int pq_splits(const char*, int64_t n, int64_t d, int* splits) {
   return RESBM_OK;
 }
 
-// preps: the operands to build first (n_preps of them: 0, 1 or 2)
-template <int DT, int KPAD>
-int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_preps,
-              cudaStream_t stream) {
+template <int DT, int KPAD, bool WG>
+int launch_dq_kernel(const char* fn, const DQArgs& p, cudaStream_t stream) {
   using C = RowCfg<DT, KPAD>;
-  for (int i = 0; i < n_preps; ++i) RESBM_TRY(launch_prep<DT>(fn, preps[i], stream));
   char name[80];
-  std::snprintf(name, sizeof name, "dequant_project_kernel<%s,%d>", Operand<DT>::name(), KPAD);
-  const void* func = reinterpret_cast<const void*>(&dequant_project_kernel<DT, KPAD>);
+  std::snprintf(name, sizeof name, "dequant_project_kernel<%s,%d%s>", Operand<DT>::name(), KPAD,
+                WG ? ",wgmma" : "");
+  const void* func = reinterpret_cast<const void*>(&dequant_project_kernel<DT, KPAD, WG>);
   DQArgs args = p;
   args.prefetch = on_unless_zero("RESBM_CUDA_PREFETCH");
   const bool prepass = p.gamma != nullptr && p.stats == nullptr;
@@ -249,8 +249,19 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   RESBM_TRY(prepare(fn, name, func, smem));
   const int64_t blocks = (p.n + C::BN - 1) / C::BN;
   const dim3 grid(unsigned(blocks), unsigned(dq_splits<DT, KPAD>(p, blocks, func, smem)));
-  launch(dequant_project_kernel<DT, KPAD>, grid, kThreads, smem, stream, args);
+  launch(dequant_project_kernel<DT, KPAD, WG>, grid, kThreads, smem, stream, args);
   return launch_status(fn, name);
+}
+
+// preps: the operands to build first (n_preps of them: 0, 1 or 2)
+template <int DT, int KPAD>
+int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_preps,
+              cudaStream_t stream) {
+  for (int i = 0; i < n_preps; ++i) RESBM_TRY(launch_prep<DT>(fn, preps[i], stream));
+  if constexpr (wgmma_shape<DT, KPAD>()) {
+    if (wgmma_enabled()) return launch_dq_kernel<DT, KPAD, true>(fn, p, stream);
+  }
+  return launch_dq_kernel<DT, KPAD, false>(fn, p, stream);
 }
 
 template <int DT, int KPAD>

@@ -21,10 +21,11 @@
 //      codec functions of resbm/codec.h (bit-exact with the reference given z).
 //      On sm_90a, 16-bit inputs with KPAD <= 128 (project_loop_wgmma): the 128
 //      threads are one warpgroup and multiply tiles twice as wide (256 bytes, four
-//      buffers, three at KPAD = 128), laid out as wgmma's core matrices, straight
+//      buffers, three at KPAD = 128), in wgmma's 128-byte swizzled layout, straight
 //      from shared memory (wgmma m64nKPADk16; with four buffers each tile's wgmma
 //      stays in flight while the next one's are issued), the sums of squares read
-//      from the same tiles; only with RESBM_CUDA_WGMMA=1 (slower than mma.sync on an H100).
+//      from the same tiles; only with RESBM_CUDA_WGMMA=1 (slower than mma.sync on an
+//      H100 before the swizzle; untimed since).
 //      For small n, grid.y splits d (pq_splits): each CTA then projects a run of d
 //      tiles and writes fp32 partials, and finish_rows_kernel sums them in split
 //      order and does the rest (finish_rows, shared with the unsplit kernel).
@@ -42,6 +43,9 @@
 //      loading while this one is used), identity pad, residual, and the RMSNorm
 //      backward terms, written with 16-byte stores (a whole tile with none of them
 //      through store_plain_tile16 / store_plain_tile, without the per-chunk tests).
+//      With RESBM_CUDA_WGMMA=1 (sm_90a, 16-bit, KPAD <= 128; untimed) each tile's
+//      product is one wgmma m64n64k16 a k step, A from the hoisted fragments, the
+//      weight tile from shared memory as wgmma's core matrices.
 //      Encode backward through RMSNorm first re-runs the projection loop of
 //      the encoder over x for r = 1/rms(x) and s = x (gamma W)^T (as Triton),
 //      unless given encode forward's row statistics. Its main loop's x tiles come

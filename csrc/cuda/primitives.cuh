@@ -211,6 +211,32 @@ __device__ __forceinline__ void wgmma(float (&d)[N / 8][4], uint64_t desc_a, uin
 #undef RESBM_WGMMA_TYPED
 }
 
+// d += A (64 x 16) * B^T (64 x 16) with A from registers: each warp's a[4] in the mma.sync
+// m16n8k16 A layout (mma.cuh) of rows 16 w.., B from shared memory through a descriptor;
+// d as wgmma's. The registers must stay unchanged until the wgmma.wait_group for the group.
+#define RESBM_WGMMA_RS_N64(TYPE) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n" \
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+
+template <int DT>
+__device__ __forceinline__ void wgmma_rs64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(DT != kFloat32, "wgmma: bf16 / fp16");
+  if constexpr (DT == kBFloat16) {
+    RESBM_SM90A_ONLY(RESBM_WGMMA_RS_N64("bf16"));
+  } else {
+    RESBM_SM90A_ONLY(RESBM_WGMMA_RS_N64("f16"));
+  }
+}
+
 }  // namespace cuda
 }  // namespace resbm
 

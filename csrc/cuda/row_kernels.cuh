@@ -258,7 +258,11 @@ __device__ __forceinline__ void store_plain_tile16(void* out, uint32_t* hb, cons
 // Five blocks an SM for bf16 at KPAD <= 32 (at most 102 registers a thread; the tests bound
 // it at 96): with store_plain_tile16 beside the fp32 epilogue nvcc chose 100 (sm_90a), a
 // block an SM fewer for the benchmarked decode forward; asked for five it uses 94, no spills.
-template <int DT, int KPAD>
+// WG: the output tiles on wgmma (sm_90a; 16-bit inputs, KPAD <= 128), zhat's hoisted
+// fragments from registers and the weight tile from shared memory in wgmma's core matrices
+// (no swizzle: each 8-row group's 16-byte chunks in order, chunk-major), so no warp loads B
+// fragments: with mma.sync each of the four warps reads the whole weight tile (ldmatrix).
+template <int DT, int KPAD, bool WG>
 __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 1)
     dequant_project_kernel(const DQArgs p) {
   using C = RowCfg<DT, KPAD>;
@@ -366,10 +370,15 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
   const E* w2lo_g = static_cast<const E*>(p.w2lo);
   // weight tile w2[dd][c] of this block's output tile `i` (columns d0 = (run.first + i) * BD2..,
   // zeros beyond d and w2_cols) into ring buffer i % WS: a thread copies chunk wch of rows
-  // wr + j * WSTEP of every tile (only d0 moves)
+  // wr + j * WSTEP of every tile (only d0 moves). WG: chunk c of row r at 16-byte slot
+  // ((r / 8) W2CH + c) 8 + r % 8 (wgmma's core matrices: LBO = 128 bytes along k, SBO = 16 KPAD
+  // to the next 8 rows), which is slot tid + 128 j for the thread's chunk of row wr + j WSTEP:
+  // each warp stores 512 contiguous bytes
   constexpr int WSTEP = kThreads / W2CH, WPER = C::BD2 / WSTEP;
   static_assert(kThreads % W2CH == 0 && WPER * WSTEP == C::BD2, "weight tile copies split evenly");
-  const int wr = tid / W2CH, wch = tid % W2CH;
+  static_assert(!WG || (16 % W2CH == 0 && C::BD2 == 64 && C::WN == 1), "wgmma: n = 64, whole 8-row groups a pass");
+  const int wr = WG ? 8 * (tid / 8 / W2CH) + tid % 8 : tid / W2CH, wch = WG ? tid / 8 % W2CH : tid % W2CH;
+  auto w2_slot = [&](int j) { return WG ? (tid + kThreads * j) * C::WVEC : (wr + j * WSTEP) * C::W2LD + wch * C::WVEC; };
   const bool w_col_ok = wch * C::WVEC < p.w2_cols;  // w2_cols % WVEC == 0
   const int64_t w_off = int64_t(wr) * p.w2_ld + wch * C::WVEC;
   // with stage_x, the x tile of the same columns into the same stage: a thread copies chunk
@@ -389,14 +398,13 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
     if (!kWSplit && d0 + C::BD2 <= d) {
       const E* src = w_tile0 + i * w_tile_step;
 #pragma unroll
-      for (int j = 0; j < WPER; ++j)
-        cp_async16(w2hi(b) + (wr + j * WSTEP) * C::W2LD + wch * C::WVEC, src + j * w_row_step, w_col_ok ? 16 : 0);
+      for (int j = 0; j < WPER; ++j) cp_async16(w2hi(b) + w2_slot(j), src + j * w_row_step, w_col_ok ? 16 : 0);
     } else {
 #pragma unroll
       for (int j = 0; j < WPER; ++j) {
         const bool ok = w_col_ok && d0 + wr + j * WSTEP < d;
         const int64_t src = ok ? w_off + (d0 + j * WSTEP) * p.w2_ld : 0;
-        const int dst = (wr + j * WSTEP) * C::W2LD + wch * C::WVEC;
+        const int dst = w2_slot(j);
         cp_async16(w2hi(b) + dst, w2hi_g + src, ok ? 16 : 0);
         if constexpr (kWSplit) cp_async16(w2lo(b) + dst, w2lo_g + src, ok ? 16 : 0);
       }
@@ -416,6 +424,7 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
   // split hi + lo, up to 128)
   constexpr int KSTEPS = KPAD / C::KS;
   constexpr bool kHoistA = DT != kFloat32 && KSTEPS * 4 * dequant_parts(DT) <= 64;
+  static_assert(!WG || kHoistA, "wgmma takes zhat from its hoisted fragments");
   float no_sq[2] = {0.0f, 0.0f};
   FragA fa_all[kHoistA ? KSTEPS : 1];
   if constexpr (kHoistA) {
@@ -436,7 +445,17 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
         mma_acc<DT, kZSplit>(acc[j + 1], fa, fb1, kWSplit);
       }
     };
-    if constexpr (kHoistA) {
+    if constexpr (WG) {  // k step s: the weight tile's core matrices 2 s and 2 s + 1 along k
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < KSTEPS; ++s) {
+        const uint64_t desc = wgmma_desc(reinterpret_cast<const unsigned char*>(w2hi(b)) + 256 * s, 128, 16 * KPAD);
+        wgmma_rs64<DT>(acc, fa_all[s].hi, desc);
+        if constexpr (kZSplit) wgmma_rs64<DT>(acc, fa_all[s].lo, desc);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+    } else if constexpr (kHoistA) {
 #pragma unroll
       for (int s = 0; s < KSTEPS; ++s) k_step(fa_all[s], s * C::KS);
     } else {

@@ -84,6 +84,7 @@ struct Wgmma {
   float* d;
   int n, dtype;
   uint64_t desc_a, desc_b;
+  bool a_in_registers;             // A from registers (wgmma_rs): desc_a unused
   std::vector<uint16_t> operands;  // A: its 2 rows x 16, then B: its n / 4 columns x 16
 };
 
@@ -411,13 +412,20 @@ struct WgmmaOperand {
 };
 
 // This thread's operand elements of a wgmma: A rows 16 w + g (+ 8), B columns 8 j + 2 t (+ 1).
-std::vector<uint16_t> wgmma_operands(const Fiber& f, int n, uint64_t desc_a, uint64_t desc_b) {
+// a_rows: A's 32 from registers, else null (A through desc_a).
+std::vector<uint16_t> wgmma_operands(const Fiber& f, int n, const uint16_t* a_rows, uint64_t desc_a,
+                                     uint64_t desc_b) {
   const int lane = int(f.linear % 32), w = int(f.linear / 32) % 4, g = lane / 4, t = lane % 4;
-  const WgmmaOperand a(desc_a), b(desc_b);
+  const WgmmaOperand b(desc_b);
   std::vector<uint16_t> v;
   v.reserve(size_t(2 + n / 4) * 16);
-  for (int h = 0; h < 2; ++h)
-    for (int kk = 0; kk < 16; ++kk) v.push_back(a.at(16 * w + g + 8 * h, kk));
+  if (a_rows != nullptr) {
+    v.assign(a_rows, a_rows + 32);
+  } else {
+    const WgmmaOperand a(desc_a);
+    for (int h = 0; h < 2; ++h)
+      for (int kk = 0; kk < 16; ++kk) v.push_back(a.at(16 * w + g + 8 * h, kk));
+  }
   for (int j = 0; j < n / 8; ++j)
     for (int c = 0; c < 2; ++c)
       for (int kk = 0; kk < 16; ++kk) v.push_back(b.at(8 * j + 2 * t + c, kk));
@@ -429,7 +437,8 @@ float operand_value(int dtype, uint16_t bits) {
 }
 
 void complete(const Fiber& f, const Wgmma& op) {
-  if (wgmma_operands(f, op.n, op.desc_a, op.desc_b) != op.operands)
+  const uint16_t* a_rows = op.a_in_registers ? op.operands.data() : nullptr;
+  if (wgmma_operands(f, op.n, a_rows, op.desc_a, op.desc_b) != op.operands)
     return fault("wgmma operand in shared memory changed before wgmma.wait_group for it", nullptr);
   const uint16_t* a = op.operands.data();
   const uint16_t* b = a + 32;
@@ -445,11 +454,24 @@ void complete(const Fiber& f, const Wgmma& op) {
 
 }  // namespace
 
-void wgmma(float* d, int n, int dtype, uint64_t desc_a, uint64_t desc_b) {
+namespace {
+
+void issue_wgmma(float* d, int n, int dtype, const uint16_t* a_rows, uint64_t desc_a, uint64_t desc_b) {
   Fiber& f = running();
   if (blockDim.x % 128 != 0 || blockDim.y * blockDim.z != 1)
     return fault("wgmma in a block that is not whole warpgroups (blockDim.x a multiple of 128)", nullptr);
-  f.wgmmas.open.push_back({d, n, dtype, desc_a, desc_b, wgmma_operands(f, n, desc_a, desc_b)});
+  f.wgmmas.open.push_back(
+      {d, n, dtype, desc_a, desc_b, a_rows != nullptr, wgmma_operands(f, n, a_rows, desc_a, desc_b)});
+}
+
+}  // namespace
+
+void wgmma(float* d, int n, int dtype, uint64_t desc_a, uint64_t desc_b) {
+  issue_wgmma(d, n, dtype, nullptr, desc_a, desc_b);
+}
+
+void wgmma_rs(float* d, int n, int dtype, const uint16_t (&a_rows)[32], uint64_t desc_b) {
+  issue_wgmma(d, n, dtype, a_rows, 0, desc_b);
 }
 
 void wgmma_commit() { running().wgmmas.commit(); }

@@ -93,6 +93,10 @@ void cp_async_wait(int pending);
 // changed (a buffer reused before wgmma.wait_group) the launch fails; d is written at
 // that wait, so reading it earlier sees the old values.
 void wgmma(float* d, int n, int dtype, uint64_t desc_a, uint64_t desc_b);
+// The same with A from registers: a_rows, this thread's A rows 16 w + g and + 8 (k 0..15 each),
+// as its warp's registers hold them (read at issue; the PTX ISA has them unchanged until the
+// wait, which is not checked).
+void wgmma_rs(float* d, int n, int dtype, const uint16_t (&a_rows)[32], uint64_t desc_b);
 void wgmma_commit();
 void wgmma_wait(int pending);
 

@@ -218,6 +218,45 @@ void test_wgmma() {
          "exiting with a wgmma not waited for fails the launch");
 }
 
+// ---- wgmma with A from registers: D = A (64 x 16) B^T (64 x 16), B without swizzle ------
+
+__global__ void wgmma_rs_kernel(const uint16_t* a, const uint16_t* b, float* out) {
+  RESBM_DYNAMIC_SMEM(smem);
+  for (int e = threadIdx.x; e < 64 * 16; e += blockDim.x) std::memcpy(smem + core_offset(e / 16, e % 16), b + e, 2);
+  __syncthreads();
+  // the mma.sync A layout of the warp's rows 16 w..: reg i = row g + 8 (i % 2), columns 2t + 8 (i / 2) (+ 1)
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, row0 = 16 * (threadIdx.x / 32);
+  uint32_t regs[4];
+  for (int i = 0; i < 4; ++i) {
+    const int e = (row0 + g + 8 * (i % 2)) * 16 + 2 * t + 8 * (i / 2);
+    regs[i] = uint32_t(a[e]) | uint32_t(a[e + 1]) << 16;
+  }
+  float d[8][4] = {};
+  resbm::cuda::wgmma_fence();
+  resbm::cuda::wgmma_rs64<resbm::kBFloat16>(d, regs, resbm::cuda::wgmma_desc(smem, 128, 256));
+  resbm::cuda::wgmma_commit();
+  resbm::cuda::wgmma_wait<0>();
+  for (int j = 0; j < 8; ++j)
+    for (int i = 0; i < 4; ++i) out[(row0 + g + 8 * (i / 2)) * 64 + 8 * j + 2 * t + i % 2] = d[j][i];
+}
+
+void test_wgmma_rs() {
+  std::vector<uint16_t> a(64 * 16), b(64 * 16);
+  for (size_t i = 0; i < a.size(); ++i) a[i] = resbm::float_to_bf16(float(int(i * 7 % 13) - 6));
+  for (size_t i = 0; i < b.size(); ++i) b[i] = resbm::float_to_bf16(float(int(i * 5 % 11) - 5) / 4);
+  std::vector<float> out(64 * 64, -1.0f);
+  launch(wgmma_rs_kernel, dim3(1), dim3(128), 64 * 16 * 2, nullptr, a.data(), b.data(), out.data());
+  expect(cudaGetLastError() == cudaSuccess, "wgmma (A from registers) launch");
+  bool ok = true;
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < 64; ++c) {
+      float want = 0.0f;
+      for (int kk = 0; kk < 16; ++kk) want += resbm::bf16_to_float(a[r * 16 + kk]) * resbm::bf16_to_float(b[c * 16 + kk]);
+      ok = ok && out[r * 64 + c] == want;
+    }
+  expect(ok, "wgmma m64n64k16 bf16, A from registers in the mma.sync layout");
+}
+
 // ---- wgmma through 128-byte swizzled descriptors: D = A (64 x 64) B^T (n x 64) -----------
 // Rows of 64 elements (128 bytes), 16-byte chunk c of row r at chunk c ^ (r % 8), 8-row groups
 // 1024 bytes apart; the four k steps of 16 start 32 bytes apart in the rows.
@@ -327,6 +366,7 @@ int main() {
   test_smem_limits();
   test_wgmma();
   test_wgmma_swizzled();
+  test_wgmma_rs();
   if (g_failures == 0) std::printf("emulator: all tests passed\n");
   return g_failures == 0 ? 0 : 1;
 }
