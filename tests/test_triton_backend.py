@@ -1010,6 +1010,12 @@ def test_config_pruning(monkeypatch, autotune):
     prune = cfg._pruner("project", dequant=False, operand="a_ptr")  # (CPU tensors: 99 KB, the first fits at k=32)
     assert limited[0] in prune(pq, bf16, BLOCK_K=32, ZBITS=0)
     assert limited[0] not in prune(pq, bf16, BLOCK_K=32, ZBITS=8)
+    # the 16-warp configs (128 registers a thread): sm_90 and 16-bit operands only, Z written or not
+    wide = [c for c in pq + cfg.gpu_configs(cfg.GPU_DEQUANT) if c.num_warps == 16]
+    assert len(wide) == 2
+    for elem, writes_z, arch, fits in ((2, False, 90, True), (2, True, 90, True), (4, False, 90, False),
+                                       (2, False, 80, False)):
+        assert (wide[0] in cfg.launchable(pq, 128, elem, 232448, "project", False, writes_z, arch)) == fits
     # encode backward's grad_x through RMSNorm also holds an x tile: fewer decode configs fit
     dequant = cfg.gpu_configs(cfg.GPU_DEQUANT)
     assert set(cfg.launchable(dequant, 64, 2, 232448, "dequant", has_norm=True)) < \

@@ -95,11 +95,14 @@ def launchable(configs, block_k, elem_bytes, smem_limit, kind, has_norm=False, w
     with a register limit (maxnreg) fits only sm_90 (``arch``: compute capability x 10;
     by default the lent GPUs' 90), 16-bit operands and a kernel that does not also write
     Z (decode backward's project_quantize): elsewhere it spills (sm_80, fp32) or was not
-    measured."""
+    measured. A 16-warp config (an SM's 64 K registers over 512 threads: 128 a thread)
+    fits only sm_90 and 16-bit operands too, whether or not the kernel writes Z (it
+    compiles without spills there)."""
     fit = [c for c in configs
            if tile_regs(c, block_k, kind, has_norm, fused_wgrad) <= MAX_TILE_REGS[kind]
            and smem_bytes(c, block_k, elem_bytes, kind, fused_wgrad) <= smem_limit
-           and (c.maxnreg is None or (arch == 90 and elem_bytes == 2 and not writes_z))]
+           and (c.maxnreg is None or (arch == 90 and elem_bytes == 2 and not writes_z))
+           and (c.num_warps < 16 or (arch == 90 and elem_bytes == 2))]
     return fit or configs[-1:]
 
 
@@ -197,7 +200,12 @@ GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3
 # project_quantize's own: at k=128 (the first row's accumulator too big) the 64x64 w8 config needs
 # 162 registers, so an SM holds one program; limited to 128 it holds two: encode forward 99.3 ->
 # 75.1 us (H100 sweep, 2026-11-27, N=16384, d=4096, int8; decode backward 130.4 either way)
-GPU_PROJECT_QUANTIZE = GPU_PROJECT[:1] + ((64, 64, 8, 4, 128),) + GPU_PROJECT[1:]
+# The 128-row, 16-warp config (not yet timed, session 29): a program reads each (BLOCK_D, k)
+# weight tile from L2 once per 128 rows, not 64; at k=128 the 64-row configs read twice
+# x's bytes of weights (268 MB at N=16384, d=4096) beside x's 134 MB from memory. Its 128
+# registers a thread (16 warps) hold an SM to one program: 16 warps, as two of 64x64 w8.
+GPU_PROJECT_QUANTIZE = (GPU_PROJECT[:1] + ((64, 64, 8, 4, 128),) + GPU_PROJECT[1:-1] + ((128, 64, 16, 4),)
+                        + GPU_PROJECT[-1:])
 # dequant_project (decode forward; encode backward's grad_x too, not swept): decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
 # 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32; the last, the
 # fallback, is the only one whose tiles fit with TF32 operands at k=256 (128 KB; 64x32 needs 256 KB).
@@ -206,10 +214,11 @@ GPU_PROJECT_QUANTIZE = GPU_PROJECT[:1] + ((64, 64, 8, 4, 128),) + GPU_PROJECT[1:
 # programs an SM; not swept (three splits of grad_x's kernel: encode backward 7-9 % faster at
 # k <= 64, slower at k=128, H100 2026-11-27; two: no faster), so the autotuner decides, among
 # the configs it chose most on the H200 (64x64: w8 for grad_x, w4 for decode forward at k=128);
-# few, as each is another compile per tuned shape
+# few, as each is another compile per tuned shape. 128x64 w16 (not yet timed, session 29): the weight
+# tiles read from L2 once per 128 rows, as in project_quantize's set.
 GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3),
                (64, 64, 8, 4, {"D_SPLIT": 2}), (64, 64, 8, 4, {"D_SPLIT": 3}), (64, 64, 4, 4, {"D_SPLIT": 3}),
-               (32, 32, 4, 2))
+               (128, 64, 16, 3), (32, 32, 4, 2))
 # weight_grad (decode backward's, swept; encode backward's too): 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
