@@ -63,9 +63,9 @@ needs_emulator = pytest.mark.skipif(not native.available("cuda_emu"), reason="li
 # ---- CPU-runnable: compilation ----------------------------------------------------------
 
 
-# each row kernel's (project_quantize, dequant_project) wgmma variants: bf16 and fp16, KPAD up to 128
+# the wgmma variants of each pass kernel (project_quantize, dequant_project, weight_grad): bf16 and
+# fp16, KPAD up to 128
 WGMMA_VARIANTS = 2 * sum(kpad <= 128 for kpad in KPADS)
-ROW_KERNELS = ("project_quantize", "dequant_project")
 
 
 @needs_cuda_library
@@ -77,7 +77,7 @@ def test_pass_kernels_compile_without_spills():
         funcs = [r for r in report if r[0] == f"sm_{arch}"]
         for kernel in KERNELS:
             # 3 dtypes x 5 padded k per kernel family and arch, and the wgmma variants
-            want = 3 * len(KPADS) + (WGMMA_VARIANTS if kernel in ROW_KERNELS else 0)
+            want = 3 * len(KPADS) + WGMMA_VARIANTS
             assert sum(f"{kernel}_kernelILi" in r[1] for r in funcs) == want, (kernel, arch, report)
         assert sum("prepare_operand_kernel" in r[1] for r in funcs) == 3, (arch, report)  # one per dtype
         assert sum("weight_operand_kernelILi" in r[1] for r in funcs) == 3 * len(KPADS), (arch, report)
@@ -212,7 +212,7 @@ def test_pass_kernels_main_loops(library_sass):
     print(f"\n{'kernel':23} {'dtype':5} {'KPAD':>4}  tensor-core loops (sm_90a instructions per trip)")
     for kernel, dtype, kpad, loops in rows:
         print(f"{kernel:23} {dtype:5} {kpad:>4}  {loops}")
-    assert len(rows) == len(KERNELS) * 3 * len(KPADS) + len(ROW_KERNELS) * WGMMA_VARIANTS, rows
+    assert len(rows) == len(KERNELS) * (3 * len(KPADS) + WGMMA_VARIANTS), rows
     assert all(loops for *_, loops in rows), [r for r in rows if not r[3]]
 
 
@@ -231,7 +231,7 @@ def test_row_kernels_load_eight_elements_at_a_time(library_sass):
     counts = {name: loads_before_first_shared_store(body) if "dequant_project_kernel" in name
               else longest_run_of_loads(body, "STS|STG")
               for name, body in library_sass.items() if re.search(r"(dequant_project|project_quantize)_kernelILi", name)}
-    assert len(counts) == len(ROW_KERNELS) * (3 * len(KPADS) + WGMMA_VARIANTS), sorted(counts)
+    assert len(counts) == 2 * (3 * len(KPADS) + WGMMA_VARIANTS), sorted(counts)
     few = {name: n for name, n in counts.items() if n < 8}
     assert not few, few
 
@@ -876,7 +876,8 @@ def test_epilogue_input_switches_change_no_result(out_dtype, switch_name, k, mon
 @pytest.mark.parametrize("n, splits", ((150, 3), (4, 3), (100, 2), (150, 2), (200, 2)),
                          ids=("150-rows-3-splits", "4-rows-3-splits", "100-rows-2-splits", "150-rows-2-splits",
                               "200-rows-2-splits"))
-def test_weight_grad_row_splits(monkeypatch, n, splits):
+@pytest.mark.parametrize("projection", ("wgmma", "mma_sync"))
+def test_weight_grad_row_splits(monkeypatch, n, splits, projection):
     """Several row splits (the layout for N > 1024) with starts rounded to 32 rows, so some
     splits are short or empty: every split's partial is written (poisoned otherwise) and the
     (rscale * zhat)^T operand is read at the right rows. 16-bit inputs reduce 64 rows a
@@ -885,6 +886,7 @@ def test_weight_grad_row_splits(monkeypatch, n, splits):
     partial one."""
     from resbm_kernels.backends import fast
 
+    use_projection(monkeypatch, projection)
     monkeypatch.setattr(fast, "weight_grad_partials", lambda n, d, k, transpose, device, max_splits=8: fast.empty(
         (splits, d, k) if transpose else (splits, k, d), torch.float32, device))
     d, k = 96, 32

@@ -72,12 +72,12 @@ int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
   return launch_status(fn, name);
 }
 
-// The row kernels (project_quantize, dequant_project) on wgmma: 16-bit inputs with KPAD <=
-// 128, asked for with RESBM_CUDA_WGMMA=1, on an sm_90 device with a library built for sm_90a
-// (RESBM_SM90A) or on the emulator. Off by default: on an H100 (2026-11-27, N=16384, d=4096)
-// project_quantize's took 1.3-2x the mma.sync loop's time, bound by L2 traffic
-// (bench/results/logs/h100-2026-11-27; its tiles are swizzled since, untimed), and
-// dequant_project's is untimed.
+// The pass kernels (project_quantize, dequant_project, weight_grad) on wgmma: 16-bit inputs
+// with KPAD <= 128, asked for with RESBM_CUDA_WGMMA=1, on an sm_90 device with a library
+// built for sm_90a (RESBM_SM90A) or on the emulator. Off by default: on an H100 (2026-11-27,
+// N=16384, d=4096) project_quantize's took 1.3-2x the mma.sync loop's time, bound by L2
+// traffic (bench/results/logs/h100-2026-11-27; its tiles are swizzled since, untimed); the
+// others are untimed.
 template <int DT, int KPAD>
 constexpr bool wgmma_shape() {
   return DT != kFloat32 && KPAD <= 128;
@@ -264,21 +264,30 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
   return launch_dq_kernel<DT, KPAD, false>(fn, p, stream);
 }
 
+template <int DT, int KPAD, bool WG>
+int launch_wg_kernel(const char* fn, const WGArgs& p, int splits, cudaStream_t stream) {
+  using C = WgCfg<DT, KPAD>;
+  char name[80];
+  std::snprintf(name, sizeof name, "weight_grad_kernel<%s,%d%s>", Operand<DT>::name(), KPAD, WG ? ",wgmma" : "");
+  const void* func = reinterpret_cast<const void*>(&weight_grad_kernel<DT, KPAD, WG>);
+  RESBM_TRY(prepare(fn, name, func, C::SMEM));
+  const dim3 grid(unsigned((p.d + C::BDW - 1) / C::BDW), unsigned(splits));
+  launch(weight_grad_kernel<DT, KPAD, WG>, grid, C::THREADS, C::SMEM, stream, p);
+  return launch_status(fn, name);
+}
+
 template <int DT, int KPAD>
 int launch_wg(const char* fn, const WOArgs& op, const WGArgs& p, int splits, cudaStream_t stream) {
-  using C = WgCfg<DT, KPAD>;
   char name[80];
   std::snprintf(name, sizeof name, "weight_operand_kernel<%s,%d>", Operand<DT>::name(), KPAD);
   using O = WoCfg<DT, KPAD>;
   const int64_t op_blocks = (op.npad + O::BN - 1) / O::BN;
   launch(weight_operand_kernel<DT, KPAD>, unsigned(op_blocks > 0 ? op_blocks : 1), kThreads, O::SMEM, stream, op);
   RESBM_TRY(launch_status(fn, name));
-  std::snprintf(name, sizeof name, "weight_grad_kernel<%s,%d>", Operand<DT>::name(), KPAD);
-  const void* func = reinterpret_cast<const void*>(&weight_grad_kernel<DT, KPAD>);
-  RESBM_TRY(prepare(fn, name, func, C::SMEM));
-  const dim3 grid(unsigned((p.d + C::BDW - 1) / C::BDW), unsigned(splits));
-  launch(weight_grad_kernel<DT, KPAD>, grid, C::THREADS, C::SMEM, stream, p);
-  return launch_status(fn, name);
+  if constexpr (wgmma_shape<DT, KPAD>()) {
+    if (wgmma_enabled()) return launch_wg_kernel<DT, KPAD, true>(fn, p, splits, stream);
+  }
+  return launch_wg_kernel<DT, KPAD, false>(fn, p, splits, stream);
 }
 
 int kpad_of(int64_t k) { return k <= 16 ? 16 : k <= 32 ? 32 : k <= 64 ? 64 : k <= 128 ? 128 : 256; }

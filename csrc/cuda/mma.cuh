@@ -229,6 +229,17 @@ __device__ __forceinline__ void load_b_raw_kn_x2(FragB& f0, FragB& f1, const typ
   }
 }
 
+// A from a raw 16-bit input tile S[k][m] (m contiguous: the activations of the weight
+// gradient, its rows the products' k), one transposing ldmatrix: matrix q = k rows k0 + 8 *
+// (q / 2).., m columns m0 + 8 * (q % 2)..: exactly A regs 0-3.
+template <int DT>
+__device__ __forceinline__ void load_a_raw_km(FragA& f, const typename Operand<DT>::T* s, int ld, int m0, int k0,
+                                              int lane) {
+  static_assert(DT != kFloat32, "16-bit inputs");
+  const int q = lane >> 3;
+  ldsm_x4_trans(f.hi, s + (k0 + 8 * (q >> 1) + (lane & 7)) * ld + m0 + 8 * (q & 1));
+}
+
 // ---- cp.async -------------------------------------------------------------------------
 
 // A STAGES-deep cp.async pipeline over `blocks` blocks: issue(i) starts block i's copies

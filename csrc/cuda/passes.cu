@@ -59,7 +59,10 @@
 //      per BN tokens, transposed through shared memory), split
 //      in the tensor cores' type (hi + lo, see dequant_parts), to the caller's workspace, so every
 //      d-tile block streams it with cp.async (with the input, blocks of 64 rows, 32 for
-//      fp32, up to three stages) instead of dequantizing the payload.
+//      fp32, up to three stages) instead of dequantizing the payload. With
+//      RESBM_CUDA_WGMMA=1 (sm_90a, 16-bit, KPAD <= 128; untimed) the transposed product
+//      x^T Z on wgmma: each warpgroup 64 d columns, x^T's fragments from registers, Z^T
+//      from shared memory as wgmma's core matrices.
 //
 // Files: kernel_common.cuh (constants and device helpers), projection.cuh (RowCfg, the
 // projection loops), row_kernels.cuh, weight_grad.cuh, launch.cuh (launchers, dispatch);

@@ -138,56 +138,101 @@ __device__ __forceinline__ void wgmma_wait() {
   RESBM_SM90A_ONLY(asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"));
 }
 
-#define RESBM_WGMMA_N16(TYPE) \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " {" \
-      "%0, %1, %2, %3, %4, %5, %6, %7" \
-      "}, %8, %9, p, 1, 1, 0, 0;\n}\n" \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]) \
-      : "l"(desc_a), "l"(desc_b), "r"(1))
+// The accumulator operands of a wgmma m64nNk16 (N / 2 a thread) and their placeholders.
+#define RESBM_WGMMA_D16 \
+  "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+#define RESBM_WGMMA_P16 \
+  "%0, %1, %2, %3, %4, %5, %6, %7"
+#define RESBM_WGMMA_D32 \
+  RESBM_WGMMA_D16, \
+  "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+#define RESBM_WGMMA_P32 \
+  RESBM_WGMMA_P16 ", " \
+  "%8, %9, %10, %11, %12, %13, %14, %15"
+#define RESBM_WGMMA_D64 \
+  RESBM_WGMMA_D32, \
+  "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+  "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define RESBM_WGMMA_P64 \
+  RESBM_WGMMA_P32 ", " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define RESBM_WGMMA_D128 \
+  RESBM_WGMMA_D64, \
+  "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
+  "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
+  "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
+  "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define RESBM_WGMMA_P128 \
+  RESBM_WGMMA_P64 ", " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 
-#define RESBM_WGMMA_N32(TYPE) \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {" \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
-      "}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]) \
-      : "l"(desc_a), "l"(desc_b), "r"(1))
+// wgmma m64nNk16 with A and B from shared memory (SS) or A from registers (RS); the scale-d
+// predicate is always true (d accumulates).
+#define RESBM_WGMMA_SS_N16(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " {" RESBM_WGMMA_P16 \
+               "}, %8, %9, p, 1, 1, 0, 0;\n}\n" \
+               : RESBM_WGMMA_D16 \
+               : "l"(desc_a), "l"(desc_b), "r"(1))
+#define RESBM_WGMMA_RS_N16(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " {" RESBM_WGMMA_P16 \
+               "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n" \
+               : RESBM_WGMMA_D16 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#define RESBM_WGMMA_SS_N32(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {" RESBM_WGMMA_P32 \
+               "}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
+               : RESBM_WGMMA_D32 \
+               : "l"(desc_a), "l"(desc_b), "r"(1))
+#define RESBM_WGMMA_RS_N32(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {" RESBM_WGMMA_P32 \
+               "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n" \
+               : RESBM_WGMMA_D32 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#define RESBM_WGMMA_SS_N64(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" RESBM_WGMMA_P64 \
+               "}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+               : RESBM_WGMMA_D64 \
+               : "l"(desc_a), "l"(desc_b), "r"(1))
+#define RESBM_WGMMA_RS_N64(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" RESBM_WGMMA_P64 \
+               "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n" \
+               : RESBM_WGMMA_D64 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+#define RESBM_WGMMA_SS_N128(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {" RESBM_WGMMA_P128 \
+               "}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+               : RESBM_WGMMA_D128 \
+               : "l"(desc_a), "l"(desc_b), "r"(1))
+#define RESBM_WGMMA_RS_N128(TYPE) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {" RESBM_WGMMA_P128 \
+               "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n" \
+               : RESBM_WGMMA_D128 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
 
-#define RESBM_WGMMA_N64(TYPE) \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
-      "}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
-      : "l"(desc_a), "l"(desc_b), "r"(1))
-
-#define RESBM_WGMMA_N128(TYPE) \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {" \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
-      "}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
-        "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
-        "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
-        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
-        "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3]) \
-      : "l"(desc_a), "l"(desc_b), "r"(1))
+// KIND_N<N>("bf16" or "f16") for the template's N (16, 32, 64 or 128) and 16-bit DT.
+#define RESBM_WGMMA_DISPATCH(KIND)                                                       \
+  static_assert(DT != kFloat32 && (N == 16 || N == 32 || N == 64 || N == 128), "wgmma: bf16 / fp16, N 16..128"); \
+  if constexpr (N == 16) {                                                               \
+    RESBM_WGMMA_TYPED(KIND##_N16)                                                        \
+  } else if constexpr (N == 32) {                                                        \
+    RESBM_WGMMA_TYPED(KIND##_N32)                                                        \
+  } else if constexpr (N == 64) {                                                        \
+    RESBM_WGMMA_TYPED(KIND##_N64)                                                        \
+  } else {                                                                               \
+    RESBM_WGMMA_TYPED(KIND##_N128)                                                       \
+  }
+#define RESBM_WGMMA_TYPED(M)                                     \
+  if constexpr (DT == kBFloat16) RESBM_SM90A_ONLY(M("bf16")); \
+  else RESBM_SM90A_ONLY(M("f16"));
 
 // d += A (64 x 16) * B^T (N x 16) for the warpgroup, fp32 accumulators, A and B from
 // shared memory through descriptors (wgmma_desc, mma.cuh), both k-major; 16-bit DT.
@@ -195,47 +240,19 @@ __device__ __forceinline__ void wgmma_wait() {
 // d[j]: d[j][i] = row g + 8 (i / 2), column 8 j + 2 t + (i % 2).
 template <int DT, int N>
 __device__ __forceinline__ void wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
-  static_assert(DT != kFloat32 && (N == 16 || N == 32 || N == 64 || N == 128), "wgmma: bf16 / fp16, N 16..128");
-#define RESBM_WGMMA_TYPED(N_)                                             \
-  if constexpr (DT == kBFloat16) RESBM_SM90A_ONLY(RESBM_WGMMA_N##N_("bf16")); \
-  else RESBM_SM90A_ONLY(RESBM_WGMMA_N##N_("f16"));
-  if constexpr (N == 16) {
-    RESBM_WGMMA_TYPED(16)
-  } else if constexpr (N == 32) {
-    RESBM_WGMMA_TYPED(32)
-  } else if constexpr (N == 64) {
-    RESBM_WGMMA_TYPED(64)
-  } else {
-    RESBM_WGMMA_TYPED(128)
-  }
+  RESBM_WGMMA_DISPATCH(RESBM_WGMMA_SS)
+}
+
+// The same with A from registers: each warp's a[4] in the mma.sync m16n8k16 A layout
+// (mma.cuh) of its rows 16 w... The registers must stay unchanged until the
+// wgmma.wait_group for the group.
+template <int DT, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  RESBM_WGMMA_DISPATCH(RESBM_WGMMA_RS)
+}
+
 #undef RESBM_WGMMA_TYPED
-}
-
-// d += A (64 x 16) * B^T (64 x 16) with A from registers: each warp's a[4] in the mma.sync
-// m16n8k16 A layout (mma.cuh) of rows 16 w.., B from shared memory through a descriptor;
-// d as wgmma's. The registers must stay unchanged until the wgmma.wait_group for the group.
-#define RESBM_WGMMA_RS_N64(TYPE) \
-  asm volatile( \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {" \
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31" \
-      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n" \
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]) \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
-
-template <int DT>
-__device__ __forceinline__ void wgmma_rs64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  static_assert(DT != kFloat32, "wgmma: bf16 / fp16");
-  if constexpr (DT == kBFloat16) {
-    RESBM_SM90A_ONLY(RESBM_WGMMA_RS_N64("bf16"));
-  } else {
-    RESBM_SM90A_ONLY(RESBM_WGMMA_RS_N64("f16"));
-  }
-}
+#undef RESBM_WGMMA_DISPATCH
 
 }  // namespace cuda
 }  // namespace resbm

@@ -450,8 +450,8 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
 #pragma unroll
       for (int s = 0; s < KSTEPS; ++s) {
         const uint64_t desc = wgmma_desc(reinterpret_cast<const unsigned char*>(w2hi(b)) + 256 * s, 128, 16 * KPAD);
-        wgmma_rs64<DT>(acc, fa_all[s].hi, desc);
-        if constexpr (kZSplit) wgmma_rs64<DT>(acc, fa_all[s].lo, desc);
+        wgmma_rs<DT, 64>(acc, fa_all[s].hi, desc);
+        if constexpr (kZSplit) wgmma_rs<DT, 64>(acc, fa_all[s].lo, desc);
       }
       wgmma_commit();
       wgmma_wait<0>();

@@ -124,7 +124,12 @@ struct WGArgs {
   int64_t n, d, k, npad, rows_per_split;  // rows_per_split: a multiple of BR (aligned Z^T chunks)
 };
 
-template <int DT, int KPAD>
+// WG (sm_90a, 16-bit, KPAD <= 128): the products on wgmma, transposed: out^T (BDW, KPAD) =
+// x^T Z, each warpgroup 64 of the tile's d columns (the wgmma rows) and all KPAD, x^T's A
+// fragments from the x tile with transposing ldmatrix, Z^T from shared memory as wgmma's core
+// matrices (LBO = 128 bytes along the rows, SBO = 16 BR to the next 8 c): with mma.sync each
+// warp loads the x and Z^T fragments of its own (32 x 32) part of the tile.
+template <int DT, int KPAD, bool WG>
 __global__ void __launch_bounds__(WgCfg<DT, KPAD>::THREADS, WgCfg<DT, KPAD>::MIN_BLOCKS)
     weight_grad_kernel(const WGArgs p) {
   using C = WgCfg<DT, KPAD>;
@@ -148,13 +153,6 @@ __global__ void __launch_bounds__(WgCfg<DT, KPAD>::THREADS, WgCfg<DT, KPAD>::MIN
   constexpr int ZVEC = 16 / int(sizeof(E));   // Z^T elements per 16-byte chunk
   constexpr int ZCHUNKS = C::BR / ZVEC;       // chunks per row of a (KPAD, BR) tile
 
-  float acc[C::MT][C::NT][4];
-#pragma unroll
-  for (int mt = 0; mt < C::MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < C::NT; ++nt)
-      acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
-
   // the loads of block `it` (rows start + it * BR..) into stage it % STAGES. Every block, a
   // thread copies the same chunks (x: column chunk xch of rows xr + j * XSTEP; Z^T: chunk zch
   // of rows zr + j * ZSTEP of hi, then lo), so only the block's row offset changes.
@@ -164,7 +162,12 @@ __global__ void __launch_bounds__(WgCfg<DT, KPAD>::THREADS, WgCfg<DT, KPAD>::MIN
   static_assert(C::THREADS % CHUNKS == 0 && C::THREADS % ZCHUNKS == 0 && XPER * XSTEP == C::BR &&
                     (ZPER * ZSTEP == ZROWS || ZPER == 1),
                 "the copies of a block must split evenly between the threads");
-  const int xr = tid / CHUNKS, xch = tid % CHUNKS, zr = tid / ZCHUNKS, zch = tid % ZCHUNKS;
+  static_assert(!WG || (DT != kFloat32 && KPAD <= 128 && C::BDW == 128 && C::THREADS == 256 && ZSTEP % 8 == 0),
+                "wgmma: 16-bit, two warpgroups of 64 d columns, whole 8-row groups of Z^T a pass");
+  // WG: Z^T row c's chunk q at 16-byte slot ((c / 8) ZCHUNKS + q) 8 + c % 8 (core matrices)
+  const int xr = tid / CHUNKS, xch = tid % CHUNKS;
+  const int zr = WG ? 8 * (tid / 8 / ZCHUNKS) + tid % 8 : tid / ZCHUNKS, zch = WG ? tid / 8 % ZCHUNKS : tid % ZCHUNKS;
+  auto z_at = [&](int c) { return WG ? ((c / 8 * ZCHUNKS + zch) * 8 + c % 8) * ZVEC : c * C::ZTLD + zch * ZVEC; };
   const bool x_col_ok = d0 + xch * VEC < p.d;
   const int64_t rows = end - start;
   auto issue = [&](int64_t it) {
@@ -186,43 +189,81 @@ __global__ void __launch_bounds__(WgCfg<DT, KPAD>::THREADS, WgCfg<DT, KPAD>::MIN
       const int row = zr + j * ZSTEP, part = row / KPAD, c = row % KPAD;
       const E* src = part ? zt_lo : zt_hi;
       if (ZSTEP <= ZROWS || row < ZROWS)  // bf16, KPAD = 16: fewer chunks than threads
-        cp_async16((part ? zlo(s) : zhi(s)) + c * C::ZTLD + zch * ZVEC, zbytes ? src + c * p.npad + zcol : src,
-                   zbytes);
+        cp_async16((part ? zlo(s) : zhi(s)) + z_at(c), zbytes ? src + c * p.npad + zcol : src, zbytes);
     }
   };
   const int64_t blocks = end > start ? (end - start + C::BR - 1) / C::BR : 0;
-  cp_async_pipeline<C::STAGES>(blocks, issue, [&](int64_t, int s) {
+  float* out = p.out + split * p.out_ss;
+  if constexpr (WG) {
+    float acc[KPAD / 8][4];  // d column 16 w + g (+ 8) of this warp's, c columns 8 q + 2 t (+ 1)
 #pragma unroll
-    for (int ks = 0; ks < C::BR; ks += C::KS) {
-      FragA fa[C::MT];
+    for (int q = 0; q < KPAD / 8; ++q) acc[q][0] = acc[q][1] = acc[q][2] = acc[q][3] = 0.0f;
+    const int m0 = 64 * (warp / 4) + 16 * (warp % 4);  // this warp's first d column of the tile
+    cp_async_pipeline<C::STAGES, true>(blocks, issue, [&](int64_t, int s) {
+      FragA fa[C::BR / C::KS];
 #pragma unroll
-      for (int mt = 0; mt < C::MT; ++mt)
-        load_a_op<DT>(fa[mt], zhi(s), zlo(s), C::ZTLD, wm * C::MR + mt * 16, ks, lane, C::ZPARTS == 2);
+      for (int ks = 0; ks < C::BR / C::KS; ++ks) load_a_raw_km<DT>(fa[ks], xs(s), C::XLD, m0, ks * C::KS, lane);
+      wgmma_fence();  // (the A registers were just written)
 #pragma unroll
-      for (int nt = 0; nt < C::NT; nt += 2) {
-        FragB fb0, fb1;
-        load_b_raw_kn_x2<DT>(fb0, fb1, xs(s), C::XLD, wn * C::NW + nt * 8, ks, lane);
+      for (int ks = 0; ks < C::BR / C::KS; ++ks) {  // k step ks: Z^T's core matrices 2 ks, 2 ks + 1
+        const uint32_t at = 256 * ks, sbo = 128 * ZCHUNKS;
+        wgmma_rs<DT, KPAD>(acc, fa[ks].hi, wgmma_desc(reinterpret_cast<const unsigned char*>(zhi(s)) + at, 128, sbo));
+        if constexpr (C::ZPARTS == 2)
+          wgmma_rs<DT, KPAD>(acc, fa[ks].hi, wgmma_desc(reinterpret_cast<const unsigned char*>(zlo(s)) + at, 128, sbo));
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+    });
 #pragma unroll
-        for (int mt = 0; mt < C::MT; ++mt) {
-          mma_acc<DT, C::ZPARTS == 2>(acc[mt][nt], fa[mt], fb0, DT == kFloat32);
-          mma_acc<DT, C::ZPARTS == 2>(acc[mt][nt + 1], fa[mt], fb1, DT == kFloat32);
+    for (int q = 0; q < KPAD / 8; ++q) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = 8 * q + 2 * t, j = d0 + m0 + g + 8 * h;
+        if (c < p.k && j < p.d) {  // k even: c + 1 < k too
+          out[c * p.out_sc + j * p.out_sd] = acc[q][2 * h];
+          out[(c + 1) * p.out_sc + j * p.out_sd] = acc[q][2 * h + 1];
         }
       }
     }
-  });
+  } else {
+    float acc[C::MT][C::NT][4];
+#pragma unroll
+    for (int mt = 0; mt < C::MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < C::NT; ++nt)
+        acc[mt][nt][0] = acc[mt][nt][1] = acc[mt][nt][2] = acc[mt][nt][3] = 0.0f;
+    cp_async_pipeline<C::STAGES>(blocks, issue, [&](int64_t, int s) {
+#pragma unroll
+      for (int ks = 0; ks < C::BR; ks += C::KS) {
+        FragA fa[C::MT];
+#pragma unroll
+        for (int mt = 0; mt < C::MT; ++mt)
+          load_a_op<DT>(fa[mt], zhi(s), zlo(s), C::ZTLD, wm * C::MR + mt * 16, ks, lane, C::ZPARTS == 2);
+#pragma unroll
+        for (int nt = 0; nt < C::NT; nt += 2) {
+          FragB fb0, fb1;
+          load_b_raw_kn_x2<DT>(fb0, fb1, xs(s), C::XLD, wn * C::NW + nt * 8, ks, lane);
+#pragma unroll
+          for (int mt = 0; mt < C::MT; ++mt) {
+            mma_acc<DT, C::ZPARTS == 2>(acc[mt][nt], fa[mt], fb0, DT == kFloat32);
+            mma_acc<DT, C::ZPARTS == 2>(acc[mt][nt + 1], fa[mt], fb1, DT == kFloat32);
+          }
+        }
+      }
+    });
 
-  float* out = p.out + split * p.out_ss;
 #pragma unroll
-  for (int mt = 0; mt < C::MT; ++mt) {
+    for (int mt = 0; mt < C::MT; ++mt) {
 #pragma unroll
-    for (int nt = 0; nt < C::NT; ++nt) {
+      for (int nt = 0; nt < C::NT; ++nt) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t c = wm * C::MR + mt * 16 + g + 8 * h;
-        const int64_t j = d0 + wn * C::NW + nt * 8 + 2 * t;
-        if (c < p.k && j < p.d) {  // d even: j + 1 < d too
-          out[c * p.out_sc + j * p.out_sd] = acc[mt][nt][2 * h];
-          out[c * p.out_sc + (j + 1) * p.out_sd] = acc[mt][nt][2 * h + 1];
+        for (int h = 0; h < 2; ++h) {
+          const int64_t c = wm * C::MR + mt * 16 + g + 8 * h;
+          const int64_t j = d0 + wn * C::NW + nt * 8 + 2 * t;
+          if (c < p.k && j < p.d) {  // d even: j + 1 < d too
+            out[c * p.out_sc + j * p.out_sd] = acc[mt][nt][2 * h];
+            out[c * p.out_sc + (j + 1) * p.out_sd] = acc[mt][nt][2 * h + 1];
+          }
         }
       }
     }

@@ -155,11 +155,11 @@ inline void wgmma(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b) {
   resbm_emu::wgmma(&d[0][0], N, DT, desc_a, desc_b);
 }
 
-// wgmma with A from registers (m64n64k16): the warp's a[4] in the mma.sync A layout (the
-// lanes' registers are exchanged as mma's are: a warp collective here), B as wgmma's.
-template <int DT>
-inline void wgmma_rs64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  static_assert(DT != kFloat32, "wgmma: bf16 / fp16");
+// wgmma with A from registers: the warp's a[4] in the mma.sync A layout (the lanes'
+// registers are exchanged as mma's are: a warp collective here), B as wgmma's.
+template <int DT, int N>
+inline void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(DT != kFloat32 && (N == 16 || N == 32 || N == 64 || N == 128), "wgmma: bf16 / fp16, N 16..128");
   const emu_detail::MmaFrag mine{{a[0], a[1], a[2], a[3]}, {0u, 0u}};
   const emu_detail::MmaFrag* all = resbm_emu::exchange(mine);
   const int g = resbm_emu::lane() >> 2;
@@ -169,7 +169,7 @@ inline void wgmma_rs64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b
       const uint32_t reg = all[g * 4 + (kk % 8) / 2].a[(kk / 8) * 2 + h];
       rows[16 * h + kk] = uint16_t(kk % 2 ? reg >> 16 : reg & 0xFFFFu);
     }
-  resbm_emu::wgmma_rs(&d[0][0], 64, DT, rows, desc_b);
+  resbm_emu::wgmma_rs(&d[0][0], N, DT, rows, desc_b);
 }
 
 }  // namespace cuda

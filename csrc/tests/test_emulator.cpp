@@ -233,7 +233,7 @@ __global__ void wgmma_rs_kernel(const uint16_t* a, const uint16_t* b, float* out
   }
   float d[8][4] = {};
   resbm::cuda::wgmma_fence();
-  resbm::cuda::wgmma_rs64<resbm::kBFloat16>(d, regs, resbm::cuda::wgmma_desc(smem, 128, 256));
+  resbm::cuda::wgmma_rs<resbm::kBFloat16, 64>(d, regs, resbm::cuda::wgmma_desc(smem, 128, 256));
   resbm::cuda::wgmma_commit();
   resbm::cuda::wgmma_wait<0>();
   for (int j = 0; j < 8; ++j)

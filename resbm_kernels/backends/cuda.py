@@ -16,11 +16,12 @@ same kernels on the CPU emulator (``libresbm_cuda_emu``, built from the same
 sources by ``csrc/emu``; slow, for tests), as Triton's kernels run under
 ``TRITON_INTERPRET=1``.
 
-The row kernels of all four passes multiply on mma.sync. ``RESBM_CUDA_WGMMA=1`` puts
-them on the warpgroup MMA (wgmma) for bf16 / fp16 inputs with k <= 128 on an sm_90 GPU
-with a library built for sm_90a (the default ``RESBM_CUDA_ARCHS="80;90a;90-virtual"``):
-for comparison until timed (on an H100 encode forward's took 1.3-2x mma.sync's time,
-2026-11-27, before its tiles were swizzled; decode forward's is untimed).
+The kernels of all four passes multiply on mma.sync. ``RESBM_CUDA_WGMMA=1`` puts them
+(the row kernels and the weight gradient) on the warpgroup MMA (wgmma) for bf16 / fp16
+inputs with k <= 128 on an sm_90 GPU with a library built for sm_90a (the default
+``RESBM_CUDA_ARCHS="80;90a;90-virtual"``): for comparison until timed (on an H100
+encode forward's took 1.3-2x mma.sync's time, 2026-11-27, before its tiles were
+swizzled; the others are untimed).
 ``RESBM_CUDA_SPLITS=0`` keeps the row kernels from splitting d (below; for
 comparison), ``RESBM_CUDA_PREFETCH=0`` decode forward's and encode backward's row kernel
 from asking for its residual or x a tile ahead into L2 (k > 32; for comparison),
