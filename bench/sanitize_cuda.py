@@ -14,8 +14,8 @@ What runs, each result checked against the reference backend:
   unpack + dequantize) for every bits / scale group / rounding / input dtype;
 - ``cuda``: the CUDA backend's four fused passes, if
   ``resbm_kernels.backends.cuda`` imports (else it says so), then the reduced set
-  again with its opt-in wgmma projection (``RESBM_CUDA_WGMMA=1``) on an sm_90
-  device or the emulator;
+  again, at k = 16 and 128, with its opt-in wgmma kernels (``RESBM_CUDA_WGMMA=1``) on
+  an sm_90 device or the emulator;
 - ``triton``: the Triton backend's four passes (``--backends`` to choose).
 
 Exit status 0 when everything that exists ran and matched, 1 otherwise; a
@@ -108,7 +108,9 @@ def check_native(rep: Report, dev) -> None:
                             rep.fail(what, f"{type(e).__name__}: {e}")
 
 
-def check_backend(rep: Report, name: str, dev, quick: bool, label: str | None = None) -> None:
+def check_backend(rep: Report, name: str, dev, quick: bool, label: str | None = None, shapes=None) -> None:
+    """The four passes of backend ``name`` against the reference: every bits, (d, k) in
+    ``shapes`` (by default one small shape if ``quick``, else two), several N (one if quick)."""
     module, why = _load(name)
     if module is None:
         rep.note(f"{name}: no {name} backend yet ({why})")
@@ -117,7 +119,7 @@ def check_backend(rep: Report, name: str, dev, quick: bool, label: str | None = 
         rep.note(f"{name}: backend does not support {dev}")
         return
     gen = torch.Generator(device=dev).manual_seed(1)
-    shapes = ((256, 16),) if quick else ((256, 16), (512, 64))
+    shapes = shapes or (((256, 16),) if quick else ((256, 16), (512, 64)))
     for bits in (16, 8, 4, 2):
         for d, k in shapes:
             for n in ((37,) if quick else N_ROWS):
@@ -179,9 +181,11 @@ def main(argv=None) -> int:
         elif which in ("cuda", "triton"):
             check_backend(rep, which, dev, which in quick)
             if which == "cuda" and (dev.type == "cpu" or torch.cuda.get_device_capability(dev) == (9, 0)):
-                # the opt-in wgmma projection (read per launch; the caller's environment restored after)
+                # the opt-in wgmma kernels (read per launch; the caller's environment restored after),
+                # at the smallest and the largest k they take
                 with mock.patch.dict(os.environ, RESBM_CUDA_WGMMA="1"):
-                    check_backend(rep, which, dev, True, label="cuda[RESBM_CUDA_WGMMA=1]")
+                    check_backend(rep, which, dev, True, label="cuda[RESBM_CUDA_WGMMA=1]",
+                                  shapes=((256, 16), (512, 128)))
         else:
             rep.fail(which, "unknown backend name")
     for which, lib in sorted(native._libs.items()):
