@@ -767,8 +767,8 @@ def test_d_splits_with_a_short_last_run(dtype, projection, monkeypatch):
 def test_projection_loop_refills_its_buffers(k, projection, monkeypatch):
     """Runs longer than the projection loop's buffers, so that each is refilled while the
     tensor cores may still read another (the wgmma loop keeps a tile's group in flight
-    with four buffers, k <= 64; three at k = 128): 256 rows fill the emulated device's 4
-    SMs without a d split, d = 1280 is 10 wgmma tiles (20 of mma.sync) per block. Encode
+    with four buffers): 256 rows fill the emulated device's 4 SMs without a d split,
+    d = 1280 is 10 wgmma tiles at k=32 and 20 at k=128 (20 of mma.sync) per block. Encode
     forward through RMSNorm (the sums of squares read the same buffers) and decode
     backward's bit-exact gradient payload, against the reference."""
     use_projection(monkeypatch, projection)

@@ -62,17 +62,19 @@ struct RowCfg {
 
   static constexpr size_t FINISH_BYTES = Z_BYTES + size_t(BN) * 4;  // z tile, rows' sums of squares
   static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, FINISH_BYTES);
-  // project_loop_wgmma (16-bit, KPAD <= 128): dense 256-byte-wide d tiles, twice the mma.sync
-  // loop's, through WG_PS buffers (four; three at KPAD = 128, within sm_80's opt-in limit,
-  // which the emulator keeps). On the H100 at k=32 both backends' projections made about one
-  // loop trip per us per SM, whatever their tiles' width (Triton's first config, 64 x 128, did
-  // 2.1 tiles of 64 x 64 per us per SM; this loop with 64 x 64 tiles 0.9).
-  // The stages start at the first 1024-byte boundary of the block's shared memory (the
-  // swizzle's pattern; up to WG_ALIGN - 16 bytes in).
-  static constexpr int WG_BD = 256 / int(sizeof(T));
-  static constexpr size_t WG_STAGE_BYTES = size_t(BN + KPAD) * 256;  // the x tile, then the weights'
+  // project_loop_wgmma (16-bit, KPAD <= 128): dense d tiles through four buffers, 256 bytes
+  // a row up to KPAD = 32, twice the mma.sync loop's (on the H100 at k=32 both backends'
+  // projections made about one loop trip per us per SM, whatever their tiles' width: Triton's
+  // first config, 64 x 128, did 2.1 tiles of 64 x 64 per us per SM, this loop with 64 x 64
+  // tiles 0.9), and 128 bytes from KPAD = 64, where 256 (32 / 48 KB a stage) left an SM one
+  // 4-warp block (Triton's fastest config at k=128, 64 x 64 with 8 warps, two programs an SM);
+  // at 128 bytes three / two blocks fit (untimed). The stages start at the first 1024-byte
+  // boundary of the block's shared memory (the swizzle's pattern; up to WG_ALIGN - 16 bytes in).
+  static constexpr int WG_ROW_BYTES = KPAD <= 32 ? 256 : 128;
+  static constexpr int WG_BD = WG_ROW_BYTES / int(sizeof(T));
+  static constexpr size_t WG_STAGE_BYTES = size_t(BN + KPAD) * WG_ROW_BYTES;  // the x tile, then the weights'
   static constexpr size_t WG_ALIGN = 1024;
-  static constexpr int WG_PS = 4 * WG_STAGE_BYTES + WG_ALIGN <= kMaxSmemSm80 ? 4 : 3;
+  static constexpr int WG_PS = 4;
   static constexpr size_t WG_SMEM = cmax(WG_PS * WG_STAGE_BYTES + WG_ALIGN, FINISH_BYTES);
   // dequant_project's weight tiles stream through a ring of WS buffers: three (two in flight
   // while one is multiplied) where sm_80's shared memory allows, else fewer (fp32, KPAD = 256:
@@ -228,17 +230,18 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
 }
 
 // project_loop on sm_90a's warpgroup mma (16-bit inputs, KPAD <= 128: the CTA's 128
-// threads are one warpgroup, its 64 rows one m64 tile, KPAD one n), with the wider tiles of
-// RowCfg::WG_BD columns (256 bytes a row) through WG_PS buffers, multiplied from shared memory
-// (no thread loads fragments). Each stage's x and weight tiles are in wgmma's 128-byte
-// swizzled layout, as Triton lays out its tiles: a tile of R rows is two column halves of
-// R x 128 bytes, 16-byte chunk c of row r of a half at byte 128 r + 16 (c ^ r % 8) (SBO =
-// 1024 to the next 8 rows). Thread `tid` copies chunk tid % 16 of rows 8 j + tid / 16: a warp
-// 2 rows x 256 bytes, four whole 128-byte lines, each quarter-warp one row of a half over all
-// 32 banks. The core-matrix layout without swizzle before (16-byte rows, 128 bytes to the
-// next 8 columns) had a warp copy 8 rows x 64 bytes, 8 half-used lines, and the H100's ncu
-// (2026-11-27) had that loop bound by L2 (60-68 % busy at 14-29 % of DRAM bandwidth) with
-// 2.3-way conflicts on its shared stores.
+// threads are one warpgroup, its 64 rows one m64 tile, KPAD one n), with the tiles of
+// RowCfg::WG_BD columns (RowCfg::WG_ROW_BYTES a row: CH 16-byte chunks) through WG_PS
+// buffers, multiplied from shared memory (no thread loads fragments). Each stage's x and
+// weight tiles are in wgmma's 128-byte swizzled layout, as Triton lays out its tiles: a tile
+// of R rows is CH / 8 column halves of R x 128 bytes, 16-byte chunk c of row r of a half at
+// byte 128 r + 16 (c ^ r % 8) (SBO = 1024 to the next 8 rows). Thread `tid` copies chunk
+// tid % CH of rows RP j + tid / CH (RP = 128 / CH rows a pass): a warp whole rows, whole
+// 128-byte lines, each quarter-warp one row of a half over all 32 banks. The core-matrix
+// layout without swizzle before (16-byte rows, 128 bytes to the next 8 columns) had a warp
+// copy 8 rows x 64 bytes, 8 half-used lines, and the H100's ncu (2026-11-27) had that loop
+// bound by L2 (60-68 % busy at 14-29 % of DRAM bandwidth) with 2.3-way conflicts on its
+// shared stores.
 // With want_sumsq, sumsq[h] of lane t = 0 of each quad holds the full sum of squares of
 // row 16 wm + g + 8 h (the other lanes 0), so that quad_sum gives it as in project_loop.
 template <int DT, int KPAD>
@@ -251,23 +254,23 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
   using E = typename C::E;
-  constexpr int CH = C::WG_BD * int(sizeof(T)) / 16, S = C::WG_PS;
-  static_assert(DT != kFloat32 && C::WN == 1 && C::BN == 64 && CH == 16 && kThreads == 8 * CH,
-                "one warpgroup, 64 rows, 256-byte rows of 16-bit elements, 8 rows a pass");
+  constexpr int CH = C::WG_ROW_BYTES / 16, RP = kThreads / CH, S = C::WG_PS;
+  static_assert(DT != kFloat32 && C::WN == 1 && C::BN == 64 && (CH == 8 || CH == 16) && KPAD % RP == 0,
+                "one warpgroup, 64 rows, rows of one or two 128-byte halves, whole passes of rows");
   static_assert(S * C::WG_STAGE_BYTES + C::WG_ALIGN <= kMaxSmemSm80, "the stages fit sm_80's (the emulator's) limit");
   constexpr uint32_t X_HALF = C::BN * 128, W_HALF = KPAD * 128;  // a column half of each tile
-  constexpr size_t X_STAGE = 2 * X_HALF, STAGE = C::WG_STAGE_BYTES;
+  constexpr size_t X_STAGE = (CH / 8) * X_HALF, STAGE = C::WG_STAGE_BYTES;
   static_assert(STAGE % C::WG_ALIGN == 0 && X_HALF % C::WG_ALIGN == 0 && W_HALF % C::WG_ALIGN == 0,
                 "every tile half starts on the swizzle's 1024-byte pattern");
   constexpr uint32_t SBO = 1024;  // 8 rows of 128 bytes
   unsigned char* stages = smem + ((0u - smem_address(smem)) & uint32_t(C::WG_ALIGN - 1));
   const int tid = threadIdx.x;
   const int chunk = tid % CH, row_base = tid / CH;
-  // this thread's destination in a stage's tiles (row 8 j: + SBO j) and sources in tile 0
-  // (row 8 j: + 8 j d; tile t: + t WG_BD), set up once
-  const uint32_t swizzled = 128 * row_base + 16 * ((chunk % 8) ^ row_base);
+  // this thread's destination in a stage's tiles (row RP j: + 128 RP j) and sources in tile 0
+  // (row RP j: + RP j d; tile t: + t WG_BD), set up once
+  const uint32_t swizzled = 128 * row_base + 16 * ((chunk % 8) ^ (row_base % 8));
   const uint32_t x_dst = (chunk / 8) * X_HALF + swizzled, w_dst = X_STAGE + (chunk / 8) * W_HALF + swizzled;
-  const int64_t rows_left = n - row0 - row_base, step = 8 * d;
+  const int64_t rows_left = n - row0 - row_base, step = RP * d;
   const T* x_src = a + (row0 + row_base) * d + chunk * 8;
   const E* w_src = w_g + int64_t(row_base) * d + chunk * 8;
   auto issue = [&](int64_t i) {  // tile i of the run into stage i % S: x, then the weights
@@ -275,35 +278,35 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
     const int64_t col = (run.first + i) * C::WG_BD;
     const bool col_ok = col + chunk * 8 < d;  // d % 16 == 0: chunks are all in or all out
 #pragma unroll
-    for (int j = 0; j < C::BN / 8; ++j) {
-      const bool ok = col_ok && 8 * j < rows_left;
-      cp_async16(stage + x_dst + SBO * j, ok ? x_src + j * step + col : a, ok ? 16 : 0);
+    for (int j = 0; j < C::BN / RP; ++j) {
+      const bool ok = col_ok && RP * j < rows_left;
+      cp_async16(stage + x_dst + 128 * RP * j, ok ? x_src + j * step + col : a, ok ? 16 : 0);
     }
 #pragma unroll
-    for (int j = 0; j < KPAD / 8; ++j)
-      cp_async16(stage + w_dst + SBO * j, col_ok ? w_src + j * step + col : w_g, col_ok ? 16 : 0);
+    for (int j = 0; j < KPAD / RP; ++j)
+      cp_async16(stage + w_dst + 128 * RP * j, col_ok ? w_src + j * step + col : w_g, col_ok ? 16 : 0);
   };
-  // the sums of squares: thread tid takes row tid % 64 of column half tid / 64
-  const int sq_row = tid % 64, sq_offset = (tid / 64) * X_HALF + 128 * sq_row;
+  // the sums of squares: thread tid takes chunks CH / 2 (tid / 64).. of row tid % 64
+  const int sq_row = tid % 64, sq_first = (CH / 2) * (tid / 64);
   float sq = 0.0f;
-  // with four buffers, each tile's wgmma group stays in flight until the next tile's is
-  // issued (as Triton's loop), its buffers refilled after that; with three (KPAD = 128) that
-  // would leave one tile's copies in flight, so each body waits for its own group
-  constexpr bool kInFlight = S >= 4;
-  cp_async_pipeline<S, true, kInFlight>(run.count, issue, [&](int64_t, int buf) {
+  // each tile's wgmma group stays in flight until the next tile's is issued (as Triton's
+  // loop), its buffers refilled after that: two tiles' copies in flight meanwhile
+  static_assert(S >= 4, "a group in flight and two tiles' copies");
+  cp_async_pipeline<S, true, true>(run.count, issue, [&](int64_t, int buf) {
     const unsigned char* xt = stages + buf * STAGE;
     const unsigned char* wt = xt + X_STAGE;
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < CH / 2; ++ks) {  // k steps of 16: four 32-byte steps along each half's rows
+    for (int ks = 0; ks < CH / 2; ++ks) {  // k steps of 16: four 32-byte steps along a half's rows, then the next half
       const uint32_t at = (ks / 4) * X_HALF + 32 * (ks % 4), bt = (ks / 4) * W_HALF + 32 * (ks % 4);
       wgmma<DT, KPAD>(acc, wgmma_desc(xt + at, 16, SBO, kSwizzle128), wgmma_desc(wt + bt, 16, SBO, kSwizzle128));
     }
     wgmma_commit();
     if (want_sumsq) {
 #pragma unroll
-      for (int i = 0; i < CH / 2; ++i) {  // chunk i of the row, in order
-        const uint4 raw = *reinterpret_cast<const uint4*>(xt + sq_offset + 16 * (i ^ (sq_row % 8)));
+      for (int i = 0; i < CH / 2; ++i) {  // chunk sq_first + i of the row, in order
+        const int c = sq_first + i;
+        const uint4 raw = *reinterpret_cast<const uint4*>(xt + (c / 8) * X_HALF + 128 * sq_row + 16 * ((c % 8) ^ (sq_row % 8)));
         const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -312,12 +315,10 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
         }
       }
     }
-    wgmma_wait<kInFlight ? 1 : 0>();  // the group whose buffers the next refill reuses is complete
+    wgmma_wait<1>();  // the group whose buffers the next refill reuses is complete
   });
-  if constexpr (kInFlight) {  // the last group: acc final, then for every warp the shared memory free
-    wgmma_wait<0>();
-    __syncthreads();
-  }
+  wgmma_wait<0>();  // the last group: acc final, then for every warp the shared memory free
+  __syncthreads();
   if (want_sumsq) {  // rows' totals: two threads per row, through shared memory
     float* part = reinterpret_cast<float*>(smem);  // [2][64]
     part[tid] = sq;
