@@ -127,8 +127,8 @@ struct WGArgs {
 // WG (sm_90a, 16-bit, KPAD <= 128): the products on wgmma, transposed: out^T (BDW, KPAD) =
 // x^T Z, each warpgroup 64 of the tile's d columns (the wgmma rows) and all KPAD, x^T's A
 // fragments from the x tile with transposing ldmatrix, Z^T from shared memory as wgmma's core
-// matrices (LBO = 128 bytes along the rows, SBO = 16 BR to the next 8 c): with mma.sync each
-// warp loads the x and Z^T fragments of its own (32 x 32) part of the tile.
+// matrices (LBO = 128 bytes along the rows, SBO = 16 BR to the next 8 c), where with mma.sync
+// each warp loads the x and Z^T fragments of its own part of the tile.
 template <int DT, int KPAD, bool WG>
 __global__ void __launch_bounds__(WgCfg<DT, KPAD>::THREADS, WgCfg<DT, KPAD>::MIN_BLOCKS)
     weight_grad_kernel(const WGArgs p) {

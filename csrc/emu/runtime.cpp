@@ -452,10 +452,6 @@ void complete(const Fiber& f, const Wgmma& op) {
     }
 }
 
-}  // namespace
-
-namespace {
-
 void issue_wgmma(float* d, int n, int dtype, const uint16_t* a_rows, uint64_t desc_a, uint64_t desc_b) {
   Fiber& f = running();
   if (blockDim.x % 128 != 0 || blockDim.y * blockDim.z != 1)
