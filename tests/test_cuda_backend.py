@@ -448,8 +448,8 @@ def test_c_projection_splits(lib):
     (3, "mma_sync", 24, 832, 4),    # one block of 64 rows, 13 d tiles of 64 bf16 columns: runs 4+4+4+1
     (3, "wgmma", 24, 832, 3),       # the wgmma loop's tiles of 128 columns, 7 of them: 3 + 3 + 1
     (1, "mma_sync", 24, 832, 4),    # fp32 tiles of 32 columns, 26 of them: 7 + 7 + 7 + 5
-    (3, "wgmma", 150, 4096, 4),     # 3 row blocks: 12 blocks of 8 tiles in 3 waves of 4 (24 tile times, 32 unsplit)
-    (3, "wgmma", 256, 4096, 1),     # 4 row blocks fill the emulated device's 4 SMs
+    (3, "wgmma", 150, 4096, 2),     # 2 blocks of 128 rows: 4 blocks of 16 tiles in one wave (18 tile times, 34 unsplit)
+    (3, "wgmma", 512, 4096, 1),     # 4 row blocks of 128 fill the emulated device's 4 SMs
     (3, "mma_sync", 24, 128, 1),    # 2 d tiles: runs of at least 2
     (3, "wgmma", 0, 4096, 1),       # no rows
 ])
@@ -767,8 +767,9 @@ def test_d_splits_with_a_short_last_run(dtype, projection, monkeypatch):
 def test_projection_loop_refills_its_buffers(k, projection, monkeypatch):
     """Runs longer than the projection loop's buffers, so that each is refilled while the
     tensor cores may still read another (the wgmma loop keeps a tile's group in flight
-    with four buffers): 256 rows fill the emulated device's 4 SMs without a d split,
-    d = 1280 is 10 wgmma tiles at k=32 and 20 at k=128 (20 of mma.sync) per block. Encode
+    with four buffers): d = 1280 is 20 mma.sync tiles a block, 256 rows filling the emulated
+    device's 4 SMs without a d split, and 10 / 20 wgmma tiles at k = 32 / 128, its two
+    128-row blocks splitting d in two: 5 / 10 tiles a block. Encode
     forward through RMSNorm (the sums of squares read the same buffers) and decode
     backward's bit-exact gradient payload, against the reference."""
     use_projection(monkeypatch, projection)

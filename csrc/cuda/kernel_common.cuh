@@ -139,29 +139,29 @@ struct Payload {
 };
 
 // Visits the (BN, KPAD) elements (r, c) of a row block, a thread those at tid, tid +
-// kThreads, ...: eight at a time, first load(r, col) for all eight (independent loads, in
+// THREADS (the block's threads), ...: eight at a time, first load(r, col) for all eight (independent loads, in
 // flight together), then use(r, col, loaded) for each, col = column(c). A loop that loads and
 // uses one element at a time waits a whole memory latency per element (64 a thread at BN =
 // 64, KPAD = 128: twice that for a payload's code, then its scale), so `load` should only
-// load. Where KPAD divides kThreads (KPAD <= 128) a thread's elements share one column, whose
+// load. Where KPAD divides THREADS (KPAD <= 128) a thread's elements share one column, whose
 // column(c) is formed once.
-template <int BN, int KPAD, typename Column, typename Load, typename Use>
+template <int BN, int KPAD, int THREADS = kThreads, typename Column, typename Load, typename Use>
 __device__ __forceinline__ void for_block_elements(Column column, Load load, Use use) {
-  constexpr int kPer = BN * KPAD / kThreads, kBatch = kPer < 8 ? kPer : 8;
-  static_assert(kPer * kThreads == BN * KPAD && kPer % kBatch == 0, "elements split evenly");
-  constexpr bool kOwnColumn = kThreads % KPAD == 0;
+  constexpr int kPer = BN * KPAD / THREADS, kBatch = kPer < 8 ? kPer : 8;
+  static_assert(kPer * THREADS == BN * KPAD && kPer % kBatch == 0, "elements split evenly");
+  constexpr bool kOwnColumn = THREADS % KPAD == 0;
   const auto own = column(int(threadIdx.x % KPAD));  // (unused otherwise)
   auto column_of = [&](unsigned i) { return kOwnColumn ? own : column(int(i % KPAD)); };
   for (int j0 = 0; j0 < kPer; j0 += kBatch) {
     decltype(load(0, own)) loaded[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const unsigned i = threadIdx.x + unsigned(j0 + u) * kThreads;
+      const unsigned i = threadIdx.x + unsigned(j0 + u) * THREADS;
       loaded[u] = load(int(i / KPAD), column_of(i));
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const unsigned i = threadIdx.x + unsigned(j0 + u) * kThreads;
+      const unsigned i = threadIdx.x + unsigned(j0 + u) * THREADS;
       use(int(i / KPAD), column_of(i), loaded[u]);
     }
   }
@@ -172,13 +172,15 @@ __device__ __forceinline__ void for_block_elements(Column column, Load load, Use
 // (row, group), lanes across the group, four of them at a time: their absmax reductions'
 // shuffles and their scales' divisions interleave (one group after another, a warp waited on
 // each group's chain of five shuffles and two divisions in turn: 16 a warp at k = 128).
+// WARPS: the block's warps.
+template <int WARPS = kWarps>
 __device__ void quantize_rows(const float* zs, int ld, int rows, int64_t row0, int64_t n,
                               int64_t k, int bits, int group, int scale_dtype, int stochastic,
                               uint32_t key, uint8_t* codes, void* scales) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int valid_rows = n - row0 < rows ? int(n - row0) : rows;
   if (bits == 16) {
-    for (int r = warp; r < valid_rows; r += kWarps) {
+    for (int r = warp; r < valid_rows; r += WARPS) {
       uint16_t* out = reinterpret_cast<uint16_t*>(codes) + (row0 + r) * k;
       for (int c = lane; c < k; c += 32) out[c] = float_to_bf16(zs[r * ld + c]);
     }
@@ -188,11 +190,11 @@ __device__ void quantize_rows(const float* zs, int ld, int rows, int64_t row0, i
   const int qmax = qmax_of(bits), per = 8 / bits, nbytes = group / per, groups = int(k) / group;
   const int64_t row_bytes = k * bits / 8;
   const int units = valid_rows * groups;
-  for (int u0 = warp; u0 < units; u0 += kWarps * kUnits) {
+  for (int u0 = warp; u0 < units; u0 += WARPS * kUnits) {
     float m[kUnits], inv[kUnits];
 #pragma unroll
     for (int t = 0; t < kUnits; ++t) {
-      const int u = u0 + t * kWarps;  // (warp-uniform)
+      const int u = u0 + t * WARPS;  // (warp-uniform)
       m[t] = 0.0f;
       if (u < units) {
         const float* z = zs + (u / groups) * ld + (u % groups) * group;
@@ -208,12 +210,12 @@ __device__ void quantize_rows(const float* zs, int ld, int rows, int64_t row0, i
     for (int t = 0; t < kUnits; ++t) {
       const float s = group_scale(m[t], qmax, scale_dtype);
       inv[t] = inv_scale(s);
-      const int u = u0 + t * kWarps, r = u / groups, gi = u % groups;
+      const int u = u0 + t * WARPS, r = u / groups, gi = u % groups;
       if (u < units && lane == 0) store_float(scales, (row0 + r) * groups + gi, scale_dtype, s);  // non-finite shows
     }
 #pragma unroll
     for (int t = 0; t < kUnits; ++t) {
-      const int u = u0 + t * kWarps, r = u / groups, c0 = (u % groups) * group;
+      const int u = u0 + t * WARPS, r = u / groups, c0 = (u % groups) * group;
       if (u >= units) break;
       const int64_t grow = row0 + r;
       uint8_t* out = codes + grow * row_bytes + c0 / per;

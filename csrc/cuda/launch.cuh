@@ -110,14 +110,14 @@ int launch_pq_kernel(const char* fn, const PQArgs& p, cudaStream_t stream) {
                 WG ? ",wgmma" : "");
   const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, WG>);
   constexpr size_t smem = WG ? C::WG_SMEM : C::PQ_SMEM;
+  constexpr int bn = WG ? C::WG_BN : C::BN, threads = WG ? C::WG_THREADS : kThreads;
   RESBM_TRY(prepare(fn, name, func, smem));
-  const int64_t blocks = (p.n + C::BN - 1) / C::BN;
-  launch(project_quantize_kernel<DT, KPAD, WG>, dim3(unsigned(blocks), unsigned(p.splits)), kThreads, smem,
-         stream, p);
+  launch(project_quantize_kernel<DT, KPAD, WG>, dim3(unsigned((p.n + bn - 1) / bn), unsigned(p.splits)), threads,
+         smem, stream, p);
   RESBM_TRY(launch_status(fn, name));
   if (p.splits == 1) return RESBM_OK;
   std::snprintf(name, sizeof name, "finish_rows_kernel<%s,%d>", Operand<DT>::name(), KPAD);
-  launch(finish_rows_kernel<DT, KPAD>, unsigned(blocks), kThreads, C::FINISH_BYTES, stream, p);
+  launch(finish_rows_kernel<DT, KPAD>, unsigned((p.n + C::BN - 1) / C::BN), kThreads, C::FINISH_BYTES, stream, p);
   return launch_status(fn, name);
 }
 
@@ -221,8 +221,9 @@ int dq_splits(const DQArgs& p, int64_t row_blocks, const void* func, size_t smem
 template <int DT, int KPAD>
 int pq_splits(const char*, int64_t n, int64_t d, int* splits) {
   using C = RowCfg<DT, KPAD>;
-  const int64_t bd = wgmma_shape<DT, KPAD>() && wgmma_enabled() ? C::WG_BD : C::BD;  // launch_pq's loop's tile
-  const int64_t row_blocks = (n + C::BN - 1) / C::BN, sms = blocks_at_once(nullptr, 0);
+  const bool wg = wgmma_shape<DT, KPAD>() && wgmma_enabled();  // launch_pq's loop and so its tiles
+  const int64_t bd = wg ? C::WG_BD : C::BD, bn = wg ? C::WG_BN : C::BN;
+  const int64_t row_blocks = (n + bn - 1) / bn, sms = blocks_at_once(nullptr, 0);
   *splits = row_blocks >= sms || !splits_enabled()
                 ? 1
                 : int(fill_splits(row_blocks, (d + bd - 1) / bd, sms, kMaxProjectionSplits));

@@ -19,10 +19,10 @@
 //      on the tensor cores, the diagonal of A A^T), then scales,
 //      adds the identity path x[:, :k], and quantizes + packs through the shared
 //      codec functions of resbm/codec.h (bit-exact with the reference given z).
-//      On sm_90a, 16-bit inputs with KPAD <= 128 (project_loop_wgmma): the 128
-//      threads are one warpgroup and multiply tiles of 256 bytes a row up to KPAD = 32,
-//      128 above (four buffers), in wgmma's 128-byte swizzled layout, straight
-//      from shared memory (wgmma m64nKPADk16; with four buffers each tile's wgmma
+//      On sm_90a, 16-bit inputs with KPAD <= 128 (project_loop_wgmma): blocks of two
+//      warpgroups, 64 rows each of the block's 128, both multiplying the same weight tiles
+//      of 256 bytes a row up to KPAD = 32, 128 above (four buffers), in wgmma's 128-byte
+//      swizzled layout, straight from shared memory (wgmma m64nKPADk16; each tile's wgmma
 //      stays in flight while the next one's are issued), the sums of squares read
 //      from the same tiles; only with RESBM_CUDA_WGMMA=1 (slower than mma.sync on an
 //      H100 before the swizzle; untimed since).

@@ -62,20 +62,24 @@ struct RowCfg {
 
   static constexpr size_t FINISH_BYTES = Z_BYTES + size_t(BN) * 4;  // z tile, rows' sums of squares
   static constexpr size_t PQ_SMEM = cmax(PROJ_BYTES, FINISH_BYTES);
-  // project_loop_wgmma (16-bit, KPAD <= 128): dense d tiles through four buffers, 256 bytes
-  // a row up to KPAD = 32, twice the mma.sync loop's (on the H100 at k=32 both backends'
-  // projections made about one loop trip per us per SM, whatever their tiles' width: Triton's
-  // first config, 64 x 128, did 2.1 tiles of 64 x 64 per us per SM, this loop with 64 x 64
-  // tiles 0.9), and 128 bytes from KPAD = 64, where 256 (32 / 48 KB a stage) left an SM one
-  // 4-warp block (Triton's fastest config at k=128, 64 x 64 with 8 warps, two programs an SM);
-  // at 128 bytes three / two blocks fit (untimed). The stages start at the first 1024-byte
-  // boundary of the block's shared memory (the swizzle's pattern; up to WG_ALIGN - 16 bytes in).
+  // project_loop_wgmma (16-bit, KPAD <= 128): blocks of WG_THREADS, two warpgroups, each
+  // multiplying 64 of the block's WG_BN = 128 rows by the same weight tile: with 64-row
+  // blocks every row block reads the whole weight matrix from L2, at k=128 twice x's bytes.
+  // Dense d tiles through four buffers, 256 bytes a row up to KPAD = 32, twice the mma.sync
+  // loop's (on the H100 at k=32 both backends' projections made about one loop trip per us
+  // per SM, whatever their tiles' width: Triton's first config, 64 x 128, did 2.1 tiles of
+  // 64 x 64 per us per SM, this loop with 64 x 64 tiles 0.9), and 128 bytes from KPAD = 64
+  // (24 / 32 KB a stage at KPAD = 64 / 128: two / one 8-warp blocks an SM). Untimed. The
+  // stages start at the first 1024-byte boundary of the block's shared memory (the swizzle's
+  // pattern; up to WG_ALIGN - 16 bytes in).
+  static constexpr int WG_THREADS = 2 * kThreads, WG_BN = 2 * BN;
   static constexpr int WG_ROW_BYTES = KPAD <= 32 ? 256 : 128;
   static constexpr int WG_BD = WG_ROW_BYTES / int(sizeof(T));
-  static constexpr size_t WG_STAGE_BYTES = size_t(BN + KPAD) * WG_ROW_BYTES;  // the x tile, then the weights'
+  static constexpr size_t WG_STAGE_BYTES = size_t(WG_BN + KPAD) * WG_ROW_BYTES;  // the x tile, then the weights'
   static constexpr size_t WG_ALIGN = 1024;
   static constexpr int WG_PS = 4;
-  static constexpr size_t WG_SMEM = cmax(WG_PS * WG_STAGE_BYTES + WG_ALIGN, FINISH_BYTES);
+  static constexpr size_t WG_FINISH_BYTES = size_t(WG_BN) * ZLD * 4 + size_t(WG_BN) * 4;
+  static constexpr size_t WG_SMEM = cmax(WG_PS * WG_STAGE_BYTES + WG_ALIGN, WG_FINISH_BYTES);
   // dequant_project's weight tiles stream through a ring of WS buffers: three (two in flight
   // while one is multiplied) where sm_80's shared memory allows, else fewer (fp32, KPAD = 256:
   // one, loaded between tiles). Through RMSNorm (encode backward) each stage also holds the
@@ -229,21 +233,22 @@ __device__ __forceinline__ void project_loop(const typename Operand<DT>::T* __re
   }
 }
 
-// project_loop on sm_90a's warpgroup mma (16-bit inputs, KPAD <= 128: the CTA's 128
-// threads are one warpgroup, its 64 rows one m64 tile, KPAD one n), with the tiles of
-// RowCfg::WG_BD columns (RowCfg::WG_ROW_BYTES a row: CH 16-byte chunks) through WG_PS
+// project_loop on sm_90a's warpgroup mma (16-bit inputs, KPAD <= 128: the CTA's 256
+// threads are two warpgroups, each 64 of its 128 rows one m64 tile, KPAD one n), with the
+// tiles of RowCfg::WG_BD columns (RowCfg::WG_ROW_BYTES a row: CH 16-byte chunks) through WG_PS
 // buffers, multiplied from shared memory (no thread loads fragments). Each stage's x and
 // weight tiles are in wgmma's 128-byte swizzled layout, as Triton lays out its tiles: a tile
 // of R rows is CH / 8 column halves of R x 128 bytes, 16-byte chunk c of row r of a half at
 // byte 128 r + 16 (c ^ r % 8) (SBO = 1024 to the next 8 rows). Thread `tid` copies chunk
-// tid % CH of rows RP j + tid / CH (RP = 128 / CH rows a pass): a warp whole rows, whole
+// tid % CH of rows RP j + tid / CH (RP = 256 / CH rows a pass): a warp whole rows, whole
 // 128-byte lines, each quarter-warp one row of a half over all 32 banks. The core-matrix
 // layout without swizzle before (16-byte rows, 128 bytes to the next 8 columns) had a warp
 // copy 8 rows x 64 bytes, 8 half-used lines, and the H100's ncu (2026-11-27) had that loop
 // bound by L2 (60-68 % busy at 14-29 % of DRAM bandwidth) with 2.3-way conflicts on its
 // shared stores.
-// With want_sumsq, sumsq[h] of lane t = 0 of each quad holds the full sum of squares of
-// row 16 wm + g + 8 h (the other lanes 0), so that quad_sum gives it as in project_loop.
+// acc: warp w's rows 16 w + g (+ 8) of the block, all KPAD columns. With want_sumsq,
+// sumsq[h] of lane t = 0 of each quad holds the full sum of squares of row 16 w + g + 8 h
+// (the other lanes 0), so that quad_sum gives it as in project_loop.
 template <int DT, int KPAD>
 __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T* __restrict__ a,
                                                    int64_t n, int64_t d, int64_t row0,
@@ -254,11 +259,12 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
   using E = typename C::E;
-  constexpr int CH = C::WG_ROW_BYTES / 16, RP = kThreads / CH, S = C::WG_PS;
-  static_assert(DT != kFloat32 && C::WN == 1 && C::BN == 64 && (CH == 8 || CH == 16) && KPAD % RP == 0,
-                "one warpgroup, 64 rows, rows of one or two 128-byte halves, whole passes of rows");
+  constexpr int BN = C::WG_BN, THREADS = C::WG_THREADS;
+  constexpr int CH = C::WG_ROW_BYTES / 16, RP = THREADS / CH, S = C::WG_PS;
+  static_assert(DT != kFloat32 && C::WN == 1 && BN == 128 && THREADS == 256 && (CH == 8 || CH == 16) && KPAD % RP == 0,
+                "two warpgroups of 64 rows, rows of one or two 128-byte halves, whole passes of rows");
   static_assert(S * C::WG_STAGE_BYTES + C::WG_ALIGN <= kMaxSmemSm80, "the stages fit sm_80's (the emulator's) limit");
-  constexpr uint32_t X_HALF = C::BN * 128, W_HALF = KPAD * 128;  // a column half of each tile
+  constexpr uint32_t X_HALF = BN * 128, W_HALF = KPAD * 128;  // a column half of each tile
   constexpr size_t X_STAGE = (CH / 8) * X_HALF, STAGE = C::WG_STAGE_BYTES;
   static_assert(STAGE % C::WG_ALIGN == 0 && X_HALF % C::WG_ALIGN == 0 && W_HALF % C::WG_ALIGN == 0,
                 "every tile half starts on the swizzle's 1024-byte pattern");
@@ -278,7 +284,7 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
     const int64_t col = (run.first + i) * C::WG_BD;
     const bool col_ok = col + chunk * 8 < d;  // d % 16 == 0: chunks are all in or all out
 #pragma unroll
-    for (int j = 0; j < C::BN / RP; ++j) {
+    for (int j = 0; j < BN / RP; ++j) {
       const bool ok = col_ok && RP * j < rows_left;
       cp_async16(stage + x_dst + 128 * RP * j, ok ? x_src + j * step + col : a, ok ? 16 : 0);
     }
@@ -286,8 +292,10 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
     for (int j = 0; j < KPAD / RP; ++j)
       cp_async16(stage + w_dst + 128 * RP * j, col_ok ? w_src + j * step + col : w_g, col_ok ? 16 : 0);
   };
-  // the sums of squares: thread tid takes chunks CH / 2 (tid / 64).. of row tid % 64
-  const int sq_row = tid % 64, sq_first = (CH / 2) * (tid / 64);
+  // the sums of squares: thread tid takes chunks CH / 2 (tid / BN).. of row tid % BN
+  const int sq_row = tid % BN, sq_first = (CH / 2) * (tid / BN);
+  // this warpgroup's 64 rows of each x half
+  const uint32_t x_rows = 64 * 128 * (tid / 128);
   float sq = 0.0f;
   // each tile's wgmma group stays in flight until the next tile's is issued (as Triton's
   // loop), its buffers refilled after that: two tiles' copies in flight meanwhile
@@ -298,7 +306,7 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < CH / 2; ++ks) {  // k steps of 16: four 32-byte steps along a half's rows, then the next half
-      const uint32_t at = (ks / 4) * X_HALF + 32 * (ks % 4), bt = (ks / 4) * W_HALF + 32 * (ks % 4);
+      const uint32_t at = (ks / 4) * X_HALF + x_rows + 32 * (ks % 4), bt = (ks / 4) * W_HALF + 32 * (ks % 4);
       wgmma<DT, KPAD>(acc, wgmma_desc(xt + at, 16, SBO, kSwizzle128), wgmma_desc(wt + bt, 16, SBO, kSwizzle128));
     }
     wgmma_commit();
@@ -320,14 +328,14 @@ __device__ __forceinline__ void project_loop_wgmma(const typename Operand<DT>::T
   wgmma_wait<0>();  // the last group: acc final, then for every warp the shared memory free
   __syncthreads();
   if (want_sumsq) {  // rows' totals: two threads per row, through shared memory
-    float* part = reinterpret_cast<float*>(smem);  // [2][64]
+    float* part = reinterpret_cast<float*>(smem);  // [2][BN]
     part[tid] = sq;
     __syncthreads();
-    const int lane = tid & 31, wm = tid >> 5, g = lane >> 2, t = lane & 3;
+    const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = 16 * wm + g + 8 * h;
-      sumsq[h] = t == 0 ? part[r] + part[64 + r] : 0.0f;
+      const int r = 16 * warp + g + 8 * h;
+      sumsq[h] = t == 0 ? part[r] + part[BN + r] : 0.0f;
     }
     __syncthreads();  // the caller's epilogue reuses the shared memory
   }

@@ -43,20 +43,20 @@ __device__ __forceinline__ void store_header(const int32_t (&words)[4], uint8_t*
   if (tid < (16 - code_bytes % 16) % 16) codes[code_bytes + tid] = 0;
 }
 
-// The rows of block row0 from their projection (zs: fp32 [BN][ZLD], the raw acc, overwritten
-// with z) and sums of squares (row_sq, [BN]; replaced by r = 1/rms with the norm):
-// z = r * acc + a[:, :k], the row statistics if asked, then quantize + pack through the
-// shared codec functions; the first block also writes the payload header.
-template <int DT, int KPAD>
+// The BN rows of block row0 (THREADS threads) from their projection (zs: fp32 [BN][ZLD], the
+// raw acc, overwritten with z) and sums of squares (row_sq, [BN]; replaced by r = 1/rms with
+// the norm): z = r * acc + a[:, :k], the row statistics if asked, then quantize + pack
+// through the shared codec functions; the first block also writes the payload header.
+template <int DT, int KPAD, int BN = RowCfg<DT, KPAD>::BN, int THREADS = kThreads>
 __device__ void finish_rows(const PQArgs& p, float* zs, float* row_sq, int64_t row0) {
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
   const T* a = static_cast<const T*>(p.a);
   const int tid = threadIdx.x;
-  if (p.norm && tid < C::BN) row_sq[tid] = inv_rms(row_sq[tid], p.d, p.eps);
+  if (p.norm && tid < BN) row_sq[tid] = inv_rms(row_sq[tid], p.d, p.eps);
   __syncthreads();
   // z = r * acc + a[:, :k] (a's bits loaded eight elements at a time)
-  for_block_elements<C::BN, KPAD>(
+  for_block_elements<BN, KPAD, THREADS>(
       [](int c) { return c; },
       [&](int r, int c) { return row0 + r < p.n && c < p.k ? load_bits(a, (row0 + r) * p.d + c, DT) : 0u; },
       [&](int r, int c, uint32_t a_bits) {
@@ -74,21 +74,26 @@ __device__ void finish_rows(const PQArgs& p, float* zs, float* row_sq, int64_t r
         zs[r * C::ZLD + c] = z;
       });
   __syncthreads();
-  quantize_rows(zs, C::ZLD, C::BN, row0, p.n, p.k, p.bits, p.group, p.scale_dtype, p.stochastic,
-                p.key, p.codes, p.scales);
+  quantize_rows<THREADS / 32>(zs, C::ZLD, BN, row0, p.n, p.k, p.bits, p.group, p.scale_dtype, p.stochastic,
+                              p.key, p.codes, p.scales);
   if (p.write_header && row0 == 0) store_header(p.header, p.codes, p.n * p.k * p.bits / 8);
 }
 
-// WG: the projection on wgmma (project_loop_wgmma), else on mma.sync. With grid.y > 1 each
-// block projects its run of d only and writes that as partials for finish_rows_kernel.
+// WG: the projection on wgmma (project_loop_wgmma: 256 threads, 128 rows), else on mma.sync.
+// With grid.y > 1 each block projects its run of d only and writes that as partials for
+// finish_rows_kernel.
 template <int DT, int KPAD, bool WG>
-__global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQArgs p) {
+__global__ void __launch_bounds__(WG ? RowCfg<DT, KPAD>::WG_THREADS : kThreads, 1)
+    project_quantize_kernel(const PQArgs p) {
   using C = RowCfg<DT, KPAD>;
   using T = typename C::T;
+  constexpr int BN = WG ? C::WG_BN : C::BN, THREADS = WG ? C::WG_THREADS : kThreads;
   RESBM_DYNAMIC_SMEM(smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp % C::WM, wn = warp / C::WM, g = lane >> 2, t = lane & 3;
-  const int64_t row0 = int64_t(blockIdx.x) * C::BN;
+  // this warp's accumulators: rows acc_row + g (+ 8), columns acc_col + 8 j + 2 t (+ 1)
+  const int acc_row = WG ? 16 * warp : 16 * wm, acc_col = WG ? 0 : wn * C::WC;
+  const int64_t row0 = int64_t(blockIdx.x) * BN;
   using E = typename C::E;
   const T* a = static_cast<const T*>(p.a);
   const bool norm = p.norm != 0;
@@ -110,13 +115,13 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
   // this block's partials (every block writes its rows' partials, an empty run zeros)
   const bool split = gridDim.y > 1;
   float* zs = reinterpret_cast<float*>(smem);  // [BN][ZLD]
-  float* row_sq = zs + C::BN * C::ZLD;         // [BN]
+  float* row_sq = zs + BN * C::ZLD;            // [BN]
   float* part = split ? p.partial + int64_t(blockIdx.y) * p.n * (p.k + 1) : nullptr;
 #pragma unroll
   for (int j = 0; j < C::NT; ++j) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = wm * 16 + g + 8 * h, col = wn * C::WC + j * 8 + 2 * t;
+      const int r = acc_row + g + 8 * h, col = acc_col + j * 8 + 2 * t;
       const int64_t grow = row0 + r;
       if (!split) {
         *reinterpret_cast<float2*>(zs + r * C::ZLD + col) = make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
@@ -129,8 +134,8 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float ssum = quad_sum(sumsq[h]);  // (every lane: a warp collective)
-    const int r = wm * 16 + g + 8 * h;
-    if (wn == 0 && t == 0) {
+    const int r = acc_row + g + 8 * h;
+    if (acc_col == 0 && t == 0) {
       if (!split) {
         row_sq[r] = ssum;
       } else if (row0 + r < p.n) {
@@ -140,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1) project_quantize_kernel(const PQA
   }
   if (split) return;
   __syncthreads();
-  finish_rows<DT, KPAD>(p, zs, row_sq, row0);
+  finish_rows<DT, KPAD, BN, THREADS>(p, zs, row_sq, row0);
 }
 
 // The second kernel of a d-split project_quantize: each block sums its rows' partials in
