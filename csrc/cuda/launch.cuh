@@ -62,6 +62,12 @@ int prepare(const char* fn, const char* kernel, const void* func, size_t smem) {
   return RESBM_OK;
 }
 
+// "kernel<dtype,KPAD>", ",wgmma" added for a wgmma variant: the name a launch error reports.
+template <int DT, int KPAD>
+void kernel_name(char (&name)[80], const char* kernel, bool wg = false) {
+  std::snprintf(name, sizeof name, "%s<%s,%d%s>", kernel, Operand<DT>::name(), KPAD, wg ? ",wgmma" : "");
+}
+
 template <int DT>
 int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
   char name[80];
@@ -106,8 +112,7 @@ template <int DT, int KPAD, bool WG>
 int launch_pq_kernel(const char* fn, const PQArgs& p, cudaStream_t stream) {
   using C = RowCfg<DT, KPAD>;
   char name[80];
-  std::snprintf(name, sizeof name, "project_quantize_kernel<%s,%d%s>", Operand<DT>::name(), KPAD,
-                WG ? ",wgmma" : "");
+  kernel_name<DT, KPAD>(name, "project_quantize_kernel", WG);
   const void* func = reinterpret_cast<const void*>(&project_quantize_kernel<DT, KPAD, WG>);
   constexpr size_t smem = WG ? C::WG_SMEM : C::PQ_SMEM;
   constexpr int bn = WG ? C::WG_BN : C::BN, threads = WG ? C::WG_THREADS : kThreads;
@@ -116,7 +121,7 @@ int launch_pq_kernel(const char* fn, const PQArgs& p, cudaStream_t stream) {
          smem, stream, p);
   RESBM_TRY(launch_status(fn, name));
   if (p.splits == 1) return RESBM_OK;
-  std::snprintf(name, sizeof name, "finish_rows_kernel<%s,%d>", Operand<DT>::name(), KPAD);
+  kernel_name<DT, KPAD>(name, "finish_rows_kernel");
   launch(finish_rows_kernel<DT, KPAD>, unsigned((p.n + C::BN - 1) / C::BN), kThreads, C::FINISH_BYTES, stream, p);
   return launch_status(fn, name);
 }
@@ -234,8 +239,7 @@ template <int DT, int KPAD, bool WG>
 int launch_dq_kernel(const char* fn, const DQArgs& p, cudaStream_t stream) {
   using C = RowCfg<DT, KPAD>;
   char name[80];
-  std::snprintf(name, sizeof name, "dequant_project_kernel<%s,%d%s>", Operand<DT>::name(), KPAD,
-                WG ? ",wgmma" : "");
+  kernel_name<DT, KPAD>(name, "dequant_project_kernel", WG);
   const void* func = reinterpret_cast<const void*>(&dequant_project_kernel<DT, KPAD, WG>);
   DQArgs args = p;
   args.prefetch = on_unless_zero("RESBM_CUDA_PREFETCH");
@@ -269,7 +273,7 @@ template <int DT, int KPAD, bool WG>
 int launch_wg_kernel(const char* fn, const WGArgs& p, int splits, cudaStream_t stream) {
   using C = WgCfg<DT, KPAD>;
   char name[80];
-  std::snprintf(name, sizeof name, "weight_grad_kernel<%s,%d%s>", Operand<DT>::name(), KPAD, WG ? ",wgmma" : "");
+  kernel_name<DT, KPAD>(name, "weight_grad_kernel", WG);
   const void* func = reinterpret_cast<const void*>(&weight_grad_kernel<DT, KPAD, WG>);
   RESBM_TRY(prepare(fn, name, func, C::SMEM));
   const dim3 grid(unsigned((p.d + C::BDW - 1) / C::BDW), unsigned(splits));
@@ -280,7 +284,7 @@ int launch_wg_kernel(const char* fn, const WGArgs& p, int splits, cudaStream_t s
 template <int DT, int KPAD>
 int launch_wg(const char* fn, const WOArgs& op, const WGArgs& p, int splits, cudaStream_t stream) {
   char name[80];
-  std::snprintf(name, sizeof name, "weight_operand_kernel<%s,%d>", Operand<DT>::name(), KPAD);
+  kernel_name<DT, KPAD>(name, "weight_operand_kernel");
   using O = WoCfg<DT, KPAD>;
   const int64_t op_blocks = (op.npad + O::BN - 1) / O::BN;
   launch(weight_operand_kernel<DT, KPAD>, unsigned(op_blocks > 0 ? op_blocks : 1), kThreads, O::SMEM, stream, op);
