@@ -872,44 +872,50 @@ def test_encode_forward_long_rows_every_config(monkeypatch, k):
 @pytest.mark.parametrize("k", (32, 128))
 def test_dequant_project_every_config(monkeypatch, k):
     """Decode forward with a residual and encode backward's grad_x through RMSNorm
-    (x or the residual copied ahead in the loop) over long rows, each launchable
-    dequant_project config with D_SPLIT forced in turn (else only autotuning runs
-    them on a GPU), and its unsplit twin: each matches the reference, and the
-    split configs give the very bits of their twin."""
+    (x or the residual copied ahead in the loop) over long rows, each config with
+    D_SPLIT launchable for the pass (grad_x's tiles also hold x: fewer fit) forced
+    in turn (else only autotuning runs them on a GPU), and its unsplit twin (the
+    same config with D_SPLIT=1): each matches the reference, and the split gives
+    the very bits of its twin."""
     check_dequant_project_every_config(monkeypatch, *_long_rows(k, n=2048))
 
 
 def check_dequant_project_every_config(monkeypatch, x, w_e, gamma, stats):
     """test_dequant_project_every_config on these inputs."""
+    import triton
+
     n, k = x.shape[0], w_e.shape[0]
     bf16 = torch.bfloat16
     payload = ref.write_payload(torch.randn(n, k, generator=torch.Generator().manual_seed(k)), Codec(bits=8), 0)
     grad_payload = ref.write_payload(torch.randn(n, k, generator=torch.Generator().manual_seed(k + 1)),
                                      GRAD_CODEC, 1)
     payload, grad_payload, w_d = payload.to(x.device), grad_payload.to(x.device), w_e.t().contiguous()
-    with use_backend("reference"):
-        want_h = ops.decode(payload, w_d, Codec(bits=8), n, residual=x)
-        want_gx = ops.encode_backward(grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma)[0]
+    passes = {  # name: (the pass on the current backend, has_norm, tolerance)
+        "decode forward": (lambda: ops.decode(payload, w_d, Codec(bits=8), n, residual=x), False, tol(bf16)),
+        "grad_x": (lambda: ops.encode_backward(grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma,
+                                               row_stats=stats)[0], True, 4 * tol(bf16)),
+    }
     kernel = tb.KERNELS["dequant_project"]
     limit = tb.configs.smem_limit(x.device) if x.is_cuda else tb.configs.SMEM_FALLBACK
     configs = tb.configs.gpu_configs(tb.configs.GPU_DEQUANT)
-    launchable = tb.configs.launchable(configs, tb._block_k(k), 2, limit, "dequant", has_norm=True)
+    for name, (run_pass, has_norm, tolerance) in passes.items():
+        with use_backend("reference"):
+            want = run_pass()
 
-    def unsplit(c):
-        return c.kwargs["BLOCK_N"], c.kwargs["BLOCK_D"], c.num_warps, c.num_stages
-    split = {unsplit(c) for c in launchable if c.kwargs.get("D_SPLIT", 1) > 1}
-    by_blocks = {}  # the outputs of each config that has a split twin, by its config unsplit
-    for config in (c for c in launchable if unsplit(c) in split):
-        monkeypatch.setattr(kernel, "configs", [config])
-        with use_backend("triton"):
-            h = ops.decode(payload, w_d, Codec(bits=8), n, residual=x)
-            gx = ops.encode_backward(grad_payload, x, w_e, GRAD_CODEC, norm_weight=gamma, row_stats=stats)[0]
-        assert rel_err(h, want_h) <= tol(bf16), f"{config}: decode forward"
-        assert rel_err(gx, want_gx) <= 4 * tol(bf16), f"{config}: grad_x"
-        by_blocks.setdefault(unsplit(config), []).append((h, gx))
-    assert by_blocks and all(len(outputs) > 1 for outputs in by_blocks.values()), f"unsplit twins missing: {split}"
-    for blocks, outputs in by_blocks.items():
-        assert all(torch.equal(a, b) for out in outputs[1:] for a, b in zip(outputs[0], out)), blocks
+        def run(config):
+            monkeypatch.setattr(kernel, "configs", [config])
+            with use_backend("triton"):
+                got = run_pass()
+            assert rel_err(got, want) <= tolerance, f"{config}: {name}"
+            return got
+
+        launchable = tb.configs.launchable(configs, tb._block_k(k), 2, limit, "dequant", has_norm=has_norm)
+        split = [c for c in launchable if c.kwargs.get("D_SPLIT", 1) > 1]
+        assert split, f"{name}: no launchable config with D_SPLIT"
+        for config in split:
+            twin = triton.Config({**config.kwargs, "D_SPLIT": 1}, num_warps=config.num_warps,
+                                 num_stages=config.num_stages, maxnreg=config.maxnreg)
+            assert torch.equal(run(config), run(twin)), f"{config}: {name}, split and unsplit differ"
 
 
 @needs_gpu

@@ -287,11 +287,17 @@ def _worker(arch: int):
         has_norm = case["constexprs"].get("HAS_NORM", False)
         writes_z = bool(case["constexprs"].get("ZBITS", 0))
         fused = configs.operand_bytes(dtype, dequant=True) if case["constexprs"].get("FUSED_WGRAD") else 0
+        compiled_tiles = set()
         for cfg in configs.launchable(autotuner.configs, block_k, elem, SMEM_LIMIT[arch], kind, has_norm, writes_z,
                                       arch, fused):
-            if cfg.kwargs.get("D_SPLIT", 1) > 1:
-                continue  # dequant_project's code for it is the d-split case's (its SPLIT_D path)
-            constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **cfg.kwargs)
+            # a dequant_project config with D_SPLIT > 1 runs the d-split case's code (its SPLIT_D path):
+            # each tile, warps and stages compiled once, unsplit, here and in the d-split cases
+            tile = {name: v for name, v in cfg.kwargs.items() if name != "D_SPLIT"}
+            key = (*tile.values(), cfg.num_warps, cfg.num_stages, cfg.maxnreg)
+            if key in compiled_tiles:
+                continue
+            compiled_tiles.add(key)
+            constexprs = dict(case["constexprs"], UPCAST=False, PRECISION="tf32x3", BLOCK_K=block_k, **tile)
             constexprs.update({name: 1 for name in case["ones"]})
             if "EVEN_D" in fn.arg_names:
                 constexprs["EVEN_D"] = True  # d a multiple of BLOCK_D, as at every benchmarked shape
@@ -412,9 +418,12 @@ def test_shared_memory_fits(report):
 # fp32 activations run the GEMMs as 3xTF32, which splits the operands in registers: the weight
 # gradient spills in one config on sm_80 from k=64 (3 instructions), and at k >= 128 more fp32
 # backward kernels do (not listed), as does decode forward's fallback at k=256 (about 240
-# instructions: the one config whose shared memory fits there). Correct (tested against the
-# reference), slower; bf16 and fp16 are the fast paths.
+# instructions: the one config whose shared memory fits there), and on sm_80 grad_x through
+# RMSNorm at k=64 in 64x64 4-warp tiles, whose two-stage config (for 16-bit operands on sm_90:
+# four programs an SM) is the one of them whose shared memory fits an A100 (183 instructions).
+# Correct (tested against the reference), slower; bf16 and fp16 are the fast paths.
 SPILLS_ALLOWED = {"grad W_e fp32 k=64", "decode fwd fp32 int8/row k=256, d split"}
+SPILLS_ALLOWED_CONFIGS = {("encode bwd grad_x fp32 int8/row norm+stats k=64", 80, "N64 D64 K64 w4 s2")}
 # Triton 3.6 (the lent GPU machines' version, with torch 2.11) also spills a 16-bit config on sm_80
 # that 3.8 compiles clean (2026-11-27): a weight gradient's 64x32 tiles (3 instructions; until the
 # payload tiles were loaded whole, also decode forward's 64x128 4-warp tiles with a d split).
@@ -425,9 +434,10 @@ SPILLS_ALLOWED_BY_TRITON = {
 
 
 def _allowed_here() -> set:
+    """The (case, arch, config) allowed to spill with this Triton."""
     import triton
 
-    return SPILLS_ALLOWED_BY_TRITON.get(".".join(triton.__version__.split(".")[:2]), set())
+    return SPILLS_ALLOWED_CONFIGS | SPILLS_ALLOWED_BY_TRITON.get(".".join(triton.__version__.split(".")[:2]), set())
 
 
 def test_no_spills(report):

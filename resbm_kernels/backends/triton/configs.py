@@ -215,10 +215,15 @@ GPU_PROJECT_QUANTIZE = (GPU_PROJECT[:1] + ((64, 64, 8, 4, 128),) + GPU_PROJECT[1
 # k <= 64, slower at k=128, H100 2026-11-27; two: no faster), so the autotuner decides, among
 # the configs it chose most on the H200 (64x64: w8 for grad_x, w4 for decode forward at k=128);
 # few, as each is another compile per tuned shape. 128x64 w16 (not yet timed, session 29): the weight
-# tiles read from L2 once per 128 rows, as in project_quantize's set.
+# tiles read from L2 once per 128 rows, as in project_quantize's set. 64x64 w4 in two splits (not yet
+# timed, session 30), four stages for k <= 64 and two for k=128 (57 KB): 512 programs, four an SM (the
+# registers; at k=128 the shared memory), one wave on 132 SMs where the other splits take 1.3-1.5 and
+# the unsplit grid holds two an SM (ncu, H200 2026-11-28: decode forward 7.7 warps an SM). Triton
+# waits for each tile's wgmma before the epilogue that reads it, so a program never overlaps its own
+# tensor-core work with its stores: only the SM's other programs can.
 GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3),
                (64, 64, 8, 4, {"D_SPLIT": 2}), (64, 64, 8, 4, {"D_SPLIT": 3}), (64, 64, 4, 4, {"D_SPLIT": 3}),
-               (128, 64, 16, 3), (32, 32, 4, 2))
+               (64, 64, 4, 4, {"D_SPLIT": 2}), (64, 64, 4, 2, {"D_SPLIT": 2}), (128, 64, 16, 3), (32, 32, 4, 2))
 # weight_grad (decode backward's, swept; encode backward's too): 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
 # (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
 # the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
