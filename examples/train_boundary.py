@@ -12,6 +12,7 @@ going down, the bytes that would cross the wire and the compression ratio.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -54,13 +55,13 @@ def main(argv=None) -> None:
 
     print(model.boundaries[0])
     before, start = val_loss(), time.perf_counter()
-    bar = tqdm(range(args.steps), desc="train", unit="step")
+    bar = tqdm(range(args.steps), desc="train", unit="step", mininterval=0.1 if sys.stderr.isatty() else 10.0)
     for step in bar:
         loss = loss_on(*batch(train, step, args.batch, args.seq, args.seed))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     elapsed = time.perf_counter() - start
 
     tokens = args.batch * args.seq

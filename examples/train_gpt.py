@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -131,7 +132,8 @@ def main(argv=None) -> None:
         checkpoint.load_latest(args.checkpoint_dir, stage, opt)
     data = load_corpus("train") if stage.is_first or stage.is_last else None
 
-    bar = tqdm(total=args.steps, initial=stage.steps_done, unit="step", disable=not stage.is_last, desc="train")
+    bar = tqdm(total=args.steps, initial=stage.steps_done, unit="step", disable=not stage.is_last, desc="train",
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)  # (a log gets a line every 10 s)
     first_loss = loss = None
     sent = blocked = 0.0
     start, start_step = time.perf_counter(), stage.steps_done
@@ -146,7 +148,7 @@ def main(argv=None) -> None:
             first_loss = result.loss if first_loss is None else first_loss
             loss = result.loss
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", overlap=f"{result.comm.overlap:.2f}")
+            bar.set_postfix(loss=f"{loss:.3f}", overlap=f"{result.comm.overlap:.2f}", refresh=False)
         if args.checkpoint_dir and stage.steps_done % args.checkpoint_every == 0:
             checkpoint.save(args.checkpoint_dir, stage, opt)
     bar.close()

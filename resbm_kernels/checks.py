@@ -85,17 +85,28 @@ def decoder_weight(w_d, codec: Codec) -> None:
 
 def payload(p, codec: Codec, n: int, k: int, device, *, read_header: bool = True) -> None:
     """A 1-D uint8 payload of exactly the size ``codec`` gives for n x k; on
-    the CPU its header is checked too (on a GPU that would cost a device
-    sync per call, so receivers of peer data check it once per message)."""
+    the CPU its header is checked too, first, so that a payload made with
+    another codec or shape is named by the field that differs (on a GPU that
+    would cost a device sync per call, so receivers of peer data check it once
+    per message)."""
     tensor("payload", p, ndim=1, dtypes=(torch.uint8,), device=device)
+    if read_header and p.device.type == "cpu" and not _is_fake(p):
+        check_header(p.numpy()[:HEADER_BYTES].tobytes(), codec, n, k)
     expected = codec.payload_bytes(n, k)
     if p.numel() != expected:
         what = "truncated" if p.numel() < expected else "too long"
         raise ValueError(
             f"payload: {p.numel()} bytes is {what}; codec {codec.spec} with {n} x {k} values needs {expected} bytes"
         )
-    if read_header and p.device.type == "cpu" and not _is_fake(p):
-        check_header(p.numpy()[:HEADER_BYTES].tobytes(), codec, n, k)
+
+
+def codes_fit(codes, bits: int) -> None:
+    """Integer codes that ``bits``-bit two's complement holds (reads the values)."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if codes.numel() and bits < 8:
+        least, most = (int(v) for v in codes.aminmax())
+        if least < lo or most > hi:
+            raise ValueError(f"codes: values from {least} to {most} do not fit {bits} bits ({lo} to {hi})")
 
 
 def _is_fake(t: torch.Tensor) -> bool:

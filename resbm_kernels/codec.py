@@ -112,7 +112,8 @@ class Codec:
         """The effective group size for k channels (validated)."""
         g = k if self.group_size is None else self.group_size
         if self.quantized and k % g:
-            raise ValueError(f"Codec: group_size={g} does not divide k={k}")
+            raise ValueError(f"Codec: group_size={g} does not divide k={k} (choose a group that does, or "
+                             f"group_size=None for one scale per row: {dataclasses.replace(self, group_size=None).spec!r})")
         if (k * self.bits) % 8:
             raise ValueError(f"Codec: k={k} x bits={self.bits} is not a whole number of bytes per row")
         return g
@@ -250,16 +251,32 @@ def check_header(raw: bytes, codec: Codec, n: int | None, k: int) -> int:
     if n is not None and raw[:HEADER_BYTES] == header_bytes(codec, n, k):
         return n  # (the usual case, decided without parsing: every op call on CPU tensors checks)
     h = parse_header(raw)
-    expected = header_bytes(codec, h.n if n is None else n, k)
-    want = parse_header(expected)
-    for field in ("bits", "scale_code", "group", "k", "n"):
-        got, exp = getattr(h, field), getattr(want, field)
-        if got != exp:
+    want = parse_header(header_bytes(codec, h.n if n is None else n, k))
+    for field in ("bits", "scale_code", "k", "group", "n"):
+        if getattr(h, field) != getattr(want, field):
+            name, got, exp = field, getattr(h, field), getattr(want, field)
+            if field == "scale_code":  # (0: no scales, bits=16)
+                name, got, exp = "scale_dtype", _SCALE_BY_CODE.get(got, got), _SCALE_BY_CODE.get(exp, exp)
             raise ValueError(
-                f"wire: payload {field}={got} but the reader expects {field}={exp} "
-                f"(payload made with another codec or shape; reader codec {codec.spec}, k={k})"
+                f"wire: payload {name}={got} but the reader expects {name}={exp} "
+                f"(the payload holds {_header_spec(h)} for {h.n} x {h.k} values; "
+                f"the reader, codec {codec.spec} for {'any' if n is None else n} x {k})"
             )
     return h.n
+
+
+_SCALE_BY_CODE = {0: "none", **{code: SCALE_NAMES[dtype] for dtype, code in SCALE_DTYPES.items()}}
+
+
+def _header_spec(h: Header) -> str:
+    """The codec a header describes, as a spec without its rounding (not on the wire)."""
+    by_code = {code: dtype for dtype, code in SCALE_DTYPES.items()}
+    try:
+        codec = Codec(bits=h.bits, group_size=None if h.group == h.k else h.group,
+                      scale_dtype=by_code.get(h.scale_code, torch.bfloat16))
+    except ValueError:  # not a codec this library writes
+        return f"bits={h.bits}, scale code {h.scale_code}, group {h.group}"
+    return codec.spec if h.bits == 16 else codec.spec.rsplit("/", 1)[0]
 
 
 # ---- payload layout (shared by every backend) ------------------------------------

@@ -58,6 +58,8 @@ def _(codes, scales, codec, dtype):
 @torch.library.custom_op("resbm::pack", mutates_args=())
 def _pack(codes: Tensor, bits: int) -> Tensor:
     _check_pack(codes, bits)
+    if codes.device.type == "cpu":  # (on a GPU the range check would wait for the device)
+        checks.codes_fit(codes, bits)
     return reference.pack(codes, bits)
 
 
@@ -495,7 +497,10 @@ def dequantize(codes: Tensor, scales: Tensor, codec: Codec, dtype: torch.dtype =
 
 
 def pack(codes: Tensor, bits: int) -> Tensor:
-    """int8 codes (N, k) in range for ``bits`` -> uint8 (N, k*bits/8)."""
+    """int8 codes (N, k) in range for ``bits`` -> uint8 (N, k*bits/8).
+
+    Codes outside [-2^(bits-1), 2^(bits-1) - 1] raise on the CPU; on a GPU they
+    are not checked (that would wait for the device) and keep their low bits."""
     return _pack(codes, bits)
 
 

@@ -125,6 +125,14 @@ def test_a_named_backend_is_used_or_raises(world):
         chosen()
 
 
+def test_triton_on_cpu_without_the_interpreter_names_the_switch(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with use_backend("triton"), pytest.raises(RuntimeError, match=r"'triton' does not support device cpu "
+                                                                   r"\(on the CPU it runs with TRITON_INTERPRET=1"):
+        ops.encode(torch.randn(8, 64), torch.randn(16, 64), Codec())
+
+
 def test_ops_pass_the_case_to_select(monkeypatch):
     """The public ops describe the pass to select: name, widths, dtypes, codecs."""
     seen = []

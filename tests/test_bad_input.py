@@ -112,8 +112,17 @@ def test_truncated_payload(tensors, payload):
 
 
 def test_payload_with_wrong_row_count(tensors, payload):
-    with pytest.raises(ValueError, match="is too long"):
+    with pytest.raises(ValueError, match="n=8 but the reader expects n=7"):  # (the header, read first on the CPU)
         ops.decode(payload, tensors[2], INT8, N - 1)
+
+
+def test_payload_of_the_wrong_size(tensors, payload):
+    """A payload whose header is right but whose bytes are cut short or run on."""
+    with pytest.raises(ValueError, match=r"payload: 287 bytes is truncated; codec int8/row/bf16/nearest with 8 x 32 "
+                                         r"values needs 288 bytes"):
+        ops.decode(payload[:-1], tensors[2], INT8, N)
+    with pytest.raises(ValueError, match="289 bytes is too long"):
+        ops.decode(torch.cat([payload, payload[:1]]), tensors[2], INT8, N)
 
 
 def test_corrupted_header(tensors, payload):
@@ -128,14 +137,19 @@ def test_corrupted_header(tensors, payload):
 
 
 def test_payload_from_another_codec(tensors):
-    """Same byte count, different codec: the header catches it."""
+    """A payload made with another codec or shape (same byte count or not): the
+    header, checked before the size, names the differing field and both codecs."""
     x, w_e, w_d = tensors
     p16 = ops.encode(x, w_e, Codec(bits=8, scale_dtype=torch.float16))
-    with pytest.raises(ValueError, match="scale_code=2 but the reader expects scale_code=3"):
+    with pytest.raises(ValueError, match=r"scale_dtype=fp16 but the reader expects scale_dtype=bf16 "
+                                         r"\(the payload holds int8/row/fp16 for 8 x 32 values"):
         ops.decode(p16, w_d, INT8, N)
-    p4 = ops.encode(x, w_e, Codec(bits=4, group_size=16))
-    with pytest.raises(ValueError, match="needs .* bytes|bits=4 but the reader expects bits=8"):
+    p4 = ops.encode(x, w_e, Codec(bits=4, group_size=8))
+    with pytest.raises(ValueError, match=r"bits=4 but the reader expects bits=8 \(the payload holds int4/g8/bf16 "
+                                         r"for 8 x 32 values; the reader, codec int8/row/bf16/nearest for 8 x 32\)"):
         ops.decode(p4, w_d, INT8, N)
+    with pytest.raises(ValueError, match="k=32 but the reader expects k=16"):
+        ops.decode(p4, w_d[:, :16].contiguous(), Codec(bits=4, group_size=8), N)
 
 
 def test_payload_dtype_and_rank(tensors, payload):
@@ -157,8 +171,18 @@ def test_backward_ops_check_payloads(tensors, payload):
     x, w_e, w_d = tensors
     with pytest.raises(ValueError, match=r"grad_h: expected shape \(8, 64\)"):
         ops.decode_backward(randn(N, 32), payload, w_d, INT8, GRAD_INT8)
-    with pytest.raises(ValueError, match="bits=8 but the reader expects bits=4|needs"):
+    with pytest.raises(ValueError, match="bits=8 but the reader expects bits=4"):
         ops.encode_backward(payload, x, w_e, Codec(bits=4, group_size=32))
+
+
+@pytest.mark.parametrize("bits, bad", [(2, 2), (2, -3), (4, 8), (4, -9)])
+def test_pack_codes_out_of_range(bits, bad):
+    codes = torch.zeros(2, 16, dtype=torch.int8)
+    codes[1, 5] = bad
+    with pytest.raises(ValueError, match=f"codes: values from {min(bad, 0)} to {max(bad, 0)} do not fit {bits} bits"):
+        ops.pack(codes, bits)
+    codes[1, 5] = bad - 1 if bad > 0 else bad + 1  # the edge of the range packs and comes back
+    assert torch.equal(ops.unpack(ops.pack(codes, bits), bits, 16), codes)
 
 
 def test_unpack_shape_mismatch():

@@ -88,7 +88,7 @@ def test_header_fields():
 
 def test_header_mismatch_names_the_field():
     raw = header_bytes(Codec(bits=8, scale_dtype=torch.float16), 4, 32)
-    with pytest.raises(ValueError, match="scale_code=2 but the reader expects scale_code=3"):
+    with pytest.raises(ValueError, match="scale_dtype=fp16 but the reader expects scale_dtype=bf16"):
         check_header(raw, INT8, 4, 32)
     with pytest.raises(ValueError, match="n=4 but the reader expects n=5"):
         check_header(raw, Codec(bits=8, scale_dtype=torch.float16), 5, 32)

@@ -557,7 +557,8 @@ def test_supports_cuda_and_the_emulator(monkeypatch):
 def test_named_backend_on_cpu_raises(monkeypatch):
     monkeypatch.delenv("RESBM_CUDA_EMULATE", raising=False)
     x, w_e = torch.randn(8, 64), torch.randn(16, 64)
-    with use_backend("cuda"), pytest.raises(RuntimeError, match="does not support device cpu"):
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="does not support device cpu "
+                                                                 r"\(on the CPU it runs with RESBM_CUDA_EMULATE=1"):
         ops.encode(x, w_e, Codec())
 
 

@@ -99,7 +99,8 @@ def _available(name: str, device):
     if module is None:
         return None, f"is not available: {why}"
     if not module.supports(device):
-        return None, f"does not support device {device}"
+        switch = getattr(module, "CPU_SWITCH", None) if getattr(device, "type", device) == "cpu" else None
+        return None, f"does not support device {device}" + (f" (on the CPU it runs with {switch})" if switch else "")
     return module, None
 
 

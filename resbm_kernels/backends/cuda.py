@@ -75,6 +75,9 @@ MAX_K = 256
 FP16_SPLIT_PASSES = ("decode_forward", "decode_backward", "encode_backward")
 
 
+CPU_SWITCH = "RESBM_CUDA_EMULATE=1 and libresbm_cuda_emu, the CPU emulator: slow"  # (named in backends.select's error)
+
+
 def supports(device) -> bool:
     """CUDA devices, when libresbm_cuda loads and a GPU is present; the CPU only
     with ``RESBM_CUDA_EMULATE=1`` and libresbm_cuda_emu."""

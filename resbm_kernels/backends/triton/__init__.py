@@ -77,6 +77,9 @@ FINISH_SMEM = 64 * 1024  # most shared memory a finishing kernel's copies ahead 
 _KINDS = {torch.float32: int(KIND_F32), torch.float16: int(KIND_F16), torch.bfloat16: int(KIND_BF16)}
 
 
+CPU_SWITCH = "TRITON_INTERPRET=1, the Triton interpreter: slow"  # (named in backends.select's error)
+
+
 def supports(device) -> bool:
     """CUDA devices; the CPU only under the Triton interpreter."""
     kind = torch.device(device).type
