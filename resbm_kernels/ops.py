@@ -10,7 +10,10 @@ dispatcher (see :func:`_run`); ``torch.ops.resbm.*`` always dispatches.
 
 Shapes: activations ``x`` are (N, d); ``w_e`` is the encoder weight (k, d)
 and ``w_d`` the decoder weight (d, k), as in ``nn.Linear``; payloads are 1-D
-uint8 in the wire format of :mod:`resbm_kernels.codec`.
+uint8 in the wire format of :mod:`resbm_kernels.codec`. Activations and
+weights are float32, float16 or bfloat16, one dtype per call; k divides d. The
+Triton and CUDA kernels need d and k multiples of 16 (``auto`` runs other
+shapes on the reference; a named backend raises).
 """
 
 from __future__ import annotations
@@ -529,7 +532,10 @@ def encode(x: Tensor, w_e: Tensor, codec: Codec, *, norm_weight: Optional[Tensor
 
 def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Optional[Tensor] = None,
            out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Decode forward: payload -> h = zhat W_d^T + pad_d(zhat) (+ residual), (n, d)."""
+    """Decode forward: payload -> h = zhat W_d^T + pad_d(zhat) (+ residual), (n, d).
+
+    ``n``: the rows (tokens) the payload carries, as the sender encoded them;
+    ``out_dtype``: by default the residual's dtype, else w_d's."""
     out_dtype = out_dtype or (residual.dtype if residual is not None else w_d.dtype)
     return _run(_decode_forward, payload, w_d, residual, Codec.parse(codec).spec, n, out_dtype)
 

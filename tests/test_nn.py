@@ -96,3 +96,17 @@ def test_demo_example_runs():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "validation loss:" in res.stdout and "compression ratio: forward" in res.stdout
+
+
+def test_readme_first_snippet_runs():
+    """The README's opening example, as printed there: a boundary's forward and backward."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    scope = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    x, h = scope["x"], scope["h"]
+    assert h.shape == x.shape and torch.isfinite(h).all()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
