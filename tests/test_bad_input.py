@@ -97,6 +97,16 @@ def test_non_finite_activations(tensors, bad):
             ops.encode(x, w_e, codec)
 
 
+def test_non_finite_gradient_names_the_backward(tensors, payload):
+    """On the reference, a non-finite activation gradient raises naming the pass and the gradient codec."""
+    _, _, w_d = tensors
+    grad_h = randn(N, D)
+    grad_h[2, 7] = float("inf")
+    with pytest.raises(ValueError, match="decode backward, the gradient dL/dzhat into the gradient codec "
+                                         "int8/row/bf16/stochastic: quantize: input contains non-finite"):
+        ops.decode_backward(grad_h, payload, w_d, INT8, GRAD_INT8)
+
+
 def test_norm_weight_shape(tensors):
     x, w_e, _ = tensors
     with pytest.raises(ValueError, match=r"norm_weight: expected shape \(64,\)"):

@@ -210,7 +210,12 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     n, k = grad_h.shape[0], w_d.shape[1]
     zhat = read_payload(payload, codec, n, k, _compute_dtype(grad_h))
     g_z, grad_w_d = decode_backward_dense(grad_h, zhat, w_d)
-    return write_payload(g_z, grad_codec, seed, out), grad_w_d.to(w_d.dtype)
+    try:
+        grad_payload = write_payload(g_z, grad_codec, seed, out)
+    except ValueError as e:  # (quantize's own message does not say that this is the gradient)
+        raise ValueError(f"decode backward, the gradient dL/dzhat into the gradient codec {grad_codec.spec}: {e}") \
+            from None
+    return grad_payload, grad_w_d.to(w_d.dtype)
 
 
 def encode_backward_dense(g_z, x, w_e, norm_weight, eps):
