@@ -74,7 +74,7 @@ from resbm_kernels import ops  # noqa: E402
 from resbm_kernels.codec import BF16, GRAD_INT8, Codec  # noqa: E402
 from resbm_kernels.data import batch, load_corpus  # noqa: E402
 from resbm_kernels.models.gpt import GPTConfig, ResBMGPT, muon_param_groups  # noqa: E402
-from resbm_kernels.nn import ResBMBoundary  # noqa: E402
+from resbm_kernels.nn import CallSeeded, ResBMBoundary  # noqa: E402
 
 # ---- sizes ----------------------------------------------------------------------------
 
@@ -97,21 +97,7 @@ PAPER_RATIO = 128
 
 # ---- boundaries used only by the study (ablations) -----------------------------------
 
-class _Seeded(nn.Module):
-    """Stochastic-rounding seeds from (seed, call counter), as ResBMBoundary does;
-    the runner sets ``calls`` from the step so resumed runs draw the same seeds."""
-
-    def __init__(self, seed: int):
-        super().__init__()
-        self.seed, self.calls = seed, 0
-
-    def _seeds(self) -> tuple[int, int]:
-        self.calls += 1
-        base = (self.seed * 1_000_003 + self.calls) * 2
-        return base, base + 1
-
-
-class NoIdentityBoundary(_Seeded):
+class NoIdentityBoundary(CallSeeded):
     """ResBM without the identity path: h = D(wire(E(RMSNorm(x)))).
 
     Same encoder/decoder shapes and init as :class:`ResBMBoundary`, minus the
@@ -136,7 +122,7 @@ class NoIdentityBoundary(_Seeded):
         return self.codec.payload_bytes(tokens, self.k)
 
 
-class QuantOnlyBoundary(_Seeded):
+class QuantOnlyBoundary(CallSeeded):
     """No bottleneck: the full-width residual stream crosses the wire quantized."""
 
     def __init__(self, d: int, codec: Codec, grad_codec: Codec, seed: int = 0):

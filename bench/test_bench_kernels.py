@@ -48,7 +48,7 @@ import torch
 
 import benchlib
 from benchlib import REPLAY
-from resbm_kernels import ops
+from resbm_kernels import checks, ops
 from resbm_kernels.backends import _load, use_backend
 from resbm_kernels.backends import reference as R
 from resbm_kernels.codec import Codec
@@ -241,10 +241,9 @@ def design_bytes(case: KernelCase) -> int | None:
 
 
 def _triton_fused_wgrad() -> bool:
-    from resbm_kernels.backends import fast
     from resbm_kernels.backends.triton import FUSED_WGRAD_SWITCH
 
-    return fast.switch(FUSED_WGRAD_SWITCH)
+    return checks.switch(FUSED_WGRAD_SWITCH)
 
 
 def _call(case: KernelCase, compiled, w, s):

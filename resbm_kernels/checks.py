@@ -3,6 +3,8 @@ names the argument and the problem, so bad input never reaches a kernel."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .codec import HEADER_BYTES, Codec, check_header
@@ -40,12 +42,13 @@ def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def bottleneck(d: int, k: int, codec: Codec) -> None:
+def bottleneck(d: int, k: int, *codecs: Codec) -> None:
     """k must divide d (the identity path truncates/pads by whole channels),
-    and the codec must be able to pack k channels."""
+    and each codec must be able to pack k channels."""
     if k <= 0 or d % k:
         raise ValueError(f"bottleneck width k={k} must divide the model width d={d}")
-    codec.group(k)
+    for codec in codecs:
+        codec.group(k)
 
 
 def encoder_inputs(x, w_e, norm_weight, codec: Codec) -> None:
@@ -107,6 +110,16 @@ def codes_fit(codes, bits: int) -> None:
         least, most = (int(v) for v in codes.aminmax())
         if least < lo or most > hi:
             raise ValueError(f"codes: values from {least} to {most} do not fit {bits} bits ({lo} to {hi})")
+
+
+def switch(name: str, default: bool = False) -> bool:
+    """An on/off environment switch: "1" on, "0" off, unset or empty the
+    default; any other value raises ValueError naming it (a silent default
+    would hide a typo such as "true")."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, not {value!r}")
+    return default if value == "" else value == "1"
 
 
 def _is_fake(t: torch.Tensor) -> bool:

@@ -82,7 +82,7 @@ class Codec:
                 f"Codec: scale_dtype must be one of {list(SCALE_NAMES)}, got {self.scale_dtype}"
             )
         if self.group_size is not None:
-            if not isinstance(self.group_size, int) or self.group_size <= 0:
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size <= 0:
                 raise ValueError(f"Codec: group_size must be a positive int or None, got {self.group_size!r}")
             if self.bits != 16 and (self.group_size * self.bits) % 8:
                 raise ValueError(
@@ -110,6 +110,8 @@ class Codec:
 
     def group(self, k: int) -> int:
         """The effective group size for k channels (validated)."""
+        if k <= 0:
+            raise ValueError(f"Codec: k={k} channels; a bottleneck needs at least one")
         g = k if self.group_size is None else self.group_size
         if self.quantized and k % g:
             raise ValueError(f"Codec: group_size={g} does not divide k={k} (choose a group that does, or "
@@ -190,11 +192,11 @@ GRAD_INT8 = Codec(bits=8, rounding="stochastic")
 @functools.lru_cache(maxsize=1024)
 def header_bytes(codec: Codec, n: int, k: int) -> bytes:
     """The 16-byte header of a payload carrying n x k values (cached)."""
-    codec.group(k)
+    group = codec.group(k)  # (validates k for every codec)
+    group = group if codec.quantized else 0
     if not (0 <= n < 2**32 and 0 < k < 2**32):
         raise ValueError(f"wire: shape ({n}, {k}) does not fit the header")
     scale_code = SCALE_DTYPES[codec.scale_dtype] if codec.quantized else 0
-    group = codec.group(k) if codec.quantized else 0
     if group >= 2**16:
         raise ValueError(f"wire: group size {group} does not fit the header (max 65535)")
     return (
@@ -290,16 +292,17 @@ def empty_payload(codec: Codec, n: int, k: int, device) -> torch.Tensor:
 def write_header(payload: torch.Tensor, codec: Codec, n: int, k: int) -> torch.Tensor:
     """Write the header and zero the codes padding of an existing payload
     buffer of the right size (e.g. a reused send buffer); returns it."""
-    payload[:HEADER_BYTES].copy_(_header_on(header_bytes(codec, n, k), payload.device))
+    payload[:HEADER_BYTES].copy_(header_tensor(header_bytes(codec, n, k), payload.device))
     raw = n * k * codec.bits // 8
     payload[HEADER_BYTES + raw : HEADER_BYTES + codec.code_bytes(n, k)].zero_()
     return payload
 
 
 @functools.lru_cache(maxsize=256)
-def _header_on(raw: bytes, device: torch.device) -> torch.Tensor:
-    """A header as a tensor on ``device``, copied there once: a copy from
-    pageable host memory on every call would make each op wait for the GPU."""
+def header_tensor(raw: bytes, device: torch.device) -> torch.Tensor:
+    """A header as a tensor on ``device``, copied there once (shared: do not
+    write to it): a copy from pageable host memory on every call would make
+    each op wait for the GPU."""
     with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
 

@@ -18,12 +18,13 @@ import threading
 
 import torch
 
+from . import checks
 from .codec import SCALE_DTYPES, SCALE_NAMES, Codec, rng_key
 
 ABI_VERSION = 6  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
 _NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so", "cuda_emu": "libresbm_cuda_emu.so"}
 _PKG_DIR = pathlib.Path(__file__).resolve().parent
-_DTYPE_CODES = SCALE_DTYPES  # z, scales and out share the wire-format codes
+DTYPE_CODES = SCALE_DTYPES  # the C ABI's dtype codes (1 fp32, 2 fp16, 3 bf16): the wire format's scale codes
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
 _errors: dict[str, str] = {}
@@ -132,7 +133,8 @@ def library(which: str = "cpu") -> ctypes.CDLL:
     return _libs[which]
 
 
-def _check(lib: ctypes.CDLL, rc: int) -> None:
+def check_rc(lib: ctypes.CDLL, rc: int) -> None:
+    """Raise a library's last error (it names the function, and the kernel) if ``rc`` is one."""
     if rc != 0:
         raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
 
@@ -153,7 +155,7 @@ def _check_tensor(name: str, t: torch.Tensor, shape, dtypes, device) -> None:
 def emulating() -> bool:
     """``RESBM_CUDA_EMULATE=1``: CPU tensors take the CUDA code paths, on the CUDA
     library's kernels built for the CPU emulator (``libresbm_cuda_emu``; tests)."""
-    return os.environ.get("RESBM_CUDA_EMULATE", "").strip() == "1"
+    return checks.switch("RESBM_CUDA_EMULATE")
 
 
 def _target(device: torch.device):
@@ -176,10 +178,11 @@ def _layout(codec: Codec, n: int, k: int, codes: torch.Tensor, scales, device) -
     if scales is None:
         raise ValueError(f"native: codec {codec.spec} needs a scales tensor")
     _check_tensor("scales", scales, (n, k // group), (codec.scale_dtype,), device)
-    return group, _DTYPE_CODES[codec.scale_dtype]
+    return group, DTYPE_CODES[codec.scale_dtype]
 
 
-def _ptr(t) -> int | None:
+def ptr(t) -> int | None:
+    """A tensor's data pointer for a C argument, None (NULL) for None."""
     return None if t is None else t.data_ptr()
 
 
@@ -190,14 +193,14 @@ def quantize_pack(z: torch.Tensor, codec: Codec, seed: int, codes_out: torch.Ten
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         raise ValueError("native: z must be a 2-D tensor (N, k)")
     n, k = z.shape
-    _check_tensor("z", z, (n, k), tuple(_DTYPE_CODES), z.device)
+    _check_tensor("z", z, (n, k), tuple(DTYPE_CODES), z.device)
     group, scale_code = _layout(codec, n, k, codes_out, scales_out, z.device)
     lib, stream, which = _target(z.device)
     rc = getattr(lib, f"resbm_{which}_quantize_pack")(
-        z.data_ptr(), _DTYPE_CODES[z.dtype], n, k, codec.bits, group, scale_code,
-        int(codec.stochastic), rng_key(seed), codes_out.data_ptr(), _ptr(scales_out), *stream,
+        z.data_ptr(), DTYPE_CODES[z.dtype], n, k, codec.bits, group, scale_code,
+        int(codec.stochastic), rng_key(seed), codes_out.data_ptr(), ptr(scales_out), *stream,
     )
-    _check(lib, rc)
+    check_rc(lib, rc)
     if which == "cuda":  # the kernel cannot report bad values: they show in the output
         _check_finite_cuda(z, codec, scales_out)
 
@@ -221,11 +224,11 @@ def unpack_dequantize(codes: torch.Tensor, scales, codec: Codec, k: int, out: to
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ValueError("native: out must be a 2-D tensor (N, k)")
     n = out.shape[0]
-    _check_tensor("out", out, (n, k), tuple(_DTYPE_CODES), out.device)
+    _check_tensor("out", out, (n, k), tuple(DTYPE_CODES), out.device)
     group, scale_code = _layout(codec, n, k, codes, scales, out.device)
     lib, stream, which = _target(out.device)
     rc = getattr(lib, f"resbm_{which}_unpack_dequantize")(
-        codes.data_ptr(), _ptr(scales), n, k, codec.bits, group, scale_code,
-        _DTYPE_CODES[out.dtype], out.data_ptr(), *stream,
+        codes.data_ptr(), ptr(scales), n, k, codec.bits, group, scale_code,
+        DTYPE_CODES[out.dtype], out.data_ptr(), *stream,
     )
-    _check(lib, rc)
+    check_rc(lib, rc)

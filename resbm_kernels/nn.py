@@ -14,13 +14,20 @@ import math
 import torch
 from torch import nn
 
-from . import ops
+from . import checks, ops
 from .codec import BF16, GRAD_INT8, Codec
 
 
 def _cast(p: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Parameters follow the activations' dtype (autograd casts the gradient back)."""
     return None if p is None else p.to(dtype)
+
+
+def _tokens(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
+    """Activations (..., width) as contiguous (N, width) tokens for the ops."""
+    if t.shape[-1] != width:
+        raise ValueError(f"{name} has {t.shape[-1]} channels, expected {width}")
+    return t.reshape(-1, width).contiguous()
 
 
 def _init_linear(weight: torch.Tensor) -> None:
@@ -53,8 +60,7 @@ class ResBMEncoder(nn.Module):
     def __init__(self, d: int, k: int, *, mlp_hidden: int | None = None, norm: bool = True,
                  eps: float = 1e-6, dtype=None, device=None):
         super().__init__()
-        if k <= 0 or d % k:
-            raise ValueError(f"ResBMEncoder: k={k} must divide d={d}")
+        checks.bottleneck(d, k)
         self.d, self.k, self.eps = d, k, eps
         self.norm_weight = nn.Parameter(torch.ones(d, dtype=dtype, device=device)) if norm else None
         if mlp_hidden is None:
@@ -64,6 +70,10 @@ class ResBMEncoder(nn.Module):
         else:
             self.weight = None
             self.mlp = _SiLUMLP(d, mlp_hidden, k, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """z (..., k) for activations (..., d), without the wire."""
+        return self.project(_tokens(x, self.d, "ResBMEncoder: input")).reshape(*x.shape[:-1], self.k)
 
     def project(self, x2d: torch.Tensor) -> torch.Tensor:
         """z for (N, d) tokens, without the wire (MLP variant or codec-free use)."""
@@ -89,8 +99,7 @@ class ResBMDecoder(nn.Module):
 
     def __init__(self, d: int, k: int, *, mlp_hidden: int | None = None, dtype=None, device=None):
         super().__init__()
-        if k <= 0 or d % k:
-            raise ValueError(f"ResBMDecoder: k={k} must divide d={d}")
+        checks.bottleneck(d, k)
         self.d, self.k = d, k
         if mlp_hidden is None:
             self.weight = nn.Parameter(torch.empty(d, k, dtype=dtype, device=device))
@@ -99,6 +108,11 @@ class ResBMDecoder(nn.Module):
         else:
             self.weight = None
             self.mlp = _SiLUMLP(k, mlp_hidden, d, dtype=dtype, device=device)
+
+    def forward(self, zhat: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """h (..., d) for bottleneck values (..., k) (+ residual (..., d)), without the wire."""
+        r2d = None if residual is None else _tokens(residual, self.d, "ResBMDecoder: residual")
+        return self.project(_tokens(zhat, self.k, "ResBMDecoder: input"), r2d).reshape(*zhat.shape[:-1], self.d)
 
     def project(self, zhat: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """h for (N, k) bottleneck values, without the wire."""
@@ -112,14 +126,37 @@ class ResBMDecoder(nn.Module):
         return f"d={self.d}, k={self.k}, {kind}"
 
 
-class ResBMBoundary(nn.Module):
+class CallSeeded(nn.Module):
+    """A module that draws its stochastic-rounding seeds from ``seed`` and a
+    count of its calls, so that a run is reproducible; the count is part of
+    its ``state_dict`` (module extra state), so a run resumed from a saved
+    state draws the seeds the uninterrupted run would have."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed, self.calls = seed, 0
+
+    def _seeds(self) -> tuple[int, int]:
+        """(forward seed, gradient seed) for the next call."""
+        self.calls += 1
+        base = (self.seed * 1_000_003 + self.calls) * 2
+        return base, base + 1
+
+    def get_extra_state(self) -> dict:
+        return {"calls": self.calls}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+
+
+class ResBMBoundary(CallSeeded):
     """Encoder -> wire -> decoder in one process, with the pipeline's exact
     numerics: forward values cross the wire with ``codec``, gradients come
     back with ``grad_codec`` (straight-through estimator).
 
     Parameters are cast to the activations' dtype (so fp32 master weights work
-    with bf16 activations). Stochastic rounding draws a fresh seed each call from ``seed`` and a step
-    counter, so runs are reproducible.
+    with bf16 activations). Stochastic rounding draws a fresh seed each call
+    (see :class:`CallSeeded`).
 
     Example::
 
@@ -131,14 +168,11 @@ class ResBMBoundary(nn.Module):
     def __init__(self, d: int, k: int, *, codec: Codec | str = BF16, grad_codec: Codec | str = GRAD_INT8,
                  mlp_hidden: int | None = None, norm: bool = True, eps: float = 1e-6, seed: int = 0,
                  dtype=None, device=None):
-        super().__init__()
+        super().__init__(seed)
         self.encoder = ResBMEncoder(d, k, mlp_hidden=mlp_hidden, norm=norm, eps=eps, dtype=dtype, device=device)
         self.decoder = ResBMDecoder(d, k, mlp_hidden=mlp_hidden, dtype=dtype, device=device)
         self.codec, self.grad_codec = Codec.parse(codec), Codec.parse(grad_codec)
-        self.codec.group(k)
-        self.grad_codec.group(k)
-        self.seed = seed
-        self.calls = 0
+        checks.bottleneck(d, k, self.codec, self.grad_codec)
 
     @property
     def d(self) -> int:
@@ -148,17 +182,10 @@ class ResBMBoundary(nn.Module):
     def k(self) -> int:
         return self.encoder.k
 
-    def _seeds(self) -> tuple[int, int]:
-        self.calls += 1
-        base = (self.seed * 1_000_003 + self.calls) * 2
-        return base, base + 1
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if x.shape[-1] != self.d:
-            raise ValueError(f"ResBMBoundary: input has {x.shape[-1]} channels, expected d={self.d}")
         lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.d).contiguous()
-        r2d = None if residual is None else residual.reshape(-1, self.d).contiguous()
+        x2d = _tokens(x, self.d, "ResBMBoundary: input")
+        r2d = None if residual is None else _tokens(residual, self.d, "ResBMBoundary: residual")
         seed, grad_seed = self._seeds()
         if self.encoder.mlp is None and self.decoder.mlp is None:
             h, _ = ops.boundary(

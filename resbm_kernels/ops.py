@@ -11,7 +11,8 @@ dispatcher (see :func:`_run`); ``torch.ops.resbm.*`` always dispatches.
 Shapes: activations ``x`` are (N, d); ``w_e`` is the encoder weight (k, d)
 and ``w_d`` the decoder weight (d, k), as in ``nn.Linear``; payloads are 1-D
 uint8 in the wire format of :mod:`resbm_kernels.codec`. Activations and
-weights are float32, float16 or bfloat16, one dtype per call; k divides d. The
+weights are float32, float16 or bfloat16 (also float64 on the reference), one
+dtype per call; k divides d. The
 Triton and CUDA kernels need d and k multiples of 16 (``auto`` runs other
 shapes on the reference; a named backend raises).
 """
@@ -283,6 +284,14 @@ def _(out, grad_h, payload, w_d, codec, grad_codec, grad_seed):
 # ---- differentiable ops ------------------------------------------------------------
 
 
+def _check_grad_codec(grad_codec: str, k: int) -> None:
+    """The gradient codec must fit k too: raise in the forward, not first in the backward."""
+    try:
+        Codec.parse(grad_codec).group(k)
+    except ValueError as e:
+        raise ValueError(f"grad_codec: {e}") from None
+
+
 @torch.library.custom_op("resbm::boundary", mutates_args=())
 def _boundary(
     x: Tensor,
@@ -298,6 +307,7 @@ def _boundary(
     row_stats: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(h, payload, RMSNorm row statistics for the backward when ``row_stats``, else an empty tensor)."""
+    _check_grad_codec(grad_codec, w_e.shape[0])
     # (inside an op, below autograd and any mode: the passes' functions are called directly)
     encode, decode = _functions[_encode_forward][0], _functions[_decode_forward][0]
     payload, stats = encode(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
@@ -306,6 +316,7 @@ def _boundary(
 
 @_boundary.register_fake
 def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True):
+    _check_grad_codec(grad_codec, w_e.shape[0])
     payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
     return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
 
@@ -342,6 +353,7 @@ def _wire_roundtrip(z: Tensor, codec: str, grad_codec: str, seed: int, grad_seed
     c = Codec.parse(codec)
     checks.tensor("z", z, ndim=2)
     c.group(z.shape[1])
+    _check_grad_codec(grad_codec, z.shape[1])
     n, k = z.shape
     return reference.read_payload(reference.write_payload(z, c, seed), c, n, k, z.dtype)
 
@@ -350,6 +362,7 @@ def _wire_roundtrip(z: Tensor, codec: str, grad_codec: str, seed: int, grad_seed
 def _(z, codec, grad_codec, seed, grad_seed):
     checks.tensor("z", z, ndim=2)
     Codec.parse(codec).group(z.shape[1])
+    _check_grad_codec(grad_codec, z.shape[1])
     return torch.empty_like(z)
 
 
@@ -384,7 +397,7 @@ def _encode_project_setup(ctx, inputs, output):
 
 def _encode_project_backward(ctx, grad_z):
     x, w_e, norm_weight = ctx.saved_tensors
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ct = reference.compute_dtype(x)
     grad_x, grad_w, grad_gamma = reference.encode_backward_dense(grad_z.to(ct), x, w_e, norm_weight, ctx.eps)
     grad_gamma = None if grad_gamma is None else grad_gamma.to(norm_weight.dtype)
     return grad_x.to(x.dtype), grad_w.to(w_e.dtype), grad_gamma, None
@@ -395,14 +408,27 @@ _encode_project.register_autograd(_encode_project_backward, setup_context=_encod
 
 @torch.library.custom_op("resbm::decode_project", mutates_args=())
 def _decode_project(zhat: Tensor, w_d: Tensor, residual: Optional[Tensor]) -> Tensor:
-    checks.tensor("zhat", zhat, ndim=2)
-    checks.decoder_weight(w_d, Codec(bits=16))
+    _check_decode_project(zhat, w_d, residual)
     return reference.decode_project(zhat, w_d, residual, zhat.dtype)
 
 
 @_decode_project.register_fake
 def _(zhat, w_d, residual):
+    _check_decode_project(zhat, w_d, residual)
     return zhat.new_empty((zhat.shape[0], w_d.shape[0]))
+
+
+def _check_decode_project(zhat, w_d, residual):
+    checks.tensor("zhat", zhat, ndim=2)
+    checks.tensor("w_d", w_d, ndim=2, device=zhat.device)
+    checks.same_dtype("w_d", w_d, zhat.dtype)
+    d, k = w_d.shape
+    checks.bottleneck(d, k)
+    checks.shape("zhat", zhat, (zhat.shape[0], k))
+    if residual is not None:
+        checks.tensor("residual", residual, ndim=2, device=zhat.device)
+        checks.same_dtype("residual", residual, zhat.dtype)
+        checks.shape("residual", residual, (zhat.shape[0], d))
 
 
 def _decode_project_setup(ctx, inputs, output):
@@ -586,7 +612,8 @@ def wire_roundtrip(z: Tensor, codec: Codec, grad_codec: Codec, *, seed: int = 0,
 
 
 def encode_project(x: Tensor, w_e: Tensor, *, norm_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
-    """z = RMSNorm(x) W_e^T + x[:, :k] without the wire (for the MLP variant and tests)."""
+    """z = RMSNorm(x) W_e^T + x[:, :k] without the wire (the linear encoder's
+    projection, as :meth:`ResBMEncoder.project <resbm_kernels.nn.ResBMEncoder.project>` uses it)."""
     return _encode_project(x, w_e, norm_weight, eps)
 
 

@@ -274,3 +274,17 @@ def test_use_backend_is_seen_by_other_threads():
             assert backends.requested() == "triton"
         assert backends.requested() == "reference"
     assert seen == ["reference"]
+
+
+def test_environment_switches_take_0_or_1(monkeypatch):
+    from resbm_kernels import checks, native
+
+    monkeypatch.setenv("RESBM_TEST_SWITCH", "")
+    assert checks.switch("RESBM_TEST_SWITCH") is False and checks.switch("RESBM_TEST_SWITCH", default=True) is True
+    monkeypatch.setenv("RESBM_TEST_SWITCH", "0")
+    assert checks.switch("RESBM_TEST_SWITCH", default=True) is False
+    monkeypatch.setenv("RESBM_TEST_SWITCH", " 1 ")
+    assert checks.switch("RESBM_TEST_SWITCH") is True
+    monkeypatch.setenv("RESBM_CUDA_EMULATE", "yes")
+    with pytest.raises(ValueError, match="RESBM_CUDA_EMULATE must be 0 or 1, not 'yes'"):
+        native.emulating()

@@ -71,7 +71,7 @@ def test_k_must_divide_d():
     x = randn(N, 60, seed=1)
     with pytest.raises(ValueError, match="k=16 must divide the model width d=60"):
         ops.encode(x, randn(16, 60), INT8)
-    with pytest.raises(ValueError, match="k=24 must divide d=64"):
+    with pytest.raises(ValueError, match="k=24 must divide the model width d=64"):
         ResBMBoundary(64, 24)
 
 
@@ -105,6 +105,16 @@ def test_non_finite_gradient_names_the_backward(tensors, payload):
     with pytest.raises(ValueError, match="decode backward, the gradient dL/dzhat into the gradient codec "
                                          "int8/row/bf16/stochastic: quantize: input contains non-finite"):
         ops.decode_backward(grad_h, payload, w_d, INT8, GRAD_INT8)
+
+
+def test_gradient_codec_checked_in_the_forward():
+    """A gradient codec that cannot carry k raises when the forward runs, not first in the backward."""
+    x, w_e = randn(4, 96, seed=1).requires_grad_(), randn(48, 96, seed=2) * 0.1
+    bad = Codec(bits=4, group_size=32)  # 32 does not divide k=48
+    with pytest.raises(ValueError, match="grad_codec: Codec: group_size=32 does not divide k=48"):
+        ops.boundary(x, w_e, w_e.t().contiguous(), INT8, bad)
+    with pytest.raises(ValueError, match="grad_codec: Codec: group_size=32 does not divide k=48"):
+        ops.wire_roundtrip(randn(4, 48, seed=3), INT8, bad)
 
 
 def test_norm_weight_shape(tensors):
@@ -227,7 +237,7 @@ def test_unavailable_backend_raises_clearly(monkeypatch, tensors):
 
 
 def test_boundary_module_checks_width():
-    with pytest.raises(ValueError, match="input has 32 channels, expected d=64"):
+    with pytest.raises(ValueError, match="ResBMBoundary: input has 32 channels, expected 64"):
         ResBMBoundary(64, 16)(randn(2, 32))
 
 
@@ -236,3 +246,15 @@ def test_large_activation_overflows_fp16_scale():
     with pytest.raises(ValueError, match="overflows the torch.float16 scale"):
         reference.write_payload(z, Codec(bits=4, group_size=32, scale_dtype=torch.float16), 0)
     assert INT4.scale_dtype == torch.bfloat16  # the default has fp32's range
+
+
+def test_decode_project_checks_its_inputs():
+    zhat, w_d = randn(N, K, seed=1), randn(D, K, seed=2)
+    with pytest.raises(ValueError, match=r"zhat: expected shape \(8, 32\), got \(8, 16\)"):
+        ops.decode_project(zhat[:, :16].contiguous(), w_d)
+    with pytest.raises(TypeError, match="w_d: dtype torch.bfloat16 differs from the activations' torch.float32"):
+        ops.decode_project(zhat, w_d.bfloat16())
+    with pytest.raises(ValueError, match=r"residual: expected shape \(8, 64\), got \(8, 32\)"):
+        ops.decode_project(zhat, w_d, residual=randn(N, 32))
+    with pytest.raises(TypeError, match="residual: dtype torch.float16 differs"):
+        ops.decode_project(zhat, w_d, residual=randn(N, D).half())

@@ -33,6 +33,7 @@ CODECS = [
     (dict(bits=8, scale_dtype=torch.int8), "scale_dtype"),
     (dict(bits=8, group_size=0), "group_size"),
     (dict(bits=2, group_size=3), "whole number of bytes"),
+    (dict(bits=8, group_size=True), "group_size must be a positive int or None, got True"),
 ])
 def test_codec_rejects_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -42,6 +43,12 @@ def test_codec_rejects_bad_config(kwargs, message):
 def test_group_must_divide_k():
     with pytest.raises(ValueError, match="group_size=32 does not divide k=48"):
         INT4.group(48)
+
+
+@pytest.mark.parametrize("k", [0, -32])
+def test_payload_needs_channels(k):
+    with pytest.raises(ValueError, match=f"k={k} channels"):
+        INT8.payload_bytes(4, k)
 
 
 @pytest.mark.parametrize("codec", CODECS + [BF16])

@@ -24,6 +24,26 @@ def test_boundary_matches_explicit_encode_decode(mlp_hidden, norm):
 
 
 @pytest.mark.parametrize("mlp_hidden", [None, 32])
+def test_encoder_and_decoder_modules_take_any_leading_shape(mlp_hidden):
+    """encoder(x) and decoder(zhat, residual) over (..., width) activations are
+    their projections over the flattened tokens, with the leading shape kept."""
+    torch.manual_seed(0)
+    enc, dec = ResBMEncoder(D, K, mlp_hidden=mlp_hidden), ResBMDecoder(D, K, mlp_hidden=mlp_hidden)
+    x, residual = randn(2, 3, D, seed=1), randn(2, 3, D, seed=2)
+    z = enc(x)
+    assert z.shape == (2, 3, K)
+    torch.testing.assert_close(z, enc.project(x.reshape(-1, D)).reshape(2, 3, K), rtol=0, atol=0)
+    h = dec(z, residual)
+    assert h.shape == (2, 3, D)
+    want = dec.project(z.reshape(-1, K), residual.reshape(-1, D)).reshape(2, 3, D)
+    torch.testing.assert_close(h, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ResBMEncoder: input has 32 channels, expected 64"):
+        enc(x[..., :32])
+    with pytest.raises(ValueError, match="ResBMDecoder: residual has 8 channels, expected 64"):
+        dec(z, residual[..., :8])
+
+
+@pytest.mark.parametrize("mlp_hidden", [None, 32])
 def test_gradients_reach_every_parameter(mlp_hidden):
     b = ResBMBoundary(D, K, codec=Codec(bits=4, group_size=8), grad_codec=GRAD_INT8, mlp_hidden=mlp_hidden)
     x = randn(4, D, seed=2).requires_grad_()
@@ -77,9 +97,9 @@ def test_wire_accounting():
 
 
 def test_module_construction_errors():
-    with pytest.raises(ValueError, match="k=24 must divide d=64"):
+    with pytest.raises(ValueError, match="k=24 must divide the model width d=64"):
         ResBMEncoder(64, 24)
-    with pytest.raises(ValueError, match="k=0 must divide d=64"):
+    with pytest.raises(ValueError, match="k=0 must divide the model width d=64"):
         ResBMDecoder(64, 0)
     with pytest.raises(ValueError, match="group_size=32 does not divide k=16"):
         ResBMBoundary(64, 16, codec=INT4)
@@ -110,3 +130,18 @@ def test_readme_first_snippet_runs():
     x, h = scope["x"], scope["h"]
     assert h.shape == x.shape and torch.isfinite(h).all()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_resumed_boundary_draws_the_seeds_of_the_uninterrupted_run():
+    """The call counter that seeds stochastic rounding is saved in the state_dict."""
+    codec = Codec(bits=4, group_size=8, rounding="stochastic")
+    x = randn(16, D, seed=5)
+    run = ResBMBoundary(D, K, codec=codec, seed=3)
+    run(x), run(x)
+    resumed = ResBMBoundary(D, K, codec=codec, seed=3)
+    resumed.load_state_dict(run.state_dict())
+    assert resumed.calls == 2
+    torch.testing.assert_close(resumed(x), run(x), rtol=0, atol=0)
+    fresh = ResBMBoundary(D, K, codec=codec, seed=3)
+    fresh.load_state_dict({name: t for name, t in run.state_dict().items() if name != "_extra_state"}, strict=False)
+    assert not torch.equal(fresh(x), resumed(x))  # (call 1's seeds, not call 4's: the counter matters)

@@ -45,7 +45,7 @@ def test_simulate_detects_deadlock():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="k=5 must divide d=32"):
+    with pytest.raises(ValueError, match="k=5 must divide the model width d=32"):
         PipelineConfig(d=32, k=5)
     with pytest.raises(ValueError, match="schedule='zb'"):
         PipelineConfig(d=32, k=8, schedule="zb")
@@ -324,3 +324,8 @@ def test_train_gpt_example_under_torchrun(tmp_path):
     again = subprocess.run(cmd + ["--steps", "6"], capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 stages on cpu, 2 steps" in again.stdout  # resumed at step 4
+
+
+def test_checkpoint_keeps_at_least_one(tmp_path):
+    with pytest.raises(ValueError, match="keep=0 must be at least 1"):
+        checkpoint.save(tmp_path, object(), None, keep=0)

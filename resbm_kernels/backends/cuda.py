@@ -8,8 +8,9 @@ the inputs' device and launches on the current torch stream
 (``torch.cuda.current_stream().cuda_stream``). Nothing here synchronises the
 device.
 
-Requirements (as the Triton backend): CUDA tensors, float32/float16/bfloat16,
-d and k multiples of 16, k <= 256. Any scale group that divides k works.
+Requirements: CUDA tensors, float32/float16/bfloat16, d and k multiples of 16
+(as the Triton backend), k <= 256 (the Triton backend has no such limit). Any
+scale group that divides k works (the Triton backend's: powers of two or the row).
 
 With ``RESBM_CUDA_EMULATE=1`` the backend also takes CPU tensors and runs the
 same kernels on the CPU emulator (``libresbm_cuda_emu``, built from the same
@@ -66,11 +67,10 @@ import os
 
 import torch
 
-from .. import native
+from .. import checks, native
 from . import fast
-from ..codec import HEADER_BYTES, SCALE_DTYPES, Codec, header_words, payload_layout, rng_key
+from ..codec import HEADER_BYTES, Codec, header_words, payload_layout, rng_key
 
-_DTYPE_CODES = SCALE_DTYPES  # 1 fp32, 2 fp16, 3 bf16 (the C ABI's codes)
 MAX_K = 256
 FP16_SPLIT_PASSES = ("decode_forward", "decode_backward", "encode_backward")
 
@@ -118,10 +118,6 @@ def _dense(t):
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _ptr(t) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _payload(codec: Codec, n: int, k: int, device, out):
     """(payload buffer, header words for the kernel to write, or None): with rows
     the kernel that writes the codes also writes the header and the padding."""
@@ -148,13 +144,7 @@ def _codec_layout(codec: Codec, n: int, k: int):
     kernels need besides its address (group and dtype code 0 for bits=16)."""
     if not codec.quantized:
         return 0, 16, 0, 0
-    return payload_layout(codec, n, k).scales_at, codec.bits, codec.group(k), _DTYPE_CODES[codec.scale_dtype]
-
-
-def _checked(lib, rc: int) -> None:
-    """Raise the library's last error (it names the function and kernel) if ``rc`` is one."""
-    if rc != 0:
-        raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
+    return payload_layout(codec, n, k).scales_at, codec.bits, codec.group(k), native.DTYPE_CODES[codec.scale_dtype]
 
 
 _SWITCHES = ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH", "RESBM_CUDA_STAGE_X")
@@ -165,7 +155,7 @@ def _check_switches() -> None:
     RESBM_CUDA_PREFETCH (off only for "0") and RESBM_CUDA_STAGE_X (unset: decided by
     occupancy) at each launch: any other value is a mistake, not a silent default."""
     for name in _SWITCHES:
-        fast.switch(name)
+        checks.switch(name)
 
 
 def _call(name: str, device: torch.device, *args) -> None:
@@ -174,11 +164,11 @@ def _call(name: str, device: torch.device, *args) -> None:
     _check_switches()
     lib = native.library(_library_name(device))
     if device.type != "cuda":
-        _checked(lib, getattr(lib, name)(*args, None))
+        native.check_rc(lib, getattr(lib, name)(*args, None))
         return
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
-        _checked(lib, getattr(lib, name)(*args, ctypes.c_void_p(stream)))
+        native.check_rc(lib, getattr(lib, name)(*args, ctypes.c_void_p(stream)))
 
 
 _PASS_IDS = {"encode_forward": 0, "decode_forward": 1, "decode_backward": 2, "encode_backward": 3}
@@ -190,7 +180,7 @@ def _size_query(which: str, name: str, *args) -> int:
     out-parameter), asked once per arguments (not on every op call)."""
     lib = native.library(which)
     nbytes = ctypes.c_int64()
-    _checked(lib, getattr(lib, name)(*args, ctypes.byref(nbytes)))
+    native.check_rc(lib, getattr(lib, name)(*args, ctypes.byref(nbytes)))
     return nbytes.value
 
 
@@ -203,7 +193,7 @@ def _projection_splits(device: torch.device, dtype_code: int, n: int, d: int, k:
     lib = native.library(_library_name(device))
     splits = ctypes.c_int()
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        _checked(lib, lib.resbm_cuda_projection_splits(dtype_code, n, d, k, ctypes.byref(splits)))
+        native.check_rc(lib, lib.resbm_cuda_projection_splits(dtype_code, n, d, k, ctypes.byref(splits)))
     return splits.value
 
 
@@ -212,7 +202,7 @@ def _projection_partial(a, k: int):
     more than one split for small n, each writing (n, k + 1) fp32 partials."""
     n, d = a.shape
     env = (os.environ.get("RESBM_CUDA_WGMMA"), os.environ.get("RESBM_CUDA_SPLITS"))
-    splits = _projection_splits(a.device, _DTYPE_CODES[a.dtype], n, d, k, env)
+    splits = _projection_splits(a.device, native.DTYPE_CODES[a.dtype], n, d, k, env)
     return (fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else None), splits
 
 
@@ -220,7 +210,7 @@ def _workspace(pass_: str, dtype, d: int, k: int, norm: bool, device) -> torch.T
     """The device workspace a pass needs (its weights converted to the tensor
     cores' operand types once per call), or None. Keep it referenced until the
     pass is launched; after that the caching allocator reuses it in stream order."""
-    nbytes = _size_query(_library_name(device), "resbm_cuda_workspace_bytes", _PASS_IDS[pass_], _DTYPE_CODES[dtype],
+    nbytes = _size_query(_library_name(device), "resbm_cuda_workspace_bytes", _PASS_IDS[pass_], native.DTYPE_CODES[dtype],
                          d, k, int(norm))
     return fast.empty((nbytes,), torch.uint8, device) if nbytes else None
 
@@ -238,16 +228,16 @@ def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool, w, n
     else:
         codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
         # the (rscale * zhat)^T operand, written once by the library's first kernel
-        nbytes = _size_query(_library_name(a.device), "resbm_cuda_weight_grad_workspace_bytes", _DTYPE_CODES[a.dtype],
+        nbytes = _size_query(_library_name(a.device), "resbm_cuda_weight_grad_workspace_bytes", native.DTYPE_CODES[a.dtype],
                              n, k)
         workspace = fast.empty((nbytes,), torch.uint8, a.device)
-        _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), _DTYPE_CODES[a.dtype], n, d, k, codes, scales,
-              bits, group, sdt, _ptr(rscale), splits, int(transpose), partial.data_ptr(), workspace.data_ptr())
+        _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), native.DTYPE_CODES[a.dtype], n, d, k, codes, scales,
+              bits, group, sdt, native.ptr(rscale), splits, int(transpose), partial.data_ptr(), workspace.data_ptr())
     grad = fast.empty((rows, cols), w.dtype, a.device)
     grad_norm = None if norm_weight is None else fast.empty((cols,), norm_weight.dtype, a.device)
     _call("resbm_cuda_finish_weight_grad", a.device, partial.data_ptr(), splits, rows, cols, grad.data_ptr(),
-          _DTYPE_CODES[w.dtype], _ptr(norm_weight), _ptr(w), _ptr(grad_norm),
-          0 if norm_weight is None else _DTYPE_CODES[norm_weight.dtype])
+          native.DTYPE_CODES[w.dtype], native.ptr(norm_weight), native.ptr(w), native.ptr(grad_norm),
+          0 if norm_weight is None else native.DTYPE_CODES[norm_weight.dtype])
     return grad, grad_norm
 
 
@@ -265,9 +255,9 @@ def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, 
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
     ws = _workspace("encode_forward", x.dtype, d, k, gamma is not None, x.device)
     partial, splits = _projection_partial(x, k)
-    _call("resbm_cuda_encode_forward", x.device, x.data_ptr(), _DTYPE_CODES[x.dtype], n, d, k, w_e.data_ptr(),
-          _ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales, header,
-          _ptr(row_stats), _ptr(partial), splits, _ptr(ws))
+    _call("resbm_cuda_encode_forward", x.device, x.data_ptr(), native.DTYPE_CODES[x.dtype], n, d, k, w_e.data_ptr(),
+          native.ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales, header,
+          native.ptr(row_stats), native.ptr(partial), splits, native.ptr(ws))
     return payload
 
 
@@ -282,7 +272,7 @@ def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
     ws = _workspace("decode_forward", w_d.dtype, d, k, False, w_d.device)
     _call("resbm_cuda_decode_forward", w_d.device, codes, scales, n, d, k, bits, group, sdt, w_d.data_ptr(),
-          _DTYPE_CODES[w_d.dtype], _ptr(residual), out.data_ptr(), _DTYPE_CODES[out_dtype], _ptr(ws))
+          native.DTYPE_CODES[w_d.dtype], native.ptr(residual), out.data_ptr(), native.DTYPE_CODES[out_dtype], native.ptr(ws))
     return out
 
 
@@ -298,9 +288,9 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
         codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
         ws = _workspace("decode_backward", grad_h.dtype, d, k, False, grad_h.device)
         partial, splits = _projection_partial(grad_h, k)
-        _call("resbm_cuda_decode_backward", grad_h.device, grad_h.data_ptr(), _DTYPE_CODES[grad_h.dtype], n, d, k,
+        _call("resbm_cuda_decode_backward", grad_h.device, grad_h.data_ptr(), native.DTYPE_CODES[grad_h.dtype], n, d, k,
               w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales, header,
-              _ptr(partial), splits, _ptr(ws))
+              native.ptr(partial), splits, native.ptr(ws))
     grad_w_d, _ = _weight_grad(grad_h, payload, codec, None, k, transpose=True, w=w_d)
     return grad_payload, grad_w_d
 
@@ -318,6 +308,6 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
         codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
         ws = _workspace("encode_backward", x.dtype, d, k, gamma is not None, x.device)
         _call("resbm_cuda_encode_backward", x.device, codes, scales, n, d, k, bits, group, sdt, x.data_ptr(),
-              _DTYPE_CODES[x.dtype], w_e.data_ptr(), _ptr(gamma), float(eps), grad_x.data_ptr(), _ptr(rscale),
-              _ptr(stats), _ptr(ws))
+              native.DTYPE_CODES[x.dtype], w_e.data_ptr(), native.ptr(gamma), float(eps), grad_x.data_ptr(), native.ptr(rscale),
+              native.ptr(stats), native.ptr(ws))
     return (grad_x, *_weight_grad(x, grad_payload, grad_codec, rscale, k, transpose=False, w=w_e, norm_weight=gamma))

@@ -1,5 +1,5 @@
-"""Pieces shared by the compiled backends (Triton and CUDA): input limits,
-output allocation and their on/off environment switches.
+"""Pieces shared by the compiled backends (Triton and CUDA): input limits
+and output allocation.
 
 Outputs are allocated through :func:`empty`, :func:`payload_buffer` and
 :func:`new_payload` (looked up on this module at call time) so tests can
@@ -8,7 +8,6 @@ poison fresh outputs and catch elements a kernel never writes.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -36,16 +35,6 @@ def check(backend: str, what: str, d: int, k: int, *dtypes, max_k: int | None = 
     if found:
         error, reason = found
         raise error(f"{backend} backend ({what}): {reason}")
-
-
-def switch(name: str) -> bool:
-    """An on/off environment switch, off by default: "1" is on, "0" or unset (or
-    empty) off; any other value raises ValueError naming it (a silent default
-    would hide a typo such as "true")."""
-    value = os.environ.get(name)
-    if value not in (None, "", "0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, not {value!r}")
-    return value == "1"
 
 
 def empty(shape, dtype, device) -> torch.Tensor:

@@ -138,7 +138,8 @@ def read_payload(payload: torch.Tensor, codec: Codec, n: int, k: int, dtype: tor
 # ---- the four passes ------------------------------------------------------------
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The reference's arithmetic for inputs of t's dtype: float64 kept, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -148,7 +149,7 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _projection(x, w_e, norm_weight, eps):
     """(RMSNorm(x) W_e^T, 1/rms(x) as (N, 1) or None without the norm), compute dtype."""
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     xf, w = x.to(ct), w_e.to(ct)
     if norm_weight is None:
         return xf @ w.T, None
@@ -173,7 +174,7 @@ def fill_row_stats(row_stats, proj, r):
 
 def decode_project(zhat, w_d, residual, out_dtype):
     """h = zhat W_d^T + pad_d(zhat) (+ residual)."""
-    ct = _compute_dtype(zhat)
+    ct = compute_dtype(zhat)
     z, w = zhat.to(ct), w_d.to(ct)
     h = z @ w.T
     h[:, : z.shape[1]] += z
@@ -193,13 +194,13 @@ def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, 
 
 def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
     k = w_d.shape[1]
-    zhat = read_payload(payload, codec, n, k, _compute_dtype(w_d))
+    zhat = read_payload(payload, codec, n, k, compute_dtype(w_d))
     return decode_project(zhat, w_d, residual, out_dtype)
 
 
 def decode_backward_dense(grad_h, zhat, w_d):
     """Backward of decode_project: (dL/dzhat, dL/dW_d) in the compute dtype."""
-    ct = _compute_dtype(grad_h)
+    ct = compute_dtype(grad_h)
     g = grad_h.to(ct)
     g_z = g @ w_d.to(ct) + g[:, : w_d.shape[1]]
     return g_z, g.T @ zhat.to(ct)
@@ -208,7 +209,7 @@ def decode_backward_dense(grad_h, zhat, w_d):
 def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None):
     """grad_h (N, d) -> (gradient payload of dL/dzhat, grad_W_d)."""
     n, k = grad_h.shape[0], w_d.shape[1]
-    zhat = read_payload(payload, codec, n, k, _compute_dtype(grad_h))
+    zhat = read_payload(payload, codec, n, k, compute_dtype(grad_h))
     g_z, grad_w_d = decode_backward_dense(grad_h, zhat, w_d)
     try:
         grad_payload = write_payload(g_z, grad_codec, seed, out)
@@ -242,7 +243,7 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
     """Gradient payload -> (grad_x, grad_W_e, grad_norm_weight or None). The
     oracle recomputes everything from x: ``row_stats`` is accepted and unused."""
     n, k = x.shape[0], w_e.shape[0]
-    g_z = read_payload(grad_payload, grad_codec, n, k, _compute_dtype(x))
+    g_z = read_payload(grad_payload, grad_codec, n, k, compute_dtype(x))
     grad_x, grad_w, grad_gamma = encode_backward_dense(g_z, x, w_e, norm_weight, eps)
     return (
         grad_x.to(x.dtype),

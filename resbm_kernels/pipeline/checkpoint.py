@@ -34,7 +34,10 @@ def _local_steps(directory, stage: int) -> list[int]:
 
 def save(directory, pipeline_stage, optimizer, *, extra: dict | None = None, keep: int = 2) -> pathlib.Path:
     """Write this stage's model, optimizer, step counter, RNG state and
-    ``extra`` (e.g. a data sampler's state) for the steps done so far."""
+    ``extra`` (e.g. a data sampler's state) for the steps done so far,
+    keeping this stage's newest ``keep`` (>= 1) checkpoints."""
+    if keep < 1:
+        raise ValueError(f"checkpoint.save: keep={keep} must be at least 1 (the checkpoint just written)")
     step, stage = pipeline_stage.steps_done, pipeline_stage.stage
     path = _stage_file(directory, step, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +65,10 @@ def save(directory, pipeline_stage, optimizer, *, extra: dict | None = None, kee
 
 
 def load_latest(directory, pipeline_stage, optimizer, group=None) -> dict | None:
-    """Restore the newest step that every stage of the group has; returns its
-    ``extra`` dict, or None (and changes nothing) when there is none."""
+    """Restore the newest step that every stage of the group (by default the
+    stage's own) has; returns its ``extra`` dict, or None (and changes
+    nothing) when there is none."""
+    group = pipeline_stage.group if group is None else group
     steps = _local_steps(directory, pipeline_stage.stage)
     device = pipeline_stage.device
     while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .. import checks
 from ..codec import BF16, GRAD_INT8, Codec
 from .schedule import SCHEDULES
 
@@ -43,10 +44,7 @@ class PipelineConfig:
     def __post_init__(self):
         self.codec = Codec.parse(self.codec)
         self.grad_codec = Codec.parse(self.grad_codec)
-        if self.k <= 0 or self.d % self.k:
-            raise ValueError(f"PipelineConfig: k={self.k} must divide d={self.d}")
-        self.codec.group(self.k)
-        self.grad_codec.group(self.k)
+        checks.bottleneck(self.d, self.k, self.codec, self.grad_codec)
         if self.micro_batches < 1:
             raise ValueError(f"PipelineConfig: micro_batches={self.micro_batches} must be >= 1")
         if self.schedule not in SCHEDULES:

@@ -2,9 +2,9 @@
 
 A schedule is, for every rank, the ordered list of :class:`Action` it runs in
 one optimizer step: ``F m`` (forward of micro-batch m) or ``B m`` (its
-backward). The runtime executes the list; :func:`grid` simulates it with
-unit-time actions and the pipeline's dependencies, and prints a step x rank
-table for debugging.
+backward). The runtime executes the list; :func:`simulate` runs it with
+unit-time actions and the pipeline's dependencies, and :func:`grid` renders
+that as a step x rank table (a string) for debugging.
 """
 
 from __future__ import annotations

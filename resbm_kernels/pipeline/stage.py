@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import ops
-from ..codec import HEADER_BYTES, header_bytes
+from ..codec import HEADER_BYTES, header_bytes, header_tensor
 from ..nn import ResBMDecoder, ResBMEncoder
 from . import handshake, schedule
 from .comm import BACKWARD, FORWARD, CommStats, Peers, PipelineError
@@ -106,8 +106,7 @@ class PipelineStage(nn.Module):
         return torch.empty(codec.payload_bytes(self.tokens, self.config.k), dtype=torch.uint8, device=self.device)
 
     def _header(self, codec) -> torch.Tensor:
-        raw = bytearray(header_bytes(codec, self.tokens, self.config.k))
-        return torch.frombuffer(raw, dtype=torch.uint8).to(self.device)
+        return header_tensor(header_bytes(codec, self.tokens, self.config.k), self.device)
 
     def _handshake(self) -> None:
         """Exchange descriptors with the neighbours (this also opens every

@@ -54,6 +54,7 @@ import os
 import torch
 
 from ...codec import Codec, header_words, payload_layout, rng_key
+from ... import checks
 from .. import fast
 from . import configs
 from .codec import KIND_BF16, KIND_F16, KIND_F32
@@ -154,7 +155,7 @@ def _fused_chunk_rows(a) -> int:
     gradient in its main kernel's launch (RESBM_TRITON_FUSED_WGRAD=1, and no d
     split: small N), else 0."""
     n, d = a.shape
-    if n and fast.switch(FUSED_WGRAD_SWITCH) and configs.d_splits(n, d, a.device) == 1:
+    if n and checks.switch(FUSED_WGRAD_SWITCH) and configs.d_splits(n, d, a.device) == 1:
         return configs.fused_chunk_rows(d, a.element_size(), a.device)
     return 0
 

@@ -24,8 +24,10 @@ import os
 
 import triton
 
+from ... import checks
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-AUTOTUNE = os.environ.get("RESBM_TRITON_AUTOTUNE", "1").strip() != "0"
+AUTOTUNE = checks.switch("RESBM_TRITON_AUTOTUNE", default=True)
 # registers per thread for the tiles of tile_regs, by kernel family (above it sm_90 spills)
 MAX_TILE_REGS = {"project": 32, "dequant": 96, "wgrad": 96}
 SMEM_FALLBACK = 99 * 1024  # when the device does not say: the smallest opt-in limit since sm_80
