@@ -133,10 +133,16 @@ def library(which: str = "cpu") -> ctypes.CDLL:
     return _libs[which]
 
 
+ERR_ARG, ERR_NONFINITE = 1, 2  # the C ABI's error codes for bad input (c_api.h); 3: a CUDA error
+
+
 def check_rc(lib: ctypes.CDLL, rc: int) -> None:
-    """Raise a library's last error (it names the function, and the kernel) if ``rc`` is one."""
+    """Raise a library's last error (it names the function, and the kernel) if
+    ``rc`` is one: ValueError for bad input (as the Python checks and the
+    reference raise), RuntimeError for a CUDA error."""
     if rc != 0:
-        raise RuntimeError(lib.resbm_last_error().decode(errors="replace"))
+        error = ValueError if rc in (ERR_ARG, ERR_NONFINITE) else RuntimeError
+        raise error(lib.resbm_last_error().decode(errors="replace"))
 
 
 def _check_tensor(name: str, t: torch.Tensor, shape, dtypes, device) -> None:
@@ -145,7 +151,7 @@ def _check_tensor(name: str, t: torch.Tensor, shape, dtypes, device) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"native: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
     if t.dtype not in dtypes:
-        raise ValueError(f"native: {name} has dtype {t.dtype}, expected one of {list(dtypes)}")
+        raise TypeError(f"native: {name} has dtype {t.dtype}, expected one of {list(dtypes)}")
     if t.device != device:
         raise ValueError(f"native: {name} is on {t.device}, expected {device}")
     if not t.is_contiguous():
@@ -191,7 +197,7 @@ def quantize_pack(z: torch.Tensor, codec: Codec, seed: int, codes_out: torch.Ten
     :func:`resbm_kernels.codec.payload_views` of a payload), bit for bit like
     the reference. ``scales_out`` is ``None`` for bits=16."""
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
-        raise ValueError("native: z must be a 2-D tensor (N, k)")
+        raise (ValueError if isinstance(z, torch.Tensor) else TypeError)("native: z must be a 2-D tensor (N, k)")
     n, k = z.shape
     _check_tensor("z", z, (n, k), tuple(DTYPE_CODES), z.device)
     group, scale_code = _layout(codec, n, k, codes_out, scales_out, z.device)
@@ -210,9 +216,9 @@ def _check_finite_cuda(z, codec: Codec, scales_out) -> None:
     if codec.quantized and torch.isfinite(scales_out).all():
         return
     if not torch.isfinite(z).all():
-        raise RuntimeError("resbm_cuda_quantize_pack: non-finite input (inf or nan)")
+        raise ValueError("resbm_cuda_quantize_pack: non-finite input (inf or nan)")
     if codec.quantized:
-        raise RuntimeError(
+        raise ValueError(
             f"resbm_cuda_quantize_pack: scale overflow: an activation absmax does not fit the "
             f"{SCALE_NAMES[codec.scale_dtype]} scale"
         )
@@ -222,7 +228,7 @@ def unpack_dequantize(codes: torch.Tensor, scales, codec: Codec, k: int, out: to
     """Unpack + dequantize ``codes``/``scales`` into ``out`` (N, k) of float32,
     float16 or bfloat16, bit for bit like the reference."""
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ValueError("native: out must be a 2-D tensor (N, k)")
+        raise (ValueError if isinstance(out, torch.Tensor) else TypeError)("native: out must be a 2-D tensor (N, k)")
     n = out.shape[0]
     _check_tensor("out", out, (n, k), tuple(DTYPE_CODES), out.device)
     group, scale_code = _layout(codec, n, k, codes, scales, out.device)

@@ -515,12 +515,12 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 # ---- Python API (what training code calls) -------------------------------------------
 
 
-def quantize(z: Tensor, codec: Codec, seed: int = 0) -> tuple[Tensor, Tensor]:
+def quantize(z: Tensor, codec: Codec | str, seed: int = 0) -> tuple[Tensor, Tensor]:
     """z (N, k) -> (int8 codes (N, k), scales (N, k/group))."""
     return _quantize(z, Codec.parse(codec).spec, seed)
 
 
-def dequantize(codes: Tensor, scales: Tensor, codec: Codec, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize(codes: Tensor, scales: Tensor, codec: Codec | str, dtype: torch.dtype = torch.float32) -> Tensor:
     """Inverse of :func:`quantize` (up to rounding)."""
     return _dequantize(codes, scales, Codec.parse(codec).spec, dtype)
 
@@ -538,8 +538,9 @@ def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
     return _unpack(packed, bits, k)
 
 
-def encode(x: Tensor, w_e: Tensor, codec: Codec, *, norm_weight: Optional[Tensor] = None,
-           eps: float = 1e-6, seed: int = 0, out: Optional[Tensor] = None, return_row_stats: bool = False):
+def encode(x: Tensor, w_e: Tensor, codec: Codec | str, *, norm_weight: Optional[Tensor] = None,
+           eps: float = 1e-6, seed: int = 0, out: Optional[Tensor] = None,
+           return_row_stats: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Encode forward: x (N, d) -> payload of z = RMSNorm(x) W_e^T + x[:, :k].
 
     ``out``: a uint8 buffer of ``codec.payload_bytes(N, k)`` bytes to write
@@ -556,7 +557,7 @@ def encode(x: Tensor, w_e: Tensor, codec: Codec, *, norm_weight: Optional[Tensor
     return (payload, stats.detach()) if return_row_stats else payload  # statistics, not differentiable
 
 
-def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Optional[Tensor] = None,
+def decode(payload: Tensor, w_d: Tensor, codec: Codec | str, n: int, *, residual: Optional[Tensor] = None,
            out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Decode forward: payload -> h = zhat W_d^T + pad_d(zhat) (+ residual), (n, d).
 
@@ -566,7 +567,7 @@ def decode(payload: Tensor, w_d: Tensor, codec: Codec, n: int, *, residual: Opti
     return _run(_decode_forward, payload, w_d, residual, Codec.parse(codec).spec, n, out_dtype)
 
 
-def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec, grad_codec: Codec,
+def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec | str, grad_codec: Codec | str,
                     grad_seed: int = 0, *, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """grad_h (N, d) -> (gradient payload of dL/dzhat, grad of w_d); ``out``
     as in :func:`encode`, for the gradient payload."""
@@ -576,8 +577,9 @@ def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec, 
     return out, _run(_decode_backward_out, out, grad_h, payload, w_d, *specs, grad_seed)
 
 
-def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Codec, *,
-                    norm_weight: Optional[Tensor] = None, eps: float = 1e-6, row_stats: Optional[Tensor] = None):
+def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Codec | str, *,
+                    norm_weight: Optional[Tensor] = None, eps: float = 1e-6,
+                    row_stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Gradient payload -> (grad_x, grad_w_e, grad_norm_weight or None).
 
     ``row_stats``: what :func:`encode` returned with ``return_row_stats=True``
@@ -589,7 +591,7 @@ def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Co
     return gx, gw, gg if norm_weight is not None else None
 
 
-def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec, grad_codec: Codec, *,
+def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec | str, grad_codec: Codec | str, *,
              norm_weight: Optional[Tensor] = None, residual: Optional[Tensor] = None, eps: float = 1e-6,
              seed: int = 0, grad_seed: int = 1) -> tuple[Tensor, Tensor]:
     """Differentiable encode -> wire -> decode in one process: returns (h, payload).
@@ -605,7 +607,7 @@ def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec, grad_codec: Code
     return h, payload
 
 
-def wire_roundtrip(z: Tensor, codec: Codec, grad_codec: Codec, *, seed: int = 0, grad_seed: int = 1) -> Tensor:
+def wire_roundtrip(z: Tensor, codec: Codec | str, grad_codec: Codec | str, *, seed: int = 0, grad_seed: int = 1) -> Tensor:
     """Differentiable quantize -> pack -> unpack -> dequantize of z (N, k) with
     straight-through gradients (the gradient makes the trip with ``grad_codec``)."""
     return _wire_roundtrip(z, Codec.parse(codec).spec, Codec.parse(grad_codec).spec, seed, grad_seed)

@@ -168,7 +168,7 @@ def test_non_finite_input(bits, bad):
     codec = Codec(bits=bits, group_size=None if bits == 16 else 8)
     with pytest.raises(ValueError, match="non-finite"):
         ref.write_payload(z, codec, 0)
-    with pytest.raises(RuntimeError, match="non-finite input"):
+    with pytest.raises(ValueError, match="non-finite input"):
         _native_payload(z, codec, 0)
 
 
@@ -181,7 +181,7 @@ def test_scale_overflow(monkeypatch):
     z, codec = OVERFLOWING
     with pytest.raises(ValueError, match="overflows"):
         ref.write_payload(z, codec, 0)
-    with pytest.raises(RuntimeError, match="scale overflow.*fp16 scale"):
+    with pytest.raises(ValueError, match="scale overflow.*fp16 scale"):
         _native_payload(z, codec, 0)
 
 
@@ -190,7 +190,7 @@ def test_cuda_scale_overflow(monkeypatch):
     """The CUDA codec kernel's overflow, named like the CPU library's."""
     emulate_cuda_without_gpu(monkeypatch)
     z, codec = OVERFLOWING
-    with pytest.raises(RuntimeError, match="resbm_cuda_quantize_pack: scale overflow.*fp16 scale"):
+    with pytest.raises(ValueError, match="resbm_cuda_quantize_pack: scale overflow.*fp16 scale"):
         _native_payload(z.to(CUDA_KERNELS_DEVICE), codec, 0)
 
 
@@ -202,11 +202,13 @@ def test_python_argument_errors():
     codec = Codec(bits=8)
     payload = empty_payload(codec, 2, 64, "cpu")
     codes, scales = payload_views(payload, codec, 2, 64)
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="z has dtype torch.float64"):
         native.quantize_pack(z.double(), codec, 0, codes, scales)
+    with pytest.raises(TypeError, match="z must be a 2-D tensor"):
+        native.quantize_pack(z.tolist(), codec, 0, codes, scales)
     with pytest.raises(ValueError, match="contiguous"):
         native.quantize_pack(torch.randn(64, 2).T, codec, 0, codes, scales)
-    with pytest.raises(ValueError, match="scales has dtype"):
+    with pytest.raises(TypeError, match="scales has dtype"):
         native.quantize_pack(z, codec, 0, codes, scales.float())
     with pytest.raises(ValueError, match="codes has shape"):
         native.quantize_pack(z, codec, 0, codes[:1], scales)
@@ -325,7 +327,7 @@ def test_cuda_matches_reference(bits, rounding, monkeypatch):
                     assert torch.equal(_bits(out), _bits(want)), (codec.spec, dtype)
     bad = torch.randn(2, 32, device=CUDA_KERNELS_DEVICE)
     bad[1, 3] = float("nan")
-    with pytest.raises(RuntimeError, match="non-finite input"):
+    with pytest.raises(ValueError, match="non-finite input"):
         _native_payload(bad, Codec(bits=bits, group_size=None if bits == 16 else 16), 0)
 
 

@@ -30,6 +30,7 @@ import importlib
 import json
 import os
 import pathlib
+from collections.abc import Iterator
 
 NAMES = ("auto", "reference", "triton", "cuda")
 RANKED = ("reference", "triton", "cuda")  # what a measured ranking may list
@@ -81,7 +82,7 @@ def requested() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[None]:
     """Run the enclosed ops on backend ``name`` (one of :data:`NAMES`)."""
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of {NAMES}")

@@ -13,9 +13,13 @@ import os
 import pathlib
 import re
 import shutil
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .stage import PipelineStage
 
 _STEP = re.compile(r"step-(\d+)$")
 
@@ -32,7 +36,8 @@ def _local_steps(directory, stage: int) -> list[int]:
     return sorted(s for s in steps if _stage_file(directory, s, stage).is_file())
 
 
-def save(directory, pipeline_stage, optimizer, *, extra: dict | None = None, keep: int = 2) -> pathlib.Path:
+def save(directory: str | os.PathLike, pipeline_stage: PipelineStage, optimizer: torch.optim.Optimizer, *,
+         extra: dict | None = None, keep: int = 2) -> pathlib.Path:
     """Write this stage's model, optimizer, step counter, RNG state and
     ``extra`` (e.g. a data sampler's state) for the steps done so far,
     keeping this stage's newest ``keep`` (>= 1) checkpoints."""
@@ -64,7 +69,8 @@ def save(directory, pipeline_stage, optimizer, *, extra: dict | None = None, kee
     return path
 
 
-def load_latest(directory, pipeline_stage, optimizer, group=None) -> dict | None:
+def load_latest(directory: str | os.PathLike, pipeline_stage: PipelineStage, optimizer: torch.optim.Optimizer,
+                group: dist.ProcessGroup | None = None) -> dict | None:
     """Restore the newest step that every stage of the group (by default the
     stage's own) has; returns its ``extra`` dict, or None (and changes
     nothing) when there is none."""
