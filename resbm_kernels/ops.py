@@ -12,9 +12,9 @@ Shapes: activations ``x`` are (N, d); ``w_e`` is the encoder weight (k, d)
 and ``w_d`` the decoder weight (d, k), as in ``nn.Linear``; payloads are 1-D
 uint8 in the wire format of :mod:`resbm_kernels.codec`. Activations and
 weights are float32, float16 or bfloat16 (also float64 on the reference), one
-dtype per call; k divides d. The
-Triton and CUDA kernels need d and k multiples of 16 (``auto`` runs other
-shapes on the reference; a named backend raises).
+dtype per call; k divides d. The Triton and CUDA kernels need d and k
+multiples of 16 (``auto`` runs other shapes on the reference; a named backend
+raises).
 """
 
 from __future__ import annotations
