@@ -158,6 +158,15 @@ class ResBMBoundary(CallSeeded):
     with bf16 activations). Stochastic rounding draws a fresh seed each call
     (see :class:`CallSeeded`).
 
+    Args:
+        d: model width; k: bottleneck width (must divide d).
+        codec: forward (activation) wire codec or its spec (default bf16).
+        grad_codec: backward (activation-gradient) codec (default int8 per
+            token, stochastic rounding).
+        mlp_hidden, norm, eps: as :class:`ResBMEncoder` (the decoder takes
+            the same ``mlp_hidden``).
+        seed: base of the stochastic-rounding seeds.
+
     Example::
 
         boundary = ResBMBoundary(d=512, k=4, codec=INT8)
@@ -183,6 +192,8 @@ class ResBMBoundary(CallSeeded):
         return self.encoder.k
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """h (..., d) for activations x (..., d) after the round trip over the
+        wire, plus ``residual`` (..., d) when given (added in the decode pass)."""
         lead = x.shape[:-1]
         x2d = _tokens(x, self.d, "ResBMBoundary: input")
         r2d = None if residual is None else _tokens(residual, self.d, "ResBMBoundary: residual")
