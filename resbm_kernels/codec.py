@@ -114,8 +114,9 @@ class Codec:
             raise ValueError(f"Codec: k={k} channels; a bottleneck needs at least one")
         g = k if self.group_size is None else self.group_size
         if self.quantized and k % g:
-            raise ValueError(f"Codec: group_size={g} does not divide k={k} (choose a group that does, or "
-                             f"group_size=None for one scale per row: {dataclasses.replace(self, group_size=None).spec!r})")
+            per_row = dataclasses.replace(self, group_size=None).spec
+            raise ValueError(f"Codec: group_size={g} does not divide k={k} (choose a group that does, "
+                             f"or group_size=None for one scale per row: {per_row!r})")
         if (k * self.bits) % 8:
             raise ValueError(f"Codec: k={k} x bits={self.bits} is not a whole number of bytes per row")
         return g

@@ -210,8 +210,8 @@ def _workspace(pass_: str, dtype, d: int, k: int, norm: bool, device) -> torch.T
     """The device workspace a pass needs (its weights converted to the tensor
     cores' operand types once per call), or None. Keep it referenced until the
     pass is launched; after that the caching allocator reuses it in stream order."""
-    nbytes = _size_query(_library_name(device), "resbm_cuda_workspace_bytes", _PASS_IDS[pass_], native.DTYPE_CODES[dtype],
-                         d, k, int(norm))
+    nbytes = _size_query(_library_name(device), "resbm_cuda_workspace_bytes", _PASS_IDS[pass_],
+                         native.DTYPE_CODES[dtype], d, k, int(norm))
     return fast.empty((nbytes,), torch.uint8, device) if nbytes else None
 
 
@@ -228,8 +228,8 @@ def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool, w, n
     else:
         codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
         # the (rscale * zhat)^T operand, written once by the library's first kernel
-        nbytes = _size_query(_library_name(a.device), "resbm_cuda_weight_grad_workspace_bytes", native.DTYPE_CODES[a.dtype],
-                             n, k)
+        nbytes = _size_query(_library_name(a.device), "resbm_cuda_weight_grad_workspace_bytes",
+                             native.DTYPE_CODES[a.dtype], n, k)
         workspace = fast.empty((nbytes,), torch.uint8, a.device)
         _call("resbm_cuda_weight_grad", a.device, a.data_ptr(), native.DTYPE_CODES[a.dtype], n, d, k, codes, scales,
               bits, group, sdt, native.ptr(rscale), splits, int(transpose), partial.data_ptr(), workspace.data_ptr())
@@ -272,7 +272,8 @@ def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
     codes, scales, bits, group, sdt = _codec_args(payload, codec, n, k)
     ws = _workspace("decode_forward", w_d.dtype, d, k, False, w_d.device)
     _call("resbm_cuda_decode_forward", w_d.device, codes, scales, n, d, k, bits, group, sdt, w_d.data_ptr(),
-          native.DTYPE_CODES[w_d.dtype], native.ptr(residual), out.data_ptr(), native.DTYPE_CODES[out_dtype], native.ptr(ws))
+          native.DTYPE_CODES[w_d.dtype], native.ptr(residual), out.data_ptr(), native.DTYPE_CODES[out_dtype],
+          native.ptr(ws))
     return out
 
 
@@ -308,6 +309,6 @@ def encode_backward(grad_payload, x, w_e, norm_weight, eps, grad_codec: Codec, r
         codes, scales, bits, group, sdt = _codec_args(grad_payload, grad_codec, n, k)
         ws = _workspace("encode_backward", x.dtype, d, k, gamma is not None, x.device)
         _call("resbm_cuda_encode_backward", x.device, codes, scales, n, d, k, bits, group, sdt, x.data_ptr(),
-              native.DTYPE_CODES[x.dtype], w_e.data_ptr(), native.ptr(gamma), float(eps), grad_x.data_ptr(), native.ptr(rscale),
-              native.ptr(stats), native.ptr(ws))
+              native.DTYPE_CODES[x.dtype], w_e.data_ptr(), native.ptr(gamma), float(eps), grad_x.data_ptr(),
+              native.ptr(rscale), native.ptr(stats), native.ptr(ws))
     return (grad_x, *_weight_grad(x, grad_payload, grad_codec, rscale, k, transpose=False, w=w_e, norm_weight=gamma))
