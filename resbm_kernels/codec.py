@@ -268,15 +268,15 @@ def check_header(raw: bytes, codec: Codec, n: int | None, k: int) -> int:
     return h.n
 
 
-_SCALE_BY_CODE = {0: "none", **{code: SCALE_NAMES[dtype] for dtype, code in SCALE_DTYPES.items()}}
+_DTYPE_BY_CODE = {code: dtype for dtype, code in SCALE_DTYPES.items()}
+_SCALE_BY_CODE = {0: "none", **{code: SCALE_NAMES[dtype] for code, dtype in _DTYPE_BY_CODE.items()}}
 
 
 def _header_spec(h: Header) -> str:
     """The codec a header describes, as a spec without its rounding (not on the wire)."""
-    by_code = {code: dtype for dtype, code in SCALE_DTYPES.items()}
     try:
         codec = Codec(bits=h.bits, group_size=None if h.group == h.k else h.group,
-                      scale_dtype=by_code.get(h.scale_code, torch.bfloat16))
+                      scale_dtype=_DTYPE_BY_CODE.get(h.scale_code, torch.bfloat16))
     except ValueError:  # not a codec this library writes
         return f"bits={h.bits}, scale code {h.scale_code}, group {h.group}"
     return codec.spec if h.bits == 16 else codec.spec.rsplit("/", 1)[0]
