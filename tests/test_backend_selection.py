@@ -165,6 +165,8 @@ def test_triton_limits():
     assert tb.unsupported(ok) is None
     assert tb.unsupported(Case("encode_forward", 96, 48, (torch.bfloat16,), (Codec(bits=8),))) is None
     assert "multiples of 16" in tb.unsupported(Case("encode_forward", 96, 24))
+    assert tb.unsupported(Case("encode_forward", 512, 256)) is None
+    assert "larger than 256" in tb.unsupported(Case("encode_forward", 512, 272))
     assert "float64" in tb.unsupported(Case("encode_forward", 96, 48, (torch.float64,)))
     assert "power of two" in tb.unsupported(Case("encode_forward", 96, 48, (), (Codec(bits=8, group_size=24),)))
 

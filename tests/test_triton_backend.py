@@ -685,6 +685,15 @@ def test_k_not_multiple_of_16():
         triton_call(ops.decode, ref.write_payload(torch.randn(8, 24), Codec(), 0), torch.randn(96, 24), Codec(), 8)
 
 
+def test_k_above_the_kernels_limit():
+    # (k=256 runs: the random cases draw k up to 256, the static check compiles k=256)
+    x, w_e = torch.randn(4, 272), torch.randn(272, 272)
+    with pytest.raises(ValueError, match="k=272 is larger than 256"):
+        triton_call(ops.encode, x, w_e, Codec())
+    with pytest.raises(ValueError, match="k=272 is larger than 256"):
+        triton_call(ops.decode, ref.write_payload(torch.randn(4, 272), Codec(), 0), w_e.T.contiguous(), Codec(), 4)
+
+
 def test_float64_rejected():
     x, w_e = torch.randn(8, 64, dtype=torch.float64), torch.randn(16, 64, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):

@@ -9,7 +9,7 @@ the inputs' device and launches on the current torch stream
 device.
 
 Requirements: CUDA tensors, float32/float16/bfloat16, d and k multiples of 16
-(as the Triton backend), k <= 256 (the Triton backend has no such limit). Any
+and k <= 256 (as the Triton backend). Any
 scale group that divides k works (the Triton backend's: powers of two or the row).
 
 With ``RESBM_CUDA_EMULATE=1`` the backend also takes CPU tensors and runs the
@@ -71,7 +71,6 @@ from .. import checks, native
 from . import fast
 from ..codec import HEADER_BYTES, Codec, header_words, payload_layout, rng_key
 
-MAX_K = 256
 FP16_SPLIT_PASSES = ("decode_forward", "decode_backward", "encode_backward")
 
 
@@ -98,7 +97,7 @@ def unsupported(case) -> str | None:
     """Why ``auto`` should not run ``case`` (a :class:`~resbm_kernels.backends.Case`)
     on these kernels, or None: the kernels' limits, and fp16 in the passes that
     split dequantized values into fp16 (see Precision above)."""
-    found = fast.problem(case.d, case.k, case.dtypes, max_k=MAX_K)
+    found = fast.problem(case.d, case.k, case.dtypes)
     if found:
         return found[1]
     if torch.float16 in case.dtypes and case.op in FP16_SPLIT_PASSES:
@@ -107,7 +106,7 @@ def unsupported(case) -> str | None:
 
 
 def _check(what: str, d: int, k: int, *dtypes) -> None:
-    fast.check("cuda", what, d, k, *dtypes, max_k=MAX_K)
+    fast.check("cuda", what, d, k, *dtypes)
 
 
 def _dense(t):

@@ -14,24 +14,28 @@ import torch
 from ..codec import Codec, empty_payload, write_header
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Above it the kernels' (rows, k) tiles outgrow an SM: compiled for sm_90 at k=512 (2026-11-28),
+# Triton's spill in encode forward and encode backward, and with fp32 inputs decode forward's
+# and the weight gradient's need more shared memory than an H100 has (256 / 280 KB of 227).
+MAX_K = 256
 
 
-def problem(d: int, k: int, dtypes=(), max_k: int | None = None):
+def problem(d: int, k: int, dtypes=()):
     """The compiled kernels' limits (float32/16/bf16, d and k multiples of 16,
-    k <= max_k): None if met, else (exception type, reason)."""
+    k <= MAX_K): None if met, else (exception type, reason)."""
     for dtype in dtypes:
         if dtype is not None and dtype not in DTYPES:
             return TypeError, f"dtype {dtype} is not supported; use float32/float16/bfloat16 or the reference backend"
     if d % 16 or k % 16:
         return ValueError, f"d={d} and k={k} must both be multiples of 16"
-    if max_k is not None and k > max_k:
-        return ValueError, f"k={k} is larger than {max_k}"
+    if k > MAX_K:
+        return ValueError, f"k={k} is larger than {MAX_K}, the most the compiled kernels take; use the reference backend"
     return None
 
 
-def check(backend: str, what: str, d: int, k: int, *dtypes, max_k: int | None = None) -> None:
+def check(backend: str, what: str, d: int, k: int, *dtypes) -> None:
     """Raise if :func:`problem` finds one."""
-    found = problem(d, k, dtypes, max_k)
+    found = problem(d, k, dtypes)
     if found:
         error, reason = found
         raise error(f"{backend} backend ({what}): {reason}")

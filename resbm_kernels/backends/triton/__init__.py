@@ -3,8 +3,10 @@
 Same signatures and return conventions as
 :mod:`resbm_kernels.backends.reference`. Runs on CUDA, and on the CPU under
 ``TRITON_INTERPRET=1`` (for tests). Extra requirements over the reference:
-d and k multiples of 16, float32/float16/bfloat16 inputs, and a scale group
-that is a power of two or the whole row.
+d and k multiples of 16, k <= 256 (larger tiles spill or outgrow shared
+memory on the GPU, see ``fast.MAX_K``; the same under the interpreter),
+float32/float16/bfloat16 inputs, and a scale group that is a power of two or
+the whole row.
 
 Kernels (one family per module):
 

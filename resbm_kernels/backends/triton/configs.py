@@ -9,7 +9,8 @@ On the GPU a config is launchable for a k when the fp32 tiles its kernel keeps
 in registers (see :func:`tile_regs`, by kernel family) need at most
 ``MAX_TILE_REGS`` registers per thread, and its tiles fit the device's shared
 memory (an upper estimate, see :func:`smem_bytes`). The last config of each
-set is small enough for every k up to 256 and is the fallback. Checked
+set is small enough for every k up to 256 (the most the backend takes) and is
+the fallback. Checked
 ahead of time by tests/test_triton_static.py (same rule, real cubins): no
 spills for bf16 and fp16; fp32 inputs (3xTF32) spill in the backward
 kernels at large k.
