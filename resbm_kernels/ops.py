@@ -567,10 +567,12 @@ def decode(payload: Tensor, w_d: Tensor, codec: Codec | str, n: int, *, residual
     return _run(_decode_forward, payload, w_d, residual, Codec.parse(codec).spec, n, out_dtype)
 
 
-def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec | str, grad_codec: Codec | str,
-                    grad_seed: int = 0, *, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec | str, grad_codec: Codec | str, *,
+                    grad_seed: int = 1, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """grad_h (N, d) -> (gradient payload of dL/dzhat, grad of w_d); ``out``
-    as in :func:`encode`, for the gradient payload."""
+    as in :func:`encode`, for the gradient payload. ``grad_seed`` (a stochastic
+    ``grad_codec``'s rounding) defaults to :func:`boundary`'s, so the passes
+    called one by one with their defaults give what it gives."""
     specs = Codec.parse(codec).spec, Codec.parse(grad_codec).spec
     if out is None:
         return _run(_decode_backward, grad_h, payload, w_d, *specs, grad_seed)

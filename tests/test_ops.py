@@ -209,6 +209,22 @@ def test_fused_boundary_equals_composition(codec, grad_codec):
         torch.testing.assert_close(a, b, **tolerance(torch.float32, D))
 
 
+def test_passes_with_their_default_seeds_give_the_boundarys_gradients():
+    """boundary's default seeds are the passes' defaults: a hand-written
+    encode -> decode_backward -> encode_backward reproduces its stochastically
+    rounded gradient without naming a seed."""
+    x, w_e, w_d, gamma, _ = (t.float() for t in make())
+    grad_h = randn(N, D, seed=22)
+    xx = x.clone().requires_grad_()
+    h, payload = ops.boundary(xx, w_e, w_d, GRAD_INT8, GRAD_INT8, norm_weight=gamma, eps=EPS)
+    h.backward(grad_h)
+
+    torch.testing.assert_close(payload, ops.encode(x, w_e, GRAD_INT8, norm_weight=gamma, eps=EPS), rtol=0, atol=0)
+    grad_payload, _ = ops.decode_backward(grad_h, payload, w_d, GRAD_INT8, GRAD_INT8)
+    grad_x = ops.encode_backward(grad_payload, x, w_e, GRAD_INT8, norm_weight=gamma, eps=EPS)[0]
+    torch.testing.assert_close(xx.grad, grad_x, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_boundary_dtypes_track_float64(dtype):
     x, w_e, w_d, gamma, _ = make()
