@@ -106,7 +106,9 @@ def batch(data: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: in
 
     Deterministic in ``(seed, step)`` (a private generator seeded from a hash
     of both; the global RNG is untouched), so any step can be regenerated
-    without replaying the ones before it.
+    without replaying the ones before it. Windows start below
+    ``len(data) - seq_len - 1``, so the last byte is never drawn: kept so that
+    the committed convergence runs (bench/results) reproduce.
     """
     if data.dim() != 1:
         raise ValueError(f"data: expected a 1-D tensor of bytes, got shape {tuple(data.shape)}")
