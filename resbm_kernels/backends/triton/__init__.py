@@ -29,13 +29,12 @@ decode backward twice; encode backward twice through RMSNorm, once without
 statistics encode forward can return (``row_stats``). The backward passes'
 weight gradient is a second, d-tile-major pass: decode backward's main
 kernel needs whole rows of g_z to quantize, and encode backward's grad_x is
-a rows kernel (on the H200 at N >= 16384 decode forward's rows kernel ran at
-47-85 % of copy bandwidth, one d-tile-major pass writing grad_x too at
-22-44 %; autotuned on 2026-11-28, that pass was still no faster, see
-:mod:`.weight_grad`). With ``RESBM_TRITON_FUSED_WGRAD=1`` (0 or 1; off by default: on an
-H200 it was slower but for decode backward at k <= 64) its programs join the
-main kernel's launch, interleaved by chunks of rows so that the second read
-may hit L2 (see :mod:`.weight_grad`).
+a rows kernel, which measured faster than one d-tile-major pass doing both
+(bench/HISTORY.md, "The backward passes' structure"). With
+``RESBM_TRITON_FUSED_WGRAD=1`` (0 or 1; off by default: on an H200 it was
+slower but for decode backward at k <= 64) its programs join the main
+kernel's launch, interleaved by chunks of rows so that the second read may
+hit L2 (see :mod:`.weight_grad`).
 
 Precision: GEMMs accumulate in fp32. bf16 inputs run on bf16 tensor cores;
 fp32 inputs on 3xTF32; fp16 inputs on fp16 tensor cores, except the GEMMs

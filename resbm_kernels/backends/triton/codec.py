@@ -104,7 +104,8 @@ def store_payload(z, rows, n, k, n_groups, codes_ptr, scales_ptr, key,
         zg = tl.reshape(z, (BLOCK_N, NG, GROUP_RESHAPE))
         absmax = tl.max(tl.abs(zg), axis=2)
         scale = round_to_kind(tl.math.div_rn(absmax, tl.full(absmax.shape, QMAX, tl.float32)), SCALE_KIND)
-        inv = tl.where(scale > 0, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.where(scale > 0, scale, 1.0)), 0.0)
+        one = tl.full(scale.shape, 1.0, tl.float32)
+        inv = tl.where(scale > 0, tl.math.div_rn(one, tl.where(scale > 0, scale, 1.0)), 0.0)
         y = tl.reshape(zg * inv[:, :, None], (BLOCK_N, BLOCK_K))
         # |y| <= qmax+1 changes no result and keeps the rounding trick valid
         y = tl.minimum(tl.maximum(y, -QMAX - 1.0), QMAX + 1.0)

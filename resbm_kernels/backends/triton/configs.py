@@ -209,27 +209,22 @@ GPU_PROJECT = ((64, 128, 4, 4), (64, 64, 8, 4), (64, 128, 8, 3), (128, 128, 8, 3
 # registers a thread (16 warps) hold an SM to one program: 16 warps, as two of 64x64 w8.
 GPU_PROJECT_QUANTIZE = (GPU_PROJECT[:1] + ((64, 64, 8, 4, 128),) + GPU_PROJECT[1:-1] + ((128, 64, 16, 4),)
                         + GPU_PROJECT[-1:])
-# dequant_project (decode forward; encode backward's grad_x too, not swept): decode fwd 44.5 / 59.7 (was 41.9 / 90.6; 64x128 w4 s4 first gave 41.4 at k=32 but
-# 91.7 for int4 at k=64, against 63.3 before); BLOCK_N=32 is fastest at N=4096, k=32; the last, the
-# fallback, is the only one whose tiles fit with TF32 operands at k=256 (128 KB; 64x32 needs 256 KB).
-# D_SPLIT: each row block's d split between that many programs (output columns are independent),
-# on top of the launcher's small-N split (d_splits): at N=16384 and 64-row blocks the grid is ~2
-# programs an SM; not swept (three splits of grad_x's kernel: encode backward 7-9 % faster at
-# k <= 64, slower at k=128, H100 2026-11-27; two: no faster), so the autotuner decides, among
-# the configs it chose most on the H200 (64x64: w8 for grad_x, w4 for decode forward at k=128);
-# few, as each is another compile per tuned shape. 128x64 w16 (not yet timed, session 29): the weight
-# tiles read from L2 once per 128 rows, as in project_quantize's set. 64x64 w4 in two splits (not yet
-# timed, session 30), four stages for k <= 64 and two for k=128 (57 KB): 512 programs, four an SM (the
-# registers; at k=128 the shared memory), one wave on 132 SMs where the other splits take 1.3-1.5 and
-# the unsplit grid holds two an SM (ncu, H200 2026-11-28: decode forward 7.7 warps an SM). Triton
-# waits for each tile's wgmma before the epilogue that reads it, so a program never overlaps its own
-# tensor-core work with its stores: only the SM's other programs can.
+# dequant_project (decode forward; encode backward's grad_x, not swept apart): decode fwd 44.5 / 59.7 (was
+# 41.9 / 90.6); BLOCK_N=32 is fastest at N=4096, k=32; the last, the fallback, is the only tile that fits
+# TF32 operands at k=256 (128 KB). D_SPLIT n: each row block's d split between n programs, on top of the
+# launcher's small-N split (d_splits). Unsplit at N=16384 the grid holds about two programs an SM (ncu,
+# H200 2026-11-28: 7.7 warps an SM in decode forward), and Triton waits for each tile's wgmma before the
+# epilogue that reads it, so only an SM's other programs overlap a program's tensor-core work with its
+# stores. Splits not swept, the autotuner decides (three splits of grad_x: encode backward 7-9 % faster at
+# k <= 64, slower at k=128, H100 2026-11-27). Not yet timed: 128x64 w16 (session 29; weight tiles read
+# from L2 once per 128 rows) and 64x64 w4 in two splits (session 30: 512 programs, four an SM, one wave
+# on 132 SMs; two stages at k=128, 57 KB).
 GPU_DEQUANT = ((64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 8, 4), (32, 256, 4, 4), (64, 32, 8, 3),
                (64, 64, 8, 4, {"D_SPLIT": 2}), (64, 64, 8, 4, {"D_SPLIT": 3}), (64, 64, 4, 4, {"D_SPLIT": 3}),
                (64, 64, 4, 4, {"D_SPLIT": 2}), (64, 64, 4, 2, {"D_SPLIT": 2}), (128, 64, 16, 3), (32, 32, 4, 2))
-# weight_grad (decode backward's, swept; encode backward's too): 88.3 / 128.5 (was 94.1 / 128.5): each d-tile program re-reads the
-# (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic
-# the two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
+# weight_grad (decode backward's, swept; encode backward's too): 88.3 / 128.5 (was 94.1 / 128.5): each d-tile
+# program re-reads the (N, k) operand Z, so at large k wide BLOCK_D tiles halve that L2 traffic; the
+# two-stage fallback fits fp32 operands at k=256 on an A100 (147 KB; three stages need 221 KB)
 GPU_WGRAD = ((128, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 4), (64, 32, 8, 3), (64, 32, 8, 2))
 GPU_TABLES = dict(project_quantize=GPU_PROJECT_QUANTIZE, grad_operand=GPU_PROJECT, dequant_project=GPU_DEQUANT,
                   weight_grad=GPU_WGRAD)  # by kernel

@@ -29,16 +29,11 @@ size, against at most 8 partials for the separate pass). Decode backward's Z
 is then written before the launch, by :mod:`.grad_operand`'s kernel without
 the norm (its row blocks would write it too late; dequantizing the payload in
 every weight-gradient program took 4-5x the loop instructions).
-Timed on an H200 (2026-11-27, N=16384, d=4096, autotuned): DRAM traffic fell
-by a quarter to a third, not the half a full L2 hit gives, and the fused
-kernel ran longer than the two it replaces: decode backward 3-8 % faster at
-k <= 64, 16-30 % slower at k=128; encode backward 4-22 % slower
-(bench/results/logs/h200-2026-11-27/VERDICT.md).
-
-Encode backward in one pass (grad_x written from this pass's x tiles, x read
-once: 268 of 402 MB at N=16384, d=4096) was timed on an H200 on 2026-11-28,
-autotuned, and removed: as fast at k=32 with 16- and 8-bit payloads, else 5-23 %
-slower (bench/results/logs/h200-2026-11-28/VERDICT.md; the kernel: commit e5915c2).
+On an H200 the fused launch cut DRAM traffic by a quarter to a third (not
+the half a full L2 hit gives) and was faster only for decode backward at
+k <= 64; one pass writing encode backward's grad_x from this pass's x tiles
+was no faster either and was removed (bench/HISTORY.md, "The backward
+passes' structure").
 """
 
 import triton
