@@ -368,16 +368,18 @@ def _cuda_kernels():
 
 HAS_CUDA_GPU, HAS_CUDA_KERNELS = _cuda_kernels()
 CUDA_KERNELS_DEVICE = "cuda" if HAS_CUDA_GPU else "cpu"
-needs_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS,
+# RESBM_CUDA=1 (as in CI) requires the install to build libresbm_cuda and libresbm_cuda_emu,
+# so there a missing library fails the tests that need it instead of skipping them
+CUDA_REQUIRED = os.environ.get("RESBM_CUDA", "").strip() == "1"
+needs_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS and not CUDA_REQUIRED,
                                         reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
 
 
 def _cuda_library_optional() -> bool:
-    """libresbm_cuda is missing and nothing asked for it: RESBM_CUDA=1 (as in CI)
-    requires the install to build it, so there its absence fails the tests instead."""
+    """libresbm_cuda is missing and nothing asked for it (see CUDA_REQUIRED)."""
     from resbm_kernels import native
 
-    return not native.available("cuda") and os.environ.get("RESBM_CUDA", "").strip() != "1"
+    return not native.available("cuda") and not CUDA_REQUIRED
 
 
 needs_cuda_library = pytest.mark.skipif(_cuda_library_optional(),

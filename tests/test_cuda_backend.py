@@ -42,9 +42,9 @@ from helpers import CUDA_KERNELS_DEVICE, HAS_CUDA_GPU, emulate_cuda_without_gpu,
 from helpers import needs_cuda_library
 from helpers import ids as _ids
 from helpers import rel_tol as tol
+from resbm_kernels.backends import cuda as cb
 from resbm_kernels.codec import Codec
 
-cb = pytest.importorskip("resbm_kernels.backends.cuda")
 FAST_ALLOCATORS = {name: getattr(cb.fast, name) for name in ("empty", "new_payload")}  # before any poisoning
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -178,7 +178,7 @@ def check_case(c: dict, device, call) -> None:
     for backend, projection in BACKENDS])
 def test_random_cases(backend, projection, monkeypatch):
     if backend == "triton":
-        pytest.importorskip("resbm_kernels.backends.triton")
+        pytest.importorskip("triton")
     else:
         emulate_cuda_without_gpu(monkeypatch)
         use_projection(monkeypatch, projection)

@@ -32,9 +32,9 @@ from helpers import exact_finish_case, finish_weight_grad_reference  # noqa: E40
 from helpers import NO_WORK_OPS, to_device, training_pass_calls  # noqa: E402
 from helpers import ids as _ids  # noqa: E402
 from helpers import rel_tol as tol  # noqa: E402
+from resbm_kernels.backends import triton as tb  # noqa: E402
 from resbm_kernels.codec import Codec  # noqa: E402
 
-tb = pytest.importorskip("resbm_kernels.backends.triton")
 needs_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
