@@ -201,8 +201,8 @@ class ResBMBoundary(CallSeeded):
         if self.encoder.mlp is None and self.decoder.mlp is None:
             h, _ = ops.boundary(
                 x2d, _cast(self.encoder.weight, x.dtype), _cast(self.decoder.weight, x.dtype),
-                self.codec, self.grad_codec, norm_weight=_cast(self.encoder.norm_weight, x.dtype), residual=r2d, eps=self.encoder.eps,
-                seed=seed, grad_seed=grad_seed,
+                self.codec, self.grad_codec, norm_weight=_cast(self.encoder.norm_weight, x.dtype), residual=r2d,
+                eps=self.encoder.eps, seed=seed, grad_seed=grad_seed,
             )
         else:
             z = ops.wire_roundtrip(self.encoder.project(x2d), self.codec, self.grad_codec,

@@ -82,8 +82,8 @@ def test_group_must_divide_k(tensors):
 
 
 def test_unsupported_bits():
-    with pytest.raises(ValueError, match="unsupported bits=3"):
-        ops.encode(randn(N, D), randn(K, D), Codec(bits=3))
+    with pytest.raises(ValueError, match="unsupported bits=3"):  # a spec string: checked when the op parses it
+        ops.encode(randn(N, D), randn(K, D), "int3/row/bf16/nearest")
     with pytest.raises(ValueError, match="unsupported bits=5"):
         ops.pack(torch.zeros(2, 8, dtype=torch.int8), 5)
 

@@ -572,6 +572,9 @@ def test_boundary_gradients(norm, dtype):
 
     h, payload, grads = run("triton")
     h_ref, payload_ref, grads_ref = run("reference")
+    with use_backend("reference"):  # h is what its own payload decodes to
+        h_own = ops.decode(payload, leaves["w_d"], Codec(bits=8), n, residual=leaves["residual"])
+    assert rel_err(h, h_own) <= tol(dtype)
     if norm:
         assert_close_payload(payload, payload_ref, Codec(bits=8), n, k)
     else:
@@ -579,7 +582,8 @@ def test_boundary_gradients(norm, dtype):
         assert rel_err(h, h_ref) <= tol(dtype)
     for name, g in grads.items():
         assert g is not None and g.dtype == dtype, name
-        limit = tol(dtype) if not norm else max(4 * tol(dtype), 5e-2)  # codes may differ by a step
+        # through the norm (the folded weight rounded to the dtype) codes may sit a step from the reference's
+        limit = tol(dtype) + (1 / Codec(bits=8).qmax if norm else 0)
         assert rel_err(g, grads_ref[name]) <= limit, name
 
 
