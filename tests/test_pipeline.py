@@ -128,13 +128,16 @@ def _ok(results):
 
 # ---- equivalence --------------------------------------------------------------------
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_bf16_pipeline_equals_single_process(world, tmp_path):
+@pytest.mark.parametrize("world, codec", [(2, BF16), (4, BF16), (2, INT8), (3, Codec(bits=4, group_size=8))],
+                         ids=["2-bf16", "4-bf16", "2-int8", "3-int4"])
+def test_pipeline_equals_single_process(world, codec, tmp_path):
+    """Deterministic codecs both ways (round to nearest): the pipeline's losses
+    and every gradient are the single-process model's."""
     steps = 2
-    outs = _ok(spawn(_train_worker, world, BF16, BF16, ("gpipe", "1f1b"), steps, out_dir=str(tmp_path)))
+    outs = _ok(spawn(_train_worker, world, codec, codec, ("gpipe", "1f1b"), steps, out_dir=str(tmp_path)))
     for name in ("gpipe", "1f1b"):
         inits = [o[name]["init"] for o in outs]
-        ref_losses, ref_grads = _single_process(inits, world, BF16, BF16, steps)
+        ref_losses, ref_grads = _single_process(inits, world, codec, codec, steps)
         torch.testing.assert_close(outs[-1][name]["losses"], ref_losses, rtol=1e-5, atol=1e-6)
         for s in range(world):
             got = outs[s][name]["grads"]
