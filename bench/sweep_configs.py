@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib  # noqa: E402
 from test_bench_kernels import (  # noqa: E402
-    TOLERANCE, KernelCase, _call, _comparable, _inputs, _rel_err, _same_bits, _set_bytes, roofline)
+    BITS, KernelCase, _call, _comparable, _disagreement, _inputs, _same_bits, _set_bytes, roofline)
 
 from resbm_kernels.backends import use_backend  # noqa: E402
 from resbm_kernels.backends.triton import KERNELS, TILE_KINDS, _block_k, configs  # noqa: E402
@@ -192,15 +192,6 @@ def precompile(args, dev, smem_limit, shard: int) -> None:
                       f"{type(e).__name__}", flush=True)
 
 
-def _outputs(case, tensors) -> list:
-    """The outputs compared one by one; encode forward's row statistics split into
-    the projection and 1/rms, so an error says which of them a config gets wrong."""
-    if case.pass_ == "encode_forward" and len(tensors) == 2:
-        payload, stats = tensors
-        return [payload, stats[:, :case.k], stats[:, case.k:]]
-    return tensors
-
-
 def time_item(case, kernel, c, per_sm, w, per_set, sets, ref, dev) -> dict:
     row = dict(pass_=case.pass_, kernel=kernel, k=case.k, bits=case.bits, N=case.N, config=label(c, per_sm),
                first=False)
@@ -208,13 +199,13 @@ def time_item(case, kernel, c, per_sm, w, per_set, sets, ref, dev) -> dict:
         with use_backend("triton"), Swapped(kernel, c) as sw, programs_per_sm(per_sm):
             row["d_splits"] = configs.d_splits(case.N, case.d, dev)
             call = lambda i: _call(case, None, w, per_set[i % sets])  # noqa: E731
-            got = _outputs(case, _comparable(case, call(0)))
-            errs = [_rel_err([a], [b]) for a, b in zip(got, _outputs(case, ref))]  # per output: which one is off
-            row["rel_err"], row["rel_errs"] = max(errs), errs
-            if not all(e == e and e <= TOLERANCE[case.bits] for e in errs):
-                row["error"] = f"relative errors {', '.join(f'{e:.3g}' for e in errs)} vs the reference (per output)"
+            got = call(0)
+            found, problem = _disagreement(case, got, ref)  # rel_errs: per output, which one is off
+            row.update(found)
+            if problem:
+                row["error"] = problem
                 return row
-            if not _same_bits(got, _outputs(case, _comparable(case, call(0)))):
+            if not _same_bits(_comparable(case, got), _comparable(case, call(0))):
                 row["error"] = "two calls on the same inputs differ (a race: the H100's miscompile of 2026-11-26 did)"
                 return row
             reps, _ = benchlib.adaptive_reps(call, dev, target_s=0.05, lo=10, hi=60, warmup=2)
@@ -257,7 +248,7 @@ def sweep(args, dev, smem_limit) -> list[dict]:
         sets = benchlib.rotation(_set_bytes(case), dev)
         w, per_set = _inputs(case, dev, sets, gen)
         with use_backend("reference"):
-            ref = _comparable(case, _call(case, None, w, per_set[0]))
+            ref = _call(case, None, w, per_set[0])
         nbytes = roofline(case)[0]
         for kernel in swept_kernels(args, pass_):
             cands = pass_candidates(args, pass_, kernel, k, smem_limit)
@@ -311,7 +302,7 @@ def main(argv=None) -> int:
     parser.add_argument("--N", type=ints, default=[16384, 4096])
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--k", type=ints, default=[32, 64, 128])
-    parser.add_argument("--bits", type=ints, default=[8], help=f"comma-separated, from {sorted(TOLERANCE)}")
+    parser.add_argument("--bits", type=ints, default=[8], help=f"comma-separated, from {sorted(BITS)}")
     parser.add_argument("--passes", default=",".join(PASS_KERNELS))
     parser.add_argument("--maxnreg", type=ints, default=[0], help="register limits per thread, 0: none (e.g. 0,128)")
     parser.add_argument("--programs-per-sm", type=ints, default=[1],
@@ -327,8 +318,8 @@ def main(argv=None) -> int:
     if min(args.programs_per_sm) < 1:
         parser.error("--programs-per-sm: counts of at least 1")
     args.programs_per_sm = sorted(set(args.programs_per_sm) | {1})  # 1, the backend's rule: the reference point
-    if set(args.bits) - set(TOLERANCE):
-        parser.error(f"--bits: choose from {sorted(TOLERANCE)}")
+    if set(args.bits) - set(BITS):
+        parser.error(f"--bits: choose from {sorted(BITS)}")
     if not torch.cuda.is_available():
         parser.error("the config sweep needs a CUDA GPU (Triton launch configs mean nothing in the interpreter)")
     dev = torch.device("cuda")

@@ -27,7 +27,8 @@ Per item (extra_info): median time, the bytes the pass must move at least
 GB/s, fraction of the device-to-device copy bandwidth measured in the same
 session, the same fraction over the bytes the Triton/CUDA kernels move by
 design (``design_bytes``: some backward passes re-read their big input),
-TFLOP/s, the error against the eager reference, on a GPU the NVML
+TFLOP/s, the error against the eager reference (relative L2; a quantized
+payload's also in quantization steps), on a GPU the NVML
 telemetry read just after timing, and for the kernel backends on a GPU the
 host time per call (``host_median_s``, measured while the GPU is kept busy;
 above the device time the item is ``host_bound``). Speedups over eager and torch.compile
@@ -64,10 +65,16 @@ COMPILE_SLICE_N = 16384
 TARGET_N, TARGET_D = 16384, 4096  # the kernels' bandwidth target shapes (with every k and bits of the grid)
 EPS = 1e-6
 DTYPE = torch.bfloat16
-# relative L2 error allowed vs the eager reference: a different summation order
-# may flip codes by one quantization step (or a bf16 scale by one ulp), so the
-# bound is about one step per value relative to the values' RMS
-TOLERANCE = {16: 1e-2, 8: 3e-2, 4: 2.5e-1}
+BITS = (16, 8, 4)  # the payload widths benchmarked
+# Agreement with the eager reference, checked before an item is timed (:func:`_disagreement`).
+# Float results (decode forward's h, the gradients, the row statistics, bf16 payloads decoded):
+# relative L2 error up to FLOAT_TOLERANCE (bf16 rounding in another order: at most 2.7e-3 on the
+# H100 and H200 of 2026-11-27/28). Quantized payloads, in quantization steps (the larger of the
+# two scales): every value within MAX_STEPS (as tests/helpers.assert_close_payload) and on average
+# within MEAN_STEPS: encode forward rounds the RMSNorm-folded weight to bf16, so some codes sit
+# one step from eager's (int8: 6 %, a mean of 0.06 steps; interpreter, N=256, d=512, k=64), where
+# a kernel one step off everywhere is at 1 (bench/README.md, "Correct first").
+FLOAT_TOLERANCE, MAX_STEPS, MEAN_STEPS = 1e-2, 1.5, 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,11 +276,13 @@ def _call(case: KernelCase, compiled, w, s):
 
 def _comparable(case: KernelCase, out):
     """Float tensors that stand for a pass's result (payloads decoded; encode
-    forward's row statistics where it returned them: not the compiled baseline)."""
+    forward's row statistics where it returned them, not the compiled baseline,
+    as the projection and 1/rms, so that an error says which one is off)."""
     codec, grad_codec = _codecs(case.bits)
     n, k = case.N, case.k
     if case.pass_ == "encode_forward":
         payload, *stats = out if isinstance(out, tuple) else (out,)
+        stats = [part for s in stats for part in (s[:, :k], s[:, k:])]
         return [R.read_payload(payload, codec, n, k, torch.float32), *stats]
     if case.pass_ == "decode_forward":
         return [out]
@@ -301,6 +310,51 @@ def _configs_used(tuners: dict) -> dict:
                          f"stages={c.num_stages}" + (f" maxnreg={c.maxnreg}" if c.maxnreg else "") + \
                          (f" D_SPLIT={kw['D_SPLIT']}" if kw.get("D_SPLIT", 1) > 1 else "")
     return used
+
+
+def _payload_codec(case: KernelCase):
+    """The codec of the quantized payload a pass writes (encode forward,
+    decode backward; the first of its outputs), else None."""
+    codec, grad_codec = _codecs(case.bits)
+    codec = {"encode_forward": codec, "decode_backward": grad_codec}.get(case.pass_)
+    return codec if codec is not None and codec.quantized else None
+
+
+def _payload_steps(case: KernelCase, codec, got, ref) -> tuple[float, float]:
+    """(largest, mean) distance of two payloads' dequantized values, in steps of
+    the larger of their two scales; NaN when either holds a non-finite value."""
+    from resbm_kernels.codec import payload_views
+
+    n, k = case.N, case.k
+    (_, sa), (_, sb) = payload_views(got, codec, n, k), payload_views(ref, codec, n, k)
+    a, b = (R.read_payload(p, codec, n, k, torch.float32) for p in (got, ref))
+    if not (torch.isfinite(a).all() and torch.isfinite(sa.float()).all()):
+        return float("nan"), float("nan")
+    step = torch.maximum(sa.float(), sb.float()).repeat_interleave(codec.group(k), dim=1)
+    steps = (a - b).abs() / step.clamp_min(torch.finfo(torch.float32).tiny)
+    return steps.max().item(), steps.mean().item()
+
+
+def _disagreement(case: KernelCase, got_out, ref_out) -> tuple[dict, str | None]:
+    """How far a pass's outputs are from the reference's outputs on the same
+    inputs, and why that is too far (None if it is not; see FLOAT_TOLERANCE).
+    The dict: ``rel_errs`` (relative L2 error per :func:`_comparable` output,
+    payloads decoded), ``rel_err`` (their largest), and for a quantized
+    payload ``steps_max`` / ``steps_mean``."""
+    got, ref = _comparable(case, got_out), _comparable(case, ref_out)
+    errs = [_rel_err([a], [b]) for a, b in zip(got, ref)]
+    found = dict(rel_errs=errs, rel_err=max(errs))
+    codec = _payload_codec(case)
+    floats = errs[1:] if codec else errs
+    if not all(e <= FLOAT_TOLERANCE for e in floats):  # (NaN fails)
+        return found, f"relative errors {', '.join(f'{e:.3g}' for e in errs)} vs the reference (per output)"
+    if codec:
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+        found["steps_max"], found["steps_mean"] = _payload_steps(case, codec, first(got_out), first(ref_out))
+        if not (found["steps_max"] <= MAX_STEPS and found["steps_mean"] <= MEAN_STEPS):
+            return found, (f"payload values {found['steps_max']:.3g} quantization steps from the reference's at most, "
+                           f"{found['steps_mean']:.3g} on average (allowed: {MAX_STEPS}, {MEAN_STEPS})")
+    return found, None
 
 
 def _same_bits(a: list, b: list) -> bool:
@@ -344,18 +398,18 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, matmul_rate
     with use_backend(backend_name) if backend_name else contextlib.nullcontext():
         call = lambda i: _call(kcase, compiled, w, per_set[i % sets])  # noqa: E731
         # correctness first: the backend's result against the eager reference
-        got = _comparable(kcase, call(0))
+        got = call(0)
         if kcase.backend == "eager":
-            err = 0.0
+            agreement = dict(rel_err=0.0)
         else:
             with use_backend("reference"):
-                ref = _comparable(kcase, _call(kcase, None, w, per_set[0]))
-            err = _rel_err(got, ref)
+                ref = _call(kcase, None, w, per_set[0])
+            agreement, problem = _disagreement(kcase, got, ref)
             del ref
-        assert err == err and err <= TOLERANCE[kcase.bits], (
-            f"{kcase.id}: relative error {err:.3g} vs the eager reference")
+            assert problem is None, f"{kcase.id}: {problem}"
         if kcase.backend in FUSED:  # the fused kernels are deterministic: a race shows here
-            assert _same_bits(got, _comparable(kcase, call(0))), f"{kcase.id}: two calls on the same inputs differ"
+            assert _same_bits(_comparable(kcase, got), _comparable(kcase, call(0))), (
+                f"{kcase.id}: two calls on the same inputs differ")
         del got
         reps, est = benchlib.adaptive_reps(call, dev, target_s=0.25 if gpu else 0.5,
                                            lo=10 if gpu else 3, hi=100 if gpu else 10, warmup=warmup)
@@ -384,7 +438,8 @@ def test_kernel(benchmark, kcase: KernelCase, bench_device, copy_bw, matmul_rate
         # the roofline with both sides: the slower of moving the bytes and doing the FLOPs
         matmul_TFLOPS=matmul_rate["matmul_TFLOPS"], compute_floor_s=compute_s,
         frac_roofline=max(copy_s, compute_s) / stats["median_s"],
-        max_rel_err_vs_eager=err,
+        max_rel_err_vs_eager=agreement["rel_err"],
+        max_steps_vs_eager=agreement.get("steps_max"), mean_steps_vs_eager=agreement.get("steps_mean"),
         # host time per call (GPU busy): above median_s, a training loop calling the pass back to back
         # waits on Python and launches, not on the kernels
         host_median_s=host_s, host_bound=None if host_s is None else host_s > stats["median_s"],
