@@ -519,6 +519,23 @@ def test_c_workspace_bytes_rejects(lib):
     assert "multiples of 16" in lib.resbm_last_error().decode()
     assert lib.resbm_cuda_workspace_bytes(0, 3, 64, 16, 0, None) == 1
     assert "null pointer bytes" in lib.resbm_last_error().decode()
+    assert lib.resbm_cuda_workspace_bytes(0, 3, 2**60, 16, 0, ctypes.byref(out)) == 1  # (its size would wrap)
+    assert "is too large" in lib.resbm_last_error().decode()
+
+
+@needs_cuda_library
+def test_c_finish_weight_grad_checks_alignment_by_dtype(lib):
+    keep, p = _buf()
+    err = lambda: lib.resbm_last_error().decode()  # noqa: E731
+    # partial, splits, rows, cols, out, out_dtype, norm_weight, w, grad_norm, norm_dtype, stream
+    assert lib.resbm_cuda_finish_weight_grad(p, 1, 16, 64, p + 2, 1, None, None, None, 0, None) == 1
+    assert "out is not 4-byte aligned" in err()  # fp32
+    assert lib.resbm_cuda_finish_weight_grad(p, 1, 16, 64, p, 3, p + 1, p, p, 3, None) == 1
+    assert "norm_weight is not 2-byte aligned" in err()
+    assert lib.resbm_cuda_finish_weight_grad(p, 1, 16, 64, p, 1, p, p + 2, p, 3, None) == 1
+    assert "w is not 4-byte aligned" in err()  # the encoder weight: out's dtype
+    assert lib.resbm_cuda_finish_weight_grad(p, 1, 16, 64, p, 3, p, p, p + 2, 1, None) == 1
+    assert "grad_norm is not 4-byte aligned" in err()  # norm_dtype
 
 
 @needs_cuda_library

@@ -236,6 +236,7 @@ def _c_quantize(z, z_dtype=1, n=2, k=64, bits=8, group=16, scale_dtype=3, codes=
         ({"k": 0}, "bad shape"),
         ({"n": -1}, "bad shape"),
         ({"n": 2**62}, "too large"),
+        ({"n": 0, "k": 2**61, "bits": 16}, "too large"),  # (k * bits would overflow)
         ({"z_dtype": 7}, "bad z_dtype=7"),
         ({"scale_dtype": 0}, "bad scale_dtype=0"),
         ({"codes": False}, "null pointer codes"),

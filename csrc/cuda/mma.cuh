@@ -123,7 +123,7 @@ struct FragB {
   uint32_t hi[2], lo[2];
 };
 
-// acc += A*B with the split terms the operands need (A_SPLIT/B_SPLIT: lo parts valid).
+// acc += A*B with the split terms the operands need (A_SPLIT / b_split: lo parts valid).
 template <int DT, bool A_SPLIT>
 __device__ __forceinline__ void mma_acc(float (&c)[4], const FragA& a, const FragB& b,
                                         bool b_split) {

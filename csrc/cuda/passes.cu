@@ -93,7 +93,7 @@ int check_dims(const char* fn, int64_t n, int64_t d, int64_t k) {
     return fail(RESBM_ERR_ARG, fn, "d=%lld and k=%lld must both be multiples of 16", D, K);
   if (k > 256) return fail(RESBM_ERR_ARG, fn, "k=%lld is too large (at most 256)", K);
   if (k > d) return fail(RESBM_ERR_ARG, fn, "k=%lld exceeds d=%lld", K, D);
-  if (n > (int64_t(1) << 34) || n > INT64_MAX / 4 / d)
+  if (d > (int64_t(1) << 31) || n > (int64_t(1) << 34) || n > INT64_MAX / 4 / d)
     return fail(RESBM_ERR_ARG, fn, "shape n=%lld, d=%lld is too large", N, D);
   return RESBM_OK;
 }
@@ -149,6 +149,11 @@ Workspace workspace_for(int pass, int dtype, int64_t d, int64_t k, bool norm) {
   if (pass == RESBM_PASS_ENCODE_BACKWARD || (pass == RESBM_PASS_DECODE_FORWARD && fp32))
     w.w2_parts = fp32 ? 2 : 1;
   return w;
+}
+
+// The weight gradient's workspace: its Z^T operand, (KPAD, npad) hi [, lo]; bytes of one part.
+size_t weight_grad_part(int dtype, int64_t n, int64_t k) {
+  return size_t(kpad_of(k)) * size_t(operand_rows(n)) * (dtype == kFloat32 ? 4 : 2);
 }
 
 }  // namespace
@@ -316,7 +321,7 @@ int resbm_cuda_weight_grad_workspace_bytes(int dtype, int64_t n, int64_t k, int6
     return fail(RESBM_ERR_ARG, fn, "bad k=%lld (a positive multiple of 16, at most 256)", (long long)k);
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
   RESBM_TRY(check_ptr(fn, "bytes", bytes, alignof(int64_t), true));
-  *bytes = dequant_parts(dtype) * int64_t(kpad_of(k)) * operand_rows(n) * (dtype == kFloat32 ? 4 : 2);
+  *bytes = dequant_parts(dtype) * int64_t(weight_grad_part(dtype, n, k));
   return RESBM_OK;
 }
 
@@ -335,11 +340,11 @@ int resbm_cuda_weight_grad(const void* a, int dtype, int64_t n, int64_t d, int64
   RESBM_TRY(check_ptr(fn, "rscale", rscale, 4, false));
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, n > 0));
   // every split writes its whole (k, d) partial, zeros when it has no rows; split starts are
-  // multiples of the blocks' 32 rows, so the Z^T chunks they copy stay 16-byte aligned
+  // multiples of kWgRows, so the Z^T chunks they copy stay 16-byte aligned
   const int64_t rows_per_split = ((n + splits - 1) / splits + kWgRows - 1) / kWgRows * kWgRows;
   const int64_t npad = operand_rows(n), kpad = kpad_of(k);
-  const size_t part = size_t(kpad * npad) * (dtype == kFloat32 ? 4 : 2);
-  void* zlo = dequant_parts(dtype) == 2 ? static_cast<unsigned char*>(workspace) + part : nullptr;
+  void* zlo = dequant_parts(dtype) == 2 ? static_cast<unsigned char*>(workspace) + weight_grad_part(dtype, n, k)
+                                        : nullptr;
   const WOArgs op{codes, scales, bits, group, scale_dtype, rscale, workspace, zlo, n, k, kpad, npad};
   const WGArgs p{a, workspace, zlo, partial, d * k, transpose ? 1 : d, transpose ? k : 1,
                  n, d, k, npad, rows_per_split > 0 ? rows_per_split : kWgRows};
@@ -355,12 +360,13 @@ int resbm_cuda_finish_weight_grad(const float* partial, int splits, int64_t rows
   RESBM_TRY(check_splits(fn, splits));
   RESBM_TRY(check_dtype(fn, "out_dtype", out_dtype));
   RESBM_TRY(check_ptr(fn, "partial", partial, 4, true));
-  RESBM_TRY(check_ptr(fn, "out", out, 2, true));
+  RESBM_TRY(check_ptr(fn, "out", out, dtype_bytes(out_dtype), true));
   const bool norm = norm_weight != nullptr;
   if (norm) {
     RESBM_TRY(check_dtype(fn, "norm_dtype", norm_dtype));
-    RESBM_TRY(check_ptr(fn, "w", w, 2, true));
-    RESBM_TRY(check_ptr(fn, "grad_norm", grad_norm, 2, true));
+    RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, dtype_bytes(norm_dtype), true));
+    RESBM_TRY(check_ptr(fn, "w", w, dtype_bytes(out_dtype), true));
+    RESBM_TRY(check_ptr(fn, "grad_norm", grad_norm, dtype_bytes(norm_dtype), true));
   }
   const FinishArgs p{partial, splits, rows, cols, out, out_dtype, norm_weight, w, grad_norm, norm_dtype};
   const int64_t per_block = norm ? kFinishCols : kFinishThreads * kSumElems;  // columns, else elements

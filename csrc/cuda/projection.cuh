@@ -22,7 +22,7 @@ struct RowCfg {
   static constexpr int WC = KPAD / WN;           // k columns per warp (<= 128)
   static constexpr int NT = WC / 8;              // n tiles per warp: acc = 4*NT <= 64 regs
   // projection: d streamed in tiles of 128 bytes per row (64 for KPAD = 256, so the
-  // double-buffered weight tiles fit sm_80's shared memory)
+  // weight tiles' PS buffers fit sm_80's shared memory)
   static constexpr int BD = (KPAD > 128 ? 64 : 128) / int(sizeof(T));
   static constexpr int XLD = BD + 16 / int(sizeof(T));  // +16 bytes: conflict-free fragments
   static constexpr int WLD = BD + 16 / int(sizeof(E));

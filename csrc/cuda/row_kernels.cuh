@@ -436,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, DT == kBFloat16 && KPAD <= 32 ? 5 : 
 #pragma unroll
     for (int s = 0; s < KSTEPS; ++s) load_a_f32<DT>(fa_all[s], zf, C::ZLD, wm * 16, s * C::KS, lane, false, no_sq);
   }
-  cp_async_pipeline<C::WS>(run.count, issue_w2, [&](int64_t i, int b) {
+  cp_async_pipeline<C::WS, WG>(run.count, issue_w2, [&](int64_t i, int b) {  // (WG: wgmma reads the weight tiles)
     const int64_t d0 = (run.first + i) * C::BD2;
     float acc[C::NT2][4];
 #pragma unroll

@@ -121,7 +121,7 @@ struct WGArgs {
   const void* zlo;
   float* out;  // out[s * out_ss + c * out_sc + j * out_sd]
   int64_t out_ss, out_sc, out_sd;
-  int64_t n, d, k, npad, rows_per_split;  // rows_per_split: a multiple of BR (aligned Z^T chunks)
+  int64_t n, d, k, npad, rows_per_split;  // rows_per_split: a multiple of kWgRows (aligned Z^T chunks)
 };
 
 // WG (sm_90a, 16-bit, KPAD <= 128): the products on wgmma, transposed: out^T (BDW, KPAD) =

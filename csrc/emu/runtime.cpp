@@ -133,7 +133,7 @@ struct Launch {
 
 std::mutex g_mutex;
 Launch g_launch;
-bool g_running = false;
+thread_local bool t_running = false;  // this thread runs a launch (its fibers run on it too)
 std::unordered_map<const void*, int> g_max_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize
 long long g_smem_opt_ins = 0;                     // calls that set it (resbm_emu_smem_opt_ins)
 thread_local int t_last_error = kSuccess;
@@ -275,8 +275,9 @@ int fail_launch(int code, const std::string& message) {
 }  // namespace
 
 int run_grid(const void* func, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  // (before the lock, which a launch from inside a kernel body would wait for forever)
+  if (t_running) return fail_launch(kLaunchFailure, "a kernel launched from inside a kernel");
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (g_running) return fail_launch(kLaunchFailure, "a kernel launched from inside a kernel");
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0 || threads > kMaxThreads || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.y > 65535 || grid.z > 65535)
@@ -295,7 +296,7 @@ int run_grid(const void* func, dim3 grid, dim3 block, size_t smem, const std::fu
   L.exchange.resize(size_t((threads + 31) / 32) * 2 * 32 * kMaxExchange);
   L.body = &body;
   L.fault.clear();
-  g_running = true;
+  t_running = true;
   gridDim = grid;
   blockDim = block;
   for (unsigned z = 0; z < grid.z && L.fault.empty(); ++z)
@@ -304,7 +305,7 @@ int run_grid(const void* func, dim3 grid, dim3 block, size_t smem, const std::fu
         blockIdx = {x, y, z};
         run_block(threads);
       }
-  g_running = false;
+  t_running = false;
   if (!L.fault.empty()) return fail_launch(kLaunchFailure, L.fault);
   return kSuccess;
 }
@@ -338,8 +339,6 @@ const void* exchange(const void* mine, size_t bytes) {
 }
 
 unsigned char* dynamic_smem() { return g_launch.smem.data.get(); }
-
-size_t dynamic_smem_bytes() { return g_launch.smem_bytes; }
 
 bool in_smem(const void* p, size_t bytes) {
   const unsigned char* b = g_launch.smem.data.get();

@@ -73,8 +73,7 @@ int lane();                             // of the running thread, in its warp
 constexpr size_t kMaxExchange = 64;
 const void* exchange(const void* mine, size_t bytes);
 
-unsigned char* dynamic_smem();          // the running block's
-size_t dynamic_smem_bytes();
+unsigned char* dynamic_smem();  // the running block's
 
 // Reports a bad shared-memory access (out of the block's dynamic shared memory or
 // misaligned): the launch fails with `what` in its message.

@@ -353,6 +353,24 @@ void test_smem_limits() {
          "more than an sm_80 block can have is refused");
 }
 
+// A launch from inside a kernel (dynamic parallelism, which the kernels never use) fails
+// with a message instead of waiting forever for the running launch.
+__global__ void nested_launch_kernel(int* error) {
+  if (threadIdx.x == 0) {
+    launch(empty_kernel, dim3(1), dim3(32), 0, nullptr);
+    const cudaError_t e = cudaGetLastError();
+    *error = e != cudaSuccess && std::strstr(cudaGetErrorString(e), "inside a kernel") ? 1 : 0;
+  }
+}
+
+void test_nested_launch() {
+  int error = 0;
+  launch(nested_launch_kernel, dim3(1), dim3(32), 0, nullptr, &error);
+  expect(cudaGetLastError() == cudaSuccess && error == 1, "a launch inside a kernel is refused");
+  launch(empty_kernel, dim3(1), dim3(32), 0, nullptr);
+  expect(cudaGetLastError() == cudaSuccess, "launches work again after it");
+}
+
 }  // namespace
 
 int main() {
@@ -364,6 +382,7 @@ int main() {
   test_cp_async();
   test_barriers();
   test_smem_limits();
+  test_nested_launch();
   test_wgmma();
   test_wgmma_swizzled();
   test_wgmma_rs();

@@ -39,7 +39,7 @@ inline int check_args(const char* fn, const char* data_name, const void* data, i
     return format_error(err, len, A, fn, "bad bits=%d (supported: 16, 8, 4, 2)", bits);
   if (n < 0 || k <= 0)
     return format_error(err, len, A, fn, "bad shape n=%lld, k=%lld (need n >= 0, k > 0)", N, K);
-  if (n > INT64_MAX / 4 / k)
+  if (k > (int64_t(1) << 31) || n > INT64_MAX / 4 / k)  // (k * bits below stays in range)
     return format_error(err, len, A, fn, "shape n=%lld, k=%lld is too large", N, K);
   if (!valid_dtype(data_dtype))
     return format_error(err, len, A, fn, "bad %s_dtype=%d (1 fp32, 2 fp16, 3 bf16)", data_name,

@@ -8,7 +8,10 @@
  *
  * Every function returns 0 on success, nonzero on error; resbm_last_error()
  * then returns a message naming the problem (thread-local, valid until the
- * next failing call on this thread).
+ * next failing call on this thread). The functions check shapes, dtypes,
+ * pointers and their alignment, not buffer sizes, which the ABI does not
+ * carry: each buffer must hold what the shapes say (resbm_kernels checks the
+ * tensors' sizes before it calls).
  */
 #ifndef RESBM_C_API_H
 #define RESBM_C_API_H
