@@ -68,17 +68,8 @@ int resbm_cpu_quantize_pack(const void* z, int z_dtype, int64_t n, int64_t k, in
       resbm::store_float(scales, r * groups + gi, scale_dtype, s);
       const float inv = resbm::inv_scale(s);
       uint8_t* out = codes + r * row_bytes + gi * group * bits / 8;
-      for (int64_t b = 0; b < group / per; ++b) {
-        uint8_t byte = 0;
-        for (int j = 0; j < per; ++j) {
-          const int64_t i = base + b * per + j;
-          const float u = stochastic ? resbm::uniform(uint32_t(i), key) : 0.0f;
-          const int q = resbm::quantize_value(resbm::load_float(z, i, z_dtype), inv, qmax,
-                                              stochastic != 0, u);
-          byte |= resbm::pack_field(q, j, bits);
-        }
-        out[b] = byte;
-      }
+      for (int64_t b = 0; b < group / per; ++b)
+        out[b] = resbm::quantize_byte(z, z_dtype, base + b * per, bits, inv, stochastic != 0, key);
     }
   }
   return RESBM_OK;
@@ -89,23 +80,10 @@ int resbm_cpu_unpack_dequantize(const uint8_t* codes, const void* scales, int64_
   int rc = resbm::check_args("resbm_cpu_unpack_dequantize", "out", out, out_dtype, n, k, bits,
                              group, scale_dtype, codes, scales, g_error, sizeof g_error);
   if (rc != RESBM_OK) return rc;
-  if (bits == 16) {
-    for (int64_t i = 0; i < n * k; ++i) {
-      uint16_t h = uint16_t(codes[2 * i] | (codes[2 * i + 1] << 8));
-      resbm::store_float(out, i, out_dtype, resbm::bf16_to_float(h));
-    }
-    return RESBM_OK;
-  }
-  const int per = 8 / bits;
-  const int64_t groups = k / group;
-  for (int64_t r = 0; r < n; ++r) {
-    const uint8_t* row = codes + r * (k * bits / 8);
-    for (int64_t c = 0; c < k; ++c) {
-      const float s = resbm::load_float(scales, r * groups + c / group, scale_dtype);
-      const int q = resbm::unpack_field(row[c / per], int(c % per), bits);
-      resbm::store_float(out, r * k + c, out_dtype, resbm::dequantize_value(q, s));
-    }
-  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < k; ++c)
+      resbm::store_float(out, r * k + c, out_dtype,
+                         resbm::dequantize_at(codes, scales, r, c, k, bits, group, scale_dtype));
   return RESBM_OK;
 }
 

@@ -73,17 +73,8 @@ __global__ void quantize_pack_kernel(const void* z, int z_dtype, int64_t n, int6
     if (lane == 0) resbm::store_float(scales, w, scale_dtype, s);  // non-finite stays visible
     const float inv = resbm::inv_scale(s);
     uint8_t* out = codes + r * row_bytes + gi * group * bits / 8;
-    for (int64_t b = lane; b < group / per; b += 32) {
-      uint8_t byte = 0;
-      for (int j = 0; j < per; ++j) {
-        const int64_t i = base + b * per + j;
-        const float u = stochastic ? resbm::uniform(uint32_t(i), key) : 0.0f;
-        const int q = resbm::quantize_value(resbm::load_float(z, i, z_dtype), inv, qmax,
-                                            stochastic != 0, u);
-        byte |= resbm::pack_field(q, j, bits);
-      }
-      out[b] = byte;
-    }
+    for (int64_t b = lane; b < group / per; b += 32)
+      out[b] = resbm::quantize_byte(z, z_dtype, base + b * per, bits, inv, stochastic != 0, key);
   }
 }
 
@@ -93,18 +84,9 @@ __global__ void unpack_dequantize_kernel(const uint8_t* codes, const void* scale
                                          int out_dtype, void* out) {
   const int64_t count = n * k;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    float v;
-    if (bits == 16) {
-      v = resbm::bf16_to_float(uint16_t(codes[2 * i] | (codes[2 * i + 1] << 8)));
-    } else {
-      const int64_t r = i / k, c = i % k, per = 8 / bits;
-      const float s = resbm::load_float(scales, r * (k / group) + c / group, scale_dtype);
-      const int q = resbm::unpack_field(codes[r * (k * bits / 8) + c / per], int(c % per), bits);
-      v = resbm::dequantize_value(q, s);
-    }
-    resbm::store_float(out, i, out_dtype, v);
-  }
+       i += int64_t(gridDim.x) * blockDim.x)
+    resbm::store_float(out, i, out_dtype,
+                       resbm::dequantize_at(codes, scales, i / k, i % k, k, bits, group, scale_dtype));
 }
 
 }  // namespace

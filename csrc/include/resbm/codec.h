@@ -201,4 +201,31 @@ RESBM_HD inline int unpack_field(uint8_t byte, int j, int bits) {
   return f - ((f >> (bits - 1)) << bits);
 }
 
+// ---- the standalone codec's values (the CPU library and its CUDA kernels) --------------
+
+// The packed byte of the 8 / bits values z[first..] of a group with inverse scale inv (each
+// value's stochastic draw keyed by its flat index).
+RESBM_HD inline uint8_t quantize_byte(const void* z, int z_dtype, int64_t first, int bits, float inv,
+                                      bool stochastic, uint32_t key) {
+  uint8_t byte = 0;
+  for (int j = 0; j < 8 / bits; ++j) {
+    const float u = stochastic ? uniform(uint32_t(first + j), key) : 0.0f;
+    byte |= pack_field(quantize_value(load_float(z, first + j, z_dtype), inv, qmax_of(bits), stochastic, u),
+                       j, bits);
+  }
+  return byte;
+}
+
+// Value (r, c) of an (n, k) payload: bf16 bytes for bits=16, else its code times its group's scale.
+RESBM_HD inline float dequantize_at(const uint8_t* codes, const void* scales, int64_t r, int64_t c,
+                                    int64_t k, int bits, int group, int scale_dtype) {
+  if (bits == 16) {
+    const int64_t i = r * k + c;
+    return bf16_to_float(uint16_t(codes[2 * i] | (codes[2 * i + 1] << 8)));
+  }
+  const int per = 8 / bits;
+  const float s = load_float(scales, r * (k / group) + c / group, scale_dtype);
+  return dequantize_value(unpack_field(codes[r * (k * bits / 8) + c / per], int(c % per), bits), s);
+}
+
 }  // namespace resbm
