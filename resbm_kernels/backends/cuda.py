@@ -9,8 +9,8 @@ the inputs' device and launches on the current torch stream
 device.
 
 Requirements: CUDA tensors, float32/float16/bfloat16, d and k multiples of 16
-and k <= 256 (as the Triton backend). Any
-scale group that divides k works (the Triton backend's: powers of two or the row).
+and k <= 256 (as the Triton backend). Any scale group that divides k works
+(the Triton backend's: powers of two or the row).
 
 With ``RESBM_CUDA_EMULATE=1`` the backend also takes CPU tensors and runs the
 same kernels on the CPU emulator (``libresbm_cuda_emu``, built from the same

@@ -14,9 +14,10 @@ import torch
 from ..codec import Codec, empty_payload, write_header
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Above it the kernels' (rows, k) tiles outgrow an SM: compiled for sm_90 at k=512 (2026-11-28),
-# Triton's spill in encode forward and encode backward, and with fp32 inputs decode forward's
-# and the weight gradient's need more shared memory than an H100 has (256 / 280 KB of 227).
+# The largest k of both backends: the CUDA kernels are instantiated up to it, and above it the
+# Triton kernels' (rows, k) tiles outgrow an SM (compiled for sm_90 at k=512, 2026-11-28: encode
+# forward's and encode backward's kernels spill; with fp32 inputs decode forward's and the weight
+# gradient's need more shared memory than an H100 has, 256 / 280 KB of 227).
 MAX_K = 256
 
 
