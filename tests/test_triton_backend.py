@@ -665,8 +665,9 @@ def test_torch_compile_matches_eager():
         loss_c.backward()
     torch.testing.assert_close(loss_c, loss)
     for p, g in zip(model.parameters(), eager_grads):
-        # the gradients pass a stochastic quantizer: an ulp of difference upstream may flip a code
-        assert rel_err(p.grad, g) <= 5e-2
+        # the gradients pass a stochastic quantizer: an ulp of difference upstream may flip a code,
+        # a step of its row's largest value (on the CPU they agree to 2e-7)
+        assert rel_err(p.grad, g) <= tol(torch.float32) + 1 / GRAD_CODEC.qmax
 
 
 # ---- support and errors ---------------------------------------------------------------
