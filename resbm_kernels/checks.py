@@ -3,6 +3,7 @@ names the argument and the problem, so bad input never reaches a kernel."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -51,7 +52,7 @@ def bottleneck(d: int, k: int, *codecs: Codec) -> None:
         codec.group(k)
 
 
-def encoder_inputs(x, w_e, norm_weight, codec: Codec) -> None:
+def encoder_inputs(x, w_e, norm_weight, codec: Codec, eps: float) -> None:
     tensor("x", x, ndim=2)
     tensor("w_e", w_e, ndim=2, device=x.device)
     same_dtype("w_e", w_e, x.dtype)
@@ -63,6 +64,8 @@ def encoder_inputs(x, w_e, norm_weight, codec: Codec) -> None:
         tensor("norm_weight", norm_weight, ndim=1, device=x.device)
         same_dtype("norm_weight", norm_weight, x.dtype)
         shape("norm_weight", norm_weight, (d,))
+        if not 0 <= eps < math.inf:  # (NaN fails too)
+            raise ValueError(f"eps={eps}: RMSNorm's epsilon must be a finite number >= 0")
 
 
 def row_stats_have_norm(norm_weight) -> None:

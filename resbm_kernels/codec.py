@@ -156,7 +156,12 @@ class Codec:
     @classmethod
     def parse(cls, spec: str | Codec) -> Codec:
         """Inverse of :attr:`spec`; also accepts a Codec (returned as is)."""
-        return spec if isinstance(spec, Codec) else _parse_spec(spec)
+        if isinstance(spec, Codec):
+            return spec
+        if not isinstance(spec, str):
+            raise TypeError(f"codec: expected a Codec or a spec string such as 'int8/row/bf16/nearest', "
+                            f"got {type(spec).__name__}")
+        return _parse_spec(spec)
 
     def __str__(self) -> str:
         return self.spec

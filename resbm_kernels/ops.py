@@ -117,13 +117,13 @@ def _dispatch_needed(args, accepted) -> bool:
     argument of another type than its annotation's (a tensor subclass, or one
     the schema rejects, with the dispatcher's message); or when autograd would
     record (these ops have no derivative: their outputs' backward must raise,
-    as the op's does)."""
+    as the op's does); or for meta tensors (shapes only: the fake kernels)."""
     C = torch._C
     if (torch.compiler.is_compiling() or C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
             or C._are_functorch_transforms_active() or C._autograd._profiler_enabled()):
         return True
     grad = torch.is_grad_enabled()
-    return any(type(a) not in ok or (grad and isinstance(a, Tensor) and a.requires_grad)
+    return any(type(a) not in ok or (isinstance(a, Tensor) and ((grad and a.requires_grad) or a.is_meta))
                for a, ok in zip(args, accepted))
 
 
@@ -165,7 +165,7 @@ def _encode_forward(
     row_stats: bool = False,
 ) -> tuple[Tensor, Tensor]:
     c = Codec.parse(codec)
-    checks.encoder_inputs(x, w_e, norm_weight, c)
+    checks.encoder_inputs(x, w_e, norm_weight, c, eps)
     stats = _row_stats_buffer(x, w_e, norm_weight, row_stats)
     payload = select(x.device, _encode_case("encode_forward", x, w_e, norm_weight, c)).encode_forward(
         x, w_e, norm_weight, eps, c, seed, row_stats=stats)
@@ -175,7 +175,7 @@ def _encode_forward(
 @_encode_forward.register_fake
 def _(x, w_e, norm_weight, eps, codec, seed, row_stats=False):
     c = Codec.parse(codec)
-    checks.encoder_inputs(x, w_e, norm_weight, c)
+    checks.encoder_inputs(x, w_e, norm_weight, c, eps)
     stats = _row_stats_buffer(x, w_e, norm_weight, row_stats, fake=True)
     return x.new_empty((c.payload_bytes(x.shape[0], w_e.shape[0]),), dtype=torch.uint8), _or_empty(stats, x)
 
@@ -221,7 +221,7 @@ def _encode_backward(
     row_stats: Optional[Tensor] = None,  # a default: traced graphs drop a trailing None argument
 ) -> tuple[Tensor, Tensor, Tensor]:
     gc = Codec.parse(grad_codec)
-    _check_encode_backward(grad_payload, x, w_e, norm_weight, gc, row_stats)
+    _check_encode_backward(grad_payload, x, w_e, norm_weight, eps, gc, row_stats)
     case = _encode_case("encode_backward", x, w_e, norm_weight, gc)
     grad_x, grad_w, grad_gamma = select(x.device, case).encode_backward(
         grad_payload, x, w_e, norm_weight, eps, gc, row_stats=row_stats)
@@ -231,7 +231,7 @@ def _encode_backward(
 @_encode_backward.register_fake
 def _(grad_payload, x, w_e, norm_weight, eps, grad_codec, row_stats=None):
     gc = Codec.parse(grad_codec)
-    _check_encode_backward(grad_payload, x, w_e, norm_weight, gc, row_stats)
+    _check_encode_backward(grad_payload, x, w_e, norm_weight, eps, gc, row_stats)
     gamma = torch.empty_like(norm_weight) if norm_weight is not None else x.new_empty((0,))
     return torch.empty_like(x), torch.empty_like(w_e), gamma
 
@@ -246,7 +246,7 @@ def _encode_forward_out(
     row_stats: bool = False,
 ) -> Tensor:
     c = Codec.parse(codec)
-    checks.encoder_inputs(x, w_e, norm_weight, c)
+    checks.encoder_inputs(x, w_e, norm_weight, c, eps)
     checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
     stats = _row_stats_buffer(x, w_e, norm_weight, row_stats)
     case = _encode_case("encode_forward", x, w_e, norm_weight, c)
@@ -257,7 +257,7 @@ def _encode_forward_out(
 @_encode_forward_out.register_fake
 def _(out, x, w_e, norm_weight, eps, codec, seed, row_stats=False):
     c = Codec.parse(codec)
-    checks.encoder_inputs(x, w_e, norm_weight, c)
+    checks.encoder_inputs(x, w_e, norm_weight, c, eps)
     checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
     return _or_empty(_row_stats_buffer(x, w_e, norm_weight, row_stats, fake=True), x)
 
@@ -380,7 +380,7 @@ _wire_roundtrip.register_autograd(_roundtrip_backward, setup_context=_roundtrip_
 
 @torch.library.custom_op("resbm::encode_project", mutates_args=())
 def _encode_project(x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float) -> Tensor:
-    checks.encoder_inputs(x, w_e, norm_weight, Codec(bits=16))
+    checks.encoder_inputs(x, w_e, norm_weight, Codec(bits=16), eps)
     return reference.encode_project(x, w_e, norm_weight, eps).to(x.dtype)
 
 
@@ -501,8 +501,8 @@ def _check_decode_backward(grad_h, payload, w_d, c: Codec, gc: Codec):
     checks.payload(payload, c, grad_h.shape[0], w_d.shape[1], w_d.device)
 
 
-def _check_encode_backward(grad_payload, x, w_e, norm_weight, gc: Codec, row_stats):
-    checks.encoder_inputs(x, w_e, norm_weight, gc)
+def _check_encode_backward(grad_payload, x, w_e, norm_weight, eps, gc: Codec, row_stats):
+    checks.encoder_inputs(x, w_e, norm_weight, gc, eps)
     checks.payload(grad_payload, gc, x.shape[0], w_e.shape[0], x.device)
     if row_stats is not None:
         checks.row_stats(row_stats, x, w_e, norm_weight)

@@ -123,6 +123,23 @@ def test_norm_weight_shape(tensors):
         ops.encode(x, w_e, INT8, norm_weight=torch.ones(32))
 
 
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")])
+def test_rmsnorm_epsilon(tensors, payload, eps):
+    x, w_e, _ = tensors
+    gamma = torch.ones(D)
+    for call in (lambda: ops.encode(x, w_e, INT8, norm_weight=gamma, eps=eps),
+                 lambda: ops.encode_backward(payload, x, w_e, INT8, norm_weight=gamma, eps=eps),
+                 lambda: ops.encode_project(x, w_e, norm_weight=gamma, eps=eps)):
+        with pytest.raises(ValueError, match="RMSNorm's epsilon must be a finite number >= 0"):
+            call()
+
+
+def test_codec_of_another_type(tensors):
+    x, w_e, _ = tensors
+    with pytest.raises(TypeError, match="codec: expected a Codec or a spec string .* got NoneType"):
+        ops.encode(x, w_e, None)
+
+
 def test_truncated_payload(tensors, payload):
     _, _, w_d = tensors
     with pytest.raises(ValueError, match="is truncated"):

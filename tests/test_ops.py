@@ -468,6 +468,19 @@ def test_host_overhead_tool(capsys, monkeypatch):
     assert "--backends: reference" in capsys.readouterr().err
 
 
+def test_meta_tensors_give_shapes():
+    """Meta tensors (shape inference, e.g. a model built on the meta device) go through the
+    ops' fake kernels: outputs of the right shapes on the meta device, backward included."""
+    x = torch.empty(N, D, device="meta", requires_grad=True)
+    w_e, w_d = torch.empty(K, D, device="meta"), torch.empty(D, K, device="meta")
+    payload = ops.encode(x.detach(), w_e, INT8)
+    assert payload.device.type == "meta" and payload.shape == (INT8.payload_bytes(N, K),)
+    assert ops.decode(payload, w_d, INT8, N).shape == (N, D)
+    h, _ = ops.boundary(x, w_e, w_d, INT8, GRAD_INT8, norm_weight=torch.empty(D, device="meta"))
+    h.sum().backward()
+    assert h.shape == (N, D) and x.grad.shape == (N, D) and x.grad.device.type == "meta"
+
+
 def test_profiler_sees_the_pass_ops():
     x, w_e, _, _, _ = make(dtype=torch.float32)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
