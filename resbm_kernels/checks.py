@@ -4,6 +4,7 @@ names the argument and the problem, so bad input never reaches a kernel."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -43,13 +44,29 @@ def shape(name: str, t: torch.Tensor, expected: tuple) -> None:
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def integer(name: str, value, minimum: int | None = None) -> None:
+    """An integer (not a bool or float; a SymInt under torch.compile), at least ``minimum`` when given."""
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt))):
+        raise TypeError(f"{name}={value!r} must be an integer")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}")
+
+
 def bottleneck(d: int, k: int, *codecs: Codec) -> None:
-    """k must divide d (the identity path truncates/pads by whole channels),
-    and each codec must be able to pack k channels."""
-    if k <= 0 or d % k:
+    """d and k positive integers, k dividing d (the identity path truncates/pads
+    by whole channels), and each codec able to pack k channels."""
+    integer("model width d", d, 1)
+    integer("bottleneck width k", k, 1)
+    if d % k:
         raise ValueError(f"bottleneck width k={k} must divide the model width d={d}")
     for codec in codecs:
         codec.group(k)
+
+
+def rms_eps(value: float) -> None:
+    """RMSNorm's epsilon: a finite number >= 0."""
+    if not 0 <= value < math.inf:  # (NaN fails too)
+        raise ValueError(f"eps={value}: RMSNorm's epsilon must be a finite number >= 0")
 
 
 def encoder_inputs(x, w_e, norm_weight, codec: Codec, eps: float) -> None:
@@ -64,8 +81,7 @@ def encoder_inputs(x, w_e, norm_weight, codec: Codec, eps: float) -> None:
         tensor("norm_weight", norm_weight, ndim=1, device=x.device)
         same_dtype("norm_weight", norm_weight, x.dtype)
         shape("norm_weight", norm_weight, (d,))
-        if not 0 <= eps < math.inf:  # (NaN fails too)
-            raise ValueError(f"eps={eps}: RMSNorm's epsilon must be a finite number >= 0")
+        rms_eps(eps)
 
 
 def row_stats_have_norm(norm_weight) -> None:

@@ -39,6 +39,7 @@ class _SiLUMLP(nn.Module):
 
     def __init__(self, d_in: int, hidden: int, d_out: int, dtype=None, device=None):
         super().__init__()
+        checks.integer("mlp_hidden", hidden, 1)
         self.up = nn.Linear(d_in, hidden, bias=False, dtype=dtype, device=device)
         self.down = nn.Linear(hidden, d_out, bias=False, dtype=dtype, device=device)
 
@@ -61,6 +62,7 @@ class ResBMEncoder(nn.Module):
                  eps: float = 1e-6, dtype=None, device=None):
         super().__init__()
         checks.bottleneck(d, k)
+        checks.rms_eps(eps)
         self.d, self.k, self.eps = d, k, eps
         self.norm_weight = nn.Parameter(torch.ones(d, dtype=dtype, device=device)) if norm else None
         if mlp_hidden is None:
@@ -134,6 +136,7 @@ class CallSeeded(nn.Module):
 
     def __init__(self, seed: int = 0):
         super().__init__()
+        checks.integer("seed", seed)
         self.seed, self.calls = seed, 0
 
     def _seeds(self) -> tuple[int, int]:

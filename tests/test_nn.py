@@ -110,10 +110,20 @@ def test_wire_accounting():
 def test_module_construction_errors():
     with pytest.raises(ValueError, match="k=24 must divide the model width d=64"):
         ResBMEncoder(64, 24)
-    with pytest.raises(ValueError, match="k=0 must divide the model width d=64"):
+    with pytest.raises(ValueError, match="bottleneck width k=0 must be at least 1"):
         ResBMDecoder(64, 0)
     with pytest.raises(ValueError, match="group_size=32 does not divide k=16"):
         ResBMBoundary(64, 16, codec=INT4)
+    with pytest.raises(ValueError, match="model width d=0 must be at least 1"):
+        ResBMBoundary(0, 16)
+    with pytest.raises(TypeError, match="bottleneck width k=16.0 must be an integer"):
+        ResBMEncoder(64, 16.0)
+    with pytest.raises(ValueError, match="mlp_hidden=0 must be at least 1"):
+        ResBMDecoder(64, 16, mlp_hidden=0)
+    with pytest.raises(ValueError, match="RMSNorm's epsilon must be a finite number >= 0"):
+        ResBMEncoder(64, 16, eps=-1e-6)
+    with pytest.raises(TypeError, match="seed=1.5 must be an integer"):
+        ResBMBoundary(64, 16, seed=1.5)
 
 
 def test_demo_example_runs():
