@@ -51,6 +51,12 @@ def test_config_validation():
         PipelineConfig(d=32, k=8, schedule="zb")
     with pytest.raises(ValueError, match="group_size=32 does not divide k=8"):
         PipelineConfig(d=32, k=8, codec=INT4)
+    with pytest.raises(ValueError, match="timeout_s=inf must be a finite number of seconds"):
+        PipelineConfig(d=32, k=8, timeout_s=float("inf"))
+    with pytest.raises(ValueError, match="micro_batches=0 must be at least 1"):
+        PipelineConfig(d=32, k=8, micro_batches=0)
+    with pytest.raises(TypeError, match="micro_batches=2.0 must be an integer"):
+        PipelineConfig(d=32, k=8, micro_batches=2.0)
 
 
 # ---- workers (run in spawned processes) ------------------------------------------
@@ -156,10 +162,11 @@ def test_quantized_pipeline_tracks_single_process(tmp_path):
         assert abs(a - b) < 0.02 * b
 
 
-def test_comm_stats_count_payload_bytes(tmp_path):
+def test_comm_stats_count_message_bytes(tmp_path):
+    """Each message: the payload, padded to 8 bytes, and an 8-byte trailer."""
     outs = _ok(spawn(_train_worker, 2, INT8, GRAD_INT8, ("1f1b",), 1, out_dir=str(tmp_path)))
     tokens = (BATCH // MB) * SEQ
-    fwd, bwd = INT8.payload_bytes(tokens, K), GRAD_INT8.payload_bytes(tokens, K)
+    fwd, bwd = (-(-c.payload_bytes(tokens, K) // 8) * 8 + 8 for c in (INT8, GRAD_INT8))
     first, last = outs[0]["1f1b"]["stats"][0], outs[1]["1f1b"]["stats"][0]
     assert (first.bytes_sent, first.bytes_received) == (MB * fwd, MB * bwd)
     assert (last.bytes_sent, last.bytes_received) == (MB * bwd, MB * fwd)
@@ -180,6 +187,74 @@ def test_handshake_mismatch_fails_on_both_sides(tmp_path):
         assert "codec_bits" in res["error"] and "same pipeline configuration" in res["error"]
     assert "stage 1 has codec_bits=4, but stage 0 has codec_bits=8" in results[0]["error"]
     assert "stage 0 has codec_bits=8, but stage 1 has codec_bits=4" in results[1]["error"]
+
+
+def _schedule_mismatch_worker(rank, world):
+    config = PipelineConfig(d=D, k=K, codec=INT8, micro_batches=MB, schedule="1f1b" if rank == 0 else "gpipe")
+    return _make_stage(rank, world, config) and None
+
+
+def test_handshake_names_a_schedule_mismatch(tmp_path):
+    """(Two schedules on two stages deadlocked until the timeout.)"""
+    results = spawn(_schedule_mismatch_worker, 2, out_dir=str(tmp_path), timeout=60)
+    assert "stage 1 has schedule=gpipe, but stage 0 has schedule=1f1b" in results[0].get("error", ""), results
+    assert "stage 0 has schedule=1f1b, but stage 1 has schedule=gpipe" in results[1].get("error", ""), results
+
+
+def _message_worker(rank, world, fault):
+    """Stage 0 misbehaves in step 1: sends its forward message for micro-batch 2 without its
+    last 16 bytes ("short"), or runs a step ahead of stage 1 ("ahead"), or its module fails
+    in micro-batch 1 and the caller carries on ("carry_on"). Returns each step's outcome."""
+    stage = _make_stage(rank, world, PipelineConfig(d=D, k=K, codec=INT8, micro_batches=MB, timeout_s=5.0))
+    if rank == 0 and fault == "short":
+        send = stage.peers.send
+        stage.peers.send = lambda t, direction, i: send(
+            t[:-16] if stage.steps_done == 1 and direction == "forward activations" and i == 2 else t, direction, i)
+    if rank == 0 and fault == "carry_on":
+        forward = stage.module.forward
+
+        def failing(x):
+            if stage.steps_done == 1 and failing.calls == MB + 1:
+                failing.calls += 1
+                raise RuntimeError("CUDA out of memory (simulated)")
+            failing.calls += 1
+            return forward(x)
+        failing.calls = 0
+        stage.module.forward = failing
+    outcomes = []
+    for step in range(3):
+        if rank == 0 and fault == "ahead" and step == 1:
+            stage.steps_done += 1
+        inputs, targets = batch(step, BATCH, SEQ)
+        try:
+            stage.step(inputs if rank == 0 else None, targets if rank == world - 1 else None)
+            outcomes.append("ok")
+        except Exception as e:
+            outcomes.append(f"{type(e).__name__}: {e}")
+            if not (rank == 0 and fault == "carry_on"):
+                break
+    return outcomes
+
+
+@pytest.mark.parametrize("fault", ["short", "ahead"])
+def test_a_short_or_out_of_step_message_is_named(fault, tmp_path):
+    """The trailer after each payload: a short message (its trailer is then the previous
+    step's) or one of another step fails the receiving stage's step (gloo took both silently)."""
+    results = _ok(spawn(_message_worker, 2, fault, out_dir=str(tmp_path), timeout=120))
+    assert results[1][0] == "ok" and results[1][1].startswith("PipelineError: stage 1: forward activations message "
+                                                              f"for micro-batch {2 if fault == 'short' else 0}")
+    assert "has the trailer" in results[1][1] and "out of step" in results[1][1], results[1]
+
+
+def test_a_stage_takes_no_step_after_a_failed_one(tmp_path):
+    """A step that raised left receives posted: a later step() raises instead of taking the next
+    step's messages for the failed one's (a stale message was decoded as new data)."""
+    results = _ok(spawn(_message_worker, 2, "carry_on", out_dir=str(tmp_path), timeout=120))
+    first = results[0]
+    assert first[0] == "ok" and "CUDA out of memory (simulated)" in first[1], first
+    assert first[2].startswith("PipelineError: stage 0: a step failed (RuntimeError: CUDA out of memory"), first
+    assert "takes no more steps" in first[2]
+    assert results[1][0] == "ok" and results[1][1].startswith("PipelineError"), results[1]
 
 
 def _corrupt_worker(rank, world):

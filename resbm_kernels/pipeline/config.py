@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from .. import checks
 from ..codec import BF16, GRAD_INT8, Codec
@@ -45,9 +46,10 @@ class PipelineConfig:
         self.codec = Codec.parse(self.codec)
         self.grad_codec = Codec.parse(self.grad_codec)
         checks.bottleneck(self.d, self.k, self.codec, self.grad_codec)
-        if self.micro_batches < 1:
-            raise ValueError(f"PipelineConfig: micro_batches={self.micro_batches} must be >= 1")
+        checks.integer("PipelineConfig: micro_batches", self.micro_batches, 1)
+        checks.integer("PipelineConfig: seed", self.seed)
+        checks.rms_eps(self.eps)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"PipelineConfig: schedule={self.schedule!r} is not one of {sorted(SCHEDULES)}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"PipelineConfig: timeout_s={self.timeout_s} must be positive")
+        if not 0 < self.timeout_s < math.inf:
+            raise ValueError(f"PipelineConfig: timeout_s={self.timeout_s} must be a finite number of seconds > 0")

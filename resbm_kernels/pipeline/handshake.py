@@ -8,6 +8,7 @@ import torch
 
 from ..codec import SCALE_DTYPES, WIRE_VERSION, Codec
 from .config import PipelineConfig
+from .schedule import SCHEDULES
 
 MAGIC = 0x5245_5342_4D50_4950  # "RESBMPIP"
 MAX_DIMS = 4
@@ -15,7 +16,7 @@ FIELDS = (
     "magic", "wire_version", "num_stages", "d", "k",
     "codec_bits", "codec_group", "codec_scale_dtype",
     "grad_codec_bits", "grad_codec_group", "grad_codec_scale_dtype",
-    "micro_batches", "micro_batch_ndim",
+    "micro_batches", "schedule", "micro_batch_ndim",
 ) + tuple(f"micro_batch_dim{i}" for i in range(MAX_DIMS))
 
 
@@ -32,7 +33,7 @@ def descriptor(config: PipelineConfig, num_stages: int, micro_batch_shape: tuple
         [MAGIC, WIRE_VERSION, num_stages, config.d, config.k]
         + _codec_fields(config.codec, config.k)
         + _codec_fields(config.grad_codec, config.k)
-        + [config.micro_batches, len(micro_batch_shape)]
+        + [config.micro_batches, sorted(SCHEDULES).index(config.schedule), len(micro_batch_shape)]
         + dims
     )
     return torch.tensor(values, dtype=torch.int64)
@@ -44,6 +45,8 @@ def compare(mine: torch.Tensor, theirs: torch.Tensor, *, stage: int, peer: int) 
         raise ValueError(f"handshake: stage {stage} got a malformed descriptor from stage {peer}")
     for name, a, b in zip(FIELDS, mine.tolist(), theirs.tolist()):
         if a != b:
+            if name == "schedule":  # (its index among the names)
+                a, b = (sorted(SCHEDULES)[v] if 0 <= v < len(SCHEDULES) else v for v in (a, b))
             what = "is not a resbm pipeline peer (bad magic)" if name == "magic" else f"has {name}={b}"
             raise ValueError(
                 f"handshake: stage {peer} {what}, but stage {stage} has {name}={a}; "

@@ -5,6 +5,14 @@ decoder, the last no encoder (it applies ``loss_fn`` instead). Forward
 payloads go to stage s+1, activation-gradient payloads come back from it;
 both are packed with the configured codecs by the fused ops, so only
 compressed bytes cross the network.
+
+Each message is a payload followed by an 8-byte trailer naming its step,
+micro-batch and direction; a receiver checks both the payload's header and
+the trailer, so a message of the wrong codec, a short one (its trailer is
+then what the buffer held before) and a stale or out-of-order one fail the
+step with a :class:`PipelineError`. A step that raised leaves receives posted
+that cannot be taken back: the stage refuses further steps (restart the
+pipeline, e.g. from a checkpoint).
 """
 
 from __future__ import annotations
@@ -23,6 +31,14 @@ from ..nn import ResBMDecoder, ResBMEncoder
 from . import handshake, schedule
 from .comm import BACKWARD, FORWARD, CommStats, Peers, PipelineError
 from .config import PipelineConfig
+
+TRAILER_BYTES = 8  # one int64 after each payload: step, micro-batch and direction (see _trailer)
+TRAILER_TAG = 0x5253_4551 << 32  # "RSEQ": a zeroed or never-written trailer does not match
+
+
+def message_bytes(codec, tokens: int, k: int) -> int:
+    """Bytes of one message on the wire: the payload, padded to 8 bytes, and its trailer."""
+    return -(-codec.payload_bytes(tokens, k) // TRAILER_BYTES) * TRAILER_BYTES + TRAILER_BYTES
 
 
 @dataclasses.dataclass
@@ -85,6 +101,7 @@ class PipelineStage(nn.Module):
         self.plan = schedule.build(config.schedule, self.num_stages, config.micro_batches)[self.stage]
         self.peers = Peers(self.stage, ranks, config.timeout_s, self.device)
         self.steps_done = 0
+        self._broken: str | None = None  # why a step failed (see step())
 
         m = config.micro_batches
         # one receive and one send buffer per micro-batch and direction, reused every step
@@ -92,6 +109,8 @@ class PipelineStage(nn.Module):
         self._bwd_buffers = [] if self.is_last else [self._payload_buffer(config.grad_codec) for _ in range(m)]
         self._fwd_send = [] if self.is_last else [self._payload_buffer(config.codec) for _ in range(m)]
         self._bwd_send = [] if self.is_first else [self._payload_buffer(config.grad_codec) for _ in range(m)]
+        self._payload_bytes = {FORWARD: config.codec.payload_bytes(self.tokens, k),
+                               BACKWARD: config.grad_codec.payload_bytes(self.tokens, k)}
         self._expected_headers = {
             FORWARD: self._header(config.codec), BACKWARD: self._header(config.grad_codec)}
         self._header_checks: list = []
@@ -103,7 +122,12 @@ class PipelineStage(nn.Module):
     # ---- set-up ---------------------------------------------------------------
 
     def _payload_buffer(self, codec) -> torch.Tensor:
-        return torch.empty(codec.payload_bytes(self.tokens, self.config.k), dtype=torch.uint8, device=self.device)
+        """A message buffer: the payload, then (8-byte aligned) its trailer."""
+        return torch.empty(message_bytes(codec, self.tokens, self.config.k), dtype=torch.uint8, device=self.device)
+
+    def _trailer(self, direction: str, micro_batch: int) -> int:
+        """The trailer of this step's message for ``micro_batch`` in ``direction``."""
+        return TRAILER_TAG ^ (((self.steps_done << 20) + micro_batch) * 2 + (direction == BACKWARD))
 
     def _header(self, codec) -> torch.Tensor:
         return header_tensor(header_bytes(codec, self.tokens, self.config.k), self.device)
@@ -122,6 +146,10 @@ class PipelineStage(nn.Module):
         into ``.grad`` (call your optimizer afterwards). The first stage needs
         ``inputs``, the last ``targets``, each a tensor whose first dim splits
         evenly into ``config.micro_batches``."""
+        if self._broken:
+            raise PipelineError(f"stage {self.stage}: a step failed ({self._broken}); the receives it posted "
+                                "cannot be taken back, so this stage takes no more steps: restart the pipeline "
+                                "(e.g. from a checkpoint)")
         in_chunks = self._split("inputs", inputs, self.is_first)
         tgt_chunks = self._split("targets", targets, self.is_last)
         # Receives are posted at step start so they overlap compute -- except in this
@@ -145,11 +173,16 @@ class PipelineStage(nn.Module):
                 else:
                     self._backward(i, saved.pop(i), None if self.is_last else bwd_pending[i])
             self.peers.flush()
-        except Exception:
+        except Exception as e:
             self._bad.clear()
+            self._broken = f"{type(e).__name__}: {e}"
             self._check_headers()  # a corrupt payload is the better explanation of a failure
             raise
-        self._check_headers()
+        try:
+            self._check_headers()
+        except PipelineError as e:
+            self._broken = str(e)
+            raise
         self._bad.clear()
         self._warm = True
         self.steps_done += 1
@@ -184,33 +217,52 @@ class PipelineStage(nn.Module):
         steps its optimizer on corrupted data."""
         if isinstance(pending, tuple):
             pending = self.peers.recv(*pending)
-        payload = self.peers.wait(pending)
-        bad = (payload[:HEADER_BYTES] != self._expected_headers[direction]).any()
+        message = self.peers.wait(pending)
+        payload, trailer = self._split_message(message, direction)
+        bad_header = (payload[:HEADER_BYTES] != self._expected_headers[direction]).any()
+        bad = bad_header | (trailer != self._trailer(direction, micro_batch))
         self._bad[(direction, micro_batch)] = bad
-        self._header_checks.append((direction, micro_batch, payload, bad))
+        self._header_checks.append((direction, micro_batch, message, bad_header, bad))
         if not self._defer_checks:
             self._check_headers()
         return payload
 
-    def _send(self, payload, direction, micro_batch, *tainted) -> None:
-        """Send ``payload``, its header zeroed if any received payload it was
-        computed from (``tainted``: (direction, micro-batch) keys) was bad."""
+    def _split_message(self, message, direction):
+        """(payload view, trailer as a 1-element int64 view) of a message buffer."""
+        n = self._payload_bytes[direction]
+        return message[:n], message[-TRAILER_BYTES:].view(torch.int64)
+
+    def _send(self, message, direction, micro_batch, *tainted) -> None:
+        """Send ``message`` (its payload written) with its trailer, the payload's
+        header zeroed if any received message it was computed from
+        (``tainted``: (direction, micro-batch) keys) was bad."""
+        payload, trailer = self._split_message(message, direction)
+        trailer.fill_(self._trailer(direction, micro_batch))  # (a kernel argument on a GPU: no copy, no sync)
         flags = [self._bad[key] for key in tainted if key in self._bad]
         if flags:
             payload[:HEADER_BYTES].masked_fill_(torch.stack(flags).any(), 0)  # no host sync
-        self.peers.send(payload, direction, micro_batch)
+        self.peers.send(message, direction, micro_batch)
 
     def _check_headers(self) -> None:
+        """Raise for the first received message whose header or trailer was wrong."""
         checks, self._header_checks = self._header_checks, []
         if not checks or not torch.stack([bad for *_, bad in checks]).any().item():  # one sync
             return
-        for direction, micro_batch, payload, bad in checks:
-            if bad.item():
+        for direction, micro_batch, message, bad_header, bad in checks:
+            if not bad.item():
+                continue
+            payload, trailer = self._split_message(message, direction)
+            what = f"stage {self.stage}: {direction} %s for micro-batch {micro_batch}"
+            if bad_header.item():
                 expected = self._expected_headers[direction]
                 raise PipelineError(
-                    f"stage {self.stage}: {direction} payload for micro-batch {micro_batch} has an unexpected "
-                    f"header {payload[:HEADER_BYTES].tolist()} (expected {expected.tolist()}): corrupted, "
-                    "produced with another codec, or (all zero) computed from a corrupt payload upstream")
+                    f"{what % 'payload'} has an unexpected header {payload[:HEADER_BYTES].tolist()} (expected "
+                    f"{expected.tolist()}): corrupted, produced with another codec, or (all zero) computed from "
+                    "a corrupt payload upstream")
+            raise PipelineError(
+                f"{what % 'message'} of step {self.steps_done} has the trailer {int(trailer.item()):#x}, expected "
+                f"{self._trailer(direction, micro_batch):#x}: shorter than its codec's payload (the trailer is "
+                "what the buffer held), or sent for another step or micro-batch (the stages are out of step)")
 
     def _forward(self, i, inputs, pending, targets) -> dict:
         c, state = self.config, {}
@@ -233,11 +285,12 @@ class PipelineStage(nn.Module):
         enc = self.encoder
         gamma = None if enc.norm_weight is None else enc.norm_weight.detach().to(self.dtype)
         # with RMSNorm the encoder keeps its row statistics: the backward then reads x once less
+        message = self._fwd_send[i]
         encoded = ops.encode(x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.codec,
                              norm_weight=gamma, eps=c.eps, seed=self._seed(i, backward=False),
-                             out=self._fwd_send[i], return_row_stats=gamma is not None)
-        payload, row_stats = encoded if gamma is not None else (encoded, None)
-        self._send(payload, FORWARD, i, (FORWARD, i))
+                             out=self._split_message(message, FORWARD)[0], return_row_stats=gamma is not None)
+        row_stats = encoded[1] if gamma is not None else None
+        self._send(message, FORWARD, i, (FORWARD, i))
         state.update(x2d=x2d, gamma=gamma, row_stats=row_stats)
         return state
 
@@ -259,12 +312,13 @@ class PipelineStage(nn.Module):
         if not self.is_first:
             h = state["h"]
             grad_h = h.grad if h.grad is not None else torch.zeros_like(h)
-            grad_payload, grad_w_d = ops.decode_backward(
+            message = self._bwd_send[i]
+            _, grad_w_d = ops.decode_backward(
                 grad_h.reshape(self.tokens, c.d).contiguous(), state["payload"],
                 self.decoder.weight.detach().to(self.dtype), c.codec, c.grad_codec,
-                grad_seed=self._seed(i, backward=True), out=self._bwd_send[i])
+                grad_seed=self._seed(i, backward=True), out=self._split_message(message, BACKWARD)[0])
             _accumulate(self.decoder.weight, grad_w_d)
-            self._send(grad_payload, BACKWARD, i, (FORWARD, i), (BACKWARD, i))
+            self._send(message, BACKWARD, i, (FORWARD, i), (BACKWARD, i))
 
 
 def _accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
