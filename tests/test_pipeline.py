@@ -404,6 +404,75 @@ def test_train_gpt_example_under_torchrun(tmp_path):
     assert "2 stages on cpu, 2 steps" in again.stdout  # resumed at step 4
 
 
-def test_checkpoint_keeps_at_least_one(tmp_path):
-    with pytest.raises(ValueError, match="keep=0 must be at least 1"):
-        checkpoint.save(tmp_path, object(), None, keep=0)
+def _checkpoint_worker(rank, world, ckpt_dir, steps, micro_batches=MB, skip_load=False):
+    """``steps`` steps (from a checkpoint if there is one), saving after each;
+    returns (step resumed from, or the error of load_latest)."""
+    config = PipelineConfig(d=D, k=K, codec=INT8, micro_batches=micro_batches, timeout_s=3.0)
+    stage = PipelineStage(stage_module(rank, world, D, 0), config, micro_batch_shape=(BATCH // micro_batches, SEQ),
+                          loss_fn=loss_fn if rank == world - 1 else None)
+    opt = torch.optim.SGD(stage.parameters(), lr=0.05)
+    if skip_load:
+        time.sleep(8)
+        return "skipped"
+    try:
+        checkpoint.load_latest(ckpt_dir, stage, opt)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    resumed = stage.steps_done
+    while stage.steps_done < steps:
+        inputs, targets = batch(stage.steps_done, BATCH, SEQ)
+        stage.step(inputs if rank == 0 else None, targets if rank == world - 1 else None)
+        opt.step()
+        checkpoint.save(ckpt_dir, stage, opt)
+    return resumed
+
+
+def test_checkpoint_resumes_when_a_stage_is_a_checkpoint_ahead(tmp_path):
+    """Stage 1 died before saving step 3, stage 0 had saved it: both resume from step 2 (with
+    keep=1 stage 0 had only step 3 and both started over)."""
+    ckpt = tmp_path / "ckpt"
+    assert _ok(spawn(_checkpoint_worker, 2, str(ckpt), 3, out_dir=str(tmp_path / "a"))) == [0, 0]
+    (ckpt / "step-00000003" / "stage-1.pt").unlink()
+    assert _ok(spawn(_checkpoint_worker, 2, str(ckpt), 3, out_dir=str(tmp_path / "b"))) == [2, 2]
+    assert sorted(p.name for p in (ckpt / "step-00000003").iterdir()) == ["stage-0.pt", "stage-1.pt"]
+    assert not (ckpt / "step-00000001").exists()  # keep=2: steps 2 and 3
+
+
+def test_checkpoint_save_removes_an_abandoned_runs_later_steps(tmp_path):
+    """Stage 1's checkpoints lost: the stages start over, and stage 0's saves remove its own
+    later checkpoints (keeping the newest by step number deleted the file just written)."""
+    ckpt = tmp_path / "ckpt"
+    _ok(spawn(_checkpoint_worker, 2, str(ckpt), 3, out_dir=str(tmp_path / "a")))
+    for f in ckpt.glob("step-*/stage-1.pt"):
+        f.unlink()
+    assert _ok(spawn(_checkpoint_worker, 2, str(ckpt), 1, out_dir=str(tmp_path / "b"))) == [0, 0]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000001"]
+    assert sorted(p.name for p in (ckpt / "step-00000001").iterdir()) == ["stage-0.pt", "stage-1.pt"]
+
+
+def test_checkpoint_of_another_pipeline_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _ok(spawn(_checkpoint_worker, 2, str(ckpt), 1, out_dir=str(tmp_path / "a")))
+    results = _ok(spawn(_checkpoint_worker, 2, str(ckpt), 1, 2, out_dir=str(tmp_path / "b")))
+    for r in results:
+        assert r.startswith("ValueError: checkpoint ") and "micro_batches=4, this one has micro_batches=2" in r, r
+
+
+def test_checkpoint_agreement_is_bounded_by_the_timeout(tmp_path):
+    """A stage that never calls load_latest: the others fail within timeout_s (was 30 minutes)."""
+    results = spawn(_checkpoint_worker, 2, str(tmp_path / "ckpt"), 1, MB, out_dir=str(tmp_path / "a"), timeout=60)
+    assert results[0]["ok"] == 0 and results[1]["ok"] == 0  # (both load: nothing there)
+    started = time.monotonic()
+    results = spawn(_skipping_worker, 2, str(tmp_path / "ckpt"), out_dir=str(tmp_path / "b"), timeout=60)
+    assert results[0]["ok"].startswith("PipelineError: stage 0: checkpoint.load_latest: the stages did not agree"), \
+        results
+    assert time.monotonic() - started < 30
+
+
+def _skipping_worker(rank, world, ckpt_dir):
+    return _checkpoint_worker(rank, world, ckpt_dir, 1, MB, skip_load=rank == 1)
+
+
+def test_checkpoint_keeps_at_least_two(tmp_path):
+    with pytest.raises(ValueError, match="keep=1 must be at least 2"):
+        checkpoint.save(tmp_path, object(), None, keep=1)
