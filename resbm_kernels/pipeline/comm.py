@@ -44,7 +44,10 @@ class CommStats:
     ``blocked_s`` is the host time spent waiting for messages (receives and
     the end-of-step wait for sends); ``overlap`` is the fraction of the
     receives' time in flight that was hidden behind compute:
-    1 - recv_blocked / in_flight (1.0 when nothing was received).
+    1 - recv_blocked / in_flight (1.0 when nothing was received; about 0 in
+    a process's first step, whose receives are posted only when needed, see
+    :meth:`PipelineStage.step <resbm_kernels.pipeline.PipelineStage.step>`).
+    Bytes count whole messages (payloads and their trailers).
     """
 
     bytes_sent: int = 0
