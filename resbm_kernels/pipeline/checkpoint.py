@@ -97,7 +97,9 @@ def load_latest(directory: str | os.PathLike, pipeline_stage: PipelineStage, opt
     steps = _local_steps(directory, pipeline_stage.stage)
     device = pipeline_stage.device
     try:
-        agree = dist.new_group(ranks, timeout=datetime.timedelta(seconds=pipeline_stage.config.timeout_s))
+        # (only the group's ranks take part: several pipelines may resume side by side)
+        agree = dist.new_group(ranks, timeout=datetime.timedelta(seconds=pipeline_stage.config.timeout_s),
+                               use_local_synchronization=True)
         while True:
             newest = torch.tensor([steps[-1] if steps else -1], device=device)
             dist.all_reduce(newest, op=dist.ReduceOp.MIN, group=agree)
