@@ -7,14 +7,14 @@ partial file. Each stage keeps its newest ``keep`` (at least 2: a stage may
 be one checkpoint ahead of the others when one dies) checkpoints up to the
 step it saves, and removes its checkpoints of later steps (left by a run that
 resumed from an earlier one). On resume the stages agree (by all-reduce,
-within the pipeline's ``timeout_s``) on the newest step all of them have.
+over the pipeline's links, within its ``timeout_s``) on the newest step all
+of them have.
 Each file records the pipeline's handshake descriptor (stages, d, k, codecs,
 micro-batches, schedule, shapes); resuming with another raises.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 import pathlib
 import re
@@ -22,10 +22,8 @@ import shutil
 from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from . import handshake
-from .comm import PipelineError
 
 if TYPE_CHECKING:
     from .stage import PipelineStage
@@ -86,35 +84,22 @@ def save(directory: str | os.PathLike, pipeline_stage: PipelineStage, optimizer:
     return path
 
 
-def load_latest(directory: str | os.PathLike, pipeline_stage: PipelineStage, optimizer: torch.optim.Optimizer,
-                group: dist.ProcessGroup | None = None) -> dict | None:
-    """Restore the newest step that every stage of the group (by default the
-    stage's own) has; returns its ``extra`` dict, or None (and changes
-    nothing) when there is none. Every stage of the group must call it; the
-    agreement waits at most the pipeline's ``timeout_s`` for them."""
-    group = pipeline_stage.group if group is None else group
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+def load_latest(directory: str | os.PathLike, pipeline_stage: PipelineStage,
+                optimizer: torch.optim.Optimizer) -> dict | None:
+    """Restore the newest step that every stage of the pipeline has; returns
+    its ``extra`` dict, or None (and changes nothing) when there is none.
+    Every stage must call it (between steps); the stages agree over the
+    pipeline's own links, each wait bounded by ``timeout_s``."""
     steps = _local_steps(directory, pipeline_stage.stage)
-    device = pipeline_stage.device
-    try:
-        # (only the group's ranks take part: several pipelines may resume side by side)
-        agree = dist.new_group(ranks, timeout=datetime.timedelta(seconds=pipeline_stage.config.timeout_s),
-                               use_local_synchronization=True)
-        while True:
-            newest = torch.tensor([steps[-1] if steps else -1], device=device)
-            dist.all_reduce(newest, op=dist.ReduceOp.MIN, group=agree)
-            candidate = int(newest.item())
-            if candidate < 0:
-                return None
-            have = torch.tensor([int(candidate in steps)], device=device)
-            dist.all_reduce(have, op=dist.ReduceOp.MIN, group=agree)
-            if have.item():
-                break
-            steps = [s for s in steps if s < candidate]
-    except Exception as e:
-        raise PipelineError(f"stage {pipeline_stage.stage}: checkpoint.load_latest: the stages did not agree on a "
-                            f"step within {pipeline_stage.config.timeout_s:.1f} s (did every stage call it?): "
-                            f"{e}") from e
+    agree = pipeline_stage.peers.agree_min
+    what = "checkpoint.load_latest's agreement (did every stage call it?)"
+    while True:
+        candidate = agree(steps[-1] if steps else -1, pipeline_stage.device, what)
+        if candidate < 0:
+            return None
+        if agree(int(candidate in steps), pipeline_stage.device, what):
+            break
+        steps = [s for s in steps if s < candidate]
     path = _stage_file(directory, candidate, pipeline_stage.stage)
     # on the CPU: RNG states must stay CPU byte tensors; load_state_dict moves the rest
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -113,6 +113,35 @@ class Peers:
         self.stats = CommStats()
         return theirs
 
+    def agree_min(self, value: int, device, what: str) -> int:
+        """The smallest ``value`` of all stages: passed down the pipeline and
+        back (one int64 message per link and direction), every wait bounded by
+        the timeout; ``what`` names the agreement in errors."""
+        mine = torch.tensor([value], dtype=torch.int64, device=device)
+        last = len(self.ranks) - 1
+
+        def receive(direction, peer):
+            buffer = torch.empty_like(mine)
+            pending = _Pending(self._issue(dist.irecv, buffer, peer, direction), buffer,
+                               f"stage {self.stage}: receive of {what} from stage {peer}", time.perf_counter())
+            self._complete(pending, time.perf_counter())
+            return buffer
+
+        def send(tensor, direction, peer):
+            self._sends.append(_Pending(self._issue(dist.isend, tensor, peer, direction), tensor,
+                                        f"stage {self.stage}: send of {what} to stage {peer}", time.perf_counter()))
+            self.flush()
+
+        if self.stage > 0:
+            mine = torch.minimum(mine, receive(FORWARD, self.stage - 1))
+        if self.stage < last:
+            send(mine, FORWARD, self.stage + 1)
+            mine = receive(BACKWARD, self.stage + 1)
+        if self.stage > 0:
+            send(mine, BACKWARD, self.stage - 1)
+        self.stats = CommStats()
+        return int(mine.item())
+
     def _issue(self, op, tensor: torch.Tensor, peer: int, direction: str):
         group = self.groups[(min(self.stage, peer), direction)]
         if self._stream is None:
