@@ -463,19 +463,21 @@ def _check_codes(codes, scales, c: Codec):
     checks.shape("scales", scales, (n, k // c.group(k)))
 
 
-def _check_bits(bits, k):
+def _check_bits(op: str, bits, k):
     Codec(bits=bits)
-    if bits == 16 or (k * bits) % 8:
-        raise ValueError(f"pack: cannot pack {k} values of {bits} bits into whole bytes")
+    if bits == 16:
+        raise ValueError(f"{op}: bits=16 is the bf16 passthrough, which has no integer codes; use bits 8, 4 or 2")
+    if (k * bits) % 8:
+        raise ValueError(f"{op}: {k} values of {bits} bits are not a whole number of bytes")
 
 
 def _check_pack(codes, bits):
     checks.tensor("codes", codes, ndim=2, dtypes=(torch.int8,))
-    _check_bits(bits, codes.shape[1])
+    _check_bits("pack", bits, codes.shape[1])
 
 
 def _check_unpack(packed, bits, k):
-    _check_bits(bits, k)
+    _check_bits("unpack", bits, k)
     checks.tensor("packed", packed, ndim=2, dtypes=(torch.uint8,))
     checks.shape("packed", packed, (packed.shape[0], k * bits // 8))
 

@@ -225,6 +225,13 @@ def test_pack_codes_out_of_range(bits, bad):
 def test_unpack_shape_mismatch():
     with pytest.raises(ValueError, match=r"packed: expected shape \(2, 4\)"):
         ops.unpack(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
+    with pytest.raises(ValueError, match="unpack: 5 values of 4 bits are not a whole number of bytes"):
+        ops.unpack(torch.zeros(2, 3, dtype=torch.uint8), 4, 5)
+
+
+def test_pack_bits_16_names_the_passthrough():
+    with pytest.raises(ValueError, match="pack: bits=16 is the bf16 passthrough"):
+        ops.pack(torch.zeros(2, 8, dtype=torch.int8), 16)
 
 
 def test_dequantize_scale_shape():
