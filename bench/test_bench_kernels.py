@@ -322,16 +322,8 @@ def _payload_codec(case: KernelCase):
 
 def _payload_steps(case: KernelCase, codec, got, ref) -> tuple[float, float]:
     """(largest, mean) distance of two payloads' dequantized values, in steps of
-    the larger of their two scales; NaN when either holds a non-finite value."""
-    from resbm_kernels.codec import payload_views
-
-    n, k = case.N, case.k
-    (_, sa), (_, sb) = payload_views(got, codec, n, k), payload_views(ref, codec, n, k)
-    a, b = (R.read_payload(p, codec, n, k, torch.float32) for p in (got, ref))
-    if not (torch.isfinite(a).all() and torch.isfinite(sa.float()).all()):
-        return float("nan"), float("nan")
-    step = torch.maximum(sa.float(), sb.float()).repeat_interleave(codec.group(k), dim=1)
-    steps = (a - b).abs() / step.clamp_min(torch.finfo(torch.float32).tiny)
+    the larger of their two scales (a non-finite value or scale gives NaN)."""
+    steps = R.payload_steps(got, ref, codec, case.N, case.k)
     return steps.max().item(), steps.mean().item()
 
 

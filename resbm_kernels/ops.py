@@ -425,10 +425,7 @@ def _check_decode_project(zhat, w_d, residual):
     d, k = w_d.shape
     checks.bottleneck(d, k)
     checks.shape("zhat", zhat, (zhat.shape[0], k))
-    if residual is not None:
-        checks.tensor("residual", residual, ndim=2, device=zhat.device)
-        checks.same_dtype("residual", residual, zhat.dtype)
-        checks.shape("residual", residual, (zhat.shape[0], d))
+    _check_residual(residual, zhat.shape[0], d, zhat.dtype, zhat.device)
 
 
 def _decode_project_setup(ctx, inputs, output):
@@ -489,10 +486,15 @@ def _check_decode(payload, w_d, residual, c: Codec, n, out_dtype):
     if n < 0:
         raise ValueError(f"n={n} rows must be non-negative")
     checks.payload(payload, c, n, w_d.shape[1], w_d.device)
+    _check_residual(residual, n, w_d.shape[0], out_dtype, w_d.device)
+
+
+def _check_residual(residual, n, d, dtype, device):
+    """An optional (n, d) residual of the output's dtype, on its device."""
     if residual is not None:
-        checks.tensor("residual", residual, ndim=2, device=w_d.device)
-        checks.same_dtype("residual", residual, out_dtype)
-        checks.shape("residual", residual, (n, w_d.shape[0]))
+        checks.tensor("residual", residual, ndim=2, device=device)
+        checks.same_dtype("residual", residual, dtype)
+        checks.shape("residual", residual, (n, d))
 
 
 def _check_decode_backward(grad_h, payload, w_d, c: Codec, gc: Codec):

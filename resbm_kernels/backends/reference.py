@@ -135,6 +135,17 @@ def read_payload(payload: torch.Tensor, codec: Codec, n: int, k: int, dtype: tor
     return unpack_dequantize(*payload_views(payload, codec, n, k), codec, k, dtype)
 
 
+def payload_steps(p: torch.Tensor, q: torch.Tensor, codec: Codec, n: int, k: int) -> torch.Tensor:
+    """|values of p - values of q| (N, k) in quantization steps: the larger of
+    the two payloads' scales of each value's group (a quantized codec). How
+    the tests and benchmarks compare a kernel's payload with the reference's,
+    whose codes may sit a step apart where their inputs round differently."""
+    (_, sa), (_, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
+    a, b = (read_payload(t, codec, n, k, torch.float32) for t in (p, q))
+    step = torch.maximum(sa.float(), sb.float()).repeat_interleave(codec.group(k), dim=1)
+    return (a - b).abs() / step.clamp_min(torch.finfo(torch.float32).tiny)
+
+
 # ---- the four passes ------------------------------------------------------------
 
 

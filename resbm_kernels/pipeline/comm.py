@@ -104,12 +104,10 @@ class Peers:
         for peer in sorted(p for p in (self.stage - 1, self.stage + 1) if 0 <= p < len(self.ranks)):
             for direction in (FORWARD, BACKWARD):
                 if peer == self._peer(direction, outgoing=True):
-                    self._sends.append(_Pending(self._issue(dist.isend, mine, peer, direction), mine,
-                                                self._describe("send", direction, -1, peer), time.perf_counter()))
-                    self.flush()
+                    self._send_now(mine, direction, peer, self._describe("send", direction, -1, peer))
                 else:
-                    theirs[peer] = torch.empty_like(mine)
-                    self._complete(self.recv(theirs[peer], direction, -1), time.perf_counter())
+                    theirs[peer] = self._receive_now(torch.empty_like(mine), direction, peer,
+                                                     self._describe("receive", direction, -1, peer))
         self.stats = CommStats()
         return theirs
 
@@ -118,29 +116,36 @@ class Peers:
         back (one int64 message per link and direction), every wait bounded by
         the timeout; ``what`` names the agreement in errors."""
         mine = torch.tensor([value], dtype=torch.int64, device=device)
-        last = len(self.ranks) - 1
-
-        def receive(direction, peer):
-            buffer = torch.empty_like(mine)
-            pending = _Pending(self._issue(dist.irecv, buffer, peer, direction), buffer,
-                               f"stage {self.stage}: receive of {what} from stage {peer}", time.perf_counter())
-            self._complete(pending, time.perf_counter())
-            return buffer
-
-        def send(tensor, direction, peer):
-            self._sends.append(_Pending(self._issue(dist.isend, tensor, peer, direction), tensor,
-                                        f"stage {self.stage}: send of {what} to stage {peer}", time.perf_counter()))
-            self.flush()
-
-        if self.stage > 0:
-            mine = torch.minimum(mine, receive(FORWARD, self.stage - 1))
-        if self.stage < last:
-            send(mine, FORWARD, self.stage + 1)
-            mine = receive(BACKWARD, self.stage + 1)
-        if self.stage > 0:
-            send(mine, BACKWARD, self.stage - 1)
+        prev, next_ = self.stage - 1, self.stage + 1
+        sending = f"stage {self.stage}: send of {what} to stage %d"
+        receiving = f"stage {self.stage}: receive of {what} from stage %d"
+        if prev >= 0:
+            mine = torch.minimum(mine, self._receive_now(torch.empty_like(mine), FORWARD, prev, receiving % prev))
+        if next_ < len(self.ranks):
+            self._send_now(mine, FORWARD, next_, sending % next_)
+            mine = self._receive_now(torch.empty_like(mine), BACKWARD, next_, receiving % next_)
+        if prev >= 0:
+            self._send_now(mine, BACKWARD, prev, sending % prev)
         self.stats = CommStats()
         return int(mine.item())
+
+    def _send_now(self, tensor: torch.Tensor, direction: str, peer: int, what: str) -> None:
+        """Send and wait for it (bounded by the timeout); ``what`` names it in errors."""
+        self._sends.append(self._post(dist.isend, tensor, peer, direction, what))
+        self.flush()
+
+    def _receive_now(self, buffer: torch.Tensor, direction: str, peer: int, what: str) -> torch.Tensor:
+        """Receive into ``buffer`` and wait for it (bounded by the timeout); returns it."""
+        self._complete(self._post(dist.irecv, buffer, peer, direction, what), time.perf_counter())
+        return buffer
+
+    def _post(self, op, tensor: torch.Tensor, peer: int, direction: str, what: str) -> _Pending:
+        """Post ``op`` (isend / irecv), as a PipelineError naming ``what`` if that fails."""
+        try:
+            work = self._issue(op, tensor, peer, direction)
+        except Exception as e:  # a broken connection can fail at post time
+            raise PipelineError(f"{what} failed: {e}") from e
+        return _Pending(work, tensor, what, time.perf_counter())
 
     def _issue(self, op, tensor: torch.Tensor, peer: int, direction: str):
         group = self.groups[(min(self.stage, peer), direction)]
@@ -154,23 +159,14 @@ class Peers:
     def send(self, tensor: torch.Tensor, direction: str, micro_batch: int) -> None:
         """Post a send; it completes in the background (see :meth:`flush`)."""
         peer = self._peer(direction, outgoing=True)
-        what = self._describe("send", direction, micro_batch, peer)
-        try:
-            work = self._issue(dist.isend, tensor, peer, direction)
-        except Exception as e:  # a broken connection can fail at post time
-            raise PipelineError(f"{what} failed: {e}") from e
-        self._sends.append(_Pending(work, tensor, what, time.perf_counter()))
+        self._sends.append(self._post(dist.isend, tensor, peer, direction,
+                                      self._describe("send", direction, micro_batch, peer)))
         self.stats.bytes_sent += tensor.numel() * tensor.element_size()
 
     def recv(self, buffer: torch.Tensor, direction: str, micro_batch: int) -> _Pending:
         """Post a receive into ``buffer``; :meth:`wait` it before use."""
         peer = self._peer(direction, outgoing=False)
-        what = self._describe("receive", direction, micro_batch, peer)
-        try:
-            work = self._issue(dist.irecv, buffer, peer, direction)
-        except Exception as e:
-            raise PipelineError(f"{what} failed: {e}") from e
-        return _Pending(work, buffer, what, time.perf_counter())
+        return self._post(dist.irecv, buffer, peer, direction, self._describe("receive", direction, micro_batch, peer))
 
     def wait(self, pending: _Pending) -> torch.Tensor:
         """Block until a receive lands (bounded by the timeout); returns its buffer."""
