@@ -158,8 +158,11 @@ class ResBMBoundary(CallSeeded):
     back with ``grad_codec`` (straight-through estimator).
 
     Parameters are cast to the activations' dtype (so fp32 master weights work
-    with bf16 activations). Stochastic rounding draws a fresh seed each call
-    (see :class:`CallSeeded`).
+    with bf16 activations). Under ``torch.autocast`` the linear boundary's
+    GEMMs run in the autocast dtype and h keeps x's dtype (see
+    :func:`resbm_kernels.ops.boundary`); the MLP variants' layers autocast as
+    ``nn.Linear`` does. Stochastic rounding draws a fresh seed each call (see
+    :class:`CallSeeded`).
 
     Args:
         d: model width; k: bottleneck width (must divide d).

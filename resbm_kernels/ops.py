@@ -12,7 +12,8 @@ Shapes: activations ``x`` are (N, d); ``w_e`` is the encoder weight (k, d)
 and ``w_d`` the decoder weight (d, k), as in ``nn.Linear``; payloads are 1-D
 uint8 in the wire format of :mod:`resbm_kernels.codec`. Activations and
 weights are float32, float16 or bfloat16 (also float64 on the reference), one
-dtype per call; k divides d. The Triton and CUDA kernels need d and k
+dtype per call (the boundary's h may take another, ``out_dtype``; under
+``torch.autocast`` only the boundary changes, see :func:`boundary`); k divides d. The Triton and CUDA kernels need d and k
 multiples of 16 (``auto`` runs other shapes on the reference; a named backend
 raises).
 """
@@ -117,10 +118,11 @@ def _dispatch_needed(args, accepted) -> bool:
     argument of another type than its annotation's (a tensor subclass, or one
     the schema rejects, with the dispatcher's message); or when autograd would
     record (these ops have no derivative: their outputs' backward must raise,
-    as the op's does); or for meta tensors (shapes only: the fake kernels)."""
+    as the op's does); for meta tensors (shapes only: the fake kernels); or
+    under autocast (the ops' rule keeps it off)."""
     C = torch._C
     if (torch.compiler.is_compiling() or C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
-            or C._are_functorch_transforms_active() or C._autograd._profiler_enabled()):
+            or C._are_functorch_transforms_active() or C._autograd._profiler_enabled() or C._is_any_autocast_enabled()):
         return True
     grad = torch.is_grad_enabled()
     return any(type(a) not in ok or (isinstance(a, Tensor) and ((grad and a.requires_grad) or a.is_meta))
@@ -305,24 +307,26 @@ def _boundary(
     seed: int,
     grad_seed: int,
     row_stats: bool = True,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(h, payload, RMSNorm row statistics for the backward when ``row_stats``, else an empty tensor)."""
+    """(h in ``out_dtype`` (default x's), payload, RMSNorm row statistics for
+    the backward when ``row_stats``, else an empty tensor)."""
     _check_grad_codec(grad_codec, w_e.shape[0])
     # (inside an op, below autograd and any mode: the passes' functions are called directly)
     encode, decode = _functions[_encode_forward][0], _functions[_decode_forward][0]
     payload, stats = encode(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
-    return decode(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
+    return decode(payload, w_d, residual, codec, x.shape[0], out_dtype or x.dtype), payload, stats
 
 
 @_boundary.register_fake
-def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True):
+def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True, out_dtype=None):
     _check_grad_codec(grad_codec, w_e.shape[0])
     payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
-    return _decode_forward(payload, w_d, residual, codec, x.shape[0], x.dtype), payload, stats
+    return _decode_forward(payload, w_d, residual, codec, x.shape[0], out_dtype or x.dtype), payload, stats
 
 
 def _boundary_setup(ctx, inputs, output):
-    x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats = inputs
+    x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats, _ = inputs
     stats = output[2] if row_stats and norm_weight is not None else None
     ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1], stats)
     ctx.eps, ctx.codec, ctx.grad_codec, ctx.grad_seed = eps, codec, grad_codec, grad_seed
@@ -331,7 +335,10 @@ def _boundary_setup(ctx, inputs, output):
 
 def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
     x, w_e, norm_weight, w_d, payload, stats = ctx.saved_tensors
-    grad_h = grad_h.contiguous()  # a gradient of .sum() is stride-0
+    grad_residual = grad_h if ctx.has_residual else None
+    # the backward's GEMMs in the forward's dtype (h's may differ: out_dtype, autocast);
+    # contiguous: a gradient of .sum() is stride-0
+    grad_h = grad_h.to(x.dtype).contiguous()
     grad_payload, grad_w_d = _run(_decode_backward, grad_h, payload, w_d, ctx.codec, ctx.grad_codec, ctx.grad_seed)
     grad_x, grad_w_e, grad_gamma = _run(_encode_backward, grad_payload, x, w_e, norm_weight, ctx.eps, ctx.grad_codec,
                                         stats)
@@ -340,8 +347,8 @@ def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
         grad_w_e,
         grad_gamma if norm_weight is not None else None,
         grad_w_d,
-        grad_h if ctx.has_residual else None,
-        None, None, None, None, None, None,
+        grad_residual,
+        None, None, None, None, None, None, None,
     )
 
 
@@ -443,6 +450,48 @@ def _decode_project_backward(ctx, grad_h):
 _decode_project.register_autograd(_decode_project_backward, setup_context=_decode_project_setup)
 
 
+
+# ---- autocast ------------------------------------------------------------------------
+# Under torch.autocast the fused boundary runs its GEMMs in the autocast dtype and
+# returns h in x's dtype (see boundary). Every other op runs in its inputs' dtypes on
+# every backend alike: without a rule of their own the reference's matmuls would be
+# autocast and the kernels' would not.
+
+_autocast_lib = torch.library.Library("resbm", "FRAGMENT")
+
+
+def _autocast_eligible(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """t in the autocast dtype (autocast leaves float64 alone, as here)."""
+    return t if t is None or t.dtype == torch.float64 else t.to(dtype)
+
+
+def _register_autocast(device_type: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+
+    def boundary_kernel(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True,
+                        out_dtype=None):
+        dt = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return _boundary(*(_autocast_eligible(t, dt) for t in (x, w_e, norm_weight, w_d)), residual, eps, codec,
+                             grad_codec, seed, grad_seed, row_stats, out_dtype or x.dtype)
+
+    def without_autocast(op):
+        def kernel(*args):
+            with torch.autocast(device_type, enabled=False):
+                return op(*args)
+        return kernel
+
+    _autocast_lib.impl("boundary", boundary_kernel, key)
+    for name in AUTOCAST_FREE:
+        _autocast_lib.impl(name, without_autocast(getattr(torch.ops.resbm, name).default), key)
+
+
+AUTOCAST_FREE = ("quantize", "dequantize", "pack", "unpack", "encode_forward", "encode_forward_out", "decode_forward",
+                 "decode_backward", "decode_backward_out", "encode_backward", "wire_roundtrip", "encode_project",
+                 "decode_project")
+for _device_type in ("cpu", "cuda"):
+    _register_autocast(_device_type)
+
 # ---- validation helpers ------------------------------------------------------------
 
 
@@ -493,7 +542,8 @@ def _check_residual(residual, n, d, dtype, device):
     """An optional (n, d) residual of the output's dtype, on its device."""
     if residual is not None:
         checks.tensor("residual", residual, ndim=2, device=device)
-        checks.same_dtype("residual", residual, dtype)
+        if residual.dtype != dtype:
+            raise TypeError(f"residual: dtype {residual.dtype} differs from the output's {dtype}")
         checks.shape("residual", residual, (n, d))
 
 
@@ -599,17 +649,21 @@ def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Co
 
 def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec | str, grad_codec: Codec | str, *,
              norm_weight: Optional[Tensor] = None, residual: Optional[Tensor] = None, eps: float = 1e-6,
-             seed: int = 0, grad_seed: int = 1) -> tuple[Tensor, Tensor]:
+             seed: int = 0, grad_seed: int = 1, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
     """Differentiable encode -> wire -> decode in one process: returns (h, payload).
 
     The backward sends dL/dzhat through ``grad_codec`` (straight-through
-    estimator), exactly as the pipeline does across processes.
+    estimator), exactly as the pipeline does across processes. ``out_dtype``:
+    h's dtype, and ``residual``'s (default x's), e.g. float32 h from bfloat16
+    GEMMs. Under ``torch.autocast`` x and the weights are cast to the autocast
+    dtype, as ``nn.Linear``'s would be, and h keeps x's dtype: it replaces the
+    residual stream x.
     """
     # the row statistics only when a backward can follow (they cost N(k+1) fp32 of writes)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, w_e, norm_weight, w_d, residual))
     h, payload, _ = _boundary(x, w_e, norm_weight, w_d, residual, eps, Codec.parse(codec).spec,
-                              Codec.parse(grad_codec).spec, seed, grad_seed, grad)
+                              Codec.parse(grad_codec).spec, seed, grad_seed, grad, out_dtype)
     return h, payload
 
 

@@ -469,6 +469,41 @@ def check_decode_backward_mixed_dtypes(backend: str, device: str, grad_dtype, w_
     assert gw.dtype == w_dtype and rel_err(gw, gw_ref) <= rel_tol(torch.bfloat16)
 
 
+def check_boundary_under_autocast(backend: str, device: str, dtype=torch.bfloat16) -> None:
+    """ops.boundary of float32 inputs under torch.autocast == the same call with
+    x and the weights cast to the autocast dtype and h in float32 (out_dtype),
+    bit for bit: payload, h and every gradient, which stay float32. And the
+    autocast payload is not the float32 call's (autocast changed the GEMMs)."""
+    from resbm_kernels import ops
+    from resbm_kernels.backends import use_backend
+
+    n, d, k = 37, 128, 32
+    gen = torch.Generator().manual_seed(21)
+    inputs = (normal(n, d, dtype=torch.float32, gen=gen), normal(k, d, dtype=torch.float32, scale=d**-0.5, gen=gen),
+              1 + normal(d, dtype=torch.float32, scale=0.1, gen=gen),
+              normal(d, k, dtype=torch.float32, scale=k**-0.5, gen=gen), normal(n, d, dtype=torch.float32, gen=gen))
+    grad_h = normal(n, d, dtype=torch.float32, gen=gen).to(device)
+    codec = Codec(bits=8)
+
+    def run(how):
+        x, w_e, gamma, w_d, residual = leaves = [t.to(device).requires_grad_() for t in inputs]
+        cast = (lambda t: t.to(dtype)) if how == "cast" else (lambda t: t)
+        autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=how == "autocast")
+        with use_backend(backend), autocast:
+            h, payload = ops.boundary(cast(x), cast(w_e), cast(w_d), codec, GRAD_CODEC, norm_weight=cast(gamma),
+                                      residual=residual, seed=3, grad_seed=4, out_dtype=torch.float32)
+        with use_backend(backend):
+            h.backward(grad_h)
+        return [payload, h] + [t.grad for t in leaves]
+
+    got, want, plain = run("autocast"), run("cast"), run("float32")
+    assert all(t.dtype == torch.float32 for t in got[1:])
+    for name, a, b in zip(("payload", "h", "grad x", "grad w_e", "grad norm_weight", "grad w_d", "grad residual"),
+                          got, want):
+        assert torch.equal(a, b), f"{name} under autocast differs from the explicitly cast call's"
+    assert not torch.equal(got[0], plain[0]), "autocast did not change the encoder's GEMM"
+
+
 def check_encode_row_stats(backend: str, device: str, shape, dtype) -> None:
     """A fast backend's encode forward with ``return_row_stats``: the payload is
     the one it writes without them, and the statistics are the reference's

@@ -117,6 +117,14 @@ def test_gradient_codec_checked_in_the_forward():
         ops.wire_roundtrip(randn(4, 48, seed=3), INT8, bad)
 
 
+
+def test_boundary_out_dtype_and_residual(tensors):
+    x, w_e, w_d = tensors
+    with pytest.raises(TypeError, match="out_dtype torch.int32 is not a supported float dtype"):
+        ops.boundary(x, w_e, w_d, INT8, GRAD_INT8, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="residual: dtype torch.float32 differs from the output's torch.bfloat16"):
+        ops.boundary(x, w_e, w_d, INT8, GRAD_INT8, residual=randn(N, D), out_dtype=torch.bfloat16)
+
 def test_norm_weight_shape(tensors):
     x, w_e, _ = tensors
     with pytest.raises(ValueError, match=r"norm_weight: expected shape \(64,\)"):

@@ -35,6 +35,7 @@ from helpers import CUDA_ARCHS, cuda_library_resources, cuda_library_sass, longe
 from helpers import sass_functions, sass_loops
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
+from helpers import check_boundary_under_autocast
 from helpers import check_passes_replay_in_a_cuda_graph
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
 from helpers import NO_WORK_OPS, training_pass_calls
@@ -830,6 +831,11 @@ def test_decode_backward(shape, dtype, grad_codec, projection, monkeypatch):
 @pytest.mark.parametrize("dtypes", ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)), ids=str)
 def test_decode_backward_mixed_dtypes(dtypes):
     check_decode_backward_mixed_dtypes("cuda", DEVICE, *dtypes)
+
+
+@needs_kernels
+def test_boundary_under_autocast():
+    check_boundary_under_autocast("cuda", DEVICE)
 
 
 @needs_kernels

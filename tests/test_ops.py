@@ -9,7 +9,8 @@ import pathlib
 import pytest
 import torch
 
-from helpers import CUDA_KERNELS_DEVICE, emulate_cuda_without_gpu, needs_cuda_kernels, randn, tolerance
+from helpers import CUDA_KERNELS_DEVICE, check_boundary_under_autocast, emulate_cuda_without_gpu, needs_cuda_kernels
+from helpers import randn, tolerance
 from resbm_kernels import ops
 from resbm_kernels.backends import reference, use_backend
 from resbm_kernels.codec import BF16, GRAD_INT8, INT4, INT8, Codec, payload_views
@@ -252,6 +253,83 @@ def test_boundary_dtypes_track_float64(dtype):
         torch.testing.assert_close(b, a, atol=4 * unit * a.abs().max().item(), rtol=0)
 
 
+
+# ---- autocast -----------------------------------------------------------------------------
+
+def test_boundary_under_autocast():
+    check_boundary_under_autocast("reference", "cpu")
+
+
+def test_boundary_out_dtype():
+    """bf16 GEMMs writing float32 h (and taking a float32 residual, whose
+    gradient stays float32): h is decode's of the same payload with that
+    out_dtype; the backward runs the passes on the gradient cast to bf16."""
+    x, w_e, w_d, gamma = leaves = [t.bfloat16().requires_grad_() for t in make()[:4]]
+    residual = make()[4].float().requires_grad_()
+    h, payload = ops.boundary(x, w_e, w_d, INT8, GRAD_INT8, norm_weight=gamma, residual=residual,
+                              out_dtype=torch.float32)
+    want = ops.decode(payload, w_d.detach(), INT8, N, residual=residual.detach(), out_dtype=torch.float32)
+    assert h.dtype == torch.float32 and torch.equal(h, want)
+    grad = randn(N, D, seed=9)
+    h.backward(grad)
+    assert torch.equal(residual.grad, grad)
+    with torch.no_grad():
+        grad_payload, grad_w_d = ops.decode_backward(grad.bfloat16(), payload, w_d, INT8, GRAD_INT8)
+        grad_x, grad_w_e, grad_gamma = ops.encode_backward(grad_payload, x, w_e, GRAD_INT8, norm_weight=gamma)
+    for t, g in zip(leaves, (grad_x, grad_w_e, grad_w_d, grad_gamma)):
+        assert torch.equal(t.grad, g)
+
+
+def test_autocast_leaves_the_other_ops_alone():
+    """Under autocast every op but the boundary gives what it gives without
+    (the reference's matmuls would be autocast, the kernels' would not)."""
+    x, w_e, w_d, gamma, residual = (t.float() for t in make())
+    payload, stats = ops.encode(x, w_e, INT8, norm_weight=gamma, return_row_stats=True)
+    grad_payload = reference.write_payload(randn(N, K, seed=7), GRAD_INT8, 0)
+    z = randn(N, K, seed=8)
+    calls = (
+        lambda: ops.encode(x, w_e, INT8, norm_weight=gamma, return_row_stats=True),
+        lambda: torch.ops.resbm.encode_forward(x, w_e, gamma, EPS, INT8.spec, 0, True),
+        lambda: ops.encode(x, w_e, INT8, out=torch.empty_like(payload)),
+        lambda: ops.decode(payload, w_d, INT8, N, residual=residual),
+        lambda: ops.decode_backward(residual, payload, w_d, INT8, GRAD_INT8),
+        lambda: ops.decode_backward(residual, payload, w_d, INT8, GRAD_INT8, out=torch.empty_like(grad_payload)),
+        lambda: ops.encode_backward(grad_payload, x, w_e, GRAD_INT8, norm_weight=gamma, row_stats=stats),
+        lambda: ops.encode_project(x, w_e, norm_weight=gamma),
+        lambda: ops.decode_project(z, w_d, residual=residual),
+        lambda: ops.wire_roundtrip(z, INT8, GRAD_INT8),
+        lambda: ops.dequantize(*ops.quantize(z, INT8), INT8),
+    )
+    for i, call in enumerate(calls):
+        want = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call()
+        for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
+            assert torch.equal(a, b), f"call {i} changed under autocast"
+
+
+def test_every_op_has_an_autocast_rule():
+    names = {name for name in dir(torch.ops.resbm) if isinstance(getattr(torch.ops.resbm, name), torch._ops.OpOverloadPacket)}
+    assert names == set(ops.AUTOCAST_FREE) | {"boundary"}
+    for name in names:
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resbm::{name}", key), (name, key)
+
+
+def test_torch_compile_under_autocast_matches_eager():
+    from resbm_kernels import ResBMBoundary
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), ResBMBoundary(64, 16, codec=INT8), torch.nn.Linear(64, 8))
+    x = randn(4, 5, 32, seed=1)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    outs = []
+    for run in (model, compiled):
+        model[1].calls = 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(run(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
 # ---- opcheck and torch.compile ----------------------------------------------------------
 
 def _samples():
@@ -280,6 +358,8 @@ def _samples():
                                                w_d, c, gc, 0)),
         (torch.ops.resbm.boundary, (*(t.clone().requires_grad_() for t in (x, w_e, gamma, w_d)),
                                     residual, EPS, c, gc, 0, 1)),
+        (torch.ops.resbm.boundary, (*(t.bfloat16().requires_grad_() for t in (x, w_e, gamma, w_d)),
+                                    residual, EPS, c, gc, 0, 1, True, torch.float32)),
         (torch.ops.resbm.wire_roundtrip, (z.clone().requires_grad_(), c, gc, 0, 1)),
         (torch.ops.resbm.encode_project, (x, w_e, gamma, EPS)),
         (torch.ops.resbm.decode_project, (z.clone().requires_grad_(), w_d, residual)),
@@ -352,6 +432,7 @@ def _dispatch_needed_cases():
     yield "fake tensor mode", plain, FakeTensorMode, True
     yield "torch function mode", plain, lambda: torch.device("cpu"), True
     yield "profiler", plain, torch.profiler.profile, True
+    yield "autocast", plain, lambda: torch.autocast("cpu", dtype=torch.bfloat16), True
 
 
 class _Subclass(torch.Tensor):

@@ -26,6 +26,7 @@ from resbm_kernels.backends import reference as ref  # noqa: E402
 from resbm_kernels.backends import use_backend  # noqa: E402
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats  # noqa: E402
+from helpers import check_boundary_under_autocast  # noqa: E402
 from helpers import check_passes_do_not_synchronise, check_passes_replay_in_a_cuda_graph  # noqa: E402
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC  # noqa: E402
 from helpers import exact_finish_case, finish_weight_grad_reference  # noqa: E402
@@ -319,6 +320,10 @@ def test_decode_backward_forward_codecs(codec, dtype):
 @pytest.mark.parametrize("dtypes", ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)), ids=str)
 def test_decode_backward_mixed_dtypes(dtypes):
     check_decode_backward_mixed_dtypes("triton", DEVICE, *dtypes)
+
+
+def test_boundary_under_autocast():
+    check_boundary_under_autocast("triton", DEVICE)
 
 
 # ---- encode backward ------------------------------------------------------------------
