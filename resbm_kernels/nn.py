@@ -64,14 +64,23 @@ class ResBMEncoder(nn.Module):
         checks.bottleneck(d, k)
         checks.rms_eps(eps)
         self.d, self.k, self.eps = d, k, eps
-        self.norm_weight = nn.Parameter(torch.ones(d, dtype=dtype, device=device)) if norm else None
+        self.norm_weight = nn.Parameter(torch.empty(d, dtype=dtype, device=device)) if norm else None
         if mlp_hidden is None:
             self.weight = nn.Parameter(torch.empty(k, d, dtype=dtype, device=device))
-            _init_linear(self.weight)
             self.mlp = None
         else:
             self.weight = None
             self.mlp = _SiLUMLP(d, mlp_hidden, k, dtype=dtype, device=device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise this module's own parameters (RMSNorm weight ones, linear
+        E as nn.Linear's; an MLP's layers reset themselves), as after
+        ``to_empty`` from the meta device."""
+        if self.norm_weight is not None:
+            nn.init.ones_(self.norm_weight)
+        if self.weight is not None:
+            _init_linear(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """z (..., k) for activations (..., d), without the wire."""
@@ -105,11 +114,16 @@ class ResBMDecoder(nn.Module):
         self.d, self.k = d, k
         if mlp_hidden is None:
             self.weight = nn.Parameter(torch.empty(d, k, dtype=dtype, device=device))
-            _init_linear(self.weight)
             self.mlp = None
         else:
             self.weight = None
             self.mlp = _SiLUMLP(k, mlp_hidden, d, dtype=dtype, device=device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the linear D as nn.Linear's (an MLP's layers reset themselves)."""
+        if self.weight is not None:
+            _init_linear(self.weight)
 
     def forward(self, zhat: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """h (..., d) for bottleneck values (..., k) (+ residual (..., d)), without the wire."""

@@ -166,3 +166,24 @@ def test_resumed_boundary_draws_the_seeds_of_the_uninterrupted_run():
     fresh = ResBMBoundary(D, K, codec=codec, seed=3)
     fresh.load_state_dict({name: t for name, t in run.state_dict().items() if name != "_extra_state"}, strict=False)
     assert not torch.equal(fresh(x), resumed(x))  # (call 1's seeds, not call 4's: the counter matters)
+
+
+@pytest.mark.parametrize("mlp_hidden", [None, 32])
+def test_meta_device_init_then_reset_parameters(mlp_hidden):
+    """Built on the meta device, moved with to_empty (uninitialised memory) and
+    reset module by module (FSDP's deferred init): the parameters a direct
+    construction draws from the same seed, the norm weight ones again."""
+    torch.manual_seed(3)
+    direct = ResBMBoundary(D, K, mlp_hidden=mlp_hidden)
+    with torch.device("meta"):
+        deferred = ResBMBoundary(D, K, mlp_hidden=mlp_hidden)
+    deferred.to_empty(device="cpu")
+    for p in deferred.parameters():
+        torch.nn.init.constant_(p, float("nan"))  # what to_empty may leave
+    torch.manual_seed(3)
+    for m in deferred.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    want = dict(direct.named_parameters())
+    for name, p in deferred.named_parameters():
+        assert torch.equal(p, want[name]), name
