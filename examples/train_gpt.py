@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer")
+    p.add_argument("--val-batches", type=int, default=4,
+                   help="batches of the validation split evaluated after training (forward only)")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
@@ -100,6 +102,19 @@ def _bf16_autocast(module: nn.Module) -> nn.Module:
 
     module.forward = autocast_forward
     return module
+
+
+def validation_loss(stage: PipelineStage, args) -> float | None:
+    """Mean loss over ``--val-batches`` fixed batches of the validation split
+    (on the last stage; None elsewhere), forward only."""
+    data = load_corpus("val") if stage.is_first or stage.is_last else None
+    stage.eval()
+    losses = []
+    for i in range(args.val_batches):
+        x, y = batch(data, i, args.batch, args.seq, args.seed) if data is not None else (None, None)
+        losses.append(stage.evaluate(x if stage.is_first else None, y if stage.is_last else None).loss)
+    stage.train()
+    return sum(losses) / len(losses) if stage.is_last and losses else None
 
 
 def main(argv=None) -> None:
@@ -154,6 +169,7 @@ def main(argv=None) -> None:
     bar.close()
     elapsed = time.perf_counter() - start
     steps = stage.steps_done - start_step
+    val_loss = validation_loss(stage, args)
 
     if stage.is_last and steps:
         tokens = steps * args.batch * args.seq
@@ -161,7 +177,7 @@ def main(argv=None) -> None:
         bwd = config.grad_codec.payload_bytes(stage.tokens, args.bottleneck) / stage.tokens
         print(f"{world} stages on {args.device}, {steps} steps, {tokens:,} tokens in {elapsed:.1f} s: "
               f"{tokens / elapsed:,.0f} tokens/s")
-        print(f"loss {first_loss:.3f} -> {loss:.3f}")
+        print(f"loss {first_loss:.3f} -> {loss:.3f}" + (f", validation loss {val_loss:.3f}" if args.val_batches else ""))
         print(f"wire per token per boundary: forward {fwd:.1f} B ({config.codec.spec}), "
               f"backward {bwd:.1f} B ({config.grad_codec.spec}); bf16 activations: {2 * args.width} B")
         print(f"compression ratio (scales + header included): forward {2 * args.width / fwd:.1f}x, "

@@ -173,6 +173,65 @@ def test_comm_stats_count_message_bytes(tmp_path):
     assert 0.0 <= first.overlap <= 1.0 and first.blocked_s >= 0.0
 
 
+
+def _evaluate_worker(rank, world, evaluations):
+    """Three 1F1B steps (int8 forward, stochastic int8 gradients); with
+    ``evaluations``, before each step an evaluation of a held-out batch and of
+    the step's own batch. Returns the losses, the final gradients, and whether
+    an evaluation touched a gradient."""
+    stage = _make_stage(rank, world, PipelineConfig(d=D, k=K, codec=INT8, grad_codec=GRAD_INT8, micro_batches=MB))
+    opt = torch.optim.SGD(stage.parameters(), lr=0.05)
+    first, last = rank == 0, rank == world - 1
+    out = dict(steps=[], evals=[], touched=False)
+    for step in range(3):
+        inputs, targets = batch(step, BATCH, SEQ)
+        opt.zero_grad()
+        if evaluations:
+            before = [None if q.grad is None else q.grad.clone() for q in stage.parameters()]
+            held_in, held_out = batch(100 + step, BATCH, SEQ)
+            out["evals"].append(stage.evaluate(held_in if first else None, held_out if last else None).loss)
+            out["evals"].append(stage.evaluate(inputs if first else None, targets if last else None).loss)
+            out["touched"] |= any((b is None) != (q.grad is None) or (b is not None and not torch.equal(b, q.grad))
+                                  for b, q in zip(before, stage.parameters()))
+        out["steps"].append(stage.step(inputs if first else None, targets if last else None).loss)
+        out["grads"] = {n: q.grad.clone() for n, q in stage.named_parameters()}
+        opt.step()
+    return out
+
+
+def test_evaluate_leaves_training_unchanged(tmp_path):
+    """Steps with evaluations between them are the steps without, bit for bit
+    (losses and every gradient, stochastic gradient rounding included); an
+    evaluation touches no gradient, and of a step's own batch gives that
+    step's loss (the forward codec rounds to nearest)."""
+    world = 3
+    plain = _ok(spawn(_evaluate_worker, world, False, out_dir=str(tmp_path / "plain")))
+    evals = _ok(spawn(_evaluate_worker, world, True, out_dir=str(tmp_path / "evals")))
+    assert evals[-1]["steps"] == plain[-1]["steps"]
+    for s in range(world):
+        assert not evals[s]["touched"]
+        for n, g in plain[s]["grads"].items():
+            assert torch.equal(evals[s]["grads"][n], g), (s, n)
+    losses = evals[-1]["evals"]
+    assert losses[1::2] == evals[-1]["steps"]
+    assert all(a != b for a, b in zip(losses[0::2], losses[1::2]))  # the held-out batches are other data
+    assert all(loss is None for s in range(world - 1) for loss in evals[s]["evals"])
+
+
+def _evaluate_mismatch_worker(rank, world):
+    """Stage 0 evaluates while stage 1 steps."""
+    stage = _make_stage(rank, world, PipelineConfig(d=D, k=K, codec=INT8, micro_batches=MB, timeout_s=5.0))
+    inputs, targets = batch(0, BATCH, SEQ)
+    return (stage.evaluate(inputs, None) if rank == 0 else stage.step(None, targets)).loss
+
+
+def test_an_evaluation_met_by_a_step_is_named(tmp_path):
+    results = spawn(_evaluate_mismatch_worker, 2, out_dir=str(tmp_path), timeout=60)
+    error = results[1].get("error", "")
+    assert error.startswith("PipelineError: stage 1: forward activations message for micro-batch 0 of step 0 "
+                            "has the trailer"), results
+    assert "out of step" in error
+
 # ---- handshake ----------------------------------------------------------------------
 
 def _mismatch_worker(rank, world):
@@ -389,6 +448,7 @@ def test_train_gpt_example_under_torchrun(tmp_path):
     """examples/train_gpt.py trains over 2 stages with torchrun, checkpoints,
     and resumes from the checkpoint when started again."""
     import pathlib
+    import re
     import subprocess
     import sys
 
@@ -399,6 +459,8 @@ def test_train_gpt_example_under_torchrun(tmp_path):
     first = subprocess.run(cmd + ["--steps", "4"], capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "2 stages on cpu, 4 steps" in first.stdout and "compression ratio" in first.stdout
+    val = re.search(r"validation loss (\d+\.\d+)", first.stdout)
+    assert val and 0 < float(val.group(1)) < 10, first.stdout  # bytes: ln(256) = 5.5 at the start
     again = subprocess.run(cmd + ["--steps", "6"], capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 stages on cpu, 2 steps" in again.stdout  # resumed at step 4

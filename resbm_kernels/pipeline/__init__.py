@@ -5,6 +5,7 @@ compressed activations and activation gradients cross the network.
     stage = PipelineStage(my_layers, PipelineConfig(d=512, k=4, codec=INT8),
                           micro_batch_shape=(4, 256), loss_fn=...)
     result = stage.step(inputs, targets)   # then optimizer.step()
+    loss = stage.evaluate(inputs, targets).loss   # forward only (last stage)
 """
 
 from . import checkpoint, schedule

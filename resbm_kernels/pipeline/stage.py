@@ -6,8 +6,8 @@ payloads go to stage s+1, activation-gradient payloads come back from it;
 both are packed with the configured codecs by the fused ops, so only
 compressed bytes cross the network.
 
-Each message is a payload followed by an 8-byte trailer naming its step,
-micro-batch and direction; a receiver checks both the payload's header and
+Each message is a payload followed by an 8-byte trailer naming its step (or
+evaluation), micro-batch and direction; a receiver checks both the payload's header and
 the trailer, so a message of the wrong codec, a short one (its trailer is
 then what the buffer held before) and a stale or out-of-order one fail the
 step with a :class:`PipelineError`. A step that raised leaves receives posted
@@ -52,7 +52,8 @@ class StepResult:
 
 class PipelineStage(nn.Module):
     """Wraps a user's stage module with the ResBM boundary pieces and runs
-    one optimizer step's worth of micro-batches per :meth:`step`.
+    one optimizer step's worth of micro-batches per :meth:`step` (forward
+    only, for a validation loss: :meth:`evaluate`).
 
     Args:
         module: the stage's own layers. The first stage's module takes the
@@ -101,6 +102,8 @@ class PipelineStage(nn.Module):
         self.plan = schedule.build(config.schedule, self.num_stages, config.micro_batches)[self.stage]
         self.peers = Peers(self.stage, ranks, config.timeout_s, self.device)
         self.steps_done = 0
+        self.evaluations_done = 0
+        self._round = 0  # what trailers and seeds count: steps_done, or ~evaluations_done in evaluate()
         self._broken: str | None = None  # why a step failed (see step())
 
         m = config.micro_batches
@@ -116,7 +119,7 @@ class PipelineStage(nn.Module):
         self._header_checks: list = []
         self._bad: dict = {}  # (direction, micro-batch) -> device bool: that received header was wrong
         self._defer_checks = self.device.type != "cpu"  # see _received
-        self._warm = False  # see step()
+        self._warmed: set[str] = set()  # "step", "evaluate": run once in this process (see _run)
         self._handshake()
 
     # ---- set-up ---------------------------------------------------------------
@@ -126,8 +129,8 @@ class PipelineStage(nn.Module):
         return torch.empty(message_bytes(codec, self.tokens, self.config.k), dtype=torch.uint8, device=self.device)
 
     def _trailer(self, direction: str, micro_batch: int) -> int:
-        """The trailer of this step's message for ``micro_batch`` in ``direction``."""
-        return TRAILER_TAG ^ (((self.steps_done << 20) + micro_batch) * 2 + (direction == BACKWARD))
+        """The trailer of this step's (or evaluation's) message for ``micro_batch`` in ``direction``."""
+        return TRAILER_TAG ^ (((self._round << 20) + micro_batch) * 2 + (direction == BACKWARD))
 
     def _header(self, codec) -> torch.Tensor:
         return header_tensor(header_bytes(codec, self.tokens, self.config.k), self.device)
@@ -146,30 +149,56 @@ class PipelineStage(nn.Module):
         into ``.grad`` (call your optimizer afterwards). The first stage needs
         ``inputs``, the last ``targets``, each a tensor whose first dim splits
         evenly into ``config.micro_batches``."""
+        loss = self._run("step", self.plan, inputs, targets, self.steps_done)
+        self.steps_done += 1
+        return StepResult(loss=loss, comm=self.peers.take_stats())
+
+    @torch.no_grad()
+    def evaluate(self, inputs=None, targets=None) -> StepResult:
+        """Forward only, without gradients (a validation loss): every
+        micro-batch through the pipeline, nothing sent back, no ``.grad``
+        touched; inputs and targets as for :meth:`step`. Like a step, every
+        stage calls it at the same time. Training's stochastic-rounding seeds
+        do not depend on evaluations, so a run's steps are the same with or
+        without them."""
+        forwards = [schedule.Action("F", i) for i in range(self.config.micro_batches)]
+        loss = self._run("evaluate", forwards, inputs, targets, ~self.evaluations_done)
+        self.evaluations_done += 1
+        return StepResult(loss=loss, comm=self.peers.take_stats())
+
+    def _round_name(self) -> str:
+        return f"step {self._round}" if self._round >= 0 else f"evaluation {~self._round}"
+
+    def _run(self, mode: str, plan, inputs, targets, round_: int) -> float | None:
+        """Run ``plan``'s actions; the mean micro-batch loss on the last stage."""
         if self._broken:
             raise PipelineError(f"stage {self.stage}: a step failed ({self._broken}); the receives it posted "
                                 "cannot be taken back, so this stage takes no more steps: restart the pipeline "
                                 "(e.g. from a checkpoint)")
         in_chunks = self._split("inputs", inputs, self.is_first)
         tgt_chunks = self._split("targets", targets, self.is_last)
-        # Receives are posted at step start so they overlap compute -- except in this
-        # process's first step: on a GPU, first calls may synchronise the device
-        # (Triton autotuning, lazy module loading), which would wait forever for a
-        # posted receive whose sender waits for us. Then each is posted when needed.
-        ahead = self._warm
+        self._round = round_
+        # Receives are posted at the start so they overlap compute -- except the first
+        # time in this process (per mode): on a GPU, first calls may synchronise the
+        # device (Triton autotuning, lazy module loading), which would wait forever for
+        # a posted receive whose sender waits for us. Then each is posted when needed.
+        ahead = mode in self._warmed
+        backward = any(action.kind == "B" for action in plan)
         fwd_pending = [self._post(b, FORWARD, i, ahead) for i, b in enumerate(self._fwd_buffers)]
-        bwd_pending = [self._post(b, BACKWARD, i, ahead) for i, b in enumerate(self._bwd_buffers)]
+        bwd_pending = [self._post(b, BACKWARD, i, ahead) for i, b in enumerate(self._bwd_buffers)] if backward else []
         saved: dict[int, dict] = {}
         losses = []
         try:
-            for action in self.plan:
+            for action in plan:
                 i = action.micro_batch
                 if action.kind == "F":
-                    saved[i] = self._forward(i, in_chunks[i] if self.is_first else None,
-                                             None if self.is_first else fwd_pending[i],
-                                             tgt_chunks[i] if self.is_last else None)
+                    state = self._forward(i, in_chunks[i] if self.is_first else None,
+                                          None if self.is_first else fwd_pending[i],
+                                          tgt_chunks[i] if self.is_last else None)
                     if self.is_last:
-                        losses.append(saved[i]["loss"].detach())
+                        losses.append(state["loss"].detach())
+                    if backward:
+                        saved[i] = state
                 else:
                     self._backward(i, saved.pop(i), None if self.is_last else bwd_pending[i])
             self.peers.flush()
@@ -184,10 +213,8 @@ class PipelineStage(nn.Module):
             self._broken = str(e)
             raise
         self._bad.clear()
-        self._warm = True
-        self.steps_done += 1
-        loss = torch.stack(losses).sum().item() if self.is_last else None  # each is already / m
-        return StepResult(loss=loss, comm=self.peers.take_stats())
+        self._warmed.add(mode)
+        return torch.stack(losses).sum().item() if self.is_last else None  # each is already / m
 
     def _split(self, name, tensor, needed):
         if not needed:
@@ -201,7 +228,7 @@ class PipelineStage(nn.Module):
 
     def _seed(self, micro_batch: int, backward: bool) -> int:
         c = self.config
-        mixed = ((c.seed * 1_000_003 + self.stage) * 1_000_003 + self.steps_done) * 1_000_003 + micro_batch
+        mixed = ((c.seed * 1_000_003 + self.stage) * 1_000_003 + self._round) * 1_000_003 + micro_batch
         return (mixed * 2 + int(backward)) % 2**62
 
     def _post(self, buffer, direction, micro_batch, now: bool):
@@ -260,9 +287,9 @@ class PipelineStage(nn.Module):
                     f"{expected.tolist()}): corrupted, produced with another codec, or (all zero) computed from "
                     "a corrupt payload upstream")
             raise PipelineError(
-                f"{what % 'message'} of step {self.steps_done} has the trailer {int(trailer.item()):#x}, expected "
+                f"{what % 'message'} of {self._round_name()} has the trailer {int(trailer.item()):#x}, expected "
                 f"{self._trailer(direction, micro_batch):#x}: shorter than its codec's payload (the trailer is "
-                "what the buffer held), or sent for another step or micro-batch (the stages are out of step)")
+                "what the buffer held), or sent for another step, evaluation or micro-batch (the stages are out of step)")
 
     def _forward(self, i, inputs, pending, targets) -> dict:
         c, state = self.config, {}
