@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-codec", default="int8/row/bf16/stochastic", help="backward codec spec")
     p.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the whole model's gradient norm (0: off)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a peer")
     p.add_argument("--val-batches", type=int, default=4,
                    help="batches of the validation split evaluated after training (forward only)")
@@ -156,6 +157,8 @@ def main(argv=None) -> None:
         x, y = (batch(data, stage.steps_done, args.batch, args.seq, args.seed) if data is not None else (None, None))
         opt.zero_grad()
         result = stage.step(x if stage.is_first else None, y if stage.is_last else None)
+        if args.grad_clip > 0:
+            stage.clip_grad_norm_(args.grad_clip)  # (every stage: the norm is the whole pipeline's)
         opt.step()
         sent += result.comm.bytes_sent
         blocked += result.comm.blocked_s

@@ -539,3 +539,46 @@ def _skipping_worker(rank, world, ckpt_dir):
 def test_checkpoint_keeps_at_least_two(tmp_path):
     with pytest.raises(ValueError, match="keep=1 must be at least 2"):
         checkpoint.save(tmp_path, object(), None, keep=1)
+
+
+# ---- gradient clipping ---------------------------------------------------------------
+
+def _clip_worker(rank, world, max_norm, norm_type):
+    """One step, then the pipeline-wide clip; returns the gradients before and after and the norm."""
+    stage = _make_stage(rank, world, PipelineConfig(d=D, k=K, codec=INT8, grad_codec=GRAD_INT8, micro_batches=MB))
+    inputs, targets = batch(0, BATCH, SEQ)
+    stage.step(inputs if rank == 0 else None, targets if rank == world - 1 else None)
+    before = [p.grad.clone() for p in stage.parameters()]
+    norm = stage.clip_grad_norm_(max_norm, norm_type)
+    return dict(before=before, after=[p.grad.clone() for p in stage.parameters()], norm=norm)
+
+
+@pytest.mark.parametrize("max_norm, norm_type", [(0.05, 2.0), (0.01, float("inf")), (1e6, 2.0)],
+                         ids=["l2", "inf", "no-clip"])
+def test_clip_grad_norm_over_the_whole_pipeline(max_norm, norm_type, tmp_path):
+    """Every stage's gradients clipped as torch.nn.utils.clip_grad_norm_ clips
+    all stages' gradients together in one process, and the same total norm."""
+    world = 3
+    outs = _ok(spawn(_clip_worker, world, max_norm, norm_type, out_dir=str(tmp_path)))
+    grads = [g.clone() for o in outs for g in o["before"]]
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    want_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type).item()
+    for o in outs:
+        assert o["norm"] == pytest.approx(want_norm, rel=1e-6)
+    clipped = [g for o in outs for g in o["after"]]
+    for got, p in zip(clipped, params):
+        torch.testing.assert_close(got, p.grad, **tolerance(torch.float32))
+    if max_norm > want_norm:
+        assert all(torch.equal(a, b) for o in outs for a, b in zip(o["after"], o["before"]))
+    else:
+        assert not any(torch.equal(a, b) for o in outs for a, b in zip(o["after"], o["before"]))
+
+
+def test_clip_grad_norm_arguments():
+    stage = PipelineStage.__new__(PipelineStage)  # (the arguments are checked before any message)
+    with pytest.raises(ValueError, match="max_norm=-1.0 must be a finite number >= 0"):
+        stage.clip_grad_norm_(-1.0)
+    with pytest.raises(ValueError, match="norm_type=0 must be > 0"):
+        stage.clip_grad_norm_(1.0, 0)

@@ -111,23 +111,28 @@ class Peers:
         self.stats = CommStats()
         return theirs
 
-    def agree_min(self, value: int, device, what: str) -> int:
-        """The smallest ``value`` of all stages: passed down the pipeline and
-        back (one int64 message per link and direction), every wait bounded by
-        the timeout; ``what`` names the agreement in errors."""
-        mine = torch.tensor([value], dtype=torch.int64, device=device)
+    def reduce(self, value: torch.Tensor, combine, what: str) -> torch.Tensor:
+        """``combine`` (e.g. ``torch.minimum``, ``torch.add``) folded over every
+        stage's ``value`` (same shape and dtype on every stage): passed down the
+        pipeline and back, one message per link and direction, every wait
+        bounded by the timeout; ``what`` names the reduction in errors."""
+        mine = value
         prev, next_ = self.stage - 1, self.stage + 1
         sending = f"stage {self.stage}: send of {what} to stage %d"
         receiving = f"stage {self.stage}: receive of {what} from stage %d"
         if prev >= 0:
-            mine = torch.minimum(mine, self._receive_now(torch.empty_like(mine), FORWARD, prev, receiving % prev))
+            mine = combine(mine, self._receive_now(torch.empty_like(mine), FORWARD, prev, receiving % prev))
         if next_ < len(self.ranks):
             self._send_now(mine, FORWARD, next_, sending % next_)
             mine = self._receive_now(torch.empty_like(mine), BACKWARD, next_, receiving % next_)
         if prev >= 0:
             self._send_now(mine, BACKWARD, prev, sending % prev)
         self.stats = CommStats()
-        return int(mine.item())
+        return mine
+
+    def agree_min(self, value: int, device, what: str) -> int:
+        """The smallest ``value`` of all stages (see :meth:`reduce`)."""
+        return int(self.reduce(torch.tensor([value], dtype=torch.int64, device=device), torch.minimum, what).item())
 
     def _send_now(self, tensor: torch.Tensor, direction: str, peer: int, what: str) -> None:
         """Send and wait for it (bounded by the timeout); ``what`` names it in errors."""

@@ -166,6 +166,28 @@ class PipelineStage(nn.Module):
         self.evaluations_done += 1
         return StepResult(loss=loss, comm=self.peers.take_stats())
 
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> float:
+        """Clip the gradients of every stage together, by their total norm over
+        the whole pipeline, as ``torch.nn.utils.clip_grad_norm_`` would clip the
+        model's in one process; returns that norm. Every stage calls it (after
+        :meth:`step`, before its optimizer); the stages combine their norms
+        over the pipeline's links, each wait bounded by ``timeout_s``."""
+        if not 0 <= max_norm < math.inf:
+            raise ValueError(f"clip_grad_norm_: max_norm={max_norm} must be a finite number >= 0")
+        if not norm_type > 0:
+            raise ValueError(f"clip_grad_norm_: norm_type={norm_type} must be > 0 (or inf)")
+        params = [p for p in self.parameters() if p.grad is not None]
+        local = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if params:
+            local += torch.nn.utils.get_total_norm([p.grad for p in params], norm_type).to(self.device)
+        what = "clip_grad_norm_'s total norm (did every stage call it?)"
+        if math.isinf(norm_type):
+            total = self.peers.reduce(local, torch.maximum, what)
+        else:
+            total = self.peers.reduce(local ** norm_type, torch.add, what) ** (1 / norm_type)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total[0])
+        return total.item()
+
     def _round_name(self) -> str:
         return f"step {self._round}" if self._round >= 0 else f"evaluation {~self._round}"
 
