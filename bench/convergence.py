@@ -114,8 +114,7 @@ class NoIdentityBoundary(CallSeeded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         z = self.encoder(self.norm(x.reshape(-1, self.d)))
-        seed, grad_seed = self._seeds()
-        zhat = ops.wire_roundtrip(z.contiguous(), self.codec, self.grad_codec, seed=seed, grad_seed=grad_seed)
+        zhat = ops.wire_roundtrip(z.contiguous(), self.codec, self.grad_codec, **self._seeds())
         return self.decoder(zhat).reshape(*lead, self.d)
 
     def wire_bytes(self, tokens: int) -> int:
@@ -130,9 +129,8 @@ class QuantOnlyBoundary(CallSeeded):
         self.d, self.k, self.codec, self.grad_codec = d, d, codec, grad_codec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seed, grad_seed = self._seeds()
         x2d = x.reshape(-1, self.d).contiguous()
-        return ops.wire_roundtrip(x2d, self.codec, self.grad_codec, seed=seed, grad_seed=grad_seed).reshape(x.shape)
+        return ops.wire_roundtrip(x2d, self.codec, self.grad_codec, **self._seeds()).reshape(x.shape)
 
     def wire_bytes(self, tokens: int) -> int:
         return self.codec.payload_bytes(tokens, self.d)

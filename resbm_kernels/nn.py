@@ -146,18 +146,37 @@ class CallSeeded(nn.Module):
     """A module that draws its stochastic-rounding seeds from ``seed`` and a
     count of its calls, so that a run is reproducible; the count is part of
     its ``state_dict`` (module extra state), so a run resumed from a saved
-    state draws the seeds the uninterrupted run would have."""
+    state draws the seeds the uninterrupted run would have.
+
+    The count is a CPU tensor, not an int, and reaches the ops as their
+    ``seed_offset``: a torch.compile'd model takes it as a graph input and
+    increments it in the graph (an int attribute would be a constant of the
+    graph, recompiled at every call). It stays on the CPU when the module moves.
+    """
 
     def __init__(self, seed: int = 0):
         super().__init__()
         checks.integer("seed", seed)
-        self.seed, self.calls = seed, 0
+        self.seed = seed
+        self._calls = torch.zeros((), dtype=torch.int64, device="cpu")  # (not a buffer: .to() leaves it)
 
-    def _seeds(self) -> tuple[int, int]:
-        """(forward seed, gradient seed) for the next call."""
-        self.calls += 1
-        base = (self.seed * 1_000_003 + self.calls) * 2
-        return base, base + 1
+    @property
+    def calls(self) -> int:
+        """Calls so far (the next call draws the seeds of call ``calls + 1``)."""
+        return int(self._calls)
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        checks.integer("calls", value, 0)
+        self._calls.fill_(value)
+
+    def _seeds(self) -> dict:
+        """The ops' seed arguments for the next call: seed, grad_seed and the
+        seed_offset added to both (2 * calls: forward and gradient seeds differ
+        in the last bit)."""
+        self._calls += 1
+        base = self.seed * 2_000_006
+        return dict(seed=base, grad_seed=base + 1, seed_offset=self._calls * 2)
 
     def get_extra_state(self) -> dict:
         return {"calls": self.calls}
@@ -217,16 +236,15 @@ class ResBMBoundary(CallSeeded):
         lead = x.shape[:-1]
         x2d = _tokens(x, self.d, "ResBMBoundary: input")
         r2d = None if residual is None else _tokens(residual, self.d, "ResBMBoundary: residual")
-        seed, grad_seed = self._seeds()
+        seeds = self._seeds()
         if self.encoder.mlp is None and self.decoder.mlp is None:
             h, _ = ops.boundary(
                 x2d, _cast(self.encoder.weight, x.dtype), _cast(self.decoder.weight, x.dtype),
                 self.codec, self.grad_codec, norm_weight=_cast(self.encoder.norm_weight, x.dtype), residual=r2d,
-                eps=self.encoder.eps, seed=seed, grad_seed=grad_seed,
+                eps=self.encoder.eps, **seeds,
             )
         else:
-            z = ops.wire_roundtrip(self.encoder.project(x2d), self.codec, self.grad_codec,
-                                   seed=seed, grad_seed=grad_seed)
+            z = ops.wire_roundtrip(self.encoder.project(x2d), self.codec, self.grad_codec, **seeds)
             h = self.decoder.project(z, r2d)
         return h.reshape(*lead, self.d)
 

@@ -201,18 +201,20 @@ def _(payload, w_d, residual, codec, n, out_dtype):
 
 @_pass_op("decode_backward")
 def _decode_backward(
-    grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int
+    grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int,
+    seed_offset: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     c, gc = Codec.parse(codec), Codec.parse(grad_codec)
     _check_decode_backward(grad_h, payload, w_d, c, gc)
     return select(w_d.device, _decode_backward_case(grad_h, w_d, c, gc)).decode_backward(
-        grad_h, payload, w_d, c, gc, grad_seed)
+        grad_h, payload, w_d, c, gc, _offset_seed(grad_seed, seed_offset))
 
 
 @_decode_backward.register_fake
-def _(grad_h, payload, w_d, codec, grad_codec, grad_seed):
+def _(grad_h, payload, w_d, codec, grad_codec, grad_seed, seed_offset=None):
     c, gc = Codec.parse(codec), Codec.parse(grad_codec)
     _check_decode_backward(grad_h, payload, w_d, c, gc)
+    checks.seed_offset(seed_offset)
     n, k = grad_h.shape[0], w_d.shape[1]
     return grad_h.new_empty((gc.payload_bytes(n, k),), dtype=torch.uint8), torch.empty_like(w_d)
 
@@ -294,6 +296,13 @@ def _check_grad_codec(grad_codec: str, k: int) -> None:
         raise ValueError(f"grad_codec: {e}") from None
 
 
+def _offset_seed(seed: int, seed_offset: Optional[Tensor]) -> int:
+    """``seed`` plus the value of ``seed_offset`` (read here, inside the op: a
+    compiled graph takes the tensor as an input, see :func:`boundary`)."""
+    checks.seed_offset(seed_offset)
+    return seed if seed_offset is None else seed + int(seed_offset.item())
+
+
 @torch.library.custom_op("resbm::boundary", mutates_args=())
 def _boundary(
     x: Tensor,
@@ -308,38 +317,43 @@ def _boundary(
     grad_seed: int,
     row_stats: bool = True,
     out_dtype: Optional[torch.dtype] = None,
+    seed_offset: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(h in ``out_dtype`` (default x's), payload, RMSNorm row statistics for
     the backward when ``row_stats``, else an empty tensor)."""
     _check_grad_codec(grad_codec, w_e.shape[0])
     # (inside an op, below autograd and any mode: the passes' functions are called directly)
     encode, decode = _functions[_encode_forward][0], _functions[_decode_forward][0]
-    payload, stats = encode(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
+    payload, stats = encode(x, w_e, norm_weight, eps, codec, _offset_seed(seed, seed_offset),
+                            row_stats and norm_weight is not None)
     return decode(payload, w_d, residual, codec, x.shape[0], out_dtype or x.dtype), payload, stats
 
 
 @_boundary.register_fake
-def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True, out_dtype=None):
+def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True, out_dtype=None,
+      seed_offset=None):
     _check_grad_codec(grad_codec, w_e.shape[0])
+    checks.seed_offset(seed_offset)
     payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
     return _decode_forward(payload, w_d, residual, codec, x.shape[0], out_dtype or x.dtype), payload, stats
 
 
 def _boundary_setup(ctx, inputs, output):
-    x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats, _ = inputs
+    x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats, _, seed_offset = inputs
     stats = output[2] if row_stats and norm_weight is not None else None
-    ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1], stats)
+    ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1], stats, seed_offset)
     ctx.eps, ctx.codec, ctx.grad_codec, ctx.grad_seed = eps, codec, grad_codec, grad_seed
     ctx.has_residual = residual is not None
 
 
 def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
-    x, w_e, norm_weight, w_d, payload, stats = ctx.saved_tensors
+    x, w_e, norm_weight, w_d, payload, stats, seed_offset = ctx.saved_tensors
     grad_residual = grad_h if ctx.has_residual else None
     # the backward's GEMMs in the forward's dtype (h's may differ: out_dtype, autocast);
     # contiguous: a gradient of .sum() is stride-0
     grad_h = grad_h.to(x.dtype).contiguous()
-    grad_payload, grad_w_d = _run(_decode_backward, grad_h, payload, w_d, ctx.codec, ctx.grad_codec, ctx.grad_seed)
+    grad_payload, grad_w_d = _run(_decode_backward, grad_h, payload, w_d, ctx.codec, ctx.grad_codec, ctx.grad_seed,
+                                  seed_offset)
     grad_x, grad_w_e, grad_gamma = _run(_encode_backward, grad_payload, x, w_e, norm_weight, ctx.eps, ctx.grad_codec,
                                         stats)
     return (
@@ -348,7 +362,7 @@ def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
         grad_gamma if norm_weight is not None else None,
         grad_w_d,
         grad_residual,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
@@ -356,30 +370,35 @@ _boundary.register_autograd(_boundary_backward, setup_context=_boundary_setup)
 
 
 @torch.library.custom_op("resbm::wire_roundtrip", mutates_args=())
-def _wire_roundtrip(z: Tensor, codec: str, grad_codec: str, seed: int, grad_seed: int) -> Tensor:
+def _wire_roundtrip(z: Tensor, codec: str, grad_codec: str, seed: int, grad_seed: int,
+                    seed_offset: Optional[Tensor] = None) -> Tensor:
     c = Codec.parse(codec)
     checks.tensor("z", z, ndim=2)
     c.group(z.shape[1])
     _check_grad_codec(grad_codec, z.shape[1])
     n, k = z.shape
-    return reference.read_payload(reference.write_payload(z, c, seed), c, n, k, z.dtype)
+    return reference.read_payload(reference.write_payload(z, c, _offset_seed(seed, seed_offset)), c, n, k, z.dtype)
 
 
 @_wire_roundtrip.register_fake
-def _(z, codec, grad_codec, seed, grad_seed):
+def _(z, codec, grad_codec, seed, grad_seed, seed_offset=None):
     checks.tensor("z", z, ndim=2)
     Codec.parse(codec).group(z.shape[1])
     _check_grad_codec(grad_codec, z.shape[1])
+    checks.seed_offset(seed_offset)
     return torch.empty_like(z)
 
 
 def _roundtrip_setup(ctx, inputs, output):
     ctx.grad_codec, ctx.grad_seed = inputs[2], inputs[4]
+    ctx.save_for_backward(inputs[5])
 
 
 def _roundtrip_backward(ctx, grad):
     # straight-through: the gradient crosses the wire with the gradient codec
-    return _wire_roundtrip(grad.contiguous(), ctx.grad_codec, ctx.grad_codec, ctx.grad_seed, 0), None, None, None, None
+    seed_offset, = ctx.saved_tensors
+    return (_wire_roundtrip(grad.contiguous(), ctx.grad_codec, ctx.grad_codec, ctx.grad_seed, 0, seed_offset),
+            None, None, None, None, None)
 
 
 _wire_roundtrip.register_autograd(_roundtrip_backward, setup_context=_roundtrip_setup)
@@ -469,11 +488,11 @@ def _register_autocast(device_type: str) -> None:
     key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
 
     def boundary_kernel(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True,
-                        out_dtype=None):
+                        out_dtype=None, seed_offset=None):
         dt = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
             return _boundary(*(_autocast_eligible(t, dt) for t in (x, w_e, norm_weight, w_d)), residual, eps, codec,
-                             grad_codec, seed, grad_seed, row_stats, out_dtype or x.dtype)
+                             grad_codec, seed, grad_seed, row_stats, out_dtype or x.dtype, seed_offset)
 
     def without_autocast(op):
         def kernel(*args):
@@ -649,7 +668,8 @@ def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Co
 
 def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec | str, grad_codec: Codec | str, *,
              norm_weight: Optional[Tensor] = None, residual: Optional[Tensor] = None, eps: float = 1e-6,
-             seed: int = 0, grad_seed: int = 1, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+             seed: int = 0, grad_seed: int = 1, out_dtype: Optional[torch.dtype] = None,
+             seed_offset: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Differentiable encode -> wire -> decode in one process: returns (h, payload).
 
     The backward sends dL/dzhat through ``grad_codec`` (straight-through
@@ -657,20 +677,26 @@ def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec | str, grad_codec
     h's dtype, and ``residual``'s (default x's), e.g. float32 h from bfloat16
     GEMMs. Under ``torch.autocast`` x and the weights are cast to the autocast
     dtype, as ``nn.Linear``'s would be, and h keeps x's dtype: it replaces the
-    residual stream x.
+    residual stream x. ``seed_offset``: a one-element integer tensor on the CPU
+    whose value the op adds to ``seed`` and ``grad_seed``, for seeds that change
+    every call (a call counter, as :class:`~resbm_kernels.nn.ResBMBoundary`
+    keeps): a torch.compile'd graph takes it as an input, where a changing int
+    would be a constant that recompiles the graph at every call.
     """
     # the row statistics only when a backward can follow (they cost N(k+1) fp32 of writes)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, w_e, norm_weight, w_d, residual))
     h, payload, _ = _boundary(x, w_e, norm_weight, w_d, residual, eps, Codec.parse(codec).spec,
-                              Codec.parse(grad_codec).spec, seed, grad_seed, grad, out_dtype)
+                              Codec.parse(grad_codec).spec, seed, grad_seed, grad, out_dtype, seed_offset)
     return h, payload
 
 
-def wire_roundtrip(z: Tensor, codec: Codec | str, grad_codec: Codec | str, *, seed: int = 0, grad_seed: int = 1) -> Tensor:
+def wire_roundtrip(z: Tensor, codec: Codec | str, grad_codec: Codec | str, *, seed: int = 0, grad_seed: int = 1,
+                   seed_offset: Optional[Tensor] = None) -> Tensor:
     """Differentiable quantize -> pack -> unpack -> dequantize of z (N, k) with
-    straight-through gradients (the gradient makes the trip with ``grad_codec``)."""
-    return _wire_roundtrip(z, Codec.parse(codec).spec, Codec.parse(grad_codec).spec, seed, grad_seed)
+    straight-through gradients (the gradient makes the trip with ``grad_codec``);
+    ``seed_offset`` as in :func:`boundary`."""
+    return _wire_roundtrip(z, Codec.parse(codec).spec, Codec.parse(grad_codec).spec, seed, grad_seed, seed_offset)
 
 
 def encode_project(x: Tensor, w_e: Tensor, *, norm_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:

@@ -1,5 +1,7 @@
 """The nn modules: encoder, decoder, single-process boundary."""
 
+import copy
+
 import pytest
 import torch
 
@@ -187,3 +189,15 @@ def test_meta_device_init_then_reset_parameters(mlp_hidden):
     want = dict(direct.named_parameters())
     for name, p in deferred.named_parameters():
         assert torch.equal(p, want[name]), name
+    x = randn(3, D, seed=4)
+    assert torch.equal(deferred(x), direct(x))  # (the call counter stayed on the CPU)
+
+
+def test_call_counter_stays_on_the_cpu_and_is_copied():
+    b = ResBMBoundary(D, K, codec=INT8).to(torch.float64)
+    b(randn(2, D, seed=1).double())
+    twin = copy.deepcopy(b)
+    twin(randn(2, D, seed=1).double())
+    assert (b.calls, twin.calls) == (1, 2) and twin._calls.device.type == "cpu"
+    with pytest.raises(ValueError, match="calls=-1 must be at least 0"):
+        b.calls = -1

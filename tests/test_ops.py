@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import os
 import pathlib
+import re
 
 import pytest
 import torch
@@ -361,6 +362,10 @@ def _samples():
         (torch.ops.resbm.boundary, (*(t.bfloat16().requires_grad_() for t in (x, w_e, gamma, w_d)),
                                     residual, EPS, c, gc, 0, 1, True, torch.float32)),
         (torch.ops.resbm.wire_roundtrip, (z.clone().requires_grad_(), c, gc, 0, 1)),
+        (torch.ops.resbm.wire_roundtrip, (z.clone().requires_grad_(), c, gc, 0, 1, torch.tensor(6))),
+        (torch.ops.resbm.boundary, (*(t.clone().requires_grad_() for t in (x, w_e, gamma, w_d)),
+                                    residual, EPS, c, gc, 0, 1, True, None, torch.tensor(4))),
+        (torch.ops.resbm.decode_backward, (randn(8, 32, seed=3), payload, w_d, c, gc, 0, torch.tensor(2))),
         (torch.ops.resbm.encode_project, (x, w_e, gamma, EPS)),
         (torch.ops.resbm.decode_project, (z.clone().requires_grad_(), w_d, residual)),
     ]
@@ -383,6 +388,73 @@ def test_torch_compile_fullgraph_matches_eager():
     model[1].calls = 0
     torch.testing.assert_close(compiled(x), eager)
 
+
+
+@pytest.mark.parametrize("mlp_hidden", [None, 16])
+def test_torch_compile_does_not_recompile_as_the_seeds_advance(mlp_hidden):
+    """A boundary draws new stochastic-rounding seeds every call; the compiled
+    model takes them from its call counter (a tensor) instead of baking them in
+    (it recompiled every call): one graph, and eager's outputs and gradients."""
+    from resbm_kernels import ResBMBoundary
+
+    stochastic = Codec(bits=8, rounding="stochastic")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64),
+                                ResBMBoundary(64, 16, codec=stochastic, grad_codec=stochastic, mlp_hidden=mlp_hidden),
+                                torch.nn.Linear(64, 8))
+    x = randn(4, 5, 32, seed=1)
+    runs = {}
+    torch._dynamo.reset()  # (other tests compiled models through the same wrapper code)
+    for name in ("eager", "compiled"):
+        model[1].calls = 0
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if name == "compiled" else model
+        runs[name] = []
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(4):
+                model.zero_grad()
+                y = run(x)
+                y.square().sum().backward()
+                runs[name].append([y.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert model[1].calls == 4
+    assert not torch.equal(runs["eager"][0][0], runs["eager"][1][0])  # (the seeds did advance)
+    for got, want in zip(runs["compiled"], runs["eager"]):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_seed_offset_adds_to_both_seeds():
+    x, w_e, w_d, gamma, _ = (t.float() for t in make())
+    stochastic = Codec(bits=8, rounding="stochastic")
+    grads = {}
+    for how in ("offset", "int"):
+        leaves = [t.clone().requires_grad_() for t in (x, w_e, w_d, gamma)]
+        extra = dict(seed=3, grad_seed=4, seed_offset=torch.tensor(10)) if how == "offset" else dict(seed=13, grad_seed=14)
+        h, payload = ops.boundary(*leaves[:3], stochastic, stochastic, norm_weight=leaves[3], **extra)
+        h.backward(randn(N, D, seed=5))
+        grads[how] = [payload] + [t.grad for t in leaves]
+    for a, b in zip(grads["offset"], grads["int"]):
+        assert torch.equal(a, b)
+    z = randn(N, K, seed=6).requires_grad_()
+    y = ops.wire_roundtrip(z, stochastic, stochastic, seed=3, grad_seed=4, seed_offset=torch.tensor([10]))
+    y.backward(randn(N, K, seed=7))
+    z2 = z.detach().clone().requires_grad_()
+    y2 = ops.wire_roundtrip(z2, stochastic, stochastic, seed=13, grad_seed=14)
+    y2.backward(randn(N, K, seed=7))
+    assert torch.equal(y, y2) and torch.equal(z.grad, z2.grad)
+
+
+_NOT_ONE_CPU_INTEGER = "seed_offset: needs one integer on the CPU, got a "
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor(1.0), _NOT_ONE_CPU_INTEGER + "torch.float32 tensor of shape () on cpu"),
+    (torch.tensor([1, 2]), _NOT_ONE_CPU_INTEGER + "torch.int64 tensor of shape (2,) on cpu"),
+    (torch.tensor(1, device="meta"), _NOT_ONE_CPU_INTEGER + "torch.int64 tensor of shape () on meta"),
+    (3, "Expected a value of type 'Optional[Tensor]' for argument 'seed_offset'")], ids=str)
+def test_a_bad_seed_offset_is_named(bad, message):
+    x, w_e, w_d, _, _ = (t.float() for t in make())
+    with pytest.raises((TypeError, ValueError, RuntimeError), match=re.escape(message)):
+        ops.boundary(x, w_e, w_d, INT8, GRAD_INT8, seed_offset=bad)
 
 def test_torch_compile_with_dynamic_token_counts():
     """A symbolic N reaches the payload size in the ops' fake kernels (not cached there)."""
