@@ -180,7 +180,8 @@ def main(argv=None) -> None:
         bwd = config.grad_codec.payload_bytes(stage.tokens, args.bottleneck) / stage.tokens
         print(f"{world} stages on {args.device}, {steps} steps, {tokens:,} tokens in {elapsed:.1f} s: "
               f"{tokens / elapsed:,.0f} tokens/s")
-        print(f"loss {first_loss:.3f} -> {loss:.3f}" + (f", validation loss {val_loss:.3f}" if args.val_batches else ""))
+        validation = f", validation loss {val_loss:.3f}" if val_loss is not None else ""
+        print(f"loss {first_loss:.3f} -> {loss:.3f}{validation}")
         print(f"wire per token per boundary: forward {fwd:.1f} B ({config.codec.spec}), "
               f"backward {bwd:.1f} B ({config.grad_codec.spec}); bf16 activations: {2 * args.width} B")
         print(f"compression ratio (scales + header included): forward {2 * args.width / fwd:.1f}x, "

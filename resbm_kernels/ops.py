@@ -13,9 +13,9 @@ and ``w_d`` the decoder weight (d, k), as in ``nn.Linear``; payloads are 1-D
 uint8 in the wire format of :mod:`resbm_kernels.codec`. Activations and
 weights are float32, float16 or bfloat16 (also float64 on the reference), one
 dtype per call (the boundary's h may take another, ``out_dtype``; under
-``torch.autocast`` only the boundary changes, see :func:`boundary`); k divides d. The Triton and CUDA kernels need d and k
-multiples of 16 (``auto`` runs other shapes on the reference; a named backend
-raises).
+``torch.autocast`` only the boundary changes, see :func:`boundary`); k
+divides d. The Triton and CUDA kernels need d and k multiples of 16 (``auto``
+runs other shapes on the reference; a named backend raises).
 """
 
 from __future__ import annotations
@@ -469,7 +469,6 @@ def _decode_project_backward(ctx, grad_h):
 _decode_project.register_autograd(_decode_project_backward, setup_context=_decode_project_setup)
 
 
-
 # ---- autocast ------------------------------------------------------------------------
 # Under torch.autocast the fused boundary runs its GEMMs in the autocast dtype and
 # returns h in x's dtype (see boundary). Every other op runs in its inputs' dtypes on
@@ -501,15 +500,16 @@ def _register_autocast(device_type: str) -> None:
         return kernel
 
     _autocast_lib.impl("boundary", boundary_kernel, key)
-    for name in AUTOCAST_FREE:
+    for name in _AUTOCAST_FREE:
         _autocast_lib.impl(name, without_autocast(getattr(torch.ops.resbm, name).default), key)
 
 
-AUTOCAST_FREE = ("quantize", "dequantize", "pack", "unpack", "encode_forward", "encode_forward_out", "decode_forward",
+_AUTOCAST_FREE = ("quantize", "dequantize", "pack", "unpack", "encode_forward", "encode_forward_out", "decode_forward",
                  "decode_backward", "decode_backward_out", "encode_backward", "wire_roundtrip", "encode_project",
                  "decode_project")
 for _device_type in ("cpu", "cuda"):
     _register_autocast(_device_type)
+
 
 # ---- validation helpers ------------------------------------------------------------
 

@@ -254,7 +254,6 @@ def test_boundary_dtypes_track_float64(dtype):
         torch.testing.assert_close(b, a, atol=4 * unit * a.abs().max().item(), rtol=0)
 
 
-
 # ---- autocast -----------------------------------------------------------------------------
 
 def test_boundary_under_autocast():
@@ -310,8 +309,9 @@ def test_autocast_leaves_the_other_ops_alone():
 
 
 def test_every_op_has_an_autocast_rule():
-    names = {name for name in dir(torch.ops.resbm) if isinstance(getattr(torch.ops.resbm, name), torch._ops.OpOverloadPacket)}
-    assert names == set(ops.AUTOCAST_FREE) | {"boundary"}
+    names = {name for name in dir(torch.ops.resbm)
+             if isinstance(getattr(torch.ops.resbm, name), torch._ops.OpOverloadPacket)}
+    assert names == set(ops._AUTOCAST_FREE) | {"boundary"}
     for name in names:
         for key in ("AutocastCPU", "AutocastCUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resbm::{name}", key), (name, key)
@@ -332,6 +332,7 @@ def test_torch_compile_under_autocast_matches_eager():
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 # ---- opcheck and torch.compile ----------------------------------------------------------
+
 
 def _samples():
     x, w_e, w_d, gamma, residual = (t.float() for t in make(n=8, d=32, k=8))
@@ -389,7 +390,6 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled(x), eager)
 
 
-
 @pytest.mark.parametrize("mlp_hidden", [None, 16])
 def test_torch_compile_does_not_recompile_as_the_seeds_advance(mlp_hidden):
     """A boundary draws new stochastic-rounding seeds every call; the compiled
@@ -428,7 +428,8 @@ def test_seed_offset_adds_to_both_seeds():
     grads = {}
     for how in ("offset", "int"):
         leaves = [t.clone().requires_grad_() for t in (x, w_e, w_d, gamma)]
-        extra = dict(seed=3, grad_seed=4, seed_offset=torch.tensor(10)) if how == "offset" else dict(seed=13, grad_seed=14)
+        extra = (dict(seed=3, grad_seed=4, seed_offset=torch.tensor(10)) if how == "offset"
+                 else dict(seed=13, grad_seed=14))
         h, payload = ops.boundary(*leaves[:3], stochastic, stochastic, norm_weight=leaves[3], **extra)
         h.backward(randn(N, D, seed=5))
         grads[how] = [payload] + [t.grad for t in leaves]
@@ -455,6 +456,7 @@ def test_a_bad_seed_offset_is_named(bad, message):
     x, w_e, w_d, _, _ = (t.float() for t in make())
     with pytest.raises((TypeError, ValueError, RuntimeError), match=re.escape(message)):
         ops.boundary(x, w_e, w_d, INT8, GRAD_INT8, seed_offset=bad)
+
 
 def test_torch_compile_with_dynamic_token_counts():
     """A symbolic N reaches the payload size in the ops' fake kernels (not cached there)."""

@@ -173,7 +173,6 @@ def test_comm_stats_count_message_bytes(tmp_path):
     assert 0.0 <= first.overlap <= 1.0 and first.blocked_s >= 0.0
 
 
-
 def _evaluate_worker(rank, world, evaluations):
     """Three 1F1B steps (int8 forward, stochastic int8 gradients); with
     ``evaluations``, before each step an evaluation of a held-out batch and of
@@ -231,6 +230,7 @@ def test_an_evaluation_met_by_a_step_is_named(tmp_path):
     assert error.startswith("PipelineError: stage 1: forward activations message for micro-batch 0 of step 0 "
                             "has the trailer"), results
     assert "out of step" in error
+
 
 # ---- handshake ----------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ both are packed with the configured codecs by the fused ops, so only
 compressed bytes cross the network.
 
 Each message is a payload followed by an 8-byte trailer naming its step (or
-evaluation), micro-batch and direction; a receiver checks both the payload's header and
-the trailer, so a message of the wrong codec, a short one (its trailer is
-then what the buffer held before) and a stale or out-of-order one fail the
-step with a :class:`PipelineError`. A step that raised leaves receives posted
+evaluation), micro-batch and direction; a receiver checks both the payload's
+header and the trailer, so a message of the wrong codec, a short one (its
+trailer is then what the buffer held before) and a stale or out-of-order one
+fail the step with a :class:`PipelineError`. A step that raised leaves receives posted
 that cannot be taken back: the stage refuses further steps (restart the
 pipeline, e.g. from a checkpoint).
 """
@@ -311,7 +311,8 @@ class PipelineStage(nn.Module):
             raise PipelineError(
                 f"{what % 'message'} of {self._round_name()} has the trailer {int(trailer.item()):#x}, expected "
                 f"{self._trailer(direction, micro_batch):#x}: shorter than its codec's payload (the trailer is "
-                "what the buffer held), or sent for another step, evaluation or micro-batch (the stages are out of step)")
+                "what the buffer held), or sent for another step, evaluation or micro-batch (the stages are out "
+                "of step)")
 
     def _forward(self, i, inputs, pending, targets) -> dict:
         c, state = self.config, {}
