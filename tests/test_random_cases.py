@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from resbm_kernels import ops
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
-from resbm_kernels.codec import HEADER_BYTES, Codec, payload_views
+from resbm_kernels.codec import HEADER_BYTES, Codec
 from helpers import CUDA_KERNELS_DEVICE, emulate_cuda_without_gpu, needs_cuda_kernels, to_device, use_projection
 from helpers import exact, normal, poison_fast_outputs, rel_err, rel_tol
 
@@ -97,11 +97,12 @@ def _payload_steps(p, q, codec: Codec, n: int, k: int, dtype) -> float:
         return 0.0 if torch.equal(p, q) else float("inf")
     a, b = (ref.read_payload(t, codec, n, k, torch.float32) for t in (p, q))
     assert torch.isfinite(a).all(), "non-finite values"
-    unit = torch.maximum(a.abs().amax(1, keepdim=True), b.abs().amax(1, keepdim=True)) * max(rel_tol(dtype), 2.0**-7)
-    if codec.quantized:
-        (_, sa), (_, sb) = payload_views(p, codec, n, k), payload_views(q, codec, n, k)
-        unit = torch.maximum(unit, torch.maximum(sa.float(), sb.float()).repeat_interleave(codec.group(k), dim=1))
-    return ((a - b).abs() / unit.clamp_min(1e-30)).max().item()
+    row_max = torch.maximum(a.abs().amax(1, keepdim=True), b.abs().amax(1, keepdim=True))
+    rounding = row_max * max(rel_tol(dtype), 2.0**-7)
+    units = (a - b).abs() / rounding.clamp_min(1e-30)
+    if codec.quantized:  # (the larger unit: the smaller count)
+        units = torch.minimum(units, ref.payload_steps(p, q, codec, n, k))
+    return units.max().item()
 
 
 def _assert_close(got, want, tol, what):
