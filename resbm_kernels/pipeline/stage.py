@@ -334,12 +334,13 @@ class PipelineStage(nn.Module):
         x2d = out.reshape(self.tokens, c.d).to(self.dtype)
         enc = self.encoder
         gamma = None if enc.norm_weight is None else enc.norm_weight.detach().to(self.dtype)
-        # with RMSNorm the encoder keeps its row statistics: the backward then reads x once less
+        # with RMSNorm the encoder keeps its row statistics for a backward: it then reads x once less
+        stats = gamma is not None and torch.is_grad_enabled()
         message = self._fwd_send[i]
         encoded = ops.encode(x2d.detach().contiguous(), enc.weight.detach().to(self.dtype), c.codec,
                              norm_weight=gamma, eps=c.eps, seed=self._seed(i, backward=False),
-                             out=self._split_message(message, FORWARD)[0], return_row_stats=gamma is not None)
-        row_stats = encoded[1] if gamma is not None else None
+                             out=self._split_message(message, FORWARD)[0], return_row_stats=stats)
+        row_stats = encoded[1] if stats else None
         self._send(message, FORWARD, i, (FORWARD, i))
         state.update(x2d=x2d, gamma=gamma, row_stats=row_stats)
         return state
