@@ -550,7 +550,7 @@ def _clip_worker(rank, world, max_norm, norm_type):
     stage.step(inputs if rank == 0 else None, targets if rank == world - 1 else None)
     before = [p.grad.clone() for p in stage.parameters()]
     norm = stage.clip_grad_norm_(max_norm, norm_type)
-    return dict(before=before, after=[p.grad.clone() for p in stage.parameters()], norm=norm)
+    return dict(before=before, after=[p.grad.clone() for p in stage.parameters()], norm=norm.item())
 
 
 @pytest.mark.parametrize("max_norm, norm_type", [(0.05, 2.0), (0.01, float("inf")), (1e6, 2.0)],

@@ -166,12 +166,13 @@ class PipelineStage(nn.Module):
         self.evaluations_done += 1
         return StepResult(loss=loss, comm=self.peers.take_stats())
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> float:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradients of every stage together, by their total norm over
         the whole pipeline, as ``torch.nn.utils.clip_grad_norm_`` would clip the
-        model's in one process; returns that norm. Every stage calls it (after
-        :meth:`step`, before its optimizer); the stages combine their norms
-        over the pipeline's links, each wait bounded by ``timeout_s``."""
+        model's in one process; returns that norm, a float64 scalar tensor on
+        the stage's device (as torch's returns a tensor). Every stage calls it
+        (after :meth:`step`, before its optimizer); the stages combine their
+        norms over the pipeline's links, each wait bounded by ``timeout_s``."""
         if not 0 <= max_norm < math.inf:
             raise ValueError(f"clip_grad_norm_: max_norm={max_norm} must be a finite number >= 0")
         if not norm_type > 0:
@@ -186,7 +187,7 @@ class PipelineStage(nn.Module):
         else:
             total = self.peers.reduce(local ** norm_type, torch.add, what) ** (1 / norm_type)
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total[0])
-        return total.item()
+        return total[0]
 
     def _round_name(self) -> str:
         return f"step {self._round}" if self._round >= 0 else f"evaluation {~self._round}"
