@@ -61,10 +61,10 @@ def test_config_validation():
 
 # ---- workers (run in spawned processes) ------------------------------------------
 
-def _make_stage(rank, world, config, seed=0):
+def _make_stage(rank, world, config, seed=0, group=None):
     torch.manual_seed(10_000 + rank)  # encoder/decoder init
     return PipelineStage(stage_module(rank, world, D, seed), config, micro_batch_shape=(BATCH // MB, SEQ),
-                         loss_fn=loss_fn if rank == world - 1 else None)
+                         loss_fn=loss_fn if rank == world - 1 else None, group=group)
 
 
 def _train_worker(rank, world, codec, grad_codec, schedules, steps):
@@ -231,6 +231,56 @@ def test_an_evaluation_met_by_a_step_is_named(tmp_path):
                             "has the trailer"), results
     assert "out of step" in error
 
+
+
+def _replica_worker(rank, world, steps):
+    """Two 2-stage pipelines side by side (ranks 0-1 and 2-3, data-parallel
+    replicas, each its own data): `steps` 1F1B steps, as _train_worker."""
+    groups = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
+    replica, stage_rank = divmod(rank, 2)
+    config = PipelineConfig(d=D, k=K, codec=INT8, grad_codec=GRAD_INT8, micro_batches=MB, schedule="1f1b")
+    torch.manual_seed(10_000 + stage_rank)
+    stage = PipelineStage(stage_module(stage_rank, 2, D), config, micro_batch_shape=(BATCH // MB, SEQ),
+                          loss_fn=loss_fn if stage_rank == 1 else None, group=groups[replica])
+    opt = torch.optim.SGD(stage.parameters(), lr=0.05)
+    losses = []
+    for step in range(steps):
+        inputs, targets = batch(step + 10 * replica, BATCH, SEQ)
+        opt.zero_grad()
+        losses.append(stage.step(inputs if stage_rank == 0 else None, targets if stage_rank == 1 else None).loss)
+        grads = {n: q.grad.clone() for n, q in stage.named_parameters()}
+        opt.step()
+    return dict(losses=losses, grads=grads)
+
+
+def test_pipelines_side_by_side(tmp_path):
+    """Two pipelines in one world, each given its process group: replica 0 is the
+    lone 2-stage pipeline on the same data, bit for bit (losses and every
+    gradient); replica 1 trains on its own data. (Each pipeline created only its
+    own link groups, which process-group creation, collective over the world,
+    paired across the pipelines: every handshake timed out.)"""
+    steps = 2
+    replicas = _ok(spawn(_replica_worker, 4, steps, out_dir=str(tmp_path / "replicas"), timeout=120))
+    lone = _ok(spawn(_train_worker, 2, INT8, GRAD_INT8, ("1f1b",), steps, out_dir=str(tmp_path / "lone")))
+    assert replicas[1]["losses"] == lone[1]["1f1b"]["losses"]
+    for s in range(2):
+        for n, g in lone[s]["1f1b"]["grads"].items():
+            assert torch.equal(replicas[s]["grads"][n], g), (s, n)
+    assert replicas[3]["losses"] != replicas[1]["losses"] and all(0 < x < 10 for x in replicas[3]["losses"])
+
+
+def _overlap_worker(rank, world):
+    """Ranks 0 and 1 form a pipeline; rank 2 claims one with rank 1 as well."""
+    groups = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([1, 2])]
+    return _make_stage(min(rank, 1), 2, PipelineConfig(d=D, k=K, micro_batches=MB, timeout_s=20),
+                       group=groups[rank == 2]) and None
+
+
+def test_overlapping_pipelines_are_named(tmp_path):
+    results = spawn(_overlap_worker, 3, out_dir=str(tmp_path), timeout=60)
+    for r in range(3):
+        assert "rank 2 reported the pipeline [1, 2], which does not hold it or overlaps another ([[0, 1]])" in \
+            results[r].get("error", ""), results[r]
 
 # ---- handshake ----------------------------------------------------------------------
 

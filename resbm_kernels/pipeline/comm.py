@@ -10,7 +10,10 @@ communicator in order on one stream, so a receive posted early in one
 direction would otherwise block sends queued behind it in the other (and,
 on a middle stage, sends to the next stage behind receives from the
 previous one); with one group per link and direction each group carries
-traffic one way between two ranks and receives can be posted ahead. On CUDA
+traffic one way between two ranks and receives can be posted ahead. Creating
+a group is collective over the whole world: with several pipelines side by
+side every rank creates every pipeline's groups, in one order, after the
+ranks have gathered which pipeline each belongs to. On CUDA
 the messages are issued from a dedicated communication stream ordered with
 the compute stream, so compute of the next micro-batch runs while this one
 is on the wire.
@@ -75,16 +78,51 @@ class Peers:
         # gloo: a stage that never arrives fails group creation after timeout_s; NCCL keeps
         # its default, which also bounds every operation from its posting (see _complete)
         limit = {} if self._poll else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        self.groups = {}
         try:
-            # collective: every rank creates every group, links in order, forward then backward
-            self.groups = {(link, direction): dist.new_group([ranks[link], ranks[link + 1]], **limit)
-                           for link in range(len(ranks) - 1) for direction in (FORWARD, BACKWARD)}
+            # collective over the whole world: every rank creates every pipeline's groups, in
+            # one order (pipelines as gathered, links in order, forward then backward)
+            for pipeline in self._pipelines(ranks, device):
+                for link in range(len(pipeline) - 1):
+                    for direction in (FORWARD, BACKWARD):
+                        group = dist.new_group([pipeline[link], pipeline[link + 1]], **limit)
+                        if pipeline == ranks:
+                            self.groups[(link, direction)] = group
+        except PipelineError:
+            raise
         except Exception as e:
             raise PipelineError(f"stage {stage}: creating the pipeline's process groups failed (did every stage "
                                 f"start?): {e}") from e
         self.stats = CommStats()
         self._sends: list[_Pending] = []
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _pipelines(self, ranks: list[int], device) -> list[list[int]]:
+        """Every pipeline of the world (its ranks, stage order), the same list on
+        every rank: this one alone when it spans the world; else gathered from
+        every rank (pipelines side by side, e.g. data-parallel replicas), each
+        rank's report checked."""
+        world = dist.get_world_size()
+        if len(ranks) == world:
+            return [ranks]
+        mine = torch.full((world,), -1, dtype=torch.int64)
+        mine[: len(ranks)] = torch.tensor(ranks)
+        reports = [torch.empty(world, dtype=torch.int64, device=device) for _ in range(world)]
+        work = dist.all_gather(reports, mine.to(device), async_op=True)
+        what = (f"stage {self.stage}: gathering the pipelines of every rank (with several pipelines every rank of "
+                "the world starts its stage at the same time)")
+        self._complete(_Pending(work, mine, what, time.perf_counter()), time.perf_counter())
+        pipelines: list[list[int]] = []
+        for rank, report in enumerate(torch.stack(reports).cpu().tolist()):
+            pipeline = [r for r in report if r >= 0]
+            if (rank not in pipeline or len(set(pipeline)) != len(pipeline) or max(pipeline) >= world
+                    or report[len(pipeline):] != [-1] * (world - len(pipeline))
+                    or any(set(pipeline) & set(p) and pipeline != p for p in pipelines)):
+                raise PipelineError(f"stage {self.stage}: rank {rank} reported the pipeline {pipeline}, which does "
+                                    f"not hold it or overlaps another ({pipelines})")
+            if pipeline not in pipelines:
+                pipelines.append(pipeline)
+        return pipelines
 
     def _peer(self, direction: str, outgoing: bool) -> int:
         toward_next = (direction == FORWARD) == outgoing

@@ -64,7 +64,10 @@ class PipelineStage(nn.Module):
             e.g. (batch_per_micro_batch, seq_len).
         loss_fn: last stage only: ``loss_fn(output, targets) -> scalar``.
         group: process group (default: the world); stage s is the s-th rank
-            of the group.
+            of the group. Several pipelines may share a world (data-parallel
+            replicas, each its own group): then every rank of the world
+            constructs its stage at the same time (their link groups are
+            created collectively).
         device: where activations and parameters live (default: CPU for
             gloo, the current CUDA device for NCCL).
         dtype: activation dtype at the boundaries.
