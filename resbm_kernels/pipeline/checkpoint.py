@@ -10,7 +10,9 @@ resumed from an earlier one). On resume the stages agree (by all-reduce,
 over the pipeline's links, within its ``timeout_s``) on the newest step all
 of them have.
 Each file records the pipeline's handshake descriptor (stages, d, k, codecs,
-micro-batches, schedule, shapes); resuming with another raises.
+micro-batches, schedule, shapes); resuming with another raises. Pipelines side
+by side (data-parallel replicas) each take a directory of their own: the
+files are named by stage, not by rank.
 """
 
 from __future__ import annotations
