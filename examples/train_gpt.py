@@ -9,7 +9,9 @@ One process per stage; launch with torchrun (gloo on CPU, NCCL on GPU)::
 kernels need d and k multiples of 16; other widths run on the reference ops.
 
 Multi-node: use torchrun's rendezvous flags (``--nnodes``, ``--rdzv-endpoint``)
-instead of ``--standalone``. Text is the Python standard library's own source
+instead of ``--standalone``. ``--replicas R`` runs R pipelines side by side
+(data parallel: world size / R stages each, every replica its own batches,
+gradients averaged across replicas before each optimizer step). Text is the Python standard library's own source
 (:mod:`resbm_kernels.data`). Only compressed payloads cross between stages;
 the last stage shows a progress bar and prints a summary (tokens/s, wire
 bytes per token, compression ratio, loss). With ``--checkpoint-dir`` every
@@ -56,8 +58,32 @@ def parse_args(argv=None):
                    help="batches of the validation split evaluated after training (forward only)")
     p.add_argument("--checkpoint-dir", default=None)
     p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines side by side (divides the world)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def layout(rank: int, world: int, replicas: int):
+    """(replica, stage index, this pipeline's process group or None, this
+    stage's group across replicas or None): pipelines of consecutive ranks.
+    Every rank creates every group (group creation is collective)."""
+    if replicas < 1 or world % replicas or world // replicas < 2:
+        raise SystemExit(f"--replicas {replicas} must split the {world} ranks into pipelines of >= 2 stages")
+    if replicas == 1:
+        return 0, rank, None, None
+    stages = world // replicas
+    pipelines = [dist.new_group(list(range(r * stages, (r + 1) * stages))) for r in range(replicas)]
+    across = [dist.new_group(list(range(s, world, stages))) for s in range(stages)]
+    replica, stage = divmod(rank, stages)
+    return replica, stage, pipelines[replica], across[stage]
+
+
+def average_gradients(stage: PipelineStage, group) -> None:
+    """Mean of the replicas' gradients (the same on every replica afterwards)."""
+    for p in stage.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= dist.get_world_size(group)
 
 
 def make_optimizer(stage: PipelineStage, args) -> torch.optim.Optimizer:
@@ -126,6 +152,8 @@ def main(argv=None) -> None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    replica, stage_index, pipeline_group, replica_group = layout(rank, world, args.replicas)
+    num_stages = world // args.replicas
     device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 
@@ -135,50 +163,58 @@ def main(argv=None) -> None:
                             timeout_s=args.timeout, seed=args.seed)
     if args.batch % args.micro_batches:
         raise SystemExit(f"--batch {args.batch} must be a multiple of --micro-batches {args.micro_batches}")
-    module = stage_modules(gpt, world, seed=args.seed)[rank]
+    module = stage_modules(gpt, num_stages, seed=args.seed)[stage_index]
     if args.device == "cuda":
         module = _bf16_autocast(module)
-    torch.manual_seed(args.seed + 1 + rank)  # encoder/decoder init
+    torch.manual_seed(args.seed + 1 + stage_index)  # encoder/decoder init (the same on every replica)
     stage = PipelineStage(
         module, config, micro_batch_shape=(args.batch // args.micro_batches, args.seq),
         loss_fn=lambda logits, y: nn.functional.cross_entropy(logits.float().reshape(-1, gpt.vocab), y.reshape(-1)),
-        device=device, dtype=dtype)
+        group=pipeline_group, device=device, dtype=dtype)
     opt = make_optimizer(stage, args)
-    if args.checkpoint_dir:
-        checkpoint.load_latest(args.checkpoint_dir, stage, opt)
+    checkpoint_dir = args.checkpoint_dir
+    if checkpoint_dir and args.replicas > 1:
+        checkpoint_dir = os.path.join(checkpoint_dir, f"replica-{replica}")  # (files are named by stage)
+    if checkpoint_dir:
+        checkpoint.load_latest(checkpoint_dir, stage, opt)
+    reports = stage.is_last and replica == 0
     data = load_corpus("train") if stage.is_first or stage.is_last else None
 
-    bar = tqdm(total=args.steps, initial=stage.steps_done, unit="step", disable=not stage.is_last, desc="train",
+    bar = tqdm(total=args.steps, initial=stage.steps_done, unit="step", disable=not reports, desc="train",
                mininterval=0.1 if sys.stderr.isatty() else 10.0)  # (a log gets a line every 10 s)
     first_loss = loss = None
     sent = blocked = 0.0
     start, start_step = time.perf_counter(), stage.steps_done
     while stage.steps_done < args.steps:
-        x, y = (batch(data, stage.steps_done, args.batch, args.seq, args.seed) if data is not None else (None, None))
+        draw = stage.steps_done * args.replicas + replica  # (each replica its own batches)
+        x, y = (batch(data, draw, args.batch, args.seq, args.seed) if data is not None else (None, None))
         opt.zero_grad()
         result = stage.step(x if stage.is_first else None, y if stage.is_last else None)
+        if replica_group is not None:
+            average_gradients(stage, replica_group)
         if args.grad_clip > 0:
             stage.clip_grad_norm_(args.grad_clip)  # (every stage: the norm is the whole pipeline's)
         opt.step()
         sent += result.comm.bytes_sent
         blocked += result.comm.blocked_s
-        if stage.is_last:
+        if reports:
             first_loss = result.loss if first_loss is None else first_loss
             loss = result.loss
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", overlap=f"{result.comm.overlap:.2f}", refresh=False)
-        if args.checkpoint_dir and stage.steps_done % args.checkpoint_every == 0:
-            checkpoint.save(args.checkpoint_dir, stage, opt)
+        if checkpoint_dir and stage.steps_done % args.checkpoint_every == 0:
+            checkpoint.save(checkpoint_dir, stage, opt)
     bar.close()
     elapsed = time.perf_counter() - start
     steps = stage.steps_done - start_step
     val_loss = validation_loss(stage, args)
 
-    if stage.is_last and steps:
-        tokens = steps * args.batch * args.seq
+    if reports and steps:
+        tokens = steps * args.batch * args.seq * args.replicas
         fwd = config.codec.payload_bytes(stage.tokens, args.bottleneck) / stage.tokens
         bwd = config.grad_codec.payload_bytes(stage.tokens, args.bottleneck) / stage.tokens
-        print(f"{world} stages on {args.device}, {steps} steps, {tokens:,} tokens in {elapsed:.1f} s: "
+        layout_text = f"{args.replicas} pipelines x {num_stages} stages" if args.replicas > 1 else f"{world} stages"
+        print(f"{layout_text} on {args.device}, {steps} steps, {tokens:,} tokens in {elapsed:.1f} s: "
               f"{tokens / elapsed:,.0f} tokens/s")
         validation = f", validation loss {val_loss:.3f}" if val_loss is not None else ""
         print(f"loss {first_loss:.3f} -> {loss:.3f}{validation}")

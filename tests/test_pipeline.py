@@ -516,6 +516,28 @@ def test_train_gpt_example_under_torchrun(tmp_path):
     assert "2 stages on cpu, 2 steps" in again.stdout  # resumed at step 4
 
 
+def test_train_gpt_example_with_replicas(tmp_path):
+    """--replicas 2 over 4 ranks: two 2-stage pipelines side by side, gradients
+    averaged across them, each replica checkpointing into its own directory."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "train_gpt.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(script),
+           "--width", "64", "--layers", "2", "--heads", "2", "--seq", "32", "--batch", "8", "--steps", "3",
+           "--replicas", "2", "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 pipelines x 2 stages on cpu, 3 steps, 1,536 tokens" in run.stdout, run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replica-0", "replica-1"]
+    for stage in range(2):  # other batches, averaged gradients: the replicas' weights stay the same
+        a, b = (torch.load(tmp_path / f"replica-{r}" / "step-00000003" / f"stage-{stage}.pt", weights_only=True)
+                for r in range(2))
+        assert a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"] if n != "_extra_state")
+
+
 def _checkpoint_worker(rank, world, ckpt_dir, steps, micro_batches=MB, skip_load=False):
     """``steps`` steps (from a checkpoint if there is one), saving after each;
     returns (step resumed from, or the error of load_latest)."""
