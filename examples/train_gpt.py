@@ -11,12 +11,13 @@ kernels need d and k multiples of 16; other widths run on the reference ops.
 Multi-node: use torchrun's rendezvous flags (``--nnodes``, ``--rdzv-endpoint``)
 instead of ``--standalone``. ``--replicas R`` runs R pipelines side by side
 (data parallel: world size / R stages each, every replica its own batches,
-gradients averaged across replicas before each optimizer step). Text is the Python standard library's own source
-(:mod:`resbm_kernels.data`). Only compressed payloads cross between stages;
-the last stage shows a progress bar and prints a summary (tokens/s, wire
-bytes per token, compression ratio, loss). With ``--checkpoint-dir`` every
-stage checkpoints atomically and a restarted job resumes where all stages
-last completed a step.
+gradients averaged across replicas before each optimizer step). Text is the
+Python standard library's own source (:mod:`resbm_kernels.data`). Only
+compressed payloads cross between stages; the last stage (of the first
+replica) shows a progress bar and prints a summary (tokens/s, wire bytes per
+token, compression ratio, training and validation loss). With
+``--checkpoint-dir`` every stage checkpoints atomically and a restarted job
+resumes where all stages last completed a step.
 """
 
 from __future__ import annotations
