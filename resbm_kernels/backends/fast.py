@@ -30,7 +30,8 @@ def problem(d: int, k: int, dtypes=()):
     if d % 16 or k % 16:
         return ValueError, f"d={d} and k={k} must both be multiples of 16"
     if k > MAX_K:
-        return ValueError, f"k={k} is larger than {MAX_K}, the most the compiled kernels take; use the reference backend"
+        return ValueError, (f"k={k} is larger than {MAX_K}, the most the compiled kernels take; "
+                            "use the reference backend")
     return None
 
 
