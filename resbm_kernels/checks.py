@@ -131,15 +131,18 @@ def codes_fit(codes, bits: int) -> None:
             raise ValueError(f"codes: values from {least} to {most} do not fit {bits} bits ({lo} to {hi})")
 
 
-def seed_offset(t) -> None:
-    """An optional seed offset: a one-element integer tensor on the CPU (its
-    value is read on the host, which for a GPU tensor would wait for the device)."""
+def seed_offset(t, device) -> None:
+    """An optional seed offset: a one-element integer tensor on ``device`` (the
+    inputs'), where the kernels read it, or on the CPU (copied there)."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"seed_offset: expected a torch.Tensor, got {type(t).__name__}")
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.numel() != 1 or t.device.type != "cpu":
-        raise ValueError(f"seed_offset: needs one integer on the CPU, got a {t.dtype} tensor of shape "
+    device = torch.device(device)
+    if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.numel() != 1
+            or t.device not in (device, torch.device("cpu"))):
+        where = "the CPU" if device.type == "cpu" else f"{device} or the CPU"
+        raise ValueError(f"seed_offset: needs one integer on {where}, got a {t.dtype} tensor of shape "
                          f"{tuple(t.shape)} on {t.device}")
 
 

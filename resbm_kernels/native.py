@@ -21,7 +21,7 @@ import torch
 from . import checks
 from .codec import SCALE_DTYPES, SCALE_NAMES, Codec, rng_key
 
-ABI_VERSION = 6  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
+ABI_VERSION = 7  # RESBM_ABI_VERSION of csrc/include/resbm/c_api.h
 _NAMES = {"cpu": "libresbm_cpu.so", "cuda": "libresbm_cuda.so", "cuda_emu": "libresbm_cuda_emu.so"}
 _PKG_DIR = pathlib.Path(__file__).resolve().parent
 DTYPE_CODES = SCALE_DTYPES  # the C ABI's dtype codes (1 fp32, 2 fp16, 3 bf16): the wire format's scale codes
@@ -56,23 +56,23 @@ def _declare(lib: ctypes.CDLL, which: str) -> None:
         for name, args in _CUDA_PASSES.items():
             fn = getattr(lib, name)
             fn.restype = i32
-            fn.argtypes = [{"p": p, "i": i32, "l": i64, "u": u32, "f": f32}[c] for c in args]
+            fn.argtypes = [{"p": p, "i": i32, "l": i64, "q": ctypes.c_uint64, "f": f32}[c] for c in args]
 
 
-# argument kinds of the CUDA pass entry points (p pointer, i int, l int64, u uint32, f float)
+# argument kinds of the CUDA pass entry points (p pointer, i int, l int64, q uint64, f float)
 _CUDA_PASSES = {
     # pass, dtype, d, k, norm, bytes (int64*)
     "resbm_cuda_workspace_bytes": "iillip",
     # dtype, n, d, k, splits (int*)
     "resbm_cuda_projection_splits": "illlp",
-    # x, dtype, n, d, k, w_e, norm_weight, eps, bits, group, scale_dtype, stochastic, key, codes, scales,
-    # header, row_stats, partial, splits, workspace, stream
-    "resbm_cuda_encode_forward": "pilllppfiiiiupppppipp",
+    # x, dtype, n, d, k, w_e, norm_weight, eps, bits, group, scale_dtype, stochastic, seed, seed_offset,
+    # codes, scales, header, row_stats, partial, splits, workspace, stream
+    "resbm_cuda_encode_forward": "pilllppfiiiiqppppppipp",
     # codes, scales, n, d, k, bits, group, scale_dtype, w_d, w_dtype, residual, out, out_dtype, workspace, stream
     "resbm_cuda_decode_forward": "ppllliiipippipp",
-    # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, key, codes, scales, header,
-    # partial, splits, workspace, stream
-    "resbm_cuda_decode_backward": "pilllpiiiiuppppipp",
+    # grad_h, dtype, n, d, k, w_d, bits, group, scale_dtype, stochastic, seed, seed_offset, codes, scales,
+    # header, partial, splits, workspace, stream
+    "resbm_cuda_decode_backward": "pilllpiiiiqpppppipp",
     # codes, scales, n, d, k, bits, group, scale_dtype, x, dtype, w_e, norm_weight, eps, grad_x, rscale,
     # row_stats, workspace, stream
     "resbm_cuda_encode_backward": "ppllliiipippfppppp",

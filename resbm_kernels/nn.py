@@ -148,17 +148,26 @@ class CallSeeded(nn.Module):
     its ``state_dict`` (module extra state), so a run resumed from a saved
     state draws the seeds the uninterrupted run would have.
 
-    The count is a CPU tensor, not an int, and reaches the ops as their
-    ``seed_offset``: a torch.compile'd model takes it as a graph input and
-    increments it in the graph (an int attribute would be a constant of the
-    graph, recompiled at every call). It stays on the CPU when the module moves.
+    The count is an int64 buffer (as BatchNorm's ``num_batches_tracked``; not
+    persistent: the extra state carries it) that moves with the module. Each
+    call increments it where it lives and hands the ops ``2 * count`` as their
+    ``seed_offset``, which the kernels read on the device: a torch.compile'd
+    model takes it as a graph input (an int would be a constant of the graph,
+    recompiled at every call), and a captured CUDA graph draws new seeds at
+    each replay, as eager calls do.
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, device=None):
         super().__init__()
         checks.integer("seed", seed)
         self.seed = seed
-        self._calls = torch.zeros((), dtype=torch.int64, device="cpu")  # (not a buffer: .to() leaves it)
+        self.register_buffer("_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Zero the call count: this module's own state (after ``to_empty``,
+        FSDP's deferred initialisation calls this on every module that has it;
+        submodules reset their own parameters)."""
+        self._calls.zero_()
 
     @property
     def calls(self) -> int:
@@ -174,7 +183,7 @@ class CallSeeded(nn.Module):
         """The ops' seed arguments for the next call: seed, grad_seed and the
         seed_offset added to both (2 * calls: forward and gradient seeds differ
         in the last bit)."""
-        self._calls += 1
+        self._calls.add_(1)
         base = self.seed * 2_000_006
         return dict(seed=base, grad_seed=base + 1, seed_offset=self._calls * 2)
 
@@ -216,7 +225,7 @@ class ResBMBoundary(CallSeeded):
     def __init__(self, d: int, k: int, *, codec: Codec | str = BF16, grad_codec: Codec | str = GRAD_INT8,
                  mlp_hidden: int | None = None, norm: bool = True, eps: float = 1e-6, seed: int = 0,
                  dtype=None, device=None):
-        super().__init__(seed)
+        super().__init__(seed, device)
         self.encoder = ResBMEncoder(d, k, mlp_hidden=mlp_hidden, norm=norm, eps=eps, dtype=dtype, device=device)
         self.decoder = ResBMDecoder(d, k, mlp_hidden=mlp_hidden, dtype=dtype, device=device)
         self.codec, self.grad_codec = Codec.parse(codec), Codec.parse(grad_codec)

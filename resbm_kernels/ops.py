@@ -164,20 +164,22 @@ def _row_stats_buffer(x, w_e, norm_weight, wanted: bool, fake: bool = False) -> 
 @_pass_op("encode_forward")
 def _encode_forward(
     x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int,
-    row_stats: bool = False,
+    row_stats: bool = False, seed_offset: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c, eps)
+    offset = _device_offset(seed_offset, x.device)
     stats = _row_stats_buffer(x, w_e, norm_weight, row_stats)
     payload = select(x.device, _encode_case("encode_forward", x, w_e, norm_weight, c)).encode_forward(
-        x, w_e, norm_weight, eps, c, seed, row_stats=stats)
+        x, w_e, norm_weight, eps, c, seed, row_stats=stats, seed_offset=offset)
     return payload, _or_empty(stats, x)
 
 
 @_encode_forward.register_fake
-def _(x, w_e, norm_weight, eps, codec, seed, row_stats=False):
+def _(x, w_e, norm_weight, eps, codec, seed, row_stats=False, seed_offset=None):
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c, eps)
+    checks.seed_offset(seed_offset, x.device)
     stats = _row_stats_buffer(x, w_e, norm_weight, row_stats, fake=True)
     return x.new_empty((c.payload_bytes(x.shape[0], w_e.shape[0]),), dtype=torch.uint8), _or_empty(stats, x)
 
@@ -206,15 +208,16 @@ def _decode_backward(
 ) -> tuple[Tensor, Tensor]:
     c, gc = Codec.parse(codec), Codec.parse(grad_codec)
     _check_decode_backward(grad_h, payload, w_d, c, gc)
+    offset = _device_offset(seed_offset, w_d.device)
     return select(w_d.device, _decode_backward_case(grad_h, w_d, c, gc)).decode_backward(
-        grad_h, payload, w_d, c, gc, _offset_seed(grad_seed, seed_offset))
+        grad_h, payload, w_d, c, gc, grad_seed, seed_offset=offset)
 
 
 @_decode_backward.register_fake
 def _(grad_h, payload, w_d, codec, grad_codec, grad_seed, seed_offset=None):
     c, gc = Codec.parse(codec), Codec.parse(grad_codec)
     _check_decode_backward(grad_h, payload, w_d, c, gc)
-    checks.seed_offset(seed_offset)
+    checks.seed_offset(seed_offset, w_d.device)
     n, k = grad_h.shape[0], w_d.shape[1]
     return grad_h.new_empty((gc.payload_bytes(n, k),), dtype=torch.uint8), torch.empty_like(w_d)
 
@@ -247,41 +250,48 @@ def _(grad_payload, x, w_e, norm_weight, eps, grad_codec, row_stats=None):
 @_pass_op("encode_forward_out", mutates_args=("out",))
 def _encode_forward_out(
     out: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int,
-    row_stats: bool = False,
+    row_stats: bool = False, seed_offset: Optional[Tensor] = None,
 ) -> Tensor:
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c, eps)
     checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
+    offset = _device_offset(seed_offset, x.device)
     stats = _row_stats_buffer(x, w_e, norm_weight, row_stats)
     case = _encode_case("encode_forward", x, w_e, norm_weight, c)
-    select(x.device, case).encode_forward(x, w_e, norm_weight, eps, c, seed, out=out, row_stats=stats)
+    select(x.device, case).encode_forward(x, w_e, norm_weight, eps, c, seed, out=out, row_stats=stats,
+                                          seed_offset=offset)
     return _or_empty(stats, x)
 
 
 @_encode_forward_out.register_fake
-def _(out, x, w_e, norm_weight, eps, codec, seed, row_stats=False):
+def _(out, x, w_e, norm_weight, eps, codec, seed, row_stats=False, seed_offset=None):
     c = Codec.parse(codec)
     checks.encoder_inputs(x, w_e, norm_weight, c, eps)
     checks.payload(out, c, x.shape[0], w_e.shape[0], x.device, read_header=False)
+    checks.seed_offset(seed_offset, x.device)
     return _or_empty(_row_stats_buffer(x, w_e, norm_weight, row_stats, fake=True), x)
 
 
 @_pass_op("decode_backward_out", mutates_args=("out",))
 def _decode_backward_out(
-    out: Tensor, grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int
+    out: Tensor, grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int,
+    seed_offset: Optional[Tensor] = None,
 ) -> Tensor:
     c, gc = Codec.parse(codec), Codec.parse(grad_codec)
     _check_decode_backward(grad_h, payload, w_d, c, gc)
     checks.payload(out, gc, grad_h.shape[0], w_d.shape[1], w_d.device, read_header=False)
+    offset = _device_offset(seed_offset, w_d.device)
     case = _decode_backward_case(grad_h, w_d, c, gc)
-    return select(w_d.device, case).decode_backward(grad_h, payload, w_d, c, gc, grad_seed, out=out)[1]
+    return select(w_d.device, case).decode_backward(grad_h, payload, w_d, c, gc, grad_seed, out=out,
+                                                    seed_offset=offset)[1]
 
 
 @_decode_backward_out.register_fake
-def _(out, grad_h, payload, w_d, codec, grad_codec, grad_seed):
+def _(out, grad_h, payload, w_d, codec, grad_codec, grad_seed, seed_offset=None):
     c, gc = Codec.parse(codec), Codec.parse(grad_codec)
     _check_decode_backward(grad_h, payload, w_d, c, gc)
     checks.payload(out, gc, grad_h.shape[0], w_d.shape[1], w_d.device, read_header=False)
+    checks.seed_offset(seed_offset, w_d.device)
     return torch.empty_like(w_d)
 
 
@@ -296,11 +306,12 @@ def _check_grad_codec(grad_codec: str, k: int) -> None:
         raise ValueError(f"grad_codec: {e}") from None
 
 
-def _offset_seed(seed: int, seed_offset: Optional[Tensor]) -> int:
-    """``seed`` plus the value of ``seed_offset`` (read here, inside the op: a
-    compiled graph takes the tensor as an input, see :func:`boundary`)."""
-    checks.seed_offset(seed_offset)
-    return seed if seed_offset is None else seed + int(seed_offset.item())
+def _device_offset(seed_offset: Optional[Tensor], device) -> Optional[Tensor]:
+    """``seed_offset`` as one int64 on ``device``, where the kernels read it:
+    never on the host, so nothing waits for the device and a CUDA graph's
+    replay rounds with the offset's value at replay (see :func:`boundary`)."""
+    checks.seed_offset(seed_offset, device)
+    return None if seed_offset is None else seed_offset.to(device=device, dtype=torch.int64).reshape(())
 
 
 @torch.library.custom_op("resbm::boundary", mutates_args=())
@@ -324,8 +335,7 @@ def _boundary(
     _check_grad_codec(grad_codec, w_e.shape[0])
     # (inside an op, below autograd and any mode: the passes' functions are called directly)
     encode, decode = _functions[_encode_forward][0], _functions[_decode_forward][0]
-    payload, stats = encode(x, w_e, norm_weight, eps, codec, _offset_seed(seed, seed_offset),
-                            row_stats and norm_weight is not None)
+    payload, stats = encode(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None, seed_offset)
     return decode(payload, w_d, residual, codec, x.shape[0], out_dtype or x.dtype), payload, stats
 
 
@@ -333,8 +343,8 @@ def _boundary(
 def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True, out_dtype=None,
       seed_offset=None):
     _check_grad_codec(grad_codec, w_e.shape[0])
-    checks.seed_offset(seed_offset)
-    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None)
+    payload, stats = _encode_forward(x, w_e, norm_weight, eps, codec, seed, row_stats and norm_weight is not None,
+                                     seed_offset)
     return _decode_forward(payload, w_d, residual, codec, x.shape[0], out_dtype or x.dtype), payload, stats
 
 
@@ -377,7 +387,8 @@ def _wire_roundtrip(z: Tensor, codec: str, grad_codec: str, seed: int, grad_seed
     c.group(z.shape[1])
     _check_grad_codec(grad_codec, z.shape[1])
     n, k = z.shape
-    return reference.read_payload(reference.write_payload(z, c, _offset_seed(seed, seed_offset)), c, n, k, z.dtype)
+    seed = reference.offset_seed(seed, _device_offset(seed_offset, z.device))
+    return reference.read_payload(reference.write_payload(z, c, seed), c, n, k, z.dtype)
 
 
 @_wire_roundtrip.register_fake
@@ -385,7 +396,7 @@ def _(z, codec, grad_codec, seed, grad_seed, seed_offset=None):
     checks.tensor("z", z, ndim=2)
     Codec.parse(codec).group(z.shape[1])
     _check_grad_codec(grad_codec, z.shape[1])
-    checks.seed_offset(seed_offset)
+    checks.seed_offset(seed_offset, z.device)
     return torch.empty_like(z)
 
 
@@ -612,10 +623,11 @@ def unpack(packed: Tensor, bits: int, k: int) -> Tensor:
 
 
 def encode(x: Tensor, w_e: Tensor, codec: Codec | str, *, norm_weight: Optional[Tensor] = None,
-           eps: float = 1e-6, seed: int = 0, out: Optional[Tensor] = None,
+           eps: float = 1e-6, seed: int = 0, seed_offset: Optional[Tensor] = None, out: Optional[Tensor] = None,
            return_row_stats: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Encode forward: x (N, d) -> payload of z = RMSNorm(x) W_e^T + x[:, :k].
 
+    ``seed`` (a stochastic ``codec``'s rounding) and ``seed_offset``: as in :func:`boundary`.
     ``out``: a uint8 buffer of ``codec.payload_bytes(N, k)`` bytes to write
     into (and return) instead of allocating a new payload.
     ``return_row_stats`` (RMSNorm only): return ``(payload, row_stats)``, the
@@ -624,9 +636,10 @@ def encode(x: Tensor, w_e: Tensor, codec: Codec | str, *, norm_weight: Optional[
     saves its pass over x for them (they cost N(k+1) fp32 of memory until then)."""
     spec = Codec.parse(codec).spec
     if out is None:
-        payload, stats = _run(_encode_forward, x, w_e, norm_weight, eps, spec, seed, return_row_stats)
+        payload, stats = _run(_encode_forward, x, w_e, norm_weight, eps, spec, seed, return_row_stats, seed_offset)
     else:
-        payload, stats = out, _run(_encode_forward_out, out, x, w_e, norm_weight, eps, spec, seed, return_row_stats)
+        payload, stats = out, _run(_encode_forward_out, out, x, w_e, norm_weight, eps, spec, seed, return_row_stats,
+                                   seed_offset)
     return (payload, stats.detach()) if return_row_stats else payload  # statistics, not differentiable
 
 
@@ -641,15 +654,17 @@ def decode(payload: Tensor, w_d: Tensor, codec: Codec | str, n: int, *, residual
 
 
 def decode_backward(grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: Codec | str, grad_codec: Codec | str, *,
-                    grad_seed: int = 1, out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                    grad_seed: int = 1, seed_offset: Optional[Tensor] = None,
+                    out: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """grad_h (N, d) -> (gradient payload of dL/dzhat, grad of w_d); ``out``
     as in :func:`encode`, for the gradient payload. ``grad_seed`` (a stochastic
     ``grad_codec``'s rounding) defaults to :func:`boundary`'s, so the passes
-    called one by one with their defaults give what it gives."""
+    called one by one with their defaults give what it gives; ``seed_offset``
+    as in :func:`boundary`."""
     specs = Codec.parse(codec).spec, Codec.parse(grad_codec).spec
     if out is None:
-        return _run(_decode_backward, grad_h, payload, w_d, *specs, grad_seed)
-    return out, _run(_decode_backward_out, out, grad_h, payload, w_d, *specs, grad_seed)
+        return _run(_decode_backward, grad_h, payload, w_d, *specs, grad_seed, seed_offset)
+    return out, _run(_decode_backward_out, out, grad_h, payload, w_d, *specs, grad_seed, seed_offset)
 
 
 def encode_backward(grad_payload: Tensor, x: Tensor, w_e: Tensor, grad_codec: Codec | str, *,
@@ -677,11 +692,14 @@ def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec | str, grad_codec
     h's dtype, and ``residual``'s (default x's), e.g. float32 h from bfloat16
     GEMMs. Under ``torch.autocast`` x and the weights are cast to the autocast
     dtype, as ``nn.Linear``'s would be, and h keeps x's dtype: it replaces the
-    residual stream x. ``seed_offset``: a one-element integer tensor on the CPU
-    whose value the op adds to ``seed`` and ``grad_seed``, for seeds that change
-    every call (a call counter, as :class:`~resbm_kernels.nn.ResBMBoundary`
-    keeps): a torch.compile'd graph takes it as an input, where a changing int
-    would be a constant that recompiles the graph at every call.
+    residual stream x. ``seed_offset``: a one-element integer tensor on x's
+    device (or the CPU: then copied there) whose value is added to ``seed`` and
+    ``grad_seed`` (modulo 2**64), for seeds that change every call (a call
+    counter, as :class:`~resbm_kernels.nn.ResBMBoundary` keeps). The kernels
+    read it on the device when they run, never on the host: nothing waits for
+    it, a CUDA graph's replay rounds with its value at replay, and a
+    torch.compile'd graph takes it as an input (a changing int would be a
+    constant that recompiles the graph at every call).
     """
     # the row statistics only when a backward can follow (they cost N(k+1) fp32 of writes)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad

@@ -599,3 +599,96 @@ def check_passes_replay_in_a_cuda_graph(backend: str) -> None:
     names = ("payload", "row stats", "h", "gradient payload", "grad w_d", "grad x", "grad w_e", "grad gamma")
     for name, got, want in zip(names, captured, eager):
         assert torch.equal(got, want), f"{backend}: {name} of the replayed graph differs from an eager call"
+
+
+# (seed, offset) pairs whose sums wrap modulo 2**64 as the kernels' do: past 2**63 - 1, below 0
+SEED_OFFSET_CASES = ((5, 2**33 + 7), (2**63 - 3, 5), (7, -9), (-(2**62), -(2**62) - 11))
+
+
+def _as_int64(value: int) -> int:
+    value %= 2**64
+    return value - 2**64 if value >= 2**63 else value
+
+
+def check_seed_offset_is_read_on_the_device(backend: str, device, monkeypatch) -> None:
+    """Encode and decode backward of ``backend`` with stochastic codecs, given
+    ``seed`` and a ``seed_offset`` tensor on ``device``, give bit for bit what
+    they give for the int seed + offset (modulo 2**64: sums that wrap, negative
+    offsets), and never read the offset on the host (that would wait for the
+    device, and a CUDA graph would replay the captured value)."""
+    from resbm_kernels import ops
+    from resbm_kernels.backends import reference, use_backend
+
+    gen = torch.Generator().manual_seed(21)
+    n, d, k = 37, 64, 32
+    x, grad_h = (normal(n, d, dtype=torch.bfloat16, gen=gen).to(device) for _ in range(2))
+    w_e = normal(k, d, dtype=torch.bfloat16, scale=d**-0.5, gen=gen).to(device)
+    w_d = normal(d, k, dtype=torch.bfloat16, scale=k**-0.5, gen=gen).to(device)
+    codec, grad_codec = Codec(bits=4, group_size=16, rounding="stochastic"), Codec(bits=8, rounding="stochastic")
+    payload = reference.write_payload(normal(n, k, dtype=torch.float32, gen=gen), Codec(bits=8), 0).to(device)
+
+    def passes(seed, offset=None):
+        return (ops.encode(x, w_e, codec, seed=seed, seed_offset=offset),
+                *ops.decode_backward(grad_h, payload, w_d, Codec(bits=8), grad_codec, grad_seed=seed,
+                                     seed_offset=offset))
+
+    def read_on_the_host(*args, **kwargs):
+        raise AssertionError("seed_offset was read on the host")
+
+    with use_backend(backend):
+        for seed, offset in SEED_OFFSET_CASES:
+            want = passes(_as_int64(seed + offset))
+            on_device = torch.tensor(offset, dtype=torch.int64, device=device)
+            with monkeypatch.context() as m:
+                for name in ("item", "tolist", "__int__", "__index__"):
+                    m.setattr(torch.Tensor, name, read_on_the_host)
+                got = passes(seed, on_device)
+            for what, a, b in zip(("payload", "gradient payload", "grad w_d"), got, want):
+                assert torch.equal(a, b), f"{backend}: {what} with seed {seed} and offset {offset}"
+        assert not torch.equal(passes(5)[0], passes(6)[0])  # (the seed matters at all)
+
+
+def check_boundary_draws_anew_in_a_cuda_graph(backend: str) -> None:
+    """A ResBMBoundary with stochastic codecs, its forward and backward captured
+    in a CUDA graph, draws new seeds at every replay (its call counter is
+    incremented in the graph and read by the kernels on the device): replay i
+    gives bit for bit what eager call i from the same count gives."""
+    from resbm_kernels.backends import use_backend
+    from resbm_kernels.nn import ResBMBoundary
+
+    torch.manual_seed(17)
+    n, d, k = 96, 256, 32
+    boundary = ResBMBoundary(d, k, codec=Codec(bits=4, group_size=16, rounding="stochastic"), grad_codec=GRAD_CODEC,
+                             device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
+    leaves = (x, *boundary.parameters())
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        h = boundary(x)
+        h.backward(grad_h)
+        return [h, *(t.grad for t in leaves)]
+
+    with use_backend(backend):
+        side = torch.cuda.Stream()  # warm-up (compilation, autotuning) on a side stream, as torch advises
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        start = boundary.calls
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        replays = []
+        for _ in range(3):
+            graph.replay()
+            replays.append([t.clone() for t in captured])
+        assert boundary.calls == start + 3, "the replays did not count their calls"
+        boundary.calls = start
+        names = ["h", "grad x", *(f"grad {name}" for name, _ in boundary.named_parameters())]
+        for i, replayed in enumerate(replays):
+            for what, got, want in zip(names, replayed, step()):
+                assert torch.equal(got, want), f"{backend}: replay {i}'s {what} differs from eager call {i}"
+    assert not torch.equal(replays[0][0], replays[1][0]), "the replays drew the same seeds"

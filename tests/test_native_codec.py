@@ -277,7 +277,7 @@ def test_c_dequantize_errors_and_empty():
     assert lib.resbm_cpu_unpack_dequantize(None, buf, 1, 8, 8, 8, 3, 1, buf) != 0
     assert "null pointer codes" in lib.resbm_last_error().decode()
     assert lib.resbm_cpu_unpack_dequantize(None, None, 0, 8, 8, 8, 3, 1, None) == 0  # n = 0: nothing to do
-    assert lib.resbm_abi_version() == native.ABI_VERSION == 6
+    assert lib.resbm_abi_version() == native.ABI_VERSION == 7
 
 
 def test_missing_library_fails_lazily(monkeypatch, tmp_path):

@@ -182,6 +182,7 @@ def test_meta_device_init_then_reset_parameters(mlp_hidden):
     deferred.to_empty(device="cpu")
     for p in deferred.parameters():
         torch.nn.init.constant_(p, float("nan"))  # what to_empty may leave
+    deferred._calls.fill_(12345)
     torch.manual_seed(3)
     for m in deferred.modules():
         if hasattr(m, "reset_parameters"):
@@ -190,14 +191,17 @@ def test_meta_device_init_then_reset_parameters(mlp_hidden):
     for name, p in deferred.named_parameters():
         assert torch.equal(p, want[name]), name
     x = randn(3, D, seed=4)
-    assert torch.equal(deferred(x), direct(x))  # (the call counter stayed on the CPU)
+    assert torch.equal(deferred(x), direct(x))  # (and the call counter: reset to 0)
 
 
-def test_call_counter_stays_on_the_cpu_and_is_copied():
-    b = ResBMBoundary(D, K, codec=INT8).to(torch.float64)
+def test_call_counter_moves_with_the_module_and_is_copied():
+    b = ResBMBoundary(D, K, codec=INT8).to(torch.float64)  # (an int64 buffer: dtype casts leave it)
     b(randn(2, D, seed=1).double())
     twin = copy.deepcopy(b)
     twin(randn(2, D, seed=1).double())
-    assert (b.calls, twin.calls) == (1, 2) and twin._calls.device.type == "cpu"
+    assert (b.calls, twin.calls) == (1, 2) and twin._calls.dtype == torch.int64
+    state = b.state_dict()  # (the count: extra state, not the buffer)
+    assert "_calls" not in state and state["_extra_state"] == {"calls": 1}
+    assert b.to("meta")._calls.is_meta and ResBMBoundary(D, K, device="meta")._calls.is_meta
     with pytest.raises(ValueError, match="calls=-1 must be at least 0"):
         b.calls = -1

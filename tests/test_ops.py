@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import CUDA_KERNELS_DEVICE, check_boundary_under_autocast, emulate_cuda_without_gpu, needs_cuda_kernels
+from helpers import check_seed_offset_is_read_on_the_device
 from helpers import randn, tolerance
 from resbm_kernels import ops
 from resbm_kernels.backends import reference, use_backend
@@ -444,6 +445,10 @@ def test_seed_offset_adds_to_both_seeds():
     assert torch.equal(y, y2) and torch.equal(z.grad, z2.grad)
 
 
+def test_seed_offset_is_read_on_the_device_by_the_reference(monkeypatch):
+    check_seed_offset_is_read_on_the_device("reference", "cpu", monkeypatch)
+
+
 _NOT_ONE_CPU_INTEGER = "seed_offset: needs one integer on the CPU, got a "
 
 
@@ -558,10 +563,10 @@ def test_out_buffers_change_version(monkeypatch):
     also from a backend whose kernels write through data pointers (a stand-in
     here that writes nothing, so only the op can move the version on)."""
     class Untouched:
-        def encode_forward(self, *args, out=None, row_stats=None):
+        def encode_forward(self, *args, out=None, row_stats=None, seed_offset=None):
             return out
 
-        def decode_backward(self, grad_h, payload, w_d, *args, out=None):
+        def decode_backward(self, grad_h, payload, w_d, *args, out=None, seed_offset=None):
             return out, torch.zeros_like(w_d)
 
     monkeypatch.setattr(ops, "select", lambda device, case: Untouched())

@@ -66,10 +66,11 @@ def project(what, k, bits, *, encoder, norm=False, stats=False, stochastic=False
     unit, strided = ("stride_wd", "stride_wk") if encoder else ("stride_wk", "stride_wd")
     return dict(kernel="project_quantize", what=what, k=k, act=act,
                 ptrs=dict(a_ptr="A", w_ptr="A", payload_ptr="U", zpayload_ptr="U", z_ptr="Z", stats_ptr="F",
-                          part_ptr="F", wgrad_ptr="F"),
+                          part_ptr="F", wgrad_ptr="F", seed_offset_ptr="L"),
                 ones=[unit], div16=["d", "k", "stride_a", strided, "scales_at", "zscales_at", "chunk_rows"],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=group or k, SCALE_KIND=2,
-                                STOCHASTIC=stochastic, ZBITS=0 if encoder or fused else 8, ZGROUP=k, ZSCALE_KIND=2,
+                                STOCHASTIC=stochastic, SEED_OFFSET=stochastic, ZBITS=0 if encoder or fused else 8,
+                                ZGROUP=k, ZSCALE_KIND=2,
                                 WRITE_STATS=stats, SPLIT_D=split_d, FUSED_WGRAD=fused))
 
 
@@ -175,10 +176,11 @@ def finish(what, k, bits, *, norm=False, stats=False, zbits=0):
     """A finish_rows_kernel case (after a d-split project_quantize launch; no GEMM,
     one fixed launch config): checked for spills only."""
     return dict(kernel="finish_rows", what=what, k=k, act="bf16",
-                ptrs=dict(a_ptr="A", part_ptr="F", payload_ptr="U", zpayload_ptr="U", z_ptr="Z", stats_ptr="F"),
+                ptrs=dict(a_ptr="A", part_ptr="F", payload_ptr="U", zpayload_ptr="U", z_ptr="Z", stats_ptr="F",
+                          seed_offset_ptr="L"),
                 ones=[], div16=["d", "k", "stride_a", "scales_at", "zscales_at"],
                 constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=k, SCALE_KIND=2, STOCHASTIC=False,
-                                ZBITS=zbits, ZGROUP=k, ZSCALE_KIND=2, WRITE_STATS=stats))
+                                SEED_OFFSET=False, ZBITS=zbits, ZGROUP=k, ZSCALE_KIND=2, WRITE_STATS=stats))
 
 
 def finish_wgrad(what, k, *, norm):
@@ -214,7 +216,7 @@ def _compile(fn, case, constexprs, cfg, arch):
     from helpers import nvdisasm_command, sass_tool
 
     act = "*" + case["act"]
-    types = dict(A=act, F="*fp32", U="*u8", Z="*bf16" if case["act"] == "bf16" else "*fp32")
+    types = dict(A=act, F="*fp32", U="*u8", Z="*bf16" if case["act"] == "bf16" else "*fp32", L="*i64")
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:

@@ -191,10 +191,10 @@ int resbm_cuda_projection_splits(int dtype, int64_t n, int64_t d, int64_t k, int
 
 int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                               const void* w_e, const void* norm_weight, float eps, int bits,
-                              int group, int scale_dtype, int stochastic, uint32_t key,
-                              uint8_t* codes, void* scales, const int32_t* header,
-                              float* row_stats, float* partial, int splits, void* workspace,
-                              void* stream) {
+                              int group, int scale_dtype, int stochastic, uint64_t seed,
+                              const int64_t* seed_offset, uint8_t* codes, void* scales,
+                              const int32_t* header, float* row_stats, float* partial,
+                              int splits, void* workspace, void* stream) {
   const char* fn = "resbm_cuda_encode_forward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -205,6 +205,7 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   RESBM_TRY(check_ptr(fn, "w_e", w_e, dtype_bytes(dtype), true));
   RESBM_TRY(check_ptr(fn, "norm_weight", norm_weight, dtype_bytes(dtype), false));
   RESBM_TRY(check_ptr(fn, "row_stats", row_stats, sizeof(float), false));
+  RESBM_TRY(check_ptr(fn, "seed_offset", seed_offset, alignof(int64_t), false));
   RESBM_TRY(check_splits(fn, splits));
   RESBM_TRY(check_ptr(fn, "partial", partial, sizeof(float), splits > 1));  // (splits, n, k + 1) fp32
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
@@ -216,16 +217,17 @@ int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, in
   const PrepArgs prep{w_e, /*s_r=*/d, /*s_c=*/1, norm_weight, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
   const PQArgs p = with_header({x, prep.hi, prep.lo, norm, n, d, k, eps, bits, group, scale_dtype,
-                                stochastic, key, codes, scales, row_stats, partial, splits, 0, {}},
+                                stochastic, seed, seed_offset, codes, scales, row_stats, partial,
+                                splits, 0, {}},
                                header);
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }
 
 int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t d, int64_t k,
                                const void* w_d, int bits, int group, int scale_dtype,
-                               int stochastic, uint32_t key, uint8_t* codes, void* scales,
-                               const int32_t* header, float* partial, int splits,
-                               void* workspace, void* stream) {
+                               int stochastic, uint64_t seed, const int64_t* seed_offset,
+                               uint8_t* codes, void* scales, const int32_t* header,
+                               float* partial, int splits, void* workspace, void* stream) {
   const char* fn = "resbm_cuda_decode_backward";
   RESBM_TRY(check_dims(fn, n, d, k));
   RESBM_TRY(check_dtype(fn, "dtype", dtype));
@@ -234,6 +236,7 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   if (n == 0) return RESBM_OK;
   RESBM_TRY(check_ptr(fn, "grad_h", grad_h, 16, true));
   RESBM_TRY(check_ptr(fn, "w_d", w_d, dtype_bytes(dtype), true));
+  RESBM_TRY(check_ptr(fn, "seed_offset", seed_offset, alignof(int64_t), false));
   RESBM_TRY(check_splits(fn, splits));
   RESBM_TRY(check_ptr(fn, "partial", partial, sizeof(float), splits > 1));  // (splits, n, k + 1) fp32
   RESBM_TRY(check_ptr(fn, "workspace", workspace, 16, true));
@@ -242,7 +245,8 @@ int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t
   const PrepArgs prep{w_d, /*s_r=*/1, /*s_c=*/k, nullptr, kpad_of(k), d, k, d,
                       ws.proj(workspace, 0), ws.proj(workspace, 1)};
   const PQArgs p = with_header({grad_h, prep.hi, prep.lo, 0, n, d, k, 0.0f, bits, group, scale_dtype,
-                                stochastic, key, codes, scales, nullptr, partial, splits, 0, {}},
+                                stochastic, seed, seed_offset, codes, scales, nullptr, partial,
+                                splits, 0, {}},
                                header);
   RESBM_DISPATCH(launch_pq, dtype, k, fn, p, prep, static_cast<cudaStream_t>(stream));
 }

@@ -17,7 +17,8 @@ struct PQArgs {
   int64_t n, d, k;
   float eps;
   int bits, group, scale_dtype, stochastic;
-  uint32_t key;
+  uint64_t seed;               // stochastic rounding: key rng_key(seed + *seed_offset)
+  const int64_t* seed_offset;  // device memory (read here, so a CUDA graph's replay draws anew), or null
   uint8_t* codes;
   void* scales;
   float* stats;  // (n, k+1) RMSNorm row statistics [r * acc | r], or null (needs norm)
@@ -74,8 +75,9 @@ __device__ void finish_rows(const PQArgs& p, float* zs, float* row_sq, int64_t r
         zs[r * C::ZLD + c] = z;
       });
   __syncthreads();
+  const uint32_t key = p.stochastic ? rng_key(p.seed + uint64_t(p.seed_offset ? *p.seed_offset : 0)) : 0u;
   quantize_rows<THREADS / 32>(zs, C::ZLD, BN, row0, p.n, p.k, p.bits, p.group, p.scale_dtype, p.stochastic,
-                              p.key, p.codes, p.scales);
+                              key, p.codes, p.scales);
   if (p.write_header && row0 == 0) store_header(p.header, p.codes, p.n * p.k * p.bits / 8);
 }
 

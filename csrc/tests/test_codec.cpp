@@ -1,6 +1,6 @@
 // Known-vector tests of the shared codec math (resbm/codec.h) on the host.
 // Expected values are derived by hand from IEEE-754 rounding rules; the hash
-// values were computed independently with resbm_kernels.codec.hash32.
+// values were computed independently with resbm_kernels.codec.hash32 and rng_key.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -71,6 +71,13 @@ static void test_hash_and_uniform() {
   CHECK_EQ(hash32(12345u), 0x912EFCF7u);
   CHECK_EQ(hash32(0xDEADBEEFu), 0xE628C683u);
   CHECK_EQ(hash32(0xFFFFFFFFu), 0x6768824Au);
+  CHECK_EQ(rng_key(0u), 0u);
+  CHECK_EQ(rng_key(1u), 0x688990C0u);  // hash32(1 ^ hash32(0))
+  CHECK_EQ(rng_key(2000006u), 0xCCEC640Fu);
+  CHECK_EQ(rng_key(uint64_t(1) << 32), 0x58F54975u);  // the high word mixed in
+  CHECK_EQ(rng_key(uint64_t(1) << 63), 0x88D91857u);
+  CHECK_EQ(rng_key(~uint64_t(0)), 0x9945545Du);
+  CHECK_EQ(rng_key(~uint64_t(1)), 0x53C77DBDu);  // seed -2 (a negative offset wraps)
   CHECK_EQ(uniform(0u, 0u), 0.0f);
   CHECK_EQ(uniform(0u, 1u), float(0x688990) / 16777216.0f);  // idx ^ key = 1
   CHECK_EQ(uniform(3u, 1u), float(0xD11321) / 16777216.0f);  // idx ^ key = 2

@@ -69,7 +69,7 @@ import torch
 
 from .. import checks, native
 from . import fast
-from ..codec import HEADER_BYTES, Codec, header_words, payload_layout, rng_key
+from ..codec import HEADER_BYTES, Codec, header_words, payload_layout
 
 FP16_SPLIT_PASSES = ("decode_forward", "decode_backward", "encode_backward")
 
@@ -144,6 +144,13 @@ def _codec_layout(codec: Codec, n: int, k: int):
     if not codec.quantized:
         return 0, 16, 0, 0
     return payload_layout(codec, n, k).scales_at, codec.bits, codec.group(k), native.DTYPE_CODES[codec.scale_dtype]
+
+
+def _seed_args(seed: int, seed_offset):
+    """The kernels' (seed, seed_offset pointer): they key stochastic rounding on
+    codec.rng_key(seed + offset), reading the offset (an int64 on the inputs'
+    device, or None for 0) on the device."""
+    return seed & 0xFFFFFFFFFFFFFFFF, native.ptr(seed_offset)
 
 
 _SWITCHES = ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH", "RESBM_CUDA_STAGE_X")
@@ -243,7 +250,7 @@ def _weight_grad(a, payload, codec: Codec, rscale, k: int, transpose: bool, w, n
 # ---- the four passes (reference signatures) --------------------------------------------
 
 
-def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None):
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None, seed_offset=None):
     k, d = w_e.shape
     _check("encode_forward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
     n = x.shape[0]
@@ -255,8 +262,8 @@ def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, 
     ws = _workspace("encode_forward", x.dtype, d, k, gamma is not None, x.device)
     partial, splits = _projection_partial(x, k)
     _call("resbm_cuda_encode_forward", x.device, x.data_ptr(), native.DTYPE_CODES[x.dtype], n, d, k, w_e.data_ptr(),
-          native.ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), rng_key(seed), codes, scales, header,
-          native.ptr(row_stats), native.ptr(partial), splits, native.ptr(ws))
+          native.ptr(gamma), float(eps), bits, group, sdt, int(codec.stochastic), *_seed_args(seed, seed_offset), codes,
+          scales, header, native.ptr(row_stats), native.ptr(partial), splits, native.ptr(ws))
     return payload
 
 
@@ -276,7 +283,7 @@ def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
     return out
 
 
-def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None):
+def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None, seed_offset=None):
     d, k = w_d.shape
     _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
     codec.group(k)
@@ -289,8 +296,8 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
         ws = _workspace("decode_backward", grad_h.dtype, d, k, False, grad_h.device)
         partial, splits = _projection_partial(grad_h, k)
         _call("resbm_cuda_decode_backward", grad_h.device, grad_h.data_ptr(), native.DTYPE_CODES[grad_h.dtype], n, d, k,
-              w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), rng_key(seed), codes, scales, header,
-              native.ptr(partial), splits, native.ptr(ws))
+              w.data_ptr(), bits, group, sdt, int(grad_codec.stochastic), *_seed_args(seed, seed_offset), codes, scales,
+              header, native.ptr(partial), splits, native.ptr(ws))
     grad_w_d, _ = _weight_grad(grad_h, payload, codec, None, k, transpose=True, w=w_d)
     return grad_payload, grad_w_d
 

@@ -29,14 +29,32 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(n: int, k: int, seed: int, device) -> torch.Tensor:
-    """The counter-based uniforms in [0, 1) used by stochastic rounding."""
+def offset_seed(seed: int, seed_offset: torch.Tensor | None) -> int | torch.Tensor:
+    """``seed`` plus ``seed_offset`` (a one-element int64 tensor, or None): an
+    int64 tensor on the offset's device (wrapping modulo 2**64, as the kernels'
+    sum), never read on the host."""
+    if seed_offset is None:
+        return seed
+    seed &= 0xFFFFFFFFFFFFFFFF
+    return seed_offset.reshape(()) + (seed - (1 << 64) if seed >= 1 << 63 else seed)
+
+
+def _rng_key(seed: int | torch.Tensor) -> int | torch.Tensor:
+    """codec.rng_key, also of a seed in an int64 tensor (:func:`offset_seed`)."""
+    if not isinstance(seed, torch.Tensor):
+        return rng_key(seed)
+    return _hash32((seed & 0xFFFFFFFF) ^ _hash32((seed >> 32) & 0xFFFFFFFF))
+
+
+def uniform(n: int, k: int, seed: int | torch.Tensor, device) -> torch.Tensor:
+    """The counter-based uniforms in [0, 1) used by stochastic rounding (``seed``
+    an int or, from :func:`offset_seed`, an int64 tensor)."""
     idx = torch.arange(n * k, dtype=torch.int64, device=device) & 0xFFFFFFFF
-    bits = _hash32(idx ^ rng_key(seed)) >> 8
+    bits = _hash32(idx ^ _rng_key(seed)) >> 8
     return (bits.to(torch.float32) * 2.0**-24).view(n, k)
 
 
-def quantize(z: torch.Tensor, codec: Codec, seed: int = 0):
+def quantize(z: torch.Tensor, codec: Codec, seed: int | torch.Tensor = 0):
     """z (N, k) float -> (codes int8 (N, k), scales (N, k/g) scale_dtype).
 
     scale = round_to_scale_dtype(absmax / qmax); q = clamp(round(z * (1/scale))).
@@ -95,7 +113,7 @@ def unpack(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return signed.view(n, k).to(torch.int8)
 
 
-def quantize_pack(z: torch.Tensor, codec: Codec, seed: int = 0):
+def quantize_pack(z: torch.Tensor, codec: Codec, seed: int | torch.Tensor = 0):
     """z (N, k) -> the contents of a payload's two regions: (packed codes
     uint8 (N, k*bits/8), scales) -- for bits=16 the bf16 bytes and no scales."""
     if codec.quantized:
@@ -122,7 +140,8 @@ def fill_payload(payload: torch.Tensor, codec: Codec, n: int, k: int, codes: tor
     return payload
 
 
-def write_payload(z: torch.Tensor, codec: Codec, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def write_payload(z: torch.Tensor, codec: Codec, seed: int | torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize + pack z (N, k) into a payload (header, codes, scales): ``out``
     if given, else a fresh one."""
     n, k = z.shape
@@ -194,13 +213,14 @@ def decode_project(zhat, w_d, residual, out_dtype):
     return h.to(out_dtype)
 
 
-def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None):
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None, seed_offset=None):
     """Payload of z; with a ``row_stats`` buffer (N, k+1) fp32 (RMSNorm only)
-    also fills it (see :func:`fill_row_stats`)."""
+    also fills it (see :func:`fill_row_stats`). Stochastic rounding keys on
+    seed + seed_offset (see :func:`offset_seed`)."""
     proj, r = _projection(x, w_e, norm_weight, eps)
     if row_stats is not None:
         fill_row_stats(row_stats, proj, r)
-    return write_payload(proj + x[:, : w_e.shape[0]].to(proj.dtype), codec, seed, out)
+    return write_payload(proj + x[:, : w_e.shape[0]].to(proj.dtype), codec, offset_seed(seed, seed_offset), out)
 
 
 def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
@@ -217,13 +237,14 @@ def decode_backward_dense(grad_h, zhat, w_d):
     return g_z, g.T @ zhat.to(ct)
 
 
-def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None):
-    """grad_h (N, d) -> (gradient payload of dL/dzhat, grad_W_d)."""
+def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None, seed_offset=None):
+    """grad_h (N, d) -> (gradient payload of dL/dzhat, grad_W_d); seeds as
+    :func:`encode_forward`'s."""
     n, k = grad_h.shape[0], w_d.shape[1]
     zhat = read_payload(payload, codec, n, k, compute_dtype(grad_h))
     g_z, grad_w_d = decode_backward_dense(grad_h, zhat, w_d)
     try:
-        grad_payload = write_payload(g_z, grad_codec, seed, out)
+        grad_payload = write_payload(g_z, grad_codec, offset_seed(seed, seed_offset), out)
     except ValueError as e:  # (quantize's own message does not say that this is the gradient)
         raise ValueError(f"decode backward, the gradient dL/dzhat into the gradient codec {grad_codec.spec}: {e}") \
             from None

@@ -31,7 +31,7 @@ extern "C" {
 enum { RESBM_OK = 0, RESBM_ERR_ARG = 1, RESBM_ERR_NONFINITE = 2, RESBM_ERR_CUDA = 3 };
 
 /* returned by resbm_abi_version() of both libraries; raised on any signature change */
-#define RESBM_ABI_VERSION 6
+#define RESBM_ABI_VERSION 7
 
 RESBM_API int resbm_abi_version(void);
 RESBM_API const char* resbm_last_error(void);
@@ -65,7 +65,10 @@ RESBM_API int resbm_cuda_unpack_dequantize(const uint8_t* codes, const void* sca
  * aligned in decode forward, whose 16-bit rows stream as they are); norm_weight is
  * (d,) or NULL (no RMSNorm). `dtype` is that of x / grad_h and of the weights
  * and norm weight. The payload arguments (codes, scales, bits, group,
- * scale_dtype, stochastic, key) are those of resbm_cuda_quantize_pack. d and
+ * scale_dtype, stochastic) are those of resbm_cuda_quantize_pack; instead of its
+ * key, the kernels take `seed` and `seed_offset` (device memory, one int64, or
+ * NULL for 0) and round with key codec.rng_key(seed + *seed_offset), read on the
+ * device: a captured CUDA graph whose offset moves draws anew at each replay. d and
  * k must be multiples of 16, k <= 256 and k <= d. Errors: RESBM_ERR_ARG for
  * bad arguments (found before any CUDA call), RESBM_ERR_CUDA naming the
  * kernel when a launch fails; non-finite values are not reported.
@@ -103,7 +106,8 @@ RESBM_API int resbm_cuda_projection_splits(int dtype, int64_t n, int64_t d, int6
 RESBM_API int resbm_cuda_encode_forward(const void* x, int dtype, int64_t n, int64_t d, int64_t k,
                                         const void* w_e, const void* norm_weight, float eps,
                                         int bits, int group, int scale_dtype, int stochastic,
-                                        uint32_t key, uint8_t* codes, void* scales,
+                                        uint64_t seed, const int64_t* seed_offset,
+                                        uint8_t* codes, void* scales,
                                         const int32_t* header, float* row_stats, float* partial,
                                         int splits, void* workspace, void* stream);
 /* out (n, d) of out_dtype = zhat w_d^T + pad_d(zhat) (+ residual, of out_dtype, or NULL) */
@@ -115,8 +119,9 @@ RESBM_API int resbm_cuda_decode_forward(const uint8_t* codes, const void* scales
 /* gradient payload of g_z = grad_h w_d + grad_h[:, :k] (grad_w_d: resbm_cuda_weight_grad) */
 RESBM_API int resbm_cuda_decode_backward(const void* grad_h, int dtype, int64_t n, int64_t d,
                                          int64_t k, const void* w_d, int bits, int group,
-                                         int scale_dtype, int stochastic, uint32_t key,
-                                         uint8_t* codes, void* scales, const int32_t* header,
+                                         int scale_dtype, int stochastic, uint64_t seed,
+                                         const int64_t* seed_offset, uint8_t* codes,
+                                         void* scales, const int32_t* header,
                                          float* partial, int splits, void* workspace, void* stream);
 /* grad_x (n, d) of dtype from the gradient payload g_z: g_z w_e + pad_d(g_z), through the
  * RMSNorm backward when norm_weight is set (then x is read and, if rscale is not NULL,

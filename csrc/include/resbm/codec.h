@@ -154,6 +154,12 @@ RESBM_HD inline uint32_t hash32(uint32_t x) {
   return x;
 }
 
+// The stream's 32-bit key from a 64-bit seed, as codec.rng_key (the fused passes mix it in the
+// kernel: their seed offset may live in device memory).
+RESBM_HD inline uint32_t rng_key(uint64_t seed) {
+  return hash32(uint32_t(seed) ^ hash32(uint32_t(seed >> 32)));
+}
+
 // Uniform in [0, 1) for element idx = (row*k + col) mod 2^32; key = codec.rng_key(seed).
 RESBM_HD inline float uniform(uint32_t idx, uint32_t key) {
   return mul_rn(float(hash32(idx ^ key) >> 8), 5.9604644775390625e-8f);  // 2^-24, exact

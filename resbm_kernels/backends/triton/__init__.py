@@ -54,7 +54,7 @@ import os
 
 import torch
 
-from ...codec import Codec, header_words, payload_layout, rng_key
+from ...codec import Codec, header_words, payload_layout
 from ... import checks
 from .. import fast
 from . import configs
@@ -135,8 +135,10 @@ def _common(device) -> dict:
     return dict(UPCAST=cpu, PRECISION="ieee" if cpu else "tf32x3", enable_fp_fusion=False)
 
 
-def _signed32(key: int) -> int:
-    return key - (1 << 32) if key >= 1 << 31 else key
+def _seed_halves(seed: int) -> tuple[int, int]:
+    """The 64-bit seed (modulo 2**64) as the kernels take it: int32 (low, high)
+    halves, so that any seed launches the same compiled kernel."""
+    return tuple(h - (1 << 32) if h >= 1 << 31 else h for h in (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
 
 
 def _scales_at(codec: Codec, n: int, k: int) -> int:
@@ -196,9 +198,10 @@ def _quantize_launch(codec: Codec, n: int, k: int, has_norm: bool, write_stats: 
     return (k // codec.group(k), _scales_at(codec, n, k), *z_args), header_words(codec, n, k), flags
 
 
-def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: int, out, z=None, stats=None,
-                      wgrad=None):
-    """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d;
+def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, seed_offset, k: int, out, z=None,
+                      stats=None, wgrad=None):
+    """Payload of quantize(r * (a @ (gamma * W)^T) + a[:, :k]) for W viewed k x d,
+    stochastic rounding keyed on seed + seed_offset (an int64 on a's device, or None);
     ``z = (buffer, payload, codec)`` also dequantizes that payload into buffer;
     ``stats`` (with gamma) is filled with the RMSNorm row statistics;
     ``wgrad = (partials, chunk_rows, z)``: the same launch fills partials
@@ -215,7 +218,8 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
         w_strides = (w.stride(0), w.stride(1))
     part = fast.empty((splits, n, k + 1), torch.float32, a.device) if splits > 1 else a
     stats_arg, stats_stride = (stats, stats.stride(0)) if stats is not None else (a, 0)
-    key = _signed32(rng_key(seed))
+    has_offset = seed_offset is not None and codec.stochastic  # (else the kernel never reads it)
+    seed_args = (*_seed_halves(seed), seed_offset if has_offset else a)
     if wgrad is not None:
         wgrad_partials, chunk_rows, z_buffer = wgrad
     else:
@@ -223,15 +227,15 @@ def _project_quantize(a, w, w_strides, gamma, eps, codec: Codec, seed: int, k: i
     grid = _fused_grid(n, d, chunk_rows) if wgrad is not None else _rows_grid(n, splits)
     project_quantize_kernel[grid](
         a, w, payload, z_payload, z_buffer, stats_arg, part, wgrad_partials,
-        n, d, k, *quant_args, a.stride(0), *w_strides, stats_stride, eps, key, *header, chunk_rows,
-        SPLIT_D=splits > 1, FUSED_WGRAD=wgrad is not None, **flags, **_common(a.device),
+        n, d, k, *quant_args, a.stride(0), *w_strides, stats_stride, eps, *seed_args, *header, chunk_rows,
+        SPLIT_D=splits > 1, FUSED_WGRAD=wgrad is not None, SEED_OFFSET=has_offset, **flags, **_common(a.device),
     )
     if splits > 1:
         launch = finish_rows_launch(k, splits)
         finish_rows_kernel[(configs.cdiv(n, launch["BLOCK_N"]),)](
             a, part, payload, z_payload, z_buffer, stats_arg,
-            n, d, k, splits, *quant_args, a.stride(0), stats_stride, eps, key, *header,
-            **flags, **launch, enable_fp_fusion=False,
+            n, d, k, splits, *quant_args, a.stride(0), stats_stride, eps, *seed_args, *header,
+            SEED_OFFSET=has_offset, **flags, **launch, enable_fp_fusion=False,
         )
     return payload
 
@@ -371,11 +375,11 @@ def _grad_operand(grad_payload, codec: Codec, x, w_e, gamma, eps, stats):
 # ---- the four passes (reference signatures) --------------------------------------------
 
 
-def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None):
+def encode_forward(x, w_e, norm_weight, eps, codec: Codec, seed: int, out=None, row_stats=None, seed_offset=None):
     k, d = w_e.shape
     _check("encode_forward", d, k, x.dtype, w_e.dtype, norm_weight.dtype if norm_weight is not None else None)
-    return _project_quantize(x, w_e, (w_e.stride(0), w_e.stride(1)), norm_weight, eps, codec, seed, k, out,
-                             stats=row_stats)
+    return _project_quantize(x, w_e, (w_e.stride(0), w_e.stride(1)), norm_weight, eps, codec, seed, seed_offset, k,
+                             out, stats=row_stats)
 
 
 def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
@@ -385,7 +389,7 @@ def decode_forward(payload, w_d, residual, codec: Codec, n: int, out_dtype):
     return _dequant_project(payload, codec, n, d, k, w_d, (w_d.stride(1), w_d.stride(0)), out_dtype, residual=residual)
 
 
-def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None):
+def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed: int, out=None, seed_offset=None):
     d, k = w_d.shape
     _check("decode_backward", d, k, grad_h.dtype, w_d.dtype)
     _group_reshape(codec, k)
@@ -398,8 +402,8 @@ def decode_backward(grad_h, payload, w_d, codec: Codec, grad_codec: Codec, seed:
     else:  # the main kernel writes Z
         z = _weight_operand(n, k, grad_h.dtype, grad_h.device)
         operand = dict(z=(z, payload, codec))
-    grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed, k,
-                                     out, **operand)
+    grad_payload = _project_quantize(grad_h, w_d, (w_d.stride(1), w_d.stride(0)), None, 0.0, grad_codec, seed,
+                                     seed_offset, k, out, **operand)
     if not chunk_rows:
         partial = _weight_grad(grad_h, z, transpose=True)
     grad_w_d, _ = _finish_weight_grad(partial, True, w_d.dtype)

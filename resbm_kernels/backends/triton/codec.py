@@ -71,6 +71,17 @@ def hash32(x):
 
 
 @triton.jit
+def rng_key(seed_lo, seed_hi, seed_offset_ptr, SEED_OFFSET: tl.constexpr):
+    """codec.rng_key of the 64-bit seed with int32 halves seed_hi, seed_lo, plus
+    with SEED_OFFSET the int64 at seed_offset_ptr (read in the kernel, so a CUDA
+    graph's replay sees the offset's current value), wrapping modulo 2**64."""
+    seed = (seed_hi.to(tl.int64) << 32) | seed_lo.to(tl.uint32).to(tl.int64)
+    if SEED_OFFSET:
+        seed += tl.load(seed_offset_ptr)
+    return hash32(seed.to(tl.uint32) ^ hash32((seed >> 32).to(tl.uint32)))
+
+
+@triton.jit
 def stochastic_uniform(rows, cols, k, key):
     """u in [0, 1) for elements (rows, cols): (hash32((row*k+col) ^ key) >> 8) * 2**-24."""
     idx = rows.to(tl.uint32)[:, None] * k.to(tl.uint32) + cols.to(tl.uint32)[None, :]

@@ -20,7 +20,7 @@ backward needs (see :mod:`.grad_operand`), so that pass need not re-read x.
 import triton
 import triton.language as tl
 
-from .codec import load_payload, payload_pointers, store_header, store_payload
+from .codec import load_payload, payload_pointers, rng_key, store_header, store_payload
 from .configs import LoopConstants, autotune_project_quantize
 from .tiles import d_range, inv_rms, load_rows, project_rows, store_operand, store_row_stats, sum_splits
 from .weight_grad import fused_row_block
@@ -28,16 +28,17 @@ from .weight_grad import fused_row_block
 
 @autotune_project_quantize
 @LoopConstants
-# n (also the header's word hdr2) and the RNG key change from call to call: specialised (to a
+# n (also the header's word hdr2) and the seed change from call to call: specialised (to a
 # constant when 1, as aligned when divisible by 16) they would compile new variants mid-training
-@triton.jit(do_not_specialize=["n", "key", "hdr2"])
+@triton.jit(do_not_specialize=["n", "seed_lo", "seed_hi", "hdr2"])
 def project_quantize_kernel(
     a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, wgrad_ptr,
-    n, d, k, n_groups, scales_at, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
+    n, d, k, n_groups, scales_at, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps,
+    seed_lo, seed_hi, seed_offset_ptr,
     hdr0, hdr1, hdr2, hdr3, chunk_rows,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
-    ZSCALE_KIND: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, SEED_OFFSET: tl.constexpr, ZBITS: tl.constexpr,
+    ZGROUP: tl.constexpr, ZSCALE_KIND: tl.constexpr,
     WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr, FUSED_WGRAD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -66,19 +67,20 @@ def project_quantize_kernel(
     if work:
         project_block(a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, block,
                       n, d, k, n_groups, scales_at, zscales_at, stride_a, stride_wk, stride_wd,
-                      stride_stats, eps, key, hdr0, hdr1, hdr2, hdr3,
-                      HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, ZBITS, ZGROUP, ZSCALE_KIND,
+                      stride_stats, eps, seed_lo, seed_hi, seed_offset_ptr, hdr0, hdr1, hdr2, hdr3,
+                      HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, SEED_OFFSET, ZBITS, ZGROUP, ZSCALE_KIND,
                       WRITE_STATS, EVEN_D, SPLIT_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
 def project_block(
     a_ptr, w_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr, part_ptr, block,
-    n, d, k, n_groups, scales_at, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps, key,
+    n, d, k, n_groups, scales_at, zscales_at, stride_a, stride_wk, stride_wd, stride_stats, eps,
+    seed_lo, seed_hi, seed_offset_ptr,
     hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
-    ZSCALE_KIND: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, SEED_OFFSET: tl.constexpr, ZBITS: tl.constexpr,
+    ZGROUP: tl.constexpr, ZSCALE_KIND: tl.constexpr,
     WRITE_STATS: tl.constexpr, EVEN_D: tl.constexpr, SPLIT_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -100,18 +102,18 @@ def project_block(
         acc, sumsq = project_rows(a_ptr, stride_a, w_ptr, stride_wk, stride_wd, rows, n, d, k, 0, d,
                                   HAS_NORM, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_K, BLOCK_D)
         quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr,
-                      n, d, k, n_groups, stride_stats, eps, key,
-                      HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)
+                      n, d, k, n_groups, stride_stats, eps, seed_lo, seed_hi, seed_offset_ptr,
+                      HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, SEED_OFFSET, WRITE_STATS, BLOCK_N, BLOCK_K)
 
 
-@triton.jit(do_not_specialize=["n", "key", "hdr2"])
+@triton.jit(do_not_specialize=["n", "seed_lo", "seed_hi", "hdr2"])
 def finish_rows_kernel(
     a_ptr, part_ptr, payload_ptr, zpayload_ptr, z_ptr, stats_ptr,
-    n, d, k, splits, n_groups, scales_at, zscales_at, stride_a, stride_stats, eps, key,
+    n, d, k, splits, n_groups, scales_at, zscales_at, stride_a, stride_stats, eps, seed_lo, seed_hi, seed_offset_ptr,
     hdr0, hdr1, hdr2, hdr3,
     HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, ZBITS: tl.constexpr, ZGROUP: tl.constexpr,
-    ZSCALE_KIND: tl.constexpr,
+    SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, SEED_OFFSET: tl.constexpr, ZBITS: tl.constexpr,
+    ZGROUP: tl.constexpr, ZSCALE_KIND: tl.constexpr,
     WRITE_STATS: tl.constexpr, AT_ONCE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The rest of project_quantize_kernel after a SPLIT_D launch: the sum of
@@ -131,18 +133,20 @@ def finish_rows_kernel(
     # (loaded after the sums: held through them, the tile spilled at k=256 on sm_80)
     ident = load_rows(a_ptr, stride_a, rows, kcols, n, k, False, "")
     quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr,
-                  n, d, k, n_groups, stride_stats, eps, key,
-                  HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, WRITE_STATS, BLOCK_N, BLOCK_K)
+                  n, d, k, n_groups, stride_stats, eps, seed_lo, seed_hi, seed_offset_ptr,
+                  HAS_NORM, BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, SEED_OFFSET, WRITE_STATS, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr, n, d, k, n_groups, stride_stats, eps, key,
+def quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr, n, d, k, n_groups, stride_stats, eps,
+                  seed_lo, seed_hi, seed_offset_ptr,
                   HAS_NORM: tl.constexpr, BITS: tl.constexpr, GROUP_RESHAPE: tl.constexpr,
-                  SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, WRITE_STATS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  SCALE_KIND: tl.constexpr, STOCHASTIC: tl.constexpr, SEED_OFFSET: tl.constexpr,
+                  WRITE_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """From the rows' projection A @ W^T, sums of squares and identity tile
     A[:, :k]: the payload rows and, with the norm, the row statistics (see
-    project_quantize_kernel)."""
+    project_quantize_kernel). Stochastic rounding keys on the seed (seed_hi,
+    seed_lo), plus with SEED_OFFSET the int64 at seed_offset_ptr (codec.rng_key)."""
     kcols = tl.arange(0, BLOCK_K)
     if HAS_NORM:
         r = inv_rms(sumsq, d, eps)
@@ -151,6 +155,7 @@ def quantize_rows(acc, sumsq, ident, rows, payload_ptr, scales_at, stats_ptr, n,
             store_row_stats(stats_ptr, stride_stats, rows, kcols, n, k, acc, r)
     z = acc + ident.to(tl.float32)
     codes_ptr, scales_ptr = payload_pointers(payload_ptr, scales_at, BITS, SCALE_KIND)
+    key = rng_key(seed_lo, seed_hi, seed_offset_ptr, SEED_OFFSET) if STOCHASTIC else 0
     store_payload(z, rows, n, k, n_groups, codes_ptr, scales_ptr, key,
                   BITS, GROUP_RESHAPE, SCALE_KIND, STOCHASTIC, BLOCK_N, BLOCK_K)
 
