@@ -9,9 +9,12 @@ with PyTorch and sends it through :func:`~resbm_kernels.ops.wire_roundtrip`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import checks, ops
@@ -142,6 +145,9 @@ class ResBMDecoder(nn.Module):
         return f"d={self.d}, k={self.k}, {kind}"
 
 
+_call_seeded: weakref.WeakSet = weakref.WeakSet()  # every CallSeeded module alive (activation_checkpoint)
+
+
 class CallSeeded(nn.Module):
     """A module that draws its stochastic-rounding seeds from ``seed`` and a
     count of its calls, so that a run is reproducible; the count is part of
@@ -162,6 +168,11 @@ class CallSeeded(nn.Module):
         checks.integer("seed", seed)
         self.seed = seed
         self.register_buffer("_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        _call_seeded.add(self)
+
+    def __setstate__(self, state) -> None:  # (copy.deepcopy and unpickling do not call __init__)
+        super().__setstate__(state)
+        _call_seeded.add(self)
 
     def reset_parameters(self) -> None:
         """Zero the call count: this module's own state (after ``to_empty``,
@@ -192,6 +203,49 @@ class CallSeeded(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         self.calls = int(state["calls"])
+
+
+def activation_checkpoint(function, *args, **kwargs):
+    """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+    **kwargs)`` whose recomputation also replays the call counters of the
+    :class:`CallSeeded` modules (ResBMBoundary): the recomputed forward draws
+    the stochastic-rounding seeds of the original one and leaves the counters
+    as it found them. (torch's checkpoint restores torch's RNG state, not these
+    counters: its recomputation counts as a call and draws the next seeds, so
+    with a stochastic forward codec the gradient is taken through another
+    payload than the forward's.) The counters are copied on their devices;
+    nothing waits for a GPU."""
+    if "context_fn" in kwargs or kwargs.get("use_reentrant", False):
+        raise ValueError("activation_checkpoint is non-reentrant and supplies its own context_fn (the call "
+                         "counters' replay); for use_reentrant=True or another context_fn use torch.utils.checkpoint")
+    kwargs.pop("use_reentrant", None)
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, context_fn=_replay_call_counts,
+                                             **kwargs)
+
+
+def _replay_call_counts():
+    """(forward context, recomputation context) for torch's checkpoint: the
+    first notes every CallSeeded module's count, the second sets them back to
+    those counts for the recomputation and restores the current ones after it."""
+    at_forward = {}
+
+    @contextlib.contextmanager
+    def forward():
+        at_forward.update((m, m._calls.clone()) for m in list(_call_seeded))
+        yield
+
+    @contextlib.contextmanager
+    def recompute():
+        now = {m: m._calls.clone() for m in at_forward}
+        for m, count in at_forward.items():
+            m._calls.copy_(count)
+        try:
+            yield
+        finally:
+            for m, count in now.items():
+                m._calls.copy_(count)
+
+    return forward(), recompute()
 
 
 class ResBMBoundary(CallSeeded):

@@ -1,5 +1,6 @@
 """The nn modules: encoder, decoder, single-process boundary."""
 
+import contextlib
 import copy
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 
 from helpers import randn
 from resbm_kernels import BF16, GRAD_INT8, INT4, INT8, Codec, ResBMBoundary, ResBMDecoder, ResBMEncoder, ops
+from resbm_kernels.nn import activation_checkpoint
 
 D, K = 64, 16
 
@@ -205,3 +207,40 @@ def test_call_counter_moves_with_the_module_and_is_copied():
     assert b.to("meta")._calls.is_meta and ResBMBoundary(D, K, device="meta")._calls.is_meta
     with pytest.raises(ValueError, match="calls=-1 must be at least 0"):
         b.calls = -1
+
+
+def _three_steps(model, x, forward) -> tuple[list, list, int]:
+    """(outputs, parameter gradients, boundary calls) of three forward and
+    backward steps from call 0, the forward run by ``forward(model, x)``."""
+    model[1].calls = 0
+    model.zero_grad()
+    outputs = []
+    for _ in range(3):
+        y = forward(model, x)
+        y.square().sum().backward()
+        outputs.append(y.detach())
+    return outputs, [p.grad.clone() for p in model.parameters()], model[1].calls
+
+
+def test_activation_checkpoint_recomputes_with_the_forward_seeds():
+    """Under activation_checkpoint a stochastic boundary's recomputed forward
+    draws the seeds of the original one: outputs and gradients equal the
+    uncheckpointed run's bit for bit, and the counter counts each call once.
+    torch's checkpoint alone recomputes with the next seeds (so the calls
+    double and the gradients differ). The checkpointed model is a deep copy
+    (copies are replayed too)."""
+    torch.manual_seed(0)
+    stochastic = Codec(bits=4, group_size=8, rounding="stochastic")
+    model = torch.nn.Sequential(torch.nn.Linear(32, D), ResBMBoundary(D, K, codec=stochastic),
+                                torch.nn.Linear(D, 8))
+    x = randn(4, 32, seed=1)
+    plain = _three_steps(model, x, lambda m, x: m(x))
+    ours = _three_steps(copy.deepcopy(model), x, activation_checkpoint)
+    theirs = _three_steps(model, x, lambda m, x: torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False))
+    assert plain[2] == ours[2] == 3 and theirs[2] == 6
+    for got, want in zip(ours[0] + ours[1], plain[0] + plain[1]):
+        assert torch.equal(got, want)
+    assert not all(torch.equal(a, b) for a, b in zip(theirs[1], plain[1]))
+    for bad in (dict(use_reentrant=True), dict(context_fn=contextlib.nullcontext)):
+        with pytest.raises(ValueError, match="activation_checkpoint is non-reentrant and supplies its own"):
+            activation_checkpoint(model, x, **bad)
