@@ -605,7 +605,8 @@ def check_passes_replay_in_a_cuda_graph(backend: str) -> None:
 SEED_OFFSET_CASES = ((5, 2**33 + 7), (2**63 - 3, 5), (7, -9), (-(2**62), -(2**62) - 11))
 
 
-def _as_int64(value: int) -> int:
+def as_int64(value: int) -> int:
+    """``value`` modulo 2**64 as a signed 64-bit integer (a seed plus its offset)."""
     value %= 2**64
     return value - 2**64 if value >= 2**63 else value
 
@@ -637,7 +638,7 @@ def check_seed_offset_is_read_on_the_device(backend: str, device, monkeypatch) -
 
     with use_backend(backend):
         for seed, offset in SEED_OFFSET_CASES:
-            want = passes(_as_int64(seed + offset))
+            want = passes(as_int64(seed + offset))
             on_device = torch.tensor(offset, dtype=torch.int64, device=device)
             with monkeypatch.context() as m:
                 for name in ("item", "tolist", "__int__", "__index__"):

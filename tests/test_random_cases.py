@@ -6,8 +6,8 @@ Each example draws N (0, the block edges 1/63/64/65/127/128/129, or any up to
 300), k up to 256 (any multiple of 16, not only powers of two: the fixed
 Triton cases stop at k=48), d a multiple of k up to 512, a forward and a
 gradient codec (any bits, group, scale dtype and rounding the backend accepts), the activations' dtype, the decoder weight's and the output's
-dtype, RMSNorm, a residual, a row stride wider than d and ``out=`` buffers,
-then checks every pass as the fixed tests do: payloads of exact inputs byte for
+dtype, RMSNorm, a residual, a row stride wider than d, ``out=`` buffers and a
+seed offset (none, or any int64: the sum wraps modulo 2**64), then checks every pass as the fixed tests do: payloads of exact inputs byte for
 byte, the rest within the tolerances of the dtypes involved. Fresh outputs are
 poisoned. Without a GPU the Triton kernels run under the interpreter and the
 CUDA kernels on the emulator (both projections of the emulator's sm_90 path:
@@ -29,7 +29,7 @@ from resbm_kernels.backends import reference as ref
 from resbm_kernels.backends import use_backend
 from resbm_kernels.codec import HEADER_BYTES, Codec
 from helpers import CUDA_KERNELS_DEVICE, emulate_cuda_without_gpu, needs_cuda_kernels, to_device, use_projection
-from helpers import exact, normal, poison_fast_outputs, rel_err, rel_tol
+from helpers import as_int64, exact, normal, poison_fast_outputs, rel_err, rel_tol
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EXAMPLES = int(os.environ.get("RESBM_RANDOM_CASES", "0")) or None
@@ -76,6 +76,7 @@ def cases(draw, any_group: bool):
         dtype=draw(st.sampled_from(DTYPES)), w_d_dtype=draw(st.sampled_from(DTYPES)),
         out_dtype=draw(st.sampled_from(DTYPES)), norm=draw(st.booleans()), residual=draw(st.booleans()),
         row_pad=draw(st.sampled_from([0, 16, 48])), use_out=draw(st.booleans()), seed=draw(st.integers(0, 2**40)),
+        offset=draw(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1))),
     )
 
 
@@ -122,11 +123,19 @@ def check_case(c: dict, device, call) -> None:
     def out_buffer(code):
         return torch.full((code.payload_bytes(n, k),), 0xAB, dtype=torch.uint8) if c["use_out"] else None
 
+    def seeds(base: int) -> tuple[int, dict]:
+        """(the reference's int seed, the fast call's seed arguments): with an
+        offset, the fast backend adds it on the device (modulo 2**64)."""
+        if c["offset"] is None:
+            return base, {}
+        return as_int64(base + c["offset"]), dict(seed_offset=torch.tensor(c["offset"]))
+
     # encode forward, exact inputs: z is exact in any summation order, the payload identical
     x = exact(n, d, dtype=dtype, gen=gen)
     w_e = exact(k, d, dtype=dtype, scale=1 / 16, gen=gen)
-    want = ops.encode(x, w_e, codec, seed=seed)
-    got = call(ops.encode, _rows(x, pad, device), w_e, codec, seed=seed, out=out_buffer(codec))
+    ref_seed, offset = seeds(seed)
+    want = ops.encode(x, w_e, codec, seed=ref_seed)
+    got = call(ops.encode, _rows(x, pad, device), w_e, codec, seed=seed, out=out_buffer(codec), **offset)
     assert torch.equal(got, want), f"encode: {(got != want).sum().item()} payload bytes differ"
 
     # encode forward through RMSNorm (with its row statistics), random inputs
@@ -134,8 +143,8 @@ def check_case(c: dict, device, call) -> None:
     w_e = normal(k, d, dtype=dtype, scale=d**-0.5, gen=gen)
     gamma = normal(d, dtype=dtype, scale=0.2, gen=gen).add_(1.0) if c["norm"] else None
     extra = dict(return_row_stats=True) if c["norm"] else {}
-    want = ops.encode(x, w_e, codec, norm_weight=gamma, seed=seed, **extra)
-    got = call(ops.encode, _rows(x, pad, device), w_e, codec, norm_weight=gamma, seed=seed, **extra)
+    want = ops.encode(x, w_e, codec, norm_weight=gamma, seed=ref_seed, **extra)
+    got = call(ops.encode, _rows(x, pad, device), w_e, codec, norm_weight=gamma, seed=seed, **extra, **offset)
     stats = None
     if c["norm"]:
         (got, stats), (want, want_stats) = got, want
@@ -155,9 +164,10 @@ def check_case(c: dict, device, call) -> None:
     # decode backward, exact grad_h and w_d: the gradient payload identical
     grad_h = exact(n, d, dtype=dtype, gen=gen)
     w_d = exact(d, k, dtype=c["w_d_dtype"], scale=1 / 16, gen=gen)
-    want = ops.decode_backward(grad_h, payload, w_d, codec, grad_codec, grad_seed=seed + 1)
+    ref_seed, offset = seeds(seed + 1)
+    want = ops.decode_backward(grad_h, payload, w_d, codec, grad_codec, grad_seed=ref_seed)
     got = call(ops.decode_backward, _rows(grad_h, pad, device), payload, w_d, codec, grad_codec,
-               grad_seed=seed + 1, out=out_buffer(grad_codec))
+               grad_seed=seed + 1, out=out_buffer(grad_codec), **offset)
     assert torch.equal(got[0], want[0]), f"decode backward: {(got[0] != want[0]).sum().item()} payload bytes differ"
     _assert_close(got[1], want[1], 2 * max(rel_tol(dtype), rel_tol(c["w_d_dtype"])), "decode backward: grad w_d")
 
