@@ -87,19 +87,24 @@ def _(packed, bits, k):
 
 
 # ---- the four fused passes -------------------------------------------------------
-# Their ops are called through _run: the dispatcher of a Python custom op costs
-# more host time per call (~50 us on a 2-core EPYC, 2026-11-26) than some of
-# these kernels take on a GPU, so in plain eager calls, where the dispatcher would
-# do nothing but call the function, _run calls it itself.
+# Their ops (and the differentiable boundary and wire_roundtrip) are called through
+# _run: the dispatcher of a Python custom op costs more host time per call (~50 us
+# on a 2-core EPYC, 2026-11-26) than some of these kernels take on a GPU, so in
+# plain eager calls, where the dispatcher would do nothing but call the function,
+# _run calls it itself (a differentiable op's through an autograd.Function of the
+# same forward, setup and backward: torch's registered autograd also rebuilds the
+# schema's argument list for every argument of every call, 27 us for the boundary).
 
 _TENSOR = (Tensor, torch.nn.Parameter)
 # the argument types each annotation takes in a direct call (others go through the dispatcher's checks)
 _ACCEPTED = {Tensor: _TENSOR, Optional[Tensor]: (*_TENSOR, type(None)), float: (float, int), int: (int,),
-             bool: (bool,), str: (str,), torch.dtype: (torch.dtype,)}
-_functions: dict = {}  # pass op -> (its function, accepted types per argument, positions of the arguments it writes)
+             bool: (bool,), str: (str,), torch.dtype: (torch.dtype,),
+             Optional[torch.dtype]: (torch.dtype, type(None))}
+_functions: dict = {}  # op -> (its function, accepted types per argument, positions of the arguments it writes)
+_autograd_functions: dict = {}  # differentiable op -> the autograd.Function _run applies in eager calls
 
 
-def _pass_op(name: str, mutates_args=()):
+def _custom_op(name: str, mutates_args=()):
     """``torch.library.custom_op("resbm::<name>")``, remembering the function for :func:`_run`."""
     def register(fn):
         op = torch.library.custom_op(f"resbm::{name}", mutates_args=mutates_args)(fn)
@@ -111,20 +116,37 @@ def _pass_op(name: str, mutates_args=()):
     return register
 
 
-def _dispatch_needed(args, accepted) -> bool:
+def _register_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd``, and the same functions as the autograd.Function
+    :func:`_run` applies in plain eager calls (with ``ctx`` in its forward: a
+    separate setup_context would have torch bind the arguments with
+    inspect.signature at every call, ~45 us)."""
+    op.register_autograd(backward, setup_context=setup_context)
+    fn = _functions[op][0]
+
+    def forward(ctx, *args):
+        output = fn(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    _autograd_functions[op] = type(f"resbm{fn.__name__}", (torch.autograd.Function,),
+                                   dict(forward=staticmethod(forward), backward=staticmethod(backward)))
+
+
+def _dispatch_needed(args, accepted, differentiable: bool = False) -> bool:
     """Whether calling the op could do more than call its function: inside
     torch.compile, a dispatch or torch-function mode (FakeTensorMode, ...), a
     torch.func transform or the profiler (which records the op); for an
     argument of another type than its annotation's (a tensor subclass, or one
-    the schema rejects, with the dispatcher's message); or when autograd would
-    record (these ops have no derivative: their outputs' backward must raise,
-    as the op's does); for meta tensors (shapes only: the fake kernels); or
-    under autocast (the ops' rule keeps it off)."""
+    the schema rejects, with the dispatcher's message); when autograd would
+    record and the op is not ``differentiable`` (a pass has no derivative: its
+    outputs' backward must raise, as the op's does); for meta tensors (shapes
+    only: the fake kernels); or under autocast (the ops' rules)."""
     C = torch._C
     if (torch.compiler.is_compiling() or C._len_torch_dispatch_stack() or C._is_torch_function_mode_enabled()
             or C._are_functorch_transforms_active() or C._autograd._profiler_enabled() or C._is_any_autocast_enabled()):
         return True
-    grad = torch.is_grad_enabled()
+    grad = torch.is_grad_enabled() and not differentiable
     return any(type(a) not in ok or (isinstance(a, Tensor) and ((grad and a.requires_grad) or a.is_meta))
                for a, ok in zip(args, accepted))
 
@@ -132,11 +154,12 @@ def _dispatch_needed(args, accepted) -> bool:
 def _run(op, *args):
     """``op(*args)``, or in plain eager calls its function directly (same result,
     less host time; the version counters of the buffers it writes move on, as
-    the op's do)."""
+    the op's do), a differentiable op's through its autograd.Function."""
     fn, accepted, written = _functions[op]
-    if _dispatch_needed(args, accepted):
+    function = _autograd_functions.get(op)
+    if _dispatch_needed(args, accepted, differentiable=function is not None):
         return op(*args)
-    result = fn(*args)
+    result = function.apply(*args) if function is not None else fn(*args)
     for i in written:
         torch.autograd.graph.increment_version(args[i])
     return result
@@ -161,7 +184,7 @@ def _row_stats_buffer(x, w_e, norm_weight, wanted: bool, fake: bool = False) -> 
     return x.new_empty(shape, dtype=torch.float32) if fake else fast.empty(shape, torch.float32, x.device)
 
 
-@_pass_op("encode_forward")
+@_custom_op("encode_forward")
 def _encode_forward(
     x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int,
     row_stats: bool = False, seed_offset: Optional[Tensor] = None,
@@ -184,7 +207,7 @@ def _(x, w_e, norm_weight, eps, codec, seed, row_stats=False, seed_offset=None):
     return x.new_empty((c.payload_bytes(x.shape[0], w_e.shape[0]),), dtype=torch.uint8), _or_empty(stats, x)
 
 
-@_pass_op("decode_forward")
+@_custom_op("decode_forward")
 def _decode_forward(
     payload: Tensor, w_d: Tensor, residual: Optional[Tensor], codec: str, n: int, out_dtype: torch.dtype
 ) -> Tensor:
@@ -201,7 +224,7 @@ def _(payload, w_d, residual, codec, n, out_dtype):
     return w_d.new_empty((n, w_d.shape[0]), dtype=out_dtype)
 
 
-@_pass_op("decode_backward")
+@_custom_op("decode_backward")
 def _decode_backward(
     grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int,
     seed_offset: Optional[Tensor] = None,
@@ -222,7 +245,7 @@ def _(grad_h, payload, w_d, codec, grad_codec, grad_seed, seed_offset=None):
     return grad_h.new_empty((gc.payload_bytes(n, k),), dtype=torch.uint8), torch.empty_like(w_d)
 
 
-@_pass_op("encode_backward")
+@_custom_op("encode_backward")
 def _encode_backward(
     grad_payload: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, grad_codec: str,
     row_stats: Optional[Tensor] = None,  # a default: traced graphs drop a trailing None argument
@@ -247,7 +270,7 @@ def _(grad_payload, x, w_e, norm_weight, eps, grad_codec, row_stats=None):
 # (a pipeline reuses its send buffers every step instead of allocating new ones)
 
 
-@_pass_op("encode_forward_out", mutates_args=("out",))
+@_custom_op("encode_forward_out", mutates_args=("out",))
 def _encode_forward_out(
     out: Tensor, x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float, codec: str, seed: int,
     row_stats: bool = False, seed_offset: Optional[Tensor] = None,
@@ -272,7 +295,7 @@ def _(out, x, w_e, norm_weight, eps, codec, seed, row_stats=False, seed_offset=N
     return _or_empty(_row_stats_buffer(x, w_e, norm_weight, row_stats, fake=True), x)
 
 
-@_pass_op("decode_backward_out", mutates_args=("out",))
+@_custom_op("decode_backward_out", mutates_args=("out",))
 def _decode_backward_out(
     out: Tensor, grad_h: Tensor, payload: Tensor, w_d: Tensor, codec: str, grad_codec: str, grad_seed: int,
     seed_offset: Optional[Tensor] = None,
@@ -314,7 +337,7 @@ def _device_offset(seed_offset: Optional[Tensor], device) -> Optional[Tensor]:
     return None if seed_offset is None else seed_offset.to(device=device, dtype=torch.int64).reshape(())
 
 
-@torch.library.custom_op("resbm::boundary", mutates_args=())
+@_custom_op("boundary")
 def _boundary(
     x: Tensor,
     w_e: Tensor,
@@ -351,6 +374,7 @@ def _(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_see
 def _boundary_setup(ctx, inputs, output):
     x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats, _, seed_offset = inputs
     stats = output[2] if row_stats and norm_weight is not None else None
+    ctx.mark_non_differentiable(output[1], output[2])  # (no zero gradients made for them)
     ctx.save_for_backward(x, w_e, norm_weight, w_d, output[1], stats, seed_offset)
     ctx.eps, ctx.codec, ctx.grad_codec, ctx.grad_seed = eps, codec, grad_codec, grad_seed
     ctx.has_residual = residual is not None
@@ -376,10 +400,10 @@ def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
     )
 
 
-_boundary.register_autograd(_boundary_backward, setup_context=_boundary_setup)
+_register_autograd(_boundary, _boundary_backward, _boundary_setup)
 
 
-@torch.library.custom_op("resbm::wire_roundtrip", mutates_args=())
+@_custom_op("wire_roundtrip")
 def _wire_roundtrip(z: Tensor, codec: str, grad_codec: str, seed: int, grad_seed: int,
                     seed_offset: Optional[Tensor] = None) -> Tensor:
     c = Codec.parse(codec)
@@ -412,7 +436,7 @@ def _roundtrip_backward(ctx, grad):
             None, None, None, None, None)
 
 
-_wire_roundtrip.register_autograd(_roundtrip_backward, setup_context=_roundtrip_setup)
+_register_autograd(_wire_roundtrip, _roundtrip_backward, _roundtrip_setup)
 
 
 @torch.library.custom_op("resbm::encode_project", mutates_args=())
@@ -704,8 +728,8 @@ def boundary(x: Tensor, w_e: Tensor, w_d: Tensor, codec: Codec | str, grad_codec
     # the row statistics only when a backward can follow (they cost N(k+1) fp32 of writes)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (x, w_e, norm_weight, w_d, residual))
-    h, payload, _ = _boundary(x, w_e, norm_weight, w_d, residual, eps, Codec.parse(codec).spec,
-                              Codec.parse(grad_codec).spec, seed, grad_seed, grad, out_dtype, seed_offset)
+    h, payload, _ = _run(_boundary, x, w_e, norm_weight, w_d, residual, eps, Codec.parse(codec).spec,
+                         Codec.parse(grad_codec).spec, seed, grad_seed, grad, out_dtype, seed_offset)
     return h, payload
 
 
@@ -714,7 +738,8 @@ def wire_roundtrip(z: Tensor, codec: Codec | str, grad_codec: Codec | str, *, se
     """Differentiable quantize -> pack -> unpack -> dequantize of z (N, k) with
     straight-through gradients (the gradient makes the trip with ``grad_codec``);
     ``seed_offset`` as in :func:`boundary`."""
-    return _wire_roundtrip(z, Codec.parse(codec).spec, Codec.parse(grad_codec).spec, seed, grad_seed, seed_offset)
+    return _run(_wire_roundtrip, z, Codec.parse(codec).spec, Codec.parse(grad_codec).spec, seed, grad_seed,
+                seed_offset)
 
 
 def encode_project(x: Tensor, w_e: Tensor, *, norm_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:

@@ -530,6 +530,45 @@ def test_dispatch_needed(case):
         assert ops._dispatch_needed(args, _decode_forward_accepts()) is needed
 
 
+def test_dispatch_needed_by_a_differentiable_op():
+    """The differentiable ops (boundary, wire_roundtrip) skip the dispatcher
+    with gradients too (through their autograd.Function), not in other modes."""
+    x = randn(4, 8).requires_grad_()
+    args = [x, *list(_dispatch_needed_cases())[0][1][1:]]
+    assert not ops._dispatch_needed(args, _decode_forward_accepts(), differentiable=True)
+    with torch.profiler.profile():
+        assert ops._dispatch_needed(args, _decode_forward_accepts(), differentiable=True)
+
+
+def _boundary_and_roundtrip_grads(call, stochastic: Codec) -> list:
+    """Outputs and gradients of the boundary (RMSNorm, residual, seed offset)
+    and of wire_roundtrip, each op called by ``call(op, *args)``."""
+    x, w_e, w_d, gamma, residual = (t.float().requires_grad_() for t in make())
+    offset = torch.tensor(5)
+    h, payload, _ = call(ops._boundary, x, w_e, gamma, w_d, residual, EPS, stochastic.spec, GRAD_INT8.spec, 3, 4,
+                         True, None, offset)
+    h.backward(randn(N, D, seed=8))
+    z = randn(N, K, seed=9).requires_grad_()
+    y = call(ops._wire_roundtrip, z, stochastic.spec, GRAD_INT8.spec, 3, 4, offset)
+    y.backward(randn(N, K, seed=10))
+    return [h, payload, y, z.grad, *(t.grad for t in (x, w_e, w_d, gamma, residual))]
+
+
+def test_eager_autograd_function_equals_the_registered_autograd():
+    """In eager calls boundary and wire_roundtrip run through an autograd.Function
+    of the ops' own forward, setup and backward (no dispatcher: less host time):
+    outputs and gradients equal those of the ops through the dispatcher bit for
+    bit, and that path is the one taken."""
+    stochastic = Codec(bits=4, group_size=8, rounding="stochastic")
+    eager = _boundary_and_roundtrip_grads(ops._run, stochastic)
+    dispatched = _boundary_and_roundtrip_grads(lambda op, *args: op(*args), stochastic)
+    for a, b in zip(eager, dispatched):
+        assert torch.equal(a, b)
+    x = randn(N, D).requires_grad_()
+    h, _ = ops.boundary(x, *(t.float() for t in make()[1:3]), INT8, GRAD_INT8)
+    assert type(h.grad_fn).__name__ == "resbm_boundaryBackward"
+
+
 def test_dispatch_needed_under_vmap():
     seen = []
     plain = [None, "int8/row/bf16/nearest", 3, torch.float32]
