@@ -131,6 +131,11 @@ def codes_fit(codes, bits: int) -> None:
             raise ValueError(f"codes: values from {least} to {most} do not fit {bits} bits ({lo} to {hi})")
 
 
+def one_integer(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds exactly one integer (any integer dtype, any shape)."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool) and t.numel() == 1
+
+
 def seed_offset(t, device) -> None:
     """An optional seed offset: a one-element integer tensor on ``device`` (the
     inputs'), where the kernels read it, or on the CPU (copied there)."""
@@ -139,8 +144,7 @@ def seed_offset(t, device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"seed_offset: expected a torch.Tensor, got {type(t).__name__}")
     device = torch.device(device)
-    if (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool or t.numel() != 1
-            or t.device not in (device, torch.device("cpu"))):
+    if not one_integer(t) or t.device not in (device, torch.device("cpu")):
         where = "the CPU" if device.type == "cpu" else f"{device} or the CPU"
         raise ValueError(f"seed_offset: needs one integer on {where}, got a {t.dtype} tensor of shape "
                          f"{tuple(t.shape)} on {t.device}")

@@ -199,10 +199,18 @@ class CallSeeded(nn.Module):
         return dict(seed=base, grad_seed=base + 1, seed_offset=self._calls * 2)
 
     def get_extra_state(self) -> dict:
-        return {"calls": self.calls}
+        # the count as a tensor (a copy): no wait for the device, and a meta module has a state_dict
+        return {"calls": self._calls.clone()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.calls = int(state["calls"])
+        calls = state["calls"]
+        if isinstance(calls, torch.Tensor):  # (an int: a state saved before 2026-11-28)
+            if not checks.one_integer(calls):
+                raise ValueError(f"calls: expected one integer, got a {calls.dtype} tensor of shape "
+                                 f"{tuple(calls.shape)}")
+            self._calls.copy_(calls.reshape(()))
+        else:
+            self.calls = int(calls)
 
 
 def activation_checkpoint(function, *args, **kwargs):

@@ -202,9 +202,24 @@ def test_call_counter_moves_with_the_module_and_is_copied():
     twin = copy.deepcopy(b)
     twin(randn(2, D, seed=1).double())
     assert (b.calls, twin.calls) == (1, 2) and twin._calls.dtype == torch.int64
-    state = b.state_dict()  # (the count: extra state, not the buffer)
-    assert "_calls" not in state and state["_extra_state"] == {"calls": 1}
+    state = b.state_dict()  # (the count: extra state, a copy, not the buffer)
+    assert "_calls" not in state and torch.equal(state["_extra_state"]["calls"], torch.tensor(1))
+    b(randn(2, D, seed=1).double())
+    assert state["_extra_state"]["calls"] == 1
     assert b.to("meta")._calls.is_meta and ResBMBoundary(D, K, device="meta")._calls.is_meta
+    assert b.state_dict()["_extra_state"]["calls"].is_meta  # (a meta module has a state_dict too)
+
+
+def test_call_count_loads_from_an_int_or_a_tensor():
+    """States saved before the count was a tensor carry an int; both load, a
+    tensor of anything but one integer is refused."""
+    b = ResBMBoundary(D, K)
+    b.set_extra_state({"calls": 7})
+    assert b.calls == 7
+    b.set_extra_state({"calls": torch.tensor([9], dtype=torch.int32)})
+    assert b.calls == 9
+    with pytest.raises(ValueError, match=r"calls: expected one integer, got a torch.float32 tensor of shape \(\)"):
+        b.set_extra_state({"calls": torch.tensor(1.0)})
     with pytest.raises(ValueError, match="calls=-1 must be at least 0"):
         b.calls = -1
 
