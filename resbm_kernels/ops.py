@@ -87,13 +87,14 @@ def _(packed, bits, k):
 
 
 # ---- the four fused passes -------------------------------------------------------
-# Their ops (and the differentiable boundary and wire_roundtrip) are called through
-# _run: the dispatcher of a Python custom op costs more host time per call (~50 us
-# on a 2-core EPYC, 2026-11-26) than some of these kernels take on a GPU, so in
-# plain eager calls, where the dispatcher would do nothing but call the function,
-# _run calls it itself (a differentiable op's through an autograd.Function of the
-# same forward, setup and backward: torch's registered autograd also rebuilds the
-# schema's argument list for every argument of every call, 27 us for the boundary).
+# Their ops, and the differentiable ones further down (boundary, wire_roundtrip,
+# encode_project, decode_project), are called through _run: the dispatcher of a
+# Python custom op costs more host time per call (~50 us on a 2-core EPYC,
+# 2026-11-26) than some of these kernels take on a GPU, so in plain eager calls,
+# where the dispatcher would do nothing but call the function, _run calls it itself
+# (a differentiable op's through an autograd.Function of the same forward, setup and
+# backward: torch's registered autograd also rebuilds the schema's argument list for
+# every argument of every call, 27 us for the boundary).
 
 _TENSOR = (Tensor, torch.nn.Parameter)
 # the argument types each annotation takes in a direct call (others go through the dispatcher's checks)
@@ -439,7 +440,7 @@ def _roundtrip_backward(ctx, grad):
 _register_autograd(_wire_roundtrip, _roundtrip_backward, _roundtrip_setup)
 
 
-@torch.library.custom_op("resbm::encode_project", mutates_args=())
+@_custom_op("encode_project")
 def _encode_project(x: Tensor, w_e: Tensor, norm_weight: Optional[Tensor], eps: float) -> Tensor:
     checks.encoder_inputs(x, w_e, norm_weight, Codec(bits=16), eps)
     return reference.encode_project(x, w_e, norm_weight, eps).to(x.dtype)
@@ -464,10 +465,10 @@ def _encode_project_backward(ctx, grad_z):
     return grad_x.to(x.dtype), grad_w.to(w_e.dtype), grad_gamma, None
 
 
-_encode_project.register_autograd(_encode_project_backward, setup_context=_encode_project_setup)
+_register_autograd(_encode_project, _encode_project_backward, _encode_project_setup)
 
 
-@torch.library.custom_op("resbm::decode_project", mutates_args=())
+@_custom_op("decode_project")
 def _decode_project(zhat: Tensor, w_d: Tensor, residual: Optional[Tensor]) -> Tensor:
     _check_decode_project(zhat, w_d, residual)
     return reference.decode_project(zhat, w_d, residual, zhat.dtype)
@@ -501,7 +502,7 @@ def _decode_project_backward(ctx, grad_h):
     return grad_zhat.to(zhat.dtype), grad_w_d.to(w_d.dtype), grad_h if ctx.has_residual else None
 
 
-_decode_project.register_autograd(_decode_project_backward, setup_context=_decode_project_setup)
+_register_autograd(_decode_project, _decode_project_backward, _decode_project_setup)
 
 
 # ---- autocast ------------------------------------------------------------------------
@@ -745,9 +746,9 @@ def wire_roundtrip(z: Tensor, codec: Codec | str, grad_codec: Codec | str, *, se
 def encode_project(x: Tensor, w_e: Tensor, *, norm_weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
     """z = RMSNorm(x) W_e^T + x[:, :k] without the wire (the linear encoder's
     projection, as :meth:`ResBMEncoder.project <resbm_kernels.nn.ResBMEncoder.project>` uses it)."""
-    return _encode_project(x, w_e, norm_weight, eps)
+    return _run(_encode_project, x, w_e, norm_weight, eps)
 
 
 def decode_project(zhat: Tensor, w_d: Tensor, *, residual: Optional[Tensor] = None) -> Tensor:
     """h = zhat W_d^T + pad_d(zhat) (+ residual) without the wire."""
-    return _decode_project(zhat, w_d, residual)
+    return _run(_decode_project, zhat, w_d, residual)

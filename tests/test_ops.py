@@ -569,6 +569,22 @@ def test_eager_autograd_function_equals_the_registered_autograd():
     assert type(h.grad_fn).__name__ == "resbm_boundaryBackward"
 
 
+def test_eager_projections_equal_the_registered_autograd():
+    """encode_project and decode_project (the MLP boundary's and the modules'
+    projections) through their autograd.Function in eager calls, as through the
+    dispatcher, bit for bit, forward and gradients."""
+    def run(call):
+        x, w_e, w_d, gamma, residual = (t.float().requires_grad_() for t in make())
+        z = call(ops._encode_project, x, w_e, gamma, EPS)
+        h = call(ops._decode_project, z, w_d, residual)
+        h.backward(randn(N, D, seed=11))
+        return [z, h, *(t.grad for t in (x, w_e, w_d, gamma, residual)), type(h.grad_fn).__name__]
+    eager, dispatched = run(ops._run), run(lambda op, *args: op(*args))
+    for a, b in zip(eager[:-1], dispatched[:-1]):
+        assert torch.equal(a, b)
+    assert eager[-1] == "resbm_decode_projectBackward" != dispatched[-1]
+
+
 def test_dispatch_needed_under_vmap():
     seen = []
     plain = [None, "int8/row/bf16/nearest", 3, torch.float32]
