@@ -213,6 +213,7 @@ class CallSeeded(nn.Module):
             self.calls = int(calls)
 
 
+@torch.compiler.disable(recursive=False)
 def activation_checkpoint(function, *args, **kwargs):
     """``torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
     **kwargs)`` whose recomputation also replays the call counters of the
@@ -222,7 +223,10 @@ def activation_checkpoint(function, *args, **kwargs):
     counters: its recomputation counts as a call and draws the next seeds, so
     with a stochastic forward codec the gradient is taken through another
     payload than the forward's.) The counters are copied on their devices;
-    nothing waits for a GPU."""
+    nothing waits for a GPU. torch.compile does not trace it (a graph break:
+    torch's checkpoint traced there recomputes with other seeds), so the
+    checkpointed function runs as given: pass a compiled one,
+    ``activation_checkpoint(torch.compile(block), x)``, to compile it."""
     if "context_fn" in kwargs or kwargs.get("use_reentrant", False):
         raise ValueError("activation_checkpoint is non-reentrant and supplies its own context_fn (the call "
                          "counters' replay); for use_reentrant=True or another context_fn use torch.utils.checkpoint")
