@@ -204,12 +204,12 @@ class CallSeeded(nn.Module):
 
     def set_extra_state(self, state: dict) -> None:
         calls = state["calls"]
-        if isinstance(calls, torch.Tensor):  # (an int: a state saved before 2026-11-28)
+        if isinstance(calls, torch.Tensor):
             if not checks.one_integer(calls):
                 raise ValueError(f"calls: expected one integer, got a {calls.dtype} tensor of shape "
                                  f"{tuple(calls.shape)}")
             self._calls.copy_(calls.reshape(()))
-        else:
+        else:  # (a state saved before 2026-11-28)
             self.calls = int(calls)
 
 
