@@ -365,3 +365,36 @@ def test_cuda_kernels_do_not_spill():
     for arch in CUDA_ARCHS:
         assert sum(r[0] == f"sm_{arch}" for r in report) == 3, report  # three kernels per arch
     assert all(r[3] == r[4] == 0 for r in report), report
+
+
+_C_KINDS = {"int": "i", "int64_t": "l", "uint64_t": "q", "uint32_t": "u", "float": "f"}
+_CTYPES_KINDS = {ctypes.c_void_p: "p", ctypes.c_int: "i", ctypes.c_int64: "l", ctypes.c_uint64: "q",
+                 ctypes.c_uint32: "u", ctypes.c_float: "f"}
+
+
+def _header_signatures() -> dict[str, str]:
+    """{function: argument kinds (p pointer, i int, l int64, q uint64, u uint32, f float)} of c_api.h."""
+    text = (ROOT / "csrc" / "include" / "resbm" / "c_api.h").read_text()
+    signatures = {}
+    for name, params in re.findall(r"RESBM_API [\w\s*]*?\b(resbm_\w+)\(([^)]*)\);", text):
+        params = [" ".join(p.split()) for p in params.split(",")]
+        signatures[name] = "".join("p" if "*" in p else _C_KINDS[p.rsplit(" ", 1)[0]]
+                                   for p in params if p not in ("", "void"))
+    return signatures
+
+
+@pytest.mark.parametrize("which", ["cpu", "cuda_emu", "cuda"])
+def test_ctypes_declarations_match_the_c_api_header(which):
+    """Every function of a library is declared to ctypes with the argument types
+    c_api.h gives it (a mismatch passes garbage that only the call which uses
+    the argument would show), and every function the header lists is there."""
+    if not native.available(which):
+        pytest.skip(f"libresbm_{which} is not built")
+    prefix = "resbm_cpu_" if which == "cpu" else "resbm_cuda_"
+    header = {name: kinds for name, kinds in _header_signatures().items()
+              if name.startswith(prefix) or name in ("resbm_abi_version", "resbm_last_error")}
+    assert len(header) == (4 if which == "cpu" else 13), sorted(header)  # (the parse found them all)
+    lib = native.library(which)
+    for name, kinds in header.items():
+        declared = "".join(_CTYPES_KINDS[t] for t in getattr(lib, name).argtypes)
+        assert declared == kinds, f"{name}: declared {declared!r}, c_api.h has {kinds!r}"
