@@ -172,15 +172,16 @@ CASES = [
 ]
 
 
-def finish(what, k, bits, *, norm=False, stats=False, zbits=0):
+def finish(what, k, bits, *, norm=False, stats=False, zbits=0, stochastic=False):
     """A finish_rows_kernel case (after a d-split project_quantize launch; no GEMM,
-    one fixed launch config): checked for spills only."""
+    one fixed launch config): checked for spills only. ``stochastic``: rounding
+    keyed on a seed offset read from memory (a boundary's gradients at small N)."""
     return dict(kernel="finish_rows", what=what, k=k, act="bf16",
                 ptrs=dict(a_ptr="A", part_ptr="F", payload_ptr="U", zpayload_ptr="U", z_ptr="Z", stats_ptr="F",
                           seed_offset_ptr="L"),
                 ones=[], div16=["d", "k", "stride_a", "scales_at", "zscales_at"],
-                constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=k, SCALE_KIND=2, STOCHASTIC=False,
-                                SEED_OFFSET=False, ZBITS=zbits, ZGROUP=k, ZSCALE_KIND=2, WRITE_STATS=stats))
+                constexprs=dict(HAS_NORM=norm, BITS=bits, GROUP_RESHAPE=k, SCALE_KIND=2, STOCHASTIC=stochastic,
+                                SEED_OFFSET=stochastic, ZBITS=zbits, ZGROUP=k, ZSCALE_KIND=2, WRITE_STATS=stats))
 
 
 def finish_wgrad(what, k, *, norm):
@@ -201,6 +202,7 @@ FINISH_CASES = [
     finish("finish encode fwd int8/row norm+stats k=32", 32, 8, norm=True, stats=True),
     finish("finish encode fwd int8/row norm+stats k=128", 128, 8, norm=True, stats=True),
     finish("finish decode bwd int4/row k=256", 256, 4, zbits=8),
+    finish("finish decode bwd int8/row stochastic k=256", 256, 8, zbits=8, stochastic=True),
     finish_wgrad("finish grad W_e, gamma k=256", 256, norm=True),
     finish_wgrad("finish grad W_d k=32", 32, norm=False),
     finish_wgrad("finish grad W_d k=128", 128, norm=False),
