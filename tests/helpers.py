@@ -382,6 +382,16 @@ needs_cuda_library = pytest.mark.skipif(_cuda_library_optional(),
                                         reason="libresbm_cuda is not built (no nvcc at install time)")
 
 
+def _emulator_library_optional() -> bool:
+    """libresbm_cuda_emu is missing and nothing asked for it (see CUDA_REQUIRED)."""
+    from resbm_kernels import native
+
+    return not native.available("cuda_emu") and not CUDA_REQUIRED
+
+
+needs_cuda_emulator = pytest.mark.skipif(_emulator_library_optional(), reason="libresbm_cuda_emu is not built")
+
+
 def emulate_cuda_without_gpu(monkeypatch) -> None:
     """Without a GPU, let CPU tensors take the CUDA code paths on the emulator."""
     if not HAS_CUDA_GPU:

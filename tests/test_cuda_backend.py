@@ -41,7 +41,7 @@ from helpers import check_passes_replay_in_a_cuda_graph
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
 from helpers import NO_WORK_OPS, training_pass_calls
 from helpers import CUDA_KERNELS_DEVICE, HAS_CUDA_GPU, emulate_cuda_without_gpu, needs_cuda_kernels, use_projection
-from helpers import needs_cuda_library
+from helpers import needs_cuda_emulator, needs_cuda_library
 from helpers import ids as _ids
 from helpers import rel_tol as tol
 from resbm_kernels.backends import cuda as cb
@@ -59,7 +59,6 @@ needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and libresb
 DEVICE = CUDA_KERNELS_DEVICE  # the kernels' device: the GPU, else the CPU emulator
 needs_kernels = needs_cuda_kernels
 no_gpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="bogus pointers are only safe without a GPU")
-needs_emulator = pytest.mark.skipif(not native.available("cuda_emu"), reason="libresbm_cuda_emu is not built")
 
 
 # ---- CPU-runnable: compilation ----------------------------------------------------------
@@ -459,7 +458,7 @@ def test_c_projection_splits(lib):
         assert lib.resbm_cuda_projection_splits(3, 24, 416, 32, ctypes.byref(out)) == 0 and out.value == 1
 
 
-@needs_emulator
+@needs_cuda_emulator
 @pytest.mark.parametrize("dtype, projection, n, d, splits", [
     (3, "mma_sync", 24, 832, 4),    # one block of 64 rows, 13 d tiles of 64 bf16 columns: runs 4+4+4+1
     (3, "wgmma", 24, 832, 3),       # the wgmma loop's tiles of 128 columns, 7 of them: 3 + 3 + 1
@@ -494,7 +493,7 @@ def test_backend_splits_follow_the_projection_loop(monkeypatch):
     assert cb._projection_partial(x, 32) == (None, 1)
 
 
-@needs_emulator
+@needs_cuda_emulator
 def test_shared_memory_opt_in_once_per_kernel_and_size(monkeypatch):
     """Kernels past 48 KiB of shared memory (k=64) are opted in with a driver call
     (cudaFuncSetAttribute) once per kernel and size, not on every call: a second

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import CUDA_ARCHS, CUDA_KERNELS_DEVICE, cuda_library_resources, emulate_cuda_without_gpu
-from helpers import needs_cuda_kernels, needs_cuda_library
+from helpers import needs_cuda_emulator, needs_cuda_kernels, needs_cuda_library
 from resbm_kernels import native
 from resbm_kernels.backends import reference as ref
 from resbm_kernels.codec import Codec, empty_payload, payload_views
@@ -383,13 +383,13 @@ def _header_signatures() -> dict[str, str]:
     return signatures
 
 
-@pytest.mark.parametrize("which", ["cpu", "cuda_emu", "cuda"])
+@pytest.mark.parametrize("which", [pytest.param("cpu", marks=needs_cpu_lib),
+                                   pytest.param("cuda_emu", marks=needs_cuda_emulator),
+                                   pytest.param("cuda", marks=needs_cuda_library)])
 def test_ctypes_declarations_match_the_c_api_header(which):
     """Every function of a library is declared to ctypes with the argument types
     c_api.h gives it (a mismatch passes garbage that only the call which uses
     the argument would show), and every function the header lists is there."""
-    if not native.available(which):
-        pytest.skip(f"libresbm_{which} is not built")
     prefix = "resbm_cpu_" if which == "cpu" else "resbm_cuda_"
     header = {name: kinds for name, kinds in _header_signatures().items()
               if name.startswith(prefix) or name in ("resbm_abi_version", "resbm_last_error")}
