@@ -13,9 +13,10 @@ What runs, each result checked against the reference backend:
 - ``native``: the CUDA codec library ``libresbm_cuda`` (quantize + pack,
   unpack + dequantize) for every bits / scale group / rounding / input dtype;
 - ``cuda``: the CUDA backend's four fused passes, if
-  ``resbm_kernels.backends.cuda`` imports (else it says so), then the reduced set
-  again, at k = 16 and 128, with its opt-in wgmma kernels (``RESBM_CUDA_WGMMA=1``) on
-  an sm_90 device or the emulator;
+  ``resbm_kernels.backends.cuda`` imports (else it says so), then on an sm_90 device or
+  the emulator the reduced set again, at k = 16 and 128, with every kernel on wgmma
+  (``RESBM_CUDA_WGMMA=1``) and with none (``0``; the default puts the projection alone
+  on wgmma there);
 - ``triton``: the Triton backend's four passes (``--backends`` to choose).
 
 Exit status 0 when everything that exists ran and matched, 1 otherwise; a
@@ -181,11 +182,12 @@ def main(argv=None) -> int:
         elif which in ("cuda", "triton"):
             check_backend(rep, which, dev, which in quick)
             if which == "cuda" and (dev.type == "cpu" or torch.cuda.get_device_capability(dev) == (9, 0)):
-                # the opt-in wgmma kernels (read per launch; the caller's environment restored after),
-                # at the smallest and the largest k they take
-                with mock.patch.dict(os.environ, RESBM_CUDA_WGMMA="1"):
-                    check_backend(rep, which, dev, True, label="cuda[RESBM_CUDA_WGMMA=1]",
-                                  shapes=((256, 16), (512, 128)))
+                # the other loops (read per launch; the caller's environment restored after): every
+                # kernel on wgmma, then none, at the smallest and the largest k wgmma takes
+                for wgmma in ("1", "0"):
+                    with mock.patch.dict(os.environ, RESBM_CUDA_WGMMA=wgmma):
+                        check_backend(rep, which, dev, True, label=f"cuda[RESBM_CUDA_WGMMA={wgmma}]",
+                                      shapes=((256, 16), (512, 128)))
         else:
             rep.fail(which, "unknown backend name")
     for which, lib in sorted(native._libs.items()):

@@ -399,8 +399,9 @@ def emulate_cuda_without_gpu(monkeypatch) -> None:
 
 
 def use_projection(monkeypatch, projection: str) -> None:
-    """The CUDA projection kernel, read per launch: "wgmma" (on sm_90 with a library
-    built for sm_90a, and on the emulator) or "mma_sync" (the default)."""
+    """The CUDA row kernels' loop, read per launch: "wgmma" (every pass kernel, on sm_90
+    with a library built for sm_90a, and on the emulator) or "mma_sync" (none; unset
+    puts the projection alone on wgmma)."""
     monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if projection == "wgmma" else "0")
 
 
@@ -680,7 +681,9 @@ def check_boundary_draws_anew_in_a_cuda_graph(backend: str) -> None:
             t.grad = None
         h = boundary(x)
         h.backward(grad_h)
-        return [h, *(t.grad for t in leaves)]
+        # detached: a kept autograd graph would keep the leaves' AccumulateGrad nodes of the
+        # capture's stream alive into the eager steps (torch warns of a stream mismatch)
+        return [h.detach(), *(t.grad for t in leaves)]
 
     with use_backend(backend):
         side = torch.cuda.Stream()  # warm-up (compilation, autotuning) on a side stream, as torch advises

@@ -481,13 +481,16 @@ def test_emulated_projection_splits(dtype, projection, n, d, splits, monkeypatch
 @pytest.mark.skipif(HAS_GPU or not native.available("cuda_emu"), reason="the emulated device's split counts")
 def test_backend_splits_follow_the_projection_loop(monkeypatch):
     """The backend asks for the split count once per shape and RESBM_CUDA_WGMMA, which
-    picks the projection loop and so its d tile (d=832: 7 tiles of 128 columns or 13 of 64)."""
+    picks the projection loop and so its d tile (d=832: 7 tiles of 128 columns or 13 of 64);
+    unset, the projection runs on wgmma (the emulator, like an sm_90 GPU, has it)."""
     x = torch.empty(24, 832, dtype=torch.bfloat16)
     use_projection(monkeypatch, "wgmma")
     wide = cb._projection_partial(x, 32)
     use_projection(monkeypatch, "mma_sync")
     narrow = cb._projection_partial(x, 32)
-    assert (wide[1], narrow[1]) == (3, 4)
+    monkeypatch.delenv("RESBM_CUDA_WGMMA")
+    default = cb._projection_partial(x, 32)
+    assert (wide[1], narrow[1], default[1]) == (3, 4, 3)
     assert wide[0].shape == (3, 24, 33) and wide[0].dtype == torch.float32
     monkeypatch.setenv("RESBM_CUDA_SPLITS", "0")  # the comparison switch: one split, no partials
     assert cb._projection_partial(x, 32) == (None, 1)
@@ -636,9 +639,10 @@ def cuda_call(fn, *args, **kwargs):
 
 
 # The row kernels (project_quantize: encode forward, decode backward; dequant_project: decode
-# forward, encode backward) multiply on mma.sync, or with RESBM_CUDA_WGMMA=1 on wgmma for
-# 16-bit inputs up to KPAD = 128 (sm_90 with a library built for sm_90a; the emulator): the
-# 16-bit dtypes run both (fp32 has no wgmma)
+# forward, encode backward) multiply on mma.sync (RESBM_CUDA_WGMMA=0), or with
+# RESBM_CUDA_WGMMA=1 on wgmma for 16-bit inputs up to KPAD = 128 (sm_90 with a library built
+# for sm_90a; the emulator; unset: the projection alone): the 16-bit dtypes run both (fp32
+# has no wgmma)
 DTYPE_PROJECTIONS = [pytest.param(dtype, projection, id=f"{_ids(dtype)}-{projection}")
                      for dtype in DTYPES for projection in ("wgmma", "mma_sync")
                      if dtype != torch.float32 or projection == "mma_sync"]

@@ -135,10 +135,11 @@ def test_cpu_codec_library(sanitized):
 
 def test_cuda_kernels_on_the_emulator(sanitized):
     """The CUDA codec kernels and the four fused passes, every shape, row count and norm,
-    then the reduced set on the opt-in wgmma kernels at k = 16 and 128."""
+    then the reduced set at k = 16 and 128 with every kernel on wgmma and with none."""
     build, env = sanitized
     cases, log = _sanitize_run(env, "native,cuda", RESBM_CUDA_EMULATE="1")
-    # the codec's, then bits x (d, k) x row counts x norm, then bits x (d, k) on wgmma
-    assert cases == 78 + 4 * 2 * 3 * 2 + 4 * 2, log
-    assert log.count("ok       cuda[RESBM_CUDA_WGMMA=1] ") == 4 * 2, log
+    # the codec's, then bits x (d, k) x row counts x norm, then bits x (d, k) twice
+    assert cases == 78 + 4 * 2 * 3 * 2 + 2 * 4 * 2, log
+    for wgmma in "10":
+        assert log.count(f"ok       cuda[RESBM_CUDA_WGMMA={wgmma}] ") == 4 * 2, log
     assert f"library cuda_emu: {build / 'libresbm_cuda_emu.so'}" in log, log

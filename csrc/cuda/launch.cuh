@@ -79,19 +79,20 @@ int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
 }
 
 // The pass kernels (project_quantize, dequant_project, weight_grad) on wgmma: 16-bit inputs
-// with KPAD <= 128, asked for with RESBM_CUDA_WGMMA=1, on an sm_90 device with a library
-// built for sm_90a (RESBM_SM90A) or on the emulator. Off by default: on an H100 (2026-11-27,
-// N=16384, d=4096) project_quantize's took 1.3-2x the mma.sync loop's time, bound by L2
-// traffic (bench/results/logs/h100-2026-11-27; its tiles are swizzled since, untimed); the
-// others are untimed.
+// with KPAD <= 128, on an sm_90 device with a library built for sm_90a (RESBM_SM90A) or on the
+// emulator. RESBM_CUDA_WGMMA unset: the projection only (project_quantize, whose swizzled wgmma
+// loop took encode forward 0.61-0.81x the mma.sync loop's time on an H200, 2026-11-28,
+// N=16384, d=4096; dequant_project's took decode forward 1.4-1.6x, and decode backward, the
+// projection with the wgmma weight gradient, was no faster: bench/results/logs/
+// h200-2026-11-28-third); "1" every pass kernel, "0" none (for comparison).
 template <int DT, int KPAD>
 constexpr bool wgmma_shape() {
   return DT != kFloat32 && KPAD <= 128;
 }
 
-bool wgmma_enabled() {
+bool wgmma_enabled(bool projection) {
   const char* env = std::getenv("RESBM_CUDA_WGMMA");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  if (env == nullptr ? !projection : std::strcmp(env, "1") != 0) return false;
 #if defined(RESBM_CUDA_EMULATION)
   return true;
 #elif defined(RESBM_SM90A)
@@ -130,7 +131,7 @@ template <int DT, int KPAD>
 int launch_pq(const char* fn, const PQArgs& p, const PrepArgs& prep, cudaStream_t stream) {
   RESBM_TRY(launch_prep<DT>(fn, prep, stream));
   if constexpr (wgmma_shape<DT, KPAD>()) {
-    if (wgmma_enabled()) return launch_pq_kernel<DT, KPAD, true>(fn, p, stream);
+    if (wgmma_enabled(true)) return launch_pq_kernel<DT, KPAD, true>(fn, p, stream);
   }
   return launch_pq_kernel<DT, KPAD, false>(fn, p, stream);
 }
@@ -226,7 +227,7 @@ int dq_splits(const DQArgs& p, int64_t row_blocks, const void* func, size_t smem
 template <int DT, int KPAD>
 int pq_splits(const char*, int64_t n, int64_t d, int* splits) {
   using C = RowCfg<DT, KPAD>;
-  const bool wg = wgmma_shape<DT, KPAD>() && wgmma_enabled();  // launch_pq's loop and so its tiles
+  const bool wg = wgmma_shape<DT, KPAD>() && wgmma_enabled(true);  // launch_pq's loop and so its tiles
   const int64_t bd = wg ? C::WG_BD : C::BD, bn = wg ? C::WG_BN : C::BN;
   const int64_t row_blocks = (n + bn - 1) / bn, sms = blocks_at_once(nullptr, 0);
   *splits = row_blocks >= sms || !splits_enabled()
@@ -264,7 +265,7 @@ int launch_dq(const char* fn, const DQArgs& p, const PrepArgs* preps, int n_prep
               cudaStream_t stream) {
   for (int i = 0; i < n_preps; ++i) RESBM_TRY(launch_prep<DT>(fn, preps[i], stream));
   if constexpr (wgmma_shape<DT, KPAD>()) {
-    if (wgmma_enabled()) return launch_dq_kernel<DT, KPAD, true>(fn, p, stream);
+    if (wgmma_enabled(false)) return launch_dq_kernel<DT, KPAD, true>(fn, p, stream);
   }
   return launch_dq_kernel<DT, KPAD, false>(fn, p, stream);
 }
@@ -290,7 +291,7 @@ int launch_wg(const char* fn, const WOArgs& op, const WGArgs& p, int splits, cud
   launch(weight_operand_kernel<DT, KPAD>, unsigned(op_blocks > 0 ? op_blocks : 1), kThreads, O::SMEM, stream, op);
   RESBM_TRY(launch_status(fn, name));
   if constexpr (wgmma_shape<DT, KPAD>()) {
-    if (wgmma_enabled()) return launch_wg_kernel<DT, KPAD, true>(fn, p, splits, stream);
+    if (wgmma_enabled(false)) return launch_wg_kernel<DT, KPAD, true>(fn, p, splits, stream);
   }
   return launch_wg_kernel<DT, KPAD, false>(fn, p, splits, stream);
 }

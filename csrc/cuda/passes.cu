@@ -24,8 +24,8 @@
 //      of 256 bytes a row up to KPAD = 32, 128 above (four buffers), in wgmma's 128-byte
 //      swizzled layout, straight from shared memory (wgmma m64nKPADk16; each tile's wgmma
 //      stays in flight while the next one's are issued), the sums of squares read
-//      from the same tiles; only with RESBM_CUDA_WGMMA=1 (slower than mma.sync on an
-//      H100 before the swizzle; untimed since).
+//      from the same tiles; the default there (0.61-0.81x mma.sync's time on an H200,
+//      2026-11-28; RESBM_CUDA_WGMMA=0 keeps mma.sync).
 //      For small n, grid.y splits d (pq_splits): each CTA then projects a run of d
 //      tiles and writes fp32 partials, and finish_rows_kernel sums them in split
 //      order and does the rest (finish_rows, shared with the unsplit kernel).
@@ -43,7 +43,7 @@
 //      loading while this one is used), identity pad, residual, and the RMSNorm
 //      backward terms, written with 16-byte stores (a whole tile with none of them
 //      through store_plain_tile16 / store_plain_tile, without the per-chunk tests).
-//      With RESBM_CUDA_WGMMA=1 (sm_90a, 16-bit, KPAD <= 128; untimed) each tile's
+//      With RESBM_CUDA_WGMMA=1 (sm_90a, 16-bit, KPAD <= 128; slower on an H200) each tile's
 //      product is one wgmma m64n64k16 a k step, A from the hoisted fragments, the
 //      weight tile from shared memory as wgmma's core matrices.
 //      Encode backward through RMSNorm first re-runs the projection loop of
@@ -60,7 +60,7 @@
 //      in the tensor cores' type (hi + lo, see dequant_parts), to the caller's workspace, so every
 //      d-tile block streams it with cp.async (with the input, blocks of 64 rows, 32 for
 //      fp32, up to three stages) instead of dequantizing the payload. With
-//      RESBM_CUDA_WGMMA=1 (sm_90a, 16-bit, KPAD <= 128; untimed) the transposed product
+//      RESBM_CUDA_WGMMA=1 (sm_90a, 16-bit, KPAD <= 128; slower on an H200) the transposed product
 //      x^T Z on wgmma: each warpgroup 64 d columns, x^T's fragments from registers, Z^T
 //      from shared memory as wgmma's core matrices.
 //

@@ -17,12 +17,13 @@ same kernels on the CPU emulator (``libresbm_cuda_emu``, built from the same
 sources by ``csrc/emu``; slow, for tests), as Triton's kernels run under
 ``TRITON_INTERPRET=1``.
 
-The kernels of all four passes multiply on mma.sync. ``RESBM_CUDA_WGMMA=1`` puts them
-(the row kernels and the weight gradient) on the warpgroup MMA (wgmma) for bf16 / fp16
-inputs with k <= 128 on an sm_90 GPU with a library built for sm_90a (the default
-``RESBM_CUDA_ARCHS="80;90a;90-virtual"``): for comparison until timed (on an H100
-encode forward's took 1.3-2x mma.sync's time, 2026-11-27, before its tiles were
-swizzled; the others are untimed).
+The kernels multiply on mma.sync, but for bf16 / fp16 inputs with k <= 128 on an sm_90
+GPU with a library built for sm_90a (the default ``RESBM_CUDA_ARCHS="80;90a;90-virtual"``)
+the projection (encode forward, decode backward) runs on the warpgroup MMA (wgmma): on an
+H200 (2026-11-28, N=16384, d=4096) encode forward took 0.61-0.81x mma.sync's time there,
+where wgmma made decode forward and encode backward slower. ``RESBM_CUDA_WGMMA=1`` puts
+every pass kernel (the row kernels and the weight gradient) on wgmma, ``0`` none (for
+comparison).
 ``RESBM_CUDA_SPLITS=0`` keeps the row kernels from splitting d (below; for
 comparison), ``RESBM_CUDA_PREFETCH=0`` decode forward's and encode backward's row kernel
 from asking for its residual or x a tile ahead into L2 (k > 32; for comparison),
@@ -157,9 +158,10 @@ _SWITCHES = ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH", "RE
 
 
 def _check_switches() -> None:
-    """The library reads RESBM_CUDA_WGMMA (on only for "1"), RESBM_CUDA_SPLITS,
-    RESBM_CUDA_PREFETCH (off only for "0") and RESBM_CUDA_STAGE_X (unset: decided by
-    occupancy) at each launch: any other value is a mistake, not a silent default."""
+    """The library reads RESBM_CUDA_WGMMA (unset: the projection on wgmma; "1": every
+    kernel), RESBM_CUDA_SPLITS, RESBM_CUDA_PREFETCH (off only for "0") and
+    RESBM_CUDA_STAGE_X (unset: decided by occupancy) at each launch: any other value is
+    a mistake, not a silent default."""
     for name in _SWITCHES:
         checks.switch(name)
 
