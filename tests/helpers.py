@@ -400,9 +400,12 @@ def emulate_cuda_without_gpu(monkeypatch) -> None:
 
 def use_projection(monkeypatch, projection: str) -> None:
     """The CUDA row kernels' loop, read per launch: "wgmma" (every pass kernel, on sm_90
-    with a library built for sm_90a, and on the emulator) or "mma_sync" (none; unset
-    puts the projection alone on wgmma)."""
-    monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if projection == "wgmma" else "0")
+    with a library built for sm_90a, and on the emulator), "mma_sync" (none) or "default"
+    (RESBM_CUDA_WGMMA unset: the projection alone on wgmma)."""
+    if projection == "default":
+        monkeypatch.delenv("RESBM_CUDA_WGMMA", raising=False)
+    else:
+        monkeypatch.setenv("RESBM_CUDA_WGMMA", "1" if projection == "wgmma" else "0")
 
 
 # torch ops that launch no device work (allocation and views)

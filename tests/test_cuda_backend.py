@@ -828,9 +828,12 @@ def test_projection_loop_refills_its_buffers(k, projection, monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("grad_codec", (GRAD_CODEC, Codec(bits=4, group_size=16, rounding="stochastic"),
                                         Codec(bits=8), Codec(bits=16)), ids=_ids)
-@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS)
+@pytest.mark.parametrize("dtype, projection", DTYPE_PROJECTIONS + [
+    pytest.param(dtype, "default", id=f"{_ids(dtype)}-default") for dtype in DTYPES if dtype != torch.float32])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_decode_backward(shape, dtype, grad_codec, projection, monkeypatch):
+    """default: the one pass whose default mixes the loops (the projection on wgmma, the
+    weight gradient on mma.sync)."""
     use_projection(monkeypatch, projection)
     n, d, k = shape
     gen = torch.Generator().manual_seed(11)
