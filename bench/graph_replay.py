@@ -1,13 +1,15 @@
 """A ResBMBoundary training step (forward and backward, stochastic codecs) run
 back to back: eager calls against the replay of a CUDA graph captured once.
 
-Eager steps on a GPU are host-bound at small token counts (bench/README.md,
-"Where the GPU host's time goes"); a graph replays the kernels without the
-Python, dispatch and launch work, and since session 33 draws new stochastic
-rounding at every replay (the kernels read the module's call counter on the
-device). Prints, per token count, the wall time per step of ``--steps`` steps
-in a row (best of ``--repeat``, synchronised at both ends) each way, and
-checks first that a replay equals the eager step of the same count.
+Eager steps on a GPU are host-bound (on an H200's host up to N=16384 at d=4096:
+bench/README.md, "Where the GPU host's time goes"); a graph replays the kernels
+without the Python, dispatch and launch work, and since session 33 draws new
+stochastic rounding at every replay (the kernels read the module's call counter
+on the device). Prints, per token count, the wall time per step of ``--steps``
+steps in a row (best of ``--repeat``, synchronised at both ends) each way, and
+checks first that a replay equals the eager step of the same count; then the
+same steps under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs made
+by inductor), with the CUDA graph skips inductor counted.
 
     python bench/graph_replay.py --backend triton --tokens 256,4096,16384
 
@@ -20,6 +22,7 @@ import argparse
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from resbm_kernels import GRAD_INT8, Codec, ResBMBoundary, use_backend
 
@@ -57,7 +60,7 @@ def measure(tokens: int, d: int, k: int, steps: int, repeat: int, device) -> dic
     x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad_h = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
     leaves = (x, *boundary.parameters())
-    row = dict(tokens=tokens, d=d, k=k, eager_us=None, graph_us=None)
+    row = dict(tokens=tokens, d=d, k=k, eager_us=None, graph_us=None, compiled_us=None, cudagraph_skips=None)
     if device.type != "cuda":
         row["eager_us"] = 1e6 * _seconds_per_step(lambda: _step(boundary, x, grad_h, leaves), steps, repeat, device)
         return row
@@ -79,6 +82,12 @@ def measure(tokens: int, d: int, k: int, steps: int, repeat: int, device) -> dic
         raise AssertionError(f"N={tokens}: a replay differs from the eager step of the same count")
     row["eager_us"] = 1e6 * _seconds_per_step(lambda: _step(boundary, x, grad_h, leaves), steps, repeat, device)
     row["graph_us"] = 1e6 * _seconds_per_step(graph.replay, steps, repeat, device)
+    compiled = torch.compile(boundary, mode="reduce-overhead")
+    skips = counters["inductor"]["cudagraph_skips"]
+    for _ in range(3):  # compilation, then cudagraph trees' recording
+        _step(compiled, x, grad_h, leaves)
+    row["compiled_us"] = 1e6 * _seconds_per_step(lambda: _step(compiled, x, grad_h, leaves), steps, repeat, device)
+    row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     return row
 
 
@@ -98,7 +107,8 @@ def main() -> None:
         for n in (int(t) for t in args.tokens.split(",")):
             row = measure(n, args.d, args.k, args.steps, args.repeat, device)
             graph = "" if row["graph_us"] is None else (
-                f", graph replay {row['graph_us']:.1f} us ({row['eager_us'] / row['graph_us']:.2f}x)")
+                f", graph replay {row['graph_us']:.1f} us ({row['eager_us'] / row['graph_us']:.2f}x), "
+                f"reduce-overhead {row['compiled_us']:.1f} us ({row['cudagraph_skips']} cudagraph skips)")
             print(f"N={n}: eager {row['eager_us']:.1f} us a step{graph}", flush=True)
 
 

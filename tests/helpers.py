@@ -663,12 +663,11 @@ def check_seed_offset_is_read_on_the_device(backend: str, device, monkeypatch) -
         assert not torch.equal(passes(5)[0], passes(6)[0])  # (the seed matters at all)
 
 
-def check_boundary_draws_anew_in_a_cuda_graph(backend: str) -> None:
-    """A ResBMBoundary with stochastic codecs, its forward and backward captured
-    in a CUDA graph, draws new seeds at every replay (its call counter is
-    incremented in the graph and read by the kernels on the device): replay i
-    gives bit for bit what eager call i from the same count gives."""
-    from resbm_kernels.backends import use_backend
+def stochastic_boundary_on_gpu():
+    """(boundary, step, names): a bf16 ResBMBoundary with stochastic codecs on the GPU,
+    and step(module), a forward and backward of fixed inputs through ``module`` (the
+    boundary, or a compiled one) returning h and every leaf's gradient, named by
+    ``names``."""
     from resbm_kernels.nn import ResBMBoundary
 
     torch.manual_seed(17)
@@ -679,33 +678,68 @@ def check_boundary_draws_anew_in_a_cuda_graph(backend: str) -> None:
     grad_h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
     leaves = (x, *boundary.parameters())
 
-    def step():
+    def step(module):
         for t in leaves:
             t.grad = None
-        h = boundary(x)
+        h = module(x)
         h.backward(grad_h)
         # detached: a kept autograd graph would keep the leaves' AccumulateGrad nodes of the
         # capture's stream alive into the eager steps (torch warns of a stream mismatch)
         return [h.detach(), *(t.grad for t in leaves)]
 
+    return boundary, step, ["h", "grad x", *(f"grad {name}" for name, _ in boundary.named_parameters())]
+
+
+def check_boundary_draws_anew_in_a_cuda_graph(backend: str) -> None:
+    """A ResBMBoundary with stochastic codecs, its forward and backward captured
+    in a CUDA graph, draws new seeds at every replay (its call counter is
+    incremented in the graph and read by the kernels on the device): replay i
+    gives bit for bit what eager call i from the same count gives."""
+    from resbm_kernels.backends import use_backend
+
+    boundary, step, names = stochastic_boundary_on_gpu()
     with use_backend(backend):
         side = torch.cuda.Stream()  # warm-up (compilation, autotuning) on a side stream, as torch advises
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step()
+            step(boundary)
         torch.cuda.current_stream().wait_stream(side)
         start = boundary.calls
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = step()
+            captured = step(boundary)
         replays = []
         for _ in range(3):
             graph.replay()
             replays.append([t.clone() for t in captured])
         assert boundary.calls == start + 3, "the replays did not count their calls"
         boundary.calls = start
-        names = ["h", "grad x", *(f"grad {name}" for name, _ in boundary.named_parameters())]
         for i, replayed in enumerate(replays):
-            for what, got, want in zip(names, replayed, step()):
+            for what, got, want in zip(names, replayed, step(boundary)):
                 assert torch.equal(got, want), f"{backend}: replay {i}'s {what} differs from eager call {i}"
     assert not torch.equal(replays[0][0], replays[1][0]), "the replays drew the same seeds"
+
+
+def check_boundary_compiled_with_cuda_graphs(backend: str) -> None:
+    """torch.compile(mode="reduce-overhead") of a ResBMBoundary with stochastic codecs
+    runs its forward and backward as CUDA graphs (inductor skips none) and call i
+    gives bit for bit what the eager call of the same count gives: the graphs draw
+    new seeds at every call, as the eager module does."""
+    from torch._dynamo.utils import counters
+
+    from resbm_kernels.backends import use_backend
+
+    boundary, step, names = stochastic_boundary_on_gpu()
+    compiled = torch.compile(boundary, mode="reduce-overhead")
+    skips = counters["inductor"]["cudagraph_skips"]
+    with use_backend(backend):
+        calls = []
+        for i in range(4):  # (cudagraph trees record at the second call, replay from the third)
+            start = boundary.calls
+            calls.append([t.clone() for t in step(compiled)])
+            assert boundary.calls == start + 1, f"{backend}: compiled call {i} did not count itself"
+            boundary.calls = start
+            for what, got, want in zip(names, calls[-1], step(boundary)):
+                assert torch.equal(got, want), f"{backend}: compiled call {i}'s {what} differs from the eager one"
+    assert counters["inductor"]["cudagraph_skips"] == skips, "inductor ran the boundary without CUDA graphs"
+    assert not torch.equal(calls[2][0], calls[3][0]), "two replays drew the same seeds"

@@ -35,7 +35,8 @@ from helpers import CUDA_ARCHS, cuda_library_resources, cuda_library_sass, longe
 from helpers import sass_functions, sass_loops
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats, check_passes_do_not_synchronise
-from helpers import check_boundary_draws_anew_in_a_cuda_graph, check_boundary_under_autocast
+from helpers import check_boundary_compiled_with_cuda_graphs, check_boundary_draws_anew_in_a_cuda_graph
+from helpers import check_boundary_under_autocast
 from helpers import check_seed_offset_is_read_on_the_device
 from helpers import check_passes_replay_in_a_cuda_graph
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC, exact_finish_case, finish_weight_grad_reference
@@ -1025,6 +1026,11 @@ def test_passes_replay_in_a_cuda_graph():
 @needs_gpu
 def test_boundary_draws_anew_in_a_cuda_graph():
     check_boundary_draws_anew_in_a_cuda_graph("cuda")
+
+
+@needs_gpu
+def test_boundary_compiled_with_cuda_graphs():
+    check_boundary_compiled_with_cuda_graphs("cuda")
 
 
 @needs_kernels

@@ -27,6 +27,7 @@ from resbm_kernels.backends import use_backend  # noqa: E402
 from helpers import assert_close_payload, exact, normal, poison_fast_outputs, rel_err  # noqa: E402
 from helpers import check_decode_backward_mixed_dtypes, check_encode_row_stats  # noqa: E402
 from helpers import check_boundary_draws_anew_in_a_cuda_graph, check_boundary_under_autocast  # noqa: E402
+from helpers import check_boundary_compiled_with_cuda_graphs  # noqa: E402
 from helpers import check_seed_offset_is_read_on_the_device  # noqa: E402
 from helpers import check_passes_do_not_synchronise, check_passes_replay_in_a_cuda_graph  # noqa: E402
 from helpers import FAST_CODECS, FINISH_LAYOUTS, GRAD_CODEC  # noqa: E402
@@ -610,6 +611,11 @@ def test_passes_replay_in_a_cuda_graph():
 @needs_gpu
 def test_boundary_draws_anew_in_a_cuda_graph():
     check_boundary_draws_anew_in_a_cuda_graph("triton")
+
+
+@needs_gpu
+def test_boundary_compiled_with_cuda_graphs():
+    check_boundary_compiled_with_cuda_graphs("triton")
 
 
 # torch ops that launch no device work (views, allocation, autograd bookkeeping)
