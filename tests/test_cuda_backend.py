@@ -489,7 +489,7 @@ def test_backend_splits_follow_the_projection_loop(monkeypatch):
     wide = cb._projection_partial(x, 32)
     use_projection(monkeypatch, "mma_sync")
     narrow = cb._projection_partial(x, 32)
-    monkeypatch.delenv("RESBM_CUDA_WGMMA")
+    use_projection(monkeypatch, "default")
     default = cb._projection_partial(x, 32)
     assert (wide[1], narrow[1], default[1]) == (3, 4, 3)
     assert wide[0].shape == (3, 24, 33) and wide[0].dtype == torch.float32
