@@ -492,6 +492,10 @@ def test_backend_splits_follow_the_projection_loop(monkeypatch):
     use_projection(monkeypatch, "default")
     default = cb._projection_partial(x, 32)
     assert (wide[1], narrow[1], default[1]) == (3, 4, 3)
+    # the library reads a switch as the backend's check does: blank is unset, blanks around a value go
+    for value, splits in (("", 3), (" ", 3), (" 0\n", 4), ("\t1 ", 3)):
+        monkeypatch.setenv("RESBM_CUDA_WGMMA", value)
+        assert cb._projection_partial(x, 32)[1] == splits, repr(value)
     assert wide[0].shape == (3, 24, 33) and wide[0].dtype == torch.float32
     monkeypatch.setenv("RESBM_CUDA_SPLITS", "0")  # the comparison switch: one split, no partials
     assert cb._projection_partial(x, 32) == (None, 1)
@@ -675,8 +679,7 @@ def test_encode_forward_bit_exact(shape, dtype, codec, projection, monkeypatch):
 @pytest.mark.parametrize("name", ("RESBM_CUDA_WGMMA", "RESBM_CUDA_SPLITS", "RESBM_CUDA_PREFETCH",
                                   "RESBM_CUDA_STAGE_X"))
 def test_switches_other_than_0_or_1_raise(name, monkeypatch):
-    """The library would read "true" as off (RESBM_CUDA_WGMMA) or on (RESBM_CUDA_SPLITS,
-    RESBM_CUDA_PREFETCH, RESBM_CUDA_STAGE_X): the backend refuses it, naming the switch,
+    """The library would read "true" as unset: the backend refuses it, naming the switch,
     before any launch."""
     x = torch.randn(37, 128, device=DEVICE).bfloat16()
     w_e = torch.randn(32, 128, device=DEVICE).bfloat16()

@@ -2,6 +2,7 @@
 // the environment switches, and the dtype x KPAD dispatch.
 #pragma once
 
+#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -78,6 +79,18 @@ int launch_prep(const char* fn, const PrepArgs& p, cudaStream_t stream) {
   return launch_status(fn, name);
 }
 
+// A RESBM_CUDA_* switch read as the Python side reads it (checks.switch, which raises for any
+// other value before a launch): 1 or 0 ("1" / "0" between blanks), -1 unset or blank.
+int env_switch(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return -1;
+  while (*env != '\0' && std::isspace(static_cast<unsigned char>(*env))) ++env;
+  const char* end = env + std::strlen(env);
+  while (end > env && std::isspace(static_cast<unsigned char>(end[-1]))) --end;
+  if (end - env != 1 || (*env != '0' && *env != '1')) return -1;
+  return *env - '0';
+}
+
 // The pass kernels (project_quantize, dequant_project, weight_grad) on wgmma: 16-bit inputs
 // with KPAD <= 128, on an sm_90 device with a library built for sm_90a (RESBM_SM90A) or on the
 // emulator. RESBM_CUDA_WGMMA unset: the projection only (project_quantize, whose swizzled wgmma
@@ -91,8 +104,8 @@ constexpr bool wgmma_shape() {
 }
 
 bool wgmma_enabled(bool projection) {
-  const char* env = std::getenv("RESBM_CUDA_WGMMA");
-  if (env == nullptr ? !projection : std::strcmp(env, "1") != 0) return false;
+  const int wanted = env_switch("RESBM_CUDA_WGMMA");
+  if (wanted == -1 ? !projection : wanted == 0) return false;
 #if defined(RESBM_CUDA_EMULATION)
   return true;
 #elif defined(RESBM_SM90A)
@@ -171,10 +184,7 @@ int blocks_at_once(const void* func, size_t smem) {
 // A switch that is on unless its environment variable is "0", read per launch (for
 // comparisons): RESBM_CUDA_SPLITS=0 keeps one block per row block, RESBM_CUDA_PREFETCH=0 turns
 // dequant_project's L2 prefetch of its epilogue input off.
-bool on_unless_zero(const char* name) {
-  const char* env = std::getenv(name);
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
+bool on_unless_zero(const char* name) { return env_switch(name) != 0; }
 bool splits_enabled() { return on_unless_zero("RESBM_CUDA_SPLITS"); }
 
 // Whether encode backward's row kernel copies its x tiles through the weight tiles' ring,
@@ -184,9 +194,8 @@ bool splits_enabled() { return on_unless_zero("RESBM_CUDA_SPLITS"); }
 // 10-11 % slower at k=128, one block against two); RESBM_CUDA_STAGE_X=1 always, 0 never
 // (for comparison).
 bool stage_x_wanted(int blocks_staged, int blocks_plain, int sms) {
-  const char* env = std::getenv("RESBM_CUDA_STAGE_X");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  const int wanted = env_switch("RESBM_CUDA_STAGE_X");
+  if (wanted != -1) return wanted == 1;
   return blocks_staged >= blocks_plain || blocks_staged > sms;
 }
 
