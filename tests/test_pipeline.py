@@ -10,7 +10,7 @@ import torch
 from helpers import tolerance
 from pipeline_harness import batch, loss_fn, spawn, stage_module
 from resbm_kernels import BF16, GRAD_INT8, INT4, INT8, Codec, ResBMBoundary
-from resbm_kernels.pipeline import PipelineConfig, PipelineStage, checkpoint, schedule
+from resbm_kernels.pipeline import PipelineConfig, PipelineStage, checkpoint, handshake, schedule
 
 D, K, SEQ, BATCH, MB = 32, 8, 16, 8, 4
 
@@ -296,6 +296,20 @@ def test_handshake_mismatch_fails_on_both_sides(tmp_path):
         assert "codec_bits" in res["error"] and "same pipeline configuration" in res["error"]
     assert "stage 1 has codec_bits=4, but stage 0 has codec_bits=8" in results[0]["error"]
     assert "stage 0 has codec_bits=8, but stage 1 has codec_bits=4" in results[1]["error"]
+
+
+def test_handshake_descriptor_keeps_its_size():
+    """A descriptor is always 32 int64 values (a peer's message of another size would abort
+    gloo, not raise): a field a later version adds takes a reserved slot, which this
+    version names."""
+    mine = handshake.descriptor(PipelineConfig(d=D, k=K, codec=INT8, micro_batches=MB), 3, (BATCH // MB, SEQ))
+    assert mine.shape == (32,) and mine.dtype == torch.int64
+    assert mine[0] == handshake.MAGIC and mine[len(handshake.FIELDS):].eq(0).all()
+    handshake.compare(mine, mine.clone(), stage=0, peer=1)
+    theirs = mine.clone()
+    theirs[-1] = 7
+    with pytest.raises(ValueError, match="stage 1 sets descriptor reserved slot 31 to 7, which stage 0's version"):
+        handshake.compare(mine, theirs, stage=0, peer=1)
 
 
 def _schedule_mismatch_worker(rank, world):

@@ -9,7 +9,7 @@ step it saves, and removes its checkpoints of later steps (left by a run that
 resumed from an earlier one). On resume the stages agree (by all-reduce,
 over the pipeline's links, within its ``timeout_s``) on the newest step all
 of them have.
-Each file records the pipeline's handshake descriptor (stages, d, k, codecs,
+Each file records the fields of the pipeline's handshake descriptor (stages, d, k, codecs,
 micro-batches, schedule, shapes); resuming with another raises. Pipelines side
 by side (data-parallel replicas) each take a directory of their own: the
 files are named by stage, not by rank.
@@ -46,8 +46,7 @@ def _local_steps(directory, stage: int) -> list[int]:
 
 
 def _descriptor(pipeline_stage: PipelineStage) -> list[int]:
-    return handshake.descriptor(pipeline_stage.config, pipeline_stage.num_stages,
-                                pipeline_stage.micro_batch_shape).tolist()
+    return handshake.fields(pipeline_stage.config, pipeline_stage.num_stages, pipeline_stage.micro_batch_shape)
 
 
 def save(directory: str | os.PathLike, pipeline_stage: PipelineStage, optimizer: torch.optim.Optimizer, *,
