@@ -371,25 +371,16 @@ needs_cuda_kernels = pytest.mark.skipif(not HAS_CUDA_KERNELS and not CUDA_REQUIR
                                         reason="needs a CUDA GPU and libresbm_cuda, or libresbm_cuda_emu")
 
 
-def _cuda_library_optional() -> bool:
-    """libresbm_cuda is missing and nothing asked for it (see CUDA_REQUIRED)."""
+def _library_optional(which: str) -> bool:
+    """Native library ``which`` is missing and nothing asked for it (see CUDA_REQUIRED)."""
     from resbm_kernels import native
 
-    return not native.available("cuda") and not CUDA_REQUIRED
+    return not native.available(which) and not CUDA_REQUIRED
 
 
-needs_cuda_library = pytest.mark.skipif(_cuda_library_optional(),
+needs_cuda_library = pytest.mark.skipif(_library_optional("cuda"),
                                         reason="libresbm_cuda is not built (no nvcc at install time)")
-
-
-def _emulator_library_optional() -> bool:
-    """libresbm_cuda_emu is missing and nothing asked for it (see CUDA_REQUIRED)."""
-    from resbm_kernels import native
-
-    return not native.available("cuda_emu") and not CUDA_REQUIRED
-
-
-needs_cuda_emulator = pytest.mark.skipif(_emulator_library_optional(), reason="libresbm_cuda_emu is not built")
+needs_cuda_emulator = pytest.mark.skipif(_library_optional("cuda_emu"), reason="libresbm_cuda_emu is not built")
 
 
 def emulate_cuda_without_gpu(monkeypatch) -> None:
