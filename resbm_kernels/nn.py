@@ -194,7 +194,14 @@ class CallSeeded(nn.Module):
         """The ops' seed arguments for the next call: seed, grad_seed and the
         seed_offset added to both (2 * calls: forward and gradient seeds differ
         in the last bit)."""
-        self._calls.add_(1)
+        try:
+            self._calls.add_(1)
+        except RuntimeError as e:
+            if not torch._C._are_functorch_transforms_active():
+                raise
+            raise RuntimeError(f"{type(self).__name__} counts its calls in its buffer _calls (its stochastic-"
+                               "rounding seeds); under a torch.func transform pass the module's buffers with its "
+                               "parameters: torch.func.functional_call(module, (params, buffers), args)") from e
         base = self.seed * 2_000_006
         return dict(seed=base, grad_seed=base + 1, seed_offset=self._calls * 2)
 

@@ -21,6 +21,7 @@ runs other shapes on the reference; a named backend raises).
 from __future__ import annotations
 
 import inspect
+import threading
 import typing
 from typing import Optional
 
@@ -103,6 +104,9 @@ _ACCEPTED = {Tensor: _TENSOR, Optional[Tensor]: (*_TENSOR, type(None)), float: (
              Optional[torch.dtype]: (torch.dtype, type(None))}
 _functions: dict = {}  # op -> (its function, accepted types per argument, positions of the arguments it writes)
 _autograd_functions: dict = {}  # differentiable op -> the autograd.Function _run applies in eager calls
+_transform_functions: dict = {}  # op -> the autograd.Function _run applies under torch.func transforms
+_transform_backward = threading.local()  # .active: in such a Function's backward (torch.func's tensors, but no
+                                         # transform active: the ops it calls take these Functions too)
 
 
 def _custom_op(name: str, mutates_args=()):
@@ -113,8 +117,40 @@ def _custom_op(name: str, mutates_args=()):
         params = list(inspect.signature(fn).parameters)
         _functions[op] = (fn, tuple(_ACCEPTED[hints[p]] for p in params),
                           tuple(params.index(arg) for arg in mutates_args))
+        if not mutates_args:
+            _transform_functions[op] = _transform_function(op)
         return op
     return register
+
+
+def _transform_function(op, backward=None, setup_context=None):
+    """The autograd.Function :func:`_run` applies under torch.func transforms
+    (grad, vjp, vmap, jacrev, ...): the autograd.Function torch generates for a
+    custom op lacks the setup_context they require (pytorch/pytorch#170834, open
+    in torch 2.14). Its forward calls the op below autograd (under vmap the
+    dispatcher's batching rule still applies: a loop). Without ``backward``
+    (the four passes) differentiating through it raises: a pass has no
+    derivative, so a gradient through the boundary's backward (a second
+    derivative) is refused, not taken as zero."""
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op._opoverload(*args)
+
+    def backward_in_transform(ctx, *grads):
+        active = getattr(_transform_backward, "active", False)
+        _transform_backward.active = True
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _transform_backward.active = active
+
+    def no_derivative(ctx, *grads):
+        raise RuntimeError(f"resbm_kernels: {op._qualname} has no derivative (a second derivative through the "
+                           "ResBM boundary, e.g. nested torch.func.grad, is not supported)")
+
+    return type(f"resbm{op._name}_transformed", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), setup_context=staticmethod(setup_context or (lambda ctx, inputs, output: None)),
+        backward=staticmethod(backward_in_transform if backward else no_derivative), generate_vmap_rule=True))
 
 
 def _register_autograd(op, backward, setup_context) -> None:
@@ -132,6 +168,8 @@ def _register_autograd(op, backward, setup_context) -> None:
 
     _autograd_functions[op] = type(f"resbm{fn.__name__}", (torch.autograd.Function,),
                                    dict(forward=staticmethod(forward), backward=staticmethod(backward)))
+
+    _transform_functions[op] = _transform_function(op, backward, setup_context)
 
 
 def _dispatch_needed(args, accepted, differentiable: bool = False) -> bool:
@@ -155,9 +193,14 @@ def _dispatch_needed(args, accepted, differentiable: bool = False) -> bool:
 def _run(op, *args):
     """``op(*args)``, or in plain eager calls its function directly (same result,
     less host time; the version counters of the buffers it writes move on, as
-    the op's do), a differentiable op's through its autograd.Function."""
+    the op's do), a differentiable op's through its autograd.Function; under a
+    torch.func transform through :func:`_transform_function`'s."""
     fn, accepted, written = _functions[op]
     function = _autograd_functions.get(op)
+    transformed = _transform_functions.get(op)
+    if transformed is not None and (getattr(_transform_backward, "active", False) or (
+            torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())):
+        return transformed.apply(*args)
     if _dispatch_needed(args, accepted, differentiable=function is not None):
         return op(*args)
     result = function.apply(*args) if function is not None else fn(*args)
@@ -433,7 +476,7 @@ def _roundtrip_setup(ctx, inputs, output):
 def _roundtrip_backward(ctx, grad):
     # straight-through: the gradient crosses the wire with the gradient codec
     seed_offset, = ctx.saved_tensors
-    return (_wire_roundtrip(grad.contiguous(), ctx.grad_codec, ctx.grad_codec, ctx.grad_seed, 0, seed_offset),
+    return (_run(_wire_roundtrip, grad.contiguous(), ctx.grad_codec, ctx.grad_codec, ctx.grad_seed, 0, seed_offset),
             None, None, None, None, None)
 
 
