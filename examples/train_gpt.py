@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch import nn
 from tqdm import tqdm
 
@@ -145,6 +146,7 @@ def validation_loss(stage: PipelineStage, args) -> float | None:
     return sum(losses) / len(losses) if stage.is_last and losses else None
 
 
+@record  # torchrun's summary then shows the failing rank's exception, not only its exit code
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "cuda":

@@ -391,6 +391,30 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled(x), eager)
 
 
+def test_torch_export_with_dynamic_tokens_matches_eager():
+    """torch.export of a model with a stochastic boundary (the fake kernels, a
+    dynamic token count): the exported program takes the call counter as a
+    buffer it advances, and runs other token counts as eager does, call for call."""
+    from resbm_kernels import ResBMBoundary
+
+    stochastic = Codec(bits=8, rounding="stochastic")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), ResBMBoundary(64, 16, codec=stochastic),
+                                torch.nn.Linear(64, 8))
+    program = torch.export.export(model, (randn(10, 32, seed=1),),
+                                  dynamic_shapes=({0: torch.export.Dim("tokens")},))
+    assert "torch.ops.resbm.boundary" in program.graph_module.code
+    exported = program.module()
+    model[1].calls = 0
+    want = [model(randn(n, 32, seed=n)) for n in (7, 7, 3)]
+    exported.get_buffer("1._calls").zero_()
+    got = [exported(randn(n, 32, seed=n)) for n in (7, 7, 3)]
+    assert int(exported.get_buffer("1._calls")) == 3
+    assert not torch.equal(got[0], got[1])  # (new seeds each call)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("mlp_hidden", [None, 16])
 def test_torch_compile_does_not_recompile_as_the_seeds_advance(mlp_hidden):
     """A boundary draws new stochastic-rounding seeds every call; the compiled

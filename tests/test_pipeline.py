@@ -530,6 +530,22 @@ def test_train_gpt_example_under_torchrun(tmp_path):
     assert "2 stages on cpu, 2 steps" in again.stdout  # resumed at step 4
 
 
+def test_train_gpt_example_failure_names_its_cause_under_torchrun():
+    """A rank's exception reaches torchrun's summary ("Root Cause"), not only its
+    exit code (the example's main is wrapped in torch's elastic ``record``)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "train_gpt.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           "--width", "64", "--layers", "2", "--heads", "2", "--seq", "32", "--steps", "1", "--codec", "int7"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0
+    root_cause = run.stderr[run.stderr.index("Root Cause"):]
+    assert "ValueError: Codec: cannot parse spec 'int7'" in root_cause, run.stderr[-3000:]
+
+
 def test_train_gpt_example_with_replicas(tmp_path):
     """--replicas 2 over 4 ranks: two 2-stage pipelines side by side, gradients
     averaged across them, each replica checkpointing into its own directory."""
