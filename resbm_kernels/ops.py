@@ -200,13 +200,26 @@ def _run(op, *args):
     transformed = _transform_functions.get(op)
     if transformed is not None and (getattr(_transform_backward, "active", False) or (
             torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())):
-        return transformed.apply(*args)
+        return _apply_transformed(op, transformed, args)
     if _dispatch_needed(args, accepted, differentiable=function is not None):
         return op(*args)
     result = function.apply(*args) if function is not None else fn(*args)
     for i in written:
         torch.autograd.graph.increment_version(args[i])
     return result
+
+
+def _apply_transformed(op, transformed, args):
+    """``transformed.apply(*args)``, under autocast after the op's autocast rule
+    (see :func:`_register_autocast`), applied here: the dispatcher's rule would
+    run below torch.func's layer, where an autograd.Function cannot be applied."""
+    device_type = next(a.device.type for a in args if isinstance(a, Tensor))
+    if device_type not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return transformed.apply(*args)
+    if op is _boundary:
+        args = _autocast_boundary_args(args, torch.get_autocast_dtype(device_type))
+    with torch.autocast(device_type, enabled=False):
+        return transformed.apply(*args)
 
 
 def _encode_case(op, x, w_e, norm_weight, codec) -> Case:
@@ -567,10 +580,10 @@ def _register_autocast(device_type: str) -> None:
 
     def boundary_kernel(x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats=True,
                         out_dtype=None, seed_offset=None):
-        dt = torch.get_autocast_dtype(device_type)
+        args = (x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats, out_dtype,
+                seed_offset)
         with torch.autocast(device_type, enabled=False):
-            return _boundary(*(_autocast_eligible(t, dt) for t in (x, w_e, norm_weight, w_d)), residual, eps, codec,
-                             grad_codec, seed, grad_seed, row_stats, out_dtype or x.dtype, seed_offset)
+            return _boundary(*_autocast_boundary_args(args, torch.get_autocast_dtype(device_type)))
 
     def without_autocast(op):
         def kernel(*args):
@@ -583,10 +596,18 @@ def _register_autocast(device_type: str) -> None:
         _autocast_lib.impl(name, without_autocast(getattr(torch.ops.resbm, name).default), key)
 
 
+def _autocast_boundary_args(args, dtype: torch.dtype) -> tuple:
+    """The boundary's arguments under autocast: x and the weights in ``dtype``, h in x's dtype."""
+    x, w_e, norm_weight, w_d, residual, eps, codec, grad_codec, seed, grad_seed, row_stats, out_dtype, offset = args
+    return (*(_autocast_eligible(t, dtype) for t in (x, w_e, norm_weight, w_d)), residual, eps, codec, grad_codec,
+            seed, grad_seed, row_stats, out_dtype or x.dtype, offset)
+
+
 _AUTOCAST_FREE = ("quantize", "dequantize", "pack", "unpack", "encode_forward", "encode_forward_out", "decode_forward",
                  "decode_backward", "decode_backward_out", "encode_backward", "wire_roundtrip", "encode_project",
                  "decode_project")
-for _device_type in ("cpu", "cuda"):
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+for _device_type in _AUTOCAST_DEVICES:
     _register_autocast(_device_type)
 
 

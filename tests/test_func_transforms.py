@@ -63,6 +63,33 @@ def test_grad_and_vjp_of_boundary_equal_autograd(backend, monkeypatch):
     assert torch.equal(got_x, want_x)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", pytest.param("cuda", marks=needs_cuda_kernels)])
+def test_grad_under_autocast_equals_autograd(backend, monkeypatch):
+    """Under torch.autocast the transforms apply the ops' autocast rules (the
+    boundary's GEMMs in bfloat16, h in x's dtype), as torch.autograd's calls do."""
+    device = _device(backend, monkeypatch)
+    gen = torch.Generator().manual_seed(40)
+    n, d, k = 21, 64, 16
+    x = normal(n, d, dtype=torch.float32, gen=gen).to(device)
+    w_e = normal(k, d, dtype=torch.float32, scale=d**-0.5, gen=gen).to(device)
+    w_d = normal(d, k, dtype=torch.float32, scale=k**-0.5, gen=gen).to(device)
+
+    def loss(x, w_e, w_d):
+        h = ops.boundary(x, w_e, w_d, Codec(bits=8), STOCHASTIC)[0]
+        return h.pow(2).sum(), h
+
+    with use_backend(backend), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got, h = torch.func.grad(loss, argnums=(0, 1, 2), has_aux=True)(x, w_e, w_d)
+        leaves = [t.clone().requires_grad_() for t in (x, w_e, w_d)]
+        value, want_h = loss(*leaves)
+        want = torch.autograd.grad(value, leaves)
+    assert h.dtype == torch.float32 and torch.equal(h, want_h.detach())
+    with use_backend(backend):
+        assert not torch.equal(h, loss(x, w_e, w_d)[1])  # (autocast did change the GEMMs)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+
+
 def test_per_sample_grads_and_jacobian_equal_autograd():
     """vmap(grad) (per-sample gradients) and jacrev, both through vmap's loop
     over the ops, equal a loop of torch.autograd calls."""
