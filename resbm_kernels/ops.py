@@ -144,13 +144,19 @@ def _transform_function(op, backward=None, setup_context=None):
         finally:
             _transform_backward.active = active
 
-    def no_derivative(ctx, *grads):
-        raise RuntimeError(f"resbm_kernels: {op._qualname} has no derivative (a second derivative through the "
-                           "ResBM boundary, e.g. nested torch.func.grad, is not supported)")
-
     return type(f"resbm{op._name}_transformed", (torch.autograd.Function,), dict(
         forward=staticmethod(forward), setup_context=staticmethod(setup_context or (lambda ctx, inputs, output: None)),
-        backward=staticmethod(backward_in_transform if backward else no_derivative), generate_vmap_rule=True))
+        backward=staticmethod(backward_in_transform if backward else _no_derivative(op)), generate_vmap_rule=True))
+
+
+def _no_derivative(op):
+    """The backward of a pass: it has none (torch's default message would ask
+    the caller to register one)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"resbm_kernels: {op._qualname} has no derivative: differentiate through ops.boundary, "
+                           "ops.wire_roundtrip or the nn modules; a second derivative through the boundary (its "
+                           "backward runs the passes: create_graph=True, nested torch.func.grad) is not supported")
+    return backward
 
 
 def _register_autograd(op, backward, setup_context) -> None:
@@ -458,6 +464,8 @@ def _boundary_backward(ctx, grad_h, _grad_payload, _grad_stats):
 
 
 _register_autograd(_boundary, _boundary_backward, _boundary_setup)
+for _pass in (_encode_forward, _decode_forward, _decode_backward, _encode_backward):
+    _pass.register_autograd(_no_derivative(_pass))
 
 
 @_custom_op("wire_roundtrip")

@@ -633,8 +633,18 @@ def test_a_pass_op_with_gradients_still_refuses_backward():
     payload = ops.encode(x, w_e, INT8)
     h = ops.decode(payload, w_d.requires_grad_(), INT8, N)
     assert h.requires_grad
-    with pytest.raises(RuntimeError, match="autograd"):
+    with pytest.raises(RuntimeError, match=r"resbm::decode_forward has no derivative: differentiate through "):
         h.sum().backward()
+
+
+def test_second_derivative_through_the_boundary_raises():
+    """create_graph=True records the boundary's backward, whose passes have no
+    derivative: differentiating that gradient raises naming the pass."""
+    x, w_e, w_d, _, _ = make(dtype=torch.float32)
+    x.requires_grad_()
+    (grad_x,) = torch.autograd.grad(ops.boundary(x, w_e, w_d, INT8, INT8)[0].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"resbm::encode_backward has no derivative.*second derivative"):
+        grad_x.sum().backward()
 
 
 def test_out_buffers_change_version(monkeypatch):
