@@ -105,8 +105,9 @@ _ACCEPTED = {Tensor: _TENSOR, Optional[Tensor]: (*_TENSOR, type(None)), float: (
 _functions: dict = {}  # op -> (its function, accepted types per argument, positions of the arguments it writes)
 _autograd_functions: dict = {}  # differentiable op -> the autograd.Function _run applies in eager calls
 _transform_functions: dict = {}  # op -> the autograd.Function _run applies under torch.func transforms
-_transform_backward = threading.local()  # .active: in such a Function's backward (torch.func's tensors, but no
-                                         # transform active: the ops it calls take these Functions too)
+# .active: inside such a Function's backward, whose tensors are torch.func's though no transform is active there:
+# the ops it calls take their transform Functions too
+_transform_backward = threading.local()
 
 
 def _custom_op(name: str, mutates_args=()):
