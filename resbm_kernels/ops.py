@@ -26,6 +26,7 @@ import typing
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from . import checks
@@ -145,9 +146,13 @@ def _transform_function(op, backward=None, setup_context=None):
         finally:
             _transform_backward.active = active
 
+    def jvp(ctx, *tangents):
+        raise _no_forward_derivative(op)
+
     return type(f"resbm{op._name}_transformed", (torch.autograd.Function,), dict(
         forward=staticmethod(forward), setup_context=staticmethod(setup_context or (lambda ctx, inputs, output: None)),
-        backward=staticmethod(backward_in_transform if backward else _no_derivative(op)), generate_vmap_rule=True))
+        backward=staticmethod(backward_in_transform if backward else _no_derivative(op)), jvp=staticmethod(jvp),
+        generate_vmap_rule=True))
 
 
 def _no_derivative(op):
@@ -158,6 +163,12 @@ def _no_derivative(op):
                            "ops.wire_roundtrip or the nn modules; a second derivative through the boundary (its "
                            "backward runs the passes: create_graph=True, nested torch.func.grad) is not supported")
     return backward
+
+
+def _no_forward_derivative(op) -> NotImplementedError:
+    return NotImplementedError(f"resbm_kernels: {op._qualname}: forward-mode AD (torch.func.jvp, jacfwd, "
+                               "forward_ad's dual tensors) is not supported; use reverse mode (backward, "
+                               "torch.func.grad, vjp, jacrev)")
 
 
 def _register_autograd(op, backward, setup_context) -> None:
@@ -203,6 +214,9 @@ def _run(op, *args):
     the op's do), a differentiable op's through its autograd.Function; under a
     torch.func transform through :func:`_transform_function`'s."""
     fn, accepted, written = _functions[op]
+    if forward_ad._current_level >= 0 and any(
+            isinstance(a, Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise _no_forward_derivative(op)  # (the kernels would drop the tangents)
     function = _autograd_functions.get(op)
     transformed = _transform_functions.get(op)
     if transformed is not None and (getattr(_transform_backward, "active", False) or (

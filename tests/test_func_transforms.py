@@ -170,3 +170,29 @@ def test_module_under_functional_call():
         assert torch.equal(got[name], p.grad), name
     with pytest.raises(RuntimeError, match=r"ResBMBoundary counts its calls .* pass the module's buffers"):
         torch.func.grad(lambda params: torch.func.functional_call(module, params, (x,)).sum())(params)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", pytest.param("cuda", marks=needs_cuda_kernels)])
+def test_forward_mode_ad_raises(backend, monkeypatch):
+    """Forward-mode AD is not supported: every op with a tangent among its
+    inputs raises naming the op (the kernels would drop the tangents, the
+    reference's torch ops would carry them: results differing by backend)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    device = _device(backend, monkeypatch)
+    gen = torch.Generator().manual_seed(41)
+    x = normal(16, 64, dtype=torch.float32, gen=gen).to(device)
+    w_e = normal(16, 64, dtype=torch.float32, scale=0.125, gen=gen).to(device)
+    w_d = normal(64, 16, dtype=torch.float32, scale=0.25, gen=gen).to(device)
+    match = r"resbm::{}: forward-mode AD .* is not supported"
+    with use_backend(backend):
+        payload = ops.encode(x, w_e, Codec(bits=8))
+        with forward_ad.dual_level():
+            assert ops.decode(payload, w_d, Codec(bits=8), 16).shape == (16, 64)  # (no tangent: runs)
+            with pytest.raises(NotImplementedError, match=match.format("decode_forward")):
+                ops.decode(payload, forward_ad.make_dual(w_d, torch.ones_like(w_d)), Codec(bits=8), 16)
+            with pytest.raises(NotImplementedError, match=match.format("boundary")):
+                ops.boundary(forward_ad.make_dual(x, torch.ones_like(x)), w_e, w_d, Codec(bits=8), Codec(bits=8))
+        with pytest.raises(NotImplementedError, match=match.format("boundary")):
+            torch.func.jvp(lambda x: ops.boundary(x, w_e, w_d, Codec(bits=8), Codec(bits=8))[0], (x,),
+                           (torch.ones_like(x),))
