@@ -27,7 +27,7 @@ from torch._dynamo.utils import counters
 from resbm_kernels import GRAD_INT8, Codec, ResBMBoundary, use_backend
 
 
-def _step(boundary, x, grad_h, leaves):
+def step(boundary, x, grad_h, leaves):
     for t in leaves:
         t.grad = None
     h = boundary(x)
@@ -53,40 +53,47 @@ def _seconds_per_step(run, steps: int, repeat: int, device) -> float:
     return best
 
 
-def measure(tokens: int, d: int, k: int, steps: int, repeat: int, device) -> dict:
+def step_inputs(tokens: int, d: int, k: int, device) -> tuple:
+    """(boundary, x, grad_h, leaves) of :func:`step`: a bfloat16 boundary with
+    RMSNorm, an int4 (groups of 16) stochastic forward codec and int8 stochastic
+    gradients, x and the weights the leaves."""
     torch.manual_seed(tokens)
     boundary = ResBMBoundary(d, k, codec=Codec(bits=4, group_size=16, rounding="stochastic"), grad_codec=GRAD_INT8,
                              device=device, dtype=torch.bfloat16)
     x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad_h = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
-    leaves = (x, *boundary.parameters())
+    return boundary, x, grad_h, (x, *boundary.parameters())
+
+
+def measure(tokens: int, d: int, k: int, steps: int, repeat: int, device) -> dict:
+    boundary, x, grad_h, leaves = step_inputs(tokens, d, k, device)
     row = dict(tokens=tokens, d=d, k=k, eager_us=None, graph_us=None, compiled_us=None, cudagraph_skips=None)
     if device.type != "cuda":
-        row["eager_us"] = 1e6 * _seconds_per_step(lambda: _step(boundary, x, grad_h, leaves), steps, repeat, device)
+        row["eager_us"] = 1e6 * _seconds_per_step(lambda: step(boundary, x, grad_h, leaves), steps, repeat, device)
         return row
     side = torch.cuda.Stream(device)  # warm-up (compilation, autotuning) on a side stream, as torch advises
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(3):
-            _step(boundary, x, grad_h, leaves)
+            step(boundary, x, grad_h, leaves)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     start = boundary.calls
     with torch.cuda.graph(graph):
-        captured = _step(boundary, x, grad_h, leaves)
+        captured = step(boundary, x, grad_h, leaves)
     graph.replay()
     replayed = [t.clone() for t in captured]
     boundary.calls = start
-    eager = _step(boundary, x, grad_h, leaves)
+    eager = step(boundary, x, grad_h, leaves)
     if not all(torch.equal(a, b) for a, b in zip(replayed, eager)):
         raise AssertionError(f"N={tokens}: a replay differs from the eager step of the same count")
-    row["eager_us"] = 1e6 * _seconds_per_step(lambda: _step(boundary, x, grad_h, leaves), steps, repeat, device)
+    row["eager_us"] = 1e6 * _seconds_per_step(lambda: step(boundary, x, grad_h, leaves), steps, repeat, device)
     row["graph_us"] = 1e6 * _seconds_per_step(graph.replay, steps, repeat, device)
     compiled = torch.compile(boundary, mode="reduce-overhead")
     skips = counters["inductor"]["cudagraph_skips"]
     for _ in range(3):  # compilation, then cudagraph trees' recording
-        _step(compiled, x, grad_h, leaves)
-    row["compiled_us"] = 1e6 * _seconds_per_step(lambda: _step(compiled, x, grad_h, leaves), steps, repeat, device)
+        step(compiled, x, grad_h, leaves)
+    row["compiled_us"] = 1e6 * _seconds_per_step(lambda: step(compiled, x, grad_h, leaves), steps, repeat, device)
     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     return row
 

@@ -14,7 +14,10 @@ tensors (on a GPU they do not: a device sync); that check is included.
 the interpreter's one config (several configs take another path through the
 autotuner, as on a GPU). Reports the best of ``--repeat`` medians of
 ``--calls`` calls, in microseconds, for the public op (``resbm_kernels.ops``)
-and for the backend's function alone.
+and for the backend's function alone; then a whole training step of a
+ResBMBoundary (graph_replay.py's: forward and backward, stochastic codecs),
+whose host time also counts autograd, the module and the boundary op (on the
+CPU without the header check: the stubbed kernels write no header to read).
 
     TRITON_INTERPRET=1 python bench/host_overhead.py --backends triton,cuda --gpu-configs
 
@@ -41,7 +44,8 @@ import time
 
 import torch
 
-from resbm_kernels import ops
+import graph_replay
+from resbm_kernels import checks, ops
 from resbm_kernels.backends import _load, use_backend
 from resbm_kernels.codec import Codec
 
@@ -109,6 +113,18 @@ def stubbed_launches(backend: str, module):
                 delattr(obj, name)
             else:
                 setattr(obj, name, value)
+
+
+@contextlib.contextmanager
+def payload_headers_unread():
+    """The ops' CPU-only check of each payload's header off inside the block, as
+    on a GPU: with the launches stubbed no kernel writes the header the next pass reads."""
+    saved = checks._is_fake
+    try:
+        checks._is_fake = lambda t: True
+        yield
+    finally:
+        checks._is_fake = saved
 
 
 def _calls(module, n: int, d: int, k: int, dtype, device="cpu"):
@@ -207,6 +223,13 @@ def main(argv=None) -> None:
                       f"{host_us(direct, args.calls, args.repeat):11.1f}")
                 if args.profile:
                     profiles += [f"{backend} {name}, public op:", *profile_lines(public, args.calls, args.profile)]
+            step_inputs = graph_replay.step_inputs(args.N, args.d, args.k, torch.device(args.device))
+            with contextlib.nullcontext() if real else payload_headers_unread():
+                run_step = lambda: graph_replay.step(*step_inputs)  # noqa: E731
+                print(f"{backend:8s} {'boundary step':16s} {host_us(run_step, args.calls, args.repeat):10.1f} "
+                      f"{'-':>11s}")
+                if args.profile:
+                    profiles += [f"{backend} boundary step:", *profile_lines(run_step, args.calls, args.profile)]
             if real:
                 torch.cuda.synchronize()  # the launches' errors, if any, here
     if profiles:

@@ -670,10 +670,15 @@ def test_out_buffers_change_version(monkeypatch):
 
 
 def test_host_overhead_tool(capsys, monkeypatch):
-    """bench/host_overhead.py times every pass of the backends present, also with
-    the Triton autotuners' GPU config sets, and puts the real launches, configs,
-    tuning caches and timing back afterwards."""
+    """bench/host_overhead.py times every pass of the backends present and a
+    boundary's training step, also with the Triton autotuners' GPU config sets,
+    and puts the real launches, configs, tuning caches, timing and payload
+    header checks back afterwards."""
+    from resbm_kernels import checks
+
     monkeypatch.setenv("RESBM_CUDA_EMULATE", "1")
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # (its import of graph_replay)
+    header_check = checks._is_fake
     spec = importlib.util.spec_from_file_location("resbm_host_overhead", ROOT / "bench" / "host_overhead.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
@@ -691,21 +696,22 @@ def test_host_overhead_tool(capsys, monkeypatch):
         return [(t.configs, t.cache) for t in module.KERNELS.values()] if "triton" in present else []
 
     before, tuned = launches(), tuners()
+    passes = ("encode_forward", "decode_forward", "decode_backward", "encode_backward")
     for extra in ([], ["--gpu-configs"]):
         tool.main(["--backends", ",".join(present), "--N", "40", "--calls", "2", "--repeat", "1", *extra])
-        rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-        assert [(r[0], r[1]) for r in rows] == [(b, p) for b in present for p in
-                                               ("encode_forward", "decode_forward", "decode_backward",
-                                                "encode_backward")]
-        assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
-        assert launches() == before
+        rows = [line.rsplit(None, 2) for line in capsys.readouterr().out.splitlines()[2:]]
+        assert [tuple(r[0].split(None, 1)) for r in rows] == [(b, p) for b in present
+                                                              for p in (*passes, "boundary step")]
+        assert all(float(public) > 0 and (fn == "-" if head.endswith("step") else float(fn) > 0)
+                   for head, public, fn in rows)
+        assert launches() == before and checks._is_fake is header_check
         assert all(c is c0 and t is t0 for (c, t), (c0, t0) in zip(tuners(), tuned))
         assert "triton" not in present or not any("_bench" in vars(t) for t in _load("triton")[0].KERNELS.values())
     tool.main(["--backends", ",".join(present), "--N", "40", "--calls", "2", "--repeat", "1", "--profile", "3"])
     out = capsys.readouterr().out.split("own time per call under cProfile, top functions:\n")[1].splitlines()
     heads = [line for line in out if not line.startswith(" ")]
-    assert heads == [f"{b} {p}, public op:" for b in present for p in
-                     ("encode_forward", "decode_forward", "decode_backward", "encode_backward")]
+    assert heads == [head for b in present for head in (*(f"{b} {p}, public op:" for p in passes),
+                                                       f"{b} boundary step:")]
     assert len(out) == 4 * len(heads) and all(" us own " in line for line in out if line.startswith(" "))
     assert launches() == before
     if not torch.cuda.is_available():
