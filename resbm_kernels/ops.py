@@ -219,8 +219,12 @@ def _run(op, *args):
         raise _no_forward_derivative(op)  # (the kernels would drop the tangents)
     function = _autograd_functions.get(op)
     transformed = _transform_functions.get(op)
-    if transformed is not None and (getattr(_transform_backward, "active", False) or (
-            torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling())):
+    if transformed is not None and (getattr(_transform_backward, "active", False)
+                                    or torch._C._are_functorch_transforms_active()):
+        if torch.compiler.is_compiling():  # (where torch's autograd of the op would fail, unnamed)
+            raise RuntimeError(f"resbm_kernels: {op._qualname} under a torch.func transform inside torch.compile "
+                               "is not supported (torch's custom-op autograd lacks setup_context there: "
+                               "pytorch/pytorch#170834); run the transform uncompiled")
         return _apply_transformed(op, transformed, args)
     if _dispatch_needed(args, accepted, differentiable=function is not None):
         return op(*args)

@@ -196,3 +196,31 @@ def test_forward_mode_ad_raises(backend, monkeypatch):
         with pytest.raises(NotImplementedError, match=match.format("boundary")):
             torch.func.jvp(lambda x: ops.boundary(x, w_e, w_d, Codec(bits=8), Codec(bits=8))[0], (x,),
                            (torch.ones_like(x),))
+
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_transform_falls_back_or_names_the_limit(fullgraph):
+    """torch.compile of a torch.func.grad through the boundary: torch's custom-op
+    autograd fails there (pytorch/pytorch#170834), so the op refuses by name;
+    dynamo then runs that part eagerly (the eager transform's values), or with
+    fullgraph=True reports the refusal. (torch 2.11's dynamo does not fall back:
+    the error reaches the caller either way.)"""
+    gen = torch.Generator().manual_seed(42)
+    x = normal(8, 64, dtype=torch.float32, gen=gen)
+    w_e = normal(16, 64, dtype=torch.float32, scale=0.125, gen=gen)
+    w_d = normal(64, 16, dtype=torch.float32, scale=0.25, gen=gen)
+
+    def loss(x):
+        return ops.boundary(x, w_e, w_d, INT4, STOCHASTIC, seed=7, grad_seed=8)[0].pow(2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.func.grad(loss), backend="aot_eager", fullgraph=fullgraph)
+    try:
+        got = compiled(x)
+    except Exception as e:  # (dynamo wraps it)
+        assert "resbm::boundary under a torch.func transform inside torch.compile is not supported" in str(e)
+        older = torch.torch_version.TorchVersion(torch.__version__) < "2.14"
+        assert fullgraph or older, "dynamo should have run the op eagerly"
+    else:
+        assert not fullgraph and torch.equal(got, torch.func.grad(loss)(x))
