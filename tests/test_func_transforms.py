@@ -1,6 +1,8 @@
 """torch.func transforms (grad, vjp, vmap, jacrev) through the differentiable ops
 and ResBMBoundary: the same values as torch.autograd on the same inputs and
-seeds, on every backend; a second derivative through the boundary raises."""
+seeds, on every backend (torch.autograd's are checked against the reference
+elsewhere); a second derivative through the boundary and forward-mode AD raise
+naming the op, and so does a transform inside torch.compile."""
 
 import os
 import warnings
