@@ -166,6 +166,7 @@ def _no_derivative(op):
 
 
 def _no_forward_derivative(op) -> NotImplementedError:
+    """The error for a tangent reaching ``op`` (no op here has a forward-mode rule)."""
     return NotImplementedError(f"resbm_kernels: {op._qualname}: forward-mode AD (torch.func.jvp, jacfwd, "
                                "forward_ad's dual tensors) is not supported; use reverse mode (backward, "
                                "torch.func.grad, vjp, jacrev)")
