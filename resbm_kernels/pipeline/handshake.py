@@ -37,14 +37,13 @@ def fields(config: PipelineConfig, num_stages: int, micro_batch_shape: tuple[int
     if not 1 <= len(micro_batch_shape) <= MAX_DIMS:
         raise ValueError(f"micro_batch_shape {micro_batch_shape} must have 1..{MAX_DIMS} leading dims")
     dims = list(micro_batch_shape) + [0] * (MAX_DIMS - len(micro_batch_shape))
-    values = (
+    return (
         [MAGIC, WIRE_VERSION, num_stages, config.d, config.k]
         + _codec_fields(config.codec, config.k)
         + _codec_fields(config.grad_codec, config.k)
         + [config.micro_batches, sorted(SCHEDULES).index(config.schedule), len(micro_batch_shape)]
         + dims
     )
-    return values
 
 
 def descriptor(config: PipelineConfig, num_stages: int, micro_batch_shape: tuple[int, ...]) -> torch.Tensor:
